@@ -1,0 +1,386 @@
+// VeLoRA on the Eigen CPU backend: steady-state costs of compression, the factored weight
+// gradient and a whole linear layer's forward + backward, against their uncompressed
+// baselines, at T = 4096 tokens, D = O = 1024, G = 32, float.
+//
+// Every buffer, the backend, the compressor and its record are built once, outside any timed
+// loop; the timed loops allocate nothing. After the benchmarks a "Ratios (same run)" table
+// compares the measured real times (computed from this run only; nothing is hard-coded).
+//
+// Usage: bench_velora [Google Benchmark flags], e.g. --benchmark_filter=WeightGrad
+//        --benchmark_repetitions=5 (ratios then use the mean of the repetitions).
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+#include <velora/velora.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using T = float;
+using backend_t = velora::eigen_backend<T>;
+using compressor_t = velora::compressor<backend_t>;
+using record_t = compressor_t::record_type;
+using velora::index_t;
+
+constexpr index_t kTokens = 4096;     // T
+constexpr index_t kFeatures = 1024;   // D
+constexpr index_t kOutputs = 1024;    // O
+constexpr index_t kGroups = 32;       // G
+constexpr index_t kSubtoken = (kFeatures + kGroups - 1) / kGroups;   // s
+
+constexpr double kDenseGemmFlops = 2.0 * kTokens * kOutputs * kFeatures;     // one T·O·D GEMM
+constexpr double kFactoredGemmFlops = 2.0 * kTokens * kOutputs * kGroups;    // A = dYᵀZ
+constexpr double kCompressFlops = 2.0 * kTokens * kFeatures;                 // Z = X Kᵀ
+
+// Deterministic inputs: value i of a stream is velora::gaussian_at(seed, i).
+void fill_gaussian(T* out, index_t n, std::uint64_t seed, double scale) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
+    for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
+}
+
+// Everything the benchmarks share, built on first use (outside every timed loop).
+struct fixture {
+    backend_t backend;   // one backend object, reused by every benchmark
+    velora::host_buffer<T> x{static_cast<std::size_t>(kTokens * kFeatures)};    // T×D input
+    velora::host_buffer<T> dy{static_cast<std::size_t>(kTokens * kOutputs)};    // T×O output gradient
+    velora::host_buffer<T> w{static_cast<std::size_t>(kOutputs * kFeatures)};   // O×D weight
+    velora::host_buffer<T> y{static_cast<std::size_t>(kTokens * kOutputs)};     // T×O forward output
+    velora::host_buffer<T> dx{static_cast<std::size_t>(kTokens * kFeatures)};   // T×D input gradient
+    velora::host_buffer<T> dw{static_cast<std::size_t>(kOutputs * kFeatures)};  // O×D dense weight gradient
+    velora::host_buffer<T> dw_ref{static_cast<std::size_t>(kOutputs * kFeatures)};   // O×D, Eigen reference
+    velora::host_buffer<T> a{static_cast<std::size_t>(kOutputs * kGroups)};     // O×G factored gradient
+    compressor_t comp;
+    record_t record;
+
+    fixture() : comp(backend, kFeatures, velora::compressor_config{kGroups, velora::v_mode::first_batch_mean()}) {
+        fill_gaussian(x.data(), kTokens * kFeatures, 0x5eed0001, 1.0);
+        // Nonzero, feature-dependent mean so that v (the normalised sub-token mean) is a
+        // meaningful, non-uniform direction.
+        for (index_t t = 0; t < kTokens; ++t)
+            for (index_t j = 0; j < kFeatures; ++j)
+                x[static_cast<std::size_t>(t * kFeatures + j)] += static_cast<T>(0.5 + velora::uniform_at(0x5eed0004, static_cast<std::uint64_t>(j % kSubtoken)));
+        fill_gaussian(dy.data(), kTokens * kOutputs, 0x5eed0002, 1.0);
+        fill_gaussian(w.data(), kOutputs * kFeatures, 0x5eed0003, 1.0 / std::sqrt(static_cast<double>(kFeatures)));
+        // Warm-up: the first compress sets v (first_batch_mean); every later one only projects.
+        if (comp.compress(cx(), record) != velora::status::ok) throw std::runtime_error("warm-up compress did not return status::ok");
+        // Warm every GEMM shape once so the backend's packing buffers are sized.
+        velora::linear_forward(backend, cx(), cw(), nullptr, vy());
+        velora::linear_input_grad(backend, cdy(), cw(), vdx());
+        velora::dense_weight_grad(backend, cdy(), cx(), vdw());
+        comp.weight_grad(record, cdy(), va());
+        comp.expand_weight_grad(record, ca(), vdw());
+    }
+
+    velora::const_matrix_view<T> cx() const { return {x.data(), kTokens, kFeatures}; }
+    velora::const_matrix_view<T> cdy() const { return {dy.data(), kTokens, kOutputs}; }
+    velora::const_matrix_view<T> cw() const { return {w.data(), kOutputs, kFeatures}; }
+    velora::const_matrix_view<T> ca() const { return {a.data(), kOutputs, kGroups}; }
+    velora::matrix_view<T> vy() { return {y.data(), kTokens, kOutputs}; }
+    velora::matrix_view<T> vdx() { return {dx.data(), kTokens, kFeatures}; }
+    velora::matrix_view<T> vdw() { return {dw.data(), kOutputs, kFeatures}; }
+    velora::matrix_view<T> va() { return {a.data(), kOutputs, kGroups}; }
+};
+
+fixture& shared() {
+    static fixture f;
+    return f;
+}
+
+// Runs `body` (which contains the timed loop); a thrown exception becomes a benchmark error.
+template <class F>
+void guarded(benchmark::State& state, F&& body) {
+    try {
+        body();
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
+void set_flops(benchmark::State& state, double flops_per_iteration) {
+    state.counters["FLOP/s"] = benchmark::Counter(flops_per_iteration, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ---------------------------------------------------------------- benchmarks
+
+// One plain parallel pass over X: the memory-bandwidth floor for compress (which must read X once).
+void BM_ReadBaseline(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        const T* x = f.x.data();
+        const index_t n = kTokens * kFeatures;
+        constexpr index_t lanes = 64;   // 4 AVX-512 accumulators: bandwidth-bound, not add-latency-bound
+        static_assert((kTokens * kFeatures) % lanes == 0);
+        for (auto _ : state) {
+            double total = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(f.backend.threads())
+#endif
+            for (index_t block = 0; block < n / 4096; ++block) {
+                T acc[lanes] = {};
+                const T* p = x + block * 4096;
+                for (index_t i = 0; i < 4096; i += lanes)
+                    for (index_t j = 0; j < lanes; ++j) acc[j] += p[i + j];
+                T s = 0;
+                for (index_t j = 0; j < lanes; ++j) s += acc[j];
+                total += s;
+            }
+            benchmark::DoNotOptimize(total);
+        }
+        state.SetBytesProcessed(state.iterations() * kTokens * kFeatures * static_cast<std::int64_t>(sizeof(T)));
+    });
+}
+BENCHMARK(BM_ReadBaseline)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_VeloraCompress(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        const auto x = f.cx();
+        bool all_ok = true;
+        for (auto _ : state) {
+            all_ok &= f.comp.compress(x, f.record) == velora::status::ok;
+            benchmark::ClobberMemory();
+        }
+        if (!all_ok) {
+            state.SkipWithError("compress did not return status::ok");
+            return;
+        }
+        const std::size_t expected = static_cast<std::size_t>(kTokens * kGroups) * sizeof(float) + static_cast<std::size_t>(kSubtoken) * sizeof(float);
+        if (f.record.bytes() != expected) {
+            const std::string msg = "record.bytes() = " + std::to_string(f.record.bytes()) + " but T*G*4 + s*4 = " + std::to_string(expected);
+            state.SkipWithError(msg.c_str());
+            return;
+        }
+        const auto x_bytes = static_cast<std::int64_t>(kTokens * kFeatures * sizeof(T));
+        const auto z_bytes = static_cast<std::int64_t>(kTokens * kGroups * sizeof(T));
+        state.SetBytesProcessed(state.iterations() * (x_bytes + z_bytes));   // read X, write Z
+        state.counters["stored_bytes"] = static_cast<double>(f.record.bytes());
+        state.counters["x_over_stored"] = static_cast<double>(x_bytes) / static_cast<double>(f.record.bytes());
+        set_flops(state, kCompressFlops);
+    });
+}
+BENCHMARK(BM_VeloraCompress)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_WeightGradDense(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        for (auto _ : state) {
+            velora::dense_weight_grad(f.backend, f.cdy(), f.cx(), f.vdw());
+            benchmark::ClobberMemory();
+        }
+        set_flops(state, kDenseGemmFlops);
+    });
+}
+BENCHMARK(BM_WeightGradDense)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_WeightGradVelora(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        for (auto _ : state) {
+            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            benchmark::ClobberMemory();
+        }
+        set_flops(state, kFactoredGemmFlops);
+    });
+}
+BENCHMARK(BM_WeightGradVelora)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_WeightGradVeloraExpanded(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        for (auto _ : state) {
+            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.expand_weight_grad(f.record, f.ca(), f.vdw());
+            benchmark::ClobberMemory();
+        }
+        set_flops(state, kFactoredGemmFlops + static_cast<double>(kOutputs * kFeatures));
+    });
+}
+BENCHMARK(BM_WeightGradVeloraExpanded)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_LinearFwdBwdDense(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        for (auto _ : state) {
+            velora::linear_forward(f.backend, f.cx(), f.cw(), nullptr, f.vy());
+            velora::linear_input_grad(f.backend, f.cdy(), f.cw(), f.vdx());
+            velora::dense_weight_grad(f.backend, f.cdy(), f.cx(), f.vdw());
+            benchmark::ClobberMemory();
+        }
+        set_flops(state, 3 * kDenseGemmFlops);
+        state.SetItemsProcessed(state.iterations() * kTokens);   // tokens
+    });
+}
+BENCHMARK(BM_LinearFwdBwdDense)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_LinearFwdBwdVelora(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        bool all_ok = true;
+        for (auto _ : state) {
+            velora::linear_forward(f.backend, f.cx(), f.cw(), nullptr, f.vy());
+            all_ok &= f.comp.compress(f.cx(), f.record) == velora::status::ok;
+            velora::linear_input_grad(f.backend, f.cdy(), f.cw(), f.vdx());
+            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            benchmark::ClobberMemory();
+        }
+        if (!all_ok) {
+            state.SkipWithError("compress did not return status::ok");
+            return;
+        }
+        set_flops(state, 2 * kDenseGemmFlops + kCompressFlops + kFactoredGemmFlops);
+        state.SetItemsProcessed(state.iterations() * kTokens);   // tokens
+    });
+}
+BENCHMARK(BM_LinearFwdBwdVelora)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+// The same dW = dYᵀX with Eigen's own expression-level product (Eigen parallelises it with
+// OpenMP itself). For reference only: the backend's GEMM should not be slower.
+void BM_EigenGemmReference(benchmark::State& state) {
+    guarded(state, [&] {
+        fixture& f = shared();
+        using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+        const Eigen::Map<const RowMat> dy(f.dy.data(), kTokens, kOutputs);
+        const Eigen::Map<const RowMat> x(f.x.data(), kTokens, kFeatures);
+        Eigen::Map<RowMat> dw(f.dw_ref.data(), kOutputs, kFeatures);
+        for (auto _ : state) {
+            dw.noalias() = dy.transpose() * x;
+            benchmark::ClobberMemory();
+        }
+        set_flops(state, kDenseGemmFlops);
+        // Sanity (outside the timed loop): the backend computes the same product.
+        velora::dense_weight_grad(f.backend, f.cdy(), f.cx(), f.vdw());
+        const Eigen::Map<const RowMat> mine(f.dw.data(), kOutputs, kFeatures);
+        const double rel = static_cast<double>((mine - dw).norm() / dw.norm());
+        state.counters["rel_diff_vs_backend"] = rel;
+        if (!(rel < 1e-4)) state.SkipWithError("backend dense_weight_grad differs from Eigen's product");
+    });
+}
+BENCHMARK(BM_EigenGemmReference)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+// ---------------------------------------------------------------- reporting
+
+// The console output as usual, plus each benchmark's real time (seconds per iteration):
+// the "mean" aggregate when repetitions produced one, otherwise the average of its runs.
+class ratio_reporter : public benchmark::ConsoleReporter {
+public:
+    using benchmark::ConsoleReporter::ConsoleReporter;
+
+    void ReportRuns(const std::vector<Run>& reports) override {
+        for (const Run& run : reports) {
+            if (run.error_occurred) continue;
+            const std::string& name = run.run_name.function_name;
+            const double seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+            auto& e = times_[name];
+            if (run.run_type == Run::RT_Aggregate) {
+                if (run.aggregate_name == "mean") e.mean = seconds;
+            } else {
+                e.sum += seconds;
+                ++e.count;
+            }
+        }
+        benchmark::ConsoleReporter::ReportRuns(reports);
+    }
+
+    [[nodiscard]] std::optional<double> seconds(const std::string& name) const {
+        const auto it = times_.find(name);
+        if (it == times_.end()) return std::nullopt;
+        if (it->second.mean) return it->second.mean;
+        if (it->second.count > 0) return it->second.sum / it->second.count;
+        return std::nullopt;
+    }
+
+private:
+    struct entry {
+        std::optional<double> mean;
+        double sum = 0;
+        int count = 0;
+    };
+    std::map<std::string, entry> times_;
+};
+
+struct ratio_spec {
+    const char* label;
+    const char* numerator;
+    const char* denominator;
+    enum { at_most, at_least, info } kind;
+    double target;
+    const char* note;
+};
+
+void print_ratios(const ratio_reporter& reporter) {
+    const ratio_spec specs[] = {
+        {"VeloraCompress / ReadBaseline", "BM_VeloraCompress", "BM_ReadBaseline", ratio_spec::at_most, 1.5, ""},
+        {"WeightGradDense / WeightGradVelora", "BM_WeightGradDense", "BM_WeightGradVelora", ratio_spec::at_least, 10.0, ""},
+        {"LinearFwdBwdVelora / LinearFwdBwdDense", "BM_LinearFwdBwdVelora", "BM_LinearFwdBwdDense", ratio_spec::at_most, 0.75, ""},
+        {"WeightGradDense / WeightGradVeloraExpanded", "BM_WeightGradDense", "BM_WeightGradVeloraExpanded", ratio_spec::info, 0,
+         "speed-up when a dense dW is still formed"},
+        {"WeightGradDense / EigenGemmReference", "BM_WeightGradDense", "BM_EigenGemmReference", ratio_spec::info, 0,
+         "<= 1: backend GEMM not slower than Eigen's product"},
+    };
+    std::printf("\nRatios (same run; real time per iteration)\n");
+    std::printf("%-44s %10s %10s  %s\n", "ratio", "value", "target", "result");
+    int shown = 0;
+    for (const ratio_spec& r : specs) {
+        const auto num = reporter.seconds(r.numerator);
+        const auto den = reporter.seconds(r.denominator);
+        if (!num || !den || *den <= 0) continue;   // an input did not run (filter) or failed
+        const double value = *num / *den;
+        char target[32];
+        const char* result = "info";
+        if (r.kind == ratio_spec::info) {
+            std::snprintf(target, sizeof target, "-");
+        } else {
+            const bool pass = r.kind == ratio_spec::at_most ? value <= r.target : value >= r.target;
+            std::snprintf(target, sizeof target, "%s %.2f", r.kind == ratio_spec::at_most ? "<=" : ">=", r.target);
+            result = pass ? "PASS" : "MISS";
+        }
+        if (*r.note) std::printf("%-44s %10.3f %10s  %s  (%s)\n", r.label, value, target, result, r.note);
+        else std::printf("%-44s %10.3f %10s  %s\n", r.label, value, target, result);
+        ++shown;
+    }
+    if (shown == 0) std::printf("(no ratio has both of its benchmarks in this run)\n");
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+#if !defined(NDEBUG)
+    std::fprintf(stderr, "note: bench_velora was compiled without NDEBUG (assertions on); timings may be pessimistic\n");
+#endif
+    benchmark::AddCustomContext("shape", "T=" + std::to_string(kTokens) + " D=" + std::to_string(kFeatures) + " O=" +
+                                             std::to_string(kOutputs) + " G=" + std::to_string(kGroups) + " float");
+#if defined(_OPENMP)
+    benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
+#else
+    benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
+#endif
+    const bool color = ::isatty(STDOUT_FILENO) != 0;
+    ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    std::cout.flush();
+    print_ratios(reporter);
+    benchmark::Shutdown();
+    return 0;
+}

@@ -1,0 +1,366 @@
+#pragma once
+/// \file
+/// `eigen_backend<T>`: the CPU backend on Eigen 3.4, for T = float or double.
+///
+/// GEMM drives Eigen's own GEBP kernel (the one behind `A.noalias() = B * C`) with packing
+/// buffers that this object owns, one set per OpenMP thread, and splits the output across
+/// threads itself. Eigen's expression-level product would take fresh packing buffers from
+/// the heap on every call; here they are sized on first use of a shape and then reused, so a
+/// steady-state call allocates nothing. The sub-token kernels are row-parallel loops over
+/// Eigen maps (vectorised dot products and axpys). Reductions accumulate in T per row and
+/// across rows in per-thread accumulators (double for sub-token means).
+///
+/// An object is not thread-safe; use one per host thread. It may itself use OpenMP threads
+/// when the translation unit is compiled with OpenMP (`-fopenmp`); `threads` caps them.
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../concepts.hpp"
+#include "../core/buffer.hpp"
+#include "../core/error.hpp"
+#include "../core/rng.hpp"
+#include "../core/storage.hpp"
+#include "../core/view.hpp"
+
+static_assert(EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4,
+              "velora's eigen_backend drives Eigen 3.4's GEBP kernel directly; it needs Eigen 3.4");
+
+namespace velora {
+
+template <class T>
+class eigen_backend {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "eigen_backend supports float and double");
+
+public:
+    using value_type = T;
+    template <class U>
+    using buffer = host_buffer<U>;
+
+    /// `threads` = 0 uses all OpenMP threads (1 without OpenMP).
+    explicit eigen_backend(int threads = 0) : threads_(resolve_threads(threads)), gemm_scratch_(threads_), reduce_scratch_(threads_) {}
+
+    [[nodiscard]] int threads() const noexcept { return threads_; }
+
+    // ---------------------------------------------------------------- memory
+    void copy_to_host(const T* src, T* dst, index_t n) const { copy(src, dst, n); }
+    void copy_from_host(const T* src, T* dst, index_t n) const { copy(src, dst, n); }
+    /// Copy within backend memory.
+    template <class U>
+    static void copy(const U* src, U* dst, index_t n) {
+        if (n > 0) std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(U));
+    }
+
+    // ---------------------------------------------------------------- GEMM
+    /// C = alpha · op(A) · op(B) + beta · C, all row-major views. beta = 0 ignores C's contents
+    /// (NaN included), as in BLAS.
+    void gemm(op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c) {
+        constexpr const char* fn = "velora::eigen_backend::gemm";
+        check_view(a, fn, "a");
+        check_view(b, fn, "b");
+        check_view(c, fn, "c");
+        const index_t m = op_a == op::none ? a.rows : a.cols;
+        const index_t k = op_a == op::none ? a.cols : a.rows;
+        const index_t kb = op_b == op::none ? b.rows : b.cols;
+        const index_t n = op_b == op::none ? b.cols : b.rows;
+        detail::require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
+        detail::require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
+
+        // Split the larger output dimension across threads; tiny products stay serial.
+        const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+        const bool split_rows = m >= n;
+        const index_t extent = split_rows ? m : n;
+        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, (extent + 31) / 32));
+        auto run_part = [&](int part) {
+            const index_t chunk = (extent + parts - 1) / parts;
+            const index_t first = std::min<index_t>(extent, part * chunk);
+            const index_t count = std::min<index_t>(extent, first + chunk) - first;
+            if (count <= 0) return;
+            const T* pa = a.data;
+            const T* pb = b.data;
+            T* pc = c.data;
+            index_t mm = m, nn = n;
+            if (split_rows) {
+                pa += op_a == op::none ? first * a.ld : first;
+                pc += first * c.ld;
+                mm = count;
+            } else {
+                pb += op_b == op::none ? first : first * b.ld;
+                pc += first;
+                nn = count;
+            }
+            scale_output(beta, matrix_view<T>{pc, mm, nn, c.ld});
+            if (alpha != T(0) && k > 0) serial_gemm(op_a, op_b, mm, nn, k, alpha, pa, a.ld, pb, b.ld, pc, c.ld, gemm_scratch_[part]);
+        };
+        parallel_for_parts(parts, run_part);
+    }
+
+    // ---------------------------------------------------------------- sub-token kernels
+    /// Z[t, g] = Σ_j X[t, g·s + j] · v[j] for g < Z.cols, reading X as zero past its last
+    /// column (so a group made only of padding gives 0), converted to U.
+    /// Returns false when any dot product is not finite (Z is then written but meaningless).
+    template <class U>
+    bool project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z) {
+        const index_t d = x.cols;
+        const index_t full = d / s;
+        const index_t tail = d - full * s;
+        if constexpr (std::is_same_v<U, T>) {
+            // Common case (G divides D, dense rows): X is a (T·G)×s row-major matrix and Z its
+            // product with v, one GEMV per thread; the finiteness test runs once over Z.
+            if (tail == 0 && full == z.cols && x.contiguous() && z.contiguous() && s > 1) {
+                int bad = 0;
+                const int parts = x.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, x.rows)) : 1;
+                parallel_for_parts(parts, [&](int part) {
+                    const index_t chunk = (x.rows + parts - 1) / parts;
+                    const index_t first = std::min<index_t>(x.rows, part * chunk);
+                    const index_t rows = std::min<index_t>(x.rows, first + chunk) - first;
+                    if (rows <= 0) return;
+                    const Eigen::Map<const RowMat> subtokens(x.row(first), rows * full, s);
+                    VecOut out(z.row(first), rows * full);
+                    out.noalias() = subtokens * VecMap(v, s);
+                    if (!out.allFinite()) {
+#if defined(_OPENMP)
+#pragma omp atomic write
+#endif
+                        bad = 1;
+                    }
+                });
+                return bad == 0;
+            }
+        }
+        int bad = 0;
+        const VecMap vfull(v, s);
+        const VecMap vtail(v, tail);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(threads_) if (x.size() > parallel_threshold)
+#endif
+        for (index_t t = 0; t < x.rows; ++t) {
+            const T* row = x.row(t);
+            U* out = z.row(t);
+            for (index_t g = 0; g < full; ++g) {
+                const T dot = VecMap(row + g * s, s).dot(vfull);
+                bad |= !std::isfinite(dot);
+                out[g] = storage_cast<U>::from(dot);
+            }
+            if (tail) {
+                const T dot = VecMap(row + full * s, tail).dot(vtail);
+                bad |= !std::isfinite(dot);
+                out[full] = storage_cast<U>::from(dot);
+            }
+            for (index_t g = full + (tail ? 1 : 0); g < z.cols; ++g) out[g] = storage_cast<U>::from(T(0));   // all-padding groups
+        }
+        return bad == 0;
+    }
+
+    /// out[r, g·s + j] = scale · A[r, g] · v[j] for every column g·s + j < out.cols (columns of A
+    /// that cover only padding are not read).
+    template <class U>
+    void expand_subtokens(const_matrix_view<U> a, const T* v, index_t s, T scale, matrix_view<T> out) {
+        const index_t d = out.cols;
+        const index_t full = d / s;
+        const index_t tail = d - full * s;
+        const VecMap vfull(v, s);
+        const VecMap vtail(v, tail);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads_) if (out.size() > parallel_threshold)
+#endif
+        for (index_t r = 0; r < out.rows; ++r) {
+            const U* coef = a.row(r);
+            T* row = out.row(r);
+            for (index_t g = 0; g < full; ++g) VecOut(row + g * s, s) = (scale * to_arithmetic<T>(coef[g])) * vfull;
+            if (tail) VecOut(row + full * s, tail) = (scale * to_arithmetic<T>(coef[full])) * vtail;
+        }
+    }
+
+    /// out[j] = Σ_t Σ_g X[t, g·s + j] (zero padding included): the direction of the sub-token
+    /// mean. Accumulates each row in T and across rows in double.
+    void sum_subtokens(const_matrix_view<T> x, index_t s, T* out) {
+        const index_t d = x.cols;
+        const index_t full = d / s;
+        const index_t tail = d - full * s;
+        reduce_rows(x.rows, s, x.size(), out, [&](index_t t, T* row_acc) {
+            const T* row = x.row(t);
+            VecOut acc(row_acc, s);
+            for (index_t g = 0; g < full; ++g) acc += VecMap(row + g * s, s);
+            if (tail) acc.head(tail) += VecMap(row + full * s, tail);
+        });
+    }
+
+    /// out[g·s + j] = scale · v[j] · Σ_t dY[t, g·s + j] · Z[t, g]: the VeLoRA weight gradient of a
+    /// scale-and-shift (SSF) layer y = x ⊙ w + b.
+    template <class U>
+    void weighted_subtoken_column_sums(const_matrix_view<T> dy, const_matrix_view<U> z, const T* v, index_t s, T scale, T* out) {
+        const index_t d = dy.cols;
+        const index_t full = d / s;
+        const index_t tail = d - full * s;
+        reduce_rows(dy.rows, d, dy.size(), out, [&](index_t t, T* row_acc) {
+            const T* row = dy.row(t);
+            const U* coef = z.row(t);
+            for (index_t g = 0; g < full; ++g) VecOut(row_acc + g * s, s) += to_arithmetic<T>(coef[g]) * VecMap(row + g * s, s);
+            if (tail) VecOut(row_acc + full * s, tail) += to_arithmetic<T>(coef[full]) * VecMap(row + full * s, tail);
+        });
+        const VecMap vfull(v, s);
+        for (index_t g = 0; g < full; ++g) VecOut(out + g * s, s).array() *= scale * vfull.array();
+        if (tail) VecOut(out + full * s, tail).array() *= scale * vfull.head(tail).array();
+    }
+
+    /// out[j] = Σ_t X[t, j] (the bias gradient of a linear or SSF layer).
+    void column_sums(const_matrix_view<T> x, T* out) {
+        reduce_rows(x.rows, x.cols, x.size(), out, [&](index_t t, T* row_acc) { VecOut(row_acc, x.cols) += VecMap(x.row(t), x.cols); });
+    }
+
+    /// out[t, j] = in[t, j] · w[j] + b[j]; a null `w` means 1, a null `b` means 0. `out` may
+    /// alias `in`. (SSF forward and input gradient, bias add of a linear layer.)
+    void scale_shift_columns(const_matrix_view<T> in, const T* w, const T* b, matrix_view<T> out) {
+        const index_t d = out.cols;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads_) if (out.size() > parallel_threshold)
+#endif
+        for (index_t r = 0; r < out.rows; ++r) {
+            auto dst = VecOut(out.row(r), d).array();
+            const auto src = VecMap(in.row(r), d).array();
+            if (w && b) dst = src * VecMap(w, d).array() + VecMap(b, d).array();
+            else if (w) dst = src * VecMap(w, d).array();
+            else if (b) dst = src + VecMap(b, d).array();
+            else if (out.data != in.data) dst = src;
+        }
+    }
+
+    /// out = in, element-wise conversion from a storage type.
+    template <class U>
+    void convert(const_matrix_view<U> in, matrix_view<T> out) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads_) if (out.size() > parallel_threshold)
+#endif
+        for (index_t r = 0; r < out.rows; ++r) {
+            const U* src = in.row(r);
+            T* dst = out.row(r);
+            for (index_t c = 0; c < out.cols; ++c) dst[c] = to_arithmetic<T>(src[c]);
+        }
+    }
+
+    /// out[i] = gaussian_at(seed, offset + i): reproducible on every backend.
+    void fill_gaussian(std::uint64_t seed, std::uint64_t offset, T* out, index_t n) const {
+        for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(gaussian_at(seed, offset + static_cast<std::uint64_t>(i)));
+    }
+
+private:
+    using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+    using VecMap = Eigen::Map<const Vec>;
+    using VecOut = Eigen::Map<Vec>;
+    using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    static constexpr index_t parallel_threshold = 1 << 15;   // elements below which threads cost more than they save
+
+    static int resolve_threads(int requested) {
+#if defined(_OPENMP)
+        const int available = omp_get_max_threads();
+#else
+        const int available = 1;
+#endif
+        return std::max(1, requested > 0 ? std::min(requested, available) : available);
+    }
+
+    template <class F>
+    void parallel_for_parts(int parts, F&& f) {
+        if (parts <= 1) {
+            f(0);
+            return;
+        }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+#endif
+        for (int part = 0; part < parts; ++part) f(part);
+    }
+
+    // Per-thread packing buffers for Eigen's GEBP kernel, grown to the largest blocking seen.
+    struct gemm_scratch : Eigen::internal::level3_blocking<T, T> {
+        host_buffer<T> a, b;
+        void prepare(index_t rows, index_t cols, index_t depth) {
+            Eigen::Index kc = depth, mc = rows, nc = cols;
+            Eigen::internal::computeProductBlockingSizes<T, T, 1, Eigen::Index>(kc, mc, nc, 1);
+            a.reserve(static_cast<std::size_t>(kc * mc));
+            b.reserve(static_cast<std::size_t>(kc * nc));
+            this->m_kc = kc;
+            this->m_mc = mc;
+            this->m_nc = nc;
+            this->m_blockA = a.data();
+            this->m_blockB = b.data();
+        }
+    };
+
+    template <int LhsOrder, int RhsOrder>
+    static void gebp(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+                     index_t ldc, gemm_scratch& scratch) {
+        // A row-major result is computed as its column-major transpose: rows and cols swap roles.
+        scratch.prepare(n, m, k);
+        Eigen::internal::general_matrix_matrix_product<Eigen::Index, T, LhsOrder, false, T, RhsOrder, false, Eigen::RowMajor, 1>::run(
+            m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, scratch, nullptr);
+    }
+
+    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+                            index_t ldb, T* c, index_t ldc, gemm_scratch& scratch) {
+        constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
+        if (op_a == op::none && op_b == op::none) gebp<R, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_a == op::none) gebp<R, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_b == op::none) gebp<C, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else gebp<C, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+    }
+
+    static void scale_output(T beta, matrix_view<T> c) {
+        if (beta == T(1)) return;
+        for (index_t r = 0; r < c.rows; ++r) {
+            if (beta == T(0)) std::fill_n(c.row(r), c.cols, T(0));
+            else VecOut(c.row(r), c.cols) *= beta;
+        }
+    }
+
+    // Column reduction over rows: each thread accumulates `width` values in its own scratch
+    // (rows are folded in T, a block of rows at a time, into a double accumulator), then the
+    // per-thread results are added in thread order, so the result does not depend on timing.
+    template <class RowFn>
+    void reduce_rows(index_t rows, index_t width, index_t work, T* out, RowFn&& add_row) {
+        const int parts = work > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, rows)) : 1;
+        for (int p = 0; p < parts; ++p) {
+            reduce_scratch_[p].block.resize(static_cast<std::size_t>(width));
+            reduce_scratch_[p].total.resize(static_cast<std::size_t>(width));
+        }
+        parallel_for_parts(parts, [&](int part) {
+            const index_t chunk = (rows + parts - 1) / parts;
+            const index_t first = std::min<index_t>(rows, part * chunk);
+            const index_t last = std::min<index_t>(rows, first + chunk);
+            auto& scratch = reduce_scratch_[part];
+            Eigen::Map<Eigen::VectorXd> total(scratch.total.data(), width);
+            VecOut block(scratch.block.data(), width);
+            total.setZero();
+            constexpr index_t rows_per_block = 64;
+            for (index_t t0 = first; t0 < last; t0 += rows_per_block) {
+                block.setZero();
+                for (index_t t = t0; t < std::min(last, t0 + rows_per_block); ++t) add_row(t, scratch.block.data());
+                total += block.template cast<double>();
+            }
+        });
+        Eigen::Map<Eigen::VectorXd> sum(reduce_scratch_[0].total.data(), width);
+        for (int p = 1; p < parts; ++p) sum += Eigen::Map<Eigen::VectorXd>(reduce_scratch_[p].total.data(), width);
+        VecOut(out, width) = sum.template cast<T>();
+    }
+
+    struct reduce_scratch {
+        host_buffer<T> block;
+        host_buffer<double> total;
+    };
+
+    int threads_;
+    std::vector<gemm_scratch> gemm_scratch_;
+    std::vector<reduce_scratch> reduce_scratch_;
+};
+
+} // namespace velora

@@ -1,0 +1,260 @@
+// Shared core: views, errors, storage conversions, RNG, serialization, buffers, backend GEMM
+// and kernels against naive references, concept conformance.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <velora/backend/eigen.hpp>
+#include <velora/core/serialize.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "reference.hpp"
+
+using velora::index_t;
+
+namespace {
+
+template <class T>
+std::vector<T> gaussian(std::size_t n, std::uint64_t seed, double mean = 0.0) {
+    std::vector<T> v(n);
+    for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<T>(mean + velora::gaussian_at(seed, i));
+    return v;
+}
+
+template <class F>
+std::string message_of(F&& f) {
+    try {
+        f();
+    } catch (const std::invalid_argument& e) {
+        return e.what();
+    }
+    return "<no std::invalid_argument thrown>";
+}
+
+template <class T>
+constexpr double tol() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
+
+// A type that looks like a backend but has no GEMM: must not satisfy the concept.
+struct backend_without_gemm {
+    using value_type = float;
+    template <class U>
+    using buffer = velora::host_buffer<U>;
+};
+
+} // namespace
+
+static_assert(velora::backend<velora::eigen_backend<float>>);
+static_assert(velora::backend<velora::eigen_backend<double>>);
+static_assert(!velora::backend<backend_without_gemm>);
+static_assert(!velora::backend<int>);
+
+TEST_CASE("matrix_view: shape, blocks and validation") {
+    std::vector<float> data(12);
+    auto v = velora::make_view(data.data(), 3, 3, 4);
+    CHECK(v.size() == 9);
+    CHECK_FALSE(v.contiguous());
+    CHECK(&v(2, 1) == &data[9]);
+    CHECK(v.row_block(1, 2).data == data.data() + 4);
+    CHECK(v.col_block(1, 2)(0, 0) == data[1]);
+    velora::const_matrix_view<float> c = v;   // mutable -> const conversion
+    CHECK(c.ld == 4);
+
+    const auto empty = message_of([&] { velora::check_view(velora::make_view(data.data(), 0, 3), "velora::f", "x"); });
+    CHECK(empty.find("velora::f") == 0);
+    CHECK(empty.find("'x' is empty (0x3)") != std::string::npos);
+    const auto ld = message_of([&] { velora::check_view(velora::make_view(data.data(), 2, 4, 3), "velora::f", "y"); });
+    CHECK(ld.find("leading dimension 3 < cols 4") != std::string::npos);
+    const auto null = message_of([&] { velora::check_view(velora::make_view<float>(nullptr, 2, 2), "velora::f", "z"); });
+    CHECK(null.find("null data pointer") != std::string::npos);
+    const auto shape = message_of([&] { velora::check_shape(v, 3, 2, "velora::g", "w"); });
+    CHECK(shape.find("'w' is 3x3 but must be 3x2") != std::string::npos);
+}
+
+TEST_CASE("half and bfloat16: exact values, rounding to nearest even, specials") {
+    using velora::detail::float_to_half_bits, velora::detail::half_bits_to_float;
+    CHECK(float_to_half_bits(1.0f) == 0x3c00);
+    CHECK(float_to_half_bits(-2.0f) == 0xc000);
+    CHECK(float_to_half_bits(65504.0f) == 0x7bff);
+    CHECK(float_to_half_bits(65520.0f) == 0x7c00);                 // overflow -> Inf
+    CHECK(float_to_half_bits(5.9604644775390625e-8f) == 0x0001);   // smallest subnormal
+    CHECK(float_to_half_bits(2.9802322387695312e-8f) == 0x0000);   // half of it: ties to even (0)
+    CHECK(float_to_half_bits(1.0f + 1.0f / 2048) == 0x3c00);       // tie -> even
+    CHECK(float_to_half_bits(1.0f + 3.0f / 2048) == 0x3c02);       // tie -> even (up)
+    CHECK(std::isnan(half_bits_to_float(float_to_half_bits(std::numeric_limits<float>::quiet_NaN()))));
+    CHECK(std::isinf(half_bits_to_float(float_to_half_bits(std::numeric_limits<float>::infinity()))));
+    // Every finite half round-trips exactly through float.
+    int mismatches = 0;
+    for (std::uint32_t h = 0; h < 0x10000; ++h) {
+        if ((h & 0x7c00) == 0x7c00) continue;
+        if (float_to_half_bits(half_bits_to_float(static_cast<std::uint16_t>(h))) != h) ++mismatches;
+    }
+    CHECK(mismatches == 0);
+    using velora::detail::float_to_bfloat16_bits, velora::detail::bfloat16_bits_to_float;
+    CHECK(float_to_bfloat16_bits(1.0f) == 0x3f80);
+    CHECK(bfloat16_bits_to_float(float_to_bfloat16_bits(3.140625f)) == 3.140625f);
+    CHECK(float_to_bfloat16_bits(std::bit_cast<float>(0x3f808000u)) == 0x3f80);   // tie -> even
+    CHECK(float_to_bfloat16_bits(std::bit_cast<float>(0x3f818000u)) == 0x3f82);   // tie -> even (up)
+    CHECK(std::isnan(bfloat16_bits_to_float(float_to_bfloat16_bits(std::numeric_limits<float>::quiet_NaN()))));
+    CHECK(velora::storage_bytes(velora::storage::f16) == 2);
+    CHECK(velora::storage_bytes(velora::storage::f64) == 8);
+}
+
+TEST_CASE("counter-based Gaussian stream: reproducible, order-free, plausible moments") {
+    CHECK(velora::gaussian_at(7, 123) == velora::gaussian_at(7, 123));
+    CHECK(velora::gaussian_at(7, 123) != velora::gaussian_at(8, 123));
+    double sum = 0, sum2 = 0;
+    const int n = 200000;
+    for (int i = 0; i < n; ++i) {
+        const double g = velora::gaussian_at(42, static_cast<std::uint64_t>(i));
+        sum += g;
+        sum2 += g * g;
+    }
+    CHECK(std::abs(sum / n) < 0.01);
+    CHECK(std::abs(sum2 / n - 1.0) < 0.02);
+    velora::eigen_backend<float> b;
+    std::vector<float> a(10), c(5);
+    b.fill_gaussian(3, 0, a.data(), 10);
+    b.fill_gaussian(3, 5, c.data(), 5);   // the second half of the same stream
+    CHECK(std::memcmp(a.data() + 5, c.data(), 5 * sizeof(float)) == 0);
+}
+
+TEST_CASE("state container: round trip and every kind of damage is rejected") {
+    velora::state_writer w("test.kind", 2);
+    w.put(std::uint32_t{7});
+    w.put(3.5);
+    const std::vector<float> payload{1, 2, 3};
+    w.put_array(std::span<const float>(payload));
+    const auto blob = std::move(w).finish();
+
+    {
+        velora::state_reader r(blob, "test.kind", 2, "velora::test");
+        CHECK(r.version() == 2);
+        CHECK(r.get<std::uint32_t>() == 7);
+        CHECK(r.get<double>() == 3.5);
+        CHECK(r.get_array<float>(3) == payload);
+        r.expect_end();
+    }
+    auto rejects = [&](std::vector<std::byte> b, std::string_view kind, std::uint32_t max_version, const char* needle) {
+        try {
+            velora::state_reader r(b, kind, max_version, "velora::test");
+            (void)r.get<std::uint32_t>();
+            (void)r.get<double>();
+            (void)r.get_array<float>(3);
+            r.expect_end();
+        } catch (const velora::state_format_error& e) {
+            INFO(e.what());
+            CHECK(std::string(e.what()).find("velora::test: ") == 0);
+            CHECK(std::string(e.what()).find(needle) != std::string::npos);
+            return;
+        }
+        FAIL("no state_format_error");
+    };
+    for (std::size_t cut : {std::size_t{0}, std::size_t{3}, std::size_t{20}, blob.size() - 1})
+        rejects(std::vector<std::byte>(blob.begin(), blob.begin() + static_cast<std::ptrdiff_t>(cut)), "test.kind", 2, "");
+    auto corrupted = blob;
+    corrupted[corrupted.size() - 12] ^= std::byte{0x40};
+    rejects(corrupted, "test.kind", 2, "checksum mismatch");
+    rejects(blob, "other.kind", 2, "expected 'other.kind'");
+    rejects(blob, "test.kind", 1, "state version 2");
+    auto magic = blob;
+    magic[0] = std::byte{'X'};
+    rejects(magic, "test.kind", 2, "magic");
+    auto longer = blob;
+    longer.push_back(std::byte{0});
+    rejects(longer, "test.kind", 2, "trailing bytes");
+}
+
+TEST_CASE("host_buffer: grows only when needed, copies and moves") {
+    velora::host_buffer<float> b(8);
+    const float* p = b.data();
+    CHECK(reinterpret_cast<std::uintptr_t>(p) % 64 == 0);
+    b.resize(4);
+    CHECK(b.data() == p);
+    b.resize(8);
+    CHECK(b.data() == p);
+    for (int i = 0; i < 8; ++i) b[static_cast<std::size_t>(i)] = float(i);
+    velora::host_buffer<float> c = b;
+    CHECK(c[7] == 7.0f);
+    velora::host_buffer<float> m = std::move(c);
+    CHECK(m.size() == 8);
+    CHECK(c.size() == 0);
+    CHECK(c.capacity() == 0);
+    m.reserve(100);
+    CHECK(m[5] == 5.0f);
+}
+
+TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every transpose, ld, alpha and beta", T, float, double) {
+    velora::eigen_backend<T> b;
+    struct shape { index_t m, n, k; };
+    // Small shapes stay serial; the larger ones split rows (m >= n) or columns (m < n) across threads.
+    for (shape sh : {shape{3, 5, 4}, shape{1, 1, 1}, shape{257, 65, 130}, shape{40, 300, 170}}) {
+        for (int ta = 0; ta < 2; ++ta)
+            for (int tb = 0; tb < 2; ++tb)
+                for (auto [alpha, beta] : {std::pair{T(1), T(0)}, std::pair{T(-0.5), T(2)}}) {
+                    const index_t ar = ta ? sh.k : sh.m, ac = ta ? sh.m : sh.k;
+                    const index_t br = tb ? sh.n : sh.k, bc = tb ? sh.k : sh.n;
+                    const index_t lda = ac + 3, ldb = bc + 1, ldc = sh.n + 2;
+                    auto a = gaussian<T>(static_cast<std::size_t>(ar * lda), 1);
+                    auto bm = gaussian<T>(static_cast<std::size_t>(br * ldb), 2);
+                    auto c = gaussian<T>(static_cast<std::size_t>(sh.m * ldc), 3);
+                    ref::matrix ra(ar, ac), rb(br, bc), rc(sh.m, sh.n);
+                    for (index_t i = 0; i < ar; ++i) for (index_t j = 0; j < ac; ++j) ra(i, j) = a[static_cast<std::size_t>(i * lda + j)];
+                    for (index_t i = 0; i < br; ++i) for (index_t j = 0; j < bc; ++j) rb(i, j) = bm[static_cast<std::size_t>(i * ldb + j)];
+                    const auto prod = ref::matmul(ra, ta, rb, tb);
+                    for (index_t i = 0; i < sh.m; ++i)
+                        for (index_t j = 0; j < sh.n; ++j) rc(i, j) = double(alpha) * prod(i, j) + double(beta) * c[static_cast<std::size_t>(i * ldc + j)];
+                    const auto padding = c[static_cast<std::size_t>(ldc - 1)];
+                    b.gemm(ta ? velora::op::transpose : velora::op::none, tb ? velora::op::transpose : velora::op::none, alpha,
+                           velora::make_view<const T>(a.data(), ar, ac, lda), velora::make_view<const T>(bm.data(), br, bc, ldb), beta,
+                           velora::make_view(c.data(), sh.m, sh.n, ldc));
+                    std::vector<T> packed(static_cast<std::size_t>(sh.m * sh.n));
+                    for (index_t i = 0; i < sh.m; ++i) for (index_t j = 0; j < sh.n; ++j) packed[static_cast<std::size_t>(i * sh.n + j)] = c[static_cast<std::size_t>(i * ldc + j)];
+                    INFO("m=" << sh.m << " n=" << sh.n << " k=" << sh.k << " ta=" << ta << " tb=" << tb);
+                    CHECK(ref::rel_error(packed, rc) < tol<T>());
+                    CHECK(c[static_cast<std::size_t>(ldc - 1)] == padding);   // columns past n untouched
+                }
+    }
+}
+
+TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C; shape errors name the operands") {
+    velora::eigen_backend<float> b;
+    std::vector<float> a{1, 2, 3, 4}, i{1, 0, 0, 1}, c(4, std::numeric_limits<float>::quiet_NaN());
+    b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
+           velora::make_view<const float>(i.data(), 2, 2), 0.0f, velora::make_view(c.data(), 2, 2));
+    CHECK(c == a);
+    const auto msg = message_of([&] {
+        b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
+               velora::make_view<const float>(i.data(), 1, 4), 0.0f, velora::make_view(c.data(), 2, 2));
+    });
+    CHECK(msg.find("velora::eigen_backend::gemm: inner dimensions differ: op(a) is 2x2, op(b) is 1x4") == 0);
+}
+
+TEST_CASE_TEMPLATE("eigen_backend reductions and column kernels match naive loops", T, float, double) {
+    velora::eigen_backend<T> b;
+    const index_t rows = 300, cols = 77;
+    const auto x = gaussian<T>(static_cast<std::size_t>(rows * cols), 5, 0.25);
+    const auto rx = ref::from(x, rows, cols);
+    std::vector<T> sums(static_cast<std::size_t>(cols));
+    b.column_sums(velora::make_view<const T>(x.data(), rows, cols), sums.data());
+    ref::matrix expect(1, cols);
+    for (index_t t = 0; t < rows; ++t) for (index_t j = 0; j < cols; ++j) expect(0, j) += rx(t, j);
+    CHECK(ref::rel_error(sums, expect) < tol<T>());
+
+    const index_t s = 10;   // 77 = 7·10 + 7: a padded last group
+    std::vector<T> sub(static_cast<std::size_t>(s));
+    b.sum_subtokens(velora::make_view<const T>(x.data(), rows, cols), s, sub.data());
+    ref::matrix expect_sub(1, s);
+    for (index_t t = 0; t < rows; ++t) for (index_t j = 0; j < cols; ++j) expect_sub(0, j % s) += rx(t, j);
+    CHECK(ref::rel_error(sub, expect_sub) < tol<T>());
+
+    const auto w = gaussian<T>(static_cast<std::size_t>(cols), 6), bias = gaussian<T>(static_cast<std::size_t>(cols), 7);
+    std::vector<T> y(x.size());
+    b.scale_shift_columns(velora::make_view<const T>(x.data(), rows, cols), w.data(), bias.data(), velora::make_view(y.data(), rows, cols));
+    ref::matrix expect_y(rows, cols);
+    for (index_t t = 0; t < rows; ++t) for (index_t j = 0; j < cols; ++j) expect_y(t, j) = rx(t, j) * double(w[static_cast<std::size_t>(j)]) + double(bias[static_cast<std::size_t>(j)]);
+    CHECK(ref::rel_error(y, expect_y) < tol<T>());
+}
