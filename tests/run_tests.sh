@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The README's test command: installs what it needs, builds the test suite and runs it twice,
+# once optimised and once under AddressSanitizer + UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tests/deps.sh
+velora_require_packages cmake g++ make libeigen3-dev doctest-dev
+jobs=$(nproc)
+
+echo "== Release build + tests"
+cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build/test -j"$jobs"
+ctest --test-dir build/test --output-on-failure -j"$jobs"
+
+echo "== AddressSanitizer + UndefinedBehaviorSanitizer build + tests"
+san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=Debug -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_BUILD_EXAMPLES=OFF \
+      -DVELORA_INSTALL=OFF -DCMAKE_CXX_FLAGS="-O1 $san" -DCMAKE_EXE_LINKER_FLAGS="$san" >/dev/null
+cmake --build build/sanitize -j"$jobs"
+ctest --test-dir build/sanitize --output-on-failure -j"$jobs" -LE header
