@@ -322,17 +322,27 @@ private:
         }
     }
 
+    // GCC 12 raises a false -Wmaybe-uninitialized at each inlined use of an intrinsic whose
+    // pass-through operand is _mm512_undefined_*() (unpack, shuffle, max, reduce, ...). Their
+    // zero-masking forms with a full mask compile to the same unmasked instructions and stay
+    // quiet, so those are used below.
+    static constexpr __mmask16 kAll16 = 0xFFFF;
+    static constexpr __mmask8 kAll8 = 0xFF;
+
     // Lane k of the result = horizontal sum of acc[kSlot[k]] (see above).
     static __m512 transpose_sum_16(const __m512 (&a)[16]) {
         __m512 b[8], c[4];
-        for (int i = 0; i < 8; ++i)   // 128-bit halves: b[i] = [a(2i) x2 | a(2i+1) x2]
-            b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+        for (int i = 0; i < 8; ++i)   // 256-bit halves: b[i] = [a(2i) x2 | a(2i+1) x2]
+            b[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll16, a[2 * i], a[2 * i + 1], 0x44),
+                                 _mm512_maskz_shuffle_f32x4(kAll16, a[2 * i], a[2 * i + 1], 0xEE));
         for (int i = 0; i < 4; ++i)   // c[i], 128-bit lane m: 4 partial sums of a(4i + m)
-            c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-        const __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
-        const __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+            c[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll16, b[2 * i], b[2 * i + 1], 0x88),
+                                 _mm512_maskz_shuffle_f32x4(kAll16, b[2 * i], b[2 * i + 1], 0xDD));
+        const __m512 d0 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(kAll16, c[0], c[1]), _mm512_maskz_unpackhi_ps(kAll16, c[0], c[1]));
+        const __m512 d1 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(kAll16, c[2], c[3]), _mm512_maskz_unpackhi_ps(kAll16, c[2], c[3]));
         const __m512d e0 = _mm512_castps_pd(d0), e1 = _mm512_castps_pd(d1);
-        return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(e0, e1)), _mm512_castpd_ps(_mm512_unpackhi_pd(e0, e1)));
+        return _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, e0, e1)),
+                             _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, e0, e1)));
     }
 
     // Σ_j x[j] · v[j] for j < n (any n >= 0; the last partial packet is a masked load).
@@ -344,7 +354,11 @@ private:
             const auto m = static_cast<__mmask16>((1u << (n - j)) - 1u);
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, v + j), acc);
         }
-        return _mm512_reduce_add_ps(acc);
+        acc = _mm512_add_ps(acc, _mm512_maskz_shuffle_f32x4(kAll16, acc, acc, 0x4E));   // swap 256-bit halves
+        acc = _mm512_add_ps(acc, _mm512_maskz_shuffle_f32x4(kAll16, acc, acc, 0xB1));   // swap 128-bit lanes
+        acc = _mm512_add_ps(acc, _mm512_maskz_permute_ps(kAll16, acc, 0x4E));            // swap 64-bit pairs
+        acc = _mm512_add_ps(acc, _mm512_maskz_permute_ps(kAll16, acc, 0xB1));            // swap neighbours
+        return _mm512_cvtss_f32(acc);
     }
 
     // Finiteness is tracked as the running maximum of |value|'s bit pattern: some value was
@@ -363,7 +377,7 @@ private:
         const __m512 r = transpose_sum_16(acc);
         if constexpr (N == 16) _mm512_storeu_ps(out, r);
         else _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << N) - 1u), r);
-        return _mm512_max_epi32(max_bits, _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32(kAbsMask)));   // idle lanes are 0
+        return _mm512_maskz_max_epi32(kAll16, max_bits, _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32(kAbsMask)));   // idle lanes are 0
     }
 
     template <int P>
@@ -405,7 +419,10 @@ private:
             }
             for (; g < z.cols; ++g) out[g] = 0.0f;   // all-padding groups
         }
-        return std::max(_mm512_reduce_max_epi32(max_bits), max_bits_rest) < kInfBits;
+        alignas(64) std::int32_t lanes[16];
+        _mm512_store_si512(lanes, max_bits);
+        for (std::int32_t bits : lanes) max_bits_rest = std::max(max_bits_rest, bits);
+        return max_bits_rest < kInfBits;
     }
 
     static bool project_rows_avx512(const_matrix_view<float> x, const float* v, index_t s, matrix_view<float> z, index_t first,
