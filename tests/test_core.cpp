@@ -13,27 +13,14 @@
 #include <vector>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using velora::index_t;
 
 namespace {
 
 template <class T>
-std::vector<T> gaussian(std::size_t n, std::uint64_t seed, double mean = 0.0) {
-    std::vector<T> v(n);
-    for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<T>(mean + velora::gaussian_at(seed, i));
-    return v;
-}
-
-template <class F>
-std::string message_of(F&& f) {
-    try {
-        f();
-    } catch (const std::invalid_argument& e) {
-        return e.what();
-    }
-    return "<no std::invalid_argument thrown>";
-}
+std::vector<T> gaussian(std::size_t n, std::uint64_t seed, double mean = 0.0) { return test::data<T>(n, seed, mean); }
 
 template <class T>
 constexpr double tol() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
@@ -63,14 +50,14 @@ TEST_CASE("matrix_view: shape, blocks and validation") {
     velora::const_matrix_view<float> c = v;   // mutable -> const conversion
     CHECK(c.ld == 4);
 
-    const auto empty = message_of([&] { velora::check_view(velora::make_view(data.data(), 0, 3), "velora::f", "x"); });
+    const auto empty = test::invalid_argument_message([&] { velora::check_view(velora::make_view(data.data(), 0, 3), "velora::f", "x"); });
     CHECK(empty.find("velora::f") == 0);
     CHECK(empty.find("'x' is empty (0x3)") != std::string::npos);
-    const auto ld = message_of([&] { velora::check_view(velora::make_view(data.data(), 2, 4, 3), "velora::f", "y"); });
+    const auto ld = test::invalid_argument_message([&] { velora::check_view(velora::make_view(data.data(), 2, 4, 3), "velora::f", "y"); });
     CHECK(ld.find("leading dimension 3 < cols 4") != std::string::npos);
-    const auto null = message_of([&] { velora::check_view(velora::make_view<float>(nullptr, 2, 2), "velora::f", "z"); });
+    const auto null = test::invalid_argument_message([&] { velora::check_view(velora::make_view<float>(nullptr, 2, 2), "velora::f", "z"); });
     CHECK(null.find("null data pointer") != std::string::npos);
-    const auto shape = message_of([&] { velora::check_shape(v, 3, 2, "velora::g", "w"); });
+    const auto shape = test::invalid_argument_message([&] { velora::check_shape(v, 3, 2, "velora::g", "w"); });
     CHECK(shape.find("'w' is 3x3 but must be 3x2") != std::string::npos);
 }
 
@@ -226,7 +213,7 @@ TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C; shape errors name the
     b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
            velora::make_view<const float>(i.data(), 2, 2), 0.0f, velora::make_view(c.data(), 2, 2));
     CHECK(c == a);
-    const auto msg = message_of([&] {
+    const auto msg = test::invalid_argument_message([&] {
         b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
                velora::make_view<const float>(i.data(), 1, 4), 0.0f, velora::make_view(c.data(), 2, 2));
     });

@@ -12,17 +12,14 @@
 #include <vector>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using velora::index_t;
 
 namespace {
 
 template <class T>
-std::vector<T> gaussian(std::size_t n, std::uint64_t seed, double mean = 0.0) {
-    std::vector<T> v(n);
-    for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<T>(mean + 0.3 * std::sin(double(i % 97)) + velora::gaussian_at(seed, i));
-    return v;
-}
+std::vector<T> gaussian(std::size_t n, std::uint64_t seed, double mean = 0.0) { return test::data<T>(n, seed, mean); }
 
 template <class T>
 constexpr double tol() { return std::is_same_v<T, float> ? 3e-5 : 1e-12; }
@@ -47,15 +44,7 @@ std::vector<T> velora_dw(velora::compressor<velora::eigen_backend<T>>& c, const 
     return dw;
 }
 
-template <class F>
-std::string invalid_argument_message(F&& f) {
-    try {
-        f();
-    } catch (const std::invalid_argument& e) {
-        return e.what();
-    }
-    return "<no std::invalid_argument thrown>";
-}
+using test::invalid_argument_message;
 
 // A type with compress but no weight gradient: not an activation compressor.
 struct compress_only {
