@@ -1,6 +1,7 @@
 #pragma once
 // Naive dense reference implementations (double precision, plain loops) used as test oracles.
 // Deliberately independent of the library's kernels: no Eigen, no views beyond indexing.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>

@@ -8,11 +8,20 @@
 /// the heap on every call; here they are sized on first use of a shape and then reused, so a
 /// steady-state call allocates nothing. The sub-token kernels are row-parallel loops over
 /// Eigen maps (vectorised dot products and axpys). Reductions accumulate in T per row and
-/// across rows in per-thread accumulators (double for sub-token means).
+/// across rows in per-thread accumulators (double for sub-token means). With AVX-512 (built
+/// with -march=native or -mavx512f) the float sub-token projection takes a hand-written kernel
+/// that reads X once, in address order.
+///
+/// The members under "optimizer kernels" serve AdaRankGrad (include/adarank/): Householder QR
+/// of a row block, the SVD of a small square matrix (in double), the element-wise Adam(W)
+/// updates and a few small helpers. QR and SVD use Eigen's decompositions, which allocate
+/// their own temporaries; they run only when a subspace is refreshed.
 ///
 /// An object is not thread-safe; use one per host thread. It may itself use OpenMP threads
 /// when the translation unit is compiled with OpenMP (`-fopenmp`); `threads` caps them.
 #include <Eigen/Core>
+#include <Eigen/QR>
+#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>
@@ -86,9 +95,8 @@ public:
         const index_t extent = split_rows ? m : n;
         const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, (extent + 31) / 32));
         auto run_part = [&](int part) {
-            const index_t chunk = (extent + parts - 1) / parts;
-            const index_t first = std::min<index_t>(extent, part * chunk);
-            const index_t count = std::min<index_t>(extent, first + chunk) - first;
+            const auto [first, last] = part_range(extent, parts, part);
+            const index_t count = last - first;
             if (count <= 0) return;
             const T* pa = a.data;
             const T* pb = b.data;
@@ -131,9 +139,8 @@ public:
                 int bad = 0;
                 const int parts = x.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, x.rows)) : 1;
                 parallel_for_parts(parts, [&](int part) {
-                    const index_t chunk = (x.rows + parts - 1) / parts;
-                    const index_t first = std::min<index_t>(x.rows, part * chunk);
-                    const index_t rows = std::min<index_t>(x.rows, first + chunk) - first;
+                    const auto [first, last] = part_range(x.rows, parts, part);
+                    const index_t rows = last - first;
                     if (rows <= 0) return;
                     const Eigen::Map<const RowMat> subtokens(x.row(first), rows * full, s);
                     VecOut out(z.row(first), rows * full);
@@ -264,11 +271,131 @@ public:
         for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(gaussian_at(seed, offset + static_cast<std::uint64_t>(i)));
     }
 
+    // ---------------------------------------------------------------- optimizer kernels
+    /// Makes the rows of a (k×c, k <= c) orthonormal in place: a = L·Q with Q (k×c) having
+    /// orthonormal rows and L (k×k) lower triangular; a is overwritten by Q. When `l` has a
+    /// non-null data pointer it receives L. This is the Householder QR of aᵀ, so a
+    /// rank-deficient (even zero) a still yields orthonormal rows.
+    void orthonormalize_rows(matrix_view<T> a, matrix_view<T> l = {}) {
+        constexpr const char* fn = "velora::eigen_backend::orthonormalize_rows";
+        check_view(a, fn, "a");
+        detail::require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
+        if (l.data) check_shape(l, a.rows, a.rows, fn, "l");
+        ColMap at(a.data, a.cols, a.rows, Eigen::OuterStride<>(a.ld));   // aᵀ, column-major, same memory
+        qr_.compute(at);
+        if (l.data) {
+            for (index_t i = 0; i < a.rows; ++i)
+                for (index_t j = 0; j < a.rows; ++j) l(i, j) = j <= i ? qr_.matrixQR()(j, i) : T(0);
+        }
+        thin_q_.setIdentity(a.cols, a.rows);
+        qr_.householderQ().applyThisOnTheLeft(thin_q_);
+        at = thin_q_;
+    }
+
+    /// Singular values (descending, into host memory, as double) and left singular vectors
+    /// (the columns of u, k×k) of a small square matrix a (k×k). Computed in double.
+    void small_svd(const_matrix_view<T> a, matrix_view<T> u, double* sigma) {
+        constexpr const char* fn = "velora::eigen_backend::small_svd";
+        check_view(a, fn, "a");
+        detail::require(a.rows == a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it must be square");
+        check_shape(u, a.rows, a.rows, fn, "u");
+        detail::require(sigma != nullptr, fn, "argument 'sigma' is null");
+        svd_in_.resize(a.rows, a.cols);
+        for (index_t i = 0; i < a.rows; ++i)
+            for (index_t j = 0; j < a.cols; ++j) svd_in_(i, j) = static_cast<double>(a(i, j));
+        svd_.compute(svd_in_, Eigen::ComputeFullU);
+        for (index_t i = 0; i < a.rows; ++i) {
+            sigma[i] = svd_.singularValues()(i);
+            for (index_t j = 0; j < a.rows; ++j) u(i, j) = static_cast<T>(svd_.matrixU()(i, j));
+        }
+    }
+
+    /// Σ a[i, j]², accumulated in double (rows in parallel, partial sums added in a fixed order).
+    /// Inf or NaN in a gives a non-finite result.
+    double sum_of_squares(const_matrix_view<T> a) {
+        const int parts = a.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, a.rows)) : 1;
+        parallel_for_parts(parts, [&](int part) {
+            const auto [first, last] = part_range(a.rows, parts, part);
+            double sum = 0;
+            for (index_t r = first; r < last; ++r) sum += VecMap(a.row(r), a.cols).template cast<double>().squaredNorm();
+            partials_[static_cast<std::size_t>(part)] = sum;
+        });
+        double total = 0;
+        for (int p = 0; p < parts; ++p) total += partials_[static_cast<std::size_t>(p)];
+        return total;
+    }
+
+    /// Adam's moment update and normalised step, element-wise:
+    /// m = β₁m + (1−β₁)g,  v = β₂v + (1−β₂)g²,  n = m / (√v + ε).  `n` may alias `g`.
+    void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
+        for_each_row(n.size(), n.rows, [&](index_t r) {
+            const auto gr = VecMap(g.row(r), g.cols).array();
+            auto mr = VecOut(m.row(r), m.cols).array();
+            auto vr = VecOut(v.row(r), v.cols).array();
+            mr = beta1 * mr + (T(1) - beta1) * gr;
+            vr = beta2 * vr + (T(1) - beta2) * gr.square();
+            VecOut(n.row(r), n.cols).array() = mr / (vr.sqrt() + eps);
+        });
+    }
+
+    /// Dense AdamW in one pass: moments as in adam_moments, then
+    /// w = decay · (w − step · m / (√v + ε)), where step = lr·√(1−β₂ᵗ)/(1−β₁ᵗ) and decay = 1 − lr·wd.
+    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps,
+                      T step, T decay) {
+        for_each_row(w.size(), w.rows, [&](index_t r) {
+            const auto gr = VecMap(g.row(r), g.cols).array();
+            auto mr = VecOut(m.row(r), m.cols).array();
+            auto vr = VecOut(v.row(r), v.cols).array();
+            auto wr = VecOut(w.row(r), w.cols).array();
+            mr = beta1 * mr + (T(1) - beta1) * gr;
+            vr = beta2 * vr + (T(1) - beta2) * gr.square();
+            if (decay == T(1)) wr -= step * (mr / (vr.sqrt() + eps));
+            else wr = decay * (wr - step * (mr / (vr.sqrt() + eps)));
+        });
+    }
+
+    /// out = in ∘ in.
+    void square(const_matrix_view<T> in, matrix_view<T> out) {
+        for (index_t r = 0; r < out.rows; ++r) VecOut(out.row(r), out.cols).array() = VecMap(in.row(r), in.cols).array().square();
+    }
+
+    /// a = max(a, 0) element-wise.
+    void clamp_nonnegative(matrix_view<T> a) {
+        for_each_row(a.size(), a.rows, [&](index_t r) { VecOut(a.row(r), a.cols) = VecOut(a.row(r), a.cols).cwiseMax(T(0)); });
+    }
+
+    /// a[i, j] = value.
+    void fill(matrix_view<T> a, T value) {
+        for (index_t r = 0; r < a.rows; ++r) std::fill_n(a.row(r), a.cols, value);
+    }
+
+    /// a = the (possibly rectangular) identity.
+    void set_identity(matrix_view<T> a) {
+        for (index_t r = 0; r < a.rows; ++r) {
+            std::fill_n(a.row(r), a.cols, T(0));
+            if (r < a.cols) a(r, r) = T(1);
+        }
+    }
+
+    /// Flips the sign of every row whose entry of largest magnitude (the first one, on ties) is
+    /// negative: a canonical sign for singular vectors, whatever QR or SVD produced them.
+    void canonicalize_row_signs(matrix_view<T> a) {
+        for (index_t r = 0; r < a.rows; ++r) {
+            const T* row = a.row(r);
+            index_t at = 0;
+            for (index_t c = 1; c < a.cols; ++c)
+                if (std::abs(row[c]) > std::abs(row[at])) at = c;
+            if (row[at] < T(0)) VecOut(a.row(r), a.cols) *= T(-1);
+        }
+    }
+
 private:
     using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
     using VecMap = Eigen::Map<const Vec>;
     using VecOut = Eigen::Map<Vec>;
     using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using ColMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+    using ColMap = Eigen::Map<ColMat, 0, Eigen::OuterStride<>>;
     static constexpr index_t parallel_threshold = 1 << 15;   // elements below which threads cost more than they save
 
 #if defined(__AVX512F__)
@@ -445,9 +572,7 @@ private:
         if (parts <= 1) return project_rows_avx512(x, v, s, z, 0, x.rows);
         int bad = 0;
         parallel_for_parts(parts, [&](int part) {
-            const index_t chunk = (x.rows + parts - 1) / parts;
-            const index_t first = std::min<index_t>(x.rows, part * chunk);
-            const index_t last = std::min<index_t>(x.rows, first + chunk);
+            const auto [first, last] = part_range(x.rows, parts, part);
             if (first < last && !project_rows_avx512(x, v, s, z, first, last)) {
 #if defined(_OPENMP)
 #pragma omp atomic write
@@ -466,6 +591,23 @@ private:
         const int available = 1;
 #endif
         return std::max(1, requested > 0 ? std::min(requested, available) : available);
+    }
+
+    // Rows [first, last) of part `part` when `rows` are cut into `parts` contiguous chunks.
+    static std::pair<index_t, index_t> part_range(index_t rows, int parts, int part) {
+        const index_t chunk = (rows + parts - 1) / parts;
+        const index_t first = std::min<index_t>(rows, part * chunk);
+        return {first, std::min<index_t>(rows, first + chunk)};
+    }
+
+    // f(r) for every row r, rows split across threads when the work is large enough.
+    template <class F>
+    void for_each_row(index_t work, index_t rows, F&& f) {
+        const int parts = work > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, rows)) : 1;
+        parallel_for_parts(parts, [&](int part) {
+            const auto [first, last] = part_range(rows, parts, part);
+            for (index_t r = first; r < last; ++r) f(r);
+        });
     }
 
     template <class F>
@@ -533,9 +675,7 @@ private:
             reduce_scratch_[p].total.resize(static_cast<std::size_t>(width));
         }
         parallel_for_parts(parts, [&](int part) {
-            const index_t chunk = (rows + parts - 1) / parts;
-            const index_t first = std::min<index_t>(rows, part * chunk);
-            const index_t last = std::min<index_t>(rows, first + chunk);
+            const auto [first, last] = part_range(rows, parts, part);
             auto& scratch = reduce_scratch_[part];
             Eigen::Map<Eigen::VectorXd> total(scratch.total.data(), width);
             VecOut block(scratch.block.data(), width);
@@ -560,6 +700,11 @@ private:
     int threads_;
     std::vector<gemm_scratch> gemm_scratch_;
     std::vector<reduce_scratch> reduce_scratch_;
+    std::vector<double> partials_ = std::vector<double>(static_cast<std::size_t>(threads_));
+    Eigen::HouseholderQR<ColMat> qr_;
+    ColMat thin_q_;
+    Eigen::MatrixXd svd_in_;
+    Eigen::BDCSVD<Eigen::MatrixXd> svd_;
 };
 
 } // namespace velora

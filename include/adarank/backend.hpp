@@ -1,0 +1,37 @@
+#pragma once
+/// \file
+/// `optimizer_backend`: what AdaRankGrad needs from a device on top of velora's `backend`.
+///
+/// A refinement, not a second interface: the GEMM, the Gaussian fill, the copies and the
+/// sub-token kernels (for gradients in VeLoRA's factored form) come from `velora::backend`;
+/// this adds the Householder QR of a row block, the SVD of a small square matrix, a Frobenius
+/// reduction, the element-wise Adam(W) updates and five small helpers. `velora::eigen_backend`
+/// satisfies it; the CUDA backend is to implement the same members on device memory.
+#include <concepts>
+
+#include <velora/concepts.hpp>
+
+namespace adarank {
+
+using velora::const_matrix_view;
+using velora::index_t;
+using velora::matrix_view;
+
+template <class B>
+concept optimizer_backend =
+    velora::backend<B> &&
+    requires(B& b, matrix_view<typename B::value_type> a, const_matrix_view<typename B::value_type> c, double* host_sigma,
+             typename B::value_type x) {
+        b.orthonormalize_rows(a, a);           // a = L·Q, a ← Q, L into the second view (optional)
+        b.small_svd(c, a, host_sigma);         // left singular vectors and values of a small square matrix
+        { b.sum_of_squares(c) } -> std::same_as<double>;
+        b.adam_moments(c, a, a, x, x, x, a);   // m, v update and n = m / (√v + ε)
+        b.adamw_update(a, c, a, a, x, x, x, x, x);
+        b.square(c, a);
+        b.clamp_nonnegative(a);
+        b.fill(a, x);
+        b.set_identity(a);
+        b.canonicalize_row_signs(a);
+    };
+
+} // namespace adarank

@@ -1,0 +1,123 @@
+#pragma once
+/// \file
+/// The two forms in which the optimizer accepts a weight gradient G (m×n), and the side view
+/// that the subspace finder and the projection work on.
+///
+/// Everything AdaRankGrad does with G is one of two products with a block of row vectors,
+///     times(S)   = S · G    (S: k×m → k×n)
+///     times_t(X) = X · Gᵀ   (X: k×n → k×m),
+/// plus ‖G‖_F². A dense gradient does them with one GEMM each. A VeLoRA layer's gradient
+/// G = c·A·K, A = dYᵀZ ∈ R^{m×g}, K = I_g ⊗ vᵀ, does them through the small A and the
+/// sub-token kernels, at O(k·m·g + k·n) instead of O(k·m·n), and the m×n matrix never exists:
+///     S·G  = c · expand(S·A)          X·Gᵀ = c · project(X) · Aᵀ
+///     ‖G‖² = c² · Σ_g ‖A[:, g]‖² · ‖v restricted to group g's columns‖²
+#include <algorithm>
+#include <cstddef>
+
+#include <velora/compressor.hpp>
+
+#include "backend.hpp"
+#include "policies.hpp"
+
+namespace adarank {
+
+/// A dense gradient: a view of G.
+template <optimizer_backend B>
+class dense_gradient {
+public:
+    using T = typename B::value_type;
+    dense_gradient(B& b, const_matrix_view<T> g) : b_(&b), g_(g) {}
+
+    [[nodiscard]] index_t rows() const noexcept { return g_.rows; }
+    [[nodiscard]] index_t cols() const noexcept { return g_.cols; }
+    [[nodiscard]] double norm2() const { return b_->sum_of_squares(g_); }
+    void times(const_matrix_view<T> s, matrix_view<T> out) const { b_->gemm(velora::op::none, velora::op::none, T(1), s, g_, T(0), out); }
+    void times_t(const_matrix_view<T> x, matrix_view<T> out) const {
+        b_->gemm(velora::op::none, velora::op::transpose, T(1), x, g_, T(0), out);
+    }
+    [[nodiscard]] const_matrix_view<T> view() const noexcept { return g_; }
+
+private:
+    B* b_;
+    const_matrix_view<T> g_;
+};
+
+/// A VeLoRA gradient c·A·(I_g ⊗ vᵀ) (m×n with n = features). `scratch` holds the k×g
+/// intermediate and grows on first use to the largest k×g seen.
+template <optimizer_backend B>
+class factored_gradient_op {
+public:
+    using T = typename B::value_type;
+    using buffer = typename B::template buffer<T>;
+    factored_gradient_op(B& b, const velora::factored_gradient<T>& f, buffer& scratch) : b_(&b), f_(f), scratch_(&scratch) {}
+
+    [[nodiscard]] index_t rows() const noexcept { return f_.a.rows; }
+    [[nodiscard]] index_t cols() const noexcept { return f_.features; }
+    [[nodiscard]] index_t groups() const noexcept { return f_.a.cols; }
+
+    [[nodiscard]] double norm2() const {
+        const index_t s = f_.subtoken_size;
+        const index_t full = std::min(f_.features / s, groups());   // groups made only of data
+        const index_t tail = full < groups() ? std::min(f_.features - full * s, s) : 0;
+        double sum = b_->sum_of_squares(f_.a.col_block(0, full));
+        if (tail > 0) sum += b_->sum_of_squares(f_.a.col_block(full, 1)) * b_->sum_of_squares(const_matrix_view<T>(f_.v, 1, tail, tail));
+        const double c = static_cast<double>(f_.scale);
+        return c * c * sum;
+    }
+
+    void times(const_matrix_view<T> s, matrix_view<T> out) const {
+        auto tmp = scratch_view(s.rows);
+        b_->gemm(velora::op::none, velora::op::none, T(1), s, f_.a, T(0), tmp);
+        b_->expand_subtokens(const_matrix_view<T>(tmp), f_.v, f_.subtoken_size, f_.scale, out);
+    }
+    void times_t(const_matrix_view<T> x, matrix_view<T> out) const {
+        auto tmp = scratch_view(x.rows);
+        b_->project_subtokens(x, f_.v, f_.subtoken_size, tmp);
+        b_->gemm(velora::op::none, velora::op::transpose, f_.scale, const_matrix_view<T>(tmp), f_.a, T(0), out);
+    }
+
+private:
+    matrix_view<T> scratch_view(index_t k) const {
+        const auto need = static_cast<std::size_t>(k * groups());
+        if (scratch_->size() < need) scratch_->resize(need);
+        return {scratch_->data(), k, groups(), groups()};
+    }
+
+    B* b_;
+    velora::factored_gradient<T> f_;
+    buffer* scratch_;
+};
+
+/// The matrix whose leading left singular vectors form the basis: M = G (left side, len = m)
+/// or M = Gᵀ (right side, len = n). Bases are stored as rows (r×len, orthonormal rows), so
+///     projection    Ĝ = B·M      (r×other: Pᵀ G on the left, (G Qᵀ)ᵀ on the right)
+///     back-project  ΔM = Bᵀ·N
+/// and on the right the projected gradient and the moments are kept transposed (r×m), which
+/// makes both sides the same code.
+template <class Grad>
+class side_matrix {
+public:
+    using T = typename Grad::T;
+    side_matrix(const Grad& g, projection_side side) : g_(&g), side_(side) {}
+
+    [[nodiscard]] projection_side side() const noexcept { return side_; }
+    [[nodiscard]] index_t len() const noexcept { return side_ == projection_side::left ? g_->rows() : g_->cols(); }
+    [[nodiscard]] index_t other() const noexcept { return side_ == projection_side::left ? g_->cols() : g_->rows(); }
+    [[nodiscard]] double norm2() const { return g_->norm2(); }
+    /// out = S·M (S: k×len, out: k×other).
+    void mul(const_matrix_view<T> s, matrix_view<T> out) const {
+        if (side_ == projection_side::left) g_->times(s, out);
+        else g_->times_t(s, out);
+    }
+    /// out = X·Mᵀ (X: k×other, out: k×len).
+    void mul_t(const_matrix_view<T> x, matrix_view<T> out) const {
+        if (side_ == projection_side::left) g_->times_t(x, out);
+        else g_->times(x, out);
+    }
+
+private:
+    const Grad* g_;
+    projection_side side_;
+};
+
+} // namespace adarank

@@ -1,0 +1,263 @@
+#pragma once
+/// \file
+/// AdaRankGrad's policies and hyper-parameters: plain aggregates, validated once by the
+/// optimizer's constructor (see `validate`). Where the paper's exact rule is not public
+/// (marked OPEN in docs/adarankgrad.md) the alternatives are policies with a documented default.
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include <velora/core/error.hpp>
+#include <velora/core/view.hpp>
+
+namespace adarank {
+
+using velora::index_t;
+
+// ------------------------------------------------------------------------------------ side
+/// Which side of an m×n gradient G the basis lives on.
+///  - left:  P ∈ R^{m×r}, Ĝ = Pᵀ G (r×n), ΔW = P N
+///  - right: Q ∈ R^{r×n}, Ĝ = G Qᵀ (m×r), ΔW = N Q
+enum class projection_side : std::uint8_t { left = 0, right = 1 };
+
+/// How the side is chosen from the full shape (once per parameter, at registration).
+enum class side_policy : std::uint8_t {
+    standard = 0,           ///< GaLore's "std": right if m >= n, else left (moments r·max(m,n), basis r·min(m,n))
+    reverse_standard = 1,   ///< the opposite: moments r·min(m,n), basis r·max(m,n) (less memory in total)
+    left = 2,
+    right = 3,
+};
+
+constexpr std::string_view to_string(side_policy p) noexcept {
+    switch (p) {
+    case side_policy::standard: return "std";
+    case side_policy::reverse_standard: return "reverse_std";
+    case side_policy::left: return "left";
+    case side_policy::right: return "right";
+    }
+    return "invalid";
+}
+constexpr std::string_view to_string(projection_side s) noexcept { return s == projection_side::left ? "left" : "right"; }
+
+constexpr projection_side choose_side(side_policy p, index_t rows, index_t cols) noexcept {
+    switch (p) {
+    case side_policy::standard: return rows >= cols ? projection_side::right : projection_side::left;
+    case side_policy::reverse_standard: return rows >= cols ? projection_side::left : projection_side::right;
+    case side_policy::left: return projection_side::left;
+    case side_policy::right: return projection_side::right;
+    }
+    return projection_side::left;
+}
+
+// ------------------------------------------------------------------------------------ rank
+/// Chooses the rank of a new subspace from the singular values σ₁ ≥ σ₂ ≥ … of the sketch and
+/// the exact energy ‖G‖_F². `cap` (>= 1) bounds the answer from above (the sketch size).
+template <class E>
+concept rank_estimator = requires(const E& e, std::span<const double> sigma, double energy, index_t cap) {
+    { e.estimate(sigma, energy, cap) } -> std::convertible_to<index_t>;
+    { e.max_rank() } -> std::convertible_to<index_t>;
+};
+
+/// The library's rank estimator: fixed (GaLore) or adaptive (AdaRankGrad).
+struct rank_policy {
+    enum class kind : std::uint8_t { fixed = 0, adaptive = 1 };
+    kind type = kind::adaptive;
+    index_t r_min = 1;
+    index_t r_max = 128;
+    double xi = 0.2;   ///< adaptive: allowed relative Frobenius residual (ξ² of the energy may be dropped)
+
+    /// Always rank r.
+    static constexpr rank_policy fixed(index_t r) noexcept { return {kind::fixed, r, r, 0.0}; }
+    /// The smallest r in [r_min, r_max] with ‖G‖_F² − Σ_{i≤r} σ_i² ≤ ξ²‖G‖_F²; r_max if none.
+    /// OPEN: the paper's exact threshold is not public; ξ = 0.2 (≈96% of the energy kept) is
+    /// the value of a public re-implementation.
+    static constexpr rank_policy adaptive(double xi, index_t r_min, index_t r_max) noexcept {
+        return {kind::adaptive, r_min, r_max, xi};
+    }
+
+    [[nodiscard]] constexpr index_t max_rank() const noexcept { return r_max; }
+
+    [[nodiscard]] index_t estimate(std::span<const double> sigma, double energy, index_t cap) const noexcept {
+        const index_t hi = std::max<index_t>(1, std::min(r_max, cap));
+        const index_t lo = std::min(r_min, hi);
+        if (type == kind::fixed) return hi;
+        const double allowed = xi * xi * energy;
+        double kept = 0;
+        for (index_t r = 1; r <= hi; ++r) {
+            if (r - 1 < static_cast<index_t>(sigma.size())) kept += sigma[static_cast<std::size_t>(r - 1)] * sigma[static_cast<std::size_t>(r - 1)];
+            if (r >= lo && energy - kept <= allowed) return r;
+        }
+        return hi;
+    }
+
+    friend constexpr bool operator==(const rank_policy&, const rank_policy&) = default;
+};
+
+// ------------------------------------------------------------------------------------ refresh
+/// What a refresh rule sees at each step of a parameter that has a subspace.
+struct refresh_inputs {
+    index_t steps_in_subspace = 0;   ///< steps taken since the last refresh (0 right after one)
+    double projected_norm2 = 0;      ///< ‖Ĝ_t‖_F² in the current subspace
+    double anchor_norm2 = 0;         ///< ‖Ĝ_{t₀}‖_F², t₀ = the refresh step
+    double gradient_norm2 = 0;       ///< ‖G_t‖_F² (computed only when `needs_gradient_norm()`)
+};
+
+template <class R>
+concept refresh_rule = requires(const R& r, const refresh_inputs& in) {
+    { r.due(in) } -> std::same_as<bool>;
+    { r.needs_gradient_norm() } -> std::same_as<bool>;
+};
+
+/// When to find a new subspace. The first step of a parameter always finds one.
+struct refresh_policy {
+    enum class kind : std::uint8_t { every = 0, converged = 1, captured_energy = 2 };
+    kind type = kind::converged;
+    double threshold = 0.5;      ///< converged: ε; captured_energy: τ
+    index_t min_interval = 50;   ///< no refresh before this many steps in a subspace (converged, captured_energy)
+    index_t max_interval = 200;  ///< always refresh after this many (every: the interval T)
+
+    /// GaLore: every T steps.
+    static constexpr refresh_policy every(index_t interval) noexcept { return {kind::every, 0.0, interval, interval}; }
+    /// AdaRankGrad: the optimisation inside the subspace has converged, ‖Ĝ_t‖_F ≤ ε·‖Ĝ_{t₀}‖_F,
+    /// after at least `min_interval` and at most `max_interval` steps. OPEN: the paper's exact test.
+    static constexpr refresh_policy converged(double epsilon, index_t min_interval, index_t max_interval) noexcept {
+        return {kind::converged, epsilon, min_interval, max_interval};
+    }
+    /// The subspace went stale: ‖Ĝ_t‖_F² < τ·‖G_t‖_F² (costs one extra read of G per step).
+    static constexpr refresh_policy captured_energy(double tau, index_t min_interval, index_t max_interval) noexcept {
+        return {kind::captured_energy, tau, min_interval, max_interval};
+    }
+
+    [[nodiscard]] constexpr bool needs_gradient_norm() const noexcept { return type == kind::captured_energy; }
+
+    [[nodiscard]] constexpr bool due(const refresh_inputs& in) const noexcept {
+        if (in.steps_in_subspace >= max_interval) return true;
+        if (type == kind::every || in.steps_in_subspace < min_interval) return false;
+        if (type == kind::converged) return in.projected_norm2 <= threshold * threshold * in.anchor_norm2;
+        return in.projected_norm2 < threshold * in.gradient_norm2;
+    }
+
+    friend constexpr bool operator==(const refresh_policy&, const refresh_policy&) = default;
+};
+
+constexpr std::string_view to_string(refresh_policy::kind k) noexcept {
+    switch (k) {
+    case refresh_policy::kind::every: return "every";
+    case refresh_policy::kind::converged: return "converged";
+    case refresh_policy::kind::captured_energy: return "captured_energy";
+    }
+    return "invalid";
+}
+
+// ------------------------------------------------------------------------------------ transport
+/// What happens to Adam's moments when the subspace changes from B_old to B_new
+/// (R = B_new B_oldᵀ, r_new × r_old):
+enum class transport_policy : std::uint8_t {
+    squared_rotation = 0,   ///< default: M ← R M, V ← (R∘R) V (exact for signed permutations, V stays ≥ 0)
+    clamped_rotation = 1,   ///< M ← R M, V ← max(R V, 0)
+    reset = 2,              ///< M ← 0, V ← 0
+    none = 3,               ///< GaLore: reuse M and V unchanged in the new basis (rows cut or zero-padded if r changes)
+};
+
+constexpr std::string_view to_string(transport_policy p) noexcept {
+    switch (p) {
+    case transport_policy::squared_rotation: return "squared_rotation";
+    case transport_policy::clamped_rotation: return "clamped_rotation";
+    case transport_policy::reset: return "reset";
+    case transport_policy::none: return "none";
+    }
+    return "invalid";
+}
+
+// ------------------------------------------------------------------------------------ rSVD
+/// The randomized subspace finder (Halko–Martinsson–Tropp range finder with power iterations).
+struct rsvd_config {
+    index_t oversampling = 10;        ///< p: the sketch has k = min(r_max + p, m, n) vectors
+    int power_iterations = 2;         ///< q for a cold start
+    int warm_power_iterations = 1;    ///< q when starting from the previous basis
+    bool warm_start = true;           ///< start from the previous basis padded with fresh random vectors
+    double exact_fraction = 0.5;      ///< exact SVD when k >= exact_fraction · min(m, n) (0: always exact)
+
+    friend constexpr bool operator==(const rsvd_config&, const rsvd_config&) = default;
+};
+
+// ------------------------------------------------------------------------------------ Adam
+/// AdamW hyper-parameters (GaLore's defaults for eps).
+struct adamw_hyper {
+    double lr = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-6;
+    double weight_decay = 0.0;   ///< decoupled: W ← (1 − lr·wd)·W after the update
+
+    friend constexpr bool operator==(const adamw_hyper&, const adamw_hyper&) = default;
+};
+
+/// Everything that configures `low_rank_adamw`. The default is AdaRankGrad: adaptive rank
+/// (ξ = 0.2, r ∈ [1, 128]), refresh on convergence (ε = 0.5, every 50 to 200 steps), moments
+/// carried over by squared rotation, randomized SVD with warm start, GaLore's α = 0.25.
+struct optimizer_config {
+    adamw_hyper adam{};
+    double scale = 0.25;   ///< α: multiplies the back-projected update (low-rank parameters only)
+    side_policy side = side_policy::standard;
+    rank_policy rank = rank_policy::adaptive(0.2, 1, 128);
+    refresh_policy refresh = refresh_policy::converged(0.5, 50, 200);
+    transport_policy transport = transport_policy::squared_rotation;
+    rsvd_config rsvd{};
+    std::uint64_t seed = 0x5eedULL;   ///< of the Gaussian sketches (each parameter draws from its own stream)
+
+    /// GaLore (Zhao et al. 2024) as a configuration: fixed rank, refresh every `interval`
+    /// steps by an exact SVD, moments reused unchanged.
+    static optimizer_config galore(index_t rank, index_t interval = 200, double scale = 0.25) {
+        optimizer_config c;
+        c.scale = scale;
+        c.rank = rank_policy::fixed(rank);
+        c.refresh = refresh_policy::every(interval);
+        c.transport = transport_policy::none;
+        c.rsvd.warm_start = false;
+        c.rsvd.exact_fraction = 0.0;
+        return c;
+    }
+
+    friend constexpr bool operator==(const optimizer_config&, const optimizer_config&) = default;
+};
+
+/// Throws std::invalid_argument naming `function`, the field and its value for an invalid configuration.
+inline void validate(const optimizer_config& c, std::string_view function) {
+    using velora::detail::require;
+    const auto finite = [](double x) { return std::isfinite(x); };
+    require(finite(c.adam.lr) && c.adam.lr >= 0, function, "config.adam.lr must be finite and >= 0, got ", c.adam.lr);
+    require(finite(c.adam.beta1) && c.adam.beta1 >= 0 && c.adam.beta1 < 1, function, "config.adam.beta1 must be in [0, 1), got ", c.adam.beta1);
+    require(finite(c.adam.beta2) && c.adam.beta2 >= 0 && c.adam.beta2 < 1, function, "config.adam.beta2 must be in [0, 1), got ", c.adam.beta2);
+    require(finite(c.adam.eps) && c.adam.eps > 0, function, "config.adam.eps must be finite and > 0, got ", c.adam.eps);
+    require(finite(c.adam.weight_decay) && c.adam.weight_decay >= 0, function, "config.adam.weight_decay must be finite and >= 0, got ",
+            c.adam.weight_decay);
+    require(finite(c.scale) && c.scale > 0, function, "config.scale must be finite and > 0, got ", c.scale);
+    require(static_cast<unsigned>(c.side) <= 3, function, "config.side has the invalid value ", static_cast<int>(c.side));
+    require(static_cast<unsigned>(c.rank.type) <= 1, function, "config.rank has the invalid kind ", static_cast<int>(c.rank.type));
+    require(c.rank.r_min >= 1, function, "config.rank.r_min must be >= 1, got ", c.rank.r_min);
+    require(c.rank.r_min <= c.rank.r_max, function, "config.rank needs r_min <= r_max, got r_min = ", c.rank.r_min, " > r_max = ",
+            c.rank.r_max);
+    require(c.rank.type == rank_policy::kind::fixed || (finite(c.rank.xi) && c.rank.xi >= 0 && c.rank.xi < 1), function,
+            "config.rank.xi must be in [0, 1), got ", c.rank.xi);
+    require(static_cast<unsigned>(c.refresh.type) <= 2, function, "config.refresh has the invalid kind ", static_cast<int>(c.refresh.type));
+    require(c.refresh.max_interval >= 1, function, "config.refresh.max_interval (every: the interval) must be >= 1, got ",
+            c.refresh.max_interval);
+    require(c.refresh.min_interval >= 1 && c.refresh.min_interval <= c.refresh.max_interval, function,
+            "config.refresh needs 1 <= min_interval <= max_interval, got ", c.refresh.min_interval, " and ", c.refresh.max_interval);
+    require(c.refresh.type == refresh_policy::kind::every || (finite(c.refresh.threshold) && c.refresh.threshold >= 0 && c.refresh.threshold <= 1),
+            function, "config.refresh.threshold (", to_string(c.refresh.type), ") must be in [0, 1], got ", c.refresh.threshold);
+    require(static_cast<unsigned>(c.transport) <= 3, function, "config.transport has the invalid value ", static_cast<int>(c.transport));
+    require(c.rsvd.oversampling >= 0, function, "config.rsvd.oversampling must be >= 0, got ", c.rsvd.oversampling);
+    require(c.rsvd.power_iterations >= 0 && c.rsvd.power_iterations <= 64, function, "config.rsvd.power_iterations must be in [0, 64], got ",
+            c.rsvd.power_iterations);
+    require(c.rsvd.warm_power_iterations >= 0 && c.rsvd.warm_power_iterations <= 64, function,
+            "config.rsvd.warm_power_iterations must be in [0, 64], got ", c.rsvd.warm_power_iterations);
+    require(finite(c.rsvd.exact_fraction) && c.rsvd.exact_fraction >= 0 && c.rsvd.exact_fraction <= 1, function,
+            "config.rsvd.exact_fraction must be in [0, 1], got ", c.rsvd.exact_fraction);
+}
+
+} // namespace adarank
