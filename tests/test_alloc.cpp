@@ -1,11 +1,13 @@
 // Steady state allocates nothing: after a warm-up step, a full VeLoRA forward/backward step
-// (compress, factored weight gradient, expansion, dX, db, reconstruction) makes no heap
-// allocation at all. Every C++ allocation is counted by replacing the global operator new,
+// (compress, factored weight gradient, expansion, dX, db, reconstruction) and an AdaRankGrad
+// optimizer step between refreshes (dense, low-rank, and low-rank fed a factored VeLoRA
+// gradient) make no heap allocation at all. Every C++ allocation is counted by replacing the global operator new,
 // and Eigen's own heap use is forbidden through EIGEN_RUNTIME_NO_MALLOC.
 #define EIGEN_RUNTIME_NO_MALLOC
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <adarank/adarank.hpp>
 #include <velora/velora.hpp>
 
 #include <atomic>
@@ -73,6 +75,51 @@ TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", 
             Eigen::internal::set_is_malloc_allowed(true);
             CHECK(allocations.load() - before == 0);
         }
+    }
+}
+
+TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap allocation", T, float, double) {
+    using B = velora::eigen_backend<T>;
+    B backend;
+    const index_t t = 256, d = 200, o = 96, g = 16;
+    std::vector<T> x(static_cast<std::size_t>(t * d)), dy(static_cast<std::size_t>(t * o)), w(static_cast<std::size_t>(o * d)),
+        grad(w.size()), a(static_cast<std::size_t>(o * g)), bias(static_cast<std::size_t>(o)), bias_grad(bias.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
+    for (std::size_t i = 0; i < w.size(); ++i) grad[i] = static_cast<T>(velora::gaussian_at(3, i));
+    for (std::size_t i = 0; i < bias.size(); ++i) bias_grad[i] = static_cast<T>(velora::gaussian_at(4, i));
+    velora::compressor<B> c(backend, d, {.groups = g});
+    typename velora::compressor<B>::record_type record;
+    c.compress(velora::make_view<const T>(x.data(), t, d), record);
+    c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
+    const auto factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
+
+    for (auto side : {adarank::side_policy::left, adarank::side_policy::right}) {
+        adarank::optimizer_config config;
+        config.rank = adarank::rank_policy::adaptive(0.1, 1, 24);
+        config.refresh = adarank::refresh_policy::converged(0.0, 1000, 1000);   // no refresh in the measured steps
+        config.side = side;
+        config.adam.weight_decay = 0.01;
+        adarank::low_rank_adamw<B> opt(backend, config);
+        const auto dense_id = opt.add_parameter(o, d, adarank::param_kind::low_rank);
+        const auto fused_id = opt.add_parameter(o, d, adarank::param_kind::low_rank);
+        const auto bias_id = opt.add_parameter(1, o);
+        auto step = [&] {
+            CHECK(opt.step(dense_id, velora::make_view(w.data(), o, d), velora::make_view<const T>(grad.data(), o, d)) == velora::status::ok);
+            CHECK(opt.step(fused_id, velora::make_view(w.data(), o, d), factored) == velora::status::ok);
+            CHECK(opt.step(bias_id, velora::make_view(bias.data(), 1, o), velora::make_view<const T>(bias_grad.data(), 1, o)) == velora::status::ok);
+        };
+        INFO("side " << adarank::to_string(side));
+        step();   // warm-up: the first step of each parameter finds its subspace (allowed to allocate)
+        step();
+        const long before = allocations.load();
+        Eigen::internal::set_is_malloc_allowed(false);
+        step();
+        step();
+        Eigen::internal::set_is_malloc_allowed(true);
+        CHECK(allocations.load() - before == 0);
+        CHECK(opt.info(dense_id).refreshes == 1);
+        CHECK(opt.info(fused_id).refreshes == 1);
     }
 }
 
