@@ -102,11 +102,19 @@ TEST_CASE("counter-based Gaussian stream: reproducible, order-free, plausible mo
     }
     CHECK(std::abs(sum / n) < 0.01);
     CHECK(std::abs(sum2 / n - 1.0) < 0.02);
+    double pair_product = 0;   // the two values of a Box-Muller pair are independent
+    for (int p = 0; p < n / 2; ++p) pair_product += velora::gaussian_at(42, 2u * p) * velora::gaussian_at(42, 2u * p + 1);
+    CHECK(std::abs(pair_product / (n / 2)) < 0.01);
     velora::eigen_backend<float> b;
     std::vector<float> a(10), c(5);
     b.fill_gaussian(3, 0, a.data(), 10);
     b.fill_gaussian(3, 5, c.data(), 5);   // the second half of the same stream
     CHECK(std::memcmp(a.data() + 5, c.data(), 5 * sizeof(float)) == 0);
+    std::vector<float> big(100001);   // threaded, odd offset and odd length
+    b.fill_gaussian(9, 3, big.data(), static_cast<velora::index_t>(big.size()));
+    int mismatches = 0;
+    for (std::size_t i = 0; i < big.size(); ++i) mismatches += big[i] != static_cast<float>(velora::gaussian_at(9, 3 + i));
+    CHECK(mismatches == 0);
 }
 
 TEST_CASE("state container: round trip and every kind of damage is rejected") {

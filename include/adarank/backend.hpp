@@ -4,7 +4,7 @@
 ///
 /// A refinement, not a second interface: the GEMM, the Gaussian fill, the copies and the
 /// sub-token kernels (for gradients in VeLoRA's factored form) come from `velora::backend`;
-/// this adds the Householder QR of a row block, the SVD of a small square matrix, a Frobenius
+/// this adds the orthonormalisation of a row block, the SVD of a wide k×n sketch, a Frobenius
 /// reduction, the element-wise Adam(W) updates and five small helpers. `velora::eigen_backend`
 /// satisfies it; the CUDA backend is to implement the same members on device memory.
 #include <concepts>
@@ -22,8 +22,8 @@ concept optimizer_backend =
     velora::backend<B> &&
     requires(B& b, matrix_view<typename B::value_type> a, const_matrix_view<typename B::value_type> c, double* host_sigma,
              typename B::value_type x) {
-        b.orthonormalize_rows(a, a);           // a = L·Q, a ← Q, L into the second view (optional)
-        b.small_svd(c, a, host_sigma);         // left singular vectors and values of a small square matrix
+        b.orthonormalize_rows(a);              // rows of a made orthonormal, same row space
+        b.gram_svd(c, a, host_sigma);          // left singular vectors and values of a wide k×n matrix
         { b.sum_of_squares(c) } -> std::same_as<double>;
         b.adam_moments(c, a, a, x, x, x, a);   // m, v update and n = m / (√v + ε)
         b.adamw_update(a, c, a, a, x, x, x, x, x);

@@ -12,6 +12,7 @@
 ///     S·G  = c · expand(S·A)          X·Gᵀ = c · project(X) · Aᵀ
 ///     ‖G‖² = c² · Σ_g ‖A[:, g]‖² · ‖v restricted to group g's columns‖²
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 
 #include <velora/compressor.hpp>
@@ -56,6 +57,10 @@ public:
     [[nodiscard]] index_t groups() const noexcept { return f_.a.cols; }
 
     [[nodiscard]] double norm2() const {
+        // Columns of A that cover only padding do not contribute to G, but a NaN there must
+        // still be reported: the sketch products read every column.
+        const double all = b_->sum_of_squares(f_.a);
+        if (!std::isfinite(all)) return all;
         const index_t s = f_.subtoken_size;
         const index_t full = std::min(f_.features / s, groups());   // groups made only of data
         const index_t tail = full < groups() ? std::min(f_.features - full * s, s) : 0;

@@ -320,7 +320,7 @@ private:
         index_t rank = 0;
         std::uint64_t t = 0, since = 0, refreshes = 0;
         std::uint64_t seed = 0, counter = 0;   // this parameter's Gaussian stream and its position
-        double anchor2 = 0;                    // ‖Ĝ‖² at the last refresh
+        double anchor2 = 0;                    // ‖Ĝ‖² at the first step in this subspace (-1 until known)
         double projected_norm2 = 0;
         subspace_report last{};
         buffer basis, m, v;
@@ -379,7 +379,8 @@ private:
     template <class Grad>
     status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad) {
         const side_matrix<Grad> m(grad, l.side);
-        bool refresh = l.rank == 0;
+        // A refresh that is due by the step count alone needs no projection onto the old basis.
+        bool refresh = l.rank == 0 || config_.refresh.due_by_count(static_cast<index_t>(l.since));
         double projected2 = 0, energy = -1;
         if (!refresh) {
             m.mul(basis_view(l), view(proj_, l.rank, l.other));
@@ -403,12 +404,17 @@ private:
                 auto next = view(basis_next_, l.r_cap, l.len);
                 const auto warm = l.rank > 0 ? basis_view(l) : const_matrix_view<T>{};
                 const subspace_report rep = finder_.find(m, config_.rank, energy, warm, l.seed, counter, next);
-                commit_subspace(l, next.row_block(0, rep.rank), rep, counter);
-                m.mul(basis_view(l), view(proj_, l.rank, l.other));
-                projected2 = b_->sum_of_squares(view(proj_, l.rank, l.other));
-                l.anchor2 = projected2;
+                const auto chosen = next.row_block(0, rep.rank);
+                m.mul(chosen, view(proj_, rep.rank, l.other));
+                projected2 = b_->sum_of_squares(view(proj_, rep.rank, l.other));
+                if (!std::isfinite(projected2)) return status::non_finite_input;   // nothing committed yet
+                commit_subspace(l, chosen, rep, counter);
+            } else {
+                b_->fill(view(proj_, l.rank, l.other), T(0));   // G = 0: so is its projection
+                projected2 = 0;
             }
         }
+        if (l.anchor2 < 0) l.anchor2 = projected2;   // first step in this subspace
 
         // Adam in the subspace; n = m/(√v+ε) overwrites the projected gradient.
         auto n = view(proj_, l.rank, l.other);
@@ -443,6 +449,7 @@ private:
         b_->copy(v_next.data, l.v.data(), r_new * l.other);
         l.rank = r_new;
         l.since = 0;
+        l.anchor2 = -1;   // set from the first projected gradient in the new subspace
         ++l.refreshes;
         l.counter = counter;
         l.last = rep;

@@ -101,13 +101,14 @@ struct rank_policy {
 struct refresh_inputs {
     index_t steps_in_subspace = 0;   ///< steps taken since the last refresh (0 right after one)
     double projected_norm2 = 0;      ///< ‖Ĝ_t‖_F² in the current subspace
-    double anchor_norm2 = 0;         ///< ‖Ĝ_{t₀}‖_F², t₀ = the refresh step
+    double anchor_norm2 = 0;         ///< ‖Ĝ_{t₀}‖_F², t₀ = the first step in this subspace (< 0: not yet known)
     double gradient_norm2 = 0;       ///< ‖G_t‖_F² (computed only when `needs_gradient_norm()`)
 };
 
 template <class R>
-concept refresh_rule = requires(const R& r, const refresh_inputs& in) {
+concept refresh_rule = requires(const R& r, const refresh_inputs& in, index_t steps) {
     { r.due(in) } -> std::same_as<bool>;
+    { r.due_by_count(steps) } -> std::same_as<bool>;   // due whatever the norms: no projection needed to decide
     { r.needs_gradient_norm() } -> std::same_as<bool>;
 };
 
@@ -133,8 +134,11 @@ struct refresh_policy {
 
     [[nodiscard]] constexpr bool needs_gradient_norm() const noexcept { return type == kind::captured_energy; }
 
+    [[nodiscard]] constexpr bool due_by_count(index_t steps_in_subspace) const noexcept { return steps_in_subspace >= max_interval; }
+
     [[nodiscard]] constexpr bool due(const refresh_inputs& in) const noexcept {
-        if (in.steps_in_subspace >= max_interval) return true;
+        if (due_by_count(in.steps_in_subspace)) return true;
+        if (in.anchor_norm2 < 0) return false;   // the first step in a subspace installed by set_basis
         if (type == kind::every || in.steps_in_subspace < min_interval) return false;
         if (type == kind::converged) return in.projected_norm2 <= threshold * threshold * in.anchor_norm2;
         return in.projected_norm2 < threshold * in.gradient_norm2;

@@ -5,11 +5,11 @@
 ///
 /// Vectors are kept as rows (row-major k×len blocks), so every product is a GEMM with M or Mᵀ
 /// on the right (see gradient.hpp) and works unchanged on a factored VeLoRA gradient.
-///   cold:  S = Ωᵀ·Mᵀ (Ω Gaussian), then q times: S ← orth(S)·M → orth → ·Mᵀ
+///   cold:  S = Ωᵀ·Mᵀ (Ω Gaussian), then q times: S ← orth(S)·M·Mᵀ
 ///   warm:  S = [B_prev; fresh Gaussian rows], then q_warm power iterations as above
 ///   exact: S = I (or Mᵀ when len > other): the range of M exactly, no randomness
-/// then S ← orth(S), C = S·M (k×other) = L·Q (row QR), L = U_L Σ V_Lᵀ (k×k SVD in double),
-/// and the new basis is the first r rows of U_Lᵀ·S, r chosen by the rank estimator from Σ and
+/// then S ← orth(S), C = S·M (k×other) = U_C Σ V_Cᵀ (its SVD, through the k×k Gram matrix in
+/// double), and the new basis is the first r rows of U_Cᵀ·S, r chosen by the rank estimator from Σ and
 /// ‖G‖_F². Each basis row is given a canonical sign (largest-magnitude entry positive), so
 /// the result does not depend on the sign conventions of the QR and SVD routines.
 #include <algorithm>
@@ -62,7 +62,6 @@ public:
         const index_t k = sketch_size(len, other, r_max);
         grow(s_, k * len);
         grow(x_, k * std::max(other, len));
-        grow(l_, k * k);
         grow(u_, k * k);
         if (sigma_.size() < static_cast<std::size_t>(k)) sigma_.resize(static_cast<std::size_t>(k));
     }
@@ -118,12 +117,10 @@ public:
         }
         if (!rep.exact) b_->orthonormalize_rows(s);
 
-        // C = S·M = L·Q; the left singular vectors of C are those of L.
+        // C = S·M (k×other); its left singular vectors rotate S onto M's singular directions.
         m.mul(s, x);
-        auto l = view(l_, k, k);
         auto u = view(u_, k, k);
-        b_->orthonormalize_rows(x, l);
-        b_->small_svd(l, u, sigma_.data());
+        b_->gram_svd(x, u, sigma_.data());
 
         rep.rank = std::clamp<index_t>(estimator.estimate(std::span<const double>(sigma_.data(), static_cast<std::size_t>(k)), energy, std::min(cap, k)),
                                        1, std::min(cap, k));
@@ -139,7 +136,7 @@ public:
 
     /// Bytes of workspace held.
     [[nodiscard]] std::size_t workspace_bytes() const noexcept {
-        return (s_.capacity() + x_.capacity() + l_.capacity() + u_.capacity()) * sizeof(T) + sigma_.capacity() * sizeof(double);
+        return (s_.capacity() + x_.capacity() + u_.capacity()) * sizeof(T) + sigma_.capacity() * sizeof(double);
     }
 
 private:
@@ -165,18 +162,21 @@ private:
         counter += static_cast<std::uint64_t>(a.size());
     }
 
-    // S (k×len, orthonormal rows unless `orth_first`) ← orth(orth(S)·M)·Mᵀ.
+    // S (k×len, orthonormal rows unless `orth_first`) ← orth(S)·M·Mᵀ. Only the len-side block
+    // is re-orthonormalised, once per application of M·Mᵀ (Halko et al. re-orthonormalise after
+    // M and after Mᵀ): the other side is the longer one under the std rule, and its QR would
+    // cost as much as a product. The dynamic range of one M·Mᵀ step, (σ₁/σ_k)², stays
+    // resolvable in T for the top r directions, and orthonormalize_rows works in double.
     template <class Side>
     void power_iteration(const Side& m, matrix_view<T> s, matrix_view<T> x, bool orth_first) {
         if (orth_first) b_->orthonormalize_rows(s);
         m.mul(s, x);
-        b_->orthonormalize_rows(x);
         m.mul_t(x, s);
     }
 
     B* b_;
     rsvd_config config_;
-    buffer s_, x_, l_, u_;
+    buffer s_, x_, u_;
     std::vector<double> sigma_;
     index_t last_k_ = 0;
 };

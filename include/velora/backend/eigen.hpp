@@ -12,16 +12,18 @@
 /// with -march=native or -mavx512f) the float sub-token projection takes a hand-written kernel
 /// that reads X once, in address order.
 ///
-/// The members under "optimizer kernels" serve AdaRankGrad (include/adarank/): Householder QR
-/// of a row block, the SVD of a small square matrix (in double), the element-wise Adam(W)
-/// updates and a few small helpers. QR and SVD use Eigen's decompositions, which allocate
-/// their own temporaries; they run only when a subspace is refreshed.
+/// The members under "optimizer kernels" serve AdaRankGrad (include/adarank/): row
+/// orthonormalisation (CholeskyQR2 in double, Householder fallback), the SVD of a wide sketch
+/// through its Gram matrix (in double), the element-wise Adam(W) updates and a few small
+/// helpers. The first two use Eigen's decompositions and products, which allocate their own
+/// temporaries and use Eigen's own OpenMP threads; they run only when a subspace is refreshed.
 ///
 /// An object is not thread-safe; use one per host thread. It may itself use OpenMP threads
 /// when the translation unit is compiled with OpenMP (`-fopenmp`); `threads` caps them.
 #include <Eigen/Core>
+#include <Eigen/Cholesky>
+#include <Eigen/Eigenvalues>
 #include <Eigen/QR>
-#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>
@@ -78,43 +80,7 @@ public:
     /// C = alpha · op(A) · op(B) + beta · C, all row-major views. beta = 0 ignores C's contents
     /// (NaN included), as in BLAS.
     void gemm(op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c) {
-        constexpr const char* fn = "velora::eigen_backend::gemm";
-        check_view(a, fn, "a");
-        check_view(b, fn, "b");
-        check_view(c, fn, "c");
-        const index_t m = op_a == op::none ? a.rows : a.cols;
-        const index_t k = op_a == op::none ? a.cols : a.rows;
-        const index_t kb = op_b == op::none ? b.rows : b.cols;
-        const index_t n = op_b == op::none ? b.cols : b.rows;
-        detail::require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
-        detail::require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
-
-        // Split the larger output dimension across threads; tiny products stay serial.
-        const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-        const bool split_rows = m >= n;
-        const index_t extent = split_rows ? m : n;
-        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, (extent + 31) / 32));
-        auto run_part = [&](int part) {
-            const auto [first, last] = part_range(extent, parts, part);
-            const index_t count = last - first;
-            if (count <= 0) return;
-            const T* pa = a.data;
-            const T* pb = b.data;
-            T* pc = c.data;
-            index_t mm = m, nn = n;
-            if (split_rows) {
-                pa += op_a == op::none ? first * a.ld : first;
-                pc += first * c.ld;
-                mm = count;
-            } else {
-                pb += op_b == op::none ? first : first * b.ld;
-                pc += first;
-                nn = count;
-            }
-            scale_output(beta, matrix_view<T>{pc, mm, nn, c.ld});
-            if (alpha != T(0) && k > 0) serial_gemm(op_a, op_b, mm, nn, k, alpha, pa, a.ld, pb, b.ld, pc, c.ld, gemm_scratch_[part]);
-        };
-        parallel_for_parts(parts, run_part);
+        gemm_impl<T>("velora::eigen_backend::gemm", op_a, op_b, alpha, a, b, beta, c, gemm_scratch_);
     }
 
     // ---------------------------------------------------------------- sub-token kernels
@@ -267,46 +233,86 @@ public:
     }
 
     /// out[i] = gaussian_at(seed, offset + i): reproducible on every backend.
-    void fill_gaussian(std::uint64_t seed, std::uint64_t offset, T* out, index_t n) const {
-        for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(gaussian_at(seed, offset + static_cast<std::uint64_t>(i)));
+    void fill_gaussian(std::uint64_t seed, std::uint64_t offset, T* out, index_t n) {
+        const int parts = n > parallel_threshold / 8 ? threads_ : 1;   // ~25 ns per value: worth threads early
+        parallel_for_parts(parts, [&](int part) {
+            const auto [first, last] = part_range(n, parts, part);
+            index_t i = first;
+            auto counter = [&](index_t at) { return offset + static_cast<std::uint64_t>(at); };
+            if (i < last && counter(i) % 2 == 1) {   // an odd first counter: the second half of a pair
+                out[i] = static_cast<T>(gaussian_at(seed, counter(i)));
+                ++i;
+            }
+            for (; i + 1 < last; i += 2) {   // whole pairs: one transform for two values
+                const gaussian_pair g = gaussian_pair_at(seed, counter(i) / 2);
+                out[i] = static_cast<T>(g.even);
+                out[i + 1] = static_cast<T>(g.odd);
+            }
+            if (i < last) out[i] = static_cast<T>(gaussian_at(seed, counter(i)));
+        });
     }
 
     // ---------------------------------------------------------------- optimizer kernels
-    /// Makes the rows of a (k×c, k <= c) orthonormal in place: a = L·Q with Q (k×c) having
-    /// orthonormal rows and L (k×k) lower triangular; a is overwritten by Q. When `l` has a
-    /// non-null data pointer it receives L. This is the Householder QR of aᵀ, so a
-    /// rank-deficient (even zero) a still yields orthonormal rows.
-    void orthonormalize_rows(matrix_view<T> a, matrix_view<T> l = {}) {
+    /// Makes the rows of a (k×c, k <= c) orthonormal in place, spanning the same row space.
+    /// CholeskyQR2 in double (two passes of Q = L⁻¹·A with L Lᵀ = A Aᵀ: GEMM speed, and
+    /// orthonormal to double rounding for cond(A) up to ~1e7; the row space is kept to
+    /// ~1e-16·cond(A), far below float rounding); when the Cholesky factorisation
+    /// breaks down (rank-deficient or nearly so, e.g. a zero matrix) it falls back to Householder
+    /// QR of aᵀ, which returns orthonormal rows for any input.
+    void orthonormalize_rows(matrix_view<T> a) {
         constexpr const char* fn = "velora::eigen_backend::orthonormalize_rows";
         check_view(a, fn, "a");
         detail::require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
-        if (l.data) check_shape(l, a.rows, a.rows, fn, "l");
+        const ConstRowMap in(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
+        qr_rows_ = in.template cast<double>();
+        bool ok = true;
+        for (int pass = 0; pass < 2 && ok; ++pass) {
+            gram_of_rows();
+            llt_.compute(gram_);
+            ok = llt_.info() == Eigen::Success;
+            if (ok) {
+                const auto diag = llt_.matrixLLT().diagonal();
+                ok = diag.minCoeff() > 1e-7 * diag.maxCoeff();   // cond(L) within reach of the second pass
+            }
+            if (ok) {
+                l_inverse_.setIdentity(a.rows, a.rows);
+                llt_.matrixL().solveInPlace(l_inverse_);
+                qr_next_.resize(qr_rows_.rows(), qr_rows_.cols());
+                gemm_impl<double>("velora::eigen_backend::orthonormalize_rows", op::none, op::none, 1.0, dview(l_inverse_), dview(qr_rows_), 0.0,
+                                  dview(qr_next_), gemm_scratch_d_);
+                qr_rows_.swap(qr_next_);
+            }
+        }
+        RowMap out(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
+        if (ok) {
+            out = qr_rows_.template cast<T>();
+            return;
+        }
         ColMap at(a.data, a.cols, a.rows, Eigen::OuterStride<>(a.ld));   // aᵀ, column-major, same memory
         qr_.compute(at);
-        if (l.data) {
-            for (index_t i = 0; i < a.rows; ++i)
-                for (index_t j = 0; j < a.rows; ++j) l(i, j) = j <= i ? qr_.matrixQR()(j, i) : T(0);
-        }
         thin_q_.setIdentity(a.cols, a.rows);
         qr_.householderQ().applyThisOnTheLeft(thin_q_);
         at = thin_q_;
     }
 
     /// Singular values (descending, into host memory, as double) and left singular vectors
-    /// (the columns of u, k×k) of a small square matrix a (k×k). Computed in double.
-    void small_svd(const_matrix_view<T> a, matrix_view<T> u, double* sigma) {
-        constexpr const char* fn = "velora::eigen_backend::small_svd";
-        check_view(a, fn, "a");
-        detail::require(a.rows == a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it must be square");
-        check_shape(u, a.rows, a.rows, fn, "u");
+    /// (the columns of u, k×k) of a wide matrix c (k×n, k <= n), from the eigen-decomposition
+    /// of the Gram matrix c·cᵀ formed in double: singular values below ~1e-8·σ₁ are not resolved
+    /// (far below float rounding), in exchange for one GEMM instead of a QR of c.
+    void gram_svd(const_matrix_view<T> c, matrix_view<T> u, double* sigma) {
+        constexpr const char* fn = "velora::eigen_backend::gram_svd";
+        check_view(c, fn, "c");
+        detail::require(c.rows <= c.cols, fn, "argument 'c' is ", c.rows, "x", c.cols, "; it needs rows <= cols");
+        check_shape(u, c.rows, c.rows, fn, "u");
         detail::require(sigma != nullptr, fn, "argument 'sigma' is null");
-        svd_in_.resize(a.rows, a.cols);
-        for (index_t i = 0; i < a.rows; ++i)
-            for (index_t j = 0; j < a.cols; ++j) svd_in_(i, j) = static_cast<double>(a(i, j));
-        svd_.compute(svd_in_, Eigen::ComputeFullU);
-        for (index_t i = 0; i < a.rows; ++i) {
-            sigma[i] = svd_.singularValues()(i);
-            for (index_t j = 0; j < a.rows; ++j) u(i, j) = static_cast<T>(svd_.matrixU()(i, j));
+        qr_rows_ = ConstRowMap(c.data, c.rows, c.cols, Eigen::OuterStride<>(c.ld)).template cast<double>();
+        gram_of_rows();
+        eig_.compute(gram_);   // ascending eigenvalues
+        const index_t k = c.rows;
+        for (index_t i = 0; i < k; ++i) {
+            const index_t from = k - 1 - i;
+            sigma[i] = std::sqrt(std::max(0.0, eig_.eigenvalues()(from)));
+            for (index_t j = 0; j < k; ++j) u(j, i) = static_cast<T>(eig_.eigenvectors()(j, from));
         }
     }
 
@@ -390,12 +396,24 @@ public:
     }
 
 private:
+    // gram_ = qr_rows_ · qr_rowsᵀ, in double, through the backend's own threaded GEMM.
+    void gram_of_rows() {
+        gram_.resize(qr_rows_.rows(), qr_rows_.rows());
+        gemm_impl<double>("velora::eigen_backend::gram", op::none, op::transpose, 1.0, dview(qr_rows_), dview(qr_rows_), 0.0, dview(gram_),
+                          gemm_scratch_d_);
+    }
+    template <class M>
+    static matrix_view<double> dview(M& m) { return {m.data(), m.rows(), m.cols(), m.cols()}; }
+
     using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
     using VecMap = Eigen::Map<const Vec>;
     using VecOut = Eigen::Map<Vec>;
     using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     using ColMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
     using ColMap = Eigen::Map<ColMat, 0, Eigen::OuterStride<>>;
+    using RowMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
+    using ConstRowMap = Eigen::Map<const RowMat, 0, Eigen::OuterStride<>>;
+    using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     static constexpr index_t parallel_threshold = 1 << 15;   // elements below which threads cost more than they save
 
 #if defined(__AVX512F__)
@@ -623,11 +641,12 @@ private:
     }
 
     // Per-thread packing buffers for Eigen's GEBP kernel, grown to the largest blocking seen.
-    struct gemm_scratch : Eigen::internal::level3_blocking<T, T> {
-        host_buffer<T> a, b;
+    template <class S>
+    struct gemm_scratch : Eigen::internal::level3_blocking<S, S> {
+        host_buffer<S> a, b;
         void prepare(index_t rows, index_t cols, index_t depth) {
             Eigen::Index kc = depth, mc = rows, nc = cols;
-            Eigen::internal::computeProductBlockingSizes<T, T, 1, Eigen::Index>(kc, mc, nc, 1);
+            Eigen::internal::computeProductBlockingSizes<S, S, 1, Eigen::Index>(kc, mc, nc, 1);
             a.reserve(static_cast<std::size_t>(kc * mc));
             b.reserve(static_cast<std::size_t>(kc * nc));
             this->m_kc = kc;
@@ -638,30 +657,74 @@ private:
         }
     };
 
-    template <int LhsOrder, int RhsOrder>
-    static void gebp(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-                     index_t ldc, gemm_scratch& scratch) {
+    template <class S, int LhsOrder, int RhsOrder>
+    static void gebp(index_t m, index_t n, index_t k, S alpha, const S* a, index_t lda, const S* b, index_t ldb, S* c, index_t ldc,
+                     gemm_scratch<S>& scratch) {
         // A row-major result is computed as its column-major transpose: rows and cols swap roles.
         scratch.prepare(n, m, k);
-        Eigen::internal::general_matrix_matrix_product<Eigen::Index, T, LhsOrder, false, T, RhsOrder, false, Eigen::RowMajor, 1>::run(
+        Eigen::internal::general_matrix_matrix_product<Eigen::Index, S, LhsOrder, false, S, RhsOrder, false, Eigen::RowMajor, 1>::run(
             m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, scratch, nullptr);
     }
 
-    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
-                            index_t ldb, T* c, index_t ldc, gemm_scratch& scratch) {
+    template <class S>
+    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, S alpha, const S* a, index_t lda, const S* b,
+                            index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
         constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
-        if (op_a == op::none && op_b == op::none) gebp<R, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_a == op::none) gebp<R, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_b == op::none) gebp<C, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else gebp<C, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        if (op_a == op::none && op_b == op::none) gebp<S, R, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_a == op::none) gebp<S, R, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_b == op::none) gebp<S, C, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else gebp<S, C, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
     }
 
-    static void scale_output(T beta, matrix_view<T> c) {
-        if (beta == T(1)) return;
+    template <class S>
+    static void scale_output(S beta, matrix_view<S> c) {
+        if (beta == S(1)) return;
         for (index_t r = 0; r < c.rows; ++r) {
-            if (beta == T(0)) std::fill_n(c.row(r), c.cols, T(0));
-            else VecOut(c.row(r), c.cols) *= beta;
+            if (beta == S(0)) std::fill_n(c.row(r), c.cols, S(0));
+            else Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>>(c.row(r), c.cols) *= beta;
         }
+    }
+
+    // The GEMM behind gemm(), for any scalar S (the optimizer kernels run double GEMMs too).
+    template <class S>
+    void gemm_impl(const char* fn, op op_a, op op_b, S alpha, const_matrix_view<S> a, const_matrix_view<S> b, S beta, matrix_view<S> c,
+                   std::vector<gemm_scratch<S>>& scratch) {
+        check_view(a, fn, "a");
+        check_view(b, fn, "b");
+        check_view(c, fn, "c");
+        const index_t m = op_a == op::none ? a.rows : a.cols;
+        const index_t k = op_a == op::none ? a.cols : a.rows;
+        const index_t kb = op_b == op::none ? b.rows : b.cols;
+        const index_t n = op_b == op::none ? b.cols : b.rows;
+        detail::require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
+        detail::require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
+
+        // Split the larger output dimension across threads; tiny products stay serial.
+        const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+        const bool split_rows = m >= n;
+        const index_t extent = split_rows ? m : n;
+        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, (extent + 31) / 32));
+        auto run_part = [&](int part) {
+            const auto [first, last] = part_range(extent, parts, part);
+            const index_t count = last - first;
+            if (count <= 0) return;
+            const S* pa = a.data;
+            const S* pb = b.data;
+            S* pc = c.data;
+            index_t mm = m, nn = n;
+            if (split_rows) {
+                pa += op_a == op::none ? first * a.ld : first;
+                pc += first * c.ld;
+                mm = count;
+            } else {
+                pb += op_b == op::none ? first : first * b.ld;
+                pc += first;
+                nn = count;
+            }
+            scale_output<S>(beta, matrix_view<S>{pc, mm, nn, c.ld});
+            if (alpha != S(0) && k > 0) serial_gemm<S>(op_a, op_b, mm, nn, k, alpha, pa, a.ld, pb, b.ld, pc, c.ld, scratch[static_cast<std::size_t>(part)]);
+        };
+        parallel_for_parts(parts, run_part);
     }
 
     // Column reduction over rows: each thread accumulates `width` values in its own scratch
@@ -698,13 +761,16 @@ private:
     };
 
     int threads_;
-    std::vector<gemm_scratch> gemm_scratch_;
+    std::vector<gemm_scratch<T>> gemm_scratch_;
+    std::vector<gemm_scratch<double>> gemm_scratch_d_ = std::vector<gemm_scratch<double>>(static_cast<std::size_t>(threads_));
     std::vector<reduce_scratch> reduce_scratch_;
     std::vector<double> partials_ = std::vector<double>(static_cast<std::size_t>(threads_));
+    // Refresh-time linear algebra (AdaRankGrad); Eigen may allocate temporaries here.
+    RowMatD qr_rows_, qr_next_, gram_, l_inverse_;
+    Eigen::LLT<Eigen::MatrixXd> llt_;
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig_;
     Eigen::HouseholderQR<ColMat> qr_;
     ColMat thin_q_;
-    Eigen::MatrixXd svd_in_;
-    Eigen::BDCSVD<Eigen::MatrixXd> svd_;
 };
 
 } // namespace velora

@@ -25,11 +25,21 @@ constexpr double uniform_at(std::uint64_t seed, std::uint64_t counter) noexcept 
     return (static_cast<double>(bits >> 11) + 1.0) * 0x1.0p-53;
 }
 
-/// Standard normal variate number `i` of stream `seed` (Box-Muller on two uniforms).
+/// Standard normal variates 2p and 2p + 1 of stream `seed`: both outputs of one Box-Muller
+/// transform of the uniforms 2p and 2p + 1 (one log, one sqrt, one sin/cos pair for two values).
+struct gaussian_pair {
+    double even, odd;
+};
+inline gaussian_pair gaussian_pair_at(std::uint64_t seed, std::uint64_t p) noexcept {
+    const double radius = std::sqrt(-2.0 * std::log(uniform_at(seed, 2 * p)));
+    const double angle = 2.0 * std::numbers::pi * uniform_at(seed, 2 * p + 1);
+    return {radius * std::cos(angle), radius * std::sin(angle)};
+}
+
+/// Standard normal variate number `i` of stream `seed`.
 inline double gaussian_at(std::uint64_t seed, std::uint64_t i) noexcept {
-    const double u1 = uniform_at(seed, 2 * i);
-    const double u2 = uniform_at(seed, 2 * i + 1);
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
+    const gaussian_pair g = gaussian_pair_at(seed, i / 2);
+    return i % 2 == 0 ? g.even : g.odd;
 }
 
 } // namespace velora

@@ -133,7 +133,7 @@ public:
             bad("array holds ", count, " elements, expected ", expected_count);
         if (count > (limit() - pos_) / sizeof(T)) bad("array of ", count, " elements runs past the end of the payload");
         std::vector<T> values(count);
-        std::memcpy(values.data(), blob_.data() + pos_, count * sizeof(T));
+        if (count > 0) std::memcpy(values.data(), blob_.data() + pos_, count * sizeof(T));
         pos_ += count * sizeof(T);
         return values;
     }
