@@ -5,7 +5,7 @@
 /// A refinement, not a second interface: the GEMM, the Gaussian fill, the copies and the
 /// sub-token kernels (for gradients in VeLoRA's factored form) come from `velora::backend`;
 /// this adds the orthonormalisation of a row block, the SVD of a wide k×n sketch, a Frobenius
-/// reduction, the element-wise Adam(W) updates and five small helpers. `velora::eigen_backend`
+/// reduction, the element-wise Adam(W) updates and six small helpers. `velora::eigen_backend`
 /// satisfies it; the CUDA backend is to implement the same members on device memory.
 #include <concepts>
 
@@ -30,6 +30,7 @@ concept optimizer_backend =
         b.square(c, a);
         b.clamp_nonnegative(a);
         b.fill(a, x);
+        b.scale(a, x);
         b.set_identity(a);
         b.canonicalize_row_signs(a);
     };

@@ -21,6 +21,7 @@
 /// Numerical trouble never corrupts the state: a gradient with NaN or Inf makes `step` return
 /// status::non_finite_input before anything changes, and an all-zero gradient where a new
 /// subspace is due returns status::degenerate_input and keeps the old subspace.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -96,7 +97,8 @@ public:
         l.seed = velora::mix64(config_.seed ^ velora::mix64(static_cast<std::uint64_t>(layers_.size())));
         const index_t r_cap = std::min(config_.rank.r_max, std::min(rows, cols));
         if (kind == param_kind::automatic) {
-            const double low = static_cast<double>(r_cap) * static_cast<double>(std::min(rows, cols) + 2 * std::max(rows, cols));
+            const bool left = choose_side(config_.side, rows, cols) == projection_side::left;
+            const double low = static_cast<double>(r_cap) * static_cast<double>(left ? rows + 2 * cols : cols + 2 * rows);
             kind = rows >= 2 && cols >= 2 && low < 2.0 * static_cast<double>(rows) * static_cast<double>(cols) ? param_kind::low_rank
                                                                                                                 : param_kind::dense;
         }
@@ -147,6 +149,9 @@ public:
         velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0 && grad.subtoken_size * grad.a.cols >= grad.features, fn,
                                 "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ", grad.subtoken_size,
                                 " cannot cover D = ", grad.features, grad.v ? "" : " (and v is null)");
+        // Every column of A is read by some product (also those covering only padding), so a
+        // NaN anywhere in A is reported the same way on every kind of step.
+        if (!std::isfinite(b_->sum_of_squares(grad.a))) return status::non_finite_input;
         if (l.low_rank) {
             const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
             return step_low_rank(l, weight, g);
@@ -241,6 +246,7 @@ public:
             w.put(l.counter);
             w.put(l.anchor2);
             w.put(l.projected_norm2);
+            put_report(w, l.last);
             const index_t moment_size = l.low_rank ? l.rank * l.other : l.rows * l.cols;
             put_buffer(w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
             put_buffer(w, l.m, moment_size, host);
@@ -282,22 +288,41 @@ public:
             s.counter = r.get<std::uint64_t>();
             s.anchor2 = r.get<double>();
             s.projected_norm2 = r.get<double>();
+            s.last = get_report(r);
             const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
             s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
             s.m = r.get_array<T>(moment_size);
             s.v = r.get_array<T>(moment_size);
+            const auto finite = [](const std::vector<T>& x) {
+                return std::all_of(x.begin(), x.end(), [](T e) { return std::isfinite(e); });
+            };
+            if (!finite(s.basis) || !finite(s.m) || !finite(s.v) || std::any_of(s.v.begin(), s.v.end(), [](T e) { return e < T(0); }))
+                r.bad("parameter ", i, " has non-finite state or a negative second moment");
         }
         r.expect_end();
-        // Commit (only allocation can fail from here on).
+        if (!std::isfinite(lr) || lr < 0) r.bad("the saved learning rate ", lr, " is not finite and >= 0");
+        // Allocate every buffer whose size changes before changing anything (buffers of the right
+        // size are reused: loading does not double the memory of dense moments), then commit.
+        std::vector<buffer> fresh(3 * layers_.size());
+        auto live = [&](std::size_t i, int which) -> buffer& {
+            return which == 0 ? layers_[i].basis : which == 1 ? layers_[i].m : layers_[i].v;
+        };
+        auto loaded_part = [&](std::size_t i, int which) -> const std::vector<T>& {
+            return which == 0 ? loaded[i].basis : which == 1 ? loaded[i].m : loaded[i].v;
+        };
+        for (std::size_t i = 0; i < layers_.size(); ++i)
+            for (int which = 0; which < 3; ++which)
+                if (live(i, which).size() != loaded_part(i, which).size()) fresh[3 * i + static_cast<std::size_t>(which)].resize(loaded_part(i, which).size());
         for (std::size_t i = 0; i < layers_.size(); ++i) {
+            for (int which = 0; which < 3; ++which) {
+                buffer& target = live(i, which);
+                const std::vector<T>& source = loaded_part(i, which);
+                if (target.size() != source.size()) target = std::move(fresh[3 * i + static_cast<std::size_t>(which)]);
+                b_->copy_from_host(source.data(), target.data(), static_cast<index_t>(source.size()));
+            }
             layer& l = layers_[i];
             loaded_layer& s = loaded[i];
-            if (l.low_rank) {
-                resize_state(l, s.rank);
-                b_->copy_from_host(s.basis.data(), l.basis.data(), static_cast<index_t>(s.basis.size()));
-            }
-            b_->copy_from_host(s.m.data(), l.m.data(), static_cast<index_t>(s.m.size()));
-            b_->copy_from_host(s.v.data(), l.v.data(), static_cast<index_t>(s.v.size()));
+            l.last = s.last;
             l.rank = s.rank;
             l.t = s.t;
             l.since = s.since;
@@ -330,6 +355,7 @@ private:
         index_t rank = 0;
         std::uint64_t t = 0, since = 0, refreshes = 0, counter = 0;
         double anchor2 = 0, projected_norm2 = 0;
+        subspace_report last{};
         std::vector<T> basis, m, v;
     };
 
@@ -398,8 +424,16 @@ private:
         if (refresh) {
             if (energy < 0) energy = m.norm2();
             if (!std::isfinite(energy)) return status::non_finite_input;
-            if (energy == 0) result = status::degenerate_input;
-            if (energy > 0 || l.rank == 0) {   // an all-zero gradient keeps an existing subspace
+            if (energy == 0) {
+                result = status::degenerate_input;
+                if (l.rank == 0) {   // nothing to find a subspace from yet: decay only, as AdamW would with G = 0
+                    ++l.t;
+                    const double decay = decay_factor();
+                    if (decay != 1.0) b_->scale(weight, T(decay));
+                    return result;
+                }
+            }
+            if (energy > 0) {   // an all-zero gradient keeps the existing subspace
                 std::uint64_t counter = l.counter;
                 auto next = view(basis_next_, l.r_cap, l.len);
                 const auto warm = l.rank > 0 ? basis_view(l) : const_matrix_view<T>{};
@@ -459,12 +493,14 @@ private:
     // only when the rank changes.
     static void resize_state(layer& l, index_t r) {
         if (r == l.rank && l.basis.size() == static_cast<std::size_t>(r * l.len)) return;
-        l.basis = buffer{};
-        l.m = buffer{};
-        l.v = buffer{};
-        l.basis.resize(static_cast<std::size_t>(r * l.len));
-        l.m.resize(static_cast<std::size_t>(r * l.other));
-        l.v.resize(static_cast<std::size_t>(r * l.other));
+        // Allocate everything first, so that a failed allocation leaves the layer as it was.
+        buffer basis, m, v;
+        basis.resize(static_cast<std::size_t>(r * l.len));
+        m.resize(static_cast<std::size_t>(r * l.other));
+        v.resize(static_cast<std::size_t>(r * l.other));
+        l.basis = std::move(basis);
+        l.m = std::move(m);
+        l.v = std::move(v);
     }
 
     static const_matrix_view<T> basis_view(const layer& l) { return {l.basis.data(), l.rank, l.len, l.len}; }
@@ -474,6 +510,28 @@ private:
         host.resize(static_cast<std::size_t>(n));
         b_->copy_to_host(buf.data(), host.data(), n);
         w.put_array(std::span<const T>(host));
+    }
+
+    // Field by field: a struct's padding bytes are not part of the format.
+    static void put_report(velora::state_writer& w, const subspace_report& rep) {
+        w.put(static_cast<std::int64_t>(rep.rank));
+        w.put(static_cast<std::int64_t>(rep.sketch));
+        w.put(static_cast<std::int32_t>(rep.power_iterations));
+        w.put(static_cast<std::uint8_t>(rep.exact));
+        w.put(static_cast<std::uint8_t>(rep.warm));
+        w.put(rep.energy);
+        w.put(rep.captured);
+    }
+    static subspace_report get_report(velora::state_reader& r) {
+        subspace_report rep;
+        rep.rank = static_cast<index_t>(r.get<std::int64_t>());
+        rep.sketch = static_cast<index_t>(r.get<std::int64_t>());
+        rep.power_iterations = r.get<std::int32_t>();
+        rep.exact = r.get<std::uint8_t>() != 0;
+        rep.warm = r.get<std::uint8_t>() != 0;
+        rep.energy = r.get<double>();
+        rep.captured = r.get<double>();
+        return rep;
     }
 
     static void put_config(velora::state_writer& w, const optimizer_config& c) {

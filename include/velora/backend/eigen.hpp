@@ -271,8 +271,10 @@ public:
             llt_.compute(gram_);
             ok = llt_.info() == Eigen::Success;
             if (ok) {
+                // Pass 1 accepts cond(L) up to ~1e7 (a lower bound from the diagonal); pass 2 must
+                // see an almost orthonormal block, or pass 1 has lost too much and Householder takes over.
                 const auto diag = llt_.matrixLLT().diagonal();
-                ok = diag.minCoeff() > 1e-7 * diag.maxCoeff();   // cond(L) within reach of the second pass
+                ok = diag.minCoeff() > (pass == 0 ? 1e-7 : 0.5) * diag.maxCoeff();
             }
             if (ok) {
                 l_inverse_.setIdentity(a.rows, a.rows);
@@ -368,6 +370,11 @@ public:
     /// a = max(a, 0) element-wise.
     void clamp_nonnegative(matrix_view<T> a) {
         for_each_row(a.size(), a.rows, [&](index_t r) { VecOut(a.row(r), a.cols) = VecOut(a.row(r), a.cols).cwiseMax(T(0)); });
+    }
+
+    /// a *= factor.
+    void scale(matrix_view<T> a, T factor) {
+        for_each_row(a.size(), a.rows, [&](index_t r) { VecOut(a.row(r), a.cols) *= factor; });
     }
 
     /// a[i, j] = value.
