@@ -1,11 +1,15 @@
-// Trains a two-layer network y = W2 · relu(W1 x) on a teacher-student regression task twice,
-// with identical seeds and schedule: once keeping the exact activations for backward, once
-// keeping only VeLoRA's compressed records (G = 32 sub-tokens per token, first-batch v).
-// It prints the loss curves side by side, the activation bytes each run kept for backward
-// (counted, not estimated) and the time per step. The host owns every tensor; the library
-// sees views, exactly as when it is embedded in a larger C++ trainer.
+// Trains a two-layer network y = W2 · relu(W1 x) on a teacher-student regression task four
+// times, with identical seeds and schedule:
+//   exact + AdamW        the baseline: exact activations kept for backward, dense AdamW
+//   VeLoRA + AdamW       only VeLoRA's compressed records kept (G sub-tokens per token)
+//   exact + AdaRankGrad  low-rank Adam moments (adaptive rank, refresh on convergence)
+//   VeLoRA + AdaRankGrad the optimizer consumes VeLoRA's factored gradients: no dense dW at all
+// It prints the loss curves, the activation bytes each run kept for backward and the optimizer
+// state bytes (both counted, not estimated) and the time per step. The host owns every tensor;
+// the library sees views, exactly as when it is embedded in a larger C++ trainer.
 //
-//   velora_linear [--steps N] [--tokens T] [--features D] [--groups G]
+//   velora_linear [--steps N] [--tokens T] [--features D] [--groups G] [--lr LR]
+#include <adarank/adarank.hpp>
 #include <velora/velora.hpp>
 
 #include <chrono>
@@ -13,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,7 +29,7 @@ using velora::index_t;
 struct options {
     int steps = 300;
     index_t tokens = 1024, features = 512, hidden = 512, outputs = 64, groups = 32;
-    float lr = 0.05f;
+    double lr = 2e-3;
 };
 
 options parse(int argc, char** argv) {
@@ -42,7 +47,13 @@ options parse(int argc, char** argv) {
         else if (flag == "--tokens") o.tokens = value();
         else if (flag == "--features") o.features = value();
         else if (flag == "--groups") o.groups = value();
-        else throw std::invalid_argument("unknown flag '" + flag + "' (known: --steps --tokens --features --groups)");
+        else if (flag == "--lr") {
+            if (i + 1 >= argc) throw std::invalid_argument("flag --lr needs a value");
+            char* end = nullptr;
+            o.lr = std::strtod(argv[++i], &end);
+            if (*end != '\0' || !(o.lr > 0)) throw std::invalid_argument(std::string("flag --lr needs a positive number, got '") + argv[i] + "'");
+        }
+        else throw std::invalid_argument("unknown flag '" + flag + "' (known: --steps --tokens --features --groups --lr)");
     }
     return o;
 }
@@ -56,10 +67,12 @@ std::vector<float> gaussian(std::size_t n, std::uint64_t seed, float scale, floa
 struct run_result {
     std::vector<double> loss;
     std::size_t kept_bytes = 0;
+    std::size_t optimizer_bytes = 0;
     double ms_per_step = 0;
+    adarank::index_t rank = 0;   // of W1 at the end (low-rank runs)
 };
 
-run_result train(const options& o, bool use_velora) {
+run_result train(const options& o, bool use_velora, bool low_rank) {
     B backend;
     const index_t t = o.tokens, d = o.features, h = o.hidden, out = o.outputs;
     // Teacher network and the student's initial weights: identical in both runs.
@@ -74,6 +87,20 @@ run_result train(const options& o, bool use_velora) {
     velora::compressor<B> c1(backend, d, {.groups = o.groups});
     velora::compressor<B> c2(backend, h, {.groups = o.groups});
     velora::compressor<B>::record_type r1, r2;
+    // AdamW hyper-parameters are shared; AdaRankGrad adds its defaults (adaptive rank up to 128,
+    // refresh when the projected gradient has converged, moments carried over) with α = 1 so
+    // that both optimizers take steps of the same size.
+    adarank::optimizer_config config;
+    config.adam.lr = o.lr;
+    config.scale = 1.0;
+    adarank::low_rank_adamw<B> opt(backend, config);
+    const auto kind = low_rank ? adarank::param_kind::automatic : adarank::param_kind::dense;
+    const auto id1 = opt.add_parameter(h, d, kind);     // 512×512: low-rank under `automatic`
+    const auto id2 = opt.add_parameter(out, h, kind);   // 64×512: too small to gain, dense AdamW
+    auto step_with = [&](adarank::low_rank_adamw<B>::param_id id, std::vector<float>& w, index_t rows, index_t cols, auto&& grad) {
+        const velora::status st = opt.step(id, velora::make_view(w.data(), rows, cols), grad);
+        if (st == velora::status::non_finite_input) throw std::runtime_error("non-finite gradient: training diverged");
+    };
     auto view = [](std::vector<float>& v, index_t r, index_t c) { return velora::make_view(v.data(), r, c); };
     auto cview = [](const std::vector<float>& v, index_t r, index_t c) { return velora::make_view<const float>(v.data(), r, c); };
 
@@ -111,16 +138,20 @@ run_result train(const options& o, bool use_velora) {
         for (std::size_t i = 0; i < dact.size(); ++i) dact[i] = act[i] > 0 ? dact[i] : 0.0f;
         if (use_velora) {
             c2.weight_grad(r2, cview(dy, t, out), view(a2, out, o.groups));
-            c2.expand_weight_grad(r2, cview(a2, out, o.groups), view(dw2, out, h));
             c1.weight_grad(r1, cview(dact, t, h), view(a1, h, o.groups));
-            c1.expand_weight_grad(r1, cview(a1, h, o.groups), view(dw1, h, d));
+            // The factored gradients go to the optimizer as they are: a low-rank parameter never
+            // forms the dense dW, a dense one expands it in the optimizer's workspace.
+            step_with(id2, w2, out, h, c2.factored(r2, cview(a2, out, o.groups)));
+            step_with(id1, w1, h, d, c1.factored(r1, cview(a1, h, o.groups)));
         } else {
             velora::dense_weight_grad(backend, cview(dy, t, out), cview(act, t, h), view(dw2, out, h));
+            step_with(id2, w2, out, h, cview(dw2, out, h));   // each layer steps as soon as its gradient exists
             velora::dense_weight_grad(backend, cview(dact, t, h), cview(x, t, d), view(dw1, h, d));
+            step_with(id1, w1, h, d, cview(dw1, h, d));
         }
-        for (std::size_t i = 0; i < w1.size(); ++i) w1[i] -= o.lr * dw1[i];
-        for (std::size_t i = 0; i < w2.size(); ++i) w2[i] -= o.lr * dw2[i];
     }
+    result.optimizer_bytes = opt.state_bytes();
+    result.rank = opt.info(id1).rank;
     result.ms_per_step = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / o.steps;
     return result;
 }
@@ -130,19 +161,34 @@ run_result train(const options& o, bool use_velora) {
 int main(int argc, char** argv) {
     try {
         const options o = parse(argc, argv);
-        std::printf("Teacher-student regression, 2-layer ReLU network: T=%ld tokens, D=%ld, hidden=%ld, out=%ld, G=%ld, %d SGD steps\n",
+        std::printf("Teacher-student regression, 2-layer ReLU network: T=%ld tokens, D=%ld, hidden=%ld, out=%ld, G=%ld, %d steps, lr %g\n",
                     static_cast<long>(o.tokens), static_cast<long>(o.features), static_cast<long>(o.hidden),
-                    static_cast<long>(o.outputs), static_cast<long>(o.groups), o.steps);
-        const auto exact = train(o, false);
-        const auto compressed = train(o, true);
-        std::printf("\n%8s %14s %14s\n", "step", "loss exact", "loss VeLoRA");
-        for (int s = 0; s < o.steps; s += std::max(1, o.steps / 10))
-            std::printf("%8d %14.6f %14.6f\n", s, exact.loss[static_cast<std::size_t>(s)], compressed.loss[static_cast<std::size_t>(s)]);
-        std::printf("%8d %14.6f %14.6f\n", o.steps - 1, exact.loss.back(), compressed.loss.back());
-        std::printf("\nactivations kept for backward: exact %.2f MiB, VeLoRA %.3f MiB (%.1fx less)\n", exact.kept_bytes / 1048576.0,
-                    compressed.kept_bytes / 1048576.0, double(exact.kept_bytes) / double(compressed.kept_bytes));
-        std::printf("time per step: exact %.1f ms, VeLoRA %.1f ms\n", exact.ms_per_step, compressed.ms_per_step);
-        std::printf("final loss ratio VeLoRA / exact: %.3f (first-step loss %.4f)\n", compressed.loss.back() / exact.loss.back(), exact.loss.front());
+                    static_cast<long>(o.outputs), static_cast<long>(o.groups), o.steps, o.lr);
+        const char* names[4] = {"exact + AdamW", "VeLoRA + AdamW", "exact + AdaRankGrad", "VeLoRA + AdaRankGrad"};
+        std::vector<run_result> runs;
+        for (int r = 0; r < 4; ++r) {
+            std::printf("training %-22s ...", names[r]);
+            std::fflush(stdout);
+            runs.push_back(train(o, r % 2 == 1, r >= 2));
+            std::printf(" %.1f ms/step\n", runs.back().ms_per_step);
+        }
+        std::printf("\n%8s", "step");
+        for (const char* n : names) std::printf(" %22s", n);
+        std::printf("\n");
+        auto row = [&](int s) {
+            std::printf("%8d", s);
+            for (const auto& r : runs) std::printf(" %22.6f", r.loss[static_cast<std::size_t>(s)]);
+            std::printf("\n");
+        };
+        for (int s = 0; s < o.steps; s += std::max(1, o.steps / 10)) row(s);
+        row(o.steps - 1);
+        std::printf("\n%-22s %12s %14s %16s %12s %10s\n", "run", "final loss", "vs baseline", "activations MiB", "optim. MiB", "ms/step");
+        for (int r = 0; r < 4; ++r)
+            std::printf("%-22s %12.6f %13.3fx %16.3f %12.3f %10.1f\n", names[r], runs[static_cast<std::size_t>(r)].loss.back(),
+                        runs[static_cast<std::size_t>(r)].loss.back() / runs[0].loss.back(), runs[static_cast<std::size_t>(r)].kept_bytes / 1048576.0,
+                        runs[static_cast<std::size_t>(r)].optimizer_bytes / 1048576.0, runs[static_cast<std::size_t>(r)].ms_per_step);
+        std::printf("\nAdaRankGrad's adaptive rank of W1 (%ldx%ld) at the end: %ld (exact gradients), %ld (VeLoRA gradients)\n",
+                    static_cast<long>(o.hidden), static_cast<long>(o.features), static_cast<long>(runs[2].rank), static_cast<long>(runs[3].rank));
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "velora_linear: %s\n", e.what());
