@@ -9,7 +9,7 @@ jobs=$(nproc)
 
 echo "== Release build + tests"
 # -march=native so the vectorised kernel paths (e.g. AVX-512) are the ones tested.
-cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="-march=native" -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_BUILD_EXAMPLES=OFF >/dev/null
+cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="-march=native" -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_BUILD_EXAMPLES=ON >/dev/null
 cmake --build build/test -j"$jobs"
 ctest --test-dir build/test --output-on-failure -j"$jobs"
 

@@ -1,0 +1,561 @@
+#pragma once
+/// \file
+/// A small decoder-only transformer language model with a hand-written backward pass, on
+/// `velora::eigen_backend<T>` (T = float or double). It embeds the library the way a user's
+/// trainer would: the big products go through the backend's GEMM (`velora::linear_forward`,
+/// `linear_input_grad`, `dense_weight_grad`), and the linear inputs chosen in `velora_config`
+/// keep a VeLoRA record instead of the activation, their weight gradients handed over in
+/// factored form (never formed densely).
+///
+/// Architecture (pre-norm, no biases):
+///
+///     x = E[token] + P[position]                                  E: vocab×d, P: context×d
+///     per layer:  h1 = RMSNorm(x)·g1                               (eps 1e-5)
+///                 q, k, v = h1 Wqᵀ, h1 Wkᵀ, h1 Wvᵀ                  d×d each
+///                 o = causal multi-head softmax attention, scores scaled by 1/sqrt(d_head)
+///                 x += o Woᵀ
+///                 h2 = RMSNorm(x)·g2;  a = h2 W1ᵀ, b = h2 W3ᵀ       ffn×d (gate, up)
+///                 s = silu(a) ⊙ b;     x += s W2ᵀ                    d×ffn (down)
+///     hf = RMSNorm(x)·g;  logits = hf Eᵀ (tied head);  mean cross-entropy over all tokens.
+///
+/// Gradient delivery: each parameter's gradient goes to the sink exactly once, in backward
+/// order (the reverse of `parameters()`: final norm first, embedding last), as soon as it is
+/// final. Every use of a parameter's VALUE in the backward pass happens before its gradient is
+/// delivered, so a sink may update the parameter in place inside the callback (fused
+/// optimizer step). Dense gradients are views of the parameter's `grad` buffer; factored
+/// ones view an A buffer and the record's v owned by the model. Both stay valid until the next
+/// train_step. For VeLoRA projections `param_ref::grad` is never written (stays zero).
+///
+/// Memory: every buffer (activations, records, A buffers, backward scratch) is allocated in
+/// the constructor for `max_batch` sequences (records on the first train_step) and reused;
+/// the products run on the backend's GEMM, element-wise work on Eigen maps without temporaries.
+/// Not thread-safe; one model per backend and host thread.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <velora/velora.hpp>
+
+namespace lm {
+
+using velora::index_t;
+
+struct model_config {
+    index_t vocab = 256, d_model = 128, heads = 4, layers = 2, ffn = 344, context = 64;
+};
+
+/// Which linear inputs keep a VeLoRA record instead of the activation.
+struct velora_config {
+    bool value = false;       ///< input of the value projection (h1 = RMSNorm output)
+    bool down = false;        ///< input of the MLP down projection (s = silu(a)·b)
+    bool share_qkv = false;   ///< q, k and v all use the one record of h1 (then h1 is not kept at all)
+    /// Sub-tokens per token. Each compressor uses G = min(groups, its input width), so one
+    /// value serves h1 (width d) and s (width ffn); groups >= max(d, ffn) gives s = 1 everywhere,
+    /// where VeLoRA's gradient is exact.
+    index_t groups = 32;
+    /// Element type of the records' Z (f64 only with T = double).
+    velora::storage z_storage = velora::storage::f32;
+};
+
+template <class T>
+struct param_ref {
+    std::string name;
+    index_t rows, cols;
+    T* data;
+    T* grad;       ///< dense gradient buffer (rows×cols); not written for VeLoRA projections
+    bool matrix;   ///< false for the RMSNorm gains
+};
+
+/// Implemented by the trainer; called as soon as a gradient is final (backward order).
+template <class T>
+class gradient_sink {
+public:
+    virtual void dense(std::size_t param_index, velora::const_matrix_view<T> grad) = 0;
+    /// VeLoRA projections only.
+    virtual void factored(std::size_t param_index, const velora::factored_gradient<T>& grad) = 0;
+    virtual ~gradient_sink() = default;
+};
+
+template <class T>
+class transformer {
+public:
+    using backend_type = velora::eigen_backend<T>;
+    using compressor_type = velora::compressor<backend_type>;
+    using record_type = typename compressor_type::record_type;
+
+    /// Parameter index of layer `l`'s entries: layer_base(l) + one of these.
+    enum slot : std::size_t { norm1 = 0, wq, wk, wv, wo, norm2, w1, w3, w2, slots };
+    static constexpr std::size_t token_embedding = 0, position_embedding = 1;
+
+    /// Allocates parameters, gradients, activations, records and scratch for `max_batch`
+    /// sequences. Throws std::invalid_argument for a bad configuration.
+    transformer(backend_type& b, model_config c, velora_config v, std::uint64_t seed, index_t max_batch = 16)
+        : b_(&b), c_(validated(c, max_batch)), v_(v), max_batch_(max_batch) {
+        const index_t d = c_.d_model, f = c_.ffn, n = max_batch_ * c_.context;
+        dh_ = d / c_.heads;
+        const bool rec_h1 = v_.value || v_.share_qkv;
+        g_h1_ = std::min(v_.groups, d);
+        g_s_ = std::min(v_.groups, f);
+        if (rec_h1 || v_.down) {
+            if (v_.groups < 1) throw std::invalid_argument("lm::transformer: velora_config.groups must be >= 1");
+        }
+
+        // Parameters, in the documented order.
+        std::size_t total = 0;
+        auto add = [&](std::string name, index_t rows, index_t cols, bool matrix) {
+            params_.push_back({std::move(name), rows, cols, nullptr, nullptr, matrix});
+            offsets_.push_back(total);
+            total += static_cast<std::size_t>(rows * cols);
+        };
+        add("embed.token", c_.vocab, d, true);
+        add("embed.position", c_.context, d, true);
+        for (index_t l = 0; l < c_.layers; ++l) {
+            const std::string p = "layer" + std::to_string(l) + ".";
+            add(p + "norm1", 1, d, false);
+            add(p + "wq", d, d, true);
+            add(p + "wk", d, d, true);
+            add(p + "wv", d, d, true);
+            add(p + "wo", d, d, true);
+            add(p + "norm2", 1, d, false);
+            add(p + "w1", f, d, true);
+            add(p + "w3", f, d, true);
+            add(p + "w2", d, f, true);
+        }
+        add("norm.final", 1, d, false);
+        values_.assign(total, T(0));
+        grads_.assign(total, T(0));
+        const T residual_scale = T(1) / std::sqrt(T(2) * static_cast<T>(c_.layers));
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            auto& p = params_[i];
+            p.data = values_.data() + offsets_[i];
+            p.grad = grads_.data() + offsets_[i];
+            const index_t count = p.rows * p.cols;
+            if (!p.matrix) {
+                std::fill(p.data, p.data + count, T(1));
+                continue;
+            }
+            const std::uint64_t pseed = (seed + 1) * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i) * 0xBF58476D1CE4E5B9ull;
+            T scale = T(0.02);
+            if (i >= 2 && i < final_norm_index()) {
+                const std::size_t s = (i - 2) % slots;
+                if (s == wo || s == w2) scale *= residual_scale;
+            }
+            for (index_t k = 0; k < count; ++k) p.data[k] = scale * static_cast<T>(velora::gaussian_at(pseed, static_cast<std::uint64_t>(k)));
+        }
+
+        // Activations kept for backward (per layer) and scratch.
+        xs_.resize(static_cast<std::size_t>(c_.layers + 1));
+        for (auto& x : xs_) x.resize(static_cast<std::size_t>(n * d));
+        layers_.resize(static_cast<std::size_t>(c_.layers));
+        for (auto& L : layers_) {
+            L.rstd1.resize(static_cast<std::size_t>(n));
+            if (!v_.share_qkv) L.h1.resize(static_cast<std::size_t>(n * d));
+            L.q.resize(static_cast<std::size_t>(n * d));
+            L.k.resize(static_cast<std::size_t>(n * d));
+            L.v.resize(static_cast<std::size_t>(n * d));
+            L.p.resize(static_cast<std::size_t>(max_batch_ * c_.heads * c_.context * c_.context));
+            L.o.resize(static_cast<std::size_t>(n * d));
+            L.xmid.resize(static_cast<std::size_t>(n * d));
+            L.rstd2.resize(static_cast<std::size_t>(n));
+            L.h2.resize(static_cast<std::size_t>(n * d));
+            L.a.resize(static_cast<std::size_t>(n * f));
+            L.bu.resize(static_cast<std::size_t>(n * f));
+            if (!v_.down) L.s.resize(static_cast<std::size_t>(n * f));
+            velora::compressor_config cc;
+            cc.z_storage = v_.z_storage;
+            if (rec_h1) {
+                cc.groups = g_h1_;
+                L.comp_h1 = std::make_unique<compressor_type>(*b_, d, cc);
+                L.a_v.resize(static_cast<std::size_t>(d * g_h1_));
+                if (v_.share_qkv) {
+                    L.a_q.resize(static_cast<std::size_t>(d * g_h1_));
+                    L.a_k.resize(static_cast<std::size_t>(d * g_h1_));
+                }
+            }
+            if (v_.down) {
+                cc.groups = g_s_;
+                L.comp_s = std::make_unique<compressor_type>(*b_, f, cc);
+                L.a_2.resize(static_cast<std::size_t>(d * g_s_));
+            }
+        }
+        rstdf_.resize(static_cast<std::size_t>(n));
+        hf_.resize(static_cast<std::size_t>(n * d));
+        probs_.resize(static_cast<std::size_t>(n * c_.vocab));
+        if (v_.share_qkv) tmp_h1_.resize(static_cast<std::size_t>(n * d));
+        if (v_.down) tmp_s_.resize(static_cast<std::size_t>(n * f));
+        dx_.resize(static_cast<std::size_t>(n * d));
+        dh_buf_.resize(static_cast<std::size_t>(n * d));
+        dq_.resize(static_cast<std::size_t>(n * d));
+        dk_.resize(static_cast<std::size_t>(n * d));
+        dv_.resize(static_cast<std::size_t>(n * d));
+        do_.resize(static_cast<std::size_t>(n * d));
+        ds_.resize(static_cast<std::size_t>(n * f));
+        dsc_.resize(static_cast<std::size_t>(c_.context * c_.context));
+    }
+
+    transformer(const transformer&) = delete;
+    transformer& operator=(const transformer&) = delete;
+
+    [[nodiscard]] const model_config& config() const noexcept { return c_; }
+    [[nodiscard]] const velora_config& velora_settings() const noexcept { return v_; }
+    [[nodiscard]] index_t max_batch() const noexcept { return max_batch_; }
+    static constexpr std::size_t layer_base(index_t layer) noexcept { return 2 + static_cast<std::size_t>(layer) * slots; }
+    [[nodiscard]] std::size_t final_norm_index() const noexcept { return layer_base(c_.layers); }
+
+    /// Stable order: token embedding, position embedding, per layer norm1, wq, wk, wv, wo,
+    /// norm2, w1 (gate), w3 (up), w2 (down), then the final norm.
+    std::vector<param_ref<T>>& parameters() noexcept { return params_; }
+
+    /// True when parameter `i` receives a factored (VeLoRA) gradient.
+    [[nodiscard]] bool is_factored(std::size_t i) const noexcept {
+        if (i < 2 || i >= final_norm_index()) return false;
+        const std::size_t s = (i - 2) % slots;
+        return (s == wv && (v_.value || v_.share_qkv)) || ((s == wq || s == wk) && v_.share_qkv) || (s == w2 && v_.down);
+    }
+
+    /// tokens: `batch` rows of context+1 ids (input = first context, target = last context).
+    /// Forward + backward; each gradient goes to `sink` once, in backward order. Returns the
+    /// mean cross-entropy (nats/token) of this batch under the parameters before the step.
+    double train_step(const int* tokens, index_t batch, gradient_sink<T>& sink) {
+        check_batch(tokens, batch, "lm::transformer::train_step");
+        const double loss = forward(tokens, batch, true);
+        backward(tokens, batch, sink);
+        activation_bytes_ = count_activation_bytes(batch);
+        return loss;
+    }
+
+    /// Forward only (no VeLoRA record is written, the compressors' v is untouched): mean cross-entropy.
+    double evaluate(const int* tokens, index_t batch) {
+        check_batch(tokens, batch, "lm::transformer::evaluate");
+        return forward(tokens, batch, false);
+    }
+
+    /// Bytes that the last train_step's forward pass kept for its backward pass, counted from
+    /// the buffers actually read by backward, at that step's N = batch·context tokens (the
+    /// buffers themselves are allocated for max_batch). 0 before the first train_step. Counted:
+    ///   per layer: x (layer input, N·d, for RMSNorm1's backward) + rstd1 (N);
+    ///              h1 (N·d) unless share_qkv;  the h1 record's bytes() if value or share_qkv;
+    ///              q, k, v (3·N·d); attention probabilities (batch·heads·context², the full
+    ///              square incl. the masked zeros); o (N·d, Wo's input); x after attention
+    ///              (N·d, RMSNorm2's input) + rstd2 (N); h2 (N·d); a, b (2·N·ffn);
+    ///              s (N·ffn) unless down;  the s record's bytes() if down;
+    ///   final:     x (N·d) + rstd (N); hf (N·d, also the tied head's input); softmax
+    ///              probabilities (N·vocab, turned into dlogits in place).
+    /// Not counted: the token ids (the caller's memory, read again by backward), parameters,
+    /// gradients, VeLoRA A buffers, backward scratch and the transient h1/s scratch used when
+    /// those activations are not kept.
+    [[nodiscard]] std::size_t activation_bytes() const noexcept { return activation_bytes_; }
+
+private:
+    using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using Map = Eigen::Map<Mat>;
+    using CMap = Eigen::Map<const Mat>;
+    using Vec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+    using VMap = Eigen::Map<Vec>;
+    using CVMap = Eigen::Map<const Vec>;
+    using view = velora::matrix_view<T>;
+    using cview = velora::const_matrix_view<T>;
+
+    struct layer_state {
+        std::vector<T> rstd1, h1, q, k, v, p, o, xmid, rstd2, h2, a, bu, s;
+        std::unique_ptr<compressor_type> comp_h1, comp_s;
+        record_type rec_h1, rec_s;
+        std::vector<T> a_q, a_k, a_v, a_2;   // factored gradients' A (out × G)
+    };
+
+    static model_config validated(const model_config& c, index_t max_batch) {
+        auto bad = [](const std::string& m) { throw std::invalid_argument("lm::transformer: " + m); };
+        if (c.vocab < 1 || c.d_model < 1 || c.heads < 1 || c.layers < 1 || c.ffn < 1 || c.context < 1)
+            bad("every model_config field must be positive");
+        if (c.d_model % c.heads != 0) bad("d_model = " + std::to_string(c.d_model) + " is not divisible by heads = " + std::to_string(c.heads));
+        if (max_batch < 1) bad("max_batch must be positive, got " + std::to_string(max_batch));
+        return c;
+    }
+
+    void check_batch(const int* tokens, index_t batch, const char* fn) const {
+        if (batch < 1 || batch > max_batch_)
+            throw std::invalid_argument(std::string(fn) + ": batch = " + std::to_string(batch) + " is outside [1, max_batch = " +
+                                        std::to_string(max_batch_) + "]");
+        if (!tokens) throw std::invalid_argument(std::string(fn) + ": tokens is null");
+        const index_t count = batch * (c_.context + 1);
+        for (index_t i = 0; i < count; ++i)
+            if (tokens[i] < 0 || tokens[i] >= c_.vocab)
+                throw std::invalid_argument(std::string(fn) + ": token id " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+                                            " is outside [0, vocab = " + std::to_string(c_.vocab) + ")");
+    }
+
+    T* param(std::size_t i) noexcept { return params_[i].data; }
+    view pview(std::size_t i) noexcept { return {params_[i].data, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    view gview(std::size_t i) noexcept { return {params_[i].grad, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    static view mv(std::vector<T>& buf, index_t rows, index_t cols) noexcept { return {buf.data(), rows, cols, cols}; }
+
+    // y = rmsnorm(x)·g row by row; rstd[t] = 1/sqrt(mean(x_t²) + eps).
+    void rmsnorm(const T* x, const T* g, T* y, T* rstd, index_t n) const {
+        const index_t d = c_.d_model;
+        const CVMap gm(g, d);
+        for (index_t t = 0; t < n; ++t) {
+            const CVMap xr(x + t * d, d);
+            const T r = T(1) / std::sqrt(xr.squaredNorm() / static_cast<T>(d) + T(eps));
+            rstd[t] = r;
+            VMap(y + t * d, d) = (xr * r).cwiseProduct(gm);
+        }
+    }
+
+    // dx += d rmsnorm; dg = Σ_t dy_t ⊙ x̂_t (overwritten).
+    void rmsnorm_backward(const T* x, const T* g, const T* rstd, const T* dy, T* dx, T* dg, index_t n) const {
+        const index_t d = c_.d_model;
+        const CVMap gm(g, d);
+        VMap dgm(dg, d);
+        dgm.setZero();
+        for (index_t t = 0; t < n; ++t) {   // x̂ = x·r:  dx = r·(g⊙dy − x̂·mean(g⊙dy⊙x̂)),  no temporaries
+            const T r = rstd[t];
+            const CVMap xr(x + t * d, d), dyr(dy + t * d, d);
+            dgm += r * dyr.cwiseProduct(xr);
+            const T dot = dyr.cwiseProduct(gm).dot(xr) * r * r / static_cast<T>(d);
+            VMap(dx + t * d, d) += r * (dyr.cwiseProduct(gm) - xr * dot);
+        }
+    }
+
+    static T sigmoid(T a) noexcept { return T(1) / (T(1) + std::exp(-a)); }
+
+    double forward(const int* tokens, index_t batch, bool train) {
+        const index_t C = c_.context, d = c_.d_model, f = c_.ffn, V = c_.vocab, n = batch * C;
+        // Embedding.
+        T* x0 = xs_[0].data();
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t t = 0; t < C; ++t) {
+                const int id = tokens[bi * (C + 1) + t];
+                VMap(x0 + (bi * C + t) * d, d) = CVMap(param(token_embedding) + id * d, d) + CVMap(param(position_embedding) + t * d, d);
+            }
+        for (index_t l = 0; l < c_.layers; ++l) {
+            auto& L = layers_[static_cast<std::size_t>(l)];
+            const std::size_t base = layer_base(l);
+            const T* x = xs_[static_cast<std::size_t>(l)].data();
+            T* h1 = v_.share_qkv ? tmp_h1_.data() : L.h1.data();
+            rmsnorm(x, param(base + norm1), h1, L.rstd1.data(), n);
+            const cview h1v{h1, n, d, d};
+            if (train && L.comp_h1) L.comp_h1->compress(h1v, L.rec_h1);
+            velora::linear_forward(*b_, h1v, cview(pview(base + wq)), nullptr, mv(L.q, n, d));
+            velora::linear_forward(*b_, h1v, cview(pview(base + wk)), nullptr, mv(L.k, n, d));
+            velora::linear_forward(*b_, h1v, cview(pview(base + wv)), nullptr, mv(L.v, n, d));
+            attention_forward(L, batch);
+            // xmid = x + o Woᵀ
+            std::copy(x, x + n * d, L.xmid.data());
+            b_->gemm(velora::op::none, velora::op::transpose, T(1), cview(mv(L.o, n, d)), cview(pview(base + wo)), T(1), mv(L.xmid, n, d));
+            rmsnorm(L.xmid.data(), param(base + norm2), L.h2.data(), L.rstd2.data(), n);
+            const cview h2v(mv(L.h2, n, d));
+            velora::linear_forward(*b_, h2v, cview(pview(base + w1)), nullptr, mv(L.a, n, f));
+            velora::linear_forward(*b_, h2v, cview(pview(base + w3)), nullptr, mv(L.bu, n, f));
+            T* s = v_.down ? tmp_s_.data() : L.s.data();
+            for (index_t i = 0; i < n * f; ++i) {
+                const T a = L.a[static_cast<std::size_t>(i)];
+                s[i] = a * sigmoid(a) * L.bu[static_cast<std::size_t>(i)];
+            }
+            const cview sv{s, n, f, f};
+            if (train && L.comp_s) L.comp_s->compress(sv, L.rec_s);
+            T* out = xs_[static_cast<std::size_t>(l + 1)].data();
+            std::copy(L.xmid.data(), L.xmid.data() + n * d, out);
+            b_->gemm(velora::op::none, velora::op::transpose, T(1), sv, cview(pview(base + w2)), T(1), view{out, n, d, d});
+        }
+        rmsnorm(xs_.back().data(), param(final_norm_index()), hf_.data(), rstdf_.data(), n);
+        const view logits = mv(probs_, n, V);
+        velora::linear_forward(*b_, cview(mv(hf_, n, d)), cview(pview(token_embedding)), nullptr, logits);
+        double loss = 0;
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t t = 0; t < C; ++t) {
+                const index_t r = bi * C + t;
+                VMap row(logits.row(r), V);
+                const T mx = row.maxCoeff();
+                row = (row.array() - mx).exp().matrix();
+                const T sum = row.sum();
+                row /= sum;
+                const int target = tokens[bi * (C + 1) + t + 1];
+                loss -= std::log(static_cast<double>(row[target]));
+            }
+        return loss / static_cast<double>(n);
+    }
+
+    // Per sequence and head: S = Q Kᵀ/√dh (causal), P = softmax(S), O = P V.
+    void attention_forward(layer_state& L, index_t batch) {
+        const index_t C = c_.context, d = c_.d_model, H = c_.heads, dh = dh_;
+        const T scale = T(1) / std::sqrt(static_cast<T>(dh));
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t h = 0; h < H; ++h) {
+                const index_t off = bi * C * d + h * dh;
+                const cview q{L.q.data() + off, C, dh, d}, k{L.k.data() + off, C, dh, d}, v{L.v.data() + off, C, dh, d};
+                T* p = L.p.data() + (bi * H + h) * C * C;
+                const view pv{p, C, C, C};
+                b_->gemm(velora::op::none, velora::op::transpose, scale, q, k, T(0), pv);
+                for (index_t i = 0; i < C; ++i) {
+                    T* row = p + i * C;
+                    T mx = row[0];
+                    for (index_t j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
+                    T sum = 0;
+                    for (index_t j = 0; j <= i; ++j) sum += (row[j] = std::exp(row[j] - mx));
+                    for (index_t j = 0; j <= i; ++j) row[j] /= sum;
+                    for (index_t j = i + 1; j < C; ++j) row[j] = T(0);
+                }
+                b_->gemm(velora::op::none, velora::op::none, T(1), cview(pv), v, T(0), view{L.o.data() + off, C, dh, d});
+            }
+    }
+
+    // dq, dk, dv from do, given the kept q, k, v and probabilities.
+    void attention_backward(layer_state& L, index_t batch) {
+        const index_t C = c_.context, d = c_.d_model, H = c_.heads, dh = dh_;
+        const T scale = T(1) / std::sqrt(static_cast<T>(dh));
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t h = 0; h < H; ++h) {
+                const index_t off = bi * C * d + h * dh;
+                const cview q{L.q.data() + off, C, dh, d}, k{L.k.data() + off, C, dh, d}, v{L.v.data() + off, C, dh, d};
+                const cview dov{do_.data() + off, C, dh, d};
+                const cview pv{L.p.data() + (bi * H + h) * C * C, C, C, C};
+                const view dp{dsc_.data(), C, C, C};
+                b_->gemm(velora::op::none, velora::op::transpose, T(1), dov, v, T(0), dp);                       // dP = dO Vᵀ
+                b_->gemm(velora::op::transpose, velora::op::none, T(1), pv, dov, T(0), view{dv_.data() + off, C, dh, d});   // dV = Pᵀ dO
+                for (index_t i = 0; i < C; ++i) {   // dS = P ⊙ (dP − rowsum(dP ⊙ P))
+                    const T* prow = pv.row(i);
+                    T* drow = dp.row(i);
+                    T dot = 0;
+                    for (index_t j = 0; j <= i; ++j) dot += drow[j] * prow[j];
+                    for (index_t j = 0; j < C; ++j) drow[j] = j <= i ? prow[j] * (drow[j] - dot) : T(0);
+                }
+                b_->gemm(velora::op::none, velora::op::none, scale, cview(dp), k, T(0), view{dq_.data() + off, C, dh, d});        // dQ = dS K/√dh
+                b_->gemm(velora::op::transpose, velora::op::none, scale, cview(dp), q, T(0), view{dk_.data() + off, C, dh, d});   // dK = dSᵀ Q/√dh
+            }
+    }
+
+    // Weight gradient of a projection y = x Wᵀ: dense (dYᵀX into the grad buffer) or factored.
+    void deliver_projection(gradient_sink<T>& sink, std::size_t index, cview dy, const T* x, index_t x_cols, compressor_type* comp,
+                            const record_type* rec, std::vector<T>* a_buf) {
+        if (comp) {
+            const view a{a_buf->data(), dy.cols, rec->groups(), rec->groups()};
+            comp->weight_grad(*rec, dy, a);
+            sink.factored(index, comp->factored(*rec, cview(a)));
+        } else {
+            velora::dense_weight_grad(*b_, dy, cview{x, dy.rows, x_cols, x_cols}, gview(index));
+            sink.dense(index, cview(gview(index)));
+        }
+    }
+
+    void backward(const int* tokens, index_t batch, gradient_sink<T>& sink) {
+        const index_t C = c_.context, d = c_.d_model, f = c_.ffn, V = c_.vocab, n = batch * C;
+        // Cross-entropy: dlogits = (p − onehot)/N, in place.
+        const view dlogits = mv(probs_, n, V);
+        const T inv_n = T(1) / static_cast<T>(n);
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t t = 0; t < C; ++t) {
+                T* row = dlogits.row(bi * C + t);
+                row[tokens[bi * (C + 1) + t + 1]] -= T(1);
+                for (index_t j = 0; j < V; ++j) row[j] *= inv_n;
+            }
+        // Tied head: dhf = dlogits E; dE (head part) = dlogitsᵀ hf, completed by the input lookup below.
+        const view dh = mv(dh_buf_, n, d);
+        velora::linear_input_grad(*b_, cview(dlogits), cview(pview(token_embedding)), dh);
+        velora::dense_weight_grad(*b_, cview(dlogits), cview(mv(hf_, n, d)), gview(token_embedding));
+        // Final norm.
+        std::fill(dx_.begin(), dx_.begin() + n * d, T(0));
+        const std::size_t fin = final_norm_index();
+        rmsnorm_backward(xs_.back().data(), param(fin), rstdf_.data(), dh_buf_.data(), dx_.data(), params_[fin].grad, n);
+        sink.dense(fin, cview(gview(fin)));
+
+        const view dxv = mv(dx_, n, d);
+        for (index_t l = c_.layers - 1; l >= 0; --l) {
+            auto& L = layers_[static_cast<std::size_t>(l)];
+            const std::size_t base = layer_base(l);
+            // MLP down: x_out = xmid + s W2ᵀ.
+            const view dsv = mv(ds_, n, f);
+            velora::linear_input_grad(*b_, cview(dxv), cview(pview(base + w2)), dsv);
+            deliver_projection(sink, base + w2, cview(dxv), L.s.data(), f, L.comp_s.get(), &L.rec_s, &L.a_2);
+            // s = silu(a) ⊙ b: da overwrites ds_ in place, db overwrites L.a (a is not read again this step).
+            for (index_t i = 0; i < n * f; ++i) {
+                const std::size_t u = static_cast<std::size_t>(i);
+                const T a = L.a[u], bu = L.bu[u], g = ds_[u];
+                const T sg = sigmoid(a);
+                ds_[u] = g * bu * sg * (T(1) + a * (T(1) - sg));   // da
+                L.a[u] = g * a * sg;                               // db (a is no longer needed)
+            }
+            const cview dav(dsv), dbv{L.a.data(), n, f, f};
+            // dh2 = da W1 + db W3, before W1, W3 are handed over.
+            velora::linear_input_grad(*b_, dbv, cview(pview(base + w3)), dh);
+            b_->gemm(velora::op::none, velora::op::none, T(1), dav, cview(pview(base + w1)), T(1), dh);
+            deliver_projection(sink, base + w3, dbv, L.h2.data(), d, nullptr, nullptr, nullptr);
+            deliver_projection(sink, base + w1, dav, L.h2.data(), d, nullptr, nullptr, nullptr);
+            rmsnorm_backward(L.xmid.data(), param(base + norm2), L.rstd2.data(), dh_buf_.data(), dx_.data(), params_[base + norm2].grad, n);
+            sink.dense(base + norm2, cview(gview(base + norm2)));
+            // Attention output: xmid = x + o Woᵀ.
+            velora::linear_input_grad(*b_, cview(dxv), cview(pview(base + wo)), mv(do_, n, d));
+            deliver_projection(sink, base + wo, cview(dxv), L.o.data(), d, nullptr, nullptr, nullptr);
+            attention_backward(L, batch);
+            const cview dqv(mv(dq_, n, d)), dkv(mv(dk_, n, d)), dvv(mv(dv_, n, d));
+            // dh1 = dv Wv + dk Wk + dq Wq, before the three are handed over.
+            velora::linear_input_grad(*b_, dvv, cview(pview(base + wv)), dh);
+            b_->gemm(velora::op::none, velora::op::none, T(1), dkv, cview(pview(base + wk)), T(1), dh);
+            b_->gemm(velora::op::none, velora::op::none, T(1), dqv, cview(pview(base + wq)), T(1), dh);
+            compressor_type* c1 = L.comp_h1.get();
+            deliver_projection(sink, base + wv, dvv, L.h1.data(), d, c1, &L.rec_h1, &L.a_v);
+            deliver_projection(sink, base + wk, dkv, L.h1.data(), d, v_.share_qkv ? c1 : nullptr, &L.rec_h1, &L.a_k);
+            deliver_projection(sink, base + wq, dqv, L.h1.data(), d, v_.share_qkv ? c1 : nullptr, &L.rec_h1, &L.a_q);
+            rmsnorm_backward(xs_[static_cast<std::size_t>(l)].data(), param(base + norm1), L.rstd1.data(), dh_buf_.data(), dx_.data(),
+                             params_[base + norm1].grad, n);
+            sink.dense(base + norm1, cview(gview(base + norm1)));
+        }
+        // Embeddings: dP[t] = Σ_b dx[b, t]; dE[id] += dx.
+        T* gp = params_[position_embedding].grad;
+        T* ge = params_[token_embedding].grad;
+        std::fill(gp, gp + C * d, T(0));
+        for (index_t bi = 0; bi < batch; ++bi)
+            for (index_t t = 0; t < C; ++t) {
+                const CVMap row(dx_.data() + (bi * C + t) * d, d);
+                VMap(gp + t * d, d) += row;
+                VMap(ge + tokens[bi * (C + 1) + t] * d, d) += row;
+            }
+        sink.dense(position_embedding, cview(gview(position_embedding)));
+        sink.dense(token_embedding, cview(gview(token_embedding)));
+    }
+
+    [[nodiscard]] std::size_t count_activation_bytes(index_t batch) const {
+        const std::size_t N = static_cast<std::size_t>(batch * c_.context), d = static_cast<std::size_t>(c_.d_model),
+                          f = static_cast<std::size_t>(c_.ffn), V = static_cast<std::size_t>(c_.vocab);
+        const std::size_t att = static_cast<std::size_t>(batch * c_.heads * c_.context * c_.context);
+        std::size_t elems = 0, bytes = 0;
+        for (const auto& L : layers_) {
+            elems += N * d + N;                 // x, rstd1
+            if (!v_.share_qkv) elems += N * d;  // h1
+            if (L.comp_h1) bytes += L.rec_h1.bytes();
+            elems += 3 * N * d + att + N * d;   // q, k, v, P, o
+            elems += N * d + N + N * d;         // xmid, rstd2, h2
+            elems += 2 * N * f;                 // a, b
+            if (!v_.down) elems += N * f;       // s
+            if (L.comp_s) bytes += L.rec_s.bytes();
+        }
+        elems += N * d + N + N * d + N * V;     // final x, rstd, hf, probabilities
+        return bytes + elems * sizeof(T);
+    }
+
+    static constexpr double eps = 1e-5;
+
+    backend_type* b_;
+    model_config c_;
+    velora_config v_;
+    index_t max_batch_;
+    index_t dh_ = 0, g_h1_ = 0, g_s_ = 0;
+    std::vector<param_ref<T>> params_;
+    std::vector<std::size_t> offsets_;
+    std::vector<T> values_, grads_;
+    std::vector<std::vector<T>> xs_;   // xs_[l]: input of layer l; xs_[layers]: input of the final norm
+    std::vector<layer_state> layers_;
+    std::vector<T> rstdf_, hf_, probs_;
+    std::vector<T> tmp_h1_, tmp_s_;    // transient h1 / s when they are not kept
+    std::vector<T> dx_, dh_buf_, dq_, dk_, dv_, do_, ds_, dsc_;
+    std::size_t activation_bytes_ = 0;
+};
+
+} // namespace lm

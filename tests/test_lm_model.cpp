@@ -1,0 +1,261 @@
+// The demo language model (examples/lm/model.hpp): finite-difference gradient checks of every
+// parameter with VeLoRA off and with exact VeLoRA (s = 1) on, delivery order and count,
+// in-place updates inside the sink, activation bytes, evaluate vs train_step, bad input.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <lm/model.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+using velora::index_t;
+
+template class lm::transformer<double>;
+template class lm::transformer<float>;
+
+namespace {
+
+using backend = velora::eigen_backend<double>;
+
+const lm::model_config small{.vocab = 11, .d_model = 8, .heads = 2, .layers = 2, .ffn = 12, .context = 5};
+constexpr index_t batch = 2;
+
+std::vector<int> make_tokens(const lm::model_config& c, index_t rows, std::uint64_t seed) {
+    std::vector<int> t(static_cast<std::size_t>(rows * (c.context + 1)));
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        const double u = velora::gaussian_at(seed, i);
+        t[i] = static_cast<int>(static_cast<std::uint64_t>(std::fabs(u) * 1e6) % static_cast<std::uint64_t>(c.vocab));
+    }
+    return t;
+}
+
+// Records every delivery; factored gradients are expanded to dense with the backend.
+template <class T>
+struct capture_sink final : lm::gradient_sink<T> {
+    velora::eigen_backend<T>& b;
+    std::vector<lm::param_ref<T>>& params;
+    std::vector<std::vector<T>> grads;
+    std::vector<std::size_t> order;
+    std::vector<bool> factored_kind;
+    T bump = 0;   // added to every parameter entry inside the callback (an in-place "update")
+
+    capture_sink(velora::eigen_backend<T>& backend, std::vector<lm::param_ref<T>>& p)
+        : b(backend), params(p), grads(p.size()), factored_kind(p.size(), false) {}
+
+    void dense(std::size_t i, velora::const_matrix_view<T> g) override {
+        REQUIRE(i < params.size());
+        CHECK(g.rows == params[i].rows);
+        CHECK(g.cols == params[i].cols);
+        grads[i].assign(static_cast<std::size_t>(g.rows * g.cols), T(0));
+        for (index_t r = 0; r < g.rows; ++r)
+            for (index_t c = 0; c < g.cols; ++c) grads[i][static_cast<std::size_t>(r * g.cols + c)] = g(r, c);
+        done(i);
+    }
+    void factored(std::size_t i, const velora::factored_gradient<T>& f) override {
+        REQUIRE(i < params.size());
+        CHECK(f.a.rows == params[i].rows);
+        CHECK(f.features == params[i].cols);
+        grads[i].assign(static_cast<std::size_t>(params[i].rows * params[i].cols), T(0));
+        b.expand_subtokens(f.a, f.v, f.subtoken_size, f.scale, velora::make_view(grads[i].data(), params[i].rows, params[i].cols));
+        factored_kind[i] = true;
+        done(i);
+    }
+    void done(std::size_t i) {
+        order.push_back(i);
+        if (bump != 0)
+            for (index_t k = 0; k < params[i].rows * params[i].cols; ++k) params[i].data[k] += bump;
+    }
+};
+
+// Larger, non-trivial parameters than the N(0, 0.02) init so that every path carries signal.
+void randomize(std::vector<lm::param_ref<double>>& params, std::uint64_t seed) {
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        auto& p = params[i];
+        for (index_t k = 0; k < p.rows * p.cols; ++k) {
+            const double g = velora::gaussian_at(seed + i, static_cast<std::uint64_t>(k));
+            p.data[k] = p.matrix ? 0.35 * g : 1.0 + 0.2 * g;
+        }
+    }
+}
+
+void check_order(const std::vector<std::size_t>& order, std::size_t count) {
+    REQUIRE(order.size() == count);
+    for (std::size_t k = 0; k < count; ++k) CHECK(order[k] == count - 1 - k);   // reverse of parameters(): embedding last
+}
+
+// Central differences on 6 sampled entries (all entries of small params would also do) of
+// every parameter; returns the worst per-parameter relative error ||fd − g|| / max(||fd||, ||g||).
+double fd_check(const lm::velora_config& vc, bool expect_factored) {
+    backend b;
+    lm::transformer<double> model(b, small, vc, 42, 4);
+    auto& params = model.parameters();
+    randomize(params, 7);
+    const auto tokens = make_tokens(small, batch, 3);
+    capture_sink<double> sink(b, params);
+    const double loss = model.train_step(tokens.data(), batch, sink);
+    CHECK(std::isfinite(loss));
+    check_order(sink.order, params.size());
+    bool any_factored = false;
+    double worst = 0;
+    const double eps = 1e-5;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        auto& p = params[i];
+        CHECK(sink.factored_kind[i] == model.is_factored(i));
+        any_factored |= sink.factored_kind[i];
+        const index_t count = p.rows * p.cols;
+        double num2 = 0, fd2 = 0, an2 = 0;
+        for (int s = 0; s < 6; ++s) {
+            const index_t k = static_cast<index_t>((static_cast<std::uint64_t>(s) * 2654435761u + i * 97u) % static_cast<std::uint64_t>(count));
+            const double saved = p.data[k];
+            p.data[k] = saved + eps;
+            const double up = model.evaluate(tokens.data(), batch);
+            p.data[k] = saved - eps;
+            const double down = model.evaluate(tokens.data(), batch);
+            p.data[k] = saved;
+            const double fd = (up - down) / (2 * eps);
+            const double an = sink.grads[i][static_cast<std::size_t>(k)];
+            num2 += (fd - an) * (fd - an);
+            fd2 += fd * fd;
+            an2 += an * an;
+        }
+        const double rel = std::sqrt(num2) / std::max({std::sqrt(fd2), std::sqrt(an2), 1e-12});
+        INFO(p.name << ": relative error " << rel << " (|fd| = " << std::sqrt(fd2) << ")");
+        CHECK(rel < 1e-5);
+        CHECK(std::sqrt(fd2) > 1e-8);   // the sample carries signal
+        worst = std::max(worst, rel);
+    }
+    CHECK(any_factored == expect_factored);
+    return worst;
+}
+
+} // namespace
+
+TEST_CASE("finite differences: every parameter, VeLoRA off") {
+    const double worst = fd_check({}, false);
+    std::printf("FD worst relative error, VeLoRA off: %.3g\n", worst);
+}
+
+TEST_CASE("finite differences with exact VeLoRA (s = 1): value + down, and share_qkv") {
+    // groups >= max(d, ffn): every compressor gets G = its width, s = 1, v = ±1: exact gradients.
+    lm::velora_config vc{.value = true, .down = true, .share_qkv = false, .groups = 12, .z_storage = velora::storage::f64};
+    const double w1 = fd_check(vc, true);
+    vc.share_qkv = true;
+    const double w2 = fd_check(vc, true);
+    std::printf("FD worst relative error, VeLoRA value+down: %.3g, share_qkv+down: %.3g\n", w1, w2);
+}
+
+TEST_CASE("the sink may update each parameter in place as soon as its gradient arrives") {
+    for (const bool velora_on : {false, true}) {
+        lm::velora_config vc{.value = velora_on, .down = velora_on, .share_qkv = velora_on, .groups = 12, .z_storage = velora::storage::f64};
+        backend b;
+        lm::transformer<double> model(b, small, vc, 42, 4);
+        auto& params = model.parameters();
+        randomize(params, 7);
+        const auto tokens = make_tokens(small, batch, 3);
+        capture_sink<double> plain(b, params);
+        model.train_step(tokens.data(), batch, plain);
+        capture_sink<double> updating(b, params);
+        updating.bump = 0.125;
+        model.train_step(tokens.data(), batch, updating);
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            INFO(params[i].name);
+            CHECK(plain.grads[i] == updating.grads[i]);   // backward never read an updated parameter
+        }
+    }
+}
+
+TEST_CASE("delivery, activation bytes with VeLoRA (groups < d), evaluate == train_step loss") {
+    const auto tokens = make_tokens(small, batch, 11);
+    auto run = [&](lm::velora_config vc, std::size_t& bytes, double& loss, double& eval) {
+        backend b;
+        lm::transformer<double> model(b, small, vc, 5, 4);
+        auto& params = model.parameters();
+        eval = model.evaluate(tokens.data(), batch);
+        capture_sink<double> sink(b, params);
+        loss = model.train_step(tokens.data(), batch, sink);
+        check_order(sink.order, params.size());
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            INFO(params[i].name);
+            CHECK(sink.factored_kind[i] == model.is_factored(i));
+            for (double g : sink.grads[i]) REQUIRE(std::isfinite(g));
+        }
+        bytes = model.activation_bytes();
+    };
+    std::size_t off = 0, value_only = 0, value_down = 0, shared = 0;
+    double loss = 0, eval = 0;
+    run({}, off, loss, eval);
+    CHECK(eval == loss);
+    // Exact count with VeLoRA off: N = 10 tokens, per layer x, rstd1, h1, q, k, v, P, o, xmid, rstd2, h2, a, b, s; final x, rstd, hf, probs.
+    const std::size_t N = 10, d = 8, f = 12, V = 11, P = 2 * 2 * 5 * 5;
+    const std::size_t per_layer = N * d + N + N * d + 3 * N * d + P + N * d + N * d + N + N * d + 3 * N * f;
+    CHECK(off == (2 * per_layer + N * d + N + N * d + N * V) * sizeof(double));
+    run({.value = true, .groups = 2}, value_only, loss, eval);
+    CHECK(eval == loss);
+    run({.value = true, .down = true, .groups = 2}, value_down, loss, eval);
+    CHECK(eval == loss);
+    run({.value = true, .down = true, .share_qkv = true, .groups = 2}, shared, loss, eval);
+    CHECK(eval == loss);
+    // Records (default f32 storage): T·G·4 + s·8 bytes.
+    const std::size_t rec_h1 = N * 2 * 4 + 4 * 8, rec_s = N * 2 * 4 + 6 * 8;
+    CHECK(value_only == off + 2 * rec_h1);                                   // h1 is kept anyway for q and k
+    CHECK(value_down == off + 2 * rec_h1 + 2 * rec_s - 2 * N * f * sizeof(double));
+    CHECK(shared == value_down - 2 * N * d * sizeof(double));
+    CHECK(value_down < off);
+    CHECK(shared < value_down);
+    std::printf("activation bytes: off %zu, value %zu, value+down %zu, share_qkv+down %zu\n", off, value_only, value_down, shared);
+}
+
+TEST_CASE("a float model trains: finite loss and gradients, loss falls under plain SGD") {
+    velora::eigen_backend<float> b;
+    lm::transformer<float> model(b, small, {.value = true, .down = true, .groups = 4}, 1, 2);
+    auto& params = model.parameters();
+    const auto tokens = make_tokens(small, batch, 9);
+    struct sgd final : lm::gradient_sink<float> {
+        std::vector<lm::param_ref<float>>& p;
+        velora::eigen_backend<float>& b;
+        std::vector<float> scratch;
+        explicit sgd(std::vector<lm::param_ref<float>>& params, velora::eigen_backend<float>& backend) : p(params), b(backend) {}
+        void dense(std::size_t i, velora::const_matrix_view<float> g) override {
+            for (index_t k = 0; k < g.rows * g.cols; ++k) p[i].data[k] -= 0.5f * g.data[k];
+        }
+        void factored(std::size_t i, const velora::factored_gradient<float>& f) override {
+            scratch.resize(static_cast<std::size_t>(p[i].rows * p[i].cols));
+            b.expand_subtokens(f.a, f.v, f.subtoken_size, f.scale, velora::make_view(scratch.data(), p[i].rows, p[i].cols));
+            for (std::size_t k = 0; k < scratch.size(); ++k) p[i].data[k] -= 0.5f * scratch[k];
+        }
+    } sink(params, b);
+    const double first = model.train_step(tokens.data(), batch, sink);
+    double last = first;
+    for (int s = 0; s < 30; ++s) last = model.train_step(tokens.data(), batch, sink);
+    CHECK(std::isfinite(last));
+    CHECK(last < first);
+    CHECK(first == doctest::Approx(std::log(11.0)).epsilon(0.05));   // near-uniform at init
+}
+
+TEST_CASE("bad batch and token ids throw std::invalid_argument") {
+    backend b;
+    lm::transformer<double> model(b, small, {}, 1, 2);
+    auto& params = model.parameters();
+    capture_sink<double> sink(b, params);
+    auto tokens = make_tokens(small, 3, 1);
+    CHECK_THROWS_AS(model.train_step(tokens.data(), 3, sink), std::invalid_argument);
+    CHECK_THROWS_AS(model.evaluate(tokens.data(), 3), std::invalid_argument);
+    CHECK_THROWS_AS(model.evaluate(tokens.data(), 0), std::invalid_argument);
+    CHECK_THROWS_AS(model.evaluate(nullptr, 1), std::invalid_argument);
+    tokens[4] = 11;
+    CHECK_THROWS_AS(model.train_step(tokens.data(), 2, sink), std::invalid_argument);
+    tokens[4] = -1;
+    CHECK_THROWS_AS(model.evaluate(tokens.data(), 1), std::invalid_argument);
+    tokens[4] = 0;
+    tokens[11] = 99;   // last id of the second row (a target)
+    CHECK_THROWS_AS(model.evaluate(tokens.data(), 2), std::invalid_argument);
+    CHECK_NOTHROW(model.evaluate(tokens.data(), 1));
+    CHECK(sink.order.empty());   // nothing was delivered by the failed calls
+    CHECK_THROWS_AS(lm::transformer<double>(b, {.vocab = 11, .d_model = 9, .heads = 2}, {}, 1), std::invalid_argument);
+    CHECK_THROWS_AS(lm::transformer<double>(b, small, {}, 1, 0), std::invalid_argument);
+    CHECK_THROWS_AS(lm::transformer<double>(b, small, {.value = true, .groups = 0}, 1), std::invalid_argument);
+}
