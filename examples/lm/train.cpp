@@ -11,7 +11,7 @@
 // it in factored form. Each configuration runs in its own process so that its peak RSS is its own.
 //
 //   lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
-//            [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--eval-every N]
+//            [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]
 //            [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]
 // --share-qkv: q, k and v read one VeLoRA record of their common input (otherwise only v's
 // input is recorded, and q, k still keep it).
@@ -55,7 +55,8 @@ struct options {
     lm::model_config model{};
     index_t rank = 32;
     index_t groups = 32;
-    double lr = 3e-3;
+    double lr = 1e-3;            // full-rank runs (adamw, velora)
+    double lr_low_rank = 1e-2;   // low-rank runs (galore, adarank, velora+adarank), with α = 0.25: GaLore's protocol
     int eval_every = 50;
     bool share_qkv = false;
     std::vector<std::string> configs = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
@@ -95,11 +96,12 @@ options parse(int argc, char** argv) {
         else if (flag == "--json") o.json = next();
         else if (flag == "--share-qkv") o.share_qkv = true;
         else if (flag == "--plot") o.plot = next();
-        else if (flag == "--lr") {
+        else if (flag == "--lr" || flag == "--lr-low-rank") {
             const char* text = next();
             char* end = nullptr;
-            o.lr = std::strtod(text, &end);
-            if (*end != '\0' || !(o.lr > 0) || !std::isfinite(o.lr)) usage_error(std::string("flag --lr needs a positive number, got '") + text + "'");
+            const double lr = std::strtod(text, &end);
+            if (*end != '\0' || !(lr > 0) || !std::isfinite(lr)) usage_error("flag " + flag + " needs a positive number, got '" + text + "'");
+            (flag == "--lr" ? o.lr : o.lr_low_rank) = lr;
         } else if (flag == "--configs") {
             o.configs.clear();
             std::stringstream list(next());
@@ -112,7 +114,7 @@ options parse(int argc, char** argv) {
             if (o.configs.empty()) usage_error("flag --configs needs at least one configuration");
         } else if (flag == "--help" || flag == "-h") {
             std::printf("usage: lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N] [--heads H]\n"
-                        "                [--ffn F] [--rank R] [--groups G] [--lr LR] [--eval-every N] [--configs a,b,...]\n"
+                        "                [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N] [--configs a,b,...]\n"
                         "                [--share-qkv] [--seed S] [--json PATH] [--plot PATH]\n");
             std::exit(0);
         } else {
@@ -177,7 +179,7 @@ adarank::optimizer_config optimizer_for(const std::string& name, const options& 
     adarank::optimizer_config c;
     if (name == "galore") c = adarank::optimizer_config::galore(o.rank, 200, 0.25);
     else if (uses_low_rank(name)) c.rank = adarank::rank_policy::adaptive(0.2, 1, o.rank);
-    c.adam.lr = o.lr;
+    c.adam.lr = uses_low_rank(name) ? o.lr_low_rank : o.lr;
     c.adam.weight_decay = 0.0;
     return c;
 }
@@ -307,13 +309,16 @@ int main(int argc, char** argv) {
     try {
         const options o = parse(argc, argv);
         std::signal(SIGINT, on_sigint);
+        for (const std::string* path : {&o.json, &o.plot})   // fail before training, not after it
+            if (!path->empty() && !std::ofstream(*path)) throw std::runtime_error("cannot write output file '" + *path + "'");
         const corpus data = load_corpus(o.corpus);
         std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
                     data.valid.size());
-        std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps, lr %g; rank %ld, VeLoRA G = %ld\n",
+        std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps; lr %g (full-rank runs), %g with "
+                    "scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
                     static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers), static_cast<long>(o.model.heads),
-                    static_cast<long>(o.model.ffn), static_cast<long>(o.model.context), static_cast<long>(o.batch), o.steps, o.lr,
-                    static_cast<long>(o.rank), static_cast<long>(o.groups));
+                    static_cast<long>(o.model.ffn), static_cast<long>(o.model.context), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
+                    static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
         std::vector<report::run> runs;
         for (const auto& name : o.configs) {
             if (interrupted) break;
