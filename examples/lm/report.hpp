@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -70,6 +71,11 @@ inline std::string serialize(const run& r) {
     return os.str();
 }
 
+// Numbers as written by operator<< (also "nan" and "inf", which operator>> does not read).
+inline void read_numbers(std::istream& in, std::vector<double>& out) {
+    for (std::string token; in >> token;) out.push_back(std::strtod(token.c_str(), nullptr));
+}
+
 inline run deserialize(const std::string& text) {
     run r;
     std::istringstream in(text);
@@ -88,14 +94,14 @@ inline run deserialize(const std::string& text) {
         else if (key == "interrupted") ls >> r.interrupted;
         else if (key == "bytes") ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes;
         else if (key == "speed") ls >> r.mean_step_ms >> r.tokens_per_second;
-        else if (key == "train_loss") for (double x; ls >> x;) r.train_loss.push_back(x);
+        else if (key == "train_loss") read_numbers(ls, r.train_loss);
         else if (key == "valid_steps") for (int x; ls >> x;) r.valid_steps.push_back(x);
-        else if (key == "valid_loss") for (double x; ls >> x;) r.valid_loss.push_back(x);
+        else if (key == "valid_loss") read_numbers(ls, r.valid_loss);
         else if (key == "rank_names") for (std::string x; ls >> x;) r.rank_names.push_back(x);
         else if (key == "rank_steps") for (int x; ls >> x;) r.rank_steps.push_back(x);
         else if (key == "ranks") {
             r.ranks.emplace_back();
-            for (double x; ls >> x;) r.ranks.back().push_back(x);
+            read_numbers(ls, r.ranks.back());
         }
     }
     return r;
@@ -108,13 +114,13 @@ inline void print_table(const std::vector<run>& runs, long tokens_per_step) {
     std::printf("\n%-16s %7s %10s %8s %11s %11s %10s %9s %9s\n", "configuration", "steps", "val loss", "val ppl", "activ. MiB",
                 "optim. MiB", "peak RSS", "ms/step", "tok/s");
     for (const auto& r : runs) {
-        if (!r.error.empty() && r.steps == 0) {
-            std::printf("%-16s failed: %s\n", r.name.c_str(), r.error.c_str());
+        if (r.steps == 0) {
+            std::printf("%-16s %s\n", r.name.c_str(), r.error.empty() ? "no step taken" : ("failed: " + r.error).c_str());
             continue;
         }
         std::printf("%-16s %7d %10.4f %8.2f %11.3f %11.3f %8.1f M %9.1f %9.0f%s\n", r.name.c_str(), r.steps, final_valid(r),
                     std::exp(final_valid(r)), mib(r.activation_bytes), mib(r.optimizer_bytes), mib(r.peak_rss_bytes), r.mean_step_ms,
-                    r.tokens_per_second, r.interrupted ? "  (interrupted)" : "");
+                    r.tokens_per_second, !r.error.empty() ? "  (failed)" : r.interrupted ? "  (interrupted)" : "");
     }
     std::printf("(validation: cross-entropy in nats per byte on 8 fixed batches of the held-out 10%%; %ld tokens per step; activations:\n"
                 " bytes one forward pass keeps for backward, counted by the model; optimizer: AdamW moments or low-rank bases + moments)\n",
@@ -135,17 +141,26 @@ inline void write_json(const std::string& path, const std::vector<run>& runs) {
     std::ofstream out(path);
     if (!out) throw std::runtime_error("cannot write --json file '" + path + "'");
     out.precision(10);
+    auto number = [&](double x) -> std::ofstream& {
+        if (std::isfinite(x)) out << x;
+        else out << "null";
+        return out;
+    };
     auto list = [&](const auto& v) {
         out << '[';
-        for (std::size_t i = 0; i < v.size(); ++i) out << (i ? "," : "") << v[i];
+        for (std::size_t i = 0; i < v.size(); ++i) {
+            out << (i ? "," : "");
+            number(static_cast<double>(v[i]));
+        }
         out << ']';
     };
     out << "{\"runs\":[";
     for (std::size_t k = 0; k < runs.size(); ++k) {
         const run& r = runs[k];
         out << (k ? "," : "") << "{\"name\":\"" << json_escape(r.name) << "\",\"error\":\"" << json_escape(r.error) << "\",\"steps\":" << r.steps
-            << ",\"interrupted\":" << (r.interrupted ? "true" : "false") << ",\"valid_loss\":" << (std::isfinite(final_valid(r)) ? final_valid(r) : -1)
-            << ",\"valid_perplexity\":" << (std::isfinite(final_valid(r)) ? std::exp(final_valid(r)) : -1) << ",\"activation_bytes\":" << r.activation_bytes
+            << ",\"interrupted\":" << (r.interrupted ? "true" : "false") << ",\"valid_loss\":";
+        number(final_valid(r)) << ",\"valid_perplexity\":";
+        number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes
             << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
             << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"valid_curve\":{\"steps\":";
         list(r.valid_steps);
@@ -183,7 +198,8 @@ inline void write_svg(const std::string& path, const std::vector<run>& runs) {
         for (const auto& ranks : r.ranks)
             for (double x : ranks) max_rank = std::max(max_rank, x);
     }
-    if (!(lo < hi)) lo = 0, hi = 1;
+    if (!(lo <= hi)) lo = 0, hi = 1;   // nothing to draw
+    if (lo == hi) lo -= 0.5, hi += 0.5;
     out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << 2 * h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
         << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
     auto panel = [&](double y0, const std::string& title, const std::string& ylabel, double ymin, double ymax, auto&& draw) {
@@ -222,6 +238,9 @@ inline void write_svg(const std::string& path, const std::vector<run>& runs) {
                 for (std::size_t i = 0; i < r.rank_steps.size() && i < r.ranks.size(); ++i)
                     if (p < r.ranks[i].size()) out << px(r.rank_steps[i]) << ',' << py(r.ranks[i][p]) << ' ';
                 out << "\"/>\n";
+                if (!r.ranks.empty() && p < r.ranks.back().size())   // the parameter's name at the end of its line
+                    out << "<text x=\"" << px(r.rank_steps.back()) + 3 << "\" y=\"" << py(r.ranks.back()[p]) + 3 << "\" font-size=\"8\" fill=\""
+                        << colours[k % 6] << "\">" << r.rank_names[p] << "</text>\n";
             }
             out << "<text x=\"" << w - right + 10 << "\" y=\"" << h + top + 20 + 18 * double(k) << "\" fill=\"" << colours[k % 6] << "\">" << r.name
                 << "</text>\n";

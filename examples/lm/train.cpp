@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -46,7 +47,11 @@ using B = velora::eigen_backend<T>;
 using velora::index_t;
 
 volatile std::sig_atomic_t interrupted = 0;
-void on_sigint(int) { interrupted = 1; }
+volatile pid_t training_child = 0;   // forwarded SIGINT, so that `kill -INT <trainer>` also stops the run in progress
+void on_sigint(int) {
+    interrupted = 1;
+    if (training_child > 0) kill(training_child, SIGINT);
+}
 
 struct options {
     std::string corpus = "/usr/share/games/fortunes";
@@ -68,8 +73,10 @@ struct options {
 
 long positive(const std::string& flag, const char* text) {
     char* end = nullptr;
+    errno = 0;
     const long v = std::strtol(text, &end, 10);
-    if (*end != '\0' || v <= 0) usage_error("flag " + flag + " needs a positive integer, got '" + text + "'");
+    if (*end != '\0' || v <= 0 || errno == ERANGE || v > 1000000000L)
+        usage_error("flag " + flag + " needs a positive integer up to 1000000000, got '" + text + "'");
     return v;
 }
 
@@ -240,27 +247,39 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     r.name = name;
     double seconds = 0;
     const double tokens_per_step = static_cast<double>(o.batch * o.model.context);
-    for (int step = 0; step < o.steps && !interrupted; ++step) {
-        make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);
-        const auto t0 = std::chrono::steady_clock::now();
-        const double loss = model.train_step(tokens.data(), o.batch, sink);
-        seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        r.train_loss.push_back(loss);
-        r.steps = step + 1;
-        r.activation_bytes = std::max(r.activation_bytes, model.activation_bytes());
-        if (step % o.eval_every == 0 || step + 1 == o.steps) {
-            r.valid_steps.push_back(step + 1);
-            r.valid_loss.push_back(validation_loss());
-            if (!r.rank_names.empty()) record_ranks(step + 1);
+    // Whatever ends the loop (the last step, Ctrl-C, divergence), the row gets its measurements.
+    auto finish = [&] {
+        if (isatty(2)) std::fprintf(stderr, "\n");
+        r.optimizer_bytes = opt.state_bytes();
+        r.mean_step_ms = r.steps ? 1e3 * seconds / r.steps : 0;
+        r.tokens_per_second = seconds > 0 ? tokens_per_step * r.steps / seconds : 0;
+        r.peak_rss_bytes = report::peak_rss_bytes();
+        r.interrupted = interrupted != 0;
+    };
+    try {
+        for (int step = 0; step < o.steps && !interrupted; ++step) {
+            make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);
+            const auto t0 = std::chrono::steady_clock::now();
+            const double loss = model.train_step(tokens.data(), o.batch, sink);
+            seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            if (!std::isfinite(loss)) throw std::runtime_error("the training loss is not finite: training diverged (try a lower --lr)");
+            r.train_loss.push_back(loss);
+            r.steps = step + 1;
+            r.activation_bytes = std::max(r.activation_bytes, model.activation_bytes());
+            if (step % o.eval_every == 0 || step + 1 == o.steps) {
+                const double valid = validation_loss();
+                if (!std::isfinite(valid)) throw std::runtime_error("the validation loss is not finite: training diverged (try a lower --lr)");
+                r.valid_steps.push_back(step + 1);
+                r.valid_loss.push_back(valid);
+                if (!r.rank_names.empty()) record_ranks(step + 1);
+            }
+            report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
         }
-        report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
+    } catch (...) {
+        finish();
+        throw;
     }
-    if (isatty(2)) std::fprintf(stderr, "\n");
-    r.optimizer_bytes = opt.state_bytes();
-    r.mean_step_ms = r.steps ? 1e3 * seconds / r.steps : 0;
-    r.tokens_per_second = seconds > 0 ? tokens_per_step * r.steps / seconds : 0;
-    r.peak_rss_bytes = report::peak_rss_bytes();
-    r.interrupted = interrupted != 0;
+    finish();
 }
 
 // Runs `train_one` in a child process and reads its result back through a pipe.
@@ -291,15 +310,18 @@ report::run run_isolated(const std::string& name, const options& o, const corpus
         _exit(code);
     }
     close(fds[1]);
+    training_child = pid;
     std::string text;
     char buf[65536];
     for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) text.append(buf, static_cast<std::size_t>(n));
     close(fds[0]);
     int status = 0;
     waitpid(pid, &status, 0);
+    training_child = 0;
     report::run r = report::deserialize(text);
     if (r.name.empty()) r.name = name;
-    if (r.error.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) r.error = "training process failed";
+    if (r.error.empty() && WIFSIGNALED(status)) r.error = "training process killed by signal " + std::to_string(WTERMSIG(status));
+    else if (r.error.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) r.error = "training process failed";
     return r;
 }
 
@@ -312,6 +334,9 @@ int main(int argc, char** argv) {
         for (const std::string* path : {&o.json, &o.plot})   // fail before training, not after it
             if (!path->empty() && !std::ofstream(*path)) throw std::runtime_error("cannot write output file '" + *path + "'");
         const corpus data = load_corpus(o.corpus);
+        if (data.valid.size() <= static_cast<std::size_t>(o.model.context) + 1)
+            throw std::runtime_error("--context " + std::to_string(o.model.context) + " is too long for the validation split of " +
+                                     std::to_string(data.valid.size()) + " bytes");
         std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
                     data.valid.size());
         std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps; lr %g (full-rank runs), %g with "
