@@ -825,6 +825,38 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
     }
 }
 
+TEST_CASE("state: a well-formed blob with a negative or non-finite second moment is rejected and changes nothing") {
+    // The last array of a blob is the second moment of the last parameter, so its last element
+    // sits right before the 8-byte checksum; rewrite it and re-sign the blob.
+    backend_t<float> backend;
+    adarank::optimizer_config cfg;
+    cfg.rank = adarank::rank_policy::adaptive(0.2, 1, 4);
+    optimizer_t<float> opt(backend, cfg);
+    const auto id = opt.add_parameter(12, 20, param_kind::low_rank);
+    RowMatT<float> w = gaussian_matrix(12, 20, 1).cast<float>();
+    const RowMatT<float> g = gaussian_matrix(12, 20, 2).cast<float>();
+    REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
+    const auto good = opt.save_state();
+    for (const float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+        CAPTURE(bad);
+        auto blob = good;
+        const std::size_t body = blob.size() - sizeof(std::uint64_t);
+        std::memcpy(blob.data() + body - sizeof(float), &bad, sizeof(float));
+        const std::uint64_t sum = velora::fnv1a64(std::span<const std::byte>(blob.data(), body));
+        std::memcpy(blob.data() + body, &sum, sizeof sum);
+        optimizer_t<float> fresh(backend, cfg);
+        fresh.add_parameter(12, 20, param_kind::low_rank);
+        const auto before = fresh.save_state();
+        try {
+            fresh.load_state(blob);
+            FAIL("load_state accepted a damaged second moment");
+        } catch (const velora::state_format_error& e) {
+            CHECK(std::string(e.what()).find("non-finite state or a negative second moment") != std::string::npos);
+        }
+        CHECK(fresh.save_state() == before);
+    }
+}
+
 TEST_CASE("state: a VeLoRA compressor + low-rank optimizer run resumes bit-identically") {
     using T = float;
     const index_t t = 32, o = 16, d = 30, g = 6;
