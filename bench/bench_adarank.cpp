@@ -208,16 +208,22 @@ struct optimizer_fixture {
 
 // ---------------------------------------------------------------- optimizer steps
 
+// The timed loop of every step benchmark; false when some step did not return status::ok.
+template <class Step>
+bool timed_steps(benchmark::State& state, Step&& step) {
+    bool all_ok = true;
+    for (auto _ : state) {
+        all_ok &= step() == velora::status::ok;
+        benchmark::ClobberMemory();
+    }
+    return all_ok;
+}
+
 void BM_AdamWDense(benchmark::State& state) {
     guarded(state, [&] {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(kNeverRefresh)),
                                    adarank::param_kind::dense);
-        bool all_ok = true;
-        for (auto _ : state) {
-            all_ok &= f.step() == velora::status::ok;
-            benchmark::ClobberMemory();
-        }
-        if (!all_ok) return state.SkipWithError("step did not return status::ok");
+        if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
         const adarank::layer_info info = f.opt.info(f.id);
         state.counters["state_bytes"] = static_cast<double>(info.state_bytes);
         // Read W, G, m, v; write W, m, v (plus one read of G for the finiteness check).
@@ -230,12 +236,7 @@ void BM_LowRankAdamStep(benchmark::State& state) {
     guarded(state, [&] {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(kNeverRefresh)),
                                    adarank::param_kind::low_rank);
-        bool all_ok = true;
-        for (auto _ : state) {
-            all_ok &= f.step() == velora::status::ok;
-            benchmark::ClobberMemory();
-        }
-        if (!all_ok) return state.SkipWithError("step did not return status::ok");
+        if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
         const adarank::layer_info info = f.opt.info(f.id);
         if (info.refreshes != 1) return state.SkipWithError("a refresh happened inside the timed loop");
         state.counters["rank"] = static_cast<double>(info.rank);
@@ -250,12 +251,7 @@ void BM_LowRankAdamRefresh(benchmark::State& state) {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(1)),
                                    adarank::param_kind::low_rank);
         const std::uint64_t refreshes_before = f.opt.info(f.id).refreshes;
-        bool all_ok = true;
-        for (auto _ : state) {
-            all_ok &= f.step() == velora::status::ok;
-            benchmark::ClobberMemory();
-        }
-        if (!all_ok) return state.SkipWithError("step did not return status::ok");
+        if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
         const adarank::layer_info info = f.opt.info(f.id);
         if (info.refreshes - refreshes_before != static_cast<std::uint64_t>(state.iterations()))
             return state.SkipWithError("not every timed step refreshed the subspace");
@@ -397,12 +393,7 @@ velora_fixture& layer() {
 template <class Step>
 void run_layer_step(benchmark::State& state, optimizer_t& opt, optimizer_t::param_id id, Step step) {
     const std::uint64_t refreshes_before = opt.info(id).refreshes;
-    bool all_ok = true;
-    for (auto _ : state) {
-        all_ok &= step() == velora::status::ok;
-        benchmark::ClobberMemory();
-    }
-    if (!all_ok) return state.SkipWithError("step did not return status::ok");
+    if (!timed_steps(state, step)) return state.SkipWithError("step did not return status::ok");
     const adarank::layer_info info = opt.info(id);
     if (info.refreshes != refreshes_before) return state.SkipWithError("a refresh happened inside the timed loop");
     state.counters["rank"] = static_cast<double>(info.rank);

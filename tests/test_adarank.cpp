@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "galore_reference.hpp"
+#include "spectra.hpp"
 #include "test_util.hpp"
 
 using velora::index_t;
@@ -38,24 +39,9 @@ using optimizer_t = adarank::low_rank_adamw<backend_t<T>>;
 
 namespace {
 
-Mat gaussian_matrix(index_t rows, index_t cols, std::uint64_t seed) {
-    Mat a(rows, cols);
-    for (index_t i = 0; i < rows; ++i)
-        for (index_t j = 0; j < cols; ++j) a(i, j) = velora::gaussian_at(seed, static_cast<std::uint64_t>(i * cols + j));
-    return a;
-}
-
-Mat random_orthonormal(index_t rows, index_t cols, std::uint64_t seed) {
-    Eigen::HouseholderQR<Mat> qr(gaussian_matrix(rows, cols, seed));
-    return qr.householderQ() * Mat::Identity(rows, cols);
-}
-
-// U·diag(σ)·Vᵀ with random orthonormal U (rows×k), V (cols×k).
-Mat with_spectrum(index_t rows, index_t cols, const std::vector<double>& sigma, std::uint64_t seed) {
-    const auto k = static_cast<index_t>(sigma.size());
-    const Mat u = random_orthonormal(rows, k, seed), v = random_orthonormal(cols, k, seed + 1);
-    return u * Eigen::Map<const Eigen::VectorXd>(sigma.data(), k).asDiagonal() * v.transpose();
-}
+using test::gaussian_matrix;
+using test::random_orthonormal;
+using test::with_spectrum;
 
 template <class T>
 velora::matrix_view<T> mv(RowMatT<T>& a) { return velora::make_view(a.data(), a.rows(), a.cols()); }
@@ -840,8 +826,9 @@ TEST_CASE("state: a well-formed blob with a negative or non-finite second moment
     for (const float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
         CAPTURE(bad);
         auto blob = good;
+        REQUIRE(blob.size() > sizeof(std::uint64_t) + sizeof(float));
         const std::size_t body = blob.size() - sizeof(std::uint64_t);
-        std::memcpy(blob.data() + body - sizeof(float), &bad, sizeof(float));
+        std::memcpy(&blob[body - sizeof(float)], &bad, sizeof(float));
         const std::uint64_t sum = velora::fnv1a64(std::span<const std::byte>(blob.data(), body));
         std::memcpy(blob.data() + body, &sum, sizeof sum);
         optimizer_t<float> fresh(backend, cfg);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "galore_reference.hpp"
+#include "spectra.hpp"
 #include "test_util.hpp"
 
 using velora::index_t;
@@ -21,24 +22,9 @@ using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowM
 
 namespace {
 
-Mat gaussian_matrix(index_t rows, index_t cols, std::uint64_t seed) {
-    Mat a(rows, cols);
-    for (index_t i = 0; i < rows; ++i)
-        for (index_t j = 0; j < cols; ++j) a(i, j) = velora::gaussian_at(seed, static_cast<std::uint64_t>(i * cols + j));
-    return a;
-}
-
-Mat random_orthonormal(index_t rows, index_t cols, std::uint64_t seed) {
-    Eigen::HouseholderQR<Mat> qr(gaussian_matrix(rows, cols, seed));
-    return qr.householderQ() * Mat::Identity(rows, cols);
-}
-
-// U·diag(σ)·Vᵀ with random orthonormal U (rows×k) and V (cols×k), k = σ.size().
-Mat with_spectrum(index_t rows, index_t cols, const std::vector<double>& sigma, std::uint64_t seed) {
-    const auto k = static_cast<index_t>(sigma.size());
-    const Mat u = random_orthonormal(rows, k, seed), v = random_orthonormal(cols, k, seed + 1);
-    return u * Eigen::Map<const Eigen::VectorXd>(sigma.data(), k).asDiagonal() * v.transpose();
-}
+using test::gaussian_matrix;
+using test::random_orthonormal;
+using test::with_spectrum;
 
 std::vector<double> spectrum(index_t n, const std::function<double(index_t)>& f) {
     std::vector<double> s(static_cast<std::size_t>(n));

@@ -239,14 +239,7 @@ public:
             w.put(static_cast<std::int64_t>(l.cols));
             w.put(static_cast<std::uint8_t>(l.low_rank));
             w.put(static_cast<std::uint8_t>(l.side));
-            w.put(static_cast<std::int64_t>(l.rank));
-            w.put(l.t);
-            w.put(l.since);
-            w.put(l.refreshes);
-            w.put(l.counter);
-            w.put(l.anchor2);
-            w.put(l.projected_norm2);
-            put_report(w, l.last);
+            put_progress(w, l);
             const index_t moment_size = l.low_rank ? l.rank * l.other : l.rows * l.cols;
             put_buffer(w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
             put_buffer(w, l.m, moment_size, host);
@@ -279,16 +272,9 @@ public:
             if (rows != l.rows || cols != l.cols || low_rank != l.low_rank || side != static_cast<std::uint8_t>(l.side))
                 r.bad("parameter ", i, " was saved as ", rows, "x", cols, low_rank ? " low-rank" : " dense", " but is registered as ", l.rows,
                       "x", l.cols, l.low_rank ? " low-rank" : " dense");
-            s.rank = static_cast<index_t>(r.get<std::int64_t>());
+            static_cast<progress&>(s) = get_progress(r);
             if (s.rank < 0 || s.rank > l.r_cap || (!l.low_rank && s.rank != 0))
                 r.bad("parameter ", i, " has the invalid rank ", s.rank, " (at most ", l.r_cap, ")");
-            s.t = r.get<std::uint64_t>();
-            s.since = r.get<std::uint64_t>();
-            s.refreshes = r.get<std::uint64_t>();
-            s.counter = r.get<std::uint64_t>();
-            s.anchor2 = r.get<double>();
-            s.projected_norm2 = r.get<double>();
-            s.last = get_report(r);
             const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
             s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
             s.m = r.get_array<T>(moment_size);
@@ -320,16 +306,7 @@ public:
                 if (target.size() != source.size()) target = std::move(fresh[3 * i + static_cast<std::size_t>(which)]);
                 b_->copy_from_host(source.data(), target.data(), static_cast<index_t>(source.size()));
             }
-            layer& l = layers_[i];
-            loaded_layer& s = loaded[i];
-            l.last = s.last;
-            l.rank = s.rank;
-            l.t = s.t;
-            l.since = s.since;
-            l.refreshes = s.refreshes;
-            l.counter = s.counter;
-            l.anchor2 = s.anchor2;
-            l.projected_norm2 = s.projected_norm2;
+            static_cast<progress&>(layers_[i]) = loaded[i];
         }
         lr_ = lr;
     }
@@ -337,25 +314,26 @@ public:
 private:
     using buffer = typename B::template buffer<T>;
 
-    struct layer {
+    // What a parameter's steps change, besides its buffers; saved and restored as one piece.
+    struct progress {
+        index_t rank = 0;
+        std::uint64_t t = 0, since = 0, refreshes = 0;
+        std::uint64_t counter = 0;    // position in this parameter's Gaussian stream
+        double anchor2 = 0;           // ‖Ĝ‖² at the first step in this subspace (-1 until known)
+        double projected_norm2 = 0;
+        subspace_report last{};
+    };
+
+    struct layer : progress {
         index_t rows = 0, cols = 0;
         bool low_rank = false;
         projection_side side = projection_side::left;
         index_t len = 0, other = 0, r_cap = 0;
-        index_t rank = 0;
-        std::uint64_t t = 0, since = 0, refreshes = 0;
-        std::uint64_t seed = 0, counter = 0;   // this parameter's Gaussian stream and its position
-        double anchor2 = 0;                    // ‖Ĝ‖² at the first step in this subspace (-1 until known)
-        double projected_norm2 = 0;
-        subspace_report last{};
+        std::uint64_t seed = 0;       // of this parameter's Gaussian stream
         buffer basis, m, v;
     };
 
-    struct loaded_layer {
-        index_t rank = 0;
-        std::uint64_t t = 0, since = 0, refreshes = 0, counter = 0;
-        double anchor2 = 0, projected_norm2 = 0;
-        subspace_report last{};
+    struct loaded_layer : progress {
         std::vector<T> basis, m, v;
     };
 
@@ -513,6 +491,29 @@ private:
     }
 
     // Field by field: a struct's padding bytes are not part of the format.
+    static void put_progress(velora::state_writer& w, const progress& p) {
+        w.put(static_cast<std::int64_t>(p.rank));
+        w.put(p.t);
+        w.put(p.since);
+        w.put(p.refreshes);
+        w.put(p.counter);
+        w.put(p.anchor2);
+        w.put(p.projected_norm2);
+        put_report(w, p.last);
+    }
+    static progress get_progress(velora::state_reader& r) {
+        progress p;
+        p.rank = static_cast<index_t>(r.get<std::int64_t>());
+        p.t = r.get<std::uint64_t>();
+        p.since = r.get<std::uint64_t>();
+        p.refreshes = r.get<std::uint64_t>();
+        p.counter = r.get<std::uint64_t>();
+        p.anchor2 = r.get<double>();
+        p.projected_norm2 = r.get<double>();
+        p.last = get_report(r);
+        return p;
+    }
+
     static void put_report(velora::state_writer& w, const subspace_report& rep) {
         w.put(static_cast<std::int64_t>(rep.rank));
         w.put(static_cast<std::int64_t>(rep.sketch));
