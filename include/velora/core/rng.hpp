@@ -9,6 +9,14 @@
 #include <cstdint>
 #include <numbers>
 
+// Under nvcc the transform below is also compiled for the device, so a CUDA kernel draws
+// the same numbers (the macro is empty for every other compiler; no CUDA header is needed).
+#if defined(__CUDACC__)
+#define VELORA_HOST_DEVICE __host__ __device__
+#else
+#define VELORA_HOST_DEVICE
+#endif
+
 namespace velora {
 
 /// SplitMix64 finaliser: a bijective 64-bit mixer with good avalanche.
@@ -30,14 +38,14 @@ constexpr double uniform_at(std::uint64_t seed, std::uint64_t counter) noexcept 
 struct gaussian_pair {
     double even, odd;
 };
-inline gaussian_pair gaussian_pair_at(std::uint64_t seed, std::uint64_t p) noexcept {
+VELORA_HOST_DEVICE inline gaussian_pair gaussian_pair_at(std::uint64_t seed, std::uint64_t p) noexcept {
     const double radius = std::sqrt(-2.0 * std::log(uniform_at(seed, 2 * p)));
     const double angle = 2.0 * std::numbers::pi * uniform_at(seed, 2 * p + 1);
     return {radius * std::cos(angle), radius * std::sin(angle)};
 }
 
 /// Standard normal variate number `i` of stream `seed`.
-inline double gaussian_at(std::uint64_t seed, std::uint64_t i) noexcept {
+VELORA_HOST_DEVICE inline double gaussian_at(std::uint64_t seed, std::uint64_t i) noexcept {
     const gaussian_pair g = gaussian_pair_at(seed, i / 2);
     return i % 2 == 0 ? g.even : g.odd;
 }

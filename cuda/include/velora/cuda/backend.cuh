@@ -1,0 +1,674 @@
+#pragma once
+/// \file
+/// `cuda_backend<T>`: the GPU backend, for T = float or double. It satisfies the same
+/// concepts as `eigen_backend<T>` (velora::backend and adarank::optimizer_backend), so
+/// `velora::compressor`, the layer helpers and `adarank::low_rank_adamw` run unchanged on
+/// device memory: every view and pointer handed to it is device memory, except the host
+/// sides of copy_to_host/copy_from_host and gram_svd's singular values.
+///
+/// The host owns the stream, the cuBLAS and cuSOLVER handles (cuda_context) and a block of
+/// device scratch (device_workspace; size from workspace_bytes()). All work is queued on that
+/// stream. Calls whose result the host needs at once (project_subtokens' finiteness flag,
+/// sum_of_squares, gram_svd's singular values, copy_to_host, orthonormalize_rows' Cholesky
+/// checks) wait for the stream; everything else returns as soon as it is queued.
+///
+/// GEMMs are cuBLAS (row-major views are column-major transposes, so no copies); the
+/// refresh-time linear algebra is cuSOLVER: CholeskyQR2 in double (DGEMM, potrf, trsm) with
+/// a Householder fallback (geqrf + orgqr), and the sketch's SVD from the eigen-decomposition of
+/// its k×k Gram matrix in double (syevd on the device, or Eigen on the host: see
+/// small_eigensolver). Everything else is the kernels in kernels.cuh.
+///
+/// Errors: caller mistakes throw std::invalid_argument (as on the CPU), failures of CUDA,
+/// cuBLAS or cuSOLVER throw cuda_error carrying a cuda_status with the library's error string;
+/// synchronize() returns the status of asynchronous work without throwing.
+///
+/// Uses the device that is current when it is constructed; not thread-safe (one per host
+/// thread, or per stream).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#pragma nv_diag_suppress 20012   // Eigen's defaulted __host__ __device__ members
+#include <Eigen/Core>
+#include <Eigen/Eigenvalues>
+#pragma nv_diag_default 20012
+
+#include <velora/concepts.hpp>
+#include <velora/core/error.hpp>
+#include <velora/core/storage.hpp>
+#include <velora/core/view.hpp>
+
+#include "buffer.hpp"
+#include "context.hpp"
+#include "error.hpp"
+#include "kernels.cuh"
+
+namespace velora::cuda {
+
+/// Where gram_svd solves the k×k symmetric eigenproblem (k = sketch size, ~r + 10).
+enum class small_eigensolver : std::uint8_t {
+    device = 0,   ///< cuSOLVER syevd on the stream (default: no transfer of the k×k matrix)
+    host = 1,     ///< Eigen's SelfAdjointEigenSolver on the host, after copying the Gram matrix
+};
+
+template <class T>
+class cuda_backend {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cuda_backend supports float and double");
+
+public:
+    using value_type = T;
+    template <class U>
+    using buffer = device_buffer<U>;
+
+    /// The workspace may be given later (set_workspace), e.g. after sizing it with
+    /// workspace_bytes(); calls that need it throw std::invalid_argument until then. Throws
+    /// std::invalid_argument for a null handle or a workspace below min_workspace_bytes,
+    /// cuda_error when the device cannot be queried.
+    explicit cuda_backend(cuda_context context, device_workspace workspace = {}) : ctx_(context) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::cuda_backend";
+        detail_require(ctx_.blas != nullptr, fn, "context.blas is null; create a cuBLAS handle (or use owned_context)");
+        detail_require(ctx_.solver != nullptr, fn, "context.solver is null; create a cuSOLVER handle (or use owned_context)");
+        int device = 0;
+        detail::check(cudaGetDevice(&device), fn, "cudaGetDevice");
+        detail::check(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
+        if (workspace.data != nullptr || workspace.bytes != 0) set_workspace(workspace);
+    }
+
+    [[nodiscard]] const cuda_context& context() const noexcept { return ctx_; }
+
+    /// Scratch the backend may use from now on (the host keeps it alive). Throws
+    /// std::invalid_argument when it is null or smaller than min_workspace_bytes.
+    void set_workspace(device_workspace workspace) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::set_workspace";
+        detail_require(workspace.data != nullptr && workspace.bytes >= min_workspace_bytes, fn, "the workspace holds ", workspace.bytes,
+                       " bytes at ", workspace.data, " but needs at least min_workspace_bytes = ", min_workspace_bytes,
+                       " (see workspace_bytes())");
+        detail_require(reinterpret_cast<std::uintptr_t>(workspace.data) % 256 == 0, fn, "the workspace must be 256-byte aligned (cudaMalloc memory is)");
+        ws_ = workspace;
+    }
+    [[nodiscard]] device_workspace workspace() const noexcept { return ws_; }
+
+    /// The fixed part of the workspace (flags and reduction partials).
+    static constexpr std::size_t min_workspace_bytes = 4096;
+
+    /// Workspace bytes that suffice for every call on matrices of at most `max_cols` columns
+    /// (column sums, sub-token sums) and for orthonormalize_rows/gram_svd on k×n blocks with
+    /// k <= max_rows and n <= max_cols. For AdaRankGrad: max_rows = the largest sketch (r_max +
+    /// oversampling, or min(m, n) on the exact path), max_cols = the largest dimension.
+    [[nodiscard]] std::size_t workspace_bytes(index_t max_rows, index_t max_cols) const {
+        constexpr const char* fn = "velora::cuda::cuda_backend::workspace_bytes";
+        detail_require(max_rows > 0 && max_cols > 0 && max_rows <= max_cols, fn, "needs 0 < max_rows <= max_cols, got ", max_rows, " and ",
+                       max_cols);
+        return min_workspace_bytes + std::max({column_reduction_bytes(max_cols), cholesky_qr_bytes(max_rows, max_cols),
+                                               householder_bytes(max_rows, max_cols), gram_svd_bytes(max_rows, max_cols)});
+    }
+
+    /// Waits for all queued work and returns its status (ok, or the first asynchronous error);
+    /// never throws.
+    [[nodiscard]] cuda_status synchronize() noexcept {
+        const cudaError_t e = cudaStreamSynchronize(ctx_.stream);
+        if (e != cudaSuccess) return detail::make_status("velora::cuda::cuda_backend::synchronize", "cudaStreamSynchronize", e);
+        return {};
+    }
+
+    void set_small_eigensolver(small_eigensolver which) noexcept { eigensolver_ = which; }
+    [[nodiscard]] small_eigensolver eigensolver() const noexcept { return eigensolver_; }
+
+    // ---------------------------------------------------------------- memory
+    /// Device to host; returns when the data is on the host.
+    void copy_to_host(const T* src, T* dst, index_t n) {
+        if (n <= 0) return;
+        constexpr const char* fn = "velora::cuda::cuda_backend::copy_to_host";
+        detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+    }
+    /// Host to device; `src` may be reused as soon as this returns.
+    void copy_from_host(const T* src, T* dst, index_t n) {
+        if (n <= 0) return;
+        detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyHostToDevice, ctx_.stream),
+                      "velora::cuda::cuda_backend::copy_from_host", "cudaMemcpyAsync");
+    }
+    /// Within device memory.
+    template <class U>
+    void copy(const U* src, U* dst, index_t n) {
+        if (n <= 0) return;
+        detail::check(cudaMemcpyAsync(dst, src, bytes_of<U>(n), cudaMemcpyDeviceToDevice, ctx_.stream), "velora::cuda::cuda_backend::copy",
+                      "cudaMemcpyAsync");
+    }
+
+    // ---------------------------------------------------------------- GEMM
+    /// C = alpha · op(A) · op(B) + beta · C (row-major views), by cuBLAS. beta = 0 ignores C.
+    void gemm(op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::gemm";
+        check_view(a, fn, "a");
+        check_view(b, fn, "b");
+        check_view(c, fn, "c");
+        const index_t m = op_a == op::none ? a.rows : a.cols;
+        const index_t k = op_a == op::none ? a.cols : a.rows;
+        const index_t kb = op_b == op::none ? b.rows : b.cols;
+        const index_t n = op_b == op::none ? b.cols : b.rows;
+        detail_require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
+        detail_require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
+        require_int(fn, m, n, k, a.ld, b.ld, c.ld);
+        gemm_unchecked(fn, op_a, op_b, alpha, a, b, beta, c, m, n, k);
+    }
+
+    // ---------------------------------------------------------------- sub-token kernels
+    /// Z[t, g] = Σ_j X[t, g·s + j] · v[j], X read as zero past its last column, converted to U.
+    /// Returns false when a dot product is not finite. Waits for the result.
+    template <class U>
+    bool project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::project_subtokens";
+        require_workspace(fn, 0);
+        int* bad = flag();
+        detail::check(cudaMemsetAsync(bad, 0, sizeof(int), ctx_.stream), fn, "cudaMemsetAsync");
+        constexpr int V = kernels::vector16<T>::width;
+        const bool vectorised = aligned16(x.data) && aligned16(v) && x.ld % V == 0 && s % V == 0 && x.cols % V == 0;
+        const index_t per_team = vectorised ? s / V : s;   // loads per sub-token
+        int lanes = 1;
+        while (lanes < 32 && lanes < per_team) lanes *= 2;
+        const index_t warps_needed = (x.rows * z.cols + (32 / lanes) - 1) / (32 / lanes);
+        const unsigned blocks = grid_for((warps_needed * 32 + kernels::kThreads - 1) / kernels::kThreads);
+        if (vectorised)
+            kernels::project_subtokens<T, U, true><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
+                                                                                                 z.cols, z.ld, lanes, bad);
+        else
+            kernels::project_subtokens<T, U, false><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
+                                                                                                  z.cols, z.ld, lanes, bad);
+        check_launch(fn);
+        int host_bad = 0;
+        detail::check(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+        return host_bad == 0;
+    }
+
+    /// out[r, g·s + j] = scale · A[r, g] · v[j] for every column g·s + j < out.cols.
+    template <class U>
+    void expand_subtokens(const_matrix_view<U> a, const T* v, index_t s, T scale, matrix_view<T> out) {
+        const U* ad = a.data;
+        const index_t lda = a.ld;
+        T* od = out.data;
+        const index_t ldo = out.ld;
+        for_each_2d("velora::cuda::cuda_backend::expand_subtokens", out.rows, out.cols, [=] __device__(kernels::index r, kernels::index c) {
+            const kernels::index g = c / s;
+            od[r * ldo + c] = scale * to_arithmetic<T>(ad[r * lda + g]) * v[c - g * s];
+        });
+    }
+
+    /// out[j] = Σ_t Σ_g X[t, g·s + j] (zero padding included).
+    void sum_subtokens(const_matrix_view<T> x, index_t s, T* out) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::sum_subtokens";
+        const T* xd = x.data;
+        const index_t ld = x.ld;
+        const index_t d = x.cols;
+        const double* partial = column_reduce(fn, x.rows, d, [=] __device__(kernels::index t, kernels::index c) { return xd[t * ld + c]; });
+        const index_t chunks = chunk_count(x.rows);
+        for_each_1d(fn, s, [=] __device__(kernels::index j) {
+            double sum = 0;
+            for (kernels::index k = 0; k < chunks; ++k)
+                for (kernels::index c = j; c < d; c += s) sum += partial[k * d + c];
+            out[j] = static_cast<T>(sum);
+        });
+    }
+
+    /// out[g·s + j] = scale · v[j] · Σ_t dY[t, g·s + j] · Z[t, g] (the SSF weight gradient).
+    template <class U>
+    void weighted_subtoken_column_sums(const_matrix_view<T> dy, const_matrix_view<U> z, const T* v, index_t s, T scale, T* out) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::weighted_subtoken_column_sums";
+        const T* yd = dy.data;
+        const index_t ldy = dy.ld;
+        const U* zd = z.data;
+        const index_t ldz = z.ld;
+        const index_t d = dy.cols;
+        const double* partial = column_reduce(fn, dy.rows, d, [=] __device__(kernels::index t, kernels::index c) {
+            return static_cast<double>(yd[t * ldy + c]) * static_cast<double>(to_arithmetic<T>(zd[t * ldz + c / s]));
+        });
+        const index_t chunks = chunk_count(dy.rows);
+        for_each_1d(fn, d, [=] __device__(kernels::index c) {
+            double sum = 0;
+            for (kernels::index k = 0; k < chunks; ++k) sum += partial[k * d + c];
+            out[c] = static_cast<T>(sum * static_cast<double>(scale) * static_cast<double>(v[c % s]));
+        });
+    }
+
+    /// out[j] = Σ_t X[t, j].
+    void column_sums(const_matrix_view<T> x, T* out) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::column_sums";
+        const T* xd = x.data;
+        const index_t ld = x.ld;
+        const index_t d = x.cols;
+        const double* partial = column_reduce(fn, x.rows, d, [=] __device__(kernels::index t, kernels::index c) { return xd[t * ld + c]; });
+        const index_t chunks = chunk_count(x.rows);
+        for_each_1d(fn, d, [=] __device__(kernels::index c) {
+            double sum = 0;
+            for (kernels::index k = 0; k < chunks; ++k) sum += partial[k * d + c];
+            out[c] = static_cast<T>(sum);
+        });
+    }
+
+    /// out[t, j] = in[t, j] · w[j] + b[j]; null w means 1, null b means 0; out may alias in.
+    void scale_shift_columns(const_matrix_view<T> in, const T* w, const T* b, matrix_view<T> out) {
+        const T* id = in.data;
+        const index_t ldi = in.ld;
+        T* od = out.data;
+        const index_t ldo = out.ld;
+        for_each_2d("velora::cuda::cuda_backend::scale_shift_columns", out.rows, out.cols, [=] __device__(kernels::index r, kernels::index c) {
+            T value = id[r * ldi + c];
+            if (w) value *= w[c];
+            if (b) value += b[c];
+            od[r * ldo + c] = value;
+        });
+    }
+
+    /// out = in, element-wise conversion from a storage type.
+    template <class U>
+    void convert(const_matrix_view<U> in, matrix_view<T> out) {
+        const U* id = in.data;
+        const index_t ldi = in.ld;
+        T* od = out.data;
+        const index_t ldo = out.ld;
+        for_each_2d("velora::cuda::cuda_backend::convert", out.rows, out.cols,
+                    [=] __device__(kernels::index r, kernels::index c) { od[r * ldo + c] = to_arithmetic<T>(id[r * ldi + c]); });
+    }
+
+    /// out[i] = gaussian_at(seed, offset + i): the same stream as every other backend.
+    void fill_gaussian(std::uint64_t seed, std::uint64_t offset, T* out, index_t n) {
+        if (n <= 0) return;
+        const auto pairs = static_cast<index_t>((offset + static_cast<std::uint64_t>(n) + 1) / 2 - offset / 2);
+        kernels::fill_gaussian<T><<<grid_for((pairs + kernels::kThreads - 1) / kernels::kThreads), kernels::kThreads, 0, ctx_.stream>>>(
+            seed, offset, out, n);
+        check_launch("velora::cuda::cuda_backend::fill_gaussian");
+    }
+
+    // ---------------------------------------------------------------- optimizer kernels
+    /// Rows of a (k×c, k <= c) made orthonormal in place, same row space: CholeskyQR2 in
+    /// double (DGEMM Gram, potrf, trsm; the same acceptance tests as eigen_backend), with
+    /// Householder QR of aᵀ (geqrf + orgqr, in T) when the Cholesky factorisation breaks down.
+    void orthonormalize_rows(matrix_view<T> a) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::orthonormalize_rows";
+        check_view(a, fn, "a");
+        detail_require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
+        const index_t k = a.rows, c = a.cols;
+        require_int(fn, k, c, a.ld);
+        require_workspace(fn, std::max(cholesky_qr_bytes(k, c), householder_bytes(k, c)));
+        double* xd = big<double>(0);                       // k×c row-major = c×k column-major
+        double* gram = xd + k * c;                          // k×k
+        double* work = gram + k * k;
+        const int lwork = potrf_lwork(k);
+        int* info = info_flag();
+        {
+            const T* src = a.data;
+            const index_t ld = a.ld;
+            for_each_2d(fn, k, c, [=] __device__(kernels::index r, kernels::index j) { xd[r * c + j] = static_cast<double>(src[r * ld + j]); });
+        }
+        bool ok = true;
+        std::vector<double>& diag = host_scratch_;
+        for (int pass = 0; pass < 2 && ok; ++pass) {
+            const double one = 1, zero = 0;
+            bind_blas(fn);
+            detail::check(cublasDgemm(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(k), int(k), int(c), &one, xd, int(c), xd, int(c), &zero, gram, int(k)),
+                          fn, "cublasDgemm (Gram matrix)");
+            bind_solver(fn);
+            detail::check(cusolverDnDpotrf(ctx_.solver, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), work, lwork, info), fn, "cusolverDnDpotrf");
+            int host_info = 0;
+            diag.resize(static_cast<std::size_t>(k));
+            detail::check(cudaMemcpy2DAsync(diag.data(), sizeof(double), gram, (k + 1) * sizeof(double), sizeof(double), k,
+                                            cudaMemcpyDeviceToHost, ctx_.stream),
+                          fn, "cudaMemcpy2DAsync (Cholesky diagonal)");
+            detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync (potrf info)");
+            detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+            ok = host_info == 0;
+            if (ok) {
+                // As in eigen_backend: pass 1 accepts cond(L) up to ~1e7, pass 2 must see an
+                // almost orthonormal block.
+                const auto [lo, hi] = std::minmax_element(diag.begin(), diag.end());
+                ok = *lo > (pass == 0 ? 1e-7 : 0.5) * *hi;
+            }
+            if (ok) {   // X ← X·L⁻ᵀ, i.e. the rows of a ← L⁻¹·a
+                bind_blas(fn);
+                detail::check(cublasDtrsm(ctx_.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, int(c), int(k), &one,
+                                          gram, int(k), xd, int(c)),
+                              fn, "cublasDtrsm");
+            }
+        }
+        if (ok) {
+            T* dst = a.data;
+            const index_t ld = a.ld;
+            for_each_2d(fn, k, c, [=] __device__(kernels::index r, kernels::index j) { dst[r * ld + j] = static_cast<T>(xd[r * c + j]); });
+            return;
+        }
+        householder_rows(fn, a);
+    }
+
+    /// Singular values (descending, host memory, double) and left singular vectors (the columns
+    /// of u, k×k) of a wide c (k×n, k <= n), from the eigen-decomposition of c·cᵀ in double.
+    /// Waits for the result.
+    void gram_svd(const_matrix_view<T> c, matrix_view<T> u, double* sigma) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::gram_svd";
+        check_view(c, fn, "c");
+        detail_require(c.rows <= c.cols, fn, "argument 'c' is ", c.rows, "x", c.cols, "; it needs rows <= cols");
+        check_shape(u, c.rows, c.rows, fn, "u");
+        detail_require(sigma != nullptr, fn, "argument 'sigma' is null");
+        const index_t k = c.rows, n = c.cols;
+        require_int(fn, k, n, c.ld, u.ld);
+        require_workspace(fn, gram_svd_bytes(k, n));
+        double* cd = big<double>(0);   // k×n row-major = n×k column-major
+        double* gram = cd + k * n;     // k×k
+        double* w = gram + k * k;      // eigenvalues, ascending
+        double* work = w + k;
+        {
+            const T* src = c.data;
+            const index_t ld = c.ld;
+            for_each_2d(fn, k, n, [=] __device__(kernels::index r, kernels::index j) { cd[r * n + j] = static_cast<double>(src[r * ld + j]); });
+        }
+        const double one = 1, zero = 0;
+        bind_blas(fn);
+        detail::check(cublasDgemm(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(k), int(k), int(n), &one, cd, int(n), cd, int(n), &zero, gram, int(k)), fn,
+                      "cublasDgemm (Gram matrix)");
+        std::vector<double>& values = host_scratch_;
+        values.resize(static_cast<std::size_t>(k));
+        T* ud = u.data;
+        const index_t ldu = u.ld;
+        if (eigensolver_ == small_eigensolver::device) {
+            bind_solver(fn);
+            detail::check(cusolverDnDsyevd(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), w, work, syevd_lwork(k),
+                                           info_flag()),
+                          fn, "cusolverDnDsyevd");
+            // u(j, i) = eigenvector k-1-i (column k-1-i of the column-major result), entry j.
+            for_each_2d(fn, k, k, [=] __device__(kernels::index j, kernels::index i) { ud[j * ldu + i] = static_cast<T>(gram[(k - 1 - i) * k + j]); });
+            detail::check(cudaMemcpyAsync(values.data(), w, bytes_of<double>(k), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+            int host_info = 0;
+            detail::check(cudaMemcpyAsync(&host_info, info_flag(), sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+            detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+            if (host_info != 0)
+                throw cuda_error({cuda_library::cusolver, host_info, std::string(fn) + ": cusolverDnDsyevd did not converge (info = " + std::to_string(host_info) + ")"});
+        } else {
+            host_gram_.resize(k, k);
+            detail::check(cudaMemcpyAsync(host_gram_.data(), gram, bytes_of<double>(k * k), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+            detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+            host_eig_.compute(host_gram_);   // symmetric: row- or column-major is the same matrix
+            host_u_.resize(static_cast<std::size_t>(k * k));
+            for (index_t i = 0; i < k; ++i) {
+                values[static_cast<std::size_t>(i)] = host_eig_.eigenvalues()(i);
+                for (index_t j = 0; j < k; ++j) host_u_[static_cast<std::size_t>(j * k + i)] = static_cast<T>(host_eig_.eigenvectors()(j, k - 1 - i));
+            }
+            detail::check(cudaMemcpy2DAsync(ud, ldu * sizeof(T), host_u_.data(), k * sizeof(T), k * sizeof(T), k, cudaMemcpyHostToDevice, ctx_.stream),
+                          fn, "cudaMemcpy2DAsync");
+        }
+        for (index_t i = 0; i < k; ++i) sigma[i] = std::sqrt(std::max(0.0, values[static_cast<std::size_t>(k - 1 - i)]));
+    }
+
+    /// Σ a[i, j]² in double, in a fixed summation order. Waits for the result.
+    double sum_of_squares(const_matrix_view<T> a) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::sum_of_squares";
+        if (a.empty()) return 0;
+        require_workspace(fn, 0);
+        double* partial = small<double>(kPartialsOffset);
+        double* result = partial + kernels::kReducePartials;
+        kernels::sum_of_squares_partials<T><<<kernels::kReducePartials, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(
+            a.data, a.rows, a.cols, a.ld, partial);
+        check_launch(fn);
+        kernels::sum_partials<<<1, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(partial, kernels::kReducePartials, result);
+        check_launch(fn);
+        double host = 0;
+        detail::check(cudaMemcpyAsync(&host, result, sizeof(double), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+        return host;
+    }
+
+    /// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², n = m / (√v + ε); n may alias g.
+    void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
+        const T* gd = g.data;
+        T *md = m.data, *vd = v.data, *nd = n.data;
+        const index_t ldg = g.ld, ldm = m.ld, ldv = v.ld, ldn = n.ld;
+        for_each_2d("velora::cuda::cuda_backend::adam_moments", n.rows, n.cols, [=] __device__(kernels::index r, kernels::index c) {
+            const T grad = gd[r * ldg + c];
+            const T mm = beta1 * md[r * ldm + c] + (T(1) - beta1) * grad;
+            const T vv = beta2 * vd[r * ldv + c] + (T(1) - beta2) * grad * grad;
+            md[r * ldm + c] = mm;
+            vd[r * ldv + c] = vv;
+            nd[r * ldn + c] = mm / (sqrt(vv) + eps);
+        });
+    }
+
+    /// Dense AdamW in one pass: the moments as above, then w = decay · (w − step · m / (√v + ε)).
+    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, T step, T decay) {
+        const T* gd = g.data;
+        T *wd = w.data, *md = m.data, *vd = v.data;
+        const index_t ldw = w.ld, ldg = g.ld, ldm = m.ld, ldv = v.ld;
+        for_each_2d("velora::cuda::cuda_backend::adamw_update", w.rows, w.cols, [=] __device__(kernels::index r, kernels::index c) {
+            const T grad = gd[r * ldg + c];
+            const T mm = beta1 * md[r * ldm + c] + (T(1) - beta1) * grad;
+            const T vv = beta2 * vd[r * ldv + c] + (T(1) - beta2) * grad * grad;
+            md[r * ldm + c] = mm;
+            vd[r * ldv + c] = vv;
+            const T updated = wd[r * ldw + c] - step * (mm / (sqrt(vv) + eps));
+            wd[r * ldw + c] = decay == T(1) ? updated : decay * updated;
+        });
+    }
+
+    /// out = in ∘ in.
+    void square(const_matrix_view<T> in, matrix_view<T> out) {
+        const T* id = in.data;
+        T* od = out.data;
+        const index_t ldi = in.ld, ldo = out.ld;
+        for_each_2d("velora::cuda::cuda_backend::square", out.rows, out.cols, [=] __device__(kernels::index r, kernels::index c) {
+            const T e = id[r * ldi + c];
+            od[r * ldo + c] = e * e;
+        });
+    }
+
+    /// a = max(a, 0).
+    void clamp_nonnegative(matrix_view<T> a) {
+        T* d = a.data;
+        const index_t ld = a.ld;
+        for_each_2d("velora::cuda::cuda_backend::clamp_nonnegative", a.rows, a.cols, [=] __device__(kernels::index r, kernels::index c) {
+            if (d[r * ld + c] < T(0)) d[r * ld + c] = T(0);
+        });
+    }
+
+    /// a *= factor.
+    void scale(matrix_view<T> a, T factor) {
+        T* d = a.data;
+        const index_t ld = a.ld;
+        for_each_2d("velora::cuda::cuda_backend::scale", a.rows, a.cols, [=] __device__(kernels::index r, kernels::index c) { d[r * ld + c] *= factor; });
+    }
+
+    /// a[i, j] = value.
+    void fill(matrix_view<T> a, T value) {
+        T* d = a.data;
+        const index_t ld = a.ld;
+        for_each_2d("velora::cuda::cuda_backend::fill", a.rows, a.cols, [=] __device__(kernels::index r, kernels::index c) { d[r * ld + c] = value; });
+    }
+
+    /// a = the (possibly rectangular) identity.
+    void set_identity(matrix_view<T> a) {
+        T* d = a.data;
+        const index_t ld = a.ld;
+        for_each_2d("velora::cuda::cuda_backend::set_identity", a.rows, a.cols,
+                    [=] __device__(kernels::index r, kernels::index c) { d[r * ld + c] = r == c ? T(1) : T(0); });
+    }
+
+    /// Flips the sign of every row whose largest-magnitude entry (the first on ties) is negative.
+    void canonicalize_row_signs(matrix_view<T> a) {
+        if (a.empty()) return;
+        kernels::canonicalize_row_signs<T><<<static_cast<unsigned>(std::min<index_t>(a.rows, 65535)), dim3(kernels::kBlockX, kernels::kBlockY), 0,
+                                              ctx_.stream>>>(a.data, a.rows, a.cols, a.ld);
+        check_launch("velora::cuda::cuda_backend::canonicalize_row_signs");
+    }
+
+    // ---------------------------------------------------------------- internals
+    // (Public only because nvcc's extended device lambdas may not be defined in private
+    // members; not part of the interface.)
+
+    /// f(r, c) for every element of a rows×cols block, on the stream.
+    template <class F>
+    void for_each_2d(const char* fn, index_t rows, index_t cols, F f) {
+        if (rows <= 0 || cols <= 0) return;
+        const auto gx = static_cast<unsigned>(std::min<index_t>((cols + kernels::kBlockX - 1) / kernels::kBlockX, 1024));
+        const auto gy = static_cast<unsigned>(std::min<index_t>((rows + kernels::kBlockY - 1) / kernels::kBlockY, 65535));
+        kernels::for_each_2d<<<dim3(gx, gy), dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(rows, cols, f);
+        check_launch(fn);
+    }
+    template <class F>
+    void for_each_1d(const char* fn, index_t n, F f) {
+        if (n <= 0) return;
+        kernels::for_each_1d<<<grid_for((n + kernels::kThreads - 1) / kernels::kThreads), kernels::kThreads, 0, ctx_.stream>>>(n, f);
+        check_launch(fn);
+    }
+
+    /// Column partial sums of value(t, c) over rows×width into the workspace (chunk_count(rows)
+    /// chunks of width doubles each); returns them.
+    template <class F>
+    const double* column_reduce(const char* fn, index_t rows, index_t width, F value) {
+        require_workspace(fn, column_reduction_bytes(width));
+        double* partial = big<double>(0);
+        const index_t chunks = chunk_count(rows);
+        const index_t chunk_rows = (rows + chunks - 1) / chunks;
+        const dim3 grid(static_cast<unsigned>((width + kernels::kBlockX - 1) / kernels::kBlockX), static_cast<unsigned>(chunks));
+        kernels::column_partials<<<grid, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(rows, width, chunk_rows, value, partial);
+        check_launch(fn);
+        return partial;
+    }
+
+private:
+    template <class... Parts>
+    static void detail_require(bool ok, const char* fn, const Parts&... parts) {
+        velora::detail::require(ok, fn, parts...);
+    }
+
+    template <class U>
+    static std::size_t bytes_of(index_t n) noexcept { return static_cast<std::size_t>(n) * sizeof(U); }
+    static constexpr std::size_t align256(std::size_t b) noexcept { return (b + 255) / 256 * 256; }
+    static bool aligned16(const void* p) noexcept { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+    template <class... I>
+    static void require_int(const char* fn, I... values) {
+        (detail_require(values <= std::numeric_limits<int>::max(), fn, "a dimension or leading dimension of ", values,
+                        " exceeds cuBLAS/cuSOLVER's int range"),
+         ...);
+    }
+
+    static index_t chunk_count(index_t rows) noexcept { return std::clamp<index_t>((rows + 63) / 64, 1, kernels::kColumnChunks); }
+
+    // Workspace layout: [0, min_workspace_bytes) holds the flags and the sum_of_squares
+    // partials; the rest ("big") is reused by one operation at a time, in stream order.
+    static constexpr std::size_t kFlagOffset = 0;       // int: project_subtokens' finiteness
+    static constexpr std::size_t kInfoOffset = 64;      // int: cuSOLVER's info
+    static constexpr std::size_t kPartialsOffset = 256; // kReducePartials + 1 doubles
+    static_assert(kPartialsOffset + (kernels::kReducePartials + 1) * sizeof(double) <= min_workspace_bytes);
+
+    static std::size_t column_reduction_bytes(index_t width) noexcept {
+        return align256(bytes_of<double>(kernels::kColumnChunks * width));
+    }
+    std::size_t cholesky_qr_bytes(index_t k, index_t c) const { return align256(bytes_of<double>(k * c + k * k + potrf_lwork(k))); }
+    std::size_t householder_bytes(index_t k, index_t c) const {
+        return align256(bytes_of<T>(k)) + align256(bytes_of<T>(householder_lwork(k, c)));
+    }
+    std::size_t gram_svd_bytes(index_t k, index_t n) const { return align256(bytes_of<double>(k * n + k * k + k + syevd_lwork(k))); }
+
+    // cuSOLVER's work sizes; the queries read only the shapes (any non-null pointer serves).
+    int potrf_lwork(index_t k) const {
+        int lwork = 0;
+        detail::check(cusolverDnDpotrf_bufferSize(ctx_.solver, CUBLAS_FILL_MODE_LOWER, int(k), dummy<double>(), int(k), &lwork),
+                      "velora::cuda::cuda_backend", "cusolverDnDpotrf_bufferSize");
+        return lwork;
+    }
+    int syevd_lwork(index_t k) const {
+        int lwork = 0;
+        detail::check(cusolverDnDsyevd_bufferSize(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, int(k), dummy<double>(), int(k),
+                                                  dummy<double>(), &lwork),
+                      "velora::cuda::cuda_backend", "cusolverDnDsyevd_bufferSize");
+        return lwork;
+    }
+    int householder_lwork(index_t k, index_t c) const {
+        int geqrf = 0, orgqr = 0;
+        if constexpr (std::is_same_v<T, float>) {
+            detail::check(cusolverDnSgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<float>(), int(c), &geqrf), "velora::cuda::cuda_backend",
+                          "cusolverDnSgeqrf_bufferSize");
+            detail::check(cusolverDnSorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<float>(), int(c), dummy<float>(), &orgqr),
+                          "velora::cuda::cuda_backend", "cusolverDnSorgqr_bufferSize");
+        } else {
+            detail::check(cusolverDnDgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<double>(), int(c), &geqrf), "velora::cuda::cuda_backend",
+                          "cusolverDnDgeqrf_bufferSize");
+            detail::check(cusolverDnDorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<double>(), int(c), dummy<double>(), &orgqr),
+                          "velora::cuda::cuda_backend", "cusolverDnDorgqr_bufferSize");
+        }
+        return std::max(geqrf, orgqr);
+    }
+    template <class U>
+    static U* dummy() noexcept { return reinterpret_cast<U*>(std::uintptr_t{256}); }
+
+    void require_workspace(const char* fn, std::size_t big_bytes) const {
+        const std::size_t need = min_workspace_bytes + big_bytes;
+        detail_require(need <= ws_.bytes, fn, "this call needs a workspace of ", need, " bytes but the backend has ", ws_.bytes,
+                       "; size it with workspace_bytes(max_rows, max_cols) and pass it to set_workspace");
+    }
+
+    template <class U>
+    U* small(std::size_t offset) const noexcept { return reinterpret_cast<U*>(static_cast<std::byte*>(ws_.data) + offset); }
+    template <class U>
+    U* big(std::size_t offset) const noexcept { return reinterpret_cast<U*>(static_cast<std::byte*>(ws_.data) + min_workspace_bytes + offset); }
+    int* flag() const noexcept { return small<int>(kFlagOffset); }
+    int* info_flag() const noexcept { return small<int>(kInfoOffset); }
+
+    unsigned grid_for(index_t blocks) const noexcept { return static_cast<unsigned>(std::clamp<index_t>(blocks, 1, index_t{sms_} * 32)); }
+
+    void check_launch(const char* fn) { detail::check(cudaGetLastError(), fn, "kernel launch"); }
+    void bind_blas(const char* fn) {
+        detail::check(cublasSetStream(ctx_.blas, ctx_.stream), fn, "cublasSetStream");
+        detail::check(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST), fn, "cublasSetPointerMode");
+    }
+    void bind_solver(const char* fn) { detail::check(cusolverDnSetStream(ctx_.solver, ctx_.stream), fn, "cusolverDnSetStream"); }
+
+    void gemm_unchecked(const char* fn, op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c,
+                        index_t m, index_t n, index_t k) {
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix is
+        // its own transpose read column-major: swap the operands, keep the flags.
+        const cublasOperation_t tb = op_b == op::none ? CUBLAS_OP_N : CUBLAS_OP_T;
+        const cublasOperation_t ta = op_a == op::none ? CUBLAS_OP_N : CUBLAS_OP_T;
+        bind_blas(fn);
+        if constexpr (std::is_same_v<T, float>)
+            detail::check(cublasSgemm(ctx_.blas, tb, ta, int(n), int(m), int(k), &alpha, b.data, int(b.ld), a.data, int(a.ld), &beta, c.data, int(c.ld)),
+                          fn, "cublasSgemm");
+        else
+            detail::check(cublasDgemm(ctx_.blas, tb, ta, int(n), int(m), int(k), &alpha, b.data, int(b.ld), a.data, int(a.ld), &beta, c.data, int(c.ld)),
+                          fn, "cublasDgemm");
+    }
+
+    // Householder QR of aᵀ (column-major c×k, lda = a.ld: the same memory), Q's k columns in place.
+    void householder_rows(const char* fn, matrix_view<T> a) {
+        const int k = int(a.rows), c = int(a.cols), ld = int(a.ld);
+        T* tau = big<T>(0);
+        T* work = big<T>(align256(bytes_of<T>(k)));
+        const int lwork = householder_lwork(k, c);
+        int* info = info_flag();
+        bind_solver(fn);
+        if constexpr (std::is_same_v<T, float>) {
+            detail::check(cusolverDnSgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnSgeqrf");
+            detail::check(cusolverDnSorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnSorgqr");
+        } else {
+            detail::check(cusolverDnDgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDgeqrf");
+            detail::check(cusolverDnDorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDorgqr");
+        }
+    }
+
+    cuda_context ctx_;
+    device_workspace ws_;
+    int sms_ = 1;
+    small_eigensolver eigensolver_ = small_eigensolver::device;
+    std::vector<double> host_scratch_;
+    // Host path of gram_svd (refresh time only; allocates on first use).
+    Eigen::MatrixXd host_gram_;
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> host_eig_;
+    std::vector<T> host_u_;
+};
+
+} // namespace velora::cuda

@@ -1,0 +1,518 @@
+// GPU twins of the CPU tests: every backend member, the compressor and the low-rank AdamW run
+// on the CUDA backend and are compared with the Eigen backend on the same inputs.
+// Exits with 77 (CTest: skipped) when no CUDA device is visible.
+//
+// Tolerances (relative to the largest magnitude of the reference, or absolute where stated):
+//   float 2e-5, double 1e-12 for GEMMs, sub-token kernels, reductions and element-wise updates
+//   (different summation order and FMA contraction; nothing else differs);
+//   f16/bf16 storage: one unit in the last place of the storage type (a float dot product that
+//   differs in its last bit can round to the neighbouring 16-bit value);
+//   Gaussian fill: 1e-6 (float) / 1e-13 (double) of gaussian_at (device log/sin/cos are within
+//   2 ulp of the host's);
+//   QR and SVD: orthonormality to 1e-5 / 1e-12, singular values to 1e-5 / 1e-10;
+//   a whole low-rank AdamW run in double: 1e-9.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <velora/cuda.cuh>
+
+#include <velora/backend/eigen.hpp>
+#include <velora/compressor.hpp>
+#include <velora/layers.hpp>
+#include <adarank/adarank.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "../test_util.hpp"
+
+using velora::const_matrix_view;
+using velora::index_t;
+using velora::matrix_view;
+using velora::op;
+using velora::cuda::cuda_backend;
+using velora::cuda::device_buffer;
+
+static_assert(velora::backend<cuda_backend<float>> && velora::backend<cuda_backend<double>>);
+static_assert(adarank::optimizer_backend<cuda_backend<float>> && adarank::optimizer_backend<cuda_backend<double>>);
+static_assert(adarank::low_rank_optimizer<adarank::low_rank_adamw<cuda_backend<float>>>);
+static_assert(velora::activation_compressor<velora::compressor<cuda_backend<float>>>);
+
+namespace {
+
+template <class U>
+device_buffer<U> upload(const std::vector<U>& host) {
+    device_buffer<U> d(host.size());
+    REQUIRE(cudaMemcpy(d.data(), host.data(), host.size() * sizeof(U), cudaMemcpyHostToDevice) == cudaSuccess);
+    return d;
+}
+template <class U>
+std::vector<U> download(const U* device, std::size_t n) {
+    std::vector<U> host(n);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    REQUIRE(cudaMemcpy(host.data(), device, n * sizeof(U), cudaMemcpyDeviceToHost) == cudaSuccess);
+    return host;
+}
+template <class U>
+std::vector<U> download(const device_buffer<U>& d) { return download(d.data(), d.size()); }
+
+template <class T>
+double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
+
+// max |a - b| / max(1e-30, max |b|)
+template <class A, class B>
+double rel_diff(const std::vector<A>& a, const std::vector<B>& b) {
+    REQUIRE(a.size() == b.size());
+    double diff = 0, scale = 1e-30;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+        scale = std::max(scale, std::abs(double(b[i])));
+    }
+    return diff / scale;
+}
+
+// The two backends side by side, the CUDA one with a workspace for problems up to 256 x 8192.
+template <class T>
+struct twins {
+    velora::cuda::owned_context ctx;
+    device_buffer<std::byte> ws;
+    cuda_backend<T> gpu{ctx};
+    velora::eigen_backend<T> cpu{1};
+
+    explicit twins(index_t max_rows = 256, index_t max_cols = 8192) {
+        ws.resize(gpu.workspace_bytes(max_rows, max_cols));
+        gpu.set_workspace({ws.data(), ws.size()});
+    }
+};
+
+template <class T>
+std::vector<T> values(std::size_t n, std::uint64_t seed) { return test::data<T>(n, seed, 0.2); }
+
+} // namespace
+
+TEST_CASE_TEMPLATE("gemm: every transpose combination, strided views, beta = 0 ignores NaN in C", T, float, double) {
+    twins<T> t;
+    const index_t m = 37, n = 29, k = 53, pad = 3;
+    for (op oa : {op::none, op::transpose})
+        for (op ob : {op::none, op::transpose})
+            for (T beta : {T(0), T(0.5)}) {
+                CAPTURE(int(oa));
+                CAPTURE(int(ob));
+                CAPTURE(beta);
+                const index_t ar = oa == op::none ? m : k, ac = oa == op::none ? k : m;
+                const index_t br = ob == op::none ? k : n, bc = ob == op::none ? n : k;
+                auto ha = values<T>(static_cast<std::size_t>(ar * (ac + pad)), 1), hb = values<T>(static_cast<std::size_t>(br * (bc + pad)), 2);
+                auto hc = values<T>(static_cast<std::size_t>(m * (n + pad)), 3);
+                if (beta == T(0)) std::fill(hc.begin(), hc.end(), std::numeric_limits<T>::quiet_NaN());
+                auto da = upload(ha), db = upload(hb), dc = upload(hc);
+                auto cpu_c = hc;
+                t.cpu.gemm(oa, ob, T(1.5), {ha.data(), ar, ac, ac + pad}, {hb.data(), br, bc, bc + pad}, beta, {cpu_c.data(), m, n, n + pad});
+                t.gpu.gemm(oa, ob, T(1.5), {da.data(), ar, ac, ac + pad}, {db.data(), br, bc, bc + pad}, beta, {dc.data(), m, n, n + pad});
+                auto gpu_c = download(dc);
+                // The padding columns stay as they were (NaN when beta = 0): compare the matrix only.
+                std::vector<T> g, c;
+                for (index_t r = 0; r < m; ++r)
+                    for (index_t j = 0; j < n; ++j) {
+                        g.push_back(gpu_c[static_cast<std::size_t>(r * (n + pad) + j)]);
+                        c.push_back(cpu_c[static_cast<std::size_t>(r * (n + pad) + j)]);
+                    }
+                CHECK(rel_diff(g, c) < tolerance<T>());
+            }
+}
+
+TEST_CASE("gemm: bad shapes throw std::invalid_argument naming the function before any work") {
+    twins<float> t;
+    device_buffer<float> a(12), b(12), c(9);
+    const std::string msg = test::invalid_argument_message(
+        [&] { t.gpu.gemm(op::none, op::none, 1.f, {a.data(), 3, 4}, {b.data(), 3, 4}, 0.f, {c.data(), 3, 3}); });
+    CHECK(msg.find("velora::cuda::cuda_backend::gemm: inner dimensions differ") == 0);
+}
+
+// Sub-token shapes: vectorised and scalar paths, teams of 1..32 lanes, a partial last group,
+// a group made only of padding, and a strided X.
+struct subtoken_case {
+    index_t tokens, features, groups, pad;
+};
+static const subtoken_case subtoken_cases[] = {
+    {64, 1024, 32, 0},   // s = 32: 8-lane teams of float4
+    {37, 100, 8, 3},     // s = 13: scalar path, partial last group
+    {20, 96, 2, 0},      // s = 48: 16-lane teams, 12 busy
+    {9, 1000, 3, 4},     // s = 334: scalar, whole warp per sub-token, looping
+    {11, 9, 4, 0},       // s = 3: the last group is only padding
+    {5, 4096, 4, 0},     // s = 1024: a warp loops over long sub-tokens
+};
+
+TEST_CASE_TEMPLATE("project/expand/sum sub-tokens and the SSF column sums match the Eigen backend", T, float, double) {
+    twins<T> t;
+    for (const auto& sc : subtoken_cases) {
+        CAPTURE(sc.features);
+        CAPTURE(sc.groups);
+        const index_t s = (sc.features + sc.groups - 1) / sc.groups, ld = sc.features + sc.pad;
+        auto hx = values<T>(static_cast<std::size_t>(sc.tokens * ld), 10);
+        auto hv = values<T>(static_cast<std::size_t>(s), 11);
+        auto dx = upload(hx), dv = upload(hv);
+        const const_matrix_view<T> cx{hx.data(), sc.tokens, sc.features, ld}, gx{dx.data(), sc.tokens, sc.features, ld};
+
+        std::vector<T> cz(static_cast<std::size_t>(sc.tokens * sc.groups));
+        device_buffer<T> dz(cz.size());
+        CHECK(t.cpu.project_subtokens(cx, hv.data(), s, matrix_view<T>{cz.data(), sc.tokens, sc.groups}));
+        CHECK(t.gpu.project_subtokens(gx, dv.data(), s, matrix_view<T>{dz.data(), sc.tokens, sc.groups}));
+        CHECK(rel_diff(download(dz), cz) < tolerance<T>());
+
+        // expand Z back with a scale
+        std::vector<T> cout(static_cast<std::size_t>(sc.tokens * sc.features));
+        device_buffer<T> dout(cout.size());
+        t.cpu.expand_subtokens(const_matrix_view<T>{cz.data(), sc.tokens, sc.groups}, hv.data(), s, T(0.75), matrix_view<T>{cout.data(), sc.tokens, sc.features});
+        t.gpu.expand_subtokens(const_matrix_view<T>{dz.data(), sc.tokens, sc.groups}, dv.data(), s, T(0.75), matrix_view<T>{dout.data(), sc.tokens, sc.features});
+        CHECK(rel_diff(download(dout), cout) < tolerance<T>());
+
+        std::vector<T> csum(static_cast<std::size_t>(s));
+        device_buffer<T> dsum(csum.size());
+        t.cpu.sum_subtokens(cx, s, csum.data());
+        t.gpu.sum_subtokens(gx, s, dsum.data());
+        CHECK(rel_diff(download(dsum), csum) < tolerance<T>());
+
+        std::vector<T> cw(static_cast<std::size_t>(sc.features));
+        device_buffer<T> dw(cw.size());
+        t.cpu.weighted_subtoken_column_sums(cx, const_matrix_view<T>{cz.data(), sc.tokens, sc.groups}, hv.data(), s, T(0.5), cw.data());
+        t.gpu.weighted_subtoken_column_sums(gx, const_matrix_view<T>{dz.data(), sc.tokens, sc.groups}, dv.data(), s, T(0.5), dw.data());
+        CHECK(rel_diff(download(dw), cw) < tolerance<T>());
+
+        std::vector<T> ccol(static_cast<std::size_t>(sc.features));
+        device_buffer<T> dcol(ccol.size());
+        t.cpu.column_sums(cx, ccol.data());
+        t.gpu.column_sums(gx, dcol.data());
+        CHECK(rel_diff(download(dcol), ccol) < tolerance<T>());
+    }
+}
+
+TEST_CASE("project_subtokens into f16 and bf16 storage matches to one unit of the storage type; NaN is reported") {
+    twins<float> t;
+    const index_t tokens = 33, d = 256, g = 16, s = 16;
+    auto hx = values<float>(static_cast<std::size_t>(tokens * d), 20);
+    auto hv = values<float>(static_cast<std::size_t>(s), 21);
+    auto dx = upload(hx), dv = upload(hv);
+    auto check_storage = [&](auto tag, double ulp) {
+        using U = decltype(tag);
+        std::vector<U> cz(static_cast<std::size_t>(tokens * g));
+        device_buffer<U> dz(cz.size());
+        CHECK(t.cpu.project_subtokens(const_matrix_view<float>{hx.data(), tokens, d}, hv.data(), s, matrix_view<U>{cz.data(), tokens, g}));
+        CHECK(t.gpu.project_subtokens(const_matrix_view<float>{dx.data(), tokens, d}, dv.data(), s, matrix_view<U>{dz.data(), tokens, g}));
+        const auto gz = download(dz);
+        double worst = 0;
+        for (std::size_t i = 0; i < cz.size(); ++i) {
+            const double a = velora::to_arithmetic<double>(gz[i]), b = velora::to_arithmetic<double>(cz[i]);
+            worst = std::max(worst, std::abs(a - b) / std::max(std::abs(b), 1e-3));
+        }
+        CHECK(worst <= ulp);
+        // convert back to float on both backends
+        std::vector<float> cwide(cz.size());
+        device_buffer<float> dwide(cz.size());
+        t.cpu.convert(const_matrix_view<U>{cz.data(), tokens, g}, matrix_view<float>{cwide.data(), tokens, g});
+        t.gpu.convert(const_matrix_view<U>{dz.data(), tokens, g}, matrix_view<float>{dwide.data(), tokens, g});
+        CHECK(rel_diff(download(dwide), cwide) < 2 * ulp);
+    };
+    check_storage(velora::half{}, 1.0 / 1024);
+    check_storage(velora::bfloat16{}, 1.0 / 128);
+
+    hx[static_cast<std::size_t>(5 * d + 77)] = std::numeric_limits<float>::quiet_NaN();
+    auto dnan = upload(hx);
+    device_buffer<float> dz(static_cast<std::size_t>(tokens * g));
+    CHECK_FALSE(t.gpu.project_subtokens(const_matrix_view<float>{dnan.data(), tokens, d}, dv.data(), s, matrix_view<float>{dz.data(), tokens, g}));
+    CHECK(t.gpu.project_subtokens(const_matrix_view<float>{dx.data(), tokens, d}, dv.data(), s, matrix_view<float>{dz.data(), tokens, g}));   // the flag is reset
+}
+
+TEST_CASE_TEMPLATE("fill_gaussian reproduces gaussian_at for any offset and length", T, float, double) {
+    twins<T> t;
+    for (std::uint64_t offset : {0ull, 1ull, 7ull, 1000001ull})
+        for (index_t n : {1, 2, 3, 1001}) {
+            device_buffer<T> d(static_cast<std::size_t>(n));
+            t.gpu.fill_gaussian(42, offset, d.data(), n);
+            std::vector<double> expect(static_cast<std::size_t>(n));
+            for (index_t i = 0; i < n; ++i) expect[static_cast<std::size_t>(i)] = velora::gaussian_at(42, offset + std::uint64_t(i));
+            CHECK(rel_diff(download(d), expect) < (std::is_same_v<T, float> ? 1e-6 : 1e-13));
+        }
+}
+
+TEST_CASE_TEMPLATE("element-wise kernels and the Frobenius reduction match the Eigen backend on strided views", T, float, double) {
+    twins<T> t;
+    const index_t rows = 45, cols = 70, ld = 75;
+    const std::size_t n = static_cast<std::size_t>(rows * ld);
+    auto hg = values<T>(n, 30), hm = values<T>(n, 31), hv = values<T>(n, 32), hw = values<T>(n, 33);
+    for (auto& e : hv) e = e * e;   // a second moment is >= 0
+    auto view = [&](std::vector<T>& h) { return matrix_view<T>{h.data(), rows, cols, ld}; };
+    auto dview = [&](device_buffer<T>& d) { return matrix_view<T>{d.data(), rows, cols, ld}; };
+
+    SUBCASE("sum_of_squares") {
+        auto dg = upload(hg);
+        const double c = t.cpu.sum_of_squares(view(hg)), g = t.gpu.sum_of_squares(dview(dg));
+        CHECK(std::abs(g - c) <= 1e-12 * c);
+        hg[100] = std::numeric_limits<T>::infinity();
+        auto dinf = upload(hg);
+        CHECK_FALSE(std::isfinite(t.gpu.sum_of_squares(dview(dinf))));
+    }
+    SUBCASE("adam_moments and adamw_update") {
+        for (T decay : {T(1), T(0.999)}) {
+            auto cm = hm, cv = hv, cw = hw, cn = hg;
+            auto dg = upload(hg), dm = upload(hm), dv = upload(hv), dw = upload(hw), dn = upload(hg);
+            t.cpu.adam_moments(view(hg), view(cm), view(cv), T(0.9), T(0.999), T(1e-8), view(cn));
+            t.gpu.adam_moments(dview(dg), dview(dm), dview(dv), T(0.9), T(0.999), T(1e-8), dview(dn));
+            CHECK(rel_diff(download(dm), cm) < tolerance<T>());
+            CHECK(rel_diff(download(dv), cv) < tolerance<T>());
+            CHECK(rel_diff(download(dn), cn) < 10 * tolerance<T>());
+            t.cpu.adamw_update(view(cw), view(hg), view(cm), view(cv), T(0.9), T(0.999), T(1e-8), T(0.01), decay);
+            t.gpu.adamw_update(dview(dw), dview(dg), dview(dm), dview(dv), T(0.9), T(0.999), T(1e-8), T(0.01), decay);
+            CHECK(rel_diff(download(dw), cw) < tolerance<T>());
+            CHECK(rel_diff(download(dm), cm) < tolerance<T>());
+        }
+    }
+    SUBCASE("square, clamp, scale, fill, set_identity, scale_shift_columns") {
+        auto dg = upload(hg), dout = upload(hm);
+        auto cout = hm;
+        t.cpu.square(view(hg), view(cout));
+        t.gpu.square(dview(dg), dview(dout));
+        CHECK(rel_diff(download(dout), cout) < tolerance<T>());
+        auto cg = hg;
+        t.cpu.clamp_nonnegative(view(cg));
+        t.gpu.clamp_nonnegative(dview(dg));
+        CHECK(download(dg) == cg);
+        t.cpu.scale(view(cg), T(-0.25));
+        t.gpu.scale(dview(dg), T(-0.25));
+        CHECK(download(dg) == cg);
+        t.cpu.fill(view(cg), T(3));
+        t.gpu.fill(dview(dg), T(3));
+        CHECK(download(dg) == cg);
+        t.cpu.set_identity(view(cg));
+        t.gpu.set_identity(dview(dg));
+        CHECK(download(dg) == cg);
+        auto hsw = values<T>(static_cast<std::size_t>(cols), 34), hsb = values<T>(static_cast<std::size_t>(cols), 35);
+        auto dsw = upload(hsw), dsb = upload(hsb), dx = upload(hw);
+        for (int which = 0; which < 4; ++which) {
+            const T* cw = which & 1 ? hsw.data() : nullptr;
+            const T* cb = which & 2 ? hsb.data() : nullptr;
+            auto cy = hw;
+            t.cpu.scale_shift_columns(view(hw), cw, cb, view(cy));
+            t.gpu.scale_shift_columns(dview(dx), which & 1 ? dsw.data() : nullptr, which & 2 ? dsb.data() : nullptr, dview(dout));
+            auto got = download(dout);
+            for (index_t r = 0; r < rows; ++r)
+                for (index_t c = 0; c < cols; ++c) REQUIRE(std::abs(got[static_cast<std::size_t>(r * ld + c)] - cy[static_cast<std::size_t>(r * ld + c)]) <= tolerance<T>() * 4);
+        }
+    }
+    SUBCASE("canonicalize_row_signs, ties included") {
+        auto ch = hg;
+        ch[static_cast<std::size_t>(0 * ld + 3)] = T(-9);   // row 0: a unique negative maximum
+        ch[static_cast<std::size_t>(1 * ld + 2)] = T(-9);   // row 1: a tie, the first one negative
+        ch[static_cast<std::size_t>(1 * ld + 5)] = T(9);
+        ch[static_cast<std::size_t>(2 * ld + 2)] = T(9);    // row 2: a tie, the first one positive
+        ch[static_cast<std::size_t>(2 * ld + 5)] = T(-9);
+        auto dh = upload(ch);
+        t.cpu.canonicalize_row_signs(view(ch));
+        t.gpu.canonicalize_row_signs(dview(dh));
+        CHECK(download(dh) == ch);
+        CHECK(ch[static_cast<std::size_t>(0 * ld + 3)] == T(9));
+        CHECK(ch[static_cast<std::size_t>(1 * ld + 2)] == T(9));
+        CHECK(ch[static_cast<std::size_t>(2 * ld + 2)] == T(9));
+    }
+}
+
+namespace {
+// ‖Q·Qᵀ − I‖_max for a row-major k×c block.
+template <class T>
+double orthonormality_error(const std::vector<T>& q, index_t k, index_t c) {
+    double worst = 0;
+    for (index_t i = 0; i < k; ++i)
+        for (index_t j = 0; j < k; ++j) {
+            double dot = 0;
+            for (index_t l = 0; l < c; ++l) dot += double(q[static_cast<std::size_t>(i * c + l)]) * double(q[static_cast<std::size_t>(j * c + l)]);
+            worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
+        }
+    return worst;
+}
+} // namespace
+
+TEST_CASE_TEMPLATE("orthonormalize_rows: CholeskyQR2 equals the Eigen backend's; rank-deficient blocks take Householder and stay orthonormal", T, float, double) {
+    twins<T> t;
+    const index_t k = 24, c = 300;
+    const double orth_tol = std::is_same_v<T, float> ? 1e-5 : 1e-12;
+    auto ha = values<T>(static_cast<std::size_t>(k * c), 40);
+    auto da = upload(ha);
+    t.cpu.orthonormalize_rows(matrix_view<T>{ha.data(), k, c});
+    t.gpu.orthonormalize_rows(matrix_view<T>{da.data(), k, c});
+    const auto ga = download(da);
+    CHECK(orthonormality_error(ga, k, c) < orth_tol);
+    CHECK(rel_diff(ga, ha) < (std::is_same_v<T, float> ? 1e-4 : 1e-10));   // Cholesky QR's Q is unique
+
+    // Rank-deficient: two equal rows and a zero row.
+    auto hb = values<T>(static_cast<std::size_t>(k * c), 41);
+    std::copy_n(hb.begin(), c, hb.begin() + c);
+    std::fill_n(hb.begin() + 2 * c, c, T(0));
+    auto db = upload(hb);
+    t.gpu.orthonormalize_rows(matrix_view<T>{db.data(), k, c});
+    CHECK(orthonormality_error(download(db), k, c) < 10 * orth_tol);
+
+    const std::string msg = test::invalid_argument_message([&] { t.gpu.orthonormalize_rows(matrix_view<T>{da.data(), c, k}); });
+    CHECK(msg.find("velora::cuda::cuda_backend::orthonormalize_rows: argument 'a' is 300x24") == 0);
+}
+
+TEST_CASE_TEMPLATE("gram_svd: singular values and vectors match the Eigen backend, on the device and the host eigensolver", T, float, double) {
+    twins<T> t;
+    const index_t k = 16, n = 500;
+    auto hc = values<T>(static_cast<std::size_t>(k * n), 50);
+    auto dc = upload(hc);
+    std::vector<T> cu(static_cast<std::size_t>(k * k));
+    std::vector<double> csigma(static_cast<std::size_t>(k)), gsigma(static_cast<std::size_t>(k));
+    t.cpu.gram_svd(const_matrix_view<T>{hc.data(), k, n}, matrix_view<T>{cu.data(), k, k}, csigma.data());
+    for (auto solver : {velora::cuda::small_eigensolver::device, velora::cuda::small_eigensolver::host}) {
+        CAPTURE(int(solver));
+        t.gpu.set_small_eigensolver(solver);
+        device_buffer<T> du(cu.size());
+        t.gpu.gram_svd(const_matrix_view<T>{dc.data(), k, n}, matrix_view<T>{du.data(), k, k}, gsigma.data());
+        CHECK(rel_diff(gsigma, csigma) < (std::is_same_v<T, float> ? 1e-5 : 1e-10));
+        const auto gu = download(du);
+        for (index_t i = 0; i < k; ++i) {   // column i agrees up to sign
+            double dot = 0;
+            for (index_t j = 0; j < k; ++j) dot += double(gu[static_cast<std::size_t>(j * k + i)]) * double(cu[static_cast<std::size_t>(j * k + i)]);
+            CHECK(std::abs(std::abs(dot) - 1) < (std::is_same_v<T, float> ? 1e-4 : 1e-9));
+        }
+    }
+}
+
+TEST_CASE("workspace: calls that need more than the backend has throw std::invalid_argument with both sizes; none set is the same") {
+    velora::cuda::owned_context ctx;
+    cuda_backend<float> gpu(ctx);
+    device_buffer<float> x(64 * 64), out(64);
+    const std::string none = test::invalid_argument_message([&] { (void)gpu.sum_of_squares(const_matrix_view<float>{x.data(), 64, 64}); });
+    CHECK(none.find("velora::cuda::cuda_backend::sum_of_squares: this call needs a workspace of") == 0);
+    device_buffer<std::byte> ws(cuda_backend<float>::min_workspace_bytes);
+    gpu.set_workspace({ws.data(), ws.size()});
+    CHECK(std::isfinite(gpu.sum_of_squares(const_matrix_view<float>{x.data(), 64, 64})));   // the fixed part suffices here
+    const std::string small = test::invalid_argument_message([&] { gpu.orthonormalize_rows(matrix_view<float>{x.data(), 8, 512}); });
+    CHECK(small.find("velora::cuda::cuda_backend::orthonormalize_rows: this call needs a workspace of") == 0);
+    CHECK(small.find("but the backend has 4096") != std::string::npos);
+    const std::string tiny = test::invalid_argument_message([&] { gpu.set_workspace({ws.data(), 100}); });
+    CHECK(tiny.find("velora::cuda::cuda_backend::set_workspace: the workspace holds 100 bytes") == 0);
+    const std::string null_handle = test::invalid_argument_message([&] { cuda_backend<float> bad(velora::cuda::cuda_context{}); });
+    CHECK(null_handle.find("velora::cuda::cuda_backend::cuda_backend: context.blas is null") == 0);
+}
+
+TEST_CASE("compressor on the GPU: v, Z, the factored and expanded weight gradient, X̂ and SSF match the CPU; NaN input changes nothing") {
+    twins<double> t;
+    const index_t tokens = 96, d = 200, o = 48;
+    velora::compressor_config cfg;
+    cfg.groups = 16;
+    velora::compressor<cuda_backend<double>> gc(t.gpu, d, cfg);
+    velora::compressor<velora::eigen_backend<double>> cc(t.cpu, d, cfg);
+    auto hx = values<double>(static_cast<std::size_t>(tokens * d), 60);
+    auto hdy = values<double>(static_cast<std::size_t>(tokens * o), 61);
+    auto dx = upload(hx), ddy = upload(hdy);
+    velora::activation_record<cuda_backend<double>> grec;
+    velora::activation_record<velora::eigen_backend<double>> crec;
+    CHECK(gc.compress(const_matrix_view<double>{dx.data(), tokens, d}, grec) == velora::status::ok);
+    CHECK(cc.compress(const_matrix_view<double>{hx.data(), tokens, d}, crec) == velora::status::ok);
+    CHECK(rel_diff(std::vector<double>(gc.v().begin(), gc.v().end()), std::vector<double>(cc.v().begin(), cc.v().end())) < 1e-12);
+    CHECK(grec.bytes() == crec.bytes());
+
+    std::vector<double> ca(static_cast<std::size_t>(o * cfg.groups));
+    device_buffer<double> da(ca.size());
+    gc.weight_grad(grec, const_matrix_view<double>{ddy.data(), tokens, o}, matrix_view<double>{da.data(), o, cfg.groups});
+    cc.weight_grad(crec, const_matrix_view<double>{hdy.data(), tokens, o}, matrix_view<double>{ca.data(), o, cfg.groups});
+    CHECK(rel_diff(download(da), ca) < 1e-12);
+
+    std::vector<double> cdw(static_cast<std::size_t>(o * d));
+    device_buffer<double> ddw(cdw.size());
+    gc.expand_weight_grad(grec, const_matrix_view<double>{da.data(), o, cfg.groups}, matrix_view<double>{ddw.data(), o, d});
+    cc.expand_weight_grad(crec, const_matrix_view<double>{ca.data(), o, cfg.groups}, matrix_view<double>{cdw.data(), o, d});
+    CHECK(rel_diff(download(ddw), cdw) < 1e-12);
+
+    std::vector<double> cxhat(static_cast<std::size_t>(tokens * d));
+    device_buffer<double> dxhat(cxhat.size());
+    gc.reconstruct(grec, matrix_view<double>{dxhat.data(), tokens, d});
+    cc.reconstruct(crec, matrix_view<double>{cxhat.data(), tokens, d});
+    CHECK(rel_diff(download(dxhat), cxhat) < 1e-12);
+
+    auto hdys = values<double>(static_cast<std::size_t>(tokens * d), 62);
+    auto ddys = upload(hdys);
+    std::vector<double> cssf(static_cast<std::size_t>(d));
+    device_buffer<double> dssf(cssf.size());
+    gc.ssf_weight_grad(grec, const_matrix_view<double>{ddys.data(), tokens, d}, dssf.data());
+    cc.ssf_weight_grad(crec, const_matrix_view<double>{hdys.data(), tokens, d}, cssf.data());
+    CHECK(rel_diff(download(dssf), cssf) < 1e-12);
+
+    const auto before = gc.save_state();
+    CHECK(before == cc.save_state());   // the state blob is the same on both backends
+    hx[123] = std::numeric_limits<double>::quiet_NaN();
+    auto dnan = upload(hx);
+    const std::string msg = test::invalid_argument_message([&] { gc.compress(const_matrix_view<double>{dnan.data(), tokens, d}, grec); });
+    CHECK(msg.find("velora::compressor::compress: argument 'x' (96x200) contains NaN or Inf") == 0);
+    CHECK(gc.save_state() == before);
+    CHECK(grec.empty());
+}
+
+TEST_CASE("low_rank_adamw on the GPU follows the CPU run step by step (dense and factored gradients, refreshes, adaptive rank)") {
+    twins<double> t(64, 512);
+    const index_t m = 64, n = 160, g = 16;
+    adarank::optimizer_config cfg;
+    cfg.rank = adarank::rank_policy::adaptive(0.9, 2, 24);
+    cfg.refresh = adarank::refresh_policy::every(7);
+    adarank::low_rank_adamw<cuda_backend<double>> gopt(t.gpu, cfg);
+    adarank::low_rank_adamw<velora::eigen_backend<double>> copt(t.cpu, cfg);
+    const auto gid = gopt.add_parameter(m, n), cid = copt.add_parameter(m, n);
+    const auto gfid = gopt.add_parameter(m, n), cfid = copt.add_parameter(m, n);   // fed factored gradients
+    auto hw = values<double>(static_cast<std::size_t>(m * n), 70), hwf = hw;
+    auto dw = upload(hw), dwf = upload(hw);
+    const index_t s = n / g;
+    auto hv = values<double>(static_cast<std::size_t>(s), 71);
+    double norm = 0;
+    for (double e : hv) norm += e * e;
+    for (double& e : hv) e /= std::sqrt(norm);
+    auto dv = upload(hv);
+    for (int step = 0; step < 25; ++step) {
+        // A gradient with a decaying spectrum that drifts from step to step.
+        auto hg = values<double>(static_cast<std::size_t>(m * n), 100 + std::uint64_t(step));
+        for (index_t r = 0; r < m; ++r)
+            for (index_t c = 0; c < n; ++c) hg[static_cast<std::size_t>(r * n + c)] *= std::exp(-0.1 * double(r));
+        auto dg = upload(hg);
+        REQUIRE(gopt.step(gid, matrix_view<double>{dw.data(), m, n}, const_matrix_view<double>{dg.data(), m, n}) ==
+                copt.step(cid, matrix_view<double>{hw.data(), m, n}, const_matrix_view<double>{hg.data(), m, n}));
+        auto ha = values<double>(static_cast<std::size_t>(m * g), 300 + std::uint64_t(step));
+        auto da = upload(ha);
+        const velora::factored_gradient<double> gf{const_matrix_view<double>{da.data(), m, g}, dv.data(), s, n, 0.5};
+        const velora::factored_gradient<double> cf{const_matrix_view<double>{ha.data(), m, g}, hv.data(), s, n, 0.5};
+        REQUIRE(gopt.step(gfid, matrix_view<double>{dwf.data(), m, n}, gf) == copt.step(cfid, matrix_view<double>{hwf.data(), m, n}, cf));
+        CHECK(gopt.info(gid).rank == copt.info(cid).rank);
+        CHECK(gopt.info(gfid).rank == copt.info(cfid).rank);
+    }
+    CHECK(gopt.info(gid).refreshes == 4);
+    CHECK(rel_diff(download(dw), hw) < 1e-9);
+    CHECK(rel_diff(download(dwf), hwf) < 1e-9);
+
+    // The state saved on the GPU loads on the CPU (and the other way): one format.
+    const auto blob = gopt.save_state();
+    adarank::low_rank_adamw<velora::eigen_backend<double>> resumed(t.cpu, cfg);
+    resumed.add_parameter(m, n);
+    resumed.add_parameter(m, n);
+    resumed.load_state(blob);
+    CHECK(resumed.info(0).rank == gopt.info(gid).rank);
+    CHECK(resumed.save_state() == blob);
+    gopt.load_state(copt.save_state());
+
+    // A NaN gradient returns non_finite_input and changes nothing.
+    const auto before = gopt.save_state();
+    auto hbad = values<double>(static_cast<std::size_t>(m * n), 999);
+    hbad[17] = std::numeric_limits<double>::quiet_NaN();
+    auto dbad = upload(hbad);
+    CHECK(gopt.step(gid, matrix_view<double>{dw.data(), m, n}, const_matrix_view<double>{dbad.data(), m, n}) == velora::status::non_finite_input);
+    CHECK(gopt.save_state() == before);
+}
+
+int main(int argc, char** argv) {
+    if (velora::cuda::device_count() == 0) {
+        std::puts("test_cuda: no CUDA device visible; skipped");
+        return 77;
+    }
+    doctest::Context context(argc, argv);
+    return context.run();
+}
