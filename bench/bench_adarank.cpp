@@ -20,6 +20,8 @@
 //        --benchmark_repetitions=3 (the table then uses the median of the repetitions).
 #include <benchmark/benchmark.h>
 
+#include "report.hpp"
+
 #include <Eigen/Core>
 #include <Eigen/SVD>
 
@@ -418,99 +420,13 @@ BENCHMARK(BM_DenseGradStep)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 // ---------------------------------------------------------------- reporting
 
-// The console output as usual, plus each benchmark's real time (seconds per iteration) and
-// counters: the "median" aggregate when repetitions produced one, otherwise the average of
-// its runs.
-class ratio_reporter : public benchmark::ConsoleReporter {
-public:
-    using benchmark::ConsoleReporter::ConsoleReporter;
+using bench::goal;
+using bench::print_row;
+using bench::ratio;
 
-    void ReportRuns(const std::vector<Run>& reports) override {
-        for (const Run& run : reports) {
-            if (run.error_occurred) continue;
-            const std::string& name = run.run_name.function_name;
-            const double seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
-            auto& e = entries_[name];
-            if (run.run_type == Run::RT_Aggregate) {
-                if (run.aggregate_name == "median") {
-                    e.median = seconds;
-                    for (const auto& [key, counter] : run.counters) e.median_counters[key] = counter.value;
-                }
-            } else {
-                e.sum += seconds;
-                for (const auto& [key, counter] : run.counters) e.counter_sums[key] += counter.value;
-                ++e.count;
-            }
-        }
-        benchmark::ConsoleReporter::ReportRuns(reports);
-    }
-
-    [[nodiscard]] std::optional<double> seconds(const std::string& name) const {
-        const auto it = entries_.find(name);
-        if (it == entries_.end()) return std::nullopt;
-        if (it->second.median) return it->second.median;
-        if (it->second.count > 0) return it->second.sum / it->second.count;
-        return std::nullopt;
-    }
-
-    [[nodiscard]] std::optional<double> counter(const std::string& name, const std::string& key) const {
-        const auto it = entries_.find(name);
-        if (it == entries_.end()) return std::nullopt;
-        const entry& e = it->second;
-        if (e.median) {
-            const auto c = e.median_counters.find(key);
-            if (c != e.median_counters.end()) return c->second;
-            return std::nullopt;
-        }
-        const auto c = e.counter_sums.find(key);
-        if (c == e.counter_sums.end() || e.count == 0) return std::nullopt;
-        return c->second / e.count;
-    }
-
-private:
-    struct entry {
-        std::optional<double> median;
-        std::map<std::string, double> median_counters;
-        double sum = 0;
-        std::map<std::string, double> counter_sums;
-        int count = 0;
-    };
-    std::map<std::string, entry> entries_;
-};
-
-enum class goal { at_most, at_least, above, equal, info };
-
-void print_row(const char* label, std::optional<double> value, goal g, double target, const char* format, const char* note) {
-    if (!value) return;   // an input did not run (filter) or failed
-    char shown[48];
-    std::snprintf(shown, sizeof shown, format, *value);
-    char wanted[48];
-    const char* result = "info";
-    switch (g) {
-    case goal::at_most: std::snprintf(wanted, sizeof wanted, "<= %g", target); break;
-    case goal::at_least: std::snprintf(wanted, sizeof wanted, ">= %g", target); break;
-    case goal::above: std::snprintf(wanted, sizeof wanted, "> %g", target); break;
-    case goal::equal: std::snprintf(wanted, sizeof wanted, "== %.0f", target); break;
-    case goal::info: std::snprintf(wanted, sizeof wanted, "-"); break;
-    }
-    if (g != goal::info) {
-        const double v = *value;
-        const bool pass = g == goal::at_most ? v <= target : g == goal::at_least ? v >= target : g == goal::above ? v > target : v == target;
-        result = pass ? "PASS" : "MISS";
-    }
-    if (*note) std::printf("%-42s %12s %12s  %s  (%s)\n", label, shown, wanted, result, note);
-    else std::printf("%-42s %12s %12s  %s\n", label, shown, wanted, result);
-}
-
-std::optional<double> ratio(std::optional<double> num, std::optional<double> den) {
-    if (!num || !den || *den <= 0) return std::nullopt;
-    return *num / *den;
-}
-
-void print_ratios(const ratio_reporter& rep) {
-    std::printf("\nRatios (same run; real time per iteration, the median when repetitions were given)\n");
+void print_ratios(const bench::ratio_reporter& rep) {
+    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)");
     std::printf("AdamW hyper-parameters of every optimizer: %s\n", describe_hyper().c_str());
-    std::printf("%-42s %12s %12s  %s\n", "quantity", "value", "target", "result");
     print_row("ExactSVD / RandomizedSVD (speed-up)", ratio(rep.seconds("BM_ExactSVD"), rep.seconds("BM_RandomizedSVD")), goal::at_least, 20.0,
               "%.1f", "U,S,V like GaLore's torch.linalg.svd; rank 128, q=2, p=10, cold");
     print_row("ExactSVDLeftOnly / RandomizedSVD", ratio(rep.seconds("BM_ExactSVDLeftOnly"), rep.seconds("BM_RandomizedSVD")), goal::info, 0,
@@ -552,7 +468,7 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
 #endif
     const bool color = ::isatty(STDOUT_FILENO) != 0;
-    ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
     benchmark::RunSpecifiedBenchmarks(&reporter);
     std::cout.flush();
     print_ratios(reporter);

@@ -7,8 +7,10 @@
 // compares the measured real times (computed from this run only; nothing is hard-coded).
 //
 // Usage: bench_velora [Google Benchmark flags], e.g. --benchmark_filter=WeightGrad
-//        --benchmark_repetitions=5 (ratios then use the mean of the repetitions).
+//        --benchmark_repetitions=5 (ratios then use the median of the repetitions).
 #include <benchmark/benchmark.h>
+
+#include "report.hpp"
 
 #include <Eigen/Core>
 
@@ -281,84 +283,21 @@ BENCHMARK(BM_EigenGemmReference)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // The console output as usual, plus each benchmark's real time (seconds per iteration):
 // the "mean" aggregate when repetitions produced one, otherwise the average of its runs.
-class ratio_reporter : public benchmark::ConsoleReporter {
-public:
-    using benchmark::ConsoleReporter::ConsoleReporter;
-
-    void ReportRuns(const std::vector<Run>& reports) override {
-        for (const Run& run : reports) {
-            if (run.error_occurred) continue;
-            const std::string& name = run.run_name.function_name;
-            const double seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
-            auto& e = times_[name];
-            if (run.run_type == Run::RT_Aggregate) {
-                if (run.aggregate_name == "mean") e.mean = seconds;
-            } else {
-                e.sum += seconds;
-                ++e.count;
-            }
-        }
-        benchmark::ConsoleReporter::ReportRuns(reports);
-    }
-
-    [[nodiscard]] std::optional<double> seconds(const std::string& name) const {
-        const auto it = times_.find(name);
-        if (it == times_.end()) return std::nullopt;
-        if (it->second.mean) return it->second.mean;
-        if (it->second.count > 0) return it->second.sum / it->second.count;
-        return std::nullopt;
-    }
-
-private:
-    struct entry {
-        std::optional<double> mean;
-        double sum = 0;
-        int count = 0;
-    };
-    std::map<std::string, entry> times_;
-};
-
-struct ratio_spec {
-    const char* label;
-    const char* numerator;
-    const char* denominator;
-    enum { at_most, at_least, info } kind;
-    double target;
-    const char* note;
-};
-
-void print_ratios(const ratio_reporter& reporter) {
-    const ratio_spec specs[] = {
-        {"VeloraCompress / ReadBaseline", "BM_VeloraCompress", "BM_ReadBaseline", ratio_spec::at_most, 1.5, ""},
-        {"WeightGradDense / WeightGradVelora", "BM_WeightGradDense", "BM_WeightGradVelora", ratio_spec::at_least, 10.0, ""},
-        {"LinearFwdBwdVelora / LinearFwdBwdDense", "BM_LinearFwdBwdVelora", "BM_LinearFwdBwdDense", ratio_spec::at_most, 0.75, ""},
-        {"WeightGradDense / WeightGradVeloraExpanded", "BM_WeightGradDense", "BM_WeightGradVeloraExpanded", ratio_spec::info, 0,
-         "speed-up when a dense dW is still formed"},
-        {"WeightGradDense / EigenGemmReference", "BM_WeightGradDense", "BM_EigenGemmReference", ratio_spec::info, 0,
-         "<= 1: backend GEMM not slower than Eigen's product"},
-    };
-    std::printf("\nRatios (same run; real time per iteration)\n");
-    std::printf("%-44s %10s %10s  %s\n", "ratio", "value", "target", "result");
-    int shown = 0;
-    for (const ratio_spec& r : specs) {
-        const auto num = reporter.seconds(r.numerator);
-        const auto den = reporter.seconds(r.denominator);
-        if (!num || !den || *den <= 0) continue;   // an input did not run (filter) or failed
-        const double value = *num / *den;
-        char target[32];
-        const char* result = "info";
-        if (r.kind == ratio_spec::info) {
-            std::snprintf(target, sizeof target, "-");
-        } else {
-            const bool pass = r.kind == ratio_spec::at_most ? value <= r.target : value >= r.target;
-            std::snprintf(target, sizeof target, "%s %.2f", r.kind == ratio_spec::at_most ? "<=" : ">=", r.target);
-            result = pass ? "PASS" : "MISS";
-        }
-        if (*r.note) std::printf("%-44s %10.3f %10s  %s  (%s)\n", r.label, value, target, result, r.note);
-        else std::printf("%-44s %10.3f %10s  %s\n", r.label, value, target, result);
-        ++shown;
-    }
-    if (shown == 0) std::printf("(no ratio has both of its benchmarks in this run)\n");
+void print_ratios(const bench::ratio_reporter& rep) {
+    using bench::goal;
+    using bench::ratio;
+    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)");
+    bench::print_row("VeloraCompress / ReadBaseline", ratio(rep.seconds("BM_VeloraCompress"), rep.seconds("BM_ReadBaseline")), goal::at_most, 1.5,
+                     "%.3f", "");
+    bench::print_row("WeightGradDense / WeightGradVelora", ratio(rep.seconds("BM_WeightGradDense"), rep.seconds("BM_WeightGradVelora")),
+                     goal::at_least, 10.0, "%.3f", "");
+    bench::print_row("LinearFwdBwdVelora / LinearFwdBwdDense", ratio(rep.seconds("BM_LinearFwdBwdVelora"), rep.seconds("BM_LinearFwdBwdDense")),
+                     goal::at_most, 0.75, "%.3f", "");
+    bench::print_row("WeightGradDense / WeightGradVeloraExpanded",
+                     ratio(rep.seconds("BM_WeightGradDense"), rep.seconds("BM_WeightGradVeloraExpanded")), goal::info, 0, "%.3f",
+                     "speed-up when a dense dW is still formed");
+    bench::print_row("WeightGradDense / EigenGemmReference", ratio(rep.seconds("BM_WeightGradDense"), rep.seconds("BM_EigenGemmReference")),
+                     goal::info, 0, "%.3f", "<= 1: backend GEMM not slower than Eigen's product");
 }
 
 } // namespace
@@ -377,7 +316,7 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
 #endif
     const bool color = ::isatty(STDOUT_FILENO) != 0;
-    ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
     benchmark::RunSpecifiedBenchmarks(&reporter);
     std::cout.flush();
     print_ratios(reporter);
