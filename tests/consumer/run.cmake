@@ -4,7 +4,8 @@ foreach(step
     "${CMAKE_COMMAND};--install;${BINARY_DIR};--prefix;${WORK_DIR}/prefix"
     "${CMAKE_COMMAND};-S;${SOURCE_DIR}/tests/consumer;-B;${WORK_DIR}/build;-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix;-DCMAKE_CXX_COMPILER=${CXX}"
     "${CMAKE_COMMAND};--build;${WORK_DIR}/build"
-    "${WORK_DIR}/build/consumer")
+    "${WORK_DIR}/build/consumer"
+    "${CMAKE_COMMAND};-DEXE=${WORK_DIR}/build/consumer_cuda;-P;${SOURCE_DIR}/tests/consumer/run_if_exists.cmake")
   execute_process(COMMAND ${step} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "install consumer step failed (${rc}): ${step}")
