@@ -6,7 +6,7 @@
 /// sub-token kernels (for gradients in VeLoRA's factored form) come from `velora::backend`;
 /// this adds the orthonormalisation of a row block, the SVD of a wide k×n sketch, a Frobenius
 /// reduction, the element-wise Adam(W) updates and six small helpers. `velora::eigen_backend`
-/// satisfies it; the CUDA backend is to implement the same members on device memory.
+/// satisfies it, and so does `velora::cuda::cuda_backend` (cuda/include) on device memory.
 #include <concepts>
 
 #include <velora/concepts.hpp>

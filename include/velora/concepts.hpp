@@ -6,7 +6,7 @@
 /// buffers, copies to and from the host, a GEMM, and the four sub-token kernels of the
 /// operator K = I_G ⊗ vᵀ (project X Kᵀ, expand A K, sum of sub-tokens, the SSF weighted
 /// column sums) plus column sums, a per-column scale-and-shift and a seeded Gaussian fill. `eigen_backend<T>` implements it
-/// on the CPU; the CUDA backend implements the same members on device memory, so one
+/// on the CPU; `velora::cuda::cuda_backend<T>` (cuda/include) implements the same members on device memory, so one
 /// implementation of each algorithm serves both.
 #include <concepts>
 #include <cstdint>

@@ -107,12 +107,12 @@ public:
         detail_require(max_rows > 0 && max_cols > 0 && max_rows <= max_cols, fn, "needs 0 < max_rows <= max_cols, got ", max_rows, " and ",
                        max_cols);
         return min_workspace_bytes + std::max({column_reduction_bytes(max_cols), cholesky_qr_bytes(max_rows, max_cols),
-                                               householder_bytes(max_rows, max_cols), gram_svd_bytes(max_rows, max_cols)});
+                                               householder_bytes(max_rows, max_cols, max_cols), gram_svd_bytes(max_rows, max_cols)});
     }
 
     /// Waits for all queued work and returns its status (ok, or the first asynchronous error);
-    /// never throws.
-    [[nodiscard]] cuda_status synchronize() noexcept {
+    /// throws nothing of its own (only std::bad_alloc could escape, from the message).
+    [[nodiscard]] cuda_status synchronize() {
         const cudaError_t e = cudaStreamSynchronize(ctx_.stream);
         if (e != cudaSuccess) return detail::make_status("velora::cuda::cuda_backend::synchronize", "cudaStreamSynchronize", e);
         return {};
@@ -129,7 +129,10 @@ public:
         detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
         detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
     }
-    /// Host to device; `src` may be reused as soon as this returns.
+    /// Host to device, ordered on the stream. From pageable memory (std::vector, new) the
+    /// data has been staged when this returns, so `src` may be reused at once (the library's
+    /// own calls all pass pageable memory); from pinned memory the copy is asynchronous and
+    /// `src` must stay unchanged until the stream has reached it.
     void copy_from_host(const T* src, T* dst, index_t n) {
         if (n <= 0) return;
         detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyHostToDevice, ctx_.stream),
@@ -297,10 +300,10 @@ public:
         detail_require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
         const index_t k = a.rows, c = a.cols;
         require_int(fn, k, c, a.ld);
-        require_workspace(fn, std::max(cholesky_qr_bytes(k, c), householder_bytes(k, c)));
-        double* xd = big<double>(0);                       // k×c row-major = c×k column-major
-        double* gram = xd + k * c;                          // k×k
-        double* work = gram + k * k;
+        require_workspace(fn, std::max(cholesky_qr_bytes(k, c), householder_bytes(k, c, a.ld)));
+        double* xd = big<double>(0);                                       // k×c row-major = c×k column-major
+        double* gram = big<double>(align256(bytes_of<double>(k * c)));      // k×k
+        double* work = big<double>(align256(bytes_of<double>(k * c)) + align256(bytes_of<double>(k * k)));
         const int lwork = potrf_lwork(k);
         int* info = info_flag();
         {
@@ -359,10 +362,11 @@ public:
         const index_t k = c.rows, n = c.cols;
         require_int(fn, k, n, c.ld, u.ld);
         require_workspace(fn, gram_svd_bytes(k, n));
-        double* cd = big<double>(0);   // k×n row-major = n×k column-major
-        double* gram = cd + k * n;     // k×k
-        double* w = gram + k * k;      // eigenvalues, ascending
-        double* work = w + k;
+        const std::size_t gram_at = align256(bytes_of<double>(k * n)), w_at = gram_at + align256(bytes_of<double>(k * k));
+        double* cd = big<double>(0);           // k×n row-major = n×k column-major
+        double* gram = big<double>(gram_at);   // k×k
+        double* w = big<double>(w_at);         // eigenvalues, ascending
+        double* work = big<double>(w_at + align256(bytes_of<double>(k)));
         {
             const T* src = c.data;
             const index_t ld = c.ld;
@@ -388,7 +392,9 @@ public:
             detail::check(cudaMemcpyAsync(&host_info, info_flag(), sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
             detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
             if (host_info != 0)
-                throw cuda_error({cuda_library::cusolver, host_info, std::string(fn) + ": cusolverDnDsyevd did not converge (info = " + std::to_string(host_info) + ")"});
+                throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_EXECUTION_FAILED),
+                                  std::string(fn) + ": cusolverDnDsyevd failed: info = " + std::to_string(host_info) +
+                                      (host_info > 0 ? " (the eigensolver did not converge)" : " (invalid argument)")});
         } else {
             host_gram_.resize(k, k);
             detail::check(cudaMemcpyAsync(host_gram_.data(), gram, bytes_of<double>(k * k), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
@@ -530,6 +536,7 @@ public:
     const double* column_reduce(const char* fn, index_t rows, index_t width, F value) {
         require_workspace(fn, column_reduction_bytes(width));
         double* partial = big<double>(0);
+        if (width <= 0) return partial;   // nothing to sum; the finishing loops read nothing
         const index_t chunks = chunk_count(rows);
         const index_t chunk_rows = (rows + chunks - 1) / chunks;
         const dim3 grid(static_cast<unsigned>((width + kernels::kBlockX - 1) / kernels::kBlockX), static_cast<unsigned>(chunks));
@@ -568,11 +575,16 @@ private:
     static std::size_t column_reduction_bytes(index_t width) noexcept {
         return align256(bytes_of<double>(kernels::kColumnChunks * width));
     }
-    std::size_t cholesky_qr_bytes(index_t k, index_t c) const { return align256(bytes_of<double>(k * c + k * k + potrf_lwork(k))); }
-    std::size_t householder_bytes(index_t k, index_t c) const {
-        return align256(bytes_of<T>(k)) + align256(bytes_of<T>(householder_lwork(k, c)));
+    std::size_t cholesky_qr_bytes(index_t k, index_t c) const {
+        return align256(bytes_of<double>(k * c)) + align256(bytes_of<double>(k * k)) + align256(bytes_of<double>(potrf_lwork(k)));
     }
-    std::size_t gram_svd_bytes(index_t k, index_t n) const { return align256(bytes_of<double>(k * n + k * k + k + syevd_lwork(k))); }
+    std::size_t householder_bytes(index_t k, index_t c, index_t ld) const {
+        return align256(bytes_of<T>(k)) + align256(bytes_of<T>(householder_lwork(k, c, ld)));
+    }
+    std::size_t gram_svd_bytes(index_t k, index_t n) const {
+        return align256(bytes_of<double>(k * n)) + align256(bytes_of<double>(k * k)) + align256(bytes_of<double>(k)) +
+               align256(bytes_of<double>(syevd_lwork(k)));
+    }
 
     // cuSOLVER's work sizes; the queries read only the shapes (any non-null pointer serves).
     int potrf_lwork(index_t k) const {
@@ -588,17 +600,17 @@ private:
                       "velora::cuda::cuda_backend", "cusolverDnDsyevd_bufferSize");
         return lwork;
     }
-    int householder_lwork(index_t k, index_t c) const {
+    int householder_lwork(index_t k, index_t c, index_t ld) const {
         int geqrf = 0, orgqr = 0;
         if constexpr (std::is_same_v<T, float>) {
-            detail::check(cusolverDnSgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<float>(), int(c), &geqrf), "velora::cuda::cuda_backend",
+            detail::check(cusolverDnSgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<float>(), int(ld), &geqrf), "velora::cuda::cuda_backend",
                           "cusolverDnSgeqrf_bufferSize");
-            detail::check(cusolverDnSorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<float>(), int(c), dummy<float>(), &orgqr),
+            detail::check(cusolverDnSorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<float>(), int(ld), dummy<float>(), &orgqr),
                           "velora::cuda::cuda_backend", "cusolverDnSorgqr_bufferSize");
         } else {
-            detail::check(cusolverDnDgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<double>(), int(c), &geqrf), "velora::cuda::cuda_backend",
+            detail::check(cusolverDnDgeqrf_bufferSize(ctx_.solver, int(c), int(k), dummy<double>(), int(ld), &geqrf), "velora::cuda::cuda_backend",
                           "cusolverDnDgeqrf_bufferSize");
-            detail::check(cusolverDnDorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<double>(), int(c), dummy<double>(), &orgqr),
+            detail::check(cusolverDnDorgqr_bufferSize(ctx_.solver, int(c), int(k), int(k), dummy<double>(), int(ld), dummy<double>(), &orgqr),
                           "velora::cuda::cuda_backend", "cusolverDnDorgqr_bufferSize");
         }
         return std::max(geqrf, orgqr);
@@ -648,7 +660,7 @@ private:
         const int k = int(a.rows), c = int(a.cols), ld = int(a.ld);
         T* tau = big<T>(0);
         T* work = big<T>(align256(bytes_of<T>(k)));
-        const int lwork = householder_lwork(k, c);
+        const int lwork = householder_lwork(k, c, ld);
         int* info = info_flag();
         bind_solver(fn);
         if constexpr (std::is_same_v<T, float>) {
@@ -658,6 +670,12 @@ private:
             detail::check(cusolverDnDgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDgeqrf");
             detail::check(cusolverDnDorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDorgqr");
         }
+        int host_info = 0;   // orgqr's; geqrf reports only invalid arguments, which orgqr would repeat
+        detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+        if (host_info != 0)
+            throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_EXECUTION_FAILED),
+                              std::string(fn) + ": Householder QR (geqrf/orgqr) failed: info = " + std::to_string(host_info)});
     }
 
     cuda_context ctx_;
