@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "../spectra.hpp"
 #include "../test_util.hpp"
 
 using velora::const_matrix_view;
@@ -515,6 +516,82 @@ TEST_CASE("low_rank_adamw on the GPU follows the CPU run step by step (dense and
     auto dbad = upload(hbad);
     CHECK(gopt.step(gid, matrix_view<double>{dw.data(), m, n}, const_matrix_view<double>{dbad.data(), m, n}) == velora::status::non_finite_input);
     CHECK(gopt.save_state() == before);
+}
+
+TEST_CASE_TEMPLATE("randomized SVD on the GPU: residual within 1.1x of the Eckart-Young optimum on known spectra, both sides", T, float, double) {
+    twins<T> t(64, 512);
+    const index_t m = 120, n = 200, r = 10;
+    std::vector<std::vector<double>> spectra(3, std::vector<double>(static_cast<std::size_t>(m)));
+    for (index_t i = 0; i < m; ++i) {
+        spectra[0][static_cast<std::size_t>(i)] = std::pow(0.5, double(i));               // fast decay
+        spectra[1][static_cast<std::size_t>(i)] = 1.0 / double(i + 1);                    // slow decay
+        spectra[2][static_cast<std::size_t>(i)] = std::pow(10.0, -double(i) / 3.0);       // ill-conditioned
+    }
+    for (const auto side : {adarank::projection_side::left, adarank::projection_side::right}) {
+        for (const auto& sigma : spectra) {
+            CAPTURE(adarank::to_string(side));
+            const Eigen::MatrixXd a = test::with_spectrum(m, n, sigma, 21);
+            std::vector<T> rows(static_cast<std::size_t>(m * n));
+            for (index_t i = 0; i < m; ++i)
+                for (index_t j = 0; j < n; ++j) rows[static_cast<std::size_t>(i * n + j)] = static_cast<T>(a(i, j));
+            auto dg = upload(rows);
+            adarank::subspace_finder<cuda_backend<T>> finder(t.gpu);
+            const adarank::dense_gradient<cuda_backend<T>> grad(t.gpu, const_matrix_view<T>{dg.data(), m, n});
+            const adarank::side_matrix<adarank::dense_gradient<cuda_backend<T>>> sm(grad, side);
+            const index_t len = sm.len();
+            device_buffer<T> basis(static_cast<std::size_t>(r * len));
+            std::uint64_t counter = 0;
+            const auto rep = finder.find(sm, adarank::rank_policy::fixed(r), sm.norm2(), {}, 7, counter, matrix_view<T>{basis.data(), r, len});
+            REQUIRE(rep.rank == r);
+            CHECK_FALSE(rep.exact);
+            const auto hb = download(basis);
+            Eigen::MatrixXd b(r, len);
+            for (index_t i = 0; i < r; ++i)
+                for (index_t j = 0; j < len; ++j) b(i, j) = double(hb[static_cast<std::size_t>(i * len + j)]);
+            const bool left = side == adarank::projection_side::left;
+            const Eigen::MatrixXd projected = left ? Eigen::MatrixXd(b.transpose() * (b * a)) : Eigen::MatrixXd((a * b.transpose()) * b);
+            double optimal = 0;
+            for (std::size_t i = static_cast<std::size_t>(r); i < sigma.size(); ++i) optimal += sigma[i] * sigma[i];
+            const double eps = std::is_same_v<T, float> ? 1e-6 : 1e-15;
+            CHECK((a - projected).norm() <= 1.1 * std::sqrt(optimal) + 1e3 * eps * a.norm());
+            CHECK((b * b.transpose() - Eigen::MatrixXd::Identity(r, r)).cwiseAbs().maxCoeff() < 1e3 * eps);
+        }
+    }
+}
+
+TEST_CASE("GPU runs are reproducible, and steady-state steps allocate no device memory") {
+    twins<float> t(64, 512);
+    const index_t m = 64, n = 256;
+    adarank::optimizer_config cfg;
+    cfg.refresh = adarank::refresh_policy::every(1000);
+    auto hg = values<float>(static_cast<std::size_t>(m * n), 80), hw = values<float>(static_cast<std::size_t>(m * n), 81);
+    auto dg = upload(hg);
+    auto run = [&](int steps) {
+        adarank::low_rank_adamw<cuda_backend<float>> opt(t.gpu, cfg);
+        const auto id = opt.add_parameter(m, n);
+        auto dw = upload(hw);
+        for (int i = 0; i < steps; ++i) REQUIRE(opt.step(id, matrix_view<float>{dw.data(), m, n}, const_matrix_view<float>{dg.data(), m, n}) == velora::status::ok);
+        return download(dw);
+    };
+    CHECK(run(5) == run(5));   // bit-identical
+
+    adarank::low_rank_adamw<cuda_backend<float>> opt(t.gpu, cfg);
+    const auto id = opt.add_parameter(m, n);
+    auto dw = upload(hw);
+    velora::compressor<cuda_backend<float>> comp(t.gpu, n, {.groups = 16});
+    velora::activation_record<cuda_backend<float>> rec;
+    device_buffer<float> a(static_cast<std::size_t>(m * 16));
+    auto step = [&] {
+        REQUIRE(comp.compress(const_matrix_view<float>{dg.data(), m, n}, rec) == velora::status::ok);
+        comp.weight_grad(rec, const_matrix_view<float>{dg.data(), m, m}, matrix_view<float>{a.data(), m, 16});
+        REQUIRE(opt.step(id, matrix_view<float>{dw.data(), m, n}, const_matrix_view<float>{dg.data(), m, n}) == velora::status::ok);
+    };
+    step();   // first use: the subspace, the record and cuBLAS's own workspace
+    std::size_t free_before = 0, free_after = 0, total = 0;
+    REQUIRE(cudaMemGetInfo(&free_before, &total) == cudaSuccess);
+    for (int i = 0; i < 10; ++i) step();
+    REQUIRE(cudaMemGetInfo(&free_after, &total) == cudaSuccess);
+    CHECK(free_after == free_before);
 }
 
 int main(int argc, char** argv) {
