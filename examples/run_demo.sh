@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/deps.sh
 velora_require_packages cmake g++ make libeigen3-dev fortunes
-cmake -S . -B build/demo -DCMAKE_BUILD_TYPE=Release -DVELORA_BUILD_TESTS=OFF -DVELORA_BUILD_BENCHMARKS=OFF \
+cmake -S . -B build/demo -DCMAKE_BUILD_TYPE=Release -DVELORA_BUILD_TESTS=OFF -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_CUDA=OFF \
       -DVELORA_NATIVE_FLAGS="${VELORA_NATIVE_FLAGS:--march=native}" >/dev/null
 cmake --build build/demo -j"$(nproc)" --target lm_train
 exec build/demo/examples/lm_train "$@"

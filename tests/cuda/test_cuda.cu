@@ -404,6 +404,35 @@ TEST_CASE("workspace: calls that need more than the backend has throw std::inval
     CHECK(null_handle.find("velora::cuda::cuda_backend::cuda_backend: context.blas is null") == 0);
 }
 
+TEST_CASE_TEMPLATE("layer helpers on the GPU (linear forward with bias, dX, dense dW, db, SSF) match the CPU", T, float, double) {
+    twins<T> t;
+    const index_t tokens = 50, d = 70, o = 30;
+    auto hx = values<T>(static_cast<std::size_t>(tokens * d), 90), hw = values<T>(static_cast<std::size_t>(o * d), 91);
+    auto hb = values<T>(static_cast<std::size_t>(o), 92), hdy = values<T>(static_cast<std::size_t>(tokens * o), 93);
+    auto hs = values<T>(static_cast<std::size_t>(d), 94), hsb = values<T>(static_cast<std::size_t>(d), 95);
+    auto dx = upload(hx), dw = upload(hw), db = upload(hb), ddy = upload(hdy), ds = upload(hs), dsb = upload(hsb);
+    const const_matrix_view<T> cx{hx.data(), tokens, d}, gx{dx.data(), tokens, d}, cw{hw.data(), o, d}, gw{dw.data(), o, d};
+    const const_matrix_view<T> cdy{hdy.data(), tokens, o}, gdy{ddy.data(), tokens, o};
+    auto compare = [&](auto&& cpu_call, auto&& gpu_call, index_t rows, index_t cols) {
+        std::vector<T> c(static_cast<std::size_t>(rows * cols));
+        device_buffer<T> g(c.size());
+        cpu_call(matrix_view<T>{c.data(), rows, cols});
+        gpu_call(matrix_view<T>{g.data(), rows, cols});
+        CHECK(rel_diff(download(g), c) < tolerance<T>());
+    };
+    compare([&](matrix_view<T> y) { velora::linear_forward(t.cpu, cx, cw, hb.data(), y); },
+            [&](matrix_view<T> y) { velora::linear_forward(t.gpu, gx, gw, db.data(), y); }, tokens, o);
+    compare([&](matrix_view<T> y) { velora::linear_input_grad(t.cpu, cdy, cw, y); }, [&](matrix_view<T> y) { velora::linear_input_grad(t.gpu, gdy, gw, y); },
+            tokens, d);
+    compare([&](matrix_view<T> y) { velora::dense_weight_grad(t.cpu, cdy, cx, y); }, [&](matrix_view<T> y) { velora::dense_weight_grad(t.gpu, gdy, gx, y); },
+            o, d);
+    compare([&](matrix_view<T> y) { velora::bias_grad(t.cpu, cdy, y.data); }, [&](matrix_view<T> y) { velora::bias_grad(t.gpu, gdy, y.data); }, 1, o);
+    compare([&](matrix_view<T> y) { velora::ssf_forward(t.cpu, cx, hs.data(), hsb.data(), y); },
+            [&](matrix_view<T> y) { velora::ssf_forward(t.gpu, gx, ds.data(), dsb.data(), y); }, tokens, d);
+    compare([&](matrix_view<T> y) { velora::ssf_input_grad(t.cpu, cx, hs.data(), y); }, [&](matrix_view<T> y) { velora::ssf_input_grad(t.gpu, gx, ds.data(), y); },
+            tokens, d);
+}
+
 TEST_CASE("compressor on the GPU: v, Z, the factored and expanded weight gradient, X̂ and SSF match the CPU; NaN input changes nothing") {
     twins<double> t;
     const index_t tokens = 96, d = 200, o = 48;
