@@ -101,7 +101,9 @@ public:
     /// Workspace bytes that suffice for every call on matrices of at most `max_cols` columns
     /// (column sums, sub-token sums) and for orthonormalize_rows/gram_svd on k×n blocks with
     /// k <= max_rows and n <= max_cols. For AdaRankGrad: max_rows = the largest sketch (r_max +
-    /// oversampling, or min(m, n) on the exact path), max_cols = the largest dimension.
+    /// oversampling, or min(m, n) on the exact path), max_cols = the largest dimension. Views are
+    /// assumed to have leading dimensions <= max_cols (orthonormalize_rows' Householder part
+    /// is sized for that; a wider stride may need more and is then reported by the call).
     [[nodiscard]] std::size_t workspace_bytes(index_t max_rows, index_t max_cols) const {
         constexpr const char* fn = "velora::cuda::cuda_backend::workspace_bytes";
         detail_require(max_rows > 0 && max_cols > 0 && max_rows <= max_cols, fn, "needs 0 < max_rows <= max_cols, got ", max_rows, " and ",
