@@ -20,7 +20,7 @@
 //        --benchmark_repetitions=3 (the table then uses the median of the repetitions).
 #include <benchmark/benchmark.h>
 
-#include "report.hpp"
+#include "common.hpp"
 
 #include <Eigen/Core>
 #include <Eigen/SVD>
@@ -50,6 +50,8 @@
 
 namespace {
 
+using bench::fill_gaussian;
+using bench::guarded;
 using T = float;
 using backend_t = velora::eigen_backend<T>;
 using optimizer_t = adarank::low_rank_adamw<backend_t>;
@@ -107,28 +109,10 @@ backend_t& backend() {
     return b;
 }
 
-// Deterministic inputs: value i of a stream is velora::gaussian_at(seed, i).
-void fill_gaussian(T* out, index_t n, std::uint64_t seed, double scale) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-    for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
-}
-
 velora::host_buffer<T> gaussian_buffer(index_t n, std::uint64_t seed, double scale) {
     velora::host_buffer<T> b(static_cast<std::size_t>(n));
     fill_gaussian(b.data(), n, seed, scale);
     return b;
-}
-
-// Runs `body` (which contains the timed loop); a thrown exception becomes a benchmark error.
-template <class F>
-void guarded(benchmark::State& state, F&& body) {
-    try {
-        body();
-    } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
-    }
 }
 
 // ---------------------------------------------------------------- the test matrix
@@ -425,8 +409,8 @@ using bench::print_row;
 using bench::ratio;
 
 void print_ratios(const bench::ratio_reporter& rep) {
-    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)");
-    std::printf("AdamW hyper-parameters of every optimizer: %s\n", describe_hyper().c_str());
+    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)",
+                        "AdamW hyper-parameters of every optimizer: " + describe_hyper());
     print_row("ExactSVD / RandomizedSVD (speed-up)", ratio(rep.seconds("BM_ExactSVD"), rep.seconds("BM_RandomizedSVD")), goal::at_least, 20.0,
               "%.1f", "U,S,V like GaLore's torch.linalg.svd; rank 128, q=2, p=10, cold");
     print_row("ExactSVDLeftOnly / RandomizedSVD", ratio(rep.seconds("BM_ExactSVDLeftOnly"), rep.seconds("BM_RandomizedSVD")), goal::info, 0,

@@ -26,10 +26,11 @@
 
 #include <unistd.h>
 
-#include "report.hpp"
+#include "common.hpp"
 
 namespace {
 
+using bench::guarded;
 using T = float;
 using backend_t = velora::cuda::cuda_backend<T>;
 using optimizer_t = adarank::low_rank_adamw<backend_t>;
@@ -73,15 +74,6 @@ device_buffer<T> gaussian(index_t n, std::uint64_t seed, T scale) {
     gpu().b.fill_gaussian(seed, 0, d.data(), n);
     if (scale != T(1)) gpu().b.scale(matrix_view<T>{d.data(), 1, n}, scale);
     return d;
-}
-
-template <class F>
-void guarded(benchmark::State& state, F&& body) {
-    try {
-        body();
-    } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
-    }
 }
 
 // The timed loop: GPU time of f() between two events on the stream.

@@ -10,7 +10,7 @@
 //        --benchmark_repetitions=5 (ratios then use the median of the repetitions).
 #include <benchmark/benchmark.h>
 
-#include "report.hpp"
+#include "common.hpp"
 
 #include <Eigen/Core>
 
@@ -36,6 +36,8 @@
 
 namespace {
 
+using bench::fill_gaussian;
+using bench::guarded;
 using T = float;
 using backend_t = velora::eigen_backend<T>;
 using compressor_t = velora::compressor<backend_t>;
@@ -51,14 +53,6 @@ constexpr index_t kSubtoken = (kFeatures + kGroups - 1) / kGroups;   // s
 constexpr double kDenseGemmFlops = 2.0 * kTokens * kOutputs * kFeatures;     // one T·O·D GEMM
 constexpr double kFactoredGemmFlops = 2.0 * kTokens * kOutputs * kGroups;    // A = dYᵀZ
 constexpr double kCompressFlops = 2.0 * kTokens * kFeatures;                 // Z = X Kᵀ
-
-// Deterministic inputs: value i of a stream is velora::gaussian_at(seed, i).
-void fill_gaussian(T* out, index_t n, std::uint64_t seed, double scale) {
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-    for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
-}
 
 // Everything the benchmarks share, built on first use (outside every timed loop).
 struct fixture {
@@ -106,16 +100,6 @@ struct fixture {
 fixture& shared() {
     static fixture f;
     return f;
-}
-
-// Runs `body` (which contains the timed loop); a thrown exception becomes a benchmark error.
-template <class F>
-void guarded(benchmark::State& state, F&& body) {
-    try {
-        body();
-    } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
-    }
 }
 
 void set_flops(benchmark::State& state, double flops_per_iteration) {

@@ -1,19 +1,44 @@
 #pragma once
-// Shared by the benchmark programs: a console reporter that also remembers each benchmark's
-// real time per iteration and counters (the "median" aggregate when repetitions produced
-// one, otherwise the average of its runs), and the rows of the "Ratios (same run)" table
-// that every program prints after its benchmarks. Nothing in a table is hard-coded: every
-// value is computed from the benchmarks of the same run, and a row whose inputs did not run
-// (filtered out, or failed) is left out.
+// Shared by the benchmark programs: deterministic inputs, the guard that turns an exception
+// into a benchmark error, a console reporter that also remembers each benchmark's real time
+// per iteration and counters (the "median" aggregate when repetitions produced one, otherwise
+// the average of its runs), and the rows of the "Ratios (same run)" table that every program
+// prints after its benchmarks. Nothing in a table is hard-coded: every value is computed from
+// the benchmarks of the same run, and a row whose inputs did not run (filtered out, or
+// failed) is left out.
 #include <benchmark/benchmark.h>
 
+#include <velora/core/rng.hpp>
+#include <velora/core/view.hpp>
+
+#include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace bench {
+
+/// Deterministic host inputs: out[i] = scale · velora::gaussian_at(seed, i).
+template <class T>
+void fill_gaussian(T* out, velora::index_t n, std::uint64_t seed, double scale) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
+    for (velora::index_t i = 0; i < n; ++i) out[i] = static_cast<T>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
+}
+
+/// Runs `body` (which contains the timed loop); a thrown exception becomes a benchmark error.
+template <class F>
+void guarded(benchmark::State& state, F&& body) {
+    try {
+        body();
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
 
 class ratio_reporter : public benchmark::ConsoleReporter {
 public:
@@ -76,8 +101,10 @@ private:
 
 enum class goal { at_most, at_least, above, equal, info };
 
-inline void print_header(const char* title) {
+/// The table's title, an optional line about the run, then the column names.
+inline void print_header(const char* title, const std::string& about = {}) {
     std::printf("\n%s\n", title);
+    if (!about.empty()) std::printf("%s\n", about.c_str());
     std::printf("%-46s %12s %12s  %s\n", "quantity", "value", "target", "result");
 }
 
