@@ -337,11 +337,9 @@ public:
     /// m = β₁m + (1−β₁)g,  v = β₂v + (1−β₂)g²,  n = m / (√v + ε).  `n` may alias `g`.
     void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
         for_each_row(n.size(), n.rows, [&](index_t r) {
-            const auto gr = VecMap(g.row(r), g.cols).array();
             auto mr = VecOut(m.row(r), m.cols).array();
             auto vr = VecOut(v.row(r), v.cols).array();
-            mr = beta1 * mr + (T(1) - beta1) * gr;
-            vr = beta2 * vr + (T(1) - beta2) * gr.square();
+            update_moments(VecMap(g.row(r), g.cols).array(), mr, vr, beta1, beta2);
             VecOut(n.row(r), n.cols).array() = mr / (vr.sqrt() + eps);
         });
     }
@@ -351,12 +349,10 @@ public:
     void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps,
                       T step, T decay) {
         for_each_row(w.size(), w.rows, [&](index_t r) {
-            const auto gr = VecMap(g.row(r), g.cols).array();
             auto mr = VecOut(m.row(r), m.cols).array();
             auto vr = VecOut(v.row(r), v.cols).array();
             auto wr = VecOut(w.row(r), w.cols).array();
-            mr = beta1 * mr + (T(1) - beta1) * gr;
-            vr = beta2 * vr + (T(1) - beta2) * gr.square();
+            update_moments(VecMap(g.row(r), g.cols).array(), mr, vr, beta1, beta2);
             if (decay == T(1)) wr -= step * (mr / (vr.sqrt() + eps));
             else wr = decay * (wr - step * (mr / (vr.sqrt() + eps)));
         });
@@ -403,6 +399,13 @@ public:
     }
 
 private:
+    // Adam's moments of one row: m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g² (array expressions).
+    template <class G, class M, class V>
+    static void update_moments(const G& g, M& m, V& v, T beta1, T beta2) {
+        m = beta1 * m + (T(1) - beta1) * g;
+        v = beta2 * v + (T(1) - beta2) * g.square();
+    }
+
     // gram_ = qr_rows_ · qr_rowsᵀ, in double, through the backend's own threaded GEMM.
     void gram_of_rows() {
         gram_.resize(qr_rows_.rows(), qr_rows_.rows());

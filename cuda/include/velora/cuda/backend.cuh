@@ -437,12 +437,11 @@ public:
         T *md = m.data, *vd = v.data, *nd = n.data;
         const index_t ldg = g.ld, ldm = m.ld, ldv = v.ld, ldn = n.ld;
         for_each_2d("velora::cuda::cuda_backend::adam_moments", n.rows, n.cols, [=] __device__(kernels::index r, kernels::index c) {
-            const T grad = gd[r * ldg + c];
-            const T mm = beta1 * md[r * ldm + c] + (T(1) - beta1) * grad;
-            const T vv = beta2 * vd[r * ldv + c] + (T(1) - beta2) * grad * grad;
+            T mm = md[r * ldm + c], vv = vd[r * ldv + c];
+            const T step = kernels::adam_element(gd[r * ldg + c], mm, vv, beta1, beta2, eps);
             md[r * ldm + c] = mm;
             vd[r * ldv + c] = vv;
-            nd[r * ldn + c] = mm / (sqrt(vv) + eps);
+            nd[r * ldn + c] = step;
         });
     }
 
@@ -452,12 +451,11 @@ public:
         T *wd = w.data, *md = m.data, *vd = v.data;
         const index_t ldw = w.ld, ldg = g.ld, ldm = m.ld, ldv = v.ld;
         for_each_2d("velora::cuda::cuda_backend::adamw_update", w.rows, w.cols, [=] __device__(kernels::index r, kernels::index c) {
-            const T grad = gd[r * ldg + c];
-            const T mm = beta1 * md[r * ldm + c] + (T(1) - beta1) * grad;
-            const T vv = beta2 * vd[r * ldv + c] + (T(1) - beta2) * grad * grad;
+            T mm = md[r * ldm + c], vv = vd[r * ldv + c];
+            const T normalised = kernels::adam_element(gd[r * ldg + c], mm, vv, beta1, beta2, eps);
             md[r * ldm + c] = mm;
             vd[r * ldv + c] = vv;
-            const T updated = wd[r * ldw + c] - step * (mm / (sqrt(vv) + eps));
+            const T updated = wd[r * ldw + c] - step * normalised;
             wd[r * ldw + c] = decay == T(1) ? updated : decay * updated;
         });
     }

@@ -45,6 +45,15 @@ __global__ void for_each_1d(index n, F f) {
     for (index i = blockIdx.x * static_cast<index>(blockDim.x) + threadIdx.x; i < n; i += static_cast<index>(gridDim.x) * blockDim.x) f(i);
 }
 
+/// Adam's moments for one element, in registers: m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g²;
+/// returns the normalised step m / (√v + ε). Shared by adam_moments and adamw_update.
+template <class T>
+__device__ inline T adam_element(T grad, T& m, T& v, T beta1, T beta2, T eps) {
+    m = beta1 * m + (T(1) - beta1) * grad;
+    v = beta2 * v + (T(1) - beta2) * grad * grad;
+    return m / (sqrt(v) + eps);
+}
+
 /// partial[chunk · width + c] = Σ_{t in chunk} value(t, c), in double; chunk = blockIdx.y
 /// covers rows [chunk · chunk_rows, (chunk + 1) · chunk_rows).
 template <class F>
