@@ -108,8 +108,9 @@ public:
         constexpr const char* fn = "velora::cuda::cuda_backend::workspace_bytes";
         detail_require(max_rows > 0 && max_cols > 0 && max_rows <= max_cols, fn, "needs 0 < max_rows <= max_cols, got ", max_rows, " and ",
                        max_cols);
-        return min_workspace_bytes + std::max({column_reduction_bytes(max_cols), cholesky_qr_bytes(max_rows, max_cols),
-                                               householder_bytes(max_rows, max_cols, max_cols), gram_svd_bytes(max_rows, max_cols)});
+        return min_workspace_bytes + std::max({column_reduction_bytes(max_cols), cholesky_qr_bytes(max_rows, max_cols, potrf_lwork(max_rows)),
+                                               householder_bytes(max_rows, householder_lwork(max_rows, max_cols, max_cols)),
+                                               gram_svd_bytes(max_rows, max_cols, syevd_lwork(max_rows))});
     }
 
     /// Waits for all queued work and returns its status (ok, or the first asynchronous error);
@@ -302,11 +303,11 @@ public:
         detail_require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
         const index_t k = a.rows, c = a.cols;
         require_int(fn, k, c, a.ld);
-        require_workspace(fn, std::max(cholesky_qr_bytes(k, c), householder_bytes(k, c, a.ld)));
+        const int lwork = potrf_lwork(k), householder_work = householder_lwork(k, c, a.ld);
+        require_workspace(fn, std::max(cholesky_qr_bytes(k, c, lwork), householder_bytes(k, householder_work)));
         double* xd = big<double>(0);                                       // k×c row-major = c×k column-major
         double* gram = big<double>(align256(bytes_of<double>(k * c)));      // k×k
         double* work = big<double>(align256(bytes_of<double>(k * c)) + align256(bytes_of<double>(k * k)));
-        const int lwork = potrf_lwork(k);
         int* info = info_flag();
         {
             const T* src = a.data;
@@ -349,7 +350,7 @@ public:
             for_each_2d(fn, k, c, [=] __device__(kernels::index r, kernels::index j) { dst[r * ld + j] = static_cast<T>(xd[r * c + j]); });
             return;
         }
-        householder_rows(fn, a);
+        householder_rows(fn, a, householder_work);
     }
 
     /// Singular values (descending, host memory, double) and left singular vectors (the columns
@@ -363,7 +364,8 @@ public:
         detail_require(sigma != nullptr, fn, "argument 'sigma' is null");
         const index_t k = c.rows, n = c.cols;
         require_int(fn, k, n, c.ld, u.ld);
-        require_workspace(fn, gram_svd_bytes(k, n));
+        const int lwork = syevd_lwork(k);
+        require_workspace(fn, gram_svd_bytes(k, n, lwork));
         const std::size_t gram_at = align256(bytes_of<double>(k * n)), w_at = gram_at + align256(bytes_of<double>(k * k));
         double* cd = big<double>(0);           // k×n row-major = n×k column-major
         double* gram = big<double>(gram_at);   // k×k
@@ -384,7 +386,7 @@ public:
         const index_t ldu = u.ld;
         if (eigensolver_ == small_eigensolver::device) {
             bind_solver(fn);
-            detail::check(cusolverDnDsyevd(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), w, work, syevd_lwork(k),
+            detail::check(cusolverDnDsyevd(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), w, work, lwork,
                                            info_flag()),
                           fn, "cusolverDnDsyevd");
             // u(j, i) = eigenvector k-1-i (column k-1-i of the column-major result), entry j.
@@ -575,15 +577,14 @@ private:
     static std::size_t column_reduction_bytes(index_t width) noexcept {
         return align256(bytes_of<double>(kernels::kColumnChunks * width));
     }
-    std::size_t cholesky_qr_bytes(index_t k, index_t c) const {
-        return align256(bytes_of<double>(k * c)) + align256(bytes_of<double>(k * k)) + align256(bytes_of<double>(potrf_lwork(k)));
+    // Workspace of each refresh operation, given cuSOLVER's work size (queried once per call).
+    static std::size_t cholesky_qr_bytes(index_t k, index_t c, int lwork) noexcept {
+        return align256(bytes_of<double>(k * c)) + align256(bytes_of<double>(k * k)) + align256(bytes_of<double>(lwork));
     }
-    std::size_t householder_bytes(index_t k, index_t c, index_t ld) const {
-        return align256(bytes_of<T>(k)) + align256(bytes_of<T>(householder_lwork(k, c, ld)));
-    }
-    std::size_t gram_svd_bytes(index_t k, index_t n) const {
+    static std::size_t householder_bytes(index_t k, int lwork) noexcept { return align256(bytes_of<T>(k)) + align256(bytes_of<T>(lwork)); }
+    static std::size_t gram_svd_bytes(index_t k, index_t n, int lwork) noexcept {
         return align256(bytes_of<double>(k * n)) + align256(bytes_of<double>(k * k)) + align256(bytes_of<double>(k)) +
-               align256(bytes_of<double>(syevd_lwork(k)));
+               align256(bytes_of<double>(lwork));
     }
 
     // cuSOLVER's work sizes; the queries read only the shapes (any non-null pointer serves).
@@ -656,11 +657,10 @@ private:
     }
 
     // Householder QR of aᵀ (column-major c×k, lda = a.ld: the same memory), Q's k columns in place.
-    void householder_rows(const char* fn, matrix_view<T> a) {
+    void householder_rows(const char* fn, matrix_view<T> a, int lwork) {
         const int k = int(a.rows), c = int(a.cols), ld = int(a.ld);
         T* tau = big<T>(0);
         T* work = big<T>(align256(bytes_of<T>(k)));
-        const int lwork = householder_lwork(k, c, ld);
         int* info = info_flag();
         bind_solver(fn);
         if constexpr (std::is_same_v<T, float>) {
