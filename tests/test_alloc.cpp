@@ -40,6 +40,18 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 
 using velora::index_t;
 
+// Heap allocations made by two calls of `step`, with Eigen's own heap forbidden meanwhile
+// (EIGEN_RUNTIME_NO_MALLOC: an Eigen allocation would assert).
+template <class Step>
+long allocations_during_two(Step& step) {
+    const long before = allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    step();
+    step();
+    Eigen::internal::set_is_malloc_allowed(true);
+    return allocations.load() - before;
+}
+
 TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", T, float, double) {
     using B = velora::eigen_backend<T>;
     B backend;
@@ -68,12 +80,7 @@ TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", 
             };
             INFO("storage " << velora::to_string(st) << ", mode " << velora::to_string(mode.type));
             step();   // warm-up: sizes the record, the GEMM packing buffers and the reduction scratch
-            const long before = allocations.load();
-            Eigen::internal::set_is_malloc_allowed(false);
-            step();
-            step();
-            Eigen::internal::set_is_malloc_allowed(true);
-            CHECK(allocations.load() - before == 0);
+            CHECK(allocations_during_two(step) == 0);
         }
     }
 }
@@ -112,12 +119,7 @@ TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap alloca
         INFO("side " << adarank::to_string(side));
         step();   // warm-up: the first step of each parameter finds its subspace (allowed to allocate)
         step();
-        const long before = allocations.load();
-        Eigen::internal::set_is_malloc_allowed(false);
-        step();
-        step();
-        Eigen::internal::set_is_malloc_allowed(true);
-        CHECK(allocations.load() - before == 0);
+        CHECK(allocations_during_two(step) == 0);
         CHECK(opt.info(dense_id).refreshes == 1);
         CHECK(opt.info(fused_id).refreshes == 1);
     }
