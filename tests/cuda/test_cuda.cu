@@ -388,7 +388,7 @@ TEST_CASE_TEMPLATE("gram_svd: singular values and vectors match the Eigen backen
 TEST_CASE("workspace: calls that need more than the backend has throw std::invalid_argument with both sizes; none set is the same") {
     velora::cuda::owned_context ctx;
     cuda_backend<float> gpu(ctx);
-    device_buffer<float> x(64 * 64), out(64);
+    device_buffer<float> x(64 * 64);
     REQUIRE(cudaMemset(x.data(), 0, 64 * 64 * sizeof(float)) == cudaSuccess);
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);   // the legacy-stream memset before the backend's stream reads x
     const std::string none = test::invalid_argument_message([&] { (void)gpu.sum_of_squares(const_matrix_view<float>{x.data(), 64, 64}); });
