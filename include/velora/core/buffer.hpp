@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -45,9 +46,11 @@ public:
     }
 
     /// Sets the size; allocates only when `n` exceeds the capacity (contents are then not kept).
+    /// A size whose bytes do not fit in a size_t throws std::bad_array_new_length (never a
+    /// wrapped, too-small allocation); the public entry points reject such sizes earlier.
     void resize(std::size_t n) {
         if (n > capacity_) {
-            data_.reset(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{alignment})));
+            data_.reset(static_cast<T*>(::operator new[](bytes_of(n), std::align_val_t{alignment})));
             capacity_ = n;
         }
         size_ = n;
@@ -55,7 +58,7 @@ public:
     /// Grows the capacity to at least `n` without changing the size (contents are kept).
     void reserve(std::size_t n) {
         if (n <= capacity_) return;
-        std::unique_ptr<T[], deleter> grown(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{alignment})));
+        std::unique_ptr<T[], deleter> grown(static_cast<T*>(::operator new[](bytes_of(n), std::align_val_t{alignment})));
         if (size_) std::memcpy(grown.get(), data_.get(), size_ * sizeof(T));
         data_ = std::move(grown);
         capacity_ = n;
@@ -69,6 +72,10 @@ public:
     [[nodiscard]] const T& operator[](std::size_t i) const noexcept { return data_[i]; }
 
 private:
+    static std::size_t bytes_of(std::size_t n) {
+        if (n > std::numeric_limits<std::size_t>::max() / sizeof(T)) throw std::bad_array_new_length();
+        return n * sizeof(T);
+    }
     struct deleter {
         void operator()(T* p) const noexcept { ::operator delete[](p, std::align_val_t{alignment}); }
     };

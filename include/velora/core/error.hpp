@@ -2,12 +2,17 @@
 /// \file
 /// Error conventions shared by the whole library.
 ///
-/// Caller mistakes (shapes, out-of-range hyper-parameters, malformed state blobs) throw
-/// std::invalid_argument whose message starts with the fully qualified function name and
-/// names the argument and the values involved. Every public entry point validates before it
-/// mutates anything, so a throw leaves all library state as it was. Numerical outcomes that
-/// a caller may want to act on (non-finite gradients, rank collapse) are reported as a
-/// `status`, never thrown and never silently absorbed.
+/// One channel per kind of trouble:
+/// - Caller mistakes (shapes, sizes whose products overflow, out-of-range hyper-parameters,
+///   aliased outputs, malformed or meaningless state blobs) throw std::invalid_argument whose
+///   message starts with the fully qualified function name and names the argument and the
+///   values involved.
+/// - Numerical events (NaN/Inf in activations or gradients, a result that would overflow,
+///   an all-zero input where a direction was needed) are returned as a `status`, which is
+///   `[[nodiscard]]`: a caller cannot drop it without saying so.
+/// Either way the library's state is left exactly as it was (a `status` other than ok or
+/// degenerate_input means nothing was written), and `ok` is never returned with a non-finite
+/// result.
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -23,10 +28,11 @@ public:
 };
 
 /// Outcome of an operation that can fail for numerical (not programming) reasons.
-enum class status {
+enum class [[nodiscard]] status {
     ok = 0,
-    non_finite_input,   ///< NaN or Inf in an input; nothing was changed
-    degenerate_input,   ///< e.g. an all-zero mean where a direction was needed; a documented fallback was used
+    non_finite_input = 1,   ///< NaN or Inf in an input; nothing was changed
+    degenerate_input = 2,   ///< e.g. an all-zero mean where a direction was needed; a documented fallback was used
+    overflow = 3,           ///< finite inputs whose result would not be finite (too large for the type); nothing was changed
 };
 
 constexpr std::string_view to_string(status s) noexcept {
@@ -34,6 +40,7 @@ constexpr std::string_view to_string(status s) noexcept {
     case status::ok: return "ok";
     case status::non_finite_input: return "non_finite_input";
     case status::degenerate_input: return "degenerate_input";
+    case status::overflow: return "overflow";
     }
     return "unknown";
 }
