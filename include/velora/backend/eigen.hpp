@@ -15,8 +15,13 @@
 /// The members under "optimizer kernels" serve AdaRankGrad (include/adarank/): row
 /// orthonormalisation (CholeskyQR2 in double, Householder fallback), the SVD of a wide sketch
 /// through its Gram matrix (in double), the element-wise Adam(W) updates and a few small
-/// helpers. The first two use Eigen's decompositions and products, which allocate their own
-/// temporaries and use Eigen's own OpenMP threads; they run only when a subspace is refreshed.
+/// helpers. The first two use Eigen's decompositions, which allocate their own temporaries and
+/// run on the calling thread only (so their bits do not depend on the thread count); they run
+/// only when a subspace is refreshed.
+///
+/// Determinism: every result is the same bits at any thread count. Reductions cut their work
+/// into parts by the shape alone and add the parts' partials in order; the GEMM splits rows
+/// with the blocking of the whole product (see gemm_impl).
 ///
 /// An object is not thread-safe; use one per host thread. It may itself use OpenMP threads
 /// when the translation unit is compiled with OpenMP (`-fopenmp`); `threads` caps them.
@@ -63,7 +68,7 @@ public:
     using buffer = host_buffer<U>;
 
     /// `threads` = 0 uses all OpenMP threads (1 without OpenMP).
-    explicit eigen_backend(int threads = 0) : threads_(resolve_threads(threads)), gemm_scratch_(threads_), reduce_scratch_(threads_) {}
+    explicit eigen_backend(int threads = 0) : threads_(resolve_threads(threads)), gemm_scratch_(threads_), reduce_scratch_(kMaxParts) {}
 
     [[nodiscard]] int threads() const noexcept { return threads_; }
 
@@ -86,7 +91,8 @@ public:
     // ---------------------------------------------------------------- sub-token kernels
     /// Z[t, g] = Σ_j X[t, g·s + j] · v[j] for g < Z.cols, reading X as zero past its last
     /// column (so a group made only of padding gives 0), converted to U.
-    /// Returns false when any dot product is not finite (Z is then written but meaningless).
+    /// Returns false when any value as stored in U is not finite (NaN/Inf in X, or a dot product
+    /// that overflows T or the narrower U); Z is then written but meaningless.
     template <class U>
     bool project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z) {
 #if defined(__AVX512F__)
@@ -103,7 +109,7 @@ public:
             // product with v, one GEMV per thread; the finiteness test runs once over Z.
             if (tail == 0 && full == z.cols && x.contiguous() && z.contiguous() && s > 1) {
                 int bad = 0;
-                const int parts = x.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, x.rows)) : 1;
+                const int parts = fixed_parts(x.rows, x.size());
                 parallel_for_parts(parts, [&](int part) {
                     const auto [first, last] = part_range(x.rows, parts, part);
                     const index_t rows = last - first;
@@ -122,23 +128,23 @@ public:
             }
         }
         int bad = 0;
-        const VecMap vfull(v, s);
-        const VecMap vtail(v, tail);
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) reduction(| : bad) num_threads(threads_) if (x.size() > parallel_threshold)
 #endif
         for (index_t t = 0; t < x.rows; ++t) {
             const T* row = x.row(t);
             U* out = z.row(t);
+            // Finiteness is tested on the value as stored: a finite dot product can still
+            // overflow a narrow storage type (|z| > 65504 in f16).
             for (index_t g = 0; g < full; ++g) {
-                const T dot = VecMap(row + g * s, s).dot(vfull);
-                bad |= !std::isfinite(dot);
-                out[g] = storage_cast<U>::from(dot);
+                const U stored = storage_cast<U>::from(dot_in_lanes(row + g * s, v, s));
+                bad |= !std::isfinite(to_arithmetic<T>(stored));
+                out[g] = stored;
             }
             if (tail) {
-                const T dot = VecMap(row + full * s, tail).dot(vtail);
-                bad |= !std::isfinite(dot);
-                out[full] = storage_cast<U>::from(dot);
+                const U stored = storage_cast<U>::from(dot_in_lanes(row + full * s, v, tail));
+                bad |= !std::isfinite(to_arithmetic<T>(stored));
+                out[full] = stored;
             }
             for (index_t g = full + (tail ? 1 : 0); g < z.cols; ++g) out[g] = storage_cast<U>::from(T(0));   // all-padding groups
         }
@@ -212,8 +218,11 @@ public:
         for (index_t r = 0; r < out.rows; ++r) {
             auto dst = VecOut(out.row(r), d).array();
             const auto src = VecMap(in.row(r), d).array();
-            if (w && b) dst = src * VecMap(w, d).array() + VecMap(b, d).array();
-            else if (w) dst = src * VecMap(w, d).array();
+            if (w && b) {   // spelled out as fused multiply-adds: see adam_row for why not an Eigen expression
+                const T* x = in.row(r);
+                T* y = out.row(r);
+                for (index_t j = 0; j < d; ++j) y[j] = fused(x[j], w[j], b[j]);
+            } else if (w) dst = src * VecMap(w, d).array();
             else if (b) dst = src + VecMap(b, d).array();
             else if (out.data != in.data) dst = src;
         }
@@ -265,6 +274,7 @@ public:
         detail::require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
         const ConstRowMap in(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
         qr_rows_ = in.template cast<double>();
+        const serial_eigen_scope serial;
         bool ok = true;
         for (int pass = 0; pass < 2 && ok; ++pass) {
             gram_of_rows();
@@ -309,6 +319,7 @@ public:
         detail::require(sigma != nullptr, fn, "argument 'sigma' is null");
         qr_rows_ = ConstRowMap(c.data, c.rows, c.cols, Eigen::OuterStride<>(c.ld)).template cast<double>();
         gram_of_rows();
+        const serial_eigen_scope serial;
         eig_.compute(gram_);   // ascending eigenvalues
         const index_t k = c.rows;
         for (index_t i = 0; i < k; ++i) {
@@ -318,14 +329,15 @@ public:
         }
     }
 
-    /// Σ a[i, j]², accumulated in double (rows in parallel, partial sums added in a fixed order).
+    /// Σ a[i, j]², accumulated in double (rows cut into parts by the shape alone, partial sums
+    /// added in part order: the same bits at any thread count).
     /// Inf or NaN in a gives a non-finite result.
     double sum_of_squares(const_matrix_view<T> a) {
-        const int parts = a.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, a.rows)) : 1;
+        const int parts = fixed_parts(a.rows, a.size());
         parallel_for_parts(parts, [&](int part) {
             const auto [first, last] = part_range(a.rows, parts, part);
             double sum = 0;
-            for (index_t r = first; r < last; ++r) sum += VecMap(a.row(r), a.cols).template cast<double>().squaredNorm();
+            for (index_t r = first; r < last; ++r) sum += sum_of_squares_in_lanes(a.row(r), a.cols);
             partials_[static_cast<std::size_t>(part)] = sum;
         });
         double total = 0;
@@ -335,27 +347,18 @@ public:
 
     /// Adam's moment update and normalised step, element-wise:
     /// m = β₁m + (1−β₁)g,  v = β₂v + (1−β₂)g²,  n = m / (√v + ε).  `n` may alias `g`.
+    /// Computed as m += (1−β₁)(g − m), v += (1−β₂)(g² − v) with fused multiply-adds (see adam_row).
     void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
-        for_each_row(n.size(), n.rows, [&](index_t r) {
-            auto mr = VecOut(m.row(r), m.cols).array();
-            auto vr = VecOut(v.row(r), v.cols).array();
-            update_moments(VecMap(g.row(r), g.cols).array(), mr, vr, beta1, beta2);
-            VecOut(n.row(r), n.cols).array() = mr / (vr.sqrt() + eps);
-        });
+        const adam_coefficients c{T(1) - beta1, T(1) - beta2, eps, T(0), T(1)};
+        for_each_row(n.size(), n.rows, [&](index_t r) { adam_row<false>(g.row(r), m.row(r), v.row(r), n.row(r), n.cols, c); });
     }
 
     /// Dense AdamW in one pass: moments as in adam_moments, then
     /// w = decay · (w − step · m / (√v + ε)), where step = lr·√(1−β₂ᵗ)/(1−β₁ᵗ) and decay = 1 − lr·wd.
     void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps,
                       T step, T decay) {
-        for_each_row(w.size(), w.rows, [&](index_t r) {
-            auto mr = VecOut(m.row(r), m.cols).array();
-            auto vr = VecOut(v.row(r), v.cols).array();
-            auto wr = VecOut(w.row(r), w.cols).array();
-            update_moments(VecMap(g.row(r), g.cols).array(), mr, vr, beta1, beta2);
-            if (decay == T(1)) wr -= step * (mr / (vr.sqrt() + eps));
-            else wr = decay * (wr - step * (mr / (vr.sqrt() + eps)));
-        });
+        const adam_coefficients c{T(1) - beta1, T(1) - beta2, eps, step, decay};
+        for_each_row(w.size(), w.rows, [&](index_t r) { adam_row<true>(g.row(r), m.row(r), v.row(r), w.row(r), w.cols, c); });
     }
 
     /// out = in ∘ in.
@@ -399,11 +402,142 @@ public:
     }
 
 private:
-    // Adam's moments of one row: m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g² (array expressions).
-    template <class G, class M, class V>
-    static void update_moments(const G& g, M& m, V& v, T beta1, T beta2) {
-        m = beta1 * m + (T(1) - beta1) * g;
-        v = beta2 * v + (T(1) - beta2) * g.square();
+    // Eigen's blocked decompositions (Householder QR and the eigensolver's back-transformation)
+    // run their inner products on omp_get_max_threads() threads, and Eigen then blocks them by
+    // that count, which changes their bits with the number of threads. They run only at a
+    // refresh, on blocks of k <= r + p rows, so they run on the calling thread alone:
+    // omp_set_num_threads changes only the calling thread's setting, restored on exit. (A host
+    // that fixed Eigen's count with Eigen::setNbThreads(n > 1) overrides this; see docs.)
+    struct serial_eigen_scope {
+#if defined(_OPENMP)
+        int saved = omp_get_max_threads();
+        serial_eigen_scope() noexcept { omp_set_num_threads(1); }
+        ~serial_eigen_scope() { omp_set_num_threads(saved); }
+#else
+        serial_eigen_scope() noexcept = default;
+#endif
+        serial_eigen_scope(const serial_eigen_scope&) = delete;
+        serial_eigen_scope& operator=(const serial_eigen_scope&) = delete;
+    };
+
+    // ---- element-wise kernels whose bits do not depend on where the data lies ----
+    //
+    // Eigen computes the elements before a row's first 64-byte boundary one at a time and the
+    // rest in packets, and GCC (-ffp-contract=fast, its default) fuses products into adds
+    // differently in the two, so an Eigen expression like β₁m + (1−β₁)g gives bits that depend
+    // on the caller's pointer. These kernels spell out every fused multiply-add: the AVX-512
+    // body and the scalar tail compute the same correctly rounded operations.
+#if defined(__FP_FAST_FMAF) || defined(__FP_FAST_FMA) || defined(__FMA__)
+    static T fused(T a, T b, T c) noexcept { return std::fma(a, b, c); }
+#else
+    static T fused(T a, T b, T c) noexcept { return a * b + c; }   // no FMA instruction: nothing to contract
+#endif
+
+    struct adam_coefficients {
+        T c1, c2, eps, step, decay;   // 1−β₁, 1−β₂, ε, step size, 1 − lr·wd
+    };
+
+    // m += c1·(g − m); v += c2·(g² − v); then either out = m/(√v+ε) (kWeight = false; out may
+    // alias g) or out = decay·(out − step·m/(√v+ε)) (kWeight = true, out is the weight).
+    template <bool kWeight>
+    static void adam_row(const T* g, T* m, T* v, T* out, index_t n, const adam_coefficients& c) noexcept {
+        index_t j = 0;
+#if defined(__AVX512F__)
+        j = adam_row_avx512<kWeight>(g, m, v, out, n, c);
+#endif
+        for (; j < n; ++j) {
+            const T gj = g[j];
+            const T mj = fused(c.c1, gj - m[j], m[j]);
+            const T vj = fused(c.c2, fused(gj, gj, -v[j]), v[j]);
+            m[j] = mj;
+            v[j] = vj;
+            const T nj = mj / (std::sqrt(vj) + c.eps);
+            if constexpr (kWeight) out[j] = c.decay == T(1) ? fused(-c.step, nj, out[j]) : c.decay * fused(-c.step, nj, out[j]);
+            else out[j] = nj;
+        }
+    }
+
+#if defined(__AVX512F__)
+    // The packets of adam_row: whole 64-byte packets from the row's first element (unaligned
+    // loads), returns how many elements it did.
+    template <bool kWeight>
+    static index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const adam_coefficients& c) noexcept {
+        if constexpr (std::is_same_v<T, float>) {
+            const __m512 c1 = _mm512_set1_ps(c.c1), c2 = _mm512_set1_ps(c.c2), eps = _mm512_set1_ps(c.eps);
+            const __m512 minus_step = _mm512_set1_ps(-c.step), decay = _mm512_set1_ps(c.decay);
+            index_t j = 0;
+            for (; j + 16 <= n; j += 16) {
+                const __m512 gj = _mm512_loadu_ps(g + j), mj0 = _mm512_loadu_ps(m + j), vj0 = _mm512_loadu_ps(v + j);
+                const __m512 mj = _mm512_fmadd_ps(c1, _mm512_sub_ps(gj, mj0), mj0);
+                const __m512 vj = _mm512_fmadd_ps(c2, _mm512_fmsub_ps(gj, gj, vj0), vj0);
+                _mm512_storeu_ps(m + j, mj);
+                _mm512_storeu_ps(v + j, vj);
+                const __m512 nj = _mm512_div_ps(mj, _mm512_add_ps(_mm512_sqrt_ps(vj), eps));
+                if constexpr (kWeight) {
+                    const __m512 wj = _mm512_fmadd_ps(minus_step, nj, _mm512_loadu_ps(out + j));
+                    _mm512_storeu_ps(out + j, c.decay == 1.0f ? wj : _mm512_mul_ps(decay, wj));
+                } else {
+                    _mm512_storeu_ps(out + j, nj);
+                }
+            }
+            return j;
+        } else {
+            const __m512d c1 = _mm512_set1_pd(c.c1), c2 = _mm512_set1_pd(c.c2), eps = _mm512_set1_pd(c.eps);
+            const __m512d minus_step = _mm512_set1_pd(-c.step), decay = _mm512_set1_pd(c.decay);
+            index_t j = 0;
+            for (; j + 8 <= n; j += 8) {
+                const __m512d gj = _mm512_loadu_pd(g + j), mj0 = _mm512_loadu_pd(m + j), vj0 = _mm512_loadu_pd(v + j);
+                const __m512d mj = _mm512_fmadd_pd(c1, _mm512_sub_pd(gj, mj0), mj0);
+                const __m512d vj = _mm512_fmadd_pd(c2, _mm512_fmsub_pd(gj, gj, vj0), vj0);
+                _mm512_storeu_pd(m + j, mj);
+                _mm512_storeu_pd(v + j, vj);
+                const __m512d nj = _mm512_div_pd(mj, _mm512_add_pd(_mm512_sqrt_pd(vj), eps));
+                if constexpr (kWeight) {
+                    const __m512d wj = _mm512_fmadd_pd(minus_step, nj, _mm512_loadu_pd(out + j));
+                    _mm512_storeu_pd(out + j, c.decay == 1.0 ? wj : _mm512_mul_pd(decay, wj));
+                } else {
+                    _mm512_storeu_pd(out + j, nj);
+                }
+            }
+            return j;
+        }
+    }
+#endif
+
+    // Reductions written with a fixed number of lanes indexed from the start of the data (lane
+    // i % kLanes), combined in a fixed tree: Eigen's own reductions start their packets at the
+    // first aligned address, so their bits would depend on where the caller's data lies.
+    static constexpr index_t kLanes = 16;
+
+    static double sum_of_squares_in_lanes(const T* p, index_t n) noexcept {
+        double lane[kLanes] = {};
+        index_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+            for (index_t l = 0; l < kLanes; ++l) {
+                const double x = static_cast<double>(p[i + l]);
+                lane[l] += x * x;
+            }
+        for (index_t l = 0; i + l < n; ++l) {
+            const double x = static_cast<double>(p[i + l]);
+            lane[l] += x * x;
+        }
+        return fold_lanes(lane);
+    }
+
+    static T dot_in_lanes(const T* x, const T* y, index_t n) noexcept {
+        T lane[kLanes] = {};
+        index_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+            for (index_t l = 0; l < kLanes; ++l) lane[l] += x[i + l] * y[i + l];
+        for (index_t l = 0; i + l < n; ++l) lane[l] += x[i + l] * y[i + l];
+        return fold_lanes(lane);
+    }
+
+    template <class S>
+    static S fold_lanes(S (&lane)[kLanes]) noexcept {
+        for (index_t width = kLanes / 2; width > 0; width /= 2)
+            for (index_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+        return lane[0];
     }
 
     // gram_ = qr_rows_ · qr_rowsᵀ, in double, through the backend's own threaded GEMM.
@@ -596,7 +730,7 @@ private:
     }
 
     bool project_subtokens_avx512(const_matrix_view<float> x, const float* v, index_t s, matrix_view<float> z) {
-        const int parts = x.size() > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, x.rows)) : 1;
+        const int parts = fixed_parts(x.rows, x.size());
         if (parts <= 1) return project_rows_avx512(x, v, s, z, 0, x.rows);
         int bad = 0;
         parallel_for_parts(parts, [&](int part) {
@@ -631,23 +765,43 @@ private:
     // f(r) for every row r, rows split across threads when the work is large enough.
     template <class F>
     void for_each_row(index_t work, index_t rows, F&& f) {
-        const int parts = work > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, rows)) : 1;
+        const int parts = fixed_parts(rows, work);
         parallel_for_parts(parts, [&](int part) {
             const auto [first, last] = part_range(rows, parts, part);
             for (index_t r = first; r < last; ++r) f(r);
         });
     }
 
+    // Work is cut into parts by its shape alone, never by the thread count: each part's
+    // partial result and the order in which partials are combined are then the same whatever
+    // the number of threads, so reductions give the same bits with 1 thread or 64. Sixteen
+    // parts keep up to 16 threads busy and balance 2, 4 or 8 evenly.
+    static constexpr int kMaxParts = 16;
+    static int fixed_parts(index_t rows, index_t work) {
+        return work > parallel_threshold ? static_cast<int>(std::min<index_t>(kMaxParts, rows)) : 1;
+    }
+
+    // f(part) for part < parts, on up to threads_ OpenMP threads (parts in a static schedule).
     template <class F>
     void parallel_for_parts(int parts, F&& f) {
-        if (parts <= 1) {
-            f(0);
+        const int team = std::min(threads_, parts);
+        if (team <= 1) {
+            for (int part = 0; part < parts; ++part) f(part);
             return;
         }
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static, 1) num_threads(parts)
+#pragma omp parallel for schedule(static) num_threads(team)
 #endif
         for (int part = 0; part < parts; ++part) f(part);
+    }
+
+    // Index of the calling thread within the current parallel_for_parts team (0 outside one).
+    static int thread_index() noexcept {
+#if defined(_OPENMP)
+        return omp_get_thread_num();
+#else
+        return 0;
+#endif
     }
 
     // Per-thread packing buffers for Eigen's GEBP kernel, grown to the largest blocking seen.
@@ -668,22 +822,26 @@ private:
     };
 
     template <class S, int LhsOrder, int RhsOrder>
-    static void gebp(index_t m, index_t n, index_t k, S alpha, const S* a, index_t lda, const S* b, index_t ldb, S* c, index_t ldc,
-                     gemm_scratch<S>& scratch) {
+    static void gebp(index_t m, index_t n, index_t k, index_t m_total, S alpha, const S* a, index_t lda, const S* b, index_t ldb, S* c,
+                     index_t ldc, gemm_scratch<S>& scratch) {
         // A row-major result is computed as its column-major transpose: rows and cols swap roles.
-        scratch.prepare(n, m, k);
+        // The blocking is that of the whole product (m_total rows), not of this part: with the
+        // same kc and mc and parts cut at multiples of the kernel's column panel, every element
+        // goes through the same micro-kernel path with the same summation order whichever part
+        // holds it, so the result does not depend on how many parts (threads) there are.
+        scratch.prepare(n, m_total, k);
         Eigen::internal::general_matrix_matrix_product<Eigen::Index, S, LhsOrder, false, S, RhsOrder, false, Eigen::RowMajor, 1>::run(
             m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, scratch, nullptr);
     }
 
     template <class S>
-    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, S alpha, const S* a, index_t lda, const S* b,
-                            index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
+    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, index_t m_total, S alpha, const S* a, index_t lda,
+                            const S* b, index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
         constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
-        if (op_a == op::none && op_b == op::none) gebp<S, R, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_a == op::none) gebp<S, R, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_b == op::none) gebp<S, C, R>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else gebp<S, C, C>(m, n, k, alpha, a, lda, b, ldb, c, ldc, scratch);
+        if (op_a == op::none && op_b == op::none) gebp<S, R, R>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_a == op::none) gebp<S, R, C>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_b == op::none) gebp<S, C, R>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else gebp<S, C, C>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
     }
 
     template <class S>
@@ -709,40 +867,36 @@ private:
         detail::require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
         detail::require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
 
-        // Split the larger output dimension across threads; tiny products stay serial.
+        check_no_alias(c, "c", a, "a", fn);
+        check_no_alias(c, "c", b, "b", fn);
+
+        // Rows of C are split across threads (tiny products stay serial) at multiples of
+        // kRowQuantum, with the blocking of the whole product (see gebp): each element of C
+        // then gets the same bits whatever the thread count.
         const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-        const bool split_rows = m >= n;
-        const index_t extent = split_rows ? m : n;
-        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, (extent + 31) / 32));
+        const index_t quanta = (m + kRowQuantum - 1) / kRowQuantum;
+        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, std::max<index_t>(1, quanta / 2)));
         auto run_part = [&](int part) {
-            const auto [first, last] = part_range(extent, parts, part);
-            const index_t count = last - first;
+            const auto [first_q, last_q] = part_range(quanta, parts, part);
+            const index_t first = first_q * kRowQuantum;
+            const index_t count = std::min(m, last_q * kRowQuantum) - first;
             if (count <= 0) return;
-            const S* pa = a.data;
-            const S* pb = b.data;
-            S* pc = c.data;
-            index_t mm = m, nn = n;
-            if (split_rows) {
-                pa += op_a == op::none ? first * a.ld : first;
-                pc += first * c.ld;
-                mm = count;
-            } else {
-                pb += op_b == op::none ? first : first * b.ld;
-                pc += first;
-                nn = count;
-            }
-            scale_output<S>(beta, matrix_view<S>{pc, mm, nn, c.ld});
-            if (alpha != S(0) && k > 0) serial_gemm<S>(op_a, op_b, mm, nn, k, alpha, pa, a.ld, pb, b.ld, pc, c.ld, scratch[static_cast<std::size_t>(part)]);
+            const S* pa = a.data + (op_a == op::none ? first * a.ld : first);
+            S* pc = c.data + first * c.ld;
+            scale_output<S>(beta, matrix_view<S>{pc, count, n, c.ld});
+            if (alpha != S(0) && k > 0)
+                serial_gemm<S>(op_a, op_b, count, n, k, m, alpha, pa, a.ld, b.data, b.ld, pc, c.ld, scratch[static_cast<std::size_t>(thread_index())]);
         };
         parallel_for_parts(parts, run_part);
     }
 
-    // Column reduction over rows: each thread accumulates `width` values in its own scratch
-    // (rows are folded in T, a block of rows at a time, into a double accumulator), then the
-    // per-thread results are added in thread order, so the result does not depend on timing.
+    // Column reduction over rows: each part (cut by the shape alone, fixed_parts) accumulates
+    // `width` values in its own scratch (rows are folded in T, a block of rows at a time, into
+    // a double accumulator), then the parts' results are added in part order, so the result
+    // depends neither on timing nor on the thread count.
     template <class RowFn>
     void reduce_rows(index_t rows, index_t width, index_t work, T* out, RowFn&& add_row) {
-        const int parts = work > parallel_threshold ? static_cast<int>(std::min<index_t>(threads_, rows)) : 1;
+        const int parts = fixed_parts(rows, work);
         for (int p = 0; p < parts; ++p) {
             reduce_scratch_[p].block.resize(static_cast<std::size_t>(width));
             reduce_scratch_[p].total.resize(static_cast<std::size_t>(width));
@@ -770,11 +924,14 @@ private:
         host_buffer<double> total;
     };
 
+    // Column-panel quantum of the GEMM's row split: a multiple of every GEBP nr (4 or 8).
+    static constexpr index_t kRowQuantum = 16;
+
     int threads_;
     std::vector<gemm_scratch<T>> gemm_scratch_;
     std::vector<gemm_scratch<double>> gemm_scratch_d_ = std::vector<gemm_scratch<double>>(static_cast<std::size_t>(threads_));
     std::vector<reduce_scratch> reduce_scratch_;
-    std::vector<double> partials_ = std::vector<double>(static_cast<std::size_t>(threads_));
+    std::vector<double> partials_ = std::vector<double>(static_cast<std::size_t>(kMaxParts));
     // Refresh-time linear algebra (AdaRankGrad); Eigen may allocate temporaries here.
     RowMatD qr_rows_, qr_next_, gram_, l_inverse_;
     Eigen::LLT<Eigen::MatrixXd> llt_;
