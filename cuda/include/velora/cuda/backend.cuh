@@ -163,12 +163,14 @@ public:
         detail_require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
         detail_require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
         require_int(fn, m, n, k, a.ld, b.ld, c.ld);
+        check_no_alias(c, "c", a, "a", fn);
+        check_no_alias(c, "c", b, "b", fn);
         gemm_unchecked(fn, op_a, op_b, alpha, a, b, beta, c, m, n, k);
     }
 
     // ---------------------------------------------------------------- sub-token kernels
     /// Z[t, g] = Σ_j X[t, g·s + j] · v[j], X read as zero past its last column, converted to U.
-    /// Returns false when a dot product is not finite. Waits for the result.
+    /// Returns false when a value as stored in U is not finite. Waits for the result.
     template <class U>
     bool project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z) {
         constexpr const char* fn = "velora::cuda::cuda_backend::project_subtokens";
@@ -457,7 +459,7 @@ public:
             const T normalised = kernels::adam_element(gd[r * ldg + c], mm, vv, beta1, beta2, eps);
             md[r * ldm + c] = mm;
             vd[r * ldv + c] = vv;
-            const T updated = wd[r * ldw + c] - step * normalised;
+            const T updated = fma(-step, normalised, wd[r * ldw + c]);
             wd[r * ldw + c] = decay == T(1) ? updated : decay * updated;
         });
     }

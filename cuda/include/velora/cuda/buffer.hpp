@@ -11,6 +11,8 @@
 ///
 /// A plain C++ header: it needs the CUDA toolkit's include directory, not nvcc.
 #include <cstddef>
+#include <limits>
+#include <new>
 #include <type_traits>
 #include <utility>
 
@@ -43,6 +45,8 @@ public:
     /// Sets the size; allocates only when `n` exceeds the capacity (contents are then not kept).
     void resize(std::size_t n) {
         if (n > capacity_) {
+            // A byte count that does not fit in a size_t is refused, never wrapped to a small allocation.
+            if (n > std::numeric_limits<std::size_t>::max() / sizeof(T)) throw std::bad_array_new_length();
             void* fresh = nullptr;
             detail::check(cudaMalloc(&fresh, n * sizeof(T)), "velora::cuda::device_buffer::resize",
                           "cudaMalloc of " + std::to_string(n * sizeof(T)) + " bytes");

@@ -49,8 +49,10 @@ __global__ void for_each_1d(index n, F f) {
 /// returns the normalised step m / (√v + ε). Shared by adam_moments and adamw_update.
 template <class T>
 __device__ inline T adam_element(T grad, T& m, T& v, T beta1, T beta2, T eps) {
-    m = beta1 * m + (T(1) - beta1) * grad;
-    v = beta2 * v + (T(1) - beta2) * grad * grad;
+    // The CPU backend's formula (eigen_backend::adam_row): m += (1−β₁)(g − m),
+    // v += (1−β₂)(g² − v), with every multiply-add fused.
+    m = fma(T(1) - beta1, grad - m, m);
+    v = fma(T(1) - beta2, fma(grad, grad, -v), v);
     return m / (sqrt(v) + eps);
 }
 
@@ -130,7 +132,7 @@ struct vector16<double> {
 /// Each output is computed by a team of `lanes` (a power of two <= 32) consecutive lanes of a
 /// warp, each reading V elements at a time (V = 1, or a 16-byte vector when X, v, ld, s and
 /// d allow it), then a shuffle reduction inside the team. *bad is set when a result is not
-/// finite.
+/// finite as stored in U.
 template <class T, class U, bool Vectorised>
 __global__ void project_subtokens(const T* __restrict__ x, index rows, index d, index ld, const T* __restrict__ v, index s,
                                   U* __restrict__ z, index groups, index ldz, int lanes, int* bad) {
@@ -162,8 +164,10 @@ __global__ void project_subtokens(const T* __restrict__ x, index rows, index d, 
         }
         for (int offset = lanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
         if (o < outputs && member == 0) {
-            z[t * ldz + g] = storage_cast<U>::from(acc);
-            if (!isfinite(acc)) *bad = 1;
+            // Tested as stored: a finite dot product can overflow a narrow storage type.
+            const U stored = storage_cast<U>::from(acc);
+            z[t * ldz + g] = stored;
+            if (!isfinite(to_arithmetic<T>(stored))) *bad = 1;
         }
     }
 }
