@@ -97,9 +97,20 @@ run_result train(const options& o, bool use_velora, bool low_rank) {
     const auto kind = low_rank ? adarank::param_kind::automatic : adarank::param_kind::dense;
     const auto id1 = opt.add_parameter(h, d, kind);     // 512×512: low-rank under `automatic`
     const auto id2 = opt.add_parameter(out, h, kind);   // 64×512: too small to gain, dense AdamW
+    // ok and degenerate_input (an all-zero input where a direction was due: the documented
+    // fallback was used, the step was taken) go on; every other status (NaN/Inf, an overflow)
+    // says that nothing was changed: the run has diverged.
+    auto diverged = [](velora::status st) { return st != velora::status::ok && st != velora::status::degenerate_input; };
     auto step_with = [&](adarank::low_rank_adamw<B>::param_id id, std::vector<float>& w, index_t rows, index_t cols, auto&& grad) {
         const velora::status st = opt.step(id, velora::make_view(w.data(), rows, cols), grad);
-        if (st == velora::status::non_finite_input) throw std::runtime_error("non-finite gradient: training diverged");
+        if (diverged(st)) throw std::runtime_error("optimizer step returned status " + std::string(velora::to_string(st)) + ": training diverged");
+    };
+    // The records are what backward reads: a compress that kept nothing new must stop the run
+    // before backward would use the previous step's record. degenerate_input (an all-zero
+    // batch: the documented fallback v was used) still wrote the record.
+    auto compress = [&](velora::compressor<B>& c, velora::const_matrix_view<float> input, velora::compressor<B>::record_type& record) {
+        const velora::status st = c.compress(input, record);
+        if (diverged(st)) throw std::runtime_error("compress returned status " + std::string(velora::to_string(st)) + ": training diverged");
     };
     auto view = [](std::vector<float>& v, index_t r, index_t c) { return velora::make_view(v.data(), r, c); };
     auto cview = [](const std::vector<float>& v, index_t r, index_t c) { return velora::make_view<const float>(v.data(), r, c); };
@@ -118,8 +129,8 @@ run_result train(const options& o, bool use_velora, bool low_rank) {
         for (std::size_t i = 0; i < hid.size(); ++i) act[i] = std::max(hid[i], 0.0f);
         velora::linear_forward(backend, cview(act, t, h), cview(w2, out, h), nullptr, view(y, t, out));
         if (use_velora) {
-            c1.compress(cview(x, t, d), r1);
-            c2.compress(cview(act, t, h), r2);
+            compress(c1, cview(x, t, d), r1);
+            compress(c2, cview(act, t, h), r2);
             result.kept_bytes = r1.bytes() + r2.bytes();
         } else {
             result.kept_bytes = (x.size() + act.size()) * sizeof(float);

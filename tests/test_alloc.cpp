@@ -71,7 +71,7 @@ TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", 
                 const auto xv = velora::make_view<const T>(x.data(), t, d);
                 const auto dyv = velora::make_view<const T>(dy.data(), t, o);
                 velora::linear_forward(backend, xv, velora::make_view<const T>(w.data(), o, d), nullptr, velora::make_view(y.data(), t, o));
-                c.compress(xv, record);
+                CHECK(c.compress(xv, record) == velora::status::ok);
                 c.weight_grad(record, dyv, velora::make_view(a.data(), o, g));
                 c.expand_weight_grad(record, velora::make_view<const T>(a.data(), o, g), velora::make_view(dw.data(), o, d));
                 velora::linear_input_grad(backend, dyv, velora::make_view<const T>(w.data(), o, d), velora::make_view(dx.data(), t, d));
@@ -97,7 +97,7 @@ TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap alloca
     for (std::size_t i = 0; i < bias.size(); ++i) bias_grad[i] = static_cast<T>(velora::gaussian_at(4, i));
     velora::compressor<B> c(backend, d, {.groups = g});
     typename velora::compressor<B>::record_type record;
-    c.compress(velora::make_view<const T>(x.data(), t, d), record);
+    REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
     c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
     const auto factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
 

@@ -224,6 +224,9 @@ public:
     /// tokens: `batch` rows of context+1 ids (input = first context, target = last context).
     /// Forward + backward; each gradient goes to `sink` once, in backward order. Returns the
     /// mean cross-entropy (nats/token) of this batch under the parameters before the step.
+    /// Throws std::runtime_error before any gradient reaches the sink (parameters untouched)
+    /// when a VeLoRA record cannot be written: compress returned non_finite_input or overflow,
+    /// i.e. the activations diverged.
     double train_step(const int* tokens, index_t batch, gradient_sink<T>& sink) {
         check_batch(tokens, batch, "lm::transformer::train_step");
         const double loss = forward(tokens, batch, true);
@@ -342,7 +345,7 @@ private:
             T* h1 = v_.share_qkv ? tmp_h1_.data() : L.h1.data();
             rmsnorm(x, param(base + norm1), h1, L.rstd1.data(), n);
             const cview h1v{h1, n, d, d};
-            if (train && L.comp_h1) L.comp_h1->compress(h1v, L.rec_h1);
+            if (train && L.comp_h1) keep_record(*L.comp_h1, h1v, L.rec_h1, l, "value-projection input");
             velora::linear_forward(*b_, h1v, cview(pview(base + wq)), nullptr, mv(L.q, n, d));
             velora::linear_forward(*b_, h1v, cview(pview(base + wk)), nullptr, mv(L.k, n, d));
             velora::linear_forward(*b_, h1v, cview(pview(base + wv)), nullptr, mv(L.v, n, d));
@@ -360,7 +363,7 @@ private:
                 s[i] = a * sigmoid(a) * L.bu[static_cast<std::size_t>(i)];
             }
             const cview sv{s, n, f, f};
-            if (train && L.comp_s) L.comp_s->compress(sv, L.rec_s);
+            if (train && L.comp_s) keep_record(*L.comp_s, sv, L.rec_s, l, "MLP-down input");
             T* out = xs_[static_cast<std::size_t>(l + 1)].data();
             std::copy(L.xmid.data(), L.xmid.data() + n * d, out);
             b_->gemm(velora::op::none, velora::op::transpose, T(1), sv, cview(pview(base + w2)), T(1), view{out, n, d, d});
@@ -381,6 +384,18 @@ private:
                 loss -= std::log(static_cast<double>(row[target]));
             }
         return loss / static_cast<double>(n);
+    }
+
+    // Compresses a linear input into the record backward reads. non_finite_input or overflow
+    // means the activations diverged (NaN/Inf, or beyond the storage type's range) and the record
+    // still holds the previous step's Z, so the step stops here, before backward could read it
+    // and before any gradient reaches the sink. degenerate_input (an all-zero input: the
+    // documented fallback v was used) wrote the record and goes on.
+    static void keep_record(compressor_type& c, cview x, record_type& record, index_t layer, const char* input) {
+        const velora::status st = c.compress(x, record);
+        if (st != velora::status::ok && st != velora::status::degenerate_input)
+            throw std::runtime_error("lm::transformer::train_step: compressing layer " + std::to_string(layer) + "'s " + input +
+                                     " returned status " + std::string(velora::to_string(st)) + ": training diverged");
     }
 
     // Per sequence and head: S = Q Kᵀ/√dh (causal), P = softmax(S), O = P V.

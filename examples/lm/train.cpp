@@ -201,8 +201,13 @@ public:
 
 private:
     velora::matrix_view<T> weight(std::size_t i) { return {params_[i].data, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    // ok and degenerate_input (an all-zero gradient where a new subspace was due: the old one
+    // is kept, the step was taken) go on; any other status means the step changed nothing
+    // because the gradient was NaN/Inf or overflowed: the run has diverged.
     void check(velora::status s, std::size_t i) {
-        if (s == velora::status::non_finite_input) throw std::runtime_error("non-finite gradient for " + params_[i].name + ": training diverged");
+        if (s != velora::status::ok && s != velora::status::degenerate_input)
+            throw std::runtime_error("optimizer step for " + params_[i].name + " returned status " + std::string(velora::to_string(s)) +
+                                     ": training diverged");
     }
     adarank::low_rank_adamw<B>& opt_;
     std::vector<lm::param_ref<T>>& params_;

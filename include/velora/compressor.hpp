@@ -15,11 +15,17 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "concepts.hpp"
+#include "core/checked.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "core/serialize.hpp"
@@ -76,7 +82,10 @@ class compressor;
 /// What one compress call keeps for the backward pass: Z (T×G in the storage type) and a copy
 /// of the v it was projected with (so later changes of v, e.g. in batch_mean mode, cannot
 /// desynchronise forward and backward). Several layers that read the same input share one
-/// record. A record is reused across steps without allocating once it has seen the largest T.
+/// record. A record is reused across steps without allocating once it has seen the largest T
+/// (its Z buffer trades places with the compressor's spare on every successful compress). A
+/// compress that returns a status other than ok or degenerate_input, or throws for a caller
+/// mistake or an allocation failure, leaves the record exactly as it was.
 template <backend B>
 class activation_record {
 public:
@@ -138,17 +147,37 @@ public:
     using record_type = activation_record<B>;
     using T = value_type;
 
-    /// Throws std::invalid_argument if the configuration is invalid for `features` = D.
+    /// |‖v‖₂ − 1| that load_state accepts for an initialised v, with s = subtoken_size(): every
+    /// v the compressor writes is a unit vector computed in double and rounded to T, so its norm
+    /// is within ε_T/2 of 1 up to the double sums' rounding (≤ s·ε_f64/2 over saving and
+    /// checking); the bound leaves a wide margin above both and rejects anything that was not
+    /// meant to be a unit vector.
+    [[nodiscard]] double unit_norm_tolerance() const noexcept {
+        return 64 * static_cast<double>(std::numeric_limits<T>::epsilon()) +
+               4 * static_cast<double>(subtoken_) * std::numeric_limits<double>::epsilon();
+    }
+
+    /// Throws std::invalid_argument if the configuration is invalid for `features` = D, or if
+    /// the sub-token size s = ceil(D/G) is too large for the address space.
     compressor(B& backend, index_t features, compressor_config config = {})
         : backend_(&backend), config_(validated(features, config)), features_(features),
-          subtoken_((features + config.groups - 1) / config.groups), host_v_(static_cast<std::size_t>(subtoken_)),
+          subtoken_(subtoken_size_for(features, config.groups)), host_v_(static_cast<std::size_t>(subtoken_)),
           host_v_scratch_(host_v_.size()), host_sum_(host_v_.size()), next_(host_v_.size()) {
         v_.resize(host_v_.size());
+        v_next_.resize(host_v_.size());
         sum_.resize(host_v_.size());
+        zero_v_.resize(host_v_.size());
+        backend_->copy_from_host(host_v_.data(), zero_v_.data(), subtoken_);   // host_v_ is all zeros until initialised
         if (config_.v.type == v_mode::kind::random) {
+            // v is the first s values of the seeded stream. Should they all be zero (each one is
+            // with probability 2^-53), the next s are taken: random mode is initialised from
+            // construction on, which load_state relies on.
             std::vector<double> g(static_cast<std::size_t>(subtoken_));
-            for (index_t j = 0; j < subtoken_; ++j) g[static_cast<std::size_t>(j)] = gaussian_at(config_.v.seed, static_cast<std::uint64_t>(j));
-            commit_v(g);
+            for (std::uint64_t round = 0; !initialised_; ++round) {
+                for (index_t j = 0; j < subtoken_; ++j)
+                    g[static_cast<std::size_t>(j)] = gaussian_at(config_.v.seed, round * static_cast<std::uint64_t>(subtoken_) + static_cast<std::uint64_t>(j));
+                if (normalise(g) > 0) commit_v(g);
+            }
         }
     }
 
@@ -161,7 +190,7 @@ public:
     /// True when the current v is the documented fallback 1/√s·(1, …, 1), used when the mean to
     /// normalise was exactly zero (e.g. an all-zero batch).
     [[nodiscard]] bool fallback_used() const noexcept { return fallback_; }
-    /// Number of times v has been set or updated.
+    /// Number of times v has been set or updated (saturates at 2^64 − 1).
     [[nodiscard]] std::uint64_t v_updates() const noexcept { return updates_; }
     /// The current v (host copy, s elements); empty until initialised().
     [[nodiscard]] std::span<const T> v() const noexcept {
@@ -170,83 +199,123 @@ public:
 
     /// Sets v (normalised here). Allowed in every mode; in first_batch_mean mode it replaces
     /// the first-batch estimate. Throws for a wrong length, non-finite or all-zero vector.
+    /// `v` may be this compressor's own v() (it is copied before anything changes).
     void set_v(std::span<const T> v) {
         constexpr const char* fn = "velora::compressor::set_v";
         detail::require(static_cast<index_t>(v.size()) == subtoken_, fn, "argument 'v' has ", v.size(),
                         " elements but the sub-token size is s = ", subtoken_);
         std::vector<double> w(v.begin(), v.end());
-        double norm2 = 0;
-        for (double x : w) norm2 += x * x;
-        detail::require(std::isfinite(norm2), fn, "argument 'v' has non-finite entries");
-        detail::require(norm2 > 0, fn, "argument 'v' is the zero vector");
+        for (std::size_t j = 0; j < w.size(); ++j)
+            detail::require(std::isfinite(w[j]), fn, "argument 'v' has a non-finite entry: v[", j, "] = ", w[j]);
+        detail::require(normalise(w) > 0, fn, "argument 'v' is the zero vector");
         commit_v(w);
     }
 
     /// Compresses X (T×D) into `out`, updating v first as the mode prescribes.
-    /// Returns status::degenerate_input when the mean to normalise was zero and the fallback v
-    /// was used, status::ok otherwise. Throws std::invalid_argument (compressor state unchanged,
-    /// `out` cleared) for a wrong shape, a non-finite X, or given mode without set_v.
+    ///
+    /// Returns status::ok, or status::degenerate_input when the mean to normalise was zero and
+    /// the fallback v was used (the record is then made with it). A numerical event in X leaves
+    /// the compressor AND `out` exactly as they were (a record that held a valid compress still
+    /// holds it, bit for bit) and returns
+    /// - status::non_finite_input when X holds a NaN or an Inf (an activation that diverged,
+    ///   e.g. under mixed precision), or
+    /// - status::overflow when X is finite but a result is not: the sub-token sum behind the
+    ///   batch mean, or a projected value in the value type or once narrowed to the storage
+    ///   type (|Z| > 65504 in f16).
+    /// Throws std::invalid_argument (nothing changed) for a wrong shape, or given mode without
+    /// set_v.
+    ///
+    /// Z is projected into a buffer that the compressor owns, which is swapped with the record's
+    /// on success: a compressor keeps one spare Z of the largest T it compressed, and calls at a
+    /// T it has seen allocate nothing once each record has been written at that T.
     status compress(const_matrix_view<T> x, record_type& out) {
         constexpr const char* fn = "velora::compressor::compress";
         check_view(x, fn, "x");
         detail::require(x.cols == features_, fn, "argument 'x' has ", x.cols, " columns but the compressor was built for D = ", features_);
         detail::require(config_.v.type != v_mode::kind::given || initialised_, fn,
                         "v_mode::given requires set_v() before the first compress");
+        // check_view bounded X's extent, and G <= D = X.cols while a storage element is no wider
+        // than T, so Z's bytes cannot exceed X's today; the checked forms make that an error
+        // message instead of an assumption, here where the allocation size is formed.
+        const index_t z_elements = detail::checked_mul(x.rows, config_.groups, fn, "Z's element count T x G");
+        const std::size_t z_bytes =
+            static_cast<std::size_t>(detail::checked_elements(z_elements, storage_bytes(config_.z_storage), fn, "Z")) * storage_bytes(config_.z_storage);
+
+        // Size the spare Z first: an allocation that fails here has changed nothing. The record's
+        // buffer becomes the next spare when this call succeeds; if it is too small for this T,
+        // its replacement is sized now for the same reason.
+        z_next_.resize(z_bytes);
+        if (out.z_.capacity() < z_bytes) z_spare_.resize(z_bytes);
 
         // 1. The v for this call, decided without touching the compressor's state.
         const bool update = needs_batch_mean();
         bool zero_mean = false;
         if (update) {
-            batch_direction(x, fn);   // into next_
+            if (!batch_direction(x)) return failure_outcome(x);   // into next_
             if (config_.v.type == v_mode::kind::ema && initialised_) {
                 for (std::size_t j = 0; j < next_.size(); ++j)
                     next_[j] = config_.v.decay * static_cast<double>(host_v_[j]) + (1.0 - config_.v.decay) * next_[j];
             }
             zero_mean = normalise(next_) == 0.0;
-            const double fallback = 1.0 / std::sqrt(static_cast<double>(subtoken_));
-            for (std::size_t j = 0; j < next_.size(); ++j) host_v_scratch_[j] = static_cast<T>(zero_mean ? fallback : next_[j]);
+            const T fallback = fallback_entry();
+            for (std::size_t j = 0; j < next_.size(); ++j) host_v_scratch_[j] = zero_mean ? fallback : static_cast<T>(next_[j]);
+            backend_->copy_from_host(host_v_scratch_.data(), v_next_.data(), subtoken_);
         }
+        const T* v = update ? v_next_.data() : v_.data();
 
-        // 2. Project with it into the record.
-        prepare_record(out, x.rows);
-        if (update) backend_->copy_from_host(host_v_scratch_.data(), out.v_.data(), subtoken_);
-        else backend_->copy(v_.data(), out.v_.data(), subtoken_);
-        const bool finite = visit_storage(config_.z_storage, [&](auto tag) {
-            using U = decltype(tag);
-            matrix_view<U> z{reinterpret_cast<U*>(out.z_.data()), x.rows, config_.groups, config_.groups};
-            return backend_->project_subtokens(x, out.v_.data(), subtoken_, z);
-        });
-        if (!finite) {
-            out.clear();
-            detail::fail(fn, "argument 'x' (", x.rows, "x", x.cols, ") contains NaN or Inf, or overflows when projected");
-        }
+        // 2. Project into the spare Z; the record is not touched.
+        if (!project(x, v)) return failure_outcome(x);
 
-        // 3. Commit.
+        // 3. Commit. The record's v grows on its first use only, before anything is changed.
+        out.v_.resize(static_cast<std::size_t>(subtoken_));
+        backend_->copy(v, out.v_.data(), subtoken_);
+        using std::swap;
+        swap(out.z_, z_next_);
+        if (z_next_.capacity() < z_bytes) z_next_ = std::move(z_spare_);
+        out.tokens_ = x.rows;
+        out.features_ = features_;
+        out.groups_ = config_.groups;
+        out.subtoken_ = subtoken_;
+        out.storage_ = config_.z_storage;
+        out.scale_ = static_cast<T>(config_.scale);
         if (update) {
             host_v_.swap(host_v_scratch_);
-            backend_->copy(out.v_.data(), v_.data(), subtoken_);
+            swap(v_, v_next_);
             initialised_ = true;
             fallback_ = zero_mean;
-            ++updates_;
+            count_update();
         }
-        out.tokens_ = x.rows;
         return zero_mean ? status::degenerate_input : status::ok;
     }
 
     /// Convenience overload that returns a new record (allocates; reuse a record in a loop).
+    /// Having no status to return, it throws velora::numerical_error carrying
+    /// status::non_finite_input or status::overflow where the other overload returns them
+    /// (nothing changed, as there). A degenerate_input batch still gives a record, made with
+    /// the fallback v; fallback_used() says whether a record was made with it.
     [[nodiscard]] record_type compress(const_matrix_view<T> x) {
         record_type record;
-        compress(x, record);
+        const status outcome = compress(x, record);
+        if (outcome == status::non_finite_input || outcome == status::overflow) {
+            std::ostringstream what;
+            what << "velora::compressor::compress: argument 'x' (" << x.rows << "x" << x.cols << ") "
+                 << (outcome == status::non_finite_input ? "contains NaN or Inf"
+                                                         : "is finite but its sub-token sum or projection overflows the value or storage type")
+                 << " (status " << to_string(outcome) << "; compress(x, record) returns it instead of throwing)";
+            throw numerical_error(outcome, what.str());
+        }
         return record;
     }
 
     /// A = dYᵀ Z (O×G): the factored weight gradient, without the scale (see factored()).
+    /// `a` may not overlap `dy`.
     void weight_grad(const record_type& record, const_matrix_view<T> dy, matrix_view<T> a) {
         constexpr const char* fn = "velora::compressor::weight_grad";
         check_record(record, fn);
         check_view(dy, fn, "dy");
         detail::require(dy.rows == record.tokens(), fn, "argument 'dy' has ", dy.rows, " rows but the record holds T = ", record.tokens(), " tokens");
         check_shape(a, dy.cols, record.groups(), fn, "a");
+        check_no_alias(a, "a", dy, "dy", fn);
         with_z_as_value_type(record, [&](const_matrix_view<T> z, index_t first_token, bool first_chunk) {
             backend_->gemm(op::transpose, op::none, T(1), dy.row_block(first_token, z.rows), z, first_chunk ? T(0) : T(1), a);
         });
@@ -261,13 +330,15 @@ public:
         return {a, record.v(), record.subtoken_size(), record.features(), record.scale()};
     }
 
-    /// dW = scale · A · (I_G ⊗ vᵀ), O×D, from the factored gradient. Only when a dense gradient is needed.
+    /// dW = scale · A · (I_G ⊗ vᵀ), O×D, from the factored gradient. Only when a dense gradient
+    /// is needed. `dw` may not overlap `a`.
     void expand_weight_grad(const record_type& record, const_matrix_view<T> a, matrix_view<T> dw) {
         constexpr const char* fn = "velora::compressor::expand_weight_grad";
         check_record(record, fn);
         check_view(a, fn, "a");
         detail::require(a.cols == record.groups(), fn, "argument 'a' has ", a.cols, " columns but G = ", record.groups());
         check_shape(dw, a.rows, record.features(), fn, "dw");
+        check_no_alias(dw, "dw", a, "a", fn);
         backend_->expand_subtokens(a, record.v(), record.subtoken_size(), record.scale(), dw);
     }
 
@@ -283,12 +354,13 @@ public:
 
     /// VeLoRA weight gradient of a scale-and-shift layer y = x ⊙ w + b whose input was
     /// compressed into `record`: dw[g·s + j] = scale · v[j] · Σ_t dY[t, g·s + j] · Z[t, g].
-    /// `dw` holds D elements of backend memory.
+    /// `dw` holds D elements of backend memory and may not overlap `dy`.
     void ssf_weight_grad(const record_type& record, const_matrix_view<T> dy, T* dw) {
         constexpr const char* fn = "velora::compressor::ssf_weight_grad";
         check_record(record, fn);
         check_shape(dy, record.tokens(), record.features(), fn, "dy");
         detail::require(dw != nullptr, fn, "argument 'dw' is null");
+        check_no_alias(const_matrix_view<T>(dw, 1, record.features()), "dw", dy, "dy", fn);
         visit_storage(record.z_storage(), [&](auto tag) {
             backend_->weighted_subtoken_column_sums(dy, record.template z<decltype(tag)>(), record.v(), record.subtoken_size(),
                                                     record.scale(), dw);
@@ -319,7 +391,17 @@ public:
     }
 
     /// Restores state saved by save_state() of a compressor with the same configuration.
-    /// Throws state_format_error (a std::invalid_argument) and changes nothing on any mismatch.
+    /// Throws state_format_error (a std::invalid_argument) and changes nothing when the blob is
+    /// malformed, was saved with another configuration, or describes a state that no sequence
+    /// of calls can put a compressor in:
+    /// - a v entry that is not finite;
+    /// - not initialised, but a v that is not all zero, a non-zero update count or the
+    ///   fallback flag set, or random mode (which draws v at construction);
+    /// - initialised, but an update count of 0 or a v whose norm is not 1 within
+    ///   unit_norm_tolerance();
+    /// - the fallback flag in a mode without a batch mean (random, given), or with a v that is
+    ///   not exactly the fallback 1/√s·(1, …, 1);
+    /// - a flag byte other than 0 or 1.
     void load_state(std::span<const std::byte> blob) {
         constexpr const char* fn = "velora::compressor::load_state";
         state_reader r(blob, state_kind, state_version, fn);
@@ -337,16 +419,17 @@ public:
             r.bad("state was saved with storage type ", is_valid(storage{stored}) ? to_string(storage{stored}) : "invalid",
                   " but this compressor stores ", to_string(config_.z_storage));
         expect_equal(r, "gradient scale", r.get<double>(), config_.scale);
-        const bool initialised = r.get<std::uint8_t>() != 0;
-        const bool fallback = r.get<std::uint8_t>() != 0;
+        const auto initialised = r.get<std::uint8_t>();
+        const auto fallback = r.get<std::uint8_t>();
         const auto updates = r.get<std::uint64_t>();
         auto v = r.get_array<T>(subtoken_);
         r.expect_end();
+        check_meaning(r, initialised, fallback, updates, v);
         // Commit.
         host_v_ = std::move(v);
         backend_->copy_from_host(host_v_.data(), v_.data(), subtoken_);
-        initialised_ = initialised;
-        fallback_ = fallback;
+        initialised_ = initialised != 0;
+        fallback_ = fallback != 0;
         updates_ = updates;
     }
 
@@ -366,9 +449,57 @@ private:
         return c;
     }
 
+    // s = ceil(D/G) for a validated 1 <= G <= D, formed without D + G − 1 (which overflows for D
+    // near the index maximum), and short enough that the s-element vectors the compressor
+    // keeps (the widest of double) fit in the address space.
+    static index_t subtoken_size_for(index_t features, index_t groups) {
+        const index_t s = features / groups + (features % groups != 0 ? 1 : 0);
+        return detail::checked_elements(s, sizeof(double), "velora::compressor::compressor",
+                                        "the sub-token size s = ceil(D/G) for D = " + std::to_string(features) + " and G = " +
+                                            std::to_string(groups) + ",");
+    }
+
     template <class V>
     static void expect_equal(const state_reader& r, std::string_view field, V stored, V live) {
         if (!(stored == live)) r.bad("state was saved with ", field, " = ", +stored, " but this compressor has ", +live);
+    }
+
+    // The invariants every state written by save_state() satisfies (see load_state).
+    void check_meaning(const state_reader& r, std::uint8_t initialised, std::uint8_t fallback, std::uint64_t updates,
+                       const std::vector<T>& v) const {
+        if (initialised > 1) r.bad("state has the initialised flag = ", +initialised, " (must be 0 or 1)");
+        if (fallback > 1) r.bad("state has the fallback flag = ", +fallback, " (must be 0 or 1)");
+        for (std::size_t j = 0; j < v.size(); ++j)
+            if (!std::isfinite(v[j])) r.bad("state has v[", j, "] = ", v[j], ", which is not finite");
+        if (!initialised) {
+            if (config_.v.type == v_mode::kind::random)
+                r.bad("state says v is not initialised, but v mode random draws v at construction");
+            if (fallback) r.bad("state says v is not initialised but has the fallback flag set");
+            if (updates != 0) r.bad("state says v is not initialised but its update count = ", updates, " (must be 0)");
+            for (std::size_t j = 0; j < v.size(); ++j)
+                if (v[j] != T(0)) r.bad("state says v is not initialised but v[", j, "] = ", v[j], " (must be 0)");
+            return;
+        }
+        if (updates == 0) r.bad("state says v is initialised but its update count = 0 (must be >= 1)");
+        double norm2 = 0;
+        for (T e : v) norm2 += static_cast<double>(e) * static_cast<double>(e);
+        const double norm = std::sqrt(norm2);
+        if (!(std::abs(norm - 1.0) <= unit_norm_tolerance()))
+            r.bad("state has v of norm ", norm, "; v must have unit norm (within ", unit_norm_tolerance(), ")");
+        if (fallback) {
+            if (!computes_batch_mean())
+                r.bad("state has the fallback flag set, but v mode ", to_string(config_.v.type), " never computes a mean to fall back from");
+            const T expected = fallback_entry();
+            for (std::size_t j = 0; j < v.size(); ++j)
+                if (v[j] != expected)
+                    r.bad("state has the fallback flag set but v is not the fallback 1/sqrt(s) (1, ..., 1): v[", j, "] = ", v[j],
+                          " instead of ", expected);
+        }
+    }
+
+    [[nodiscard]] bool computes_batch_mean() const noexcept {
+        return config_.v.type == v_mode::kind::first_batch_mean || config_.v.type == v_mode::kind::batch_mean ||
+               config_.v.type == v_mode::kind::ema;
     }
 
     [[nodiscard]] bool needs_batch_mean() const noexcept {
@@ -380,45 +511,75 @@ private:
         }
     }
 
+    // Every entry of the documented fallback v, 1/√s·(1, …, 1), in T.
+    [[nodiscard]] T fallback_entry() const noexcept { return static_cast<T>(1.0 / std::sqrt(static_cast<double>(subtoken_))); }
+
     // next_ = the sub-token sum of x (normalised in ema mode, so that decay weighs two unit
-    // vectors); throws if x is not finite.
-    void batch_direction(const_matrix_view<T> x, const char* fn) {
+    // vectors). False when the sum is not finite (NaN/Inf in x, or a sum that overflows T).
+    [[nodiscard]] bool batch_direction(const_matrix_view<T> x) {
         backend_->sum_subtokens(x, subtoken_, sum_.data());
         backend_->copy_to_host(sum_.data(), host_sum_.data(), subtoken_);
         for (std::size_t j = 0; j < next_.size(); ++j) {
             next_[j] = static_cast<double>(host_sum_[j]);
-            if (!std::isfinite(next_[j])) detail::fail(fn, "argument 'x' (", x.rows, "x", x.cols, ") contains NaN or Inf");
+            if (!std::isfinite(next_[j])) return false;
         }
         if (config_.v.type == v_mode::kind::ema) normalise(next_);
+        return true;
     }
 
-    // Scales d to unit norm and returns its former norm (0 leaves d as it is).
+    // Z = x (I_G ⊗ vᵀ) into the spare Z (z_next_) in the storage type; false when a value as
+    // stored is not finite.
+    [[nodiscard]] bool project(const_matrix_view<T> x, const T* v) {
+        return visit_storage(config_.z_storage, [&](auto tag) {
+            using U = decltype(tag);
+            matrix_view<U> z{reinterpret_cast<U*>(z_next_.data()), x.rows, config_.groups, config_.groups};
+            return backend_->project_subtokens(x, v, subtoken_, z);
+        });
+    }
+
+    // Only after a sum or projection was not finite: non_finite_input when x holds a NaN or an
+    // Inf, overflow when x is finite. x·0 is NaN exactly where x is NaN or ±Inf (IEEE 754) and
+    // 0 elsewhere, so the projection of x on the zero vector is finite exactly when x is: one
+    // more pass over x, with the backend's own kernel, on the failure path only. The spare Z
+    // it writes holds nothing of value at this point.
+    [[nodiscard]] status failure_outcome(const_matrix_view<T> x) {
+        return project(x, zero_v_.data()) ? status::overflow : status::non_finite_input;
+    }
+
+    // Scales d to unit norm and returns its former norm (0 leaves d as it is; the norm returned
+    // may be Inf for huge finite entries). When the squares overflow or underflow (sums of
+    // activations of 1e200 in double, a set_v argument of 1e-300), d is first scaled by its
+    // largest magnitude, so v is still the unit direction.
     static double normalise(std::vector<double>& d) {
         double norm2 = 0;
         for (double e : d) norm2 += e * e;
-        const double norm = std::sqrt(norm2);
-        if (norm > 0) for (double& e : d) e /= norm;
-        return norm;
+        if (norm2 >= std::numeric_limits<double>::min() && norm2 <= std::numeric_limits<double>::max()) {
+            const double norm = std::sqrt(norm2);
+            for (double& e : d) e /= norm;
+            return norm;
+        }
+        double largest = 0;
+        for (double e : d) largest = std::max(largest, std::abs(e));
+        if (!(largest > 0)) return 0.0;
+        double scaled2 = 0;
+        for (double e : d) scaled2 += (e / largest) * (e / largest);
+        const double scaled = std::sqrt(scaled2);
+        for (double& e : d) e = e / largest / scaled;
+        return largest * scaled;
     }
 
-    void commit_v(std::vector<double>& w) {
-        if (normalise(w) == 0.0) return;
+    // Commits a unit vector w (already normalised) as v.
+    void commit_v(const std::vector<double>& w) {
         for (index_t j = 0; j < subtoken_; ++j) host_v_[static_cast<std::size_t>(j)] = static_cast<T>(w[static_cast<std::size_t>(j)]);
         backend_->copy_from_host(host_v_.data(), v_.data(), subtoken_);
         initialised_ = true;
         fallback_ = false;
-        ++updates_;
+        count_update();
     }
 
-    void prepare_record(record_type& r, index_t tokens) const {
-        r.z_.resize(static_cast<std::size_t>(tokens * config_.groups) * storage_bytes(config_.z_storage));
-        r.v_.resize(static_cast<std::size_t>(subtoken_));
-        r.tokens_ = 0;   // not valid until projection succeeded
-        r.features_ = features_;
-        r.groups_ = config_.groups;
-        r.subtoken_ = subtoken_;
-        r.storage_ = config_.z_storage;
-        r.scale_ = static_cast<T>(config_.scale);
+    // Saturates instead of wrapping: an initialised compressor never reports 0 updates.
+    void count_update() noexcept {
+        if (updates_ != std::numeric_limits<std::uint64_t>::max()) ++updates_;
     }
 
     static void check_record(const record_type& r, const char* fn) {
@@ -454,13 +615,17 @@ private:
     compressor_config config_;
     index_t features_;
     index_t subtoken_;
-    std::vector<T> host_v_;                              // current v, host copy
+    std::vector<T> host_v_;                              // current v, host copy (all zero until initialised)
     std::vector<T> host_v_scratch_;                      // candidate v of a compress call
     std::vector<T> host_sum_;
     std::vector<double> next_;
     typename B::template buffer<T> v_;                  // current v, backend memory
+    typename B::template buffer<T> v_next_;             // candidate v of a compress call, backend memory
+    typename B::template buffer<T> zero_v_;             // s zeros: the finiteness test of X (failure_outcome)
     typename B::template buffer<T> sum_;                // sub-token sum, backend memory
     typename B::template buffer<T> z_chunk_;            // storage -> T conversion scratch
+    typename B::template buffer<std::byte> z_next_;     // the spare Z: projected into, swapped with the record's on success
+    typename B::template buffer<std::byte> z_spare_;    // replaces a record's too-small buffer as the next spare
     bool initialised_ = false;
     bool fallback_ = false;
     std::uint64_t updates_ = 0;

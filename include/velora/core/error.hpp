@@ -45,6 +45,18 @@ constexpr std::string_view to_string(status s) noexcept {
     return "unknown";
 }
 
+/// Thrown, carrying the status, by the few convenience calls that have no status to return
+/// (e.g. the `compress(x)` overload that returns a new record) where the status-returning call
+/// would report a numerical event. As with the status, nothing was changed.
+class numerical_error : public std::runtime_error {
+public:
+    numerical_error(status outcome, const std::string& what) : std::runtime_error(what), outcome_(outcome) {}
+    [[nodiscard]] status outcome() const noexcept { return outcome_; }
+
+private:
+    status outcome_;
+};
+
 namespace detail {
 
 template <class Error = std::invalid_argument, class... Parts>
