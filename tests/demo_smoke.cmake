@@ -1,13 +1,5 @@
 # Runs the demo trainer briefly on a generated corpus (no package needed) and checks its outputs.
-file(REMOVE_RECURSE ${WORK_DIR})
-file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
-set(text "")
-foreach(i RANGE 1 2500)
-  math(EXPR a "${i} % 7")
-  math(EXPR b "${i} % 13")
-  string(APPEND text "Fortune ${i}: the ${a} quick foxes jump over ${b} lazy dogs, and nobody minds.\n%\n")
-endforeach()
-file(WRITE ${WORK_DIR}/corpus/sample "${text}")
+include(${CMAKE_CURRENT_LIST_DIR}/demo_corpus.cmake)
 execute_process(COMMAND ${TRAINER} --corpus ${WORK_DIR}/corpus --steps 6 --eval-every 3 --batch 4 --context 32 --d-model 32 --heads 2
                         --ffn 64 --rank 8 --groups 8 --json ${WORK_DIR}/out.json --plot ${WORK_DIR}/out.svg
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)

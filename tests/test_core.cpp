@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <velora/backend/eigen.hpp>
+#include <velora/core/checked.hpp>
 #include <velora/core/serialize.hpp>
 
 #include <cmath>
@@ -226,6 +227,41 @@ TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C; shape errors name the
                velora::make_view<const float>(i.data(), 1, 4), 0.0f, velora::make_view(c.data(), 2, 2));
     });
     CHECK(msg.find("velora::eigen_backend::gemm: inner dimensions differ: op(a) is 2x2, op(b) is 1x4") == 0);
+}
+
+TEST_CASE("size arithmetic: products that do not fit are std::invalid_argument naming the values") {
+    using velora::detail::checked_mul;
+    constexpr index_t big = index_t{1} << 40;
+    CHECK(checked_mul(index_t{3}, index_t{5}, "f", "x") == 15);
+    CHECK(test::invalid_argument_message([&] { (void)checked_mul(big, big, "velora::f", "argument 'rows' x 'cols'"); }) ==
+          "velora::f: argument 'rows' x 'cols' = 1099511627776 x 1099511627776 overflows (or is negative)");
+    CHECK(test::invalid_argument_message([&] { (void)velora::detail::checked_add(std::numeric_limits<index_t>::max(), index_t{1}, "f", "x"); })
+              .find("overflows") != std::string::npos);
+    CHECK(test::invalid_argument_message([&] { (void)velora::detail::checked_elements(index_t{1} << 61, 8, "f", "x"); }).find("exceeds the address space") !=
+          std::string::npos);
+    // A view with 2^60 rows used to pass check_view; its extent does not fit the address space.
+    float x = 0;
+    const velora::matrix_view<float> huge{&x, index_t{1} << 60, 4, 4};
+    CHECK(test::invalid_argument_message([&] { velora::check_view(huge, "velora::f", "x"); }) ==
+          "velora::f: argument 'x' (1152921504606846976x4, ld 4) spans more memory than the address space holds");
+    // host_buffer refuses a byte count that wraps instead of allocating a tiny block.
+    velora::host_buffer<double> buffer;
+    CHECK_THROWS_AS(buffer.resize(std::numeric_limits<std::size_t>::max() / 4), std::bad_array_new_length);
+    CHECK(buffer.capacity() == 0);
+}
+
+TEST_CASE("overlaps and gemm's aliasing check") {
+    std::vector<float> m(64, 1.0f);
+    const auto whole = velora::make_view(m.data(), 8, 8);
+    CHECK(velora::overlaps(whole, whole.row_block(7, 1)));
+    CHECK_FALSE(velora::overlaps(whole.row_block(0, 4), whole.row_block(4, 4)));
+    CHECK(velora::overlaps(whole.col_block(0, 4), whole.col_block(4, 4)));   // conservative: interleaved rows share an address range
+    velora::eigen_backend<float> b;
+    const auto msg = test::invalid_argument_message([&] {
+        b.gemm(velora::op::none, velora::op::none, 1.0f, velora::matrix_view<const float>(whole.row_block(0, 4).col_block(0, 4)),
+               velora::matrix_view<const float>(whole.row_block(0, 4).col_block(0, 4)), 0.0f, whole.row_block(0, 4).col_block(4, 4));
+    });
+    CHECK(msg.find("velora::eigen_backend::gemm: argument 'c' (4x4) overlaps argument 'a' (4x4)") == 0);
 }
 
 TEST_CASE_TEMPLATE("eigen_backend reductions and column kernels match naive loops", T, float, double) {

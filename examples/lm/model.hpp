@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,6 +46,26 @@
 #include <velora/velora.hpp>
 
 namespace lm {
+
+/// 64-byte aligned storage for the model's activations, weights and gradients. The model's own
+/// row reductions (RMSNorm, softmax, cross-entropy on Eigen maps) start their SIMD packets at
+/// the first aligned address, so their bits depend on where a row lies; with every buffer
+/// aligned, that is the same in every process, whatever the heap did before (the five
+/// configurations run in forked processes with different allocation histories).
+template <class U>
+struct aligned_allocator {
+    using value_type = U;
+    static constexpr std::align_val_t alignment{64};
+    aligned_allocator() = default;
+    template <class V>
+    aligned_allocator(const aligned_allocator<V>&) noexcept {}
+    U* allocate(std::size_t n) { return static_cast<U*>(::operator new[](n * sizeof(U), alignment)); }
+    void deallocate(U* p, std::size_t) noexcept { ::operator delete[](p, alignment); }
+    template <class V>
+    bool operator==(const aligned_allocator<V>&) const noexcept { return true; }
+};
+template <class U>
+using aligned_vector = std::vector<U, aligned_allocator<U>>;
 
 using velora::index_t;
 
@@ -268,10 +289,10 @@ private:
     using cview = velora::const_matrix_view<T>;
 
     struct layer_state {
-        std::vector<T> rstd1, h1, q, k, v, p, o, xmid, rstd2, h2, a, bu, s;
+        aligned_vector<T> rstd1, h1, q, k, v, p, o, xmid, rstd2, h2, a, bu, s;
         std::unique_ptr<compressor_type> comp_h1, comp_s;
         record_type rec_h1, rec_s;
-        std::vector<T> a_q, a_k, a_v, a_2;   // factored gradients' A (out × G)
+        aligned_vector<T> a_q, a_k, a_v, a_2;   // factored gradients' A (out × G)
     };
 
     static model_config validated(const model_config& c, index_t max_batch) {
@@ -298,7 +319,7 @@ private:
     T* param(std::size_t i) noexcept { return params_[i].data; }
     view pview(std::size_t i) noexcept { return {params_[i].data, params_[i].rows, params_[i].cols, params_[i].cols}; }
     view gview(std::size_t i) noexcept { return {params_[i].grad, params_[i].rows, params_[i].cols, params_[i].cols}; }
-    static view mv(std::vector<T>& buf, index_t rows, index_t cols) noexcept { return {buf.data(), rows, cols, cols}; }
+    static view mv(aligned_vector<T>& buf, index_t rows, index_t cols) noexcept { return {buf.data(), rows, cols, cols}; }
 
     // y = rmsnorm(x)·g row by row; rstd[t] = 1/sqrt(mean(x_t²) + eps).
     void rmsnorm(const T* x, const T* g, T* y, T* rstd, index_t n) const {
@@ -449,7 +470,7 @@ private:
 
     // Weight gradient of a projection y = x Wᵀ: dense (dYᵀX into the grad buffer) or factored.
     void deliver_projection(gradient_sink<T>& sink, std::size_t index, cview dy, const T* x, index_t x_cols, compressor_type* comp,
-                            const record_type* rec, std::vector<T>* a_buf) {
+                            const record_type* rec, aligned_vector<T>* a_buf) {
         if (comp) {
             const view a{a_buf->data(), dy.cols, rec->groups(), rec->groups()};
             comp->weight_grad(*rec, dy, a);
@@ -564,12 +585,12 @@ private:
     index_t dh_ = 0, g_h1_ = 0, g_s_ = 0;
     std::vector<param_ref<T>> params_;
     std::vector<std::size_t> offsets_;
-    std::vector<T> values_, grads_;
-    std::vector<std::vector<T>> xs_;   // xs_[l]: input of layer l; xs_[layers]: input of the final norm
+    aligned_vector<T> values_, grads_;
+    std::vector<aligned_vector<T>> xs_;   // xs_[l]: input of layer l; xs_[layers]: input of the final norm
     std::vector<layer_state> layers_;
-    std::vector<T> rstdf_, hf_, probs_;
-    std::vector<T> tmp_h1_, tmp_s_;    // transient h1 / s when they are not kept
-    std::vector<T> dx_, dh_buf_, dq_, dk_, dv_, do_, ds_, dsc_;
+    aligned_vector<T> rstdf_, hf_, probs_;
+    aligned_vector<T> tmp_h1_, tmp_s_;    // transient h1 / s when they are not kept
+    aligned_vector<T> dx_, dh_buf_, dq_, dk_, dv_, do_, ds_, dsc_;
     std::size_t activation_bytes_ = 0;
 };
 

@@ -1,0 +1,10 @@
+# A small generated corpus for the demo's CTest checks (no package needed): ${WORK_DIR}/corpus.
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
+set(text "")
+foreach(i RANGE 1 2500)
+  math(EXPR a "${i} % 7")
+  math(EXPR b "${i} % 13")
+  string(APPEND text "Fortune ${i}: the ${a} quick foxes jump over ${b} lazy dogs, and nobody minds.\n%\n")
+endforeach()
+file(WRITE ${WORK_DIR}/corpus/sample "${text}")
