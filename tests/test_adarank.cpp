@@ -15,7 +15,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -193,7 +196,7 @@ TEST_CASE_TEMPLATE("full rank with an identity basis and no refresh equals dense
         const index_t len = left ? c.m : c.n, other = left ? c.n : c.m;
         REQUIRE(len == r);
         const RowMatT<T> eye = RowMatT<T>::Identity(r, len);
-        low.set_basis(id, cv(eye));
+        REQUIRE(low.set_basis(id, cv(eye)) == status::ok);
         CHECK(low.info(id).rank == r);
 
         RowMatT<T> wl = gaussian_matrix(c.m, c.n, 1).template cast<T>();
@@ -500,31 +503,31 @@ TEST_CASE("bad configurations and arguments throw std::invalid_argument naming t
     }
     SUBCASE("step") {
         const char* fn = "adarank::low_rank_adamw::step";
-        contains(invalid_argument_message([&] { opt.step(id, mv(wt), cv(g)); }), {fn, "'weight' is 6x4 but must be 4x6"});
-        contains(invalid_argument_message([&] { opt.step(id, mv(w), cv(wt)); }), {fn, "'grad' is 6x4 but must be 4x6"});
-        contains(invalid_argument_message([&] { opt.step(did, mv(w), cv(wt)); }), {fn, "'grad' is 6x4 but must be 4x6"});
-        contains(invalid_argument_message([&] { opt.step(2, mv(w), cv(g)); }), {fn, "'id' is 2", "2 parameters are registered"});
-        contains(invalid_argument_message([&] { opt.step(-1, mv(w), cv(g)); }), {fn, "'id' is -1"});
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(wt), cv(g)); }), {fn, "'weight' is 6x4 but must be 4x6"});
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(w), cv(wt)); }), {fn, "'grad' is 6x4 but must be 4x6"});
+        contains(invalid_argument_message([&] { (void)opt.step(did, mv(w), cv(wt)); }), {fn, "'grad' is 6x4 but must be 4x6"});
+        contains(invalid_argument_message([&] { (void)opt.step(2, mv(w), cv(g)); }), {fn, "'id' is 2", "2 parameters are registered"});
+        contains(invalid_argument_message([&] { (void)opt.step(-1, mv(w), cv(g)); }), {fn, "'id' is -1"});
         // Factored gradients of the wrong shape.
         velora_layer<float> layer(backend, 10, 4, 7, 3);
         const auto f = layer.next(5);
         RowMatT<float> w47 = gaussian_matrix(4, 7, 3).cast<float>();
-        contains(invalid_argument_message([&] { opt.step(id, mv(w), f); }), {fn, "describes a 4x7 gradient", "parameter 0 is 4x6"});
-        contains(invalid_argument_message([&] { opt.step(id, mv(w47), f); }), {fn, "'weight' is 4x7 but must be 4x6"});
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(w), f); }), {fn, "describes a 4x7 gradient", "parameter 0 is 4x6"});
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(w47), f); }), {fn, "'weight' is 4x7 but must be 4x6"});
         auto broken = f;
         broken.v = nullptr;
         broken.features = 6;
-        contains(invalid_argument_message([&] { opt.step(id, mv(w), broken); }), {fn, "inconsistent", "v is null"});
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(w), broken); }), {fn, "inconsistent", "v is null"});
         CHECK(same_bytes(w, w_before));
     }
     SUBCASE("set_basis, info, set_learning_rate") {
         const char* fn = "adarank::low_rank_adamw::set_basis";
         const RowMatT<float> b25 = RowMatT<float>::Identity(2, 5), b46 = RowMatT<float>::Identity(4, 4);
         // std side of 4x6 is left: len = 4, r <= min(3, 4) = 3.
-        contains(invalid_argument_message([&] { opt.set_basis(id, cv(b25)); }), {fn, "'basis' is 2x5", "r x 4", "1 <= r <= 3"});
-        contains(invalid_argument_message([&] { opt.set_basis(id, cv(b46)); }), {fn, "'basis' is 4x4", "1 <= r <= 3"});
-        contains(invalid_argument_message([&] { opt.set_basis(did, cv(b46)); }), {fn, "parameter 1 is optimised densely"});
-        contains(invalid_argument_message([&] { opt.set_basis(5, cv(b46)); }), {fn, "'id' is 5"});
+        contains(invalid_argument_message([&] { (void)opt.set_basis(id, cv(b25)); }), {fn, "'basis' is 2x5", "r x 4", "1 <= r <= 3"});
+        contains(invalid_argument_message([&] { (void)opt.set_basis(id, cv(b46)); }), {fn, "'basis' is 4x4", "1 <= r <= 3"});
+        contains(invalid_argument_message([&] { (void)opt.set_basis(did, cv(b46)); }), {fn, "parameter 1 is optimised densely"});
+        contains(invalid_argument_message([&] { (void)opt.set_basis(5, cv(b46)); }), {fn, "'id' is 5"});
         contains(invalid_argument_message([&] { (void)opt.info(7); }), {"adarank::low_rank_adamw::info", "'id' is 7"});
         contains(invalid_argument_message([&] { (void)opt.basis(-3); }), {"adarank::low_rank_adamw::basis", "'id' is -3"});
         contains(invalid_argument_message([&] { opt.set_learning_rate(-1); }), {"adarank::low_rank_adamw::set_learning_rate", "'lr'", "got -1"});
@@ -838,7 +841,7 @@ TEST_CASE("state: a well-formed blob with a negative or non-finite second moment
             fresh.load_state(blob);
             FAIL("load_state accepted a damaged second moment");
         } catch (const velora::state_format_error& e) {
-            CHECK(std::string(e.what()).find("non-finite state or a negative second moment") != std::string::npos);
+            CHECK(std::string(e.what()).find("second moment has a non-finite or negative entry") != std::string::npos);
         }
         CHECK(fresh.save_state() == before);
     }
@@ -1054,7 +1057,7 @@ TEST_CASE("converged(eps) after set_basis measures the fall of ‖Ĝ‖ from the
     // The exact left singular vectors of g0 as the basis.
     const Eigen::JacobiSVD<Mat> svd(g0, Eigen::ComputeThinU);
     const RowMat basis = svd.matrixU().leftCols(2).transpose();
-    opt.set_basis(id, cv(basis));
+    REQUIRE(opt.set_basis(id, cv(basis)) == status::ok);
     RowMat w = RowMat::Zero(m, n);
     const double c[] = {1.0, 0.9, 0.3, 0.3};
     for (double scale : c) REQUIRE(opt.step(id, mv(w), cv(RowMat(scale * g0))) == status::ok);
@@ -1137,5 +1140,593 @@ TEST_CASE("a NaN in an all-padding group of a factored gradient never corrupts t
                 CHECK(to_mat(opt.basis(id)).allFinite());
             }
         }
+    }
+}
+
+// ================================================================================ 12. sizes, state validity, overflow
+
+namespace {
+
+// The payload of a low_rank_adamw blob field by field (the layout of save_state), so that a test
+// can change one field and re-seal the blob with a valid checksum: the loader must then judge the
+// meaning of the state, not its integrity.
+template <class T>
+struct state_fields {
+    struct layer {
+        std::int64_t rows = 0, cols = 0;
+        std::uint8_t low_rank = 0, side = 0;
+        std::int64_t rank = 0;
+        std::uint64_t t = 0, since = 0, refreshes = 0, counter = 0;
+        double anchor2 = 0, projected_norm2 = 0;
+        std::int64_t rep_rank = 0, rep_sketch = 0;
+        std::int32_t rep_power = 0;
+        std::uint8_t rep_exact = 0, rep_warm = 0;
+        double rep_energy = 0, rep_captured = 0;
+        std::vector<T> basis, m, v;
+    };
+    static constexpr std::size_t config_bytes = 133;   // put_config: 9 doubles, 6 int64, 2 int32, 5 bytes, 1 uint64
+
+    std::uint8_t width = 0;
+    std::vector<std::byte> config;
+    double lr = 0;
+    std::vector<layer> layers;
+
+    explicit state_fields(std::span<const std::byte> blob) {
+        velora::state_reader r(blob, optimizer_t<T>::state_kind, optimizer_t<T>::state_version, "test::state_fields");
+        width = r.get<std::uint8_t>();
+        for (std::size_t i = 0; i < config_bytes; ++i) config.push_back(r.get<std::byte>());
+        lr = r.get<double>();
+        const auto count = r.get<std::uint64_t>();
+        for (std::uint64_t i = 0; i < count; ++i) {
+            layer l;
+            l.rows = r.get<std::int64_t>();
+            l.cols = r.get<std::int64_t>();
+            l.low_rank = r.get<std::uint8_t>();
+            l.side = r.get<std::uint8_t>();
+            l.rank = r.get<std::int64_t>();
+            l.t = r.get<std::uint64_t>();
+            l.since = r.get<std::uint64_t>();
+            l.refreshes = r.get<std::uint64_t>();
+            l.counter = r.get<std::uint64_t>();
+            l.anchor2 = r.get<double>();
+            l.projected_norm2 = r.get<double>();
+            l.rep_rank = r.get<std::int64_t>();
+            l.rep_sketch = r.get<std::int64_t>();
+            l.rep_power = r.get<std::int32_t>();
+            l.rep_exact = r.get<std::uint8_t>();
+            l.rep_warm = r.get<std::uint8_t>();
+            l.rep_energy = r.get<double>();
+            l.rep_captured = r.get<double>();
+            l.basis = r.get_array<T>();
+            l.m = r.get_array<T>();
+            l.v = r.get_array<T>();
+            layers.push_back(std::move(l));
+        }
+        r.expect_end();
+    }
+
+    [[nodiscard]] std::vector<std::byte> seal() const {
+        velora::state_writer w(optimizer_t<T>::state_kind, optimizer_t<T>::state_version);
+        w.put(width);
+        for (std::byte b : config) w.put(b);
+        w.put(lr);
+        w.put(static_cast<std::uint64_t>(layers.size()));
+        for (const layer& l : layers) {
+            w.put(l.rows);
+            w.put(l.cols);
+            w.put(l.low_rank);
+            w.put(l.side);
+            w.put(l.rank);
+            w.put(l.t);
+            w.put(l.since);
+            w.put(l.refreshes);
+            w.put(l.counter);
+            w.put(l.anchor2);
+            w.put(l.projected_norm2);
+            w.put(l.rep_rank);
+            w.put(l.rep_sketch);
+            w.put(l.rep_power);
+            w.put(l.rep_exact);
+            w.put(l.rep_warm);
+            w.put(l.rep_energy);
+            w.put(l.rep_captured);
+            w.put_array(std::span<const T>(l.basis));
+            w.put_array(std::span<const T>(l.m));
+            w.put_array(std::span<const T>(l.v));
+        }
+        return std::move(w).finish();
+    }
+};
+
+// max |B·Bᵀ − I| of a basis (rank×len) in double.
+template <class T>
+double orthonormality_deviation(velora::const_matrix_view<T> b) {
+    const Mat m = to_mat(b);
+    return (m * m.transpose() - Mat::Identity(m.rows(), m.rows())).cwiseAbs().maxCoeff();
+}
+
+// A small optimizer with a low-rank parameter on each side and a dense one, `steps` steps taken
+// with Gaussian gradients (refresh every 2 steps, adaptive rank: bases, moments and reports are
+// all non-trivial).
+template <class T>
+struct small_run {
+    backend_t<T> backend;
+    adarank::optimizer_config cfg;
+    optimizer_t<T> opt;
+    std::vector<RowMatT<T>> w;
+    static constexpr index_t shapes[3][2] = {{12, 20}, {20, 12}, {3, 5}};
+
+    static adarank::optimizer_config config() {
+        adarank::optimizer_config c;
+        c.adam = hyper(1e-2, 0.01);
+        c.rank = adarank::rank_policy::adaptive(0.3, 1, 4);
+        c.refresh = adarank::refresh_policy::every(2);
+        c.rsvd.oversampling = 2;
+        c.rsvd.exact_fraction = 1.0;
+        return c;
+    }
+    explicit small_run(int steps) : cfg(config()), opt(backend, cfg) {
+        opt.add_parameter(12, 20, param_kind::low_rank);   // left
+        opt.add_parameter(20, 12, param_kind::low_rank);   // right
+        opt.add_parameter(3, 5, param_kind::dense);
+        for (index_t p = 0; p < 3; ++p) w.push_back(gaussian_matrix(shapes[p][0], shapes[p][1], 10 + std::uint64_t(p)).template cast<T>());
+        for (int s = 0; s < steps; ++s)
+            for (index_t p = 0; p < 3; ++p) REQUIRE(opt.step(p, mv(w[std::size_t(p)]), cv(grad(p, std::uint64_t(s)))) == status::ok);
+    }
+    RowMatT<T> grad(index_t p, std::uint64_t s) const {
+        return gaussian_matrix(shapes[p][0], shapes[p][1], 5000 + 100 * std::uint64_t(p) + s).template cast<T>();
+    }
+    optimizer_t<T> fresh() {
+        optimizer_t<T> o(backend, cfg);
+        o.add_parameter(12, 20, param_kind::low_rank);
+        o.add_parameter(20, 12, param_kind::low_rank);
+        o.add_parameter(3, 5, param_kind::dense);
+        return o;
+    }
+};
+
+} // namespace
+
+TEST_CASE("add_parameter and step reject sizes whose products overflow with std::invalid_argument, and register nothing") {
+    using test::invalid_argument_message;
+    const char* fn = "adarank::low_rank_adamw::add_parameter";
+    const index_t big = index_t{1} << 31;
+    struct size_case {
+        index_t rows, cols;
+        param_kind kind;
+        const char* expect;
+    };
+    {
+        backend_t<float> backend;
+        optimizer_t<float> opt(backend);
+        opt.add_parameter(4, 6);
+        const auto before = opt.save_state();
+        const auto workspace = opt.workspace_bytes();
+        for (const auto& c : {size_case{big, big, param_kind::dense, "4611686018427387904 elements of 4 bytes"},
+                              size_case{big, big, param_kind::low_rank, "4611686018427387904 elements of 4 bytes"},
+                              size_case{big, big, param_kind::automatic, "4611686018427387904 elements of 4 bytes"},
+                              size_case{index_t{1} << 62, 4, param_kind::automatic, "4611686018427387904 x 4 overflows"},
+                              size_case{std::numeric_limits<index_t>::max(), 2, param_kind::low_rank, "overflows"},
+                              size_case{3, std::numeric_limits<index_t>::max(), param_kind::dense, "overflows"},
+                              // one moment fits in the address space, the two of dense AdamW do not
+                              size_case{index_t{1} << 40, index_t{1} << 20, param_kind::dense, "exceeds the address space"}}) {
+            CAPTURE(c.rows);
+            CAPTURE(c.cols);
+            CAPTURE(static_cast<int>(c.kind));
+            contains(invalid_argument_message([&] { (void)opt.add_parameter(c.rows, c.cols, c.kind); }), {fn, c.expect});
+            CHECK(opt.size() == 1);
+            CHECK(opt.save_state() == before);
+            CHECK(opt.workspace_bytes() == workspace);
+        }
+    }
+    {
+        backend_t<double> backend;
+        optimizer_t<double> opt(backend);
+        contains(invalid_argument_message([&] { (void)opt.add_parameter(big / 2, big, param_kind::dense); }),
+                 {fn, "2305843009213693952 elements of 8 bytes"});
+        CHECK(opt.size() == 0);
+    }
+    {   // A factored gradient whose s·G wraps around to a value that covers D.
+        backend_t<float> backend;
+        optimizer_t<float> opt(backend);
+        const auto id = opt.add_parameter(4, 4, param_kind::low_rank);
+        RowMatT<float> w = RowMatT<float>::Ones(4, 4), a = RowMatT<float>::Ones(4, 4);
+        const std::vector<float> v(4, 0.5f);
+        velora::factored_gradient<float> f{cv(a), v.data(), (index_t{1} << 62) + 1, 4, 1.0f};
+        const auto before = opt.save_state();
+        contains(invalid_argument_message([&] { (void)opt.step(id, mv(w), f); }),
+                 {"adarank::low_rank_adamw::step", "grad.subtoken_size", "4611686018427387905 x 4 overflows"});
+        CHECK(opt.save_state() == before);
+        CHECK((w.array() == 1.0f).all());
+    }
+}
+
+TEST_CASE_TEMPLATE("a finite gradient too large for the value type returns overflow and changes nothing", T, float, double) {
+    // Float: g² overflows from |g| ≈ 1.8e19 (a projection adds up to √len to that); double from 1.3e154.
+    const std::vector<double> huge = sizeof(T) == 4 ? std::vector<double>{1e20, 1e30, 3e38} : std::vector<double>{1e160, 1e300};
+    const index_t o = 12, d = 20, groups = 5;
+    adarank::optimizer_config cfg;
+    cfg.adam = hyper(1e-2, 0.01);
+    cfg.rank = adarank::rank_policy::adaptive(0.2, 1, 4);
+    cfg.refresh = adarank::refresh_policy::every(3);
+    struct kind_case {
+        param_kind kind;
+        side_policy side;
+    };
+    for (const auto& k : {kind_case{param_kind::dense, side_policy::standard}, kind_case{param_kind::low_rank, side_policy::left},
+                          kind_case{param_kind::low_rank, side_policy::right}}) {
+        for (const int phase : {0, 2, 3}) {   // good steps before the huge one: first step, mid-subspace, refresh due
+            for (const double value : huge) {
+                for (const bool factored : {false, true}) {
+                    CAPTURE(static_cast<int>(k.kind));
+                    CAPTURE(adarank::to_string(k.side));
+                    CAPTURE(phase);
+                    CAPTURE(value);
+                    CAPTURE(factored);
+                    auto c = cfg;
+                    c.side = k.side;
+                    backend_t<T> backend;
+                    optimizer_t<T> opt(backend, c);
+                    const auto id = opt.add_parameter(o, d, k.kind);
+                    velora_layer<T> layer(backend, 24, o, d, groups);
+                    RowMatT<T> w = gaussian_matrix(o, d, 3).template cast<T>();
+                    for (int s = 0; s < phase; ++s) REQUIRE(opt.step(id, mv(w), layer.next(700 + 3 * std::uint64_t(s))) == status::ok);
+                    const auto blob = opt.save_state();
+                    const RowMatT<T> w_before = w;
+                    auto f = layer.next(799);
+                    RowMatT<T> g = RowMatT<T>::Constant(o, d, T(value));
+                    g(1, 2) = T(-value);
+                    layer.a.setConstant(T(value));
+                    const status st = factored ? opt.step(id, mv(w), f) : opt.step(id, mv(w), cv(g));
+                    CHECK(velora::to_string(st) == velora::to_string(status::overflow));
+                    CHECK(opt.save_state() == blob);
+                    CHECK(same_bytes(w, w_before));
+                    // A usable gradient afterwards steps normally.
+                    CHECK(opt.step(id, mv(w), layer.next(800)) == status::ok);
+                    CHECK(w.allFinite());
+                }
+            }
+        }
+    }
+    SUBCASE("float at the edge: |g| = 1e19 either steps with finite results or overflows and changes nothing") {
+        if constexpr (sizeof(T) == 4) {
+            for (const auto kind : {param_kind::dense, param_kind::low_rank}) {
+                backend_t<T> backend;
+                optimizer_t<T> opt(backend, cfg);
+                const auto id = opt.add_parameter(o, d, kind);
+                RowMatT<T> w = gaussian_matrix(o, d, 3).template cast<T>();
+                REQUIRE(opt.step(id, mv(w), cv(RowMatT<T>(gaussian_matrix(o, d, 4).template cast<T>()))) == status::ok);
+                const auto blob = opt.save_state();
+                const RowMatT<T> w_before = w;
+                const status st = opt.step(id, mv(w), cv(RowMatT<T>(RowMatT<T>::Constant(o, d, T(1e19)))));
+                CAPTURE(velora::to_string(st));
+                if (st == status::ok) {
+                    CHECK(w.allFinite());
+                    CHECK(to_mat(opt.first_moment(id)).allFinite());
+                    CHECK(to_mat(opt.second_moment(id)).allFinite());
+                } else {
+                    CHECK(st == status::overflow);
+                    CHECK(opt.save_state() == blob);
+                    CHECK(same_bytes(w, w_before));
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("a loaded state with finite but huge moments never makes a step return ok with non-finite weights") {
+    using T = float;
+    for (const double m_value : {3e38, 1e30, 0.0}) {
+        for (const double v_value : {0.0, 3e38}) {
+            for (const bool every_entry : {false, true}) {
+                if (m_value == 0 && v_value == 0) continue;
+                CAPTURE(m_value);
+                CAPTURE(v_value);
+                CAPTURE(every_entry);
+                small_run<T> run(3);
+                state_fields<T> s(run.opt.save_state());
+                for (auto& l : s.layers) {
+                    for (std::size_t i = 0; i < l.m.size(); ++i) {
+                        if (!every_entry && i != 0) continue;
+                        l.m[i] = T(i % 2 ? -m_value : m_value);
+                        l.v[i] = T(v_value);
+                    }
+                }
+                optimizer_t<T> opt = run.fresh();
+                opt.load_state(s.seal());   // finite moments with v >= 0: a valid state
+                for (index_t p = 0; p < 3; ++p) {
+                    CAPTURE(p);
+                    for (std::uint64_t step = 3; step < 5; ++step) {   // step 4 refreshes (transport of the huge moments)
+                        CAPTURE(step);
+                        const auto before = opt.save_state();
+                        RowMatT<T>& w = run.w[std::size_t(p)];
+                        const RowMatT<T> w_before = w;
+                        const status st = opt.step(p, mv(w), cv(run.grad(p, step)));
+                        CAPTURE(velora::to_string(st));
+                        if (st == status::ok) {
+                            CHECK(w.allFinite());
+                            CHECK(to_mat(opt.first_moment(p)).allFinite());
+                            CHECK(to_mat(opt.second_moment(p)).allFinite());
+                        } else {
+                            CHECK(st == status::overflow);
+                            CHECK(same_bytes(w, w_before));
+                            CHECK(opt.save_state() == before);
+                        }
+                    }
+                }
+                // Whatever happened, the state is one the loader accepts.
+                optimizer_t<T> again = run.fresh();
+                CHECK_NOTHROW(again.load_state(opt.save_state()));
+            }
+        }
+    }
+}
+
+TEST_CASE("load_state rejects a step counter that cannot be incremented; a step never makes one") {
+    using T = float;
+    small_run<T> run(3);
+    const auto good = run.opt.save_state();
+    state_fields<T> s(good);
+    REQUIRE(state_fields<T>(good).seal() == good);   // the test's view of the layout is the library's
+    const char* fn = "adarank::low_rank_adamw::load_state";
+    for (const std::size_t p : {std::size_t{0}, std::size_t{2}}) {
+        CAPTURE(p);
+        auto bad = s;
+        bad.layers[p].t = std::numeric_limits<std::uint64_t>::max();
+        optimizer_t<T> opt = run.fresh();
+        const auto before = opt.save_state();
+        contains(state_error_message([&] { opt.load_state(bad.seal()); }), {fn, "parameter ", "step count", "18446744073709551615"});
+        CHECK(opt.save_state() == before);
+        // One below the limit loads; its step would reach the limit, so it overflows and changes nothing.
+        auto edge = s;
+        edge.layers[p].t = std::numeric_limits<std::uint64_t>::max() - 1;
+        opt.load_state(edge.seal());
+        const auto loaded = opt.save_state();
+        RowMatT<T> w = run.w[p];
+        const RowMatT<T> w_before = w;
+        CHECK(opt.step(index_t(p), mv(w), cv(run.grad(index_t(p), 3))) == status::overflow);
+        CHECK(opt.save_state() == loaded);
+        CHECK(same_bytes(w, w_before));
+    }
+}
+
+TEST_CASE_TEMPLATE("load_state rejects states the optimizer cannot be in, with state_format_error naming the field, and changes nothing", T,
+                   float, double) {
+    small_run<T> run(3);
+    const auto good = run.opt.save_state();
+    const state_fields<T> s(good);
+    REQUIRE(s.seal() == good);
+    REQUIRE(s.layers[0].rank >= 1);
+    REQUIRE(s.layers[1].rank >= 1);
+    const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+    const double dnan = std::numeric_limits<double>::quiet_NaN();
+    struct edit_case {
+        const char* name;
+        std::function<void(state_fields<T>&)> edit;
+        const char* expect;
+    };
+    const std::vector<edit_case> cases = {
+        {"basis entry 1e30", [](auto& x) { x.layers[0].basis[3] = T(1e30); }, "orthonormal"},
+        {"basis entry NaN", [&](auto& x) { x.layers[1].basis[0] = nan; }, "basis"},
+        {"basis entry Inf", [&](auto& x) { x.layers[1].basis[5] = inf; }, "basis"},
+        {"basis all zero", [](auto& x) { std::fill(x.layers[0].basis.begin(), x.layers[0].basis.end(), T(0)); }, "orthonormal"},
+        {"basis row scaled by 1.01", [](auto& x) { for (index_t j = 0; j < 12; ++j) x.layers[0].basis[std::size_t(j)] *= T(1.01); }, "orthonormal"},
+        {"rank above the cap", [](auto& x) { x.layers[0].rank = 5; }, "rank"},
+        {"negative rank", [](auto& x) { x.layers[1].rank = -1; }, "rank"},
+        {"dense parameter with a rank", [](auto& x) { x.layers[2].rank = 1; }, "rank"},
+        {"report rank differs from the rank", [](auto& x) { x.layers[0].rep_rank = x.layers[0].rank + 1; }, "report"},
+        {"report sketch too large", [](auto& x) { x.layers[0].rep_sketch = 13; }, "sketch"},
+        {"report power iterations", [](auto& x) { x.layers[1].rep_power = 65; }, "power iterations"},
+        {"report energy NaN", [&](auto& x) { x.layers[1].rep_energy = dnan; }, "energy"},
+        {"report captured negative", [](auto& x) { x.layers[0].rep_captured = -1.0; }, "captured"},
+        {"report flag not 0 or 1", [](auto& x) { x.layers[0].rep_exact = 2; }, "flag"},
+        {"kind flag not 0 or 1", [](auto& x) { x.layers[2].low_rank = 7; }, "flag"},
+        {"steps in subspace above steps", [](auto& x) { x.layers[0].since = x.layers[0].t + 1; }, "steps in the subspace"},
+        {"steps in subspace without a subspace", [](auto& x) { x.layers[2].since = 1; }, "steps in the subspace"},
+        {"anchor -2", [](auto& x) { x.layers[0].anchor2 = -2.0; }, "anchor"},
+        {"anchor NaN", [&](auto& x) { x.layers[1].anchor2 = dnan; }, "anchor"},
+        {"projected norm negative", [](auto& x) { x.layers[0].projected_norm2 = -0.5; }, "projected"},
+        {"projected norm Inf", [](auto& x) { x.layers[1].projected_norm2 = std::numeric_limits<double>::infinity(); }, "projected"},
+        {"learning rate NaN", [&](auto& x) { x.lr = dnan; }, "learning rate"},
+        {"learning rate negative", [](auto& x) { x.lr = -1e-3; }, "learning rate"},
+        {"first moment NaN", [&](auto& x) { x.layers[0].m[1] = nan; }, "first moment"},
+        {"first moment Inf (dense)", [&](auto& x) { x.layers[2].m[4] = -inf; }, "first moment"},
+        {"second moment negative", [](auto& x) { x.layers[1].v[2] = T(-1); }, "second moment"},
+        {"second moment NaN (dense)", [&](auto& x) { x.layers[2].v[0] = nan; }, "second moment"},
+        // The configuration is compared bit for bit: -0.0 == 0.0, but it would not re-save to the same blob.
+        {"refresh threshold -0.0 (configured 0.0)", [](auto& x) { const double z = -0.0; std::memcpy(&x.config[75], &z, sizeof z); },
+         "refresh policy differs"},
+        {"warm_start flag byte 2", [](auto& x) { x.config[116] = std::byte{2}; }, "flag"},
+    };
+    REQUIRE(run.cfg.refresh.threshold == 0.0);   // the field the -0.0 case rewrites (offset 75 of the configuration)
+    const char* fn = "adarank::low_rank_adamw::load_state";
+    for (const auto& c : cases) {
+        CAPTURE(c.name);
+        state_fields<T> bad = s;
+        c.edit(bad);
+        optimizer_t<T> opt = run.fresh();
+        const auto before = opt.save_state();
+        const std::string msg = state_error_message([&] { opt.load_state(bad.seal()); });
+        contains(msg, {fn, c.expect});
+        CHECK(opt.save_state() == before);
+    }
+    // The untouched state loads.
+    optimizer_t<T> opt = run.fresh();
+    CHECK_NOTHROW(opt.load_state(s.seal()));
+}
+
+TEST_CASE_TEMPLATE("load_state accepts every state the optimizer writes (refreshes, rank changes, zero gradients, set_basis)", T, float,
+                   double) {
+    for (const auto transport : {adarank::transport_policy::squared_rotation, adarank::transport_policy::clamped_rotation,
+                                 adarank::transport_policy::none, adarank::transport_policy::reset}) {
+        for (const bool randomized : {false, true}) {
+            CAPTURE(adarank::to_string(transport));
+            CAPTURE(randomized);
+            adarank::optimizer_config cfg;
+            cfg.adam = hyper(1e-2, 0.01);
+            cfg.rank = adarank::rank_policy::adaptive(0.3, 1, 6);
+            cfg.refresh = adarank::refresh_policy::converged(0.7, 1, 3);
+            cfg.transport = transport;
+            cfg.rsvd.oversampling = 2;
+            cfg.rsvd.exact_fraction = randomized ? 1.0 : 0.0;
+            backend_t<T> backend;
+            struct shape {
+                index_t rows, cols;
+                param_kind kind;
+            };
+            const std::vector<shape> shapes = {{24, 40, param_kind::low_rank}, {40, 24, param_kind::low_rank}, {1, 16, param_kind::dense},
+                                               {30, 30, param_kind::low_rank}};
+            auto make = [&] {
+                optimizer_t<T> o(backend, cfg);
+                for (const auto& sh : shapes) o.add_parameter(sh.rows, sh.cols, sh.kind);
+                return o;
+            };
+            optimizer_t<T> opt = make();
+            std::vector<RowMatT<T>> w;
+            for (std::size_t p = 0; p < shapes.size(); ++p) w.push_back(gaussian_matrix(shapes[p].rows, shapes[p].cols, 20 + p).template cast<T>());
+            auto check_loads = [&](int s) {
+                CAPTURE(s);
+                const auto blob = opt.save_state();
+                optimizer_t<T> other = make();
+                CHECK_NOTHROW(other.load_state(blob));
+                CHECK(other.save_state() == blob);
+                for (index_t p = 0; p < index_t(shapes.size()); ++p) {
+                    if (!opt.info(p).low_rank || opt.info(p).rank == 0) continue;
+                    // The library's bases are orthonormal far inside the loader's tolerance.
+                    CHECK(orthonormality_deviation(opt.basis(p)) < optimizer_t<T>::orthonormality_tolerance / 100);
+                }
+            };
+            std::set<index_t> ranks_seen;
+            // A zero first gradient for parameter 3 (rank 0 with t > 0), then a spectrum that changes
+            // rank and direction every few steps.
+            for (int s = 0; s < 14; ++s) {
+                for (std::size_t p = 0; p < shapes.size(); ++p) {
+                    const auto& sh = shapes[p];
+                    RowMatT<T> g;
+                    if (p == 3 && s < 2) g = RowMatT<T>::Zero(sh.rows, sh.cols);
+                    else if (sh.kind == param_kind::dense) g = gaussian_matrix(sh.rows, sh.cols, 400 + std::uint64_t(s)).template cast<T>();
+                    else {
+                        const index_t k = std::min(sh.rows, sh.cols);
+                        std::vector<double> sigma(static_cast<std::size_t>(k));
+                        for (index_t i = 0; i < k; ++i)
+                            sigma[std::size_t(i)] = std::pow(0.1 + 0.3 * double((s / 4) % 3), double(i)) * (1.0 + 0.05 * double(s));
+                        g = with_spectrum(sh.rows, sh.cols, sigma, 600 + 10 * std::uint64_t(s) + p).template cast<T>();
+                    }
+                    const status st = opt.step(index_t(p), mv(w[p]), cv(g));
+                    CHECK((st == status::ok || st == status::degenerate_input));
+                }
+                if (s == 7) {   // a caller's basis (a permutation of coordinates) for parameter 0
+                    const index_t len = opt.info(0).side == projection_side::left ? 24 : 40;
+                    RowMatT<T> b = RowMatT<T>::Zero(3, len);
+                    for (index_t i = 0; i < 3; ++i) b(i, (7 * i + 2) % len) = T(1);
+                    REQUIRE(opt.set_basis(0, cv(b)) == status::ok);
+                }
+                for (index_t p : {0, 1, 3}) ranks_seen.insert(opt.info(p).rank);
+                check_loads(s);
+            }
+            CHECK(opt.info(0).refreshes > 3);
+            CHECK(ranks_seen.size() > 1);   // the rank changed along the way
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("set_basis rejects a non-finite or non-orthonormal basis, naming the measured deviation, and changes nothing", T, float,
+                   double) {
+    using test::invalid_argument_message;
+    small_run<T> run(3);
+    optimizer_t<T>& opt = run.opt;
+    const auto before = opt.save_state();
+    const char* fn = "adarank::low_rank_adamw::set_basis";
+    const index_t len = 12;   // parameter 0: 12x20, left side
+    RowMatT<T> eye = RowMatT<T>::Identity(2, len);
+    RowMatT<T> nan_basis = eye, zero = RowMatT<T>::Zero(2, len), twice = T(2) * eye, skew = eye, inf_basis = eye;
+    nan_basis(1, 3) = std::numeric_limits<T>::quiet_NaN();
+    inf_basis(0, 0) = std::numeric_limits<T>::infinity();
+    skew(1, 0) = T(0.5);   // rows no longer orthogonal (and row 1 longer)
+    contains(invalid_argument_message([&] { (void)opt.set_basis(0, cv(nan_basis)); }), {fn, "'basis'", "not finite", "(1, 3)"});
+    contains(invalid_argument_message([&] { (void)opt.set_basis(0, cv(inf_basis)); }), {fn, "'basis'", "not finite", "(0, 0)"});
+    contains(invalid_argument_message([&] { (void)opt.set_basis(0, cv(zero)); }), {fn, "'basis'", "orthonormal", "deviation", "= 1 "});
+    contains(invalid_argument_message([&] { (void)opt.set_basis(0, cv(twice)); }), {fn, "'basis'", "orthonormal", "deviation", "= 3 "});
+    contains(invalid_argument_message([&] { (void)opt.set_basis(0, cv(skew)); }), {fn, "'basis'", "orthonormal", "deviation", "0.5"});
+    CHECK(opt.save_state() == before);
+    // An orthonormal basis (within the tolerance) is accepted.
+    RowMatT<T> near = eye;
+    near(0, 5) = T(optimizer_t<T>::orthonormality_tolerance / 10);
+    CHECK(opt.set_basis(0, cv(near)) == status::ok);
+    CHECK(opt.info(0).rank == 2);
+}
+
+TEST_CASE("an eps that is not a normal number of the value type is rejected by the constructor") {
+    using test::invalid_argument_message;
+    adarank::optimizer_config cfg;
+    cfg.adam.eps = 1e-50;   // a positive double that rounds to 0 in float: n = m/(√v + ε) would divide by zero
+    backend_t<float> fb;
+    contains(invalid_argument_message([&] { optimizer_t<float> o(fb, cfg); }), {"adarank::low_rank_adamw::low_rank_adamw", "config.adam.eps", "1e-50"});
+    cfg.adam.eps = 1e-40;   // subnormal in float
+    contains(invalid_argument_message([&] { optimizer_t<float> o(fb, cfg); }), {"config.adam.eps", "1e-40"});
+    backend_t<double> db;
+    CHECK(invalid_argument_message([&] { optimizer_t<double> o(db, cfg); }) == "<no std::invalid_argument thrown>");
+}
+
+TEST_CASE("set_basis returns overflow and changes nothing when the transported moments would not be finite") {
+    // A valid state with first moments near the largest float: rotating two coordinates into
+    // each other adds two of them, which overflows.
+    using T = float;
+    small_run<T> run(3);
+    state_fields<T> s(run.opt.save_state());
+    std::fill(s.layers[0].m.begin(), s.layers[0].m.end(), T(3e38));
+    optimizer_t<T> opt = run.fresh();
+    opt.load_state(s.seal());
+    const auto before = opt.save_state();
+    const index_t r = opt.info(0).rank;
+    REQUIRE(r >= 2);
+    RowMatT<T> rotated = copy_of(opt.basis(0));
+    const T c = T(std::sqrt(0.5));
+    rotated.row(0) = c * (copy_of(opt.basis(0)).row(0) + copy_of(opt.basis(0)).row(1));
+    rotated.row(1) = c * (copy_of(opt.basis(0)).row(0) - copy_of(opt.basis(0)).row(1));
+    CHECK(opt.set_basis(0, cv(rotated)) == status::overflow);
+    CHECK(opt.save_state() == before);
+    // With ordinary moments the same basis is installed.
+    CHECK(run.opt.set_basis(0, cv(rotated)) == status::ok);
+    CHECK(same_bytes(run.opt.basis(0), cv(rotated)));
+}
+
+TEST_CASE("when the overflow certificate is inconclusive the exact path commits the step it computes") {
+    using T = float;
+    adarank::optimizer_config cfg;
+    cfg.adam = hyper(1e-2, 0.01);
+    cfg.rank = adarank::rank_policy::adaptive(0.3, 1, 4);
+    cfg.refresh = adarank::refresh_policy::every(2);
+    SUBCASE("dense: Σg² = 2.4e40 exceeds the certificate's limit, but every g² = 1e38 is finite") {
+        backend_t<T> backend;
+        optimizer_t<T> opt(backend, cfg);
+        const auto id = opt.add_parameter(12, 20, param_kind::dense);
+        RowMatT<T> w = gaussian_matrix(12, 20, 3).cast<T>();
+        const RowMatT<T> w0 = w;
+        REQUIRE(opt.step(id, mv(w), cv(RowMatT<T>(RowMatT<T>::Constant(12, 20, T(1e19))))) == status::ok);
+        // First AdamW step: m = (1−β₁)g = 1e18, v = (1−β₂)g² = 1e36, n = m/(√v + ε) ≈ 1, step = lr·√(1−β₂)/(1−β₁) = lr.
+        const Mat expect = (1.0 - 1e-2 * 0.01) * (w0.cast<double>().array() - 1e-2).matrix();
+        CHECK(rel_diff(w, expect) < 1e-6);
+        CHECK(to_mat(opt.first_moment(id)).isApprox(Mat::Constant(12, 20, 1e18), 1e-6));
+        CHECK(to_mat(opt.second_moment(id)).isApprox(Mat::Constant(12, 20, 1e36), 1e-5));
+        // The next ordinary step is certified again and finite.
+        REQUIRE(opt.step(id, mv(w), cv(RowMatT<T>(gaussian_matrix(12, 20, 4).cast<T>()))) == status::ok);
+        CHECK(w.allFinite());
+    }
+    SUBCASE("low-rank: a loaded second moment of 2e38 exceeds the limit, the exact update stays finite") {
+        small_run<T> run(3);
+        state_fields<T> s(run.opt.save_state());
+        std::fill(s.layers[0].v.begin(), s.layers[0].v.end(), T(2e38));
+        std::fill(s.layers[0].m.begin(), s.layers[0].m.end(), T(0));
+        optimizer_t<T> opt = run.fresh();
+        opt.load_state(s.seal());
+        RowMatT<T> w = run.w[0];
+        const RowMatT<T> w0 = w;
+        REQUIRE(opt.step(0, mv(w), cv(run.grad(0, 3))) == status::ok);
+        CHECK(w.allFinite());
+        CHECK_FALSE(same_bytes(w, w0));
+        const Mat v = to_mat(opt.second_moment(0));
+        CHECK(v.allFinite());
+        CHECK(v.minCoeff() >= 0.99 * 2e38 * 0.999);   // β₂·2e38 plus a small (1−β₂)Ĝ²
     }
 }

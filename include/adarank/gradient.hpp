@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
+#include <vector>
 
 #include <velora/compressor.hpp>
 
@@ -21,6 +23,43 @@
 #include "policies.hpp"
 
 namespace adarank {
+
+/// Whether every entry of `a` (backend memory) is finite. For the paths that have already met a
+/// non-finite sum of squares and must tell a NaN/Inf input (status::non_finite_input) from finite
+/// values too large for the arithmetic (status::overflow): the sum is recomputed, and only when T's
+/// squares can exceed double's range (T = double) and the sum is +Inf are the entries read on the
+/// host (this allocates; never on a steady-state step).
+template <optimizer_backend B>
+[[nodiscard]] bool all_finite(B& b, const_matrix_view<typename B::value_type> a) {
+    using T = typename B::value_type;
+    const double sum = b.sum_of_squares(a);
+    if (std::isfinite(sum)) return true;
+    // Up to 2^63 squares of finite values below 2^max_exponent add up to less than
+    // 2^(2·max_exponent + 63): for float that is far inside double's range, so a non-finite sum
+    // can only come from a non-finite entry.
+    if constexpr (2 * std::numeric_limits<T>::max_exponent + 63 < std::numeric_limits<double>::max_exponent) {
+        return false;
+    } else {
+        if (std::isnan(sum)) return false;   // squares of finite values are never NaN, nor are their sums
+        std::vector<T> row(static_cast<std::size_t>(a.cols));
+        for (index_t i = 0; i < a.rows; ++i) {
+            b.copy_to_host(a.row(i), row.data(), a.cols);
+            for (const T x : row)
+                if (!std::isfinite(x)) return false;
+        }
+        return true;
+    }
+}
+
+/// Whether the inputs of a factored gradient c·A·(I_g ⊗ vᵀ) are finite: A, c and the entries of v
+/// that the kernels read (min(s, D) of them). A product of finite inputs that overflows is then
+/// an overflow, not a non-finite input.
+template <optimizer_backend B>
+[[nodiscard]] bool all_finite(B& b, const velora::factored_gradient<typename B::value_type>& f) {
+    using T = typename B::value_type;
+    const index_t used = std::min(f.subtoken_size, f.features);
+    return std::isfinite(f.scale) && all_finite(b, f.a) && all_finite(b, const_matrix_view<T>(f.v, 1, used, used));
+}
 
 /// A dense gradient: a view of G.
 template <optimizer_backend B>
@@ -32,6 +71,8 @@ public:
     [[nodiscard]] index_t rows() const noexcept { return g_.rows; }
     [[nodiscard]] index_t cols() const noexcept { return g_.cols; }
     [[nodiscard]] double norm2() const { return b_->sum_of_squares(g_); }
+    /// Whether every entry of G is finite (failure paths only, see all_finite).
+    [[nodiscard]] bool finite() const { return all_finite(*b_, g_); }
     void times(const_matrix_view<T> s, matrix_view<T> out) const { b_->gemm(velora::op::none, velora::op::none, T(1), s, g_, T(0), out); }
     void times_t(const_matrix_view<T> x, matrix_view<T> out) const {
         b_->gemm(velora::op::none, velora::op::transpose, T(1), x, g_, T(0), out);
@@ -69,6 +110,9 @@ public:
         const double c = static_cast<double>(f_.scale);
         return c * c * sum;
     }
+
+    /// Whether A, c and v are finite (failure paths only, see all_finite).
+    [[nodiscard]] bool finite() const { return all_finite(*b_, f_); }
 
     void times(const_matrix_view<T> s, matrix_view<T> out) const {
         auto tmp = scratch_view(s.rows);
@@ -109,6 +153,7 @@ public:
     [[nodiscard]] index_t len() const noexcept { return side_ == projection_side::left ? g_->rows() : g_->cols(); }
     [[nodiscard]] index_t other() const noexcept { return side_ == projection_side::left ? g_->cols() : g_->rows(); }
     [[nodiscard]] double norm2() const { return g_->norm2(); }
+    [[nodiscard]] bool finite() const { return g_->finite(); }
     /// out = S·M (S: k×len, out: k×other).
     void mul(const_matrix_view<T> s, matrix_view<T> out) const {
         if (side_ == projection_side::left) g_->times(s, out);

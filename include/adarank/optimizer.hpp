@@ -19,16 +19,25 @@
 /// allocate (Eigen's QR/SVD temporaries, and the state buffers when the rank changes).
 ///
 /// Numerical trouble never corrupts the state: a gradient with NaN or Inf makes `step` return
-/// status::non_finite_input before anything changes, and an all-zero gradient where a new
-/// subspace is due returns status::degenerate_input and keeps the old subspace.
+/// status::non_finite_input before anything changes; a finite gradient, state or step whose
+/// result would not be finite in T returns status::overflow before anything changes (an
+/// overflow certificate from quantities the step computes anyway, with an exact slow path when
+/// it is inconclusive; see "overflow certificate" below); an all-zero gradient where a new
+/// subspace is due returns status::degenerate_input and keeps the old subspace. Sizes whose
+/// products do not fit are std::invalid_argument at registration, and load_state accepts
+/// exactly the states the optimizer can be in (see load_state).
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include <velora/compressor.hpp>
+#include <velora/core/checked.hpp>
 #include <velora/core/error.hpp>
 #include <velora/core/rng.hpp>
 #include <velora/core/serialize.hpp>
@@ -71,9 +80,19 @@ public:
     using T = value_type;
     using param_id = index_t;
 
-    /// Throws std::invalid_argument for an invalid configuration (see policies.hpp: validate).
+    /// A basis handed to set_basis or found in a loaded state must have orthonormal rows within
+    /// this tolerance: max |B·Bᵀ − I| (entry-wise, computed in double). The library's own bases are
+    /// U_Cᵀ·S, one GEMM in T of factors orthonormal to double precision (CholeskyQR2, the Gram
+    /// eigenvectors) or to T's (the Householder fall-back), so they deviate by a few hundred units
+    /// of T's rounding at most (~1e-5 in float, ~1e-13 in double for sketches and lengths in the
+    /// thousands); the tolerance leaves a margin of 100× (float) and 1e5× (double) over that and
+    /// still rejects what is not a basis (a zero row deviates by 1, a doubled one by 3).
+    static constexpr double orthonormality_tolerance = std::numeric_limits<T>::digits <= 24 ? 1e-3 : 1e-8;
+
+    /// Throws std::invalid_argument for an invalid configuration (see policies.hpp: validate), and
+    /// for an ε that T rounds to zero or to a subnormal value (n = m/(√v + ε) is computed in T).
     explicit low_rank_adamw(B& backend, optimizer_config config = {})
-        : b_(&backend), config_(checked(config)), lr_(config.adam.lr), finder_(backend, config.rsvd) {}
+        : b_(&backend), config_(checked(config)), coef_(coefficients(config_)), lr_(config.adam.lr), finder_(backend, config.rsvd) {}
 
     [[nodiscard]] const optimizer_config& config() const noexcept { return config_; }
     [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(layers_.size()); }
@@ -87,27 +106,42 @@ public:
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
 
     /// Registers a rows×cols parameter (a vector is 1×n) and sizes every buffer its steps need.
+    /// Throws std::invalid_argument, registering nothing, for a non-positive shape, an invalid
+    /// kind, or sizes whose products (rows·cols, the state at the largest rank, in bytes of T) do
+    /// not fit in the address space.
     param_id add_parameter(index_t rows, index_t cols, param_kind kind = param_kind::automatic) {
         constexpr const char* fn = "adarank::low_rank_adamw::add_parameter";
+        using velora::detail::checked_add;
+        using velora::detail::checked_elements;
+        using velora::detail::checked_mul;
         velora::detail::require(rows > 0 && cols > 0, fn, "the shape must be positive, got ", rows, "x", cols);
         velora::detail::require(static_cast<unsigned>(kind) <= 2, fn, "argument 'kind' has the invalid value ", static_cast<int>(kind));
+        // Every buffer below is a product of rows, cols and r_cap <= min(rows, cols) with at most
+        // rows·cols elements, except the states (dense AdamW's two moments; basis and moments at
+        // rank r_cap), which are checked on their own: no size formed later can wrap.
+        const index_t elements = checked_elements(checked_mul(rows, cols, fn, "argument 'rows' x 'cols'"), sizeof(T), fn, "argument 'rows' x 'cols'");
+        const index_t r_cap = std::min(config_.rank.r_max, std::min(rows, cols));
+        if (kind == param_kind::automatic) {
+            const bool left = choose_side(config_.side, rows, cols) == projection_side::left;
+            const double low = static_cast<double>(r_cap) * (left ? static_cast<double>(rows) + 2.0 * static_cast<double>(cols)
+                                                                  : static_cast<double>(cols) + 2.0 * static_cast<double>(rows));
+            kind = rows >= 2 && cols >= 2 && low < 2.0 * static_cast<double>(rows) * static_cast<double>(cols) ? param_kind::low_rank
+                                                                                                                : param_kind::dense;
+        }
         layer l;
         l.rows = rows;
         l.cols = cols;
         l.seed = velora::mix64(config_.seed ^ velora::mix64(static_cast<std::uint64_t>(layers_.size())));
-        const index_t r_cap = std::min(config_.rank.r_max, std::min(rows, cols));
-        if (kind == param_kind::automatic) {
-            const bool left = choose_side(config_.side, rows, cols) == projection_side::left;
-            const double low = static_cast<double>(r_cap) * static_cast<double>(left ? rows + 2 * cols : cols + 2 * rows);
-            kind = rows >= 2 && cols >= 2 && low < 2.0 * static_cast<double>(rows) * static_cast<double>(cols) ? param_kind::low_rank
-                                                                                                                : param_kind::dense;
-        }
         l.low_rank = kind == param_kind::low_rank;
         if (l.low_rank) {
             l.side = choose_side(config_.side, rows, cols);
             l.len = l.side == projection_side::left ? rows : cols;
             l.other = l.side == projection_side::left ? cols : rows;
             l.r_cap = r_cap;
+            // basis + two moments at the largest rank: what state_bytes() may have to report
+            (void)checked_elements(checked_mul(r_cap, checked_add(l.len, checked_mul(index_t{2}, l.other, fn, "2 x other"), fn, "len + 2 x other"), fn,
+                                               "the low-rank state r_cap x (len + 2 x other)"),
+                                   sizeof(T), fn, "the low-rank state r_cap x (len + 2 x other)");
             grow(proj_, r_cap * l.other);
             grow(m_next_, r_cap * l.other);
             grow(v_next_, r_cap * l.other);
@@ -116,8 +150,10 @@ public:
             grow(r2_, r_cap * r_cap);
             finder_.reserve(l.len, l.other, r_cap);
         } else {
-            l.m.resize(static_cast<std::size_t>(rows * cols));
-            l.v.resize(static_cast<std::size_t>(rows * cols));
+            (void)checked_elements(checked_mul(index_t{2}, elements, fn, "dense AdamW's two moments 2 x rows x cols"), sizeof(T), fn,
+                                   "dense AdamW's two moments 2 x rows x cols");
+            l.m.resize(static_cast<std::size_t>(elements));
+            l.v.resize(static_cast<std::size_t>(elements));
             b_->fill(dense_view(l.m, l), T(0));
             b_->fill(dense_view(l.v, l), T(0));
         }
@@ -126,19 +162,25 @@ public:
     }
 
     /// One AdamW step of parameter `id` with a dense gradient (both rows×cols, backend memory).
+    /// Returns ok; degenerate_input (an all-zero gradient where a new subspace was due: the old
+    /// one is kept); non_finite_input (NaN/Inf in the gradient) or overflow (a finite gradient,
+    /// state or step whose result would not be finite in T, or a step count at its limit), both
+    /// with nothing changed. Precondition for the overflow guarantee: the weights satisfy
+    /// max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
     status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::check_shape(grad, l.rows, l.cols, fn, "grad");
-        if (!l.low_rank) return step_dense(l, weight, grad);
+        if (!l.low_rank)
+            return step_dense(l, weight, grad, [&] { return all_finite(*b_, grad) ? status::overflow : status::non_finite_input; });
         const dense_gradient<B> g(*b_, grad);
         return step_low_rank(l, weight, g);
     }
 
     /// One step with a VeLoRA layer's gradient in factored form (velora::compressor::factored):
     /// a low-rank parameter never forms the rows×cols gradient; a dense one expands it into a
-    /// workspace (allocated on first use).
+    /// workspace (allocated on first use). Statuses as for the dense gradient.
     status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
@@ -146,12 +188,15 @@ public:
         velora::check_view(grad.a, fn, "grad.a");
         velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
                                 grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
-        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0 && grad.subtoken_size * grad.a.cols >= grad.features, fn,
-                                "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ", grad.subtoken_size,
-                                " cannot cover D = ", grad.features, grad.v ? "" : " (and v is null)");
+        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
+                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
+        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
+        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
+        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
+                                grad.subtoken_size, " cannot cover D = ", grad.features);
         // Every column of A is read by some product (also those covering only padding), so a
         // NaN anywhere in A is reported the same way on every kind of step.
-        if (!std::isfinite(b_->sum_of_squares(grad.a))) return status::non_finite_input;
+        if (!std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a)) return status::non_finite_input;
         if (l.low_rank) {
             const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
             return step_low_rank(l, weight, g);
@@ -159,13 +204,18 @@ public:
         grow(dense_grad_, l.rows * l.cols);
         matrix_view<T> dense{dense_grad_.data(), l.rows, l.cols, l.cols};
         b_->expand_subtokens(grad.a, grad.v, grad.subtoken_size, grad.scale, dense);
-        return step_dense(l, weight, dense);
+        // An expansion of finite inputs that overflowed is an overflow, not a non-finite input.
+        return step_dense(l, weight, dense, [&] { return all_finite(*b_, grad) ? status::overflow : status::non_finite_input; });
     }
 
-    /// Replaces the subspace of a low-rank parameter with `basis` (r×len, orthonormal rows, backend
-    /// memory; len = rows on the left side, cols on the right), transporting the moments by the
-    /// configured policy as a refresh would. The refresh policy counts from here.
-    void set_basis(param_id id, const_matrix_view<T> basis) {
+    /// Replaces the subspace of a low-rank parameter with `basis` (r×len, orthonormal rows within
+    /// orthonormality_tolerance, backend memory; len = rows on the left side, cols on the right),
+    /// transporting the moments by the configured policy as a refresh would. The refresh policy
+    /// counts from here. Throws std::invalid_argument (nothing changed) for a wrong shape, a
+    /// non-finite entry or rows that are not orthonormal (naming the measured deviation); returns
+    /// status::overflow (nothing changed) when the transported moments would not be finite, ok
+    /// otherwise. Reads the basis on the host (allocates).
+    status set_basis(param_id id, const_matrix_view<T> basis) {
         constexpr const char* fn = "adarank::low_rank_adamw::set_basis";
         layer& l = checked_layer(id, fn);
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely; it has no basis");
@@ -174,9 +224,24 @@ public:
                                 " but parameter ", id, " needs r x ", l.len, " with 1 <= r <= ", l.r_cap);
         auto next = view(basis_next_, basis.rows, l.len);
         for (index_t i = 0; i < basis.rows; ++i) b_->copy(basis.row(i), next.row(i), l.len);
+        const basis_check check = check_basis(host_copy(next), basis.rows, l.len);
+        if (check.bad_row >= 0)
+            velora::detail::fail(fn, "argument 'basis' has an entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
+        velora::detail::require(check.deviation <= orthonormality_tolerance, fn, "argument 'basis' (", basis.rows, "x", basis.cols,
+                                ") does not have orthonormal rows: the deviation max |B·Bᵀ − I| = ", check.deviation,
+                                " exceeds the tolerance ", orthonormality_tolerance);
+        const auto m_next = view(m_next_, basis.rows, l.other), v_next = view(v_next_, basis.rows, l.other);
+        transport_into_workspace(l, next);
+        const host_summary m = summarize(m_next), v = summarize(v_next);
+        if (!m.finite || !v.finite) return status::overflow;
         subspace_report rep;
         rep.rank = basis.rows;
-        commit_subspace(l, next, rep, l.counter);
+        install_subspace(l, next, rep, l.counter, check.norm);
+        b_->copy(m_next.data, l.m.data(), basis.rows * l.other);
+        b_->copy(v_next.data, l.v.data(), basis.rows * l.other);
+        l.m_bound = m.max_abs;
+        l.v_bound = v.max_abs;
+        return status::ok;
     }
 
     [[nodiscard]] layer_info info(param_id id) const {
@@ -250,7 +315,23 @@ public:
 
     /// Restores a state saved by an optimizer with the same configuration (the learning rate may
     /// differ; the saved one is restored) and the same parameters registered in the same order.
-    /// Throws velora::state_format_error and changes nothing on any mismatch or damage.
+    ///
+    /// The blob must be intact (envelope, kind, version, checksum, length) and describe a state
+    /// this optimizer can be in; a valid state is exactly:
+    /// - the value width, the configuration and the registered shapes, kinds and sides match;
+    ///   the saved learning rate is finite and >= 0; flag bytes are 0 or 1;
+    /// - per parameter: the step count t <= 2^64 − 2 (a step can increment it; a step refuses to
+    ///   go further); the steps in the current subspace <= t, and 0 without a subspace (rank 0);
+    ///   0 <= rank <= min(r_max, rows, cols), and 0 for a dense parameter;
+    /// - the anchor ‖Ĝ_t0‖² is -1 (not yet known) or finite and >= 0; the last ‖Ĝ‖² is finite
+    ///   and >= 0; the last refresh report has the parameter's rank, 0 <= sketch <= min(rows,
+    ///   cols), 0 <= power iterations <= 64, and finite energies >= 0;
+    /// - the basis (rank×len) is finite with orthonormal rows: max |B·Bᵀ − I| <=
+    ///   orthonormality_tolerance; both moments are finite and the second one is >= 0 (their
+    ///   size is not bounded: a step whose result would overflow returns status::overflow).
+    /// The refresh count and the random-stream position may hold any value. Every state the
+    /// optimizer writes is valid. Anything else throws velora::state_format_error naming the
+    /// parameter and the field, and changes nothing.
     void load_state(std::span<const std::byte> blob) {
         constexpr const char* fn = "adarank::low_rank_adamw::load_state";
         velora::state_reader r(blob, state_kind, state_version, fn);
@@ -258,7 +339,8 @@ public:
         if (width != sizeof(T)) r.bad("state was saved with ", int(width), "-byte values but this optimizer uses ", sizeof(T));
         optimizer_config saved = get_config(r);
         saved.adam.lr = config_.adam.lr;
-        if (!(saved == config_)) r.bad("state was saved with a different optimizer configuration (", describe_difference(saved, config_), ")");
+        if (const std::string difference = describe_difference(saved, config_); !difference.empty())
+            r.bad("state was saved with a different optimizer configuration (", difference, ")");
         const auto lr = r.get<double>();
         const auto count = r.get<std::uint64_t>();
         if (count != layers_.size()) r.bad("state holds ", count, " parameters but ", layers_.size(), " are registered");
@@ -267,23 +349,32 @@ public:
             const layer& l = layers_[i];
             loaded_layer& s = loaded[i];
             const auto rows = r.get<std::int64_t>(), cols = r.get<std::int64_t>();
-            const bool low_rank = r.get<std::uint8_t>() != 0;
+            const auto low_rank_flag = r.get<std::uint8_t>();
             const auto side = r.get<std::uint8_t>();
+            if (low_rank_flag > 1) r.bad("parameter ", i, " has the kind flag ", int(low_rank_flag), " (0 or 1 expected)");
+            const bool low_rank = low_rank_flag != 0;
             if (rows != l.rows || cols != l.cols || low_rank != l.low_rank || side != static_cast<std::uint8_t>(l.side))
                 r.bad("parameter ", i, " was saved as ", rows, "x", cols, low_rank ? " low-rank" : " dense", " but is registered as ", l.rows,
                       "x", l.cols, l.low_rank ? " low-rank" : " dense");
-            static_cast<progress&>(s) = get_progress(r);
-            if (s.rank < 0 || s.rank > l.r_cap || (!l.low_rank && s.rank != 0))
-                r.bad("parameter ", i, " has the invalid rank ", s.rank, " (at most ", l.r_cap, ")");
+            static_cast<progress&>(s) = get_progress(r, i);
+            check_progress(r, i, l, s);
             const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
             s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
             s.m = r.get_array<T>(moment_size);
             s.v = r.get_array<T>(moment_size);
-            const auto finite = [](const std::vector<T>& x) {
-                return std::all_of(x.begin(), x.end(), [](T e) { return std::isfinite(e); });
-            };
-            if (!finite(s.basis) || !finite(s.m) || !finite(s.v) || std::any_of(s.v.begin(), s.v.end(), [](T e) { return e < T(0); }))
-                r.bad("parameter ", i, " has non-finite state or a negative second moment");
+            if (s.rank > 0) {
+                const basis_check check = check_basis(s.basis, s.rank, l.len);
+                if (check.bad_row >= 0) r.bad("parameter ", i, " has a basis entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
+                if (!(check.deviation <= orthonormality_tolerance))
+                    r.bad("parameter ", i, ": the basis rows are not orthonormal: max |B·Bᵀ − I| = ", check.deviation, " exceeds the tolerance ",
+                          orthonormality_tolerance);
+                s.basis_norm = check.norm;
+            }
+            const host_summary m = summarize(s.m), v = summarize(s.v);
+            if (!m.finite) r.bad("parameter ", i, ": the first moment has a non-finite entry");
+            if (!v.finite || v.negative) r.bad("parameter ", i, ": the second moment has a non-finite or negative entry");
+            s.m_bound = m.max_abs;
+            s.v_bound = v.max_abs;
         }
         r.expect_end();
         if (!std::isfinite(lr) || lr < 0) r.bad("the saved learning rate ", lr, " is not finite and >= 0");
@@ -307,6 +398,10 @@ public:
                 b_->copy_from_host(source.data(), target.data(), static_cast<index_t>(source.size()));
             }
             static_cast<progress&>(layers_[i]) = loaded[i];
+            // The certificate's bounds are not saved: they are recomputed exactly from the arrays.
+            layers_[i].m_bound = loaded[i].m_bound;
+            layers_[i].v_bound = loaded[i].v_bound;
+            layers_[i].basis_norm = loaded[i].basis_norm;
         }
         lr_ = lr;
     }
@@ -324,7 +419,15 @@ private:
         subspace_report last{};
     };
 
-    struct layer : progress {
+    // Upper bounds that certify a step finite without reading the state (see certify). Not
+    // saved: exact values are recomputed from the arrays by load_state and set_basis.
+    struct bounds {
+        double m_bound = 0;      // >= max |m|
+        double v_bound = 0;      // >= max v
+        double basis_norm = 0;   // >= ‖B‖_F >= the norm of every column of B
+    };
+
+    struct layer : progress, bounds {
         index_t rows = 0, cols = 0;
         bool low_rank = false;
         projection_side side = projection_side::left;
@@ -333,12 +436,32 @@ private:
         buffer basis, m, v;
     };
 
-    struct loaded_layer : progress {
+    struct loaded_layer : progress, bounds {
         std::vector<T> basis, m, v;
     };
 
+    // Adam's coefficients as the kernels see them (rounded to T), and in double for the certificate.
+    struct adam_coefficients {
+        T beta1, beta2, eps;
+        double b1, c1, b2, c2, eps_value;   // β₁, 1 − β₁, β₂, 1 − β₂, ε after rounding to T
+    };
+    static adam_coefficients coefficients(const optimizer_config& c) {
+        adam_coefficients k{T(c.adam.beta1), T(c.adam.beta2), T(c.adam.eps), 0, 0, 0, 0, 0};
+        k.b1 = static_cast<double>(k.beta1);
+        k.c1 = static_cast<double>(T(1) - k.beta1);
+        k.b2 = static_cast<double>(k.beta2);
+        k.c2 = static_cast<double>(T(1) - k.beta2);
+        k.eps_value = static_cast<double>(k.eps);
+        return k;
+    }
+
     static optimizer_config checked(const optimizer_config& c) {
-        validate(c, "adarank::low_rank_adamw::low_rank_adamw");
+        constexpr const char* fn = "adarank::low_rank_adamw::low_rank_adamw";
+        validate(c, fn);
+        // n = m/(√v + ε) is computed in T: an ε that T rounds to 0 divides by zero where v = 0, and a
+        // subnormal one makes every step's bound |n| <= max|m|/ε useless (see certify).
+        velora::detail::require(static_cast<T>(c.adam.eps) >= std::numeric_limits<T>::min(), fn, "config.adam.eps = ", c.adam.eps,
+                                " is below the smallest normal value of the optimizer's value type (", std::numeric_limits<T>::min(), ")");
         return c;
     }
 
@@ -365,6 +488,13 @@ private:
     static matrix_view<T> view(buffer& buf, index_t rows, index_t cols) { return {buf.data(), rows, cols, cols}; }
     static matrix_view<T> dense_view(buffer& buf, const layer& l) { return view(buf, l.rows, l.cols); }
 
+    // The refresh rules take the steps in the subspace as an index; a count beyond its range (only
+    // a loaded state can have one) saturates rather than turning negative.
+    static index_t steps_in_subspace(const layer& l) noexcept {
+        constexpr auto most = static_cast<std::uint64_t>(std::numeric_limits<index_t>::max());
+        return static_cast<index_t>(std::min(l.since, most));
+    }
+
     // Bias-corrected step size lr·√(1−β₂ᵗ)/(1−β₁ᵗ) for step count t, and the decay factor 1 − lr·wd.
     [[nodiscard]] double step_size(std::uint64_t t) const noexcept {
         const double td = static_cast<double>(t);
@@ -372,99 +502,338 @@ private:
     }
     [[nodiscard]] double decay_factor() const noexcept { return 1.0 - lr_ * config_.adam.weight_decay; }
 
-    status step_dense(layer& l, matrix_view<T> weight, const_matrix_view<T> grad) {
-        if (!std::isfinite(b_->sum_of_squares(grad))) return status::non_finite_input;
+    // ------------------------------------------------------------------ overflow certificate
+    //
+    // A step writes nothing unless everything it writes is finite, without an extra pass over the
+    // weight or the gradient in the steady state. Each parameter keeps bounds M >= max|m| and
+    // V >= max v (doubles). The step has already computed E = Σx² of what enters the moments (the
+    // dense gradient, or the projected gradient Ĝ), so max x² <= E, and before anything is written:
+    //   m' = β₁m + (1−β₁)x:  |m'| <= M' = (β₁M + (1−β₁)√E)(1+κ)
+    //   v' = β₂v + (1−β₂)x²:   v' <= V' = (β₂V + (1−β₂)E)(1+κ)
+    //   n  = m'/(√v' + ε):    |n| <= M'/ε (1+κ)
+    // with κ covering T's rounding. E, M', V' <= max(T)/2 keep x², m' and v' finite; the weight
+    // update is certified from |n| below (dense_update_ok, low_rank_update_ok). Only when the
+    // certificate fails (absurd gradients, states or hyper-parameters) is the step computed
+    // exactly in workspace and read back on the host (step_dense_exact, and the exact branch of
+    // step_low_rank): committed when finite, status::overflow otherwise.
+    static constexpr double max_value = static_cast<double>(std::numeric_limits<T>::max());
+    static constexpr double half_max = max_value / 2, quarter_max = max_value / 4;
+    static constexpr double unit_roundoff = static_cast<double>(std::numeric_limits<T>::epsilon()) / 2;
+    // Per bound: T's rounding of a product and a sum (and of x², the division), plus the few
+    // double operations that evaluate the bound itself.
+    static constexpr double slack = 1.0 + 4.0 * unit_roundoff + 8.0 * 0x1p-53;
+    static constexpr std::uint64_t max_steps = std::numeric_limits<std::uint64_t>::max() - 1;
+
+    // An upper bound on the exact Σx² of `count` values whose sum of squares the backend returned
+    // as `sum` (in double, in any order): the relative error of such a sum of non-negative terms
+    // is below (count + 1)·2⁻⁵³·(4/3) while that is small; the absolute term covers squares that
+    // underflow double.
+    static double sum_bound(double sum, index_t count) noexcept {
+        const double nu = (static_cast<double>(count) + 1.0) * 0x1p-53;
+        return nu <= 0.125 ? sum * (1.0 + 2.0 * nu) + 1e-300 : std::numeric_limits<double>::infinity();
+    }
+    // >= ‖a‖_F, hence >= max |a| and every column norm (+Inf when the sum is not finite).
+    double norm_bound(const_matrix_view<T> a) {
+        const double sum = b_->sum_of_squares(a);
+        return std::isfinite(sum) ? std::sqrt(sum_bound(sum, a.size())) * slack : std::numeric_limits<double>::infinity();
+    }
+    // T's rounding of a sum of r products in a GEMM (any order).
+    static double gemm_slack(index_t r) noexcept {
+        const double nu = (static_cast<double>(r) + 1.0) * unit_roundoff;
+        return nu <= 0.125 ? 1.0 + 2.0 * nu : std::numeric_limits<double>::infinity();
+    }
+
+    struct moment_bounds {
+        double m = 0, v = 0, n = 0;   // >= max |m'|, max v', max |n| after the step
+    };
+    // The bounds after one Adam update of moments bounded by (m_bound, v_bound) with an input whose
+    // squares are at most x2; false when they do not certify the update finite (with room to spare).
+    [[nodiscard]] bool certify(double m_bound, double v_bound, double x2, moment_bounds& out) const noexcept {
+        const double x = std::sqrt(x2) * slack;
+        out.m = (coef_.b1 * m_bound + coef_.c1 * x) * slack;
+        out.v = (coef_.b2 * v_bound + coef_.c2 * x2) * slack;
+        out.n = out.m / coef_.eps_value * slack;
+        return x2 <= half_max && out.m <= half_max && out.v <= half_max && out.n <= max_value;   // (false for NaN)
+    }
+    // w' = decay·(w − step·n) is finite for every |w| <= half_max/max(1, |decay|) (the precondition)
+    // when max(1, |decay|)·|step|·max|n| <= quarter_max.
+    static bool dense_update_ok(T step, T decay, double n_max) noexcept {
+        const double d = std::max(1.0, std::abs(static_cast<double>(decay)));
+        return std::isfinite(step) && std::isfinite(decay) && d * std::abs(static_cast<double>(step)) * n_max * slack <= quarter_max;
+    }
+    // W' = alpha·(Bᵀ·N) + decay·W (a GEMM; right side Nᵀ·B, the same sums): the GEMM sums
+    // Σ_k B_ki·N_kj in T before scaling by alpha, and every partial sum is at most
+    // ‖B_:,i‖·‖N_:,j‖ <= basis_norm·n_col (n_col >= every column norm of N, r×other). Both the sum
+    // and alpha times it must stay below quarter_max; with |decay·w| <= half_max (the precondition)
+    // W' is finite.
+    static bool low_rank_update_ok(T alpha, T decay, double basis_norm, index_t r, double n_col) noexcept {
+        const double sum = basis_norm * n_col * gemm_slack(r);
+        return std::isfinite(alpha) && std::isfinite(decay) && sum <= quarter_max &&
+               std::abs(static_cast<double>(alpha)) * sum * slack <= quarter_max;
+    }
+
+    // A contiguous array of backend memory read on the host (the exact paths and set_basis only).
+    std::vector<T> host_copy(const_matrix_view<T> a) const {
+        std::vector<T> host(static_cast<std::size_t>(a.size()));
+        b_->copy_to_host(a.data, host.data(), a.size());
+        return host;
+    }
+    struct host_summary {
+        bool finite = true, negative = false;
+        double max_abs = 0;
+        double max_col_norm = 0;   // of the array as rows×cols, each column's Euclidean norm (× slack)
+    };
+    static host_summary summarize(const std::vector<T>& host, index_t cols = 1) {
+        host_summary s;
+        std::vector<double> col2(static_cast<std::size_t>(cols), 0.0);
+        for (std::size_t i = 0; i < host.size(); ++i) {
+            const T x = host[i];
+            if (!std::isfinite(x)) {
+                s.finite = false;
+                return s;
+            }
+            s.negative = s.negative || x < T(0);
+            const double d = static_cast<double>(x);
+            s.max_abs = std::max(s.max_abs, std::abs(d));
+            col2[i % static_cast<std::size_t>(cols)] += d * d;
+        }
+        for (const double c : col2) s.max_col_norm = std::max(s.max_col_norm, std::sqrt(c) * slack);
+        return s;
+    }
+    host_summary summarize(const_matrix_view<T> a) const { return summarize(host_copy(a), a.cols); }
+
+    // Whether a host copy of a rank×len basis is finite, its deviation max |B·Bᵀ − I| and ‖B‖_F
+    // (× slack), all in double. The Gram matrix is accumulated column by column of B (inner loop
+    // over contiguous entries of a column, which vectorises without reassociating any sum).
+    struct basis_check {
+        index_t bad_row = -1, bad_col = -1;
+        double deviation = 0, norm = 0;
+    };
+    static basis_check check_basis(const std::vector<T>& b, index_t rank, index_t len) {
+        basis_check c;
+        const auto r = static_cast<std::size_t>(rank), n = static_cast<std::size_t>(len);
+        std::vector<double> bt(r * n);   // Bᵀ, len×rank
+        for (std::size_t i = 0; i < r; ++i) {
+            for (std::size_t j = 0; j < n; ++j) {
+                const T x = b[i * n + j];
+                if (!std::isfinite(x)) {
+                    c.bad_row = static_cast<index_t>(i);
+                    c.bad_col = static_cast<index_t>(j);
+                    return c;
+                }
+                bt[j * r + i] = static_cast<double>(x);
+            }
+        }
+        std::vector<double> gram(r * r, 0.0);
+        for (std::size_t k = 0; k < n; ++k) {
+            const double* col = &bt[k * r];
+            for (std::size_t i = 0; i < r; ++i) {
+                const double x = col[i];
+                double* g = &gram[i * r];
+                for (std::size_t j = i; j < r; ++j) g[j] += x * col[j];
+            }
+        }
+        double trace = 0;
+        for (std::size_t i = 0; i < r; ++i) {
+            trace += gram[i * r + i];
+            for (std::size_t j = i; j < r; ++j) c.deviation = std::max(c.deviation, std::abs(gram[i * r + j] - (i == j ? 1.0 : 0.0)));
+        }
+        c.norm = std::sqrt(sum_bound(trace, rank * len)) * slack;
+        return c;
+    }
+
+    // ------------------------------------------------------------------ steps
+    // Dense AdamW. `trouble()` tells, for a non-finite energy, a NaN/Inf in the caller's gradient
+    // (non_finite_input) from finite values too large for the arithmetic (overflow).
+    template <class Trouble>
+    status step_dense(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, Trouble&& trouble) {
+        const double energy = b_->sum_of_squares(grad);
+        if (!std::isfinite(energy)) {
+            const status s = trouble();
+            if (s != status::overflow) return s;
+            // A finite gradient whose sum of squares overflowed: the exact path decides.
+        }
+        if (l.t >= max_steps) return status::overflow;
+        const T step = T(step_size(l.t + 1)), decay = T(decay_factor());
+        moment_bounds next;
+        const bool certified = std::isfinite(energy) && certify(l.m_bound, l.v_bound, sum_bound(energy, grad.size()), next) &&
+                               dense_update_ok(step, decay, next.n);
+        if (!certified) return step_dense_exact(l, weight, grad, step, decay);
         ++l.t;
-        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), T(config_.adam.beta1), T(config_.adam.beta2),
-                         T(config_.adam.eps), T(step_size(l.t)), T(decay_factor()));
+        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), coef_.beta1, coef_.beta2, coef_.eps, step, decay);
+        l.m_bound = next.m;
+        l.v_bound = next.v;
         return status::ok;
+    }
+
+    // The dense step computed exactly into temporaries (allocated here: this path is never taken
+    // by a step the certificate vouches for) and read back on the host; committed only when the
+    // moments and n are finite and the weight update is bounded.
+    status step_dense_exact(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, T step, T decay) {
+        const index_t count = l.rows * l.cols;
+        buffer m, v, n;
+        m.resize(static_cast<std::size_t>(count));
+        v.resize(static_cast<std::size_t>(count));
+        n.resize(static_cast<std::size_t>(count));
+        b_->copy(l.m.data(), m.data(), count);
+        b_->copy(l.v.data(), v.data(), count);
+        b_->adam_moments(grad, dense_view(m, l), dense_view(v, l), coef_.beta1, coef_.beta2, coef_.eps, dense_view(n, l));
+        const host_summary hm = summarize(dense_view(m, l)), hv = summarize(dense_view(v, l)), hn = summarize(dense_view(n, l));
+        if (!hm.finite || !hv.finite || !hn.finite || !dense_update_ok(step, decay, hn.max_abs)) return status::overflow;
+        ++l.t;
+        b_->copy(m.data(), l.m.data(), count);
+        b_->copy(v.data(), l.v.data(), count);
+        // w = decay·(w − step·n) with the checked n: adamw_update with β₁ = β₂ = 1, ε = 1, m = n and
+        // v = g = 0 computes exactly that (m stays n, v stays 0, n/(√0 + 1) = n).
+        b_->fill(dense_view(v, l), T(0));
+        b_->adamw_update(weight, dense_view(v, l), dense_view(n, l), dense_view(v, l), T(1), T(1), T(1), step, decay);
+        l.m_bound = hm.max_abs;
+        l.v_bound = hv.max_abs;
+        return status::ok;
+    }
+
+    // A step of a parameter with no subspace yet and an all-zero gradient: the weight decay only,
+    // as AdamW would do with G = 0.
+    status decay_only(layer& l, matrix_view<T> weight) {
+        if (l.t >= max_steps) return status::overflow;
+        const double decay = decay_factor();
+        if (!std::isfinite(T(decay))) return status::overflow;
+        ++l.t;
+        if (decay != 1.0) b_->scale(weight, T(decay));
+        return status::degenerate_input;
     }
 
     template <class Grad>
     status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad) {
         const side_matrix<Grad> m(grad, l.side);
+        // Called only when a norm or projection is not finite (never in the steady state).
+        const auto trouble = [&] { return m.finite() ? status::overflow : status::non_finite_input; };
         // A refresh that is due by the step count alone needs no projection onto the old basis.
-        bool refresh = l.rank == 0 || config_.refresh.due_by_count(static_cast<index_t>(l.since));
+        bool refresh = l.rank == 0 || config_.refresh.due_by_count(steps_in_subspace(l));
         double projected2 = 0, energy = -1;
         if (!refresh) {
             m.mul(basis_view(l), view(proj_, l.rank, l.other));
             projected2 = b_->sum_of_squares(view(proj_, l.rank, l.other));
-            if (!std::isfinite(projected2)) return status::non_finite_input;
-            refresh_inputs in{static_cast<index_t>(l.since), projected2, l.anchor2, 0.0};
+            if (!std::isfinite(projected2)) return trouble();
+            refresh_inputs in{steps_in_subspace(l), projected2, l.anchor2, 0.0};
             if (config_.refresh.needs_gradient_norm()) {
                 energy = m.norm2();
-                if (!std::isfinite(energy)) return status::non_finite_input;
+                if (!std::isfinite(energy)) return trouble();
                 in.gradient_norm2 = energy;
             }
             refresh = config_.refresh.due(in);
         }
         status result = status::ok;
+        // The subspace the step runs in: the current one, or a new one prepared in the workspace
+        // (basis_next_, with the transported moments in m_next_, v_next_) and committed together
+        // with the step, so that a step that fails changes nothing.
+        bool fresh = false;
+        index_t rank = l.rank;
+        const_matrix_view<T> basis = basis_view(l);
+        double basis_norm = l.basis_norm, m_bound = l.m_bound, v_bound = l.v_bound;
+        subspace_report rep;
+        std::uint64_t counter = l.counter;
         if (refresh) {
             if (energy < 0) energy = m.norm2();
-            if (!std::isfinite(energy)) return status::non_finite_input;
+            if (!std::isfinite(energy)) return trouble();
             if (energy == 0) {
                 result = status::degenerate_input;
-                if (l.rank == 0) {   // nothing to find a subspace from yet: decay only, as AdamW would with G = 0
-                    ++l.t;
-                    const double decay = decay_factor();
-                    if (decay != 1.0) b_->scale(weight, T(decay));
-                    return result;
-                }
-            }
-            if (energy > 0) {   // an all-zero gradient keeps the existing subspace
-                std::uint64_t counter = l.counter;
+                if (l.rank == 0) return decay_only(l, weight);   // nothing to find a subspace from yet
+                b_->fill(view(proj_, l.rank, l.other), T(0));     // G = 0: so is its projection (the subspace is kept)
+                projected2 = 0;
+            } else {
+                // The sketch's power iterations form products as large as ‖G‖²: beyond half of T's
+                // range they would overflow.
+                if (!(energy <= half_max)) return trouble();
                 auto next = view(basis_next_, l.r_cap, l.len);
                 const auto warm = l.rank > 0 ? basis_view(l) : const_matrix_view<T>{};
-                const subspace_report rep = finder_.find(m, config_.rank, energy, warm, l.seed, counter, next);
-                const auto chosen = next.row_block(0, rep.rank);
-                m.mul(chosen, view(proj_, rep.rank, l.other));
-                projected2 = b_->sum_of_squares(view(proj_, rep.rank, l.other));
-                if (!std::isfinite(projected2)) return status::non_finite_input;   // nothing committed yet
-                commit_subspace(l, chosen, rep, counter);
-            } else {
-                b_->fill(view(proj_, l.rank, l.other), T(0));   // G = 0: so is its projection
-                projected2 = 0;
+                rep = finder_.find(m, config_.rank, energy, warm, l.seed, counter, next);
+                if (!std::isfinite(rep.captured)) return trouble();
+                rank = rep.rank;
+                basis = next.row_block(0, rank);
+                m.mul(basis, view(proj_, rank, l.other));
+                projected2 = b_->sum_of_squares(view(proj_, rank, l.other));
+                if (!std::isfinite(projected2)) return trouble();   // nothing committed yet
+                transport_into_workspace(l, basis);
+                basis_norm = norm_bound(basis);
+                m_bound = l.rank > 0 ? norm_bound(view(m_next_, rank, l.other)) : 0.0;
+                v_bound = l.rank > 0 ? norm_bound(view(v_next_, rank, l.other)) : 0.0;
+                fresh = true;
             }
         }
-        if (l.anchor2 < 0) l.anchor2 = projected2;   // first step in this subspace
+        if (l.t >= max_steps) return status::overflow;
+        const double decay_value = decay_factor();
+        const T decay = T(decay_value);
+        const T alpha = T(-decay_value * step_size(l.t + 1) * config_.scale);
+        const auto n = view(proj_, rank, l.other);   // n = m/(√v+ε) overwrites the projected gradient
+        const auto m_work = view(m_next_, rank, l.other), v_work = view(v_next_, rank, l.other);
+        moment_bounds next;
+        const bool certified = certify(m_bound, v_bound, sum_bound(projected2, rank * l.other), next) &&
+                               low_rank_update_ok(alpha, decay, basis_norm, rank, std::sqrt(static_cast<double>(rank)) * next.n);
+        if (certified) {
+            // Adam in the subspace: in place in the steady state, on the transported moments after a refresh.
+            if (fresh) b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
+            else b_->adam_moments(n, moment_view(l, l.m), moment_view(l, l.v), coef_.beta1, coef_.beta2, coef_.eps, n);
+        } else {
+            // The exact path: the update on a copy in the workspace, read back on the host.
+            if (!fresh) {
+                b_->copy(l.m.data(), m_work.data, rank * l.other);
+                b_->copy(l.v.data(), v_work.data, rank * l.other);
+            }
+            b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
+            const host_summary hm = summarize(m_work), hv = summarize(v_work), hn = summarize(n);
+            if (!hm.finite || !hv.finite || !hn.finite || !low_rank_update_ok(alpha, decay, basis_norm, rank, hn.max_col_norm))
+                return status::overflow;
+            next.m = hm.max_abs;
+            next.v = hv.max_abs;
+        }
 
-        // Adam in the subspace; n = m/(√v+ε) overwrites the projected gradient.
-        auto n = view(proj_, l.rank, l.other);
-        b_->adam_moments(n, view(l.m, l.rank, l.other), view(l.v, l.rank, l.other), T(config_.adam.beta1), T(config_.adam.beta2),
-                         T(config_.adam.eps), n);
+        // Commit. Only a new rank's state allocates, and it does so before changing anything.
+        if (fresh) install_subspace(l, basis, rep, counter, basis_norm);
+        if (fresh || !certified) {
+            b_->copy(m_work.data, l.m.data(), rank * l.other);
+            b_->copy(v_work.data, l.v.data(), rank * l.other);
+        }
+        if (l.anchor2 < 0) l.anchor2 = projected2;   // first step in this subspace
         ++l.t;
         ++l.since;
         l.projected_norm2 = projected2;
-        const double decay = decay_factor();
-        const T alpha = T(-decay * step_size(l.t) * config_.scale);
+        l.m_bound = next.m;
+        l.v_bound = next.v;
         // W = decay·W − decay·step·α·ΔW with ΔW = Bᵀ·N (left) or (Bᵀ·N)ᵀ = Nᵀ·B (right).
-        if (l.side == projection_side::left) b_->gemm(velora::op::transpose, velora::op::none, alpha, basis_view(l), n, T(decay), weight);
-        else b_->gemm(velora::op::transpose, velora::op::none, alpha, n, basis_view(l), T(decay), weight);
+        if (l.side == projection_side::left) b_->gemm(velora::op::transpose, velora::op::none, alpha, basis_view(l), n, decay, weight);
+        else b_->gemm(velora::op::transpose, velora::op::none, alpha, n, basis_view(l), decay, weight);
         return result;
     }
 
-    // Makes `next` (r×len, in basis_next_) the subspace of `l`, carrying the moments over.
-    void commit_subspace(layer& l, matrix_view<T> next, const subspace_report& rep, std::uint64_t counter) {
+    // Writes l's moments, carried over into the subspace `next` (r×len) by the configured policy,
+    // into m_next_ and v_next_ (r×other); zeros when l has no subspace yet. Changes nothing of l.
+    void transport_into_workspace(const layer& l, const_matrix_view<T> next) {
         const index_t r_new = next.rows;
         auto m_next = view(m_next_, r_new, l.other);
         auto v_next = view(v_next_, r_new, l.other);
         if (l.rank > 0) {
-            transport_moments(*b_, config_.transport, const_matrix_view<T>(next), basis_view(l), moment_view(l, l.m), moment_view(l, l.v),
-                              m_next, v_next, view(r_, r_new, l.rank), view(r2_, r_new, l.rank));
+            transport_moments(*b_, config_.transport, next, basis_view(l), moment_view(l, l.m), moment_view(l, l.v), m_next, v_next,
+                              view(r_, r_new, l.rank), view(r2_, r_new, l.rank));
         } else {
             b_->fill(m_next, T(0));
             b_->fill(v_next, T(0));
         }
+    }
+
+    // Makes `basis` (r×len, workspace) the subspace of `l`: sizes its state for rank r and copies
+    // the basis; the caller copies the moments. The refresh rules count from here.
+    void install_subspace(layer& l, const_matrix_view<T> basis, const subspace_report& rep, std::uint64_t counter, double basis_norm) {
+        const index_t r_new = basis.rows;
         resize_state(l, r_new);
-        b_->copy(next.data, l.basis.data(), r_new * l.len);
-        b_->copy(m_next.data, l.m.data(), r_new * l.other);
-        b_->copy(v_next.data, l.v.data(), r_new * l.other);
+        b_->copy(basis.data, l.basis.data(), r_new * l.len);
         l.rank = r_new;
         l.since = 0;
         l.anchor2 = -1;   // set from the first projected gradient in the new subspace
         ++l.refreshes;
         l.counter = counter;
         l.last = rep;
+        l.basis_norm = basis_norm;
     }
 
     // State buffers sized exactly for rank r (so state_bytes is what is held); reallocated
@@ -482,6 +851,7 @@ private:
     }
 
     static const_matrix_view<T> basis_view(const layer& l) { return {l.basis.data(), l.rank, l.len, l.len}; }
+    static matrix_view<T> moment_view(layer& l, buffer& b) { return {b.data(), l.rank, l.other, l.other}; }
     static const_matrix_view<T> moment_view(const layer& l, const buffer& b) { return {b.data(), l.rank, l.other, l.other}; }
 
     void put_buffer(velora::state_writer& w, const buffer& buf, index_t n, std::vector<T>& host) const {
@@ -501,7 +871,7 @@ private:
         w.put(p.projected_norm2);
         put_report(w, p.last);
     }
-    static progress get_progress(velora::state_reader& r) {
+    static progress get_progress(velora::state_reader& r, std::size_t i) {
         progress p;
         p.rank = static_cast<index_t>(r.get<std::int64_t>());
         p.t = r.get<std::uint64_t>();
@@ -510,8 +880,30 @@ private:
         p.counter = r.get<std::uint64_t>();
         p.anchor2 = r.get<double>();
         p.projected_norm2 = r.get<double>();
-        p.last = get_report(r);
+        p.last = get_report(r, i);
         return p;
+    }
+
+    // The counters, rank, norms and report of a loaded parameter (see load_state for the rules).
+    static void check_progress(const velora::state_reader& r, std::size_t i, const layer& l, const progress& p) {
+        if (p.t > max_steps) r.bad("parameter ", i, " has the step count t = ", p.t, ", which cannot be incremented (at most ", max_steps, ")");
+        const index_t cap = l.low_rank ? l.r_cap : 0;
+        if (p.rank < 0 || p.rank > cap) r.bad("parameter ", i, " has the invalid rank ", p.rank, " (at most ", cap, ")");
+        if (p.since > p.t) r.bad("parameter ", i, " has ", p.since, " steps in the subspace but only ", p.t, " steps");
+        if (p.rank == 0 && p.since != 0) r.bad("parameter ", i, " has ", p.since, " steps in the subspace but no subspace");
+        if (!(p.anchor2 == -1.0 || (std::isfinite(p.anchor2) && p.anchor2 >= 0)))
+            r.bad("parameter ", i, " has the anchor ‖Ĝ_t0‖² = ", p.anchor2, ", neither -1 (not yet known) nor finite and >= 0");
+        if (!(std::isfinite(p.projected_norm2) && p.projected_norm2 >= 0))
+            r.bad("parameter ", i, " has the projected gradient energy ‖Ĝ‖² = ", p.projected_norm2, ", not finite and >= 0");
+        const subspace_report& rep = p.last;
+        if (rep.rank != p.rank) r.bad("parameter ", i, " has rank ", p.rank, " but its last refresh report has rank ", rep.rank);
+        if (rep.sketch < 0 || rep.sketch > std::min(l.rows, l.cols))
+            r.bad("parameter ", i, " has the report sketch size ", rep.sketch, " outside [0, ", std::min(l.rows, l.cols), "]");
+        if (rep.power_iterations < 0 || rep.power_iterations > 64)
+            r.bad("parameter ", i, " has the report power iterations ", rep.power_iterations, " outside [0, 64]");
+        if (!(std::isfinite(rep.energy) && rep.energy >= 0)) r.bad("parameter ", i, " has the report energy ", rep.energy, ", not finite and >= 0");
+        if (!(std::isfinite(rep.captured) && rep.captured >= 0))
+            r.bad("parameter ", i, " has the report captured energy ", rep.captured, ", not finite and >= 0");
     }
 
     static void put_report(velora::state_writer& w, const subspace_report& rep) {
@@ -523,13 +915,16 @@ private:
         w.put(rep.energy);
         w.put(rep.captured);
     }
-    static subspace_report get_report(velora::state_reader& r) {
+    static subspace_report get_report(velora::state_reader& r, std::size_t i) {
         subspace_report rep;
         rep.rank = static_cast<index_t>(r.get<std::int64_t>());
         rep.sketch = static_cast<index_t>(r.get<std::int64_t>());
         rep.power_iterations = r.get<std::int32_t>();
-        rep.exact = r.get<std::uint8_t>() != 0;
-        rep.warm = r.get<std::uint8_t>() != 0;
+        const auto exact = r.get<std::uint8_t>(), warm = r.get<std::uint8_t>();
+        // Only 0 and 1 are written; any other byte would not re-save to the same blob.
+        if (exact > 1 || warm > 1) r.bad("parameter ", i, " has a report flag byte ", int(exact > 1 ? exact : warm), " (0 or 1 expected)");
+        rep.exact = exact != 0;
+        rep.warm = warm != 0;
         rep.energy = r.get<double>();
         rep.captured = r.get<double>();
         return rep;
@@ -581,25 +976,42 @@ private:
         c.rsvd.oversampling = static_cast<index_t>(r.get<std::int64_t>());
         c.rsvd.power_iterations = r.get<std::int32_t>();
         c.rsvd.warm_power_iterations = r.get<std::int32_t>();
-        c.rsvd.warm_start = r.get<std::uint8_t>() != 0;
+        const auto warm_start = r.get<std::uint8_t>();
+        if (warm_start > 1) r.bad("the configuration's warm_start flag byte is ", int(warm_start), " (0 or 1 expected)");
+        c.rsvd.warm_start = warm_start != 0;
         c.rsvd.exact_fraction = r.get<double>();
         c.seed = r.get<std::uint64_t>();
         return c;
     }
 
+    // The first difference between a saved and the live configuration, "" when there is none.
+    // Doubles are compared bit for bit: a saved -0.0 where 0.0 is configured compares equal
+    // but would not re-save to the same blob.
     static std::string describe_difference(const optimizer_config& saved, const optimizer_config& live) {
-        if (!(saved.adam == live.adam)) return "adam hyper-parameters differ";
-        if (saved.scale != live.scale) return "scale differs";
+        const auto same = [](double a, double b) { return std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b); };
+        const adamw_hyper &a = saved.adam, &b = live.adam;
+        if (!same(a.lr, b.lr) || !same(a.beta1, b.beta1) || !same(a.beta2, b.beta2) || !same(a.eps, b.eps) || !same(a.weight_decay, b.weight_decay))
+            return "adam hyper-parameters differ";
+        if (!same(saved.scale, live.scale)) return "scale differs";
         if (saved.side != live.side) return "side policy differs";
-        if (!(saved.rank == live.rank)) return "rank policy differs";
-        if (!(saved.refresh == live.refresh)) return "refresh policy differs";
+        if (saved.rank.type != live.rank.type || saved.rank.r_min != live.rank.r_min || saved.rank.r_max != live.rank.r_max ||
+            !same(saved.rank.xi, live.rank.xi))
+            return "rank policy differs";
+        if (saved.refresh.type != live.refresh.type || !same(saved.refresh.threshold, live.refresh.threshold) ||
+            saved.refresh.min_interval != live.refresh.min_interval || saved.refresh.max_interval != live.refresh.max_interval)
+            return "refresh policy differs";
         if (saved.transport != live.transport) return "transport policy differs";
-        if (!(saved.rsvd == live.rsvd)) return "rsvd settings differ";
-        return "seed differs";
+        const rsvd_config &x = saved.rsvd, &y = live.rsvd;
+        if (x.oversampling != y.oversampling || x.power_iterations != y.power_iterations || x.warm_power_iterations != y.warm_power_iterations ||
+            x.warm_start != y.warm_start || !same(x.exact_fraction, y.exact_fraction))
+            return "rsvd settings differ";
+        if (saved.seed != live.seed) return "seed differs";
+        return "";
     }
 
     B* b_;
     optimizer_config config_;
+    adam_coefficients coef_;
     double lr_;
     subspace_finder<B> finder_;
     std::vector<layer> layers_;

@@ -18,6 +18,8 @@
 #include <span>
 #include <vector>
 
+#include <velora/core/checked.hpp>
+
 #include "backend.hpp"
 #include "gradient.hpp"
 #include "policies.hpp"
@@ -52,17 +54,27 @@ public:
     /// Sketch size for a len×other matrix and ranks up to r_max.
     [[nodiscard]] index_t sketch_size(index_t len, index_t other, index_t r_max) const noexcept {
         const index_t full = std::min(len, other);
-        const index_t k = std::min(r_max + config_.oversampling, full);
+        const index_t k = capped_sum(r_max, config_.oversampling, full);
         return is_exact(k, full) ? full : k;
     }
 
     /// Sizes the workspace for matrices up to len×other, so that find() allocates nothing of
-    /// its own afterwards (the backend's QR and SVD may still use temporaries).
+    /// its own afterwards (the backend's QR and SVD may still use temporaries). Throws
+    /// std::invalid_argument when a workspace size does not fit in the address space.
     void reserve(index_t len, index_t other, index_t r_max) {
+        constexpr const char* fn = "adarank::subspace_finder::reserve";
+        detail_require(len > 0 && other > 0 && r_max > 0, fn, "the sizes must be positive, got len = ", len, ", other = ", other,
+                       ", r_max = ", r_max);
         const index_t k = sketch_size(len, other, r_max);
-        grow(s_, k * len);
-        grow(x_, k * std::max(other, len));
-        grow(u_, k * k);
+        // The sizes are formed with checked arithmetic (k <= min(len, other), so they fit whenever
+        // len·other does; a caller of this public member may pass anything).
+        const index_t s = velora::detail::checked_elements(velora::detail::checked_mul(k, len, fn, "sketch k x len"), sizeof(T), fn, "sketch k x len");
+        const index_t x = velora::detail::checked_elements(velora::detail::checked_mul(k, std::max(other, len), fn, "sketch k x max(len, other)"),
+                                                           sizeof(T), fn, "sketch k x max(len, other)");
+        const index_t u = velora::detail::checked_mul(k, k, fn, "sketch k x k");
+        grow(s_, s);
+        grow(x_, x);
+        grow(u_, u);
         if (sigma_.size() < static_cast<std::size_t>(k)) sigma_.resize(static_cast<std::size_t>(k));
     }
 
@@ -85,7 +97,7 @@ public:
 
         subspace_report rep;
         rep.energy = energy;
-        index_t k = std::min(cap + config_.oversampling, full);
+        index_t k = capped_sum(cap, config_.oversampling, full);
         rep.exact = is_exact(k, full);
         if (rep.exact) k = full;
         rep.sketch = k;
@@ -141,6 +153,10 @@ public:
 
 private:
     using buffer = typename B::template buffer<T>;
+
+    // min(r + p, full) for r, p, full >= 0 without forming r + p, which can overflow for a huge
+    // oversampling setting (validate() only requires p >= 0).
+    static constexpr index_t capped_sum(index_t r, index_t p, index_t full) noexcept { return r >= full || p >= full - r ? full : r + p; }
 
     [[nodiscard]] bool is_exact(index_t k, index_t full) const noexcept {
         return static_cast<double>(k) >= config_.exact_fraction * static_cast<double>(full);
