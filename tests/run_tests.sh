@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: installs what it needs, builds the test suite and runs it twice,
-# once optimised and once under AddressSanitizer + UndefinedBehaviorSanitizer.
+# once optimised and once under AddressSanitizer + UndefinedBehaviorSanitizer, then fuzzes the
+# state loaders for a bounded time (tests/fuzz, docs/fuzzing.md).
+#
+# Environment:
+#   VELORA_FUZZ_SECONDS   seconds per fuzz harness and mode (6 runs, nproc at a time; default 60,
+#                         about 4-5 minutes with the build on 2 cores); 0 skips the fuzzing stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/deps.sh
@@ -25,3 +30,11 @@ cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=Debug -DVELORA_BUILD_BENCHMARKS=
       -DVELORA_INSTALL=OFF -DVELORA_CUDA=OFF -DCMAKE_CXX_FLAGS="-O1 $san" -DCMAKE_EXE_LINKER_FLAGS="$san" >/dev/null
 cmake --build build/sanitize -j"$jobs"
 ctest --test-dir build/sanitize --output-on-failure -j"$jobs" -LE header
+
+fuzz_seconds=${VELORA_FUZZ_SECONDS:-60}
+if [ "$fuzz_seconds" = 0 ]; then
+    echo "== Fuzzing skipped (VELORA_FUZZ_SECONDS=0)"
+else
+    echo "== Fuzzing the state loaders: libFuzzer + ASan + UBSan, ${fuzz_seconds} s per harness and mode"
+    bash tests/fuzz/run_fuzz.sh --seconds "$fuzz_seconds" --jobs "$jobs"
+fi

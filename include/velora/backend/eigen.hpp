@@ -274,7 +274,7 @@ public:
         detail::require(a.rows <= a.cols, fn, "argument 'a' is ", a.rows, "x", a.cols, "; it needs rows <= cols");
         const ConstRowMap in(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
         qr_rows_ = in.template cast<double>();
-        const serial_eigen_scope serial;
+        [[maybe_unused]] const serial_eigen_scope serial;
         bool ok = true;
         for (int pass = 0; pass < 2 && ok; ++pass) {
             gram_of_rows();
@@ -319,7 +319,7 @@ public:
         detail::require(sigma != nullptr, fn, "argument 'sigma' is null");
         qr_rows_ = ConstRowMap(c.data, c.rows, c.cols, Eigen::OuterStride<>(c.ld)).template cast<double>();
         gram_of_rows();
-        const serial_eigen_scope serial;
+        [[maybe_unused]] const serial_eigen_scope serial;
         eig_.compute(gram_);   // ascending eigenvalues
         const index_t k = c.rows;
         for (index_t i = 0; i < k; ++i) {
