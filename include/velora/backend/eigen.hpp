@@ -804,13 +804,24 @@ private:
 #endif
     }
 
+    // Eigen's blocking sizes: depth block kc, row block mc, column block nc.
+    struct gemm_blocking {
+        Eigen::Index kc, mc, nc;
+    };
+    // Eigen's blocking for a rows×cols×depth product (its column-major view: rows = our n).
+    template <class S>
+    static gemm_blocking blocking_of(index_t rows, index_t cols, index_t depth) {
+        Eigen::Index kc = depth, mc = rows, nc = cols;
+        Eigen::internal::computeProductBlockingSizes<S, S, 1, Eigen::Index>(kc, mc, nc, 1);
+        return {kc, mc, nc};
+    }
+
     // Per-thread packing buffers for Eigen's GEBP kernel, grown to the largest blocking seen.
     template <class S>
     struct gemm_scratch : Eigen::internal::level3_blocking<S, S> {
         host_buffer<S> a, b;
-        void prepare(index_t rows, index_t cols, index_t depth) {
-            Eigen::Index kc = depth, mc = rows, nc = cols;
-            Eigen::internal::computeProductBlockingSizes<S, S, 1, Eigen::Index>(kc, mc, nc, 1);
+        void prepare(const gemm_blocking& blocking) {
+            const Eigen::Index kc = blocking.kc, mc = blocking.mc, nc = blocking.nc;
             a.reserve(static_cast<std::size_t>(kc * mc));
             b.reserve(static_cast<std::size_t>(kc * nc));
             this->m_kc = kc;
@@ -822,26 +833,23 @@ private:
     };
 
     template <class S, int LhsOrder, int RhsOrder>
-    static void gebp(index_t m, index_t n, index_t k, index_t m_total, S alpha, const S* a, index_t lda, const S* b, index_t ldb, S* c,
-                     index_t ldc, gemm_scratch<S>& scratch) {
+    static void gebp(index_t m, index_t n, index_t k, const gemm_blocking& blocking, S alpha, const S* a, index_t lda, const S* b,
+                     index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
         // A row-major result is computed as its column-major transpose: rows and cols swap roles.
-        // The blocking is that of the whole product (m_total rows), not of this part: with the
-        // same kc and mc and parts cut at multiples of the kernel's column panel, every element
-        // goes through the same micro-kernel path with the same summation order whichever part
-        // holds it, so the result does not depend on how many parts (threads) there are.
-        scratch.prepare(n, m_total, k);
+        // The blocking is that of the whole product, not of this part (see gemm_impl).
+        scratch.prepare(blocking);
         Eigen::internal::general_matrix_matrix_product<Eigen::Index, S, LhsOrder, false, S, RhsOrder, false, Eigen::RowMajor, 1>::run(
             m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, scratch, nullptr);
     }
 
     template <class S>
-    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, index_t m_total, S alpha, const S* a, index_t lda,
-                            const S* b, index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
+    static void serial_gemm(op op_a, op op_b, index_t m, index_t n, index_t k, const gemm_blocking& blocking, S alpha, const S* a,
+                            index_t lda, const S* b, index_t ldb, S* c, index_t ldc, gemm_scratch<S>& scratch) {
         constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
-        if (op_a == op::none && op_b == op::none) gebp<S, R, R>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_a == op::none) gebp<S, R, C>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else if (op_b == op::none) gebp<S, C, R>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
-        else gebp<S, C, C>(m, n, k, m_total, alpha, a, lda, b, ldb, c, ldc, scratch);
+        if (op_a == op::none && op_b == op::none) gebp<S, R, R>(m, n, k, blocking, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_a == op::none) gebp<S, R, C>(m, n, k, blocking, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else if (op_b == op::none) gebp<S, C, R>(m, n, k, blocking, alpha, a, lda, b, ldb, c, ldc, scratch);
+        else gebp<S, C, C>(m, n, k, blocking, alpha, a, lda, b, ldb, c, ldc, scratch);
     }
 
     template <class S>
@@ -870,22 +878,43 @@ private:
         check_no_alias(c, "c", a, "a", fn);
         check_no_alias(c, "c", b, "b", fn);
 
-        // Rows of C are split across threads (tiny products stay serial) at multiples of
-        // kRowQuantum, with the blocking of the whole product (see gebp): each element of C
-        // then gets the same bits whatever the thread count.
+        // C is split across threads (tiny products stay serial) along its larger side, each part
+        // run with the blocking of the whole product, at cuts that keep every element of C on the
+        // same micro-kernel path with the same summation order as without a split: rows of C
+        // (Eigen's columns) at multiples of kRowQuantum, a multiple of every kernel's column
+        // panel; columns of C (Eigen's rows) at multiples of the whole product's mc, so that the
+        // parts' row blocks are the whole product's. The result is the same bits whatever the
+        // thread count (tests/test_determinism.cpp), and the operand the split does not cut is
+        // the smaller one, packed once per thread.
         const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-        const index_t quanta = (m + kRowQuantum - 1) / kRowQuantum;
-        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, std::max<index_t>(1, quanta / 2)));
+        const gemm_blocking blocking = blocking_of<S>(n, m, k);
+        const bool split_columns = n > m && n >= 2 * blocking.mc;
+        const index_t quantum = split_columns ? static_cast<index_t>(blocking.mc) : kRowQuantum;
+        const index_t extent = split_columns ? n : m;
+        const index_t quanta = (extent + quantum - 1) / quantum;
+        const index_t most_parts = split_columns ? quanta : quanta / 2;
+        const int parts = flops < 4.0e6 ? 1 : static_cast<int>(std::min<index_t>(threads_, std::max<index_t>(1, most_parts)));
         auto run_part = [&](int part) {
             const auto [first_q, last_q] = part_range(quanta, parts, part);
-            const index_t first = first_q * kRowQuantum;
-            const index_t count = std::min(m, last_q * kRowQuantum) - first;
+            const index_t first = first_q * quantum;
+            const index_t count = std::min(extent, last_q * quantum) - first;
             if (count <= 0) return;
-            const S* pa = a.data + (op_a == op::none ? first * a.ld : first);
-            S* pc = c.data + first * c.ld;
-            scale_output<S>(beta, matrix_view<S>{pc, count, n, c.ld});
+            const S* pa = a.data;
+            const S* pb = b.data;
+            S* pc = c.data;
+            index_t mm = m, nn = n;
+            if (split_columns) {
+                pb += op_b == op::none ? first : first * b.ld;
+                pc += first;
+                nn = count;
+            } else {
+                pa += op_a == op::none ? first * a.ld : first;
+                pc += first * c.ld;
+                mm = count;
+            }
+            scale_output<S>(beta, matrix_view<S>{pc, mm, nn, c.ld});
             if (alpha != S(0) && k > 0)
-                serial_gemm<S>(op_a, op_b, count, n, k, m, alpha, pa, a.ld, b.data, b.ld, pc, c.ld, scratch[static_cast<std::size_t>(thread_index())]);
+                serial_gemm<S>(op_a, op_b, mm, nn, k, blocking, alpha, pa, a.ld, pb, b.ld, pc, c.ld, scratch[static_cast<std::size_t>(thread_index())]);
         };
         parallel_for_parts(parts, run_part);
     }
