@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The README's main command: installs what it needs (the text corpus comes from Debian's
 # `fortunes` package), builds the demo trainer in Release with -O3 -march=native -fopenmp
-# (override with VELORA_NATIVE_FLAGS=...) and runs it: a small byte-level transformer LM trained
+# (override with VELORA_NATIVE_FLAGS=...), its GEMMs through Debian's OpenBLAS, and runs it: a small byte-level transformer LM trained
 # with AdamW, GaLore, VeLoRA, AdaRankGrad and VeLoRA + AdaRankGrad.
 # Extra arguments go to the trainer, e.g. `bash examples/run_demo.sh --steps 3000 --json out.json --plot out.svg`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/deps.sh
-velora_require_packages cmake g++ make libeigen3-dev fortunes
+velora_require_packages cmake g++ make libeigen3-dev libopenblas-openmp-dev fortunes
 cmake -S . -B build/demo -DCMAKE_BUILD_TYPE=Release -DVELORA_BUILD_TESTS=OFF -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_CUDA=OFF \
       -DVELORA_NATIVE_FLAGS="${VELORA_NATIVE_FLAGS:--march=native}" >/dev/null
 cmake --build build/demo -j"$(nproc)" --target lm_train

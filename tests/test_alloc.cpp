@@ -41,11 +41,14 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 using velora::index_t;
 
 // Heap allocations made by two calls of `step`, with Eigen's own heap forbidden meanwhile
-// (EIGEN_RUNTIME_NO_MALLOC: an Eigen allocation would assert).
+// (EIGEN_RUNTIME_NO_MALLOC: an Eigen allocation would assert) when the build's GEMM is a BLAS.
+// Without a BLAS the GEMM is Eigen's public product, which takes its packing buffers from the
+// heap on every call (Eigen's allocation, documented in docs/performance.md); the library's own
+// allocations (every operator new) are still counted.
 template <class Step>
 long allocations_during_two(Step& step) {
     const long before = allocations.load();
-    Eigen::internal::set_is_malloc_allowed(false);
+    if constexpr (velora::cpu::has_blas) Eigen::internal::set_is_malloc_allowed(false);
     step();
     step();
     Eigen::internal::set_is_malloc_allowed(true);

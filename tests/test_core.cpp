@@ -183,11 +183,22 @@ TEST_CASE("host_buffer: grows only when needed, copies and moves") {
     CHECK(m[5] == 5.0f);
 }
 
-TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every transpose, ld, alpha and beta", T, float, double) {
+// The engines this build has: Eigen's product always, the BLAS when one is linked.
+std::vector<velora::cpu::gemm_engine> gemm_engines() {
+    std::vector<velora::cpu::gemm_engine> e{velora::cpu::gemm_engine::eigen};
+    if (velora::cpu::has_blas) e.push_back(velora::cpu::gemm_engine::blas);
+    return e;
+}
+
+TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every engine, transpose, ld, alpha and beta", T, float, double) {
+  for (const auto engine : gemm_engines()) {
+    CAPTURE(velora::cpu::engine_name(engine));
     velora::eigen_backend<T> b;
+    b.set_gemm_engine(engine);
     struct shape { index_t m, n, k; };
-    // Small shapes stay serial; the larger ones split rows (m >= n) or columns (m < n) across threads.
-    for (shape sh : {shape{3, 5, 4}, shape{1, 1, 1}, shape{257, 65, 130}, shape{40, 300, 170}}) {
+    // Small shapes stay whole; the larger ones split rows (m >= n) or columns (m < n) across
+    // threads; k = 0 only scales C.
+    for (shape sh : {shape{3, 5, 4}, shape{1, 1, 1}, shape{257, 65, 130}, shape{300, 200, 400}, shape{130, 700, 200}, shape{6, 7, 0}}) {
         for (int ta = 0; ta < 2; ++ta)
             for (int tb = 0; tb < 2; ++tb)
                 for (auto [alpha, beta] : {std::pair{T(1), T(0)}, std::pair{T(-0.5), T(2)}}) {
@@ -214,14 +225,24 @@ TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every tran
                     CHECK(c[static_cast<std::size_t>(ldc - 1)] == padding);   // columns past n untouched
                 }
     }
+  }
 }
 
-TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C; shape errors name the operands") {
+TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C with every engine; shape errors name the operands") {
     velora::eigen_backend<float> b;
-    std::vector<float> a{1, 2, 3, 4}, i{1, 0, 0, 1}, c(4, std::numeric_limits<float>::quiet_NaN());
-    b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
-           velora::make_view<const float>(i.data(), 2, 2), 0.0f, velora::make_view(c.data(), 2, 2));
-    CHECK(c == a);
+    std::vector<float> a{1, 2, 3, 4}, i{1, 0, 0, 1};
+    for (const auto engine : gemm_engines()) {
+        b.set_gemm_engine(engine);
+        std::vector<float> c(4, std::numeric_limits<float>::quiet_NaN());
+        b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
+               velora::make_view<const float>(i.data(), 2, 2), 0.0f, velora::make_view(c.data(), 2, 2));
+        CHECK(c == a);
+    }
+    if (!velora::cpu::has_blas) {
+        const auto no_blas = test::invalid_argument_message([&] { b.set_gemm_engine(velora::cpu::gemm_engine::blas); });
+        CHECK(no_blas.find("velora::cpu::gemm_driver::set_engine: argument 'engine' is blas but this build has no BLAS") == 0);
+    }
+    std::vector<float> c(4);
     const auto msg = test::invalid_argument_message([&] {
         b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),
                velora::make_view<const float>(i.data(), 1, 4), 0.0f, velora::make_view(c.data(), 2, 2));

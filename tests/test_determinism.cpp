@@ -46,8 +46,9 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
 
 // C = op(A)·op(B) + β·C for one shape at the given thread count.
 template <class T>
-std::vector<T> run_gemm(int threads, velora::op oa, velora::op ob, index_t m, index_t n, index_t k) {
+std::vector<T> run_gemm(velora::cpu::gemm_engine engine, int threads, velora::op oa, velora::op ob, index_t m, index_t n, index_t k) {
     velora::eigen_backend<T> b(threads);
+    b.set_gemm_engine(engine);
     const index_t ar = oa == velora::op::none ? m : k, ac = oa == velora::op::none ? k : m;
     const index_t br = ob == velora::op::none ? k : n, bc = ob == velora::op::none ? n : k;
     const auto a = pattern<T>(ar * ac, 1), bb = pattern<T>(br * bc, 2);
@@ -58,16 +59,26 @@ std::vector<T> run_gemm(int threads, velora::op oa, velora::op ob, index_t m, in
 
 } // namespace
 
-TEST_CASE_TEMPLATE("gemm gives the same bits at 1, 2, 3 and 4 threads", T, float, double) {
-    const index_t shapes[][3] = {{256, 256, 256}, {1024, 96, 700}, {137, 1000, 333}, {48, 4096, 64}, {500, 17, 2000}, {2000, 64, 300}, {64, 3000, 256}};
-    for (const auto& s : shapes) {
-        for (auto oa : {velora::op::none, velora::op::transpose}) {
-            for (auto ob : {velora::op::none, velora::op::transpose}) {
-                CAPTURE(s[0]);
-                CAPTURE(s[1]);
-                CAPTURE(s[2]);
-                const auto ref = run_gemm<T>(1, oa, ob, s[0], s[1], s[2]);
-                for (int t : kThreadCounts) CHECK(same_bits(ref, run_gemm<T>(t, oa, ob, s[0], s[1], s[2])));
+// Every engine the build has: the BLAS (when linked) and Eigen's product.
+std::vector<velora::cpu::gemm_engine> engines() {
+    std::vector<velora::cpu::gemm_engine> e{velora::cpu::gemm_engine::eigen};
+    if (velora::cpu::has_blas) e.push_back(velora::cpu::gemm_engine::blas);
+    return e;
+}
+
+TEST_CASE_TEMPLATE("gemm gives the same bits at 1, 2, 3 and 4 threads, with every engine", T, float, double) {
+    const index_t shapes[][3] = {{256, 256, 256}, {1024, 96, 700}, {137, 1000, 333}, {48, 4096, 64}, {500, 17, 2000}, {2000, 64, 300}, {64, 3000, 256}, {1024, 32, 4096}, {1024, 4096, 128}};
+    for (const auto engine : engines()) {
+        CAPTURE(velora::cpu::engine_name(engine));
+        for (const auto& s : shapes) {
+            for (auto oa : {velora::op::none, velora::op::transpose}) {
+                for (auto ob : {velora::op::none, velora::op::transpose}) {
+                    CAPTURE(s[0]);
+                    CAPTURE(s[1]);
+                    CAPTURE(s[2]);
+                    const auto ref = run_gemm<T>(engine, 1, oa, ob, s[0], s[1], s[2]);
+                    for (int t : kThreadCounts) CHECK(same_bits(ref, run_gemm<T>(engine, t, oa, ob, s[0], s[1], s[2])));
+                }
             }
         }
     }
