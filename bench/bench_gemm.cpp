@@ -1,7 +1,8 @@
 // The CPU backend's GEMM on the library's hot shapes, once per engine this build has (the BLAS
 // linked at configure time, Eigen's product), through the same driver the backend uses (the
-// library's thread split, one engine call per part). The table after the benchmarks gives each
-// shape's rate per engine and their ratio from this run, and which engine the backend picks.
+// library's thread split, one engine call per part), and the BLAS called directly on the whole
+// product with its own threads. The table after the benchmarks gives each shape's rate per
+// engine and their ratios from this run, and which engine the backend picks.
 //
 // Shapes (row-major, C = op(A)·op(B), m×n×k):
 //   VeLoRA layer (T = 4096 tokens, D = O = 1024): forward Y = X·Wᵀ, dX = dY·W, dense dW = dYᵀ·X,
@@ -62,9 +63,13 @@ std::vector<gemm_engine> engines() {
 }
 
 std::string bench_name(const shape& s, gemm_engine e) { return std::string("BM_Gemm_") + s.name + "_" + velora::cpu::engine_name(e); }
+std::string direct_name(const shape& s) { return std::string("BM_Gemm_") + s.name + "_blas_direct"; }
 
+// `direct`: the BLAS called once on the whole product from this thread, threading itself (an
+// OpenMP BLAS then uses omp_get_max_threads() threads): the BLAS as a user would call it, the
+// baseline for the library's own split.
 template <class S>
-void run_gemm(benchmark::State& state, const shape& s, gemm_engine engine) {
+void run_gemm(benchmark::State& state, const shape& s, gemm_engine engine, bool direct = false) {
     bench::guarded(state, [&] {
         const index_t a_rows = s.op_a == op::none ? s.m : s.k, a_cols = s.op_a == op::none ? s.k : s.m;
         const index_t b_rows = s.op_b == op::none ? s.k : s.n, b_cols = s.op_b == op::none ? s.n : s.k;
@@ -78,7 +83,10 @@ void run_gemm(benchmark::State& state, const shape& s, gemm_engine engine) {
         const velora::const_matrix_view<S> av(a.data(), a_rows, a_cols), bv(b.data(), b_rows, b_cols);
         const velora::matrix_view<S> cv(c.data(), s.m, s.n);
         for (auto _ : state) {
-            backend.gemm(s.op_a, s.op_b, S(1), av, bv, S(s.beta), cv);
+            if (direct)
+                velora::cpu::gemm_driver::serial_gemm<S>(gemm_engine::blas, s.op_a, s.op_b, s.m, s.n, s.k, S(1), av.data, av.ld, bv.data, bv.ld,
+                                                         S(s.beta), cv.data, cv.ld);
+            else backend.gemm(s.op_a, s.op_b, S(1), av, bv, S(s.beta), cv);
             benchmark::ClobberMemory();
         }
         const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
@@ -95,12 +103,19 @@ void register_all() {
             });
             b->UseRealTime()->Unit(benchmark::kMillisecond);
         }
+    if (!velora::cpu::has_blas) return;
+    for (const shape& s : kShapes)
+        benchmark::RegisterBenchmark(direct_name(s).c_str(), [s](benchmark::State& state) {
+            if (s.is_double) run_gemm<double>(state, s, gemm_engine::blas, true);
+            else run_gemm<float>(state, s, gemm_engine::blas, true);
+        })->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
 void print_table(const bench::ratio_reporter& rep) {
     std::printf("\nGEMM rates (same run; GFLOP/s from the median real time when repetitions were given)\n");
     std::printf("BLAS in this build: %s; the backend's automatic choice is shown per shape\n", velora::cpu::blas_name());
-    std::printf("%-26s %12s %12s %12s  %s\n", "shape (m x n x k)", "blas", "eigen", "blas/eigen", "automatic");
+    std::printf("blas: the library's split, one single-threaded BLAS call per part; direct: one BLAS call threading itself\n");
+    std::printf("%-26s %10s %10s %10s %11s %11s  %s\n", "shape", "blas", "direct", "eigen", "blas/direct", "blas/eigen", "automatic");
     const velora::cpu::gemm_driver driver;
     for (const shape& s : kShapes) {
         const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
@@ -109,9 +124,10 @@ void print_table(const bench::ratio_reporter& rep) {
             return t ? flops / *t * 1e-9 : 0.0;
         };
         const double blas = velora::cpu::has_blas ? rate(gemm_engine::blas) : 0.0, eigen = rate(gemm_engine::eigen);
-        char dims[64];
-        std::snprintf(dims, sizeof dims, "%s", s.name);
-        std::printf("%-26s %12.1f %12.1f %12.2f  %s  (%lldx%lldx%lld%s)\n", dims, blas, eigen, eigen > 0 ? blas / eigen : 0.0,
+        const auto direct_time = rep.seconds(direct_name(s));
+        const double direct = direct_time ? flops / *direct_time * 1e-9 : 0.0;
+        std::printf("%-26s %10.1f %10.1f %10.1f %11.2f %11.2f  %s  (%lldx%lldx%lld%s)\n", s.name, blas, direct, eigen,
+                    direct > 0 ? blas / direct : 0.0, eigen > 0 ? blas / eigen : 0.0,
                     velora::cpu::engine_name(driver.engine_for(s.m, s.n, s.k)), static_cast<long long>(s.m),
                     static_cast<long long>(s.n), static_cast<long long>(s.k), s.is_double ? ", double" : "");
     }

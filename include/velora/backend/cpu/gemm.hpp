@@ -11,21 +11,22 @@
 /// runs on one thread inside an active parallel region, and a product left whole runs with
 /// omp_set_num_threads(1) on the calling thread. (OpenBLAS built with pthreads ignores both:
 /// give it OPENBLAS_NUM_THREADS=1; BLIS_NUM_THREADS must be unset or 1.) Packing buffers are
-/// the engine's: OpenBLAS and BLIS keep theirs across calls, Eigen's product takes its own from
-/// the heap on every product larger than its small-product path (so the allocation-free steady
-/// state holds with a BLAS; docs/performance.md).
+/// the engine's: OpenBLAS and BLIS keep theirs across calls (no heap allocation per call,
+/// measured), Eigen's product takes two blocks from the heap per part on every product larger
+/// than its small-product path (so the allocation-free steady state holds with a BLAS;
+/// docs/performance.md).
 ///
 /// Determinism. C is cut into parts along its larger side, at multiples of row_quantum rows or
 /// col_quantum columns, never into parts under split_flops. With Eigen's product and OpenBLAS
 /// there are up to `threads` parts: every element of C then lies in the same position relative
 /// to the engine's micro-tiles as in the whole product (the quanta are multiples of their
-/// register-block sizes on x86-64), each part's depth k is the whole product's (k is never cut,
-/// so the depth blocking is the same), and no part is small enough for a small-matrix kernel
-/// (OpenBLAS's takes M·N·K ≤ 10⁶), so a part's elements get the same bits as in the whole
-/// product, at any thread count. Any other BLAS gets a number of parts fixed by the shape alone
+/// register-block sizes on x86-64, see row_quantum), each part's depth k is the whole
+/// product's (k is never cut, so the depth blocking is the same), and no part is small enough
+/// for a small-matrix kernel (OpenBLAS's takes M·N·K ≤ 10⁶), so a part's elements get the same
+/// bits as in the whole product, at any thread count. Any other BLAS gets a number of parts fixed by the shape alone
 /// (at most fixed_parts_cap), so its bits cannot depend on the thread count whatever its kernels
 /// do (BLIS's do: it picks other kernels for skinny parts). tests/test_determinism.cpp checks
-/// every engine the build has; CI runs it with OpenBLAS and with Eigen's product.
+/// every engine the build has; CI runs it with OpenBLAS, BLIS and Eigen's product.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -91,8 +92,11 @@ inline const char* engine_name(gemm_engine e) noexcept {
 class gemm_driver {
 public:
     /// Rows of C per quantum of a row split, and columns per quantum of a column split.
-    static constexpr index_t row_quantum = 64;
-    static constexpr index_t col_quantum = 192;
+    /// Rows of C are OpenBLAS's and Eigen's column panels (C is computed as its column-major
+    /// transpose; panel widths 2, 4 or 8); columns of C are their row panels (mr: 8, 16, 24 or
+    /// 48 on x86-64). Small quanta keep two parts of a 138-row sketch balanced.
+    static constexpr index_t row_quantum = 16;
+    static constexpr index_t col_quantum = 48;
     /// No part is ever smaller than this many flops (2·m·n·k).
     static constexpr double split_flops = 16777216.0;   // 2^24
     /// Parts of a product on a BLAS whose bits may depend on the part's shape (see run).
