@@ -9,9 +9,15 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "reference.hpp"
 #include "test_util.hpp"
@@ -228,6 +234,34 @@ TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every engi
     }
   }
 }
+
+#if defined(__linux__)
+// The BLAS's threads and the library's must not oversubscribe the cores: the backend splits each
+// GEMM over its own OpenMP team and calls the engine single-threaded per part, so a process that
+// runs GEMMs with the backend's default thread count (omp_get_max_threads()) never holds more
+// threads than that. A BLAS with its own thread pool (OpenBLAS built with pthreads, or one told
+// to thread inside parallel regions) adds threads and fails this. Counted in /proc/self/task.
+TEST_CASE("the GEMM engines never run more threads than the backend's") {
+#if defined(_OPENMP)
+    const long allowed = omp_get_max_threads();
+#else
+    const long allowed = 1;
+#endif
+    velora::eigen_backend<float> b;
+    const index_t m = 512, n = 384, k = 1024;   // large enough to be split across threads
+    auto a = gaussian<float>(static_cast<std::size_t>(m * k), 1), bm = gaussian<float>(static_cast<std::size_t>(k * n), 2);
+    std::vector<float> c(static_cast<std::size_t>(m * n));
+    for (const auto engine : gemm_engines()) {
+        b.set_gemm_engine(engine);
+        for (int op = 0; op < 4; ++op)
+            b.gemm(op & 1 ? velora::op::transpose : velora::op::none, op & 2 ? velora::op::transpose : velora::op::none, 1.0f,
+                   velora::make_view<const float>(a.data(), op & 1 ? k : m, op & 1 ? m : k),
+                   velora::make_view<const float>(bm.data(), op & 2 ? n : k, op & 2 ? k : n), 0.0f, velora::make_view(c.data(), m, n));
+    }
+    const auto tasks = std::distance(std::filesystem::directory_iterator("/proc/self/task"), std::filesystem::directory_iterator{});
+    CHECK(tasks <= allowed);
+}
+#endif
 
 TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C with every engine; shape errors name the operands") {
     velora::eigen_backend<float> b;
