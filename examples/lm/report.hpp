@@ -1,10 +1,13 @@
 #pragma once
 // What the demo trainer reports: per-configuration results, the progress bar, the final table,
 // JSON and an SVG plot (validation-loss curves and AdaRankGrad's per-layer ranks over time).
+// The files are written whole or not at all (write_replacing): a run that dies keeps what was there.
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -137,11 +140,38 @@ inline std::string json_escape(const std::string& s) {
     return out;
 }
 
-inline void write_json(const std::string& path, const std::vector<run>& runs) {
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write --json file '" + path + "'");
+// Where an output file is written before it is renamed onto `path`: next to it (rename() is
+// atomic only within one file system) and named by the writing process, so that two runs writing
+// the same path do not share one.
+inline std::string temporary_path(const std::string& path) { return path + ".tmp-" + std::to_string(getpid()); }
+
+// Writes `path` through `write(out)` into temporary_path(path) and renames that onto `path` once it
+// is complete: `path` holds either its old content or the new one, never an empty or partial file
+// (a run killed while writing leaves at most the temporary file). `what` names the flag in errors.
+template <class F>
+void write_replacing(const std::string& path, const char* what, F&& write) {
+    const std::string temp = temporary_path(path);
+    {
+        std::ofstream out(temp, std::ios::binary);
+        if (!out) throw std::runtime_error(std::string("cannot write ") + what + " file '" + temp + "': " + std::strerror(errno));
+        write(out);
+        out.close();
+        if (!out) {
+            std::remove(temp.c_str());
+            throw std::runtime_error(std::string("error while writing ") + what + " file '" + temp + "'");
+        }
+    }
+    if (std::rename(temp.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        std::remove(temp.c_str());
+        throw std::runtime_error(std::string("cannot replace ") + what + " file '" + path + "': " + std::strerror(e));
+    }
+}
+
+// `settings`: a JSON object (the run's flags, model and build), written first; empty: none.
+inline void write_json(std::ostream& out, const std::vector<run>& runs, const std::string& settings) {
     out.precision(10);
-    auto number = [&](double x) -> std::ofstream& {
+    auto number = [&](double x) -> std::ostream& {
         if (std::isfinite(x)) out << x;
         else out << "null";
         return out;
@@ -154,7 +184,9 @@ inline void write_json(const std::string& path, const std::vector<run>& runs) {
         }
         out << ']';
     };
-    out << "{\"runs\":[";
+    out << '{';
+    if (!settings.empty()) out << "\"settings\":" << settings << ',';
+    out << "\"runs\":[";
     for (std::size_t k = 0; k < runs.size(); ++k) {
         const run& r = runs[k];
         out << (k ? "," : "") << "{\"name\":\"" << json_escape(r.name) << "\",\"error\":\"" << json_escape(r.error) << "\",\"steps\":" << r.steps
@@ -180,14 +212,11 @@ inline void write_json(const std::string& path, const std::vector<run>& runs) {
         out << "]}}";
     }
     out << "]}\n";
-    if (!out) throw std::runtime_error("error while writing --json file '" + path + "'");
 }
 
 // Two panels: validation loss per configuration, and the per-parameter ranks of every low-rank
 // configuration (one thin line per parameter, coloured by configuration).
-inline void write_svg(const std::string& path, const std::vector<run>& runs) {
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("cannot write --plot file '" + path + "'");
+inline void write_svg(std::ostream& out, const std::vector<run>& runs) {
     const double w = 900, h = 360, left = 60, right = 180, top = 30, bottom = 40;
     const char* colours[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"};
     int max_step = 1;
@@ -247,7 +276,15 @@ inline void write_svg(const std::string& path, const std::vector<run>& runs) {
         }
     });
     out << "</svg>\n";
-    if (!out) throw std::runtime_error("error while writing --plot file '" + path + "'");
+}
+
+// The --json and --plot files, each replaced only by a complete one.
+inline void write_json(const std::string& path, const std::vector<run>& runs, const std::string& settings = "") {
+    write_replacing(path, "--json", [&](std::ostream& out) { write_json(out, runs, settings); });
+}
+
+inline void write_svg(const std::string& path, const std::vector<run>& runs) {
+    write_replacing(path, "--plot", [&](std::ostream& out) { write_svg(out, runs); });
 }
 
 } // namespace report

@@ -1,0 +1,27 @@
+# `lm_train --help` (and -h) exits 0 and describes every flag that the parser in SOURCE
+# (examples/lm/train.cpp) accepts, each on its own line with its default.
+file(READ ${SOURCE} source)
+string(REGEX MATCHALL "flag == \"--[a-z-]+\"" accepted "${source}")
+list(TRANSFORM accepted REPLACE "flag == \"(--[a-z-]+)\"" "\\1")
+list(REMOVE_DUPLICATES accepted)
+list(REMOVE_ITEM accepted --help)
+list(LENGTH accepted count)
+if(count LESS 18)   # the parser's form changed: update the regex above rather than check fewer flags
+  message(FATAL_ERROR "found only ${count} flags in ${SOURCE}: ${accepted}")
+endif()
+foreach(form --help -h)
+  execute_process(COMMAND ${TRAINER} ${form} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "lm_train ${form} exited ${rc}: ${err}")
+  endif()
+  # A flag's entry: the line that starts with it, and its continuation lines (indented further).
+  foreach(flag IN LISTS accepted)
+    if(NOT out MATCHES "\n  ${flag} [^\n]*(\n       [^\n]*)*")
+      message(FATAL_ERROR "lm_train ${form} does not describe ${flag}:\n${out}")
+    endif()
+    if(NOT CMAKE_MATCH_0 MATCHES "\\(default[ :][^)]+\\)")
+      message(FATAL_ERROR "lm_train ${form}: the entry of ${flag} gives no default: ${CMAKE_MATCH_0}")
+    endif()
+  endforeach()
+endforeach()
+message("lm_train --help and -h describe all ${count} flags with their defaults: ${accepted}")
