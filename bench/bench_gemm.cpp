@@ -55,6 +55,8 @@ const shape kShapes[] = {
     {"Gram_double", op::none, op::transpose, 138, 138, 4096, 0.0, true},
 };
 
+double flops(const shape& s) { return 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k); }
+
 std::vector<gemm_engine> engines() {
     std::vector<gemm_engine> e;
     if (velora::cpu::has_blas) e.push_back(gemm_engine::blas);
@@ -89,8 +91,7 @@ void run_gemm(benchmark::State& state, const shape& s, gemm_engine engine, bool 
             else backend.gemm(s.op_a, s.op_b, S(1), av, bv, S(s.beta), cv);
             benchmark::ClobberMemory();
         }
-        const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
-        state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+        state.counters["GFLOPs"] = benchmark::Counter(flops(s) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
     });
 }
 
@@ -118,14 +119,11 @@ void print_table(const bench::ratio_reporter& rep) {
     std::printf("%-26s %10s %10s %10s %11s %11s  %s\n", "shape", "blas", "direct", "eigen", "blas/direct", "blas/eigen", "automatic");
     const velora::cpu::gemm_driver driver;
     for (const shape& s : kShapes) {
-        const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
-        auto rate = [&](gemm_engine e) -> double {
-            const auto t = rep.seconds(bench_name(s, e));
-            return t ? flops / *t * 1e-9 : 0.0;
+        auto rate = [&](const std::string& name) -> double {   // 0 when the benchmark did not run
+            const auto t = rep.seconds(name);
+            return t ? flops(s) / *t * 1e-9 : 0.0;
         };
-        const double blas = velora::cpu::has_blas ? rate(gemm_engine::blas) : 0.0, eigen = rate(gemm_engine::eigen);
-        const auto direct_time = rep.seconds(direct_name(s));
-        const double direct = direct_time ? flops / *direct_time * 1e-9 : 0.0;
+        const double blas = rate(bench_name(s, gemm_engine::blas)), eigen = rate(bench_name(s, gemm_engine::eigen)), direct = rate(direct_name(s));
         std::printf("%-26s %10.1f %10.1f %10.1f %11.2f %11.2f  %s  (%lldx%lldx%lld%s)\n", s.name, blas, direct, eigen,
                     direct > 0 ? blas / direct : 0.0, eigen > 0 ? blas / eigen : 0.0,
                     velora::cpu::engine_name(driver.engine_for(s.m, s.n, s.k)), static_cast<long long>(s.m),

@@ -189,15 +189,8 @@ TEST_CASE("host_buffer: grows only when needed, copies and moves") {
     CHECK(m[5] == 5.0f);
 }
 
-// The engines this build has: Eigen's product always, the BLAS when one is linked.
-std::vector<velora::cpu::gemm_engine> gemm_engines() {
-    std::vector<velora::cpu::gemm_engine> e{velora::cpu::gemm_engine::eigen};
-    if (velora::cpu::has_blas) e.push_back(velora::cpu::gemm_engine::blas);
-    return e;
-}
-
 TEST_CASE_TEMPLATE("eigen_backend::gemm matches the naive product for every engine, transpose, ld, alpha and beta", T, float, double) {
-  for (const auto engine : gemm_engines()) {
+  for (const auto engine : test::gemm_engines()) {
     const std::string engine_name = velora::cpu::engine_name(engine);
     CAPTURE(engine_name);
     velora::eigen_backend<T> b;
@@ -251,7 +244,7 @@ TEST_CASE("the GEMM engines never run more threads than the backend's") {
     const index_t m = 512, n = 384, k = 1024;   // large enough to be split across threads
     auto a = gaussian<float>(static_cast<std::size_t>(m * k), 1), bm = gaussian<float>(static_cast<std::size_t>(k * n), 2);
     std::vector<float> c(static_cast<std::size_t>(m * n));
-    for (const auto engine : gemm_engines()) {
+    for (const auto engine : test::gemm_engines()) {
         b.set_gemm_engine(engine);
         for (int op = 0; op < 4; ++op)
             b.gemm(op & 1 ? velora::op::transpose : velora::op::none, op & 2 ? velora::op::transpose : velora::op::none, 1.0f,
@@ -266,7 +259,7 @@ TEST_CASE("the GEMM engines never run more threads than the backend's") {
 TEST_CASE("eigen_backend::gemm: beta = 0 ignores NaN in C with every engine; shape errors name the operands") {
     velora::eigen_backend<float> b;
     std::vector<float> a{1, 2, 3, 4}, i{1, 0, 0, 1};
-    for (const auto engine : gemm_engines()) {
+    for (const auto engine : test::gemm_engines()) {
         b.set_gemm_engine(engine);
         std::vector<float> c(4, std::numeric_limits<float>::quiet_NaN());
         b.gemm(velora::op::none, velora::op::none, 1.0f, velora::make_view<const float>(a.data(), 2, 2),

@@ -60,16 +60,9 @@ std::vector<T> run_gemm(velora::cpu::gemm_engine engine, int threads, velora::op
 
 } // namespace
 
-// Every engine the build has: the BLAS (when linked) and Eigen's product.
-std::vector<velora::cpu::gemm_engine> engines() {
-    std::vector<velora::cpu::gemm_engine> e{velora::cpu::gemm_engine::eigen};
-    if (velora::cpu::has_blas) e.push_back(velora::cpu::gemm_engine::blas);
-    return e;
-}
-
 TEST_CASE_TEMPLATE("gemm gives the same bits at 1, 2, 3 and 4 threads, with every engine", T, float, double) {
     const index_t shapes[][3] = {{256, 256, 256}, {1024, 96, 700}, {137, 1000, 333}, {48, 4096, 64}, {500, 17, 2000}, {2000, 64, 300}, {64, 3000, 256}, {1024, 32, 4096}, {1024, 4096, 128}};
-    for (const auto engine : engines()) {
+    for (const auto engine : test::gemm_engines()) {
         const std::string engine_name = velora::cpu::engine_name(engine);
         CAPTURE(engine_name);
         for (const auto& s : shapes) {

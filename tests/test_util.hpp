@@ -1,5 +1,6 @@
 #pragma once
 // Helpers shared by the test programs.
+#include <velora/backend/cpu/gemm.hpp>
 #include <velora/core/rng.hpp>
 
 #include <cmath>
@@ -27,6 +28,13 @@ std::string invalid_argument_message(F&& f) {
         return e.what();
     }
     return "<no std::invalid_argument thrown>";
+}
+
+// The GEMM engines this build has: Eigen's product always, the BLAS when one is linked.
+inline std::vector<velora::cpu::gemm_engine> gemm_engines() {
+    std::vector<velora::cpu::gemm_engine> e{velora::cpu::gemm_engine::eigen};
+    if (velora::cpu::has_blas) e.push_back(velora::cpu::gemm_engine::blas);
+    return e;
 }
 
 } // namespace test

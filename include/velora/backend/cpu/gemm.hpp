@@ -113,13 +113,14 @@ public:
         engine_ = engine;
     }
 
-    /// The engine that runs an m×n×k product: the forced one, else the BLAS when the build has
+    /// The engine chosen for an m×n×k product: the forced one, else the BLAS when the build has
     /// one, else Eigen. (Measured per hot shape in bench_gemm: the BLAS was never slower than
     /// Eigen's product on any of them, so no shape class is sent to Eigen; docs/performance.md.)
-    [[nodiscard]] gemm_engine engine_for(index_t m, index_t n, index_t k) const noexcept {
+    /// run() still gives Eigen any product whose extents or leading dimensions do not fit
+    /// CBLAS's int.
+    [[nodiscard]] gemm_engine engine_for([[maybe_unused]] index_t m, [[maybe_unused]] index_t n, [[maybe_unused]] index_t k) const noexcept {
         if (engine_ != gemm_engine::automatic) return engine_;
-        if (!has_blas || !fits_blas_int(m, n, k)) return gemm_engine::eigen;
-        return gemm_engine::blas;
+        return has_blas ? gemm_engine::blas : gemm_engine::eigen;
     }
 
     template <class S>
