@@ -61,6 +61,23 @@ template <optimizer_backend B>
     return std::isfinite(f.scale) && all_finite(b, f.a) && all_finite(b, const_matrix_view<T>(f.v, 1, used, used));
 }
 
+/// What the optimizer needs of a weight gradient G (m×n), whatever form it is held in: its
+/// shape, ‖G‖_F², whether its inputs are finite (failure paths only), the two products with a
+/// block of row vectors, and a block of its rows (to expand G where it is needed densely).
+/// `dense_gradient` and `factored_gradient_op` are the library's; `mean_over_ranks` turns any
+/// of them into the mean of the ranks' gradients (data-parallel training, see
+/// docs/distributed.md). A host can implement its own (a sharded G, a custom collective).
+template <class G>
+concept gradient_operator = requires(const G& g, const_matrix_view<typename G::T> s, matrix_view<typename G::T> out, index_t first) {
+    { g.rows() } -> std::convertible_to<index_t>;
+    { g.cols() } -> std::convertible_to<index_t>;
+    { g.norm2() } -> std::same_as<double>;
+    { g.finite() } -> std::same_as<bool>;
+    g.times(s, out);           // out = S·G    (S: k×rows, out: k×cols)
+    g.times_t(s, out);         // out = X·Gᵀ   (X: k×cols, out: k×rows)
+    g.row_block(first, out);   // out = G[first : first + out.rows, :]
+};
+
 /// A dense gradient: a view of G.
 template <optimizer_backend B>
 class dense_gradient {
@@ -76,6 +93,9 @@ public:
     void times(const_matrix_view<T> s, matrix_view<T> out) const { b_->gemm(velora::op::none, velora::op::none, T(1), s, g_, T(0), out); }
     void times_t(const_matrix_view<T> x, matrix_view<T> out) const {
         b_->gemm(velora::op::none, velora::op::transpose, T(1), x, g_, T(0), out);
+    }
+    void row_block(index_t first, matrix_view<T> out) const {
+        for (index_t i = 0; i < out.rows; ++i) b_->copy(g_.row(first + i), out.row(i), g_.cols);
     }
     [[nodiscard]] const_matrix_view<T> view() const noexcept { return g_; }
 
@@ -123,6 +143,9 @@ public:
         auto tmp = scratch_view(x.rows);
         b_->project_subtokens(x, f_.v, f_.subtoken_size, tmp);
         b_->gemm(velora::op::none, velora::op::transpose, f_.scale, const_matrix_view<T>(tmp), f_.a, T(0), out);
+    }
+    void row_block(index_t first, matrix_view<T> out) const {
+        b_->expand_subtokens(f_.a.row_block(first, out.rows), f_.v, f_.subtoken_size, f_.scale, out);
     }
 
 private:

@@ -30,10 +30,12 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include <velora/compressor.hpp>
@@ -41,9 +43,11 @@
 #include <velora/core/error.hpp>
 #include <velora/core/rng.hpp>
 #include <velora/core/serialize.hpp>
+#include <velora/distributed/communicator.hpp>
 
 #include "backend.hpp"
 #include "gradient.hpp"
+#include "mean_over_ranks.hpp"
 #include "policies.hpp"
 #include "rsvd.hpp"
 #include "transport.hpp"
@@ -71,6 +75,9 @@ struct layer_info {
     std::size_t state_bytes = 0;                     ///< basis + moments held for this parameter
     double projected_norm2 = 0;                      ///< ‖Ĝ‖_F² of the last step
     subspace_report last_refresh{};                  ///< what the last subspace search did
+    /// Bytes this rank put into all-reduces for this parameter's last step (elements × sizeof(T),
+    /// including an all_reduce_mean before it); 0 in one process. Not saved with the state.
+    std::uint64_t communicated_bytes = 0;
 };
 
 template <optimizer_backend B>
@@ -161,6 +168,33 @@ public:
         return size() - 1;
     }
 
+    /// Registers a parameter as above on every rank of `comm` and checks, collectively, that every
+    /// rank registered the same one (shape, kind, side, index) with the same configuration: two
+    /// small collectives. A mismatch throws std::invalid_argument on every rank (instead of a
+    /// hang or silently different training later) and registers nothing anywhere; a rank whose
+    /// own registration threw rethrows its error.
+    template <velora::communicator C>
+    param_id add_parameter(index_t rows, index_t cols, param_kind kind, C& comm) {
+        std::exception_ptr error;
+        param_id id = -1;
+        try {
+            id = add_parameter(rows, cols, kind);
+        } catch (...) {
+            error = std::current_exception();
+        }
+        const std::uint64_t fingerprint = error ? 0 : registration_fingerprint(id);
+        if (velora::same_on_all_ranks(comm, fingerprint)) {
+            if (error) std::rethrow_exception(error);   // every rank failed the same way
+            return id;
+        }
+        if (error) std::rethrow_exception(error);
+        const bool low_rank = layers_.back().low_rank;
+        layers_.pop_back();
+        velora::detail::fail("adarank::low_rank_adamw::add_parameter", "parameter ", id, " (", rows, "x", cols, low_rank ? ", low-rank" : ", dense",
+                             ") is not registered the same way on every rank (this is rank ", comm.rank(), " of ", comm.size(),
+                             "): the shapes, kinds, registration order or optimizer configurations differ across ranks");
+    }
+
     /// One AdamW step of parameter `id` with a dense gradient (both rows×cols, backend memory).
     /// Returns ok; degenerate_input (an all-zero gradient where a new subspace was due: the old
     /// one is kept); non_finite_input (NaN/Inf in the gradient) or overflow (a finite gradient,
@@ -168,20 +202,56 @@ public:
     /// with nothing changed. Precondition for the overflow guarantee: the weights satisfy
     /// max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
     status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad) {
+        velora::single_process one;
+        return step(id, weight, grad, one);
+    }
+
+    /// Data-parallel: one step of parameter `id` with the mean over the ranks of `comm` of the
+    /// gradients they pass (each rank passes its own; every rank calls this in the same order).
+    /// A low-rank parameter all-reduces its projected gradient (rank×other values) and, when it
+    /// searches a new subspace, the sketch products and Ḡ's energy; a dense one all-reduces its
+    /// gradient (or reduce many at once with all_reduce_mean and step them without `comm`).
+    /// Every rank ends with the same bits and returns the same status. Throws
+    /// std::invalid_argument on every rank for the captured_energy refresh rule (it needs ‖Ḡ‖²
+    /// at every step, i.e. the full gradient all-reduced). See docs/distributed.md.
+    template <velora::communicator C>
+    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad, C& comm) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::check_shape(grad, l.rows, l.cols, fn, "grad");
-        if (!l.low_rank)
-            return step_dense(l, weight, grad, [&] { return all_finite(*b_, grad) ? status::overflow : status::non_finite_input; });
+        check_distributable(l, comm, fn);
         const dense_gradient<B> g(*b_, grad);
-        return step_low_rank(l, weight, g);
+        return step_with(l, weight, g, comm);
+    }
+
+    /// One step with a gradient in any form a gradient_operator describes (rows×cols); with a
+    /// communicator, the mean over the ranks as above. A dense parameter expands the operator
+    /// into a workspace (allocated on first use).
+    template <gradient_operator Op, velora::communicator C = velora::single_process>
+    status step(param_id id, matrix_view<T> weight, const Op& grad, C&& comm = C{}) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step";
+        layer& l = checked_layer(id, fn);
+        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
+                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        check_distributable(l, comm, fn);
+        return step_with(l, weight, grad, comm);
     }
 
     /// One step with a VeLoRA layer's gradient in factored form (velora::compressor::factored):
     /// a low-rank parameter never forms the rows×cols gradient; a dense one expands it into a
     /// workspace (allocated on first use). Statuses as for the dense gradient.
     status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad) {
+        velora::single_process one;
+        return step(id, weight, grad, one);
+    }
+
+    /// Data-parallel step with a factored gradient: the projection is formed locally from A and
+    /// v (which must be the same on every rank, see velora/distributed/shared_v.hpp) and reduced
+    /// as for a dense gradient.
+    template <velora::communicator C>
+    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad, C& comm) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
@@ -194,18 +264,76 @@ public:
         const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
         velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
                                 grad.subtoken_size, " cannot cover D = ", grad.features);
+        check_distributable(l, comm, fn);
         // Every column of A is read by some product (also those covering only padding), so a
-        // NaN anywhere in A is reported the same way on every kind of step.
-        if (!std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a)) return status::non_finite_input;
-        if (l.low_rank) {
-            const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
-            return step_low_rank(l, weight, g);
+        // NaN anywhere in A is reported the same way on every kind of step (and on every rank).
+        if (comm.any(!std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a))) return status::non_finite_input;
+        const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
+        return step_with(l, weight, g, comm);
+    }
+
+    /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by
+    /// its mean over the ranks of `comm`, in place, packing them into all-reduces of at most
+    /// `bucket_elements` values (one for a larger gradient): the data-parallel reduction for
+    /// parameters optimised densely, bucketed as DDP does, after which they are stepped without
+    /// a communicator. Every rank passes the same ids in the same order; a mismatch or an invalid
+    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced. The
+    /// bucket is allocated on first use.
+    template <velora::communicator C>
+    void all_reduce_mean(std::span<const param_id> ids, std::span<const matrix_view<T>> grads, C& comm, index_t bucket_elements = index_t{1} << 22) {
+        constexpr const char* fn = "adarank::low_rank_adamw::all_reduce_mean";
+        bool valid = ids.size() == grads.size() && bucket_elements > 0;
+        std::uint64_t fingerprint = 0x9e3779b97f4a7c15ULL ^ ids.size();
+        for (std::size_t i = 0; valid && i < ids.size(); ++i) {
+            const param_id id = ids[i];
+            valid = id >= 0 && id < size() && grads[i].data != nullptr && grads[i].rows == layers_[static_cast<std::size_t>(id)].rows &&
+                    grads[i].cols == layers_[static_cast<std::size_t>(id)].cols && grads[i].ld >= grads[i].cols;
+            fingerprint = velora::mix64(fingerprint ^ static_cast<std::uint64_t>(id));
         }
-        grow(dense_grad_, l.rows * l.cols);
-        matrix_view<T> dense{dense_grad_.data(), l.rows, l.cols, l.cols};
-        b_->expand_subtokens(grad.a, grad.v, grad.subtoken_size, grad.scale, dense);
-        // An expansion of finite inputs that overflowed is an overflow, not a non-finite input.
-        return step_dense(l, weight, dense, [&] { return all_finite(*b_, grad) ? status::overflow : status::non_finite_input; });
+        const bool consistent = velora::same_on_all_ranks(comm, valid ? fingerprint : 0);
+        velora::detail::require(valid && consistent, fn, valid ? "the parameters differ across ranks (ids or their order); this is rank "
+                                                              : "invalid arguments (ids and grads must have the same length, each id registered, each "
+                                                                "gradient of its parameter's shape, bucket_elements > 0); this is rank ",
+                                comm.rank(), " of ", comm.size());
+        const auto take = [&](matrix_view<T> part) {
+            comm.all_reduce_sum(std::span<T>(part.data, static_cast<std::size_t>(part.size())));
+            if (comm.size() > 1) b_->scale(part, T(1) / static_cast<T>(comm.size()));
+        };
+        index_t small = 0;   // the bucket is sized before anything is packed into it
+        for (const matrix_view<T>& g : grads)
+            if (g.size() < bucket_elements) small = std::min(bucket_elements, small + g.size());
+        grow(bucket_, small);
+        index_t used = 0;
+        std::size_t first = 0;   // grads[first..i) are packed in the bucket
+        const auto flush = [&](std::size_t end) {
+            if (used == 0) return;
+            take(view(bucket_, 1, used));
+            index_t at = 0;
+            for (std::size_t j = first; j < end; ++j) {
+                const matrix_view<T>& g = grads[j];
+                if (g.size() >= bucket_elements) continue;
+                for (index_t r = 0; r < g.rows; ++r) b_->copy(bucket_.data() + at + r * g.cols, g.row(r), g.cols);
+                at += g.size();
+            }
+            used = 0;
+        };
+        for (std::size_t i = 0; i < grads.size(); ++i) {
+            const matrix_view<T>& g = grads[i];
+            layers_[static_cast<std::size_t>(ids[i])].pending_bytes += static_cast<std::uint64_t>(g.size()) * sizeof(T);
+            if (g.size() >= bucket_elements) {   // alone, in place
+                if (g.ld == g.cols) take(g);
+                else for (index_t r = 0; r < g.rows; ++r) take(g.row_block(r, 1));
+                continue;
+            }
+            if (used + g.size() > bucket_elements) {
+                flush(i);
+                first = i;
+            }
+            if (used == 0) first = i;
+            for (index_t r = 0; r < g.rows; ++r) b_->copy(g.row(r), bucket_.data() + used + r * g.cols, g.cols);
+            used += g.size();
+        }
+        flush(grads.size());
     }
 
     /// Replaces the subspace of a low-rank parameter with `basis` (r×len, orthonormal rows within
@@ -258,6 +386,7 @@ public:
         i.state_bytes = state_bytes(l);
         i.projected_norm2 = l.projected_norm2;
         i.last_refresh = l.last;
+        i.communicated_bytes = l.communicated;
         return i;
     }
 
@@ -280,7 +409,7 @@ public:
     /// Bytes of workspace shared by all parameters (sized for the largest one).
     [[nodiscard]] std::size_t workspace_bytes() const noexcept {
         return (proj_.capacity() + m_next_.capacity() + v_next_.capacity() + basis_next_.capacity() + r_.capacity() + r2_.capacity() +
-                fused_scratch_.capacity() + dense_grad_.capacity()) *
+                fused_scratch_.capacity() + dense_grad_.capacity() + reduce_scratch_.capacity() + bucket_.capacity()) *
                    sizeof(T) +
                finder_.workspace_bytes();
     }
@@ -434,6 +563,9 @@ private:
         index_t len = 0, other = 0, r_cap = 0;
         std::uint64_t seed = 0;       // of this parameter's Gaussian stream
         buffer basis, m, v;
+        // Data-parallel bookkeeping (not state): bytes reduced by all_reduce_mean since the last
+        // step, and bytes of the last step (see layer_info::communicated_bytes).
+        std::uint64_t pending_bytes = 0, communicated = 0;
     };
 
     struct loaded_layer : progress, bounds {
@@ -643,6 +775,66 @@ private:
     }
 
     // ------------------------------------------------------------------ steps
+    // A step of `l` with gradient operator `local`: in one process directly; with P > 1 ranks
+    // through mean_over_ranks, so that every quantity the step reads is the ranks' mean.
+    template <class Local, class C>
+    status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm) {
+        if constexpr (std::is_same_v<std::remove_cvref_t<C>, velora::single_process>) {
+            l.communicated = 0;
+            l.pending_bytes = 0;
+            return l.low_rank ? step_low_rank(l, weight, local) : step_dense_of(l, weight, local);
+        } else {
+            std::uint64_t bytes = l.pending_bytes;
+            l.pending_bytes = 0;
+            const mean_over_ranks<B, Local, std::remove_cvref_t<C>> mean(*b_, local, comm, reduce_scratch_, bytes);
+            const status s = l.low_rank ? step_low_rank(l, weight, mean) : step_dense_of(l, weight, mean);
+            l.communicated = bytes;
+            return s;
+        }
+    }
+
+    // Dense AdamW with a gradient operator: a dense view is used as it is; any other form is
+    // expanded into the workspace first (a VeLoRA gradient, or the ranks' mean).
+    template <class Op>
+    status step_dense_of(layer& l, matrix_view<T> weight, const Op& grad) {
+        // An expansion of finite inputs that overflowed is an overflow, not a non-finite input.
+        const auto trouble = [&] { return grad.finite() ? status::overflow : status::non_finite_input; };
+        if constexpr (std::is_same_v<Op, dense_gradient<B>>) {
+            return step_dense(l, weight, grad.view(), trouble);
+        } else {
+            grow(dense_grad_, l.rows * l.cols);
+            const matrix_view<T> dense = view(dense_grad_, l.rows, l.cols);
+            grad.row_block(0, dense);
+            return step_dense(l, weight, dense, trouble);
+        }
+    }
+
+    // Data-parallel training reads only reduced quantities; the captured_energy rule would need
+    // ‖Ḡ‖² at every step, i.e. the full gradient reduced. Refused before anything happens (the
+    // same on every rank: the configuration is checked equal at registration).
+    template <class C>
+    void check_distributable(const layer& l, const C& comm, const char* fn) const {
+        velora::detail::require(comm.size() == 1 || !l.low_rank || !config_.refresh.needs_gradient_norm(), fn,
+                                "the refresh policy captured_energy needs the full gradient's norm at every step, which data-parallel training "
+                                "could only get by all-reducing the full gradient; use converged or every with ",
+                                comm.size(), " ranks");
+    }
+
+    // What every rank must agree on about parameter `id` (just registered): its index, shape,
+    // kind and side, and the configuration.
+    [[nodiscard]] std::uint64_t registration_fingerprint(param_id id) const {
+        const layer& l = layers_[static_cast<std::size_t>(id)];
+        velora::state_writer w("adarank.registration", 1);
+        put_config(w, config_);
+        w.put(static_cast<std::int64_t>(id));
+        w.put(static_cast<std::int64_t>(l.rows));
+        w.put(static_cast<std::int64_t>(l.cols));
+        w.put(static_cast<std::uint8_t>(l.low_rank));
+        w.put(static_cast<std::uint8_t>(l.side));
+        const std::vector<std::byte> blob = std::move(w).finish();
+        return velora::hash_bytes(blob) | 1;   // never 0, the value of a failed registration
+    }
+
     // Dense AdamW. `trouble()` tells, for a non-finite energy, a NaN/Inf in the caller's gradient
     // (non_finite_input) from finite values too large for the arithmetic (overflow).
     template <class Trouble>
@@ -1018,6 +1210,7 @@ private:
     // Workspace shared by all parameters, sized at registration for the largest.
     buffer proj_, m_next_, v_next_, basis_next_, r_, r2_;
     buffer fused_scratch_, dense_grad_;   // grown on first use
+    buffer reduce_scratch_, bucket_;      // data-parallel: the energy pass's row blocks, all_reduce_mean's bucket (first use)
 };
 
 /// A low-rank optimizer as a host drives it: register shapes, step one parameter at a time.

@@ -1,0 +1,51 @@
+#pragma once
+/// \file
+/// `share_first_batch_v`: the same VeLoRA projection vector v on every rank of a data-parallel
+/// run. The records, the factored gradients c·A·(I ⊗ vᵀ) and their projections are linear in
+/// each rank's data only when every rank projects onto the same v; with the default
+/// v_mode::first_batch_mean each rank would otherwise take the mean of its own first batch.
+/// This sets v to the normalised mean of the sub-tokens of the first batches of ALL ranks, i.e.
+/// what one process would compute from the global first batch (summed in T, rank by rank).
+///
+/// Call it on every rank, with that rank's first-batch input of the layer, before the first
+/// compress (or at any time, to replace v). Modes that change v at every batch (batch_mean,
+/// ema) have no shared v without a collective per compress and are refused; random(seed) and
+/// given are the same on every rank already.
+#include <span>
+#include <vector>
+
+#include "../compressor.hpp"
+#include "communicator.hpp"
+
+namespace velora {
+
+/// Returns status::ok; status::non_finite_input when the reduced sum is not finite, or
+/// status::degenerate_input when it is zero (nothing to normalise); both on every rank, v unchanged. Throws
+/// std::invalid_argument for a wrong width or a mode other than first_batch_mean or given.
+template <backend B, communicator C>
+status share_first_batch_v(B& backend, compressor<B>& comp, const_matrix_view<typename B::value_type> x, C& comm) {
+    using T = typename B::value_type;
+    constexpr const char* fn = "velora::share_first_batch_v";
+    check_view(x, fn, "x");
+    detail::require(x.cols == comp.features(), fn, "argument 'x' has ", x.cols, " columns but the compressor was built for D = ", comp.features());
+    const v_mode::kind mode = comp.config().v.type;
+    detail::require(mode == v_mode::kind::first_batch_mean || mode == v_mode::kind::given, fn,
+                    "the compressor's v mode is ", to_string(mode), "; a v shared by all ranks needs first_batch_mean or given");
+    const index_t s = comp.subtoken_size();
+    typename B::template buffer<T> sum;
+    sum.resize(static_cast<std::size_t>(s));
+    backend.sum_subtokens(x, s, sum.data());
+    comm.all_reduce_sum(std::span<T>(sum.data(), static_cast<std::size_t>(s)));
+    std::vector<T> host(static_cast<std::size_t>(s));
+    backend.copy_to_host(sum.data(), host.data(), s);
+    bool usable = false;
+    for (const T e : host) {
+        if (!std::isfinite(e)) return status::non_finite_input;
+        usable = usable || e != T(0);
+    }
+    if (!usable) return status::degenerate_input;
+    comp.set_v(std::span<const T>(host));   // normalises
+    return status::ok;
+}
+
+} // namespace velora
