@@ -780,7 +780,7 @@ private:
     template <class Local, class C>
     status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm) {
         if constexpr (std::is_same_v<std::remove_cvref_t<C>, velora::single_process>) {
-            l.communicated = 0;
+            l.communicated = l.pending_bytes;   // a gradient reduced by all_reduce_mean
             l.pending_bytes = 0;
             return l.low_rank ? step_low_rank(l, weight, local) : step_dense_of(l, weight, local);
         } else {

@@ -1,0 +1,428 @@
+// Data-parallel training over MPI (velora::mpi_communicator), run by CTest as
+// `mpirun -np 2 test_distributed` (label mpi; one OpenMP thread per rank). Two real ranks, each
+// with half of every batch, against one optimizer that sees the whole batch (computed on every
+// rank, in-process, as the reference):
+//   - low-rank (both sides, randomized and exact subspace searches, adaptive rank that changes,
+//     refreshes), factored VeLoRA gradients, and dense parameters (per step, and bucketed
+//     through all_reduce_mean) match the one-process run to 1e-6 (float) / 1e-12 (double)
+//     relative over 60 steps;
+//   - after every step the weights and the whole optimizer state are bit-identical on both ranks
+//     (hashes compared through the communicator);
+//   - a steady-state low-rank step communicates rank×other values, not rows×cols;
+//   - a NaN on one rank makes every rank return non_finite_input with nothing changed;
+//   - a checkpoint written by rank 0 and broadcast resumes bit-identically on every rank;
+//   - mismatched registrations (shape, order) throw on every rank instead of hanging;
+//   - share_first_batch_v gives every rank the v of the global first batch.
+// With one rank (mpirun -np 1 or a plain run) the same checks run against a 1-rank communicator.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <adarank/adarank.hpp>
+#include <velora/backend/eigen.hpp>
+#include <velora/compressor.hpp>
+#include <velora/distributed/mpi.hpp>
+#include <velora/distributed/shared_v.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "test_util.hpp"
+
+using velora::index_t;
+using velora::status;
+using adarank::param_kind;
+
+namespace {
+
+template <class T>
+using backend_t = velora::eigen_backend<T>;
+template <class T>
+using optimizer_t = adarank::low_rank_adamw<backend_t<T>>;
+
+velora::mpi_communicator& world() {
+    static velora::mpi_communicator comm(MPI_COMM_WORLD);
+    return comm;
+}
+
+template <class T>
+std::uint64_t hash_of(const std::vector<T>& v, std::uint64_t h = 0xcbf29ce484222325ULL) {
+    return velora::hash_bytes(std::as_bytes(std::span<const T>(v)), h);
+}
+
+// A least-squares layer: loss_i = ½‖W x_i − y_i‖² with y_i = W* x_i + noise, so the per-sample
+// gradient is r_i x_iᵀ (rank one) and a batch's gradient has a spectrum that changes from step to
+// step (the adaptive rank moves). `factored` keeps VeLoRA's form instead: A = mean r_i z_iᵀ with
+// z_i = K x_i (g sub-tokens of size s projected on v), G = A·K.
+template <class T>
+struct layer_problem {
+    index_t rows, cols, groups = 0, s = 0;   // groups > 0: factored
+    std::vector<T> w, target, v;
+    std::uint64_t seed;
+
+    layer_problem(index_t r, index_t c, std::uint64_t sd, index_t g = 0) : rows(r), cols(c), groups(g), seed(sd) {
+        w = test::data<T>(static_cast<std::size_t>(r * c), sd);
+        for (T& x : w) x = static_cast<T>(0.1 * x);
+        target = test::data<T>(static_cast<std::size_t>(r * c), sd + 1);
+        if (g > 0) {
+            s = c / g;
+            v = test::data<T>(static_cast<std::size_t>(s), sd + 2, 1.0);
+            double n = 0;
+            for (T x : v) n += double(x) * double(x);
+            for (T& x : v) x = static_cast<T>(x / std::sqrt(n));
+        }
+    }
+    [[nodiscard]] bool factored() const { return groups > 0; }
+
+    // Sample i of step t: x (cols) with a few dominant directions whose weights vary with t.
+    std::vector<double> sample(std::uint64_t t, index_t i) const {
+        std::vector<double> x(static_cast<std::size_t>(cols));
+        const auto base = seed * 1000003 + t * 131 + static_cast<std::uint64_t>(i);
+        for (index_t j = 0; j < cols; ++j) {
+            const double dominant = (j % 7 == static_cast<index_t>(t % 5)) ? 3.0 : 1.0;
+            x[static_cast<std::size_t>(j)] = dominant * velora::gaussian_at(base, static_cast<std::uint64_t>(j));
+        }
+        return x;
+    }
+
+    // The mean gradient over samples [first, first + count) of step t at the current weights:
+    // rows×cols (dense) or rows×groups (A of the factored form), in T.
+    std::vector<T> gradient(std::uint64_t t, index_t first, index_t count) const {
+        const index_t width = factored() ? groups : cols;
+        std::vector<double> g(static_cast<std::size_t>(rows * width), 0.0);
+        for (index_t i = first; i < first + count; ++i) {
+            const std::vector<double> x = sample(t, i);
+            std::vector<double> z(static_cast<std::size_t>(width));
+            if (factored()) {
+                for (index_t k = 0; k < groups; ++k) {
+                    double d = 0;
+                    for (index_t j = 0; j < s; ++j) d += double(v[static_cast<std::size_t>(j)]) * x[static_cast<std::size_t>(k * s + j)];
+                    z[static_cast<std::size_t>(k)] = d;
+                }
+            } else {
+                z = x;
+            }
+            for (index_t r = 0; r < rows; ++r) {
+                double res = 0;
+                for (index_t j = 0; j < cols; ++j)
+                    res += (double(w[static_cast<std::size_t>(r * cols + j)]) - double(target[static_cast<std::size_t>(r * cols + j)])) *
+                           x[static_cast<std::size_t>(j)];
+                for (index_t j = 0; j < width; ++j) g[static_cast<std::size_t>(r * width + j)] += res * z[static_cast<std::size_t>(j)] / double(count);
+            }
+        }
+        return {g.begin(), g.end()};
+    }
+
+    velora::matrix_view<T> weight() { return {w.data(), rows, cols, cols}; }
+};
+
+// The test model: four parameters covering every path.
+//   0: 64×96 low-rank, left side, randomized search (sketch 12 of 64)
+//   1: 96×64 low-rank, right side
+//   2: 48×96 low-rank with factored gradients (24 groups of 4)
+//   3: 1×96 dense, stepped with the communicator (one all-reduce)
+//   4: 16×16 dense, and 5: 1×16 dense, reduced together by all_reduce_mean, stepped without it
+template <class T>
+struct model {
+    std::vector<layer_problem<T>> layers;
+    std::vector<param_kind> kinds;
+    model() {
+        layers.emplace_back(64, 96, 11);
+        layers.emplace_back(96, 64, 12);
+        layers.emplace_back(48, 96, 13, 24);
+        layers.emplace_back(1, 96, 14);
+        layers.emplace_back(16, 16, 15);
+        layers.emplace_back(1, 16, 16);
+        kinds = {param_kind::low_rank, param_kind::low_rank, param_kind::low_rank, param_kind::dense, param_kind::dense, param_kind::dense};
+    }
+    [[nodiscard]] std::uint64_t weights_hash() const {
+        std::uint64_t h = 0xcbf29ce484222325ULL;
+        for (const auto& l : layers) h = hash_of(l.w, h);
+        return h;
+    }
+};
+
+adarank::optimizer_config test_config() {
+    adarank::optimizer_config c;
+    c.adam.lr = 1e-2;
+    c.rank = adarank::rank_policy::adaptive(0.3, 1, 8);
+    c.refresh = adarank::refresh_policy::converged(0.7, 3, 8);
+    c.rsvd.oversampling = 4;
+    return c;
+}
+
+constexpr index_t global_batch = 8;
+
+// One training step of `m` on samples [first, first + count) of step t. With `comm`, the
+// optimizer takes the mean over ranks; the reference passes comm = nullptr (one process).
+template <class T, class C>
+std::vector<status> train_step(model<T>& m, optimizer_t<T>& opt, std::uint64_t t, index_t first, index_t count, C* comm, int nan_rank = -1,
+                               std::size_t nan_layer = 0) {
+    std::vector<status> out;
+    std::vector<std::vector<T>> grads;
+    for (std::size_t p = 0; p < m.layers.size(); ++p) {
+        grads.push_back(m.layers[p].gradient(t, first, count));
+        if (comm && comm->rank() == nan_rank && p == nan_layer) grads.back()[3] = std::numeric_limits<T>::quiet_NaN();
+    }
+    // 4 and 5: bucketed mean first (one all-reduce for both), then plain steps.
+    if (comm) {
+        std::vector<index_t> ids{4, 5};
+        std::vector<velora::matrix_view<T>> views{{grads[4].data(), 16, 16, 16}, {grads[5].data(), 1, 16, 16}};
+        opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<T>>(views), *comm);
+    }
+    for (std::size_t p = 0; p < m.layers.size(); ++p) {
+        layer_problem<T>& l = m.layers[p];
+        const auto id = static_cast<index_t>(p);
+        if (l.factored()) {
+            velora::factored_gradient<T> f{{grads[p].data(), l.rows, l.groups, l.groups}, l.v.data(), l.s, l.cols, T(1)};
+            out.push_back(comm ? opt.step(id, l.weight(), f, *comm) : opt.step(id, l.weight(), f));
+        } else {
+            const velora::const_matrix_view<T> g{grads[p].data(), l.rows, l.cols, l.cols};
+            out.push_back(comm && p < 4 ? opt.step(id, l.weight(), g, *comm) : opt.step(id, l.weight(), g));
+        }
+    }
+    return out;
+}
+
+template <class T, class C>
+void register_all(model<T>& m, optimizer_t<T>& opt, C* comm) {
+    for (std::size_t p = 0; p < m.layers.size(); ++p) {
+        const auto& l = m.layers[p];
+        const index_t id = comm ? opt.add_parameter(l.rows, l.cols, m.kinds[p], *comm) : opt.add_parameter(l.rows, l.cols, m.kinds[p]);
+        REQUIRE(id == static_cast<index_t>(p));
+    }
+}
+
+template <class T>
+double max_relative_difference(const model<T>& a, const model<T>& b) {
+    double diff = 0, scale = 0;
+    for (std::size_t p = 0; p < a.layers.size(); ++p)
+        for (std::size_t i = 0; i < a.layers[p].w.size(); ++i) {
+            diff = std::max(diff, std::abs(double(a.layers[p].w[i]) - double(b.layers[p].w[i])));
+            scale = std::max(scale, std::abs(double(b.layers[p].w[i])));
+        }
+    return diff / scale;
+}
+
+// Every rank's share of the global batch.
+index_t share() { return global_batch / world().size(); }
+index_t first_sample() { return share() * world().rank(); }
+
+} // namespace
+
+TEST_CASE_TEMPLATE("two ranks with half the batch each equal one process with the whole batch, bit-identical across ranks", T, float, double) {
+    auto& comm = world();
+    REQUIRE(global_batch % comm.size() == 0);
+    backend_t<T> backend;
+    model<T> dp, ref;
+    optimizer_t<T> opt(backend, test_config()), ref_opt(backend, test_config());
+    register_all(dp, opt, &comm);
+    register_all(ref, ref_opt, static_cast<velora::mpi_communicator*>(nullptr));
+
+    const double tolerance = sizeof(T) == 4 ? 1e-6 : 1e-12;
+    std::set<index_t> ranks_seen;
+    std::uint64_t steady_checked = 0;
+    double worst = 0;
+    for (std::uint64_t t = 0; t < 60; ++t) {
+        std::vector<std::uint64_t> refreshes_before;
+        for (index_t p = 0; p < 3; ++p) refreshes_before.push_back(opt.info(p).refreshes);
+        const std::vector<status> got = train_step(dp, opt, t, first_sample(), share(), &comm);
+        const std::vector<status> want = train_step(ref, ref_opt, t, 0, global_batch, static_cast<velora::mpi_communicator*>(nullptr));
+        CHECK(got == want);
+        // Bit-identical across ranks: the weights and the whole state (bases, moments, counters).
+        const std::vector<std::byte> state = opt.save_state();
+        CHECK(velora::same_on_all_ranks(comm, dp.weights_hash()));
+        CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(state)));
+        worst = std::max(worst, max_relative_difference(dp, ref));
+        for (index_t p = 0; p < 3; ++p) {
+            const adarank::layer_info info = opt.info(p), ref_info = ref_opt.info(p);
+            CHECK(info.rank == ref_info.rank);
+            CHECK(info.refreshes == ref_info.refreshes);
+            ranks_seen.insert(info.rank);
+            // A steady-state step all-reduces the projected gradient only: rank × other values.
+            if (info.refreshes == refreshes_before[static_cast<std::size_t>(p)]) {
+                const index_t other = info.side == adarank::projection_side::left ? info.cols : info.rows;
+                CHECK(info.communicated_bytes == static_cast<std::uint64_t>(info.rank * other) * sizeof(T));
+                ++steady_checked;
+            } else {
+                CHECK(info.communicated_bytes > static_cast<std::uint64_t>(info.rank * std::max(info.rows, info.cols)) * sizeof(T));
+            }
+        }
+        CHECK(opt.info(3).communicated_bytes == 96 * sizeof(T));
+        CHECK(opt.info(4).communicated_bytes == 256 * sizeof(T));
+    }
+    MESSAGE("max relative weight difference to one process over 60 steps: ", worst, " (", comm.size(), " ranks)");
+    CHECK(worst <= tolerance);
+    CHECK(ranks_seen.size() >= 2);   // the adaptive rank changed
+    for (index_t p = 0; p < 3; ++p) CHECK(opt.info(p).refreshes >= 5);
+    CHECK(steady_checked > 60);
+}
+
+TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
+    auto& comm = world();
+    backend_t<double> backend;
+    model<double> dp, ref;
+    const auto config = adarank::optimizer_config::galore(6, 10);
+    adarank::low_rank_adamw<backend_t<double>> opt(backend, config), ref_opt(backend, config);
+    register_all(dp, opt, &comm);
+    register_all(ref, ref_opt, static_cast<velora::mpi_communicator*>(nullptr));
+    for (std::uint64_t t = 0; t < 30; ++t) {
+        CHECK(train_step(dp, opt, t, first_sample(), share(), &comm) == train_step(ref, ref_opt, t, 0, global_batch, static_cast<velora::mpi_communicator*>(nullptr)));
+        CHECK(velora::same_on_all_ranks(comm, dp.weights_hash()));
+    }
+    CHECK(max_relative_difference(dp, ref) <= 1e-12);
+    CHECK(opt.info(0).refreshes == 3);
+}
+
+TEST_CASE("a NaN on one rank makes every rank skip the step with the same status") {
+    auto& comm = world();
+    backend_t<float> backend;
+    for (std::size_t bad_layer : {std::size_t{0}, std::size_t{1}, std::size_t{2}, std::size_t{3}, std::size_t{4}}) {
+        CAPTURE(bad_layer);
+        model<float> m;
+        optimizer_t<float> opt(backend, test_config());
+        register_all(m, opt, &comm);
+        for (std::uint64_t t = 0; t < 12; ++t) (void)train_step(m, opt, t, first_sample(), share(), &comm);
+        const std::vector<std::byte> before = opt.save_state();
+        const auto weights = m.layers[bad_layer].w;
+        const std::vector<status> got = train_step(m, opt, 12, first_sample(), share(), &comm, comm.size() - 1, bad_layer);
+        CHECK(got[bad_layer] == status::non_finite_input);
+        for (std::size_t p = 0; p < got.size(); ++p)
+            if (p != bad_layer) CHECK(got[p] == status::ok);
+        CHECK(m.layers[bad_layer].w == weights);
+        // Nothing of the bad parameter changed; the others stepped as usual, the same everywhere.
+        CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(opt.save_state())));
+        CHECK(velora::same_on_all_ranks(comm, m.weights_hash()));
+        CHECK(opt.info(static_cast<index_t>(bad_layer)).steps == 12);
+        (void)before;
+    }
+}
+
+TEST_CASE("a checkpoint written by rank 0 resumes bit-identically on every rank") {
+    auto& comm = world();
+    backend_t<float> backend;
+    model<float> m;
+    optimizer_t<float> opt(backend, test_config());
+    register_all(m, opt, &comm);
+    for (std::uint64_t t = 0; t < 25; ++t) (void)train_step(m, opt, t, first_sample(), share(), &comm);
+    // Rank 0 writes the checkpoint (optimizer state and weights); every rank loads rank 0's bytes.
+    std::vector<std::byte> blob = comm.rank() == 0 ? opt.save_state() : std::vector<std::byte>{};
+    std::vector<std::vector<float>> weights;
+    for (const auto& l : m.layers) weights.push_back(l.w);
+    velora::broadcast_blob(comm, blob, 0);
+    for (auto& w : weights) comm.broadcast(std::as_writable_bytes(std::span<float>(w)), 0);
+
+    model<float> resumed;
+    for (std::size_t p = 0; p < weights.size(); ++p) resumed.layers[p].w = weights[p];
+    optimizer_t<float> opt2(backend, test_config());
+    register_all(resumed, opt2, &comm);
+    opt2.load_state(blob);
+    for (std::uint64_t t = 25; t < 45; ++t) {
+        CHECK(train_step(m, opt, t, first_sample(), share(), &comm) == train_step(resumed, opt2, t, first_sample(), share(), &comm));
+        CHECK(resumed.weights_hash() == m.weights_hash());
+        CHECK(velora::same_on_all_ranks(comm, resumed.weights_hash()));
+    }
+    CHECK(opt2.save_state() == opt.save_state());
+}
+
+TEST_CASE("registrations that differ across ranks throw on every rank instead of hanging") {
+    auto& comm = world();
+    backend_t<float> backend;
+    optimizer_t<float> opt(backend, test_config());
+    if (comm.size() == 1) {
+        CHECK(opt.add_parameter(64, 96, param_kind::low_rank, comm) == 0);
+        return;
+    }
+    // A different shape on the last rank.
+    const index_t cols = comm.rank() == comm.size() - 1 ? 97 : 96;
+    const std::string message = test::invalid_argument_message([&] { (void)opt.add_parameter(64, cols, param_kind::low_rank, comm); });
+    CHECK(message.find("adarank::low_rank_adamw::add_parameter") != std::string::npos);
+    CHECK(message.find("not registered the same way on every rank") != std::string::npos);
+    CHECK(opt.size() == 0);
+    // A different registration order: the first registration already differs.
+    const bool swapped = comm.rank() == 1;
+    const std::string order = test::invalid_argument_message([&] { (void)opt.add_parameter(swapped ? 96 : 64, swapped ? 64 : 96, param_kind::automatic, comm); });
+    CHECK(order.find("not registered the same way") != std::string::npos);
+    CHECK(opt.size() == 0);
+    // A different configuration.
+    adarank::optimizer_config other = test_config();
+    if (comm.rank() == 1) other.adam.lr = 2e-2;
+    optimizer_t<float> opt2(backend, other);
+    CHECK(test::invalid_argument_message([&] { (void)opt2.add_parameter(64, 96, param_kind::low_rank, comm); }).find("configurations differ") != std::string::npos);
+    // A shape invalid on one rank only: that rank reports its own error, the others the mismatch.
+    const index_t rows = comm.rank() == 0 ? 0 : 64;
+    const std::string bad = test::invalid_argument_message([&] { (void)opt.add_parameter(rows, 96, param_kind::low_rank, comm); });
+    CHECK(bad.find(comm.rank() == 0 ? "the shape must be positive" : "not registered the same way") != std::string::npos);
+    // Bucketed reductions whose parameter lists differ.
+    REQUIRE(opt.add_parameter(4, 4, param_kind::dense, comm) == 0);
+    REQUIRE(opt.add_parameter(1, 4, param_kind::dense, comm) == 1);
+    std::vector<float> g(16, 1.0f);
+    std::vector<index_t> ids{comm.rank() == 0 ? index_t{0} : index_t{1}};
+    std::vector<velora::matrix_view<float>> views{{g.data(), ids[0] == 0 ? 4 : 1, 4, 4}};
+    const std::string bucket = test::invalid_argument_message([&] { opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<float>>(views), comm); });
+    CHECK(bucket.find("differ across ranks") != std::string::npos);
+    CHECK(g == std::vector<float>(16, 1.0f));
+}
+
+TEST_CASE("the captured_energy refresh rule is refused with more than one rank") {
+    auto& comm = world();
+    backend_t<float> backend;
+    adarank::optimizer_config c = test_config();
+    c.refresh = adarank::refresh_policy::captured_energy(0.5, 3, 8);
+    optimizer_t<float> opt(backend, c);
+    model<float> m;
+    register_all(m, opt, &comm);
+    const auto g = m.layers[0].gradient(0, first_sample(), share());
+    const auto call = [&] { (void)opt.step(0, m.layers[0].weight(), velora::const_matrix_view<float>{g.data(), 64, 96, 96}, comm); };
+    if (comm.size() > 1) CHECK(test::invalid_argument_message(call).find("captured_energy") != std::string::npos);
+    else CHECK(test::invalid_argument_message(call) == "<no std::invalid_argument thrown>");
+    CHECK(opt.info(0).steps == (comm.size() > 1 ? 0u : 1u));
+}
+
+TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch") {
+    auto& comm = world();
+    using B = backend_t<float>;
+    B backend;
+    const index_t tokens = 16, features = 24;
+    const std::vector<float> x = test::data<float>(static_cast<std::size_t>(tokens * features), 99, 0.5);
+    velora::compressor_config cc;
+    cc.groups = 6;
+    // One process, whole batch: v from the first compress.
+    velora::compressor<B> whole(backend, features, cc);
+    (void)whole.compress(velora::const_matrix_view<float>{x.data(), tokens, features, features});
+    // Each rank: its share of the rows.
+    const index_t mine = tokens / comm.size();
+    velora::compressor<B> local(backend, features, cc);
+    REQUIRE(velora::share_first_batch_v(backend, local, velora::const_matrix_view<float>{x.data() + mine * comm.rank() * features, mine, features, features}, comm) ==
+            status::ok);
+    REQUIRE(local.initialised());
+    std::vector<float> v(local.v().begin(), local.v().end());
+    CHECK(velora::same_on_all_ranks(comm, hash_of(v)));
+    for (std::size_t j = 0; j < v.size(); ++j) CHECK(v[j] == doctest::Approx(whole.v()[j]).epsilon(1e-6));
+    // A mode whose v changes every batch cannot be shared.
+    cc.v = velora::v_mode::batch_mean();
+    velora::compressor<B> per_batch(backend, features, cc);
+    CHECK(test::invalid_argument_message([&] { (void)velora::share_first_batch_v(backend, per_batch, velora::const_matrix_view<float>{x.data(), mine, features, features}, comm); })
+              .find("first_batch_mean or given") != std::string::npos);
+}
+
+int main(int argc, char** argv) {
+    MPI_Init(&argc, &argv);
+    int result = 0;
+    {
+        doctest::Context context(argc, argv);
+        // Only rank 0 prints the summary; every rank reports its own failures.
+        if (world().rank() != 0) context.setOption("no-intro", true);
+        result = context.run();
+    }
+    // A rank whose checks failed makes the whole run fail, on every rank.
+    const bool failed = world().any(result != 0);
+    MPI_Finalize();
+    return failed ? 1 : 0;
+}
