@@ -1,6 +1,7 @@
 #pragma once
 /// \file
-/// How the CUDA backend reports failures of the CUDA runtime, cuBLAS and cuSOLVER.
+/// How the CUDA backend reports failures of the CUDA runtime, cuBLAS and cuSOLVER (and, through
+/// velora/cuda/nccl.hpp, of NCCL).
 ///
 /// Every failed call becomes a `cuda_status`: the library that failed, its numeric code, the
 /// code's name and the library's own error string, prefixed with the velora function that
@@ -23,7 +24,7 @@
 namespace velora::cuda {
 
 /// Which library a `cuda_status` comes from.
-enum class cuda_library { none, runtime, cublas, cusolver };
+enum class cuda_library { none, runtime, cublas, cusolver, nccl };
 
 constexpr std::string_view to_string(cuda_library l) noexcept {
     switch (l) {
@@ -31,6 +32,7 @@ constexpr std::string_view to_string(cuda_library l) noexcept {
     case cuda_library::runtime: return "CUDA runtime";
     case cuda_library::cublas: return "cuBLAS";
     case cuda_library::cusolver: return "cuSOLVER";
+    case cuda_library::nccl: return "NCCL";
     }
     return "unknown";
 }
@@ -38,7 +40,7 @@ constexpr std::string_view to_string(cuda_library l) noexcept {
 /// The outcome of a CUDA-side operation: ok, or which library failed with which code and why.
 struct cuda_status {
     cuda_library library = cuda_library::none;
-    int code = 0;              ///< cudaError_t, cublasStatus_t or cusolverStatus_t
+    int code = 0;              ///< cudaError_t, cublasStatus_t, cusolverStatus_t or ncclResult_t
     std::string message;       ///< "<velora function>: <call> failed: <name> (<library's error string>)"
 
     [[nodiscard]] bool ok() const noexcept { return library == cuda_library::none; }
