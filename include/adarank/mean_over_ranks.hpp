@@ -53,7 +53,9 @@ public:
     }
 
     /// ‖Ḡ‖_F², the same double on every rank: Ḡ's rows are reduced in blocks and summed in order.
+    /// With one rank, the local operator's own (so a 1-rank run is bit-identical to one process).
     [[nodiscard]] double norm2() const {
+        if (comm_->size() == 1) return local_->norm2();
         const index_t n = cols();
         const index_t block = std::clamp<index_t>((index_t{1} << 20) / std::max<index_t>(n, 1), 1, rows());
         if (scratch_->size() < static_cast<std::size_t>(block * n)) scratch_->resize(static_cast<std::size_t>(block * n));
