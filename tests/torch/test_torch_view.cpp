@@ -1,10 +1,7 @@
 // velora::torch::view_of / mutable_view_of / matrix_input: which tensors become which matrix
 // views, what is copied and when, and the errors for tensors that cannot be read.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
-#include <doctest/doctest.h>
-
-#include <torch/torch.h>
-#include <velora/torch/view.hpp>
+#include "torch_doctest.hpp"
 
 #include <string>
 

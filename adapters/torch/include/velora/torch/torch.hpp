@@ -1,0 +1,10 @@
+#pragma once
+/// \file
+/// The libtorch adapter (target velora::torch, docs/torch.md): view_of and matrix_input
+/// (tensors as matrix views), VeloraLinear (a linear layer that keeps a VeLoRA record of its
+/// input), AdaRankGradAdamW (the low-rank optimizer as a torch::optim::Optimizer).
+#include "backend.hpp"
+#include "factored.hpp"
+#include "linear.hpp"
+#include "optimizer.hpp"
+#include "view.hpp"

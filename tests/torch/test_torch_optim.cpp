@@ -1,0 +1,392 @@
+// velora::torch::AdaRankGradAdamW: param groups and their options, dense AdamW against a reference,
+// low-rank and >2-D parameters, save/load through torch archives (bit-identical resume), LR
+// schedulers, version counters, the whole-step finiteness check, thread counts, and errors.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include "torch_doctest.hpp"
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../test_util.hpp"
+
+using test::invalid_argument_message;
+using velora::torch::AdaRankGradAdamW;
+using velora::torch::AdaRankGradAdamWOptions;
+using OptionsT = AdaRankGradAdamWOptions;
+
+namespace {
+
+bool contains(const std::string& s, const std::string& part) {
+    if (s.find(part) != std::string::npos) return true;
+    MESSAGE("'" << part << "' not found in: " << s);
+    return false;
+}
+
+// Restores libtorch's intra-op thread count at the end of a test that changes it.
+struct thread_count_guard {
+    int saved = at::get_num_threads();
+    ~thread_count_guard() { at::set_num_threads(saved); }
+};
+
+at::Tensor param(std::vector<std::int64_t> sizes, std::uint64_t seed, c10::ScalarType dtype = at::kFloat) {
+    at::manual_seed(seed);
+    return torch::randn(sizes, torch::TensorOptions().dtype(dtype)).mul_(0.5).requires_grad_(true);
+}
+
+// A gradient for step `t` of parameter `p`: deterministic, different at every step and with
+// a low-rank structure plus noise (so that adaptive ranks and refreshes have something to find).
+at::Tensor gradient_for(const at::Tensor& p, int t, std::uint64_t salt) {
+    at::manual_seed(1000 * salt + static_cast<std::uint64_t>(t));
+    const auto opts = torch::TensorOptions().dtype(p.scalar_type());
+    if (p.dim() >= 2 && p.numel() > 0) {
+        const std::int64_t rows = p.size(0), cols = p.numel() / p.size(0);
+        const at::Tensor u = torch::randn({rows, 3}, opts), v = torch::randn({3, cols}, opts);
+        return (u.mm(v) + 0.1 * torch::randn({rows, cols}, opts)).reshape(p.sizes());
+    }
+    return torch::randn(p.sizes(), opts);
+}
+
+void set_gradients(const std::vector<at::Tensor>& params, int t) {
+    for (std::size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = gradient_for(params[i], t, i + 1);
+}
+
+bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.equal(b); }
+
+std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ps) {
+    std::vector<at::Tensor> out;
+    for (const auto& p : ps) out.push_back(p.detach().clone().requires_grad_(true));
+    return out;
+}
+
+// The library's dense AdamW (its GaLore convention), one step in double:
+// W = (1 − lr·wd)·(W − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)).
+struct reference_adamw {
+    at::Tensor m, v;
+    int t = 0;
+    void step(at::Tensor& w, const at::Tensor& g, double lr, double b1, double b2, double eps, double wd) {
+        if (!m.defined()) {
+            m = torch::zeros_like(w);
+            v = torch::zeros_like(w);
+        }
+        ++t;
+        m = b1 * m + (1 - b1) * g;
+        v = b2 * v + (1 - b2) * g * g;
+        const double step = lr * std::sqrt(1 - std::pow(b2, t)) / (1 - std::pow(b1, t));
+        w = (1 - lr * wd) * (w - step * m / (v.sqrt() + eps));
+    }
+};
+
+double max_relative(const at::Tensor& a, const at::Tensor& b) {
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item<double>();
+}
+
+} // namespace
+
+TEST_CASE("dense parameters follow the library's AdamW per group (lr, betas, eps, weight decay)") {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> a{param({6, 5}, 1, at::kDouble), param({7}, 2, at::kDouble)};
+    std::vector<at::Tensor> b{param({4, 3}, 3, at::kDouble)};
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(a, std::make_unique<OptionsT>(OptionsT(2e-2).betas({0.8, 0.99}).eps(1e-7).weight_decay(0.1).kind(adarank::param_kind::dense)));
+    groups.emplace_back(b, std::make_unique<OptionsT>(OptionsT(5e-3).weight_decay(0.0).kind(adarank::param_kind::dense)));
+    AdaRankGradAdamW opt(groups);
+    std::vector<at::Tensor> ref_w;
+    for (const auto& p : a) ref_w.push_back(p.detach().clone());
+    for (const auto& p : b) ref_w.push_back(p.detach().clone());
+    std::vector<reference_adamw> ref(3);
+    for (int t = 1; t <= 30; ++t) {
+        set_gradients(a, t);
+        b[0].mutable_grad() = gradient_for(b[0], t, 9);
+        const auto report = opt.step_checked();
+        REQUIRE(report.status == velora::status::ok);
+        CHECK(report.stepped == 3);
+        ref[0].step(ref_w[0], a[0].grad(), 2e-2, 0.8, 0.99, 1e-7, 0.1);
+        ref[1].step(ref_w[1], a[1].grad(), 2e-2, 0.8, 0.99, 1e-7, 0.1);
+        ref[2].step(ref_w[2], b[0].grad(), 5e-3, 0.9, 0.999, 1e-6, 0.0);
+    }
+    CHECK(max_relative(a[0], ref_w[0]) < 1e-12);
+    CHECK(max_relative(a[1], ref_w[1]) < 1e-12);
+    CHECK(max_relative(b[0], ref_w[2]) < 1e-12);
+    CHECK_FALSE(opt.info(a[0]).low_rank);
+    CHECK(opt.info(a[0]).steps == 30);
+}
+
+TEST_CASE("2-D parameters go low-rank; state keyed by the parameter tensor") {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> ps{param({64, 48}, 1), param({48}, 2), param({16, 4, 3, 3}, 3), param({}, 4), param({0, 5}, 5)};
+    AdaRankGradAdamW opt(ps, OptionsT(1e-3).rank(adarank::rank_policy::adaptive(0.2, 1, 8)).refresh(adarank::refresh_policy::every(5)));
+    for (int t = 1; t <= 12; ++t) {
+        set_gradients(ps, t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    const auto w = opt.info(ps[0]);
+    CHECK(w.low_rank);
+    CHECK(w.rows == 64);
+    CHECK(w.cols == 48);
+    CHECK(w.rank >= 1);
+    CHECK(w.rank <= 8);
+    CHECK(w.refreshes == 3);   // steps 1, 6, 11
+    CHECK_FALSE(opt.info(ps[1]).low_rank);   // a vector is dense
+    const auto k = opt.info(ps[2]);           // [16, 4, 3, 3] flattened to 16 x 36
+    CHECK(k.rows == 16);
+    CHECK(k.cols == 36);
+    CHECK(k.low_rank);
+    CHECK(opt.info(ps[3]).rows == 1);          // 0-D: 1 x 1
+    CHECK(opt.info(ps[4]).steps == 0);         // empty: nothing to optimise
+    CHECK(opt.state_bytes() < opt.adamw_state_bytes());
+    // torch's state(): one entry per parameter, keyed by its TensorImpl
+    CHECK(opt.state().size() == ps.size());
+    const auto& entry = opt.state().at(c10::guts::to_string(ps[2].unsafeGetTensorImpl()));
+    const auto& s = static_cast<const velora::torch::AdaRankGradAdamWParamState&>(*entry);
+    CHECK(s.index() == 2);
+    CHECK(s.rows() == 16);
+    CHECK(s.cols() == 36);
+    CHECK(s.low_rank());
+    CHECK(contains(invalid_argument_message([&] { (void)opt.info(torch::zeros({2})); }), "is not a registered parameter"));
+}
+
+TEST_CASE(">2-D parameters: flattened (low-rank eligible) or dense, per group") {
+    torch::NoGradGuard no_grad;
+    const at::Tensor a = param({8, 4, 3, 3}, 1), b = param({8, 4, 3, 3}, 1);
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{a}, std::make_unique<OptionsT>(OptionsT().rank(adarank::rank_policy::fixed(2))));
+    groups.emplace_back(std::vector<at::Tensor>{b},
+                        std::make_unique<OptionsT>(OptionsT().rank(adarank::rank_policy::fixed(2)).nd(velora::torch::higher_dims::dense)));
+    AdaRankGradAdamW opt(groups);
+    for (int t = 1; t <= 3; ++t) {
+        a.mutable_grad() = gradient_for(a, t, 1);
+        b.mutable_grad() = gradient_for(b, t, 1);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    CHECK(opt.info(a).low_rank);
+    CHECK(opt.info(a).rank == 2);
+    CHECK_FALSE(opt.info(b).low_rank);
+    CHECK_FALSE(bitwise_equal(a, b));
+}
+
+TEST_CASE("a parameter whose memory is not a row-major matrix is stepped through a copy, same bits") {
+    torch::NoGradGuard no_grad;
+    const at::Tensor base = param({5, 6}, 1);
+    const at::Tensor strided = base.detach().t().contiguous().t().requires_grad_(true);   // [5, 6] with strides [1, 5]
+    REQUIRE(strided.stride(0) == 1);
+    const at::Tensor plain = base.detach().clone().requires_grad_(true);
+    AdaRankGradAdamW o1({strided}, OptionsT().kind(adarank::param_kind::dense));
+    AdaRankGradAdamW o2({plain}, OptionsT().kind(adarank::param_kind::dense));
+    for (int t = 1; t <= 4; ++t) {
+        const at::Tensor g = gradient_for(plain, t, 3);
+        strided.mutable_grad() = g.clone();
+        plain.mutable_grad() = g.clone();
+        const auto v = strided._version();
+        REQUIRE(o1.step_checked().status == velora::status::ok);
+        REQUIRE(o2.step_checked().status == velora::status::ok);
+        CHECK(strided._version() > v);
+    }
+    CHECK(bitwise_equal(strided.contiguous(), plain));
+    CHECK(strided.stride(0) == 1);   // still the caller's tensor
+}
+
+TEST_CASE("save and load through torch archives: the resumed run is bit-identical, at another thread count") {
+    thread_count_guard threads;
+    at::set_num_threads(2);
+    torch::NoGradGuard no_grad;
+    const auto options = OptionsT(3e-3).rank(adarank::rank_policy::adaptive(0.3, 1, 6)).refresh(adarank::refresh_policy::converged(0.6, 2, 5)).weight_decay(0.01);
+    std::vector<at::Tensor> a{param({40, 24}, 1), param({24}, 2), param({6, 3, 2, 2}, 3)};
+    std::vector<at::Tensor> b{param({16, 30}, 4, at::kDouble)};
+    const auto make = [&](std::vector<at::Tensor> ga, std::vector<at::Tensor> gb) {
+        std::vector<torch::optim::OptimizerParamGroup> groups;
+        groups.emplace_back(std::move(ga), std::make_unique<OptionsT>(options));
+        groups.emplace_back(std::move(gb), std::make_unique<OptionsT>(OptionsT(options).lr(1e-2).scale(0.5)));
+        return std::make_unique<AdaRankGradAdamW>(groups);
+    };
+    auto opt = make(a, b);
+    std::vector<at::Tensor> all = a;
+    all.push_back(b[0]);
+    torch::optim::StepLR schedule(*opt, 4, 0.5);
+    for (int t = 1; t <= 9; ++t) {
+        set_gradients(all, t);
+        REQUIRE(opt->step_checked().status == velora::status::ok);
+        schedule.step();
+    }
+    std::stringstream saved_opt;
+    torch::save(*opt, saved_opt);
+    const std::vector<at::Tensor> snapshot = clones(all);
+    for (int t = 10; t <= 20; ++t) {
+        set_gradients(all, t);
+        REQUIRE(opt->step_checked().status == velora::status::ok);
+    }
+    CHECK(opt->info(a[0]).refreshes >= 3);
+
+    // Resume: fresh tensors holding the snapshot, a fresh optimizer, one intra-op thread.
+    at::set_num_threads(1);
+    std::vector<at::Tensor> resumed = clones(snapshot);
+    auto opt2 = make({resumed[0], resumed[1], resumed[2]}, {resumed[3]});
+    torch::load(*opt2, saved_opt);
+    CHECK(opt2->param_groups()[0].options().get_lr() == doctest::Approx(3e-3 * 0.25));   // the scheduler's lr came back
+    for (int t = 10; t <= 20; ++t) {
+        set_gradients(resumed, t);
+        REQUIRE(opt2->step_checked().status == velora::status::ok);
+    }
+    for (std::size_t i = 0; i < all.size(); ++i) CHECK(bitwise_equal(all[i], resumed[i]));
+    CHECK(opt2->info(resumed[0]).refreshes == opt->info(a[0]).refreshes);
+
+    // An archive that does not fit changes nothing and says why.
+    std::vector<at::Tensor> other{param({40, 25}, 1), param({24}, 2), param({6, 3, 2, 2}, 3)};
+    auto opt3 = make(other, {param({16, 30}, 4, at::kDouble)});
+    saved_opt.seekg(0);
+    const std::string msg = invalid_argument_message([&] { torch::load(*opt3, saved_opt); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::load: param group 0 parameter 0 was saved with shape [40, 24]"));
+    CHECK(contains(msg, "shape [40, 25]"));
+    // Neither does another optimizer's archive.
+    std::vector<at::Tensor> q{param({3, 3}, 1)};
+    torch::optim::AdamW adamw(q);
+    std::stringstream foreign;
+    torch::save(adamw, foreign);
+    AdaRankGradAdamW opt5(clones(q));
+    CHECK(contains(invalid_argument_message([&] { torch::load(opt5, foreign); }), "the archive has no integer 'velora/format'"));
+}
+
+TEST_CASE("LR schedulers drive the group learning rates") {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> p1{param({12, 10}, 1)}, p2 = clones(p1), p3 = clones(p1);
+    AdaRankGradAdamW o1(p1, OptionsT(1e-2).kind(adarank::param_kind::dense));
+    AdaRankGradAdamW o2(p2, OptionsT(1e-2).kind(adarank::param_kind::dense));
+    AdaRankGradAdamW o3(p3, OptionsT(1e-2).kind(adarank::param_kind::dense));
+    torch::optim::StepLR schedule(o1, 3, 0.1);
+    for (int t = 1; t <= 8; ++t) {
+        const at::Tensor g = gradient_for(p1[0], t, 1);
+        p1[0].mutable_grad() = g.clone();
+        p2[0].mutable_grad() = g.clone();
+        p3[0].mutable_grad() = g.clone();
+        (void)o1.step();
+        (void)o2.step();
+        (void)o3.step();
+        schedule.step();
+        o2.param_groups()[0].options().set_lr(1e-2 * std::pow(0.1, (t - 1) / 3));   // libtorch's StepLR: decays at its 4th, 7th, ... step() (its constructor does not step)
+    }
+    CHECK(o1.param_groups()[0].options().get_lr() == doctest::Approx(1e-4));
+    CHECK(bitwise_equal(p1[0], p2[0]));
+    CHECK_FALSE(bitwise_equal(p1[0], p3[0]));   // a constant lr gives other weights
+}
+
+TEST_CASE("version counters are bumped; autograd refuses a backward that saved the old weight") {
+    at::Tensor w = param({6, 4}, 1);
+    AdaRankGradAdamW opt({w}, OptionsT().kind(adarank::param_kind::dense));
+    at::Tensor loss = (w * w).sum();   // saves w for the backward pass
+    w.mutable_grad() = torch::ones_like(w);
+    const auto before = w._version();
+    (void)opt.step();
+    CHECK(w._version() == before + 1);
+    CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains("modified by an inplace operation"), c10::Error);
+}
+
+TEST_CASE("whole-step finiteness check: every gradient is checked, then the whole step is skipped") {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> ps{param({20, 16}, 1), param({16}, 2), param({5, 5}, 3, at::kDouble)};
+    std::vector<at::Tensor> twin = clones(ps);   // the same run without the non-finite step
+    const auto options = OptionsT().rank(adarank::rank_policy::fixed(4));
+    AdaRankGradAdamW opt(ps, options), ref(twin, options);
+    set_gradients(ps, 1);
+    set_gradients(twin, 1);
+    REQUIRE(opt.step_checked().status == velora::status::ok);
+    REQUIRE(ref.step_checked().status == velora::status::ok);
+    const auto weights = clones(ps);
+    set_gradients(ps, 2);
+    ps[1].mutable_grad()[3] = std::numeric_limits<float>::quiet_NaN();
+    ps[2].mutable_grad()[1][1] = std::numeric_limits<double>::infinity();
+    const auto version = ps[0]._version();
+    const auto report = opt.step_checked();
+    CHECK(report.status == velora::status::non_finite_input);
+    CHECK(report.skipped);
+    CHECK(report.stepped == 0);
+    REQUIRE(report.events.size() == 2);   // both offenders, not just the first
+    CHECK(report.events[0].index == 1);
+    CHECK(report.events[1].index == 2);
+    CHECK(opt.skipped_steps() == 1);
+    for (std::size_t i = 0; i < ps.size(); ++i) CHECK(bitwise_equal(ps[i], weights[i]));   // the finite parameter too
+    CHECK(ps[0]._version() == version);
+    // Nothing of the optimizer's state moved either: the next steps match a run that never saw it.
+    for (int t = 3; t <= 5; ++t) {
+        set_gradients(ps, t);
+        set_gradients(twin, t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+        REQUIRE(ref.step_checked().status == velora::status::ok);
+    }
+    for (std::size_t i = 0; i < ps.size(); ++i) CHECK(bitwise_equal(ps[i], twin[i]));
+    CHECK(opt.info(ps[0]).steps == 4);
+}
+
+TEST_CASE("options: validated per group, only lr may change after the first step") {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::optim::OptimizerParamGroup> bad;
+    bad.emplace_back(std::vector<at::Tensor>{param({3, 3}, 1)}, std::make_unique<OptionsT>(OptionsT()));
+    bad.emplace_back(std::vector<at::Tensor>{param({3, 3}, 2)}, std::make_unique<OptionsT>(OptionsT().betas({1.5, 0.999})));
+    std::string msg = invalid_argument_message([&] { AdaRankGradAdamW o(bad); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::AdaRankGradAdamW: param group 1:"));
+    CHECK(contains(msg, "config.adam.beta1 must be in [0, 1), got 1.5"));
+
+    const at::Tensor w = param({6, 6}, 1);
+    AdaRankGradAdamW opt({w}, OptionsT(1e-3).kind(adarank::param_kind::dense));
+    w.mutable_grad() = torch::ones_like(w);
+    (void)opt.step();
+    opt.param_groups()[0].options().set_lr(5e-4);   // fine
+    (void)opt.step();
+    CHECK(opt.info(w).steps == 2);
+    static_cast<OptionsT&>(opt.param_groups()[0].options()).weight_decay(0.1);
+    msg = invalid_argument_message([&] { (void)opt.step(); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 0: option weight_decay changed after the group's first step"));
+    static_cast<OptionsT&>(opt.param_groups()[0].options()).weight_decay(0.0).lr(-1);
+    CHECK(contains(invalid_argument_message([&] { (void)opt.step(); }), "param group 0 has lr = -1; it must be finite and >= 0"));
+    CHECK(opt.info(w).steps == 2);   // nothing happened
+}
+
+TEST_CASE("bad parameters and gradients: clear errors, nothing changed") {
+    torch::NoGradGuard no_grad;
+    const at::Tensor i = torch::zeros({3, 3}, torch::kInt);
+    AdaRankGradAdamW o1({i});
+    std::string msg = invalid_argument_message([&] { (void)o1.step(); });
+    CHECK(contains(msg, "param group 0 parameter 0 (shape [3, 3], dtype Int, strides [3, 1], device cpu) must be float32 or float64"));
+    const at::Tensor h = torch::zeros({3, 3}, torch::kHalf);
+    AdaRankGradAdamW o2({h});
+    CHECK(contains(invalid_argument_message([&] { (void)o2.step(); }), "dtype Half"));
+    const at::Tensor meta = torch::empty({3, 3}, torch::TensorOptions().device(torch::kMeta));
+    AdaRankGradAdamW o3({meta});
+    CHECK(contains(invalid_argument_message([&] { (void)o3.step(); }), "device meta) must be a dense CPU tensor"));
+
+    const at::Tensor w = param({4, 5}, 1);
+    AdaRankGradAdamW o4({w});
+    w.mutable_grad() = torch::ones({5, 4});
+    msg = invalid_argument_message([&] { (void)o4.step(); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 0 parameter 0: its gradient (shape [5, 4]"));
+    CHECK(contains(msg, "does not have the parameter's shape [4, 5]"));
+    w.mutable_grad() = torch::ones({4, 5}, torch::kInt);
+    CHECK(contains(invalid_argument_message([&] { (void)o4.step(); }), "param group 0 parameter 0 gradient' (shape [4, 5], dtype Int"));
+    // A gradient with stride-0 rows (e.g. from expand) is read through a copy.
+    w.mutable_grad() = torch::ones({1, 5}).expand({4, 5});
+    CHECK(o4.step_checked().status == velora::status::ok);
+
+    // A replaced parameter.
+    AdaRankGradAdamW o5({param({3, 3}, 1)});
+    o5.param_groups()[0].params()[0].mutable_grad() = torch::ones({3, 3});
+    (void)o5.step();
+    o5.param_groups()[0].params()[0] = param({3, 3}, 2);
+    CHECK(contains(invalid_argument_message([&] { (void)o5.step(); }), "is not the tensor registered at the group's first step"));
+}
+
+TEST_CASE("threads: each step uses at::get_num_threads() of the calling thread; the bits do not depend on it") {
+    thread_count_guard threads;
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> p1{param({96, 80}, 1)}, p2 = clones(p1);
+    const auto options = OptionsT().rank(adarank::rank_policy::adaptive(0.2, 1, 16)).refresh(adarank::refresh_policy::every(3));
+    AdaRankGradAdamW o1(p1, options), o2(p2, options);
+    for (int t = 1; t <= 7; ++t) {
+        set_gradients(p1, t);
+        set_gradients(p2, t);
+        at::set_num_threads(1 + t % 2);
+        (void)o1.step();
+        at::set_num_threads(2 - t % 2);
+        (void)o2.step();
+    }
+    CHECK(bitwise_equal(p1[0], p2[0]));
+}
