@@ -1,5 +1,5 @@
-# Runs EXE when it was built (the CUDA and MPI consumers exist only when velora::cuda or
-# velora::mpi was installed).
+# Runs EXE when it was built (the CUDA, MPI and torch consumers exist only when velora::cuda,
+# velora::mpi or velora::torch was installed).
 if(EXISTS ${EXE})
   execute_process(COMMAND ${EXE} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
