@@ -1164,7 +1164,7 @@ struct state_fields {
         double rep_energy = 0, rep_captured = 0;
         std::vector<T> basis, m, v;
     };
-    static constexpr std::size_t config_bytes = 133;   // put_config: 9 doubles, 6 int64, 2 int32, 5 bytes, 1 uint64
+    static constexpr std::size_t config_bytes = 134;   // put_config: 9 doubles, 6 int64, 2 int32, 6 bytes, 1 uint64
 
     std::uint8_t width = 0;
     std::vector<std::byte> config;
@@ -1205,10 +1205,14 @@ struct state_fields {
         r.expect_end();
     }
 
-    [[nodiscard]] std::vector<std::byte> seal() const {
-        velora::state_writer w(optimizer_t<T>::state_kind, optimizer_t<T>::state_version);
+    // Version 1 is the same layout without the configuration's Adam convention byte (after the
+    // five Adam doubles).
+    static constexpr std::size_t convention_offset = 5 * 8;
+    [[nodiscard]] std::vector<std::byte> seal(std::uint32_t version = optimizer_t<T>::state_version) const {
+        velora::state_writer w(optimizer_t<T>::state_kind, version);
         w.put(width);
-        for (std::byte b : config) w.put(b);
+        for (std::size_t i = 0; i < config.size(); ++i)
+            if (version >= 2 || i != convention_offset) w.put(config[i]);
         w.put(lr);
         w.put(static_cast<std::uint64_t>(layers.size()));
         for (const layer& l : layers) {
@@ -1729,4 +1733,75 @@ TEST_CASE("when the overflow certificate is inconclusive the exact path commits 
         CHECK(v.allFinite());
         CHECK(v.minCoeff() >= 0.99 * 2e38 * 0.999);   // β₂·2e38 plus a small (1−β₂)Ĝ²
     }
+}
+
+// ================================================================================ 13. Adam conventions
+
+TEST_CASE_TEMPLATE("the torch convention: dense AdamW as torch.optim.AdamW computes it", T, float, double) {
+    // torch.optim.AdamW (decoupled weight decay, bias-corrected moments, ε added to √v̂):
+    //   w ← w·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
+    //   w ← w − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+    backend_t<T> backend;
+    adarank::optimizer_config c;
+    c.adam = {.lr = 3e-2, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-3, .weight_decay = 0.1, .convention = adarank::adam_convention::torch};
+    optimizer_t<T> opt(backend, c);
+    adarank::optimizer_config g = c;
+    g.adam.convention = adarank::adam_convention::galore;
+    optimizer_t<T> galore(backend, g);
+    const auto id = opt.add_parameter(6, 9, param_kind::dense);
+    REQUIRE(galore.add_parameter(6, 9, param_kind::dense) == id);
+    RowMatT<T> w = gaussian_matrix(6, 9, 1).cast<T>(), wg = w;
+    Mat ref = w.template cast<double>(), m = Mat::Zero(6, 9), v = Mat::Zero(6, 9);
+    for (int t = 1; t <= 30; ++t) {
+        // Small gradients late in the run make ε matter, which is where the conventions differ.
+        const RowMatT<T> grad = (gaussian_matrix(6, 9, 100 + std::uint64_t(t)) * (t > 20 ? 1e-3 : 1.0)).cast<T>();
+        REQUIRE(opt.step(id, mv(w), cv(grad)) == status::ok);
+        REQUIRE(galore.step(id, mv(wg), cv(grad)) == status::ok);
+        const Mat gd = grad.template cast<double>();
+        ref *= 1.0 - c.adam.lr * c.adam.weight_decay;
+        m = c.adam.beta1 * m + (1 - c.adam.beta1) * gd;
+        v = c.adam.beta2 * v + (1 - c.adam.beta2) * gd.cwiseProduct(gd);
+        const double bc1 = 1 - std::pow(c.adam.beta1, t), bc2 = 1 - std::pow(c.adam.beta2, t);
+        ref -= (c.adam.lr / bc1) * m.cwiseQuotient(((v.array().sqrt() / std::sqrt(bc2)) + c.adam.eps).matrix());
+    }
+    CHECK(rel_diff(w, ref) < (sizeof(T) == 4 ? 2e-6 : 1e-13));
+    CHECK(rel_diff(wg, ref) > 1e-4);   // the GaLore convention is measurably different here
+}
+
+TEST_CASE("the Adam convention is validated, saved, and version-1 states load as the galore convention") {
+    backend_t<float> backend;
+    adarank::optimizer_config c;
+    c.adam.convention = adarank::adam_convention::torch;
+    c.adam.lr = 0.5;
+    c.adam.weight_decay = 2.0;
+    CHECK(test::invalid_argument_message([&] { optimizer_t<float> o(backend, c); }).find("lr x weight_decay < 1") != std::string::npos);
+    c.adam.weight_decay = 0.1;
+    optimizer_t<float> torch_opt(backend, c);
+    CHECK(test::invalid_argument_message([&] { torch_opt.set_learning_rate(20.0); }).find("lr x wd >= 1") != std::string::npos);
+    CHECK(torch_opt.learning_rate() == 0.5);
+    c.adam.convention = static_cast<adarank::adam_convention>(7);
+    CHECK(test::invalid_argument_message([&] { optimizer_t<float> o(backend, c); }).find("config.adam.convention has the invalid value 7") !=
+          std::string::npos);
+
+    // A state saved with one convention does not load into the other.
+    small_run<float> run(3);
+    adarank::optimizer_config other = run.cfg;
+    other.adam.convention = adarank::adam_convention::torch;
+    optimizer_t<float> mismatched(run.backend, other);
+    for (const auto& shape : small_run<float>::shapes) mismatched.add_parameter(shape[0], shape[1], param_kind::automatic);
+    CHECK(test::invalid_argument_message([&] {
+              try {
+                  mismatched.load_state(run.opt.save_state());
+              } catch (const velora::state_format_error& e) {
+                  throw std::invalid_argument(e.what());
+              }
+          }).find("adam convention differs") != std::string::npos);
+
+    // Version 1 (before the convention byte): the same state, one byte shorter, loads as galore.
+    const std::vector<std::byte> v2 = run.opt.save_state();
+    const state_fields<float> s(v2);
+    REQUIRE(s.config[state_fields<float>::convention_offset] == std::byte{0});
+    optimizer_t<float> reloaded = run.fresh();
+    reloaded.load_state(s.seal(1));
+    CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
 }

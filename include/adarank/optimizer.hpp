@@ -108,6 +108,9 @@ public:
     void set_learning_rate(double lr) {
         velora::detail::require(std::isfinite(lr) && lr >= 0, "adarank::low_rank_adamw::set_learning_rate",
                                 "argument 'lr' must be finite and >= 0, got ", lr);
+        velora::detail::require(config_.adam.convention != adam_convention::torch || lr * config_.adam.weight_decay < 1,
+                                "adarank::low_rank_adamw::set_learning_rate", "argument 'lr' = ", lr, " with weight_decay = ",
+                                config_.adam.weight_decay, " gives lr x wd >= 1, which the torch convention cannot apply");
         lr_ = lr;
     }
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
@@ -416,7 +419,7 @@ public:
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = "adarank.low_rank_adamw";
-    static constexpr std::uint32_t state_version = 1;
+    static constexpr std::uint32_t state_version = 2;   // 2: adds the Adam convention (version 1 states load as galore)
 
     /// Everything a resumed run needs to continue bit-identically: the configuration it belongs
     /// to, the learning rate, and per parameter its shape, side, rank, step counters, random
@@ -466,7 +469,7 @@ public:
         velora::state_reader r(blob, state_kind, state_version, fn);
         const auto width = r.get<std::uint8_t>();
         if (width != sizeof(T)) r.bad("state was saved with ", int(width), "-byte values but this optimizer uses ", sizeof(T));
-        optimizer_config saved = get_config(r);
+        optimizer_config saved = get_config(r, r.version());
         saved.adam.lr = config_.adam.lr;
         if (const std::string difference = describe_difference(saved, config_); !difference.empty())
             r.bad("state was saved with a different optimizer configuration (", difference, ")");
@@ -594,6 +597,11 @@ private:
         // subnormal one makes every step's bound |n| <= max|m|/ε useless (see certify).
         velora::detail::require(static_cast<T>(c.adam.eps) >= std::numeric_limits<T>::min(), fn, "config.adam.eps = ", c.adam.eps,
                                 " is below the smallest normal value of the optimizer's value type (", std::numeric_limits<T>::min(), ")");
+        // The torch convention adds ε·√(1−β₂ᵗ) >= ε·√(1−β₂), the smallest at t = 1.
+        velora::detail::require(c.adam.convention != adam_convention::torch ||
+                                    static_cast<T>(c.adam.eps * std::sqrt(1.0 - c.adam.beta2)) >= std::numeric_limits<T>::min(),
+                                fn, "config.adam.eps = ", c.adam.eps, " times sqrt(1 - beta2) (the torch convention's first ε) is below the smallest normal value of the optimizer's value type (",
+                                std::numeric_limits<T>::min(), ")");
         return c;
     }
 
@@ -633,6 +641,19 @@ private:
         return lr_ * std::sqrt(1.0 - std::pow(config_.adam.beta2, td)) / (1.0 - std::pow(config_.adam.beta1, td));
     }
     [[nodiscard]] double decay_factor() const noexcept { return 1.0 - lr_ * config_.adam.weight_decay; }
+
+    // What step t adds to the weight, as the kernels take it: W ← d·(W − step·m/(√v + eps)).
+    // The torch convention is the same update with ε·√(1−β₂ᵗ) and step/d (d·W − step_size·n).
+    struct update_terms {
+        T eps;
+        double eps_value;   // eps as a double (the certificate's bound on n)
+        double step;
+    };
+    [[nodiscard]] update_terms terms(std::uint64_t t) const {
+        if (config_.adam.convention == adam_convention::galore) return {coef_.eps, coef_.eps_value, step_size(t)};
+        const T eps = T(config_.adam.eps * std::sqrt(1.0 - std::pow(config_.adam.beta2, static_cast<double>(t))));
+        return {eps, static_cast<double>(eps), step_size(t) / decay_factor()};
+    }
 
     // ------------------------------------------------------------------ overflow certificate
     //
@@ -680,11 +701,11 @@ private:
     };
     // The bounds after one Adam update of moments bounded by (m_bound, v_bound) with an input whose
     // squares are at most x2; false when they do not certify the update finite (with room to spare).
-    [[nodiscard]] bool certify(double m_bound, double v_bound, double x2, moment_bounds& out) const noexcept {
+    [[nodiscard]] bool certify(double m_bound, double v_bound, double x2, double eps_value, moment_bounds& out) const noexcept {
         const double x = std::sqrt(x2) * slack;
         out.m = (coef_.b1 * m_bound + coef_.c1 * x) * slack;
         out.v = (coef_.b2 * v_bound + coef_.c2 * x2) * slack;
-        out.n = out.m / coef_.eps_value * slack;
+        out.n = out.m / eps_value * slack;
         return x2 <= half_max && out.m <= half_max && out.v <= half_max && out.n <= max_value;   // (false for NaN)
     }
     // w' = decay·(w − step·n) is finite for every |w| <= half_max/max(1, |decay|) (the precondition)
@@ -846,13 +867,14 @@ private:
             // A finite gradient whose sum of squares overflowed: the exact path decides.
         }
         if (l.t >= max_steps) return status::overflow;
-        const T step = T(step_size(l.t + 1)), decay = T(decay_factor());
+        const update_terms u = terms(l.t + 1);
+        const T step = T(u.step), decay = T(decay_factor());
         moment_bounds next;
-        const bool certified = std::isfinite(energy) && certify(l.m_bound, l.v_bound, sum_bound(energy, grad.size()), next) &&
+        const bool certified = std::isfinite(energy) && certify(l.m_bound, l.v_bound, sum_bound(energy, grad.size()), u.eps_value, next) &&
                                dense_update_ok(step, decay, next.n);
-        if (!certified) return step_dense_exact(l, weight, grad, step, decay);
+        if (!certified) return step_dense_exact(l, weight, grad, step, decay, u.eps);
         ++l.t;
-        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), coef_.beta1, coef_.beta2, coef_.eps, step, decay);
+        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), coef_.beta1, coef_.beta2, u.eps, step, decay);
         l.m_bound = next.m;
         l.v_bound = next.v;
         return status::ok;
@@ -861,7 +883,7 @@ private:
     // The dense step computed exactly into temporaries (allocated here: this path is never taken
     // by a step the certificate vouches for) and read back on the host; committed only when the
     // moments and n are finite and the weight update is bounded.
-    status step_dense_exact(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, T step, T decay) {
+    status step_dense_exact(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, T step, T decay, T eps) {
         const index_t count = l.rows * l.cols;
         buffer m, v, n;
         m.resize(static_cast<std::size_t>(count));
@@ -869,7 +891,7 @@ private:
         n.resize(static_cast<std::size_t>(count));
         b_->copy(l.m.data(), m.data(), count);
         b_->copy(l.v.data(), v.data(), count);
-        b_->adam_moments(grad, dense_view(m, l), dense_view(v, l), coef_.beta1, coef_.beta2, coef_.eps, dense_view(n, l));
+        b_->adam_moments(grad, dense_view(m, l), dense_view(v, l), coef_.beta1, coef_.beta2, eps, dense_view(n, l));
         const host_summary hm = summarize(dense_view(m, l)), hv = summarize(dense_view(v, l)), hn = summarize(dense_view(n, l));
         if (!hm.finite || !hv.finite || !hn.finite || !dense_update_ok(step, decay, hn.max_abs)) return status::overflow;
         ++l.t;
@@ -956,23 +978,24 @@ private:
         if (l.t >= max_steps) return status::overflow;
         const double decay_value = decay_factor();
         const T decay = T(decay_value);
-        const T alpha = T(-decay_value * step_size(l.t + 1) * config_.scale);
+        const update_terms u = terms(l.t + 1);
+        const T alpha = T(-decay_value * u.step * config_.scale);
         const auto n = view(proj_, rank, l.other);   // n = m/(√v+ε) overwrites the projected gradient
         const auto m_work = view(m_next_, rank, l.other), v_work = view(v_next_, rank, l.other);
         moment_bounds next;
-        const bool certified = certify(m_bound, v_bound, sum_bound(projected2, rank * l.other), next) &&
+        const bool certified = certify(m_bound, v_bound, sum_bound(projected2, rank * l.other), u.eps_value, next) &&
                                low_rank_update_ok(alpha, decay, basis_norm, rank, std::sqrt(static_cast<double>(rank)) * next.n);
         if (certified) {
             // Adam in the subspace: in place in the steady state, on the transported moments after a refresh.
-            if (fresh) b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
-            else b_->adam_moments(n, moment_view(l, l.m), moment_view(l, l.v), coef_.beta1, coef_.beta2, coef_.eps, n);
+            if (fresh) b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, u.eps, n);
+            else b_->adam_moments(n, moment_view(l, l.m), moment_view(l, l.v), coef_.beta1, coef_.beta2, u.eps, n);
         } else {
             // The exact path: the update on a copy in the workspace, read back on the host.
             if (!fresh) {
                 b_->copy(l.m.data(), m_work.data, rank * l.other);
                 b_->copy(l.v.data(), v_work.data, rank * l.other);
             }
-            b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
+            b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, u.eps, n);
             const host_summary hm = summarize(m_work), hv = summarize(v_work), hn = summarize(n);
             if (!hm.finite || !hv.finite || !hn.finite || !low_rank_update_ok(alpha, decay, basis_norm, rank, hn.max_col_norm))
                 return status::overflow;
@@ -1128,6 +1151,7 @@ private:
         w.put(c.adam.beta2);
         w.put(c.adam.eps);
         w.put(c.adam.weight_decay);
+        w.put(static_cast<std::uint8_t>(c.adam.convention));
         w.put(c.scale);
         w.put(static_cast<std::uint8_t>(c.side));
         w.put(static_cast<std::uint8_t>(c.rank.type));
@@ -1147,13 +1171,18 @@ private:
         w.put(c.seed);
     }
 
-    static optimizer_config get_config(velora::state_reader& r) {
+    static optimizer_config get_config(velora::state_reader& r, std::uint32_t version) {
         optimizer_config c;
         c.adam.lr = r.get<double>();
         c.adam.beta1 = r.get<double>();
         c.adam.beta2 = r.get<double>();
         c.adam.eps = r.get<double>();
         c.adam.weight_decay = r.get<double>();
+        if (version >= 2) {
+            const auto convention = r.get<std::uint8_t>();
+            if (convention > 1) r.bad("the configuration's Adam convention byte is ", int(convention), " (0 or 1 expected)");
+            c.adam.convention = static_cast<adam_convention>(convention);
+        }
         c.scale = r.get<double>();
         c.side = static_cast<side_policy>(r.get<std::uint8_t>());
         c.rank.type = static_cast<rank_policy::kind>(r.get<std::uint8_t>());
@@ -1184,6 +1213,7 @@ private:
         const adamw_hyper &a = saved.adam, &b = live.adam;
         if (!same(a.lr, b.lr) || !same(a.beta1, b.beta1) || !same(a.beta2, b.beta2) || !same(a.eps, b.eps) || !same(a.weight_decay, b.weight_decay))
             return "adam hyper-parameters differ";
+        if (a.convention != b.convention) return "adam convention differs";
         if (!same(saved.scale, live.scale)) return "scale differs";
         if (saved.side != live.side) return "side policy differs";
         if (saved.rank.type != live.rank.type || saved.rank.r_min != live.rank.r_min || saved.rank.r_max != live.rank.r_max ||

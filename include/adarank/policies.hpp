@@ -189,13 +189,33 @@ struct rsvd_config {
 };
 
 // ------------------------------------------------------------------------------------ Adam
+/// Where ε and the weight decay enter AdamW's update (s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ), d = 1 − lr·wd):
+enum class adam_convention : std::uint8_t {
+    /// GaLore's and Hugging Face's AdamW: W ← d·(W − s·m/(√v + ε)); ε added before the bias
+    /// correction, the decay applied to the updated weight.
+    galore = 0,
+    /// torch.optim.AdamW's: W ← d·W − s·m/(√v + ε·√(1−β₂ᵗ)), i.e. ε added to the bias-corrected
+    /// √v̂ and the decay applied to the old weight only. Dense parameters then match
+    /// torch::optim::AdamW to rounding. Needs lr·wd < 1.
+    torch = 1,
+};
+
+constexpr std::string_view to_string(adam_convention c) noexcept {
+    switch (c) {
+    case adam_convention::galore: return "galore";
+    case adam_convention::torch: return "torch";
+    }
+    return "invalid";
+}
+
 /// AdamW hyper-parameters (GaLore's defaults for eps).
 struct adamw_hyper {
     double lr = 1e-3;
     double beta1 = 0.9;
     double beta2 = 0.999;
     double eps = 1e-6;
-    double weight_decay = 0.0;   ///< decoupled: W ← (1 − lr·wd)·W after the update
+    double weight_decay = 0.0;   ///< decoupled: W ← (1 − lr·wd)·W (see adam_convention for where)
+    adam_convention convention = adam_convention::galore;
 
     friend constexpr bool operator==(const adamw_hyper&, const adamw_hyper&) = default;
 };
@@ -239,6 +259,11 @@ inline void validate(const optimizer_config& c, std::string_view function) {
     require(finite(c.adam.eps) && c.adam.eps > 0, function, "config.adam.eps must be finite and > 0, got ", c.adam.eps);
     require(finite(c.adam.weight_decay) && c.adam.weight_decay >= 0, function, "config.adam.weight_decay must be finite and >= 0, got ",
             c.adam.weight_decay);
+    require(static_cast<unsigned>(c.adam.convention) <= 1, function, "config.adam.convention has the invalid value ",
+            static_cast<int>(c.adam.convention));
+    require(c.adam.convention != adam_convention::torch || c.adam.lr * c.adam.weight_decay < 1, function,
+            "config.adam.convention torch needs lr x weight_decay < 1 (the decay factor 1 - lr x wd divides the step), got lr = ", c.adam.lr,
+            ", weight_decay = ", c.adam.weight_decay);
     require(finite(c.scale) && c.scale > 0, function, "config.scale must be finite and > 0, got ", c.scale);
     require(static_cast<unsigned>(c.side) <= 3, function, "config.side has the invalid value ", static_cast<int>(c.side));
     require(static_cast<unsigned>(c.rank.type) <= 1, function, "config.rank has the invalid kind ", static_cast<int>(c.rank.type));
