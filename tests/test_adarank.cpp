@@ -1806,3 +1806,118 @@ TEST_CASE("the Adam convention is validated, saved, and version-1 states load as
     reloaded.load_state(s.seal(1));
     CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
 }
+
+// ================================================================================ 14. user-defined policies
+
+namespace {
+
+// A user's rank estimator: the rank at the largest ratio σ_r/σ_{r+1} for r in [lo, hi] (a
+// spectral gap rule, where the library's rule keeps a share of the energy).
+struct spectral_gap_rank {
+    index_t lo = 1, hi = 6;
+    [[nodiscard]] index_t max_rank() const { return hi; }
+    [[nodiscard]] index_t estimate(std::span<const double> sigma, double /*energy*/, index_t cap) const {
+        const index_t top = std::min(hi, cap), first = std::min(lo, top);
+        index_t best = first;
+        double best_ratio = -1;
+        for (index_t r = first; r <= top && static_cast<std::size_t>(r) < sigma.size(); ++r) {
+            const double ratio = sigma[static_cast<std::size_t>(r - 1)] / std::max(sigma[static_cast<std::size_t>(r)], 1e-300);
+            if (ratio > best_ratio) {
+                best_ratio = ratio;
+                best = r;
+            }
+        }
+        return best;
+    }
+    void validate(std::string_view function) const {
+        velora::detail::require(lo >= 1 && lo <= hi, function, "config.rank (spectral_gap_rank) needs 1 <= lo <= hi, got lo = ", lo, ", hi = ", hi);
+    }
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::int64_t>(lo));
+        w.put(static_cast<std::int64_t>(hi));
+    }
+    static spectral_gap_rank load(velora::state_reader& r) {
+        spectral_gap_rank p;
+        p.lo = static_cast<index_t>(r.get<std::int64_t>());
+        p.hi = static_cast<index_t>(r.get<std::int64_t>());
+        return p;
+    }
+};
+
+// A user's refresh rule: every `interval` steps, or as soon as the projected gradient's energy
+// fell below `fraction` of its value at the subspace's first step.
+struct drop_or_every {
+    index_t interval = 4;
+    double fraction = 0.01;
+    [[nodiscard]] bool due_by_count(index_t steps) const { return steps >= interval; }
+    [[nodiscard]] bool due(const adarank::refresh_inputs& in) const {
+        return due_by_count(in.steps_in_subspace) || (in.anchor_norm2 >= 0 && in.projected_norm2 < fraction * in.anchor_norm2);
+    }
+    [[nodiscard]] bool needs_gradient_norm() const { return false; }
+    void validate(std::string_view function) const {
+        velora::detail::require(interval >= 1 && fraction >= 0 && fraction <= 1, function,
+                                "config.refresh (drop_or_every) needs interval >= 1 and fraction in [0, 1], got ", interval, " and ", fraction);
+    }
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::int64_t>(interval));
+        w.put(fraction);
+    }
+    static drop_or_every load(velora::state_reader& r) {
+        drop_or_every p;
+        p.interval = static_cast<index_t>(r.get<std::int64_t>());
+        p.fraction = r.get<double>();
+        return p;
+    }
+};
+
+using custom_optimizer = adarank::low_rank_adamw<backend_t<double>, spectral_gap_rank, drop_or_every>;
+static_assert(adarank::low_rank_optimizer<custom_optimizer>);
+
+} // namespace
+
+TEST_CASE("a user-defined rank estimator and refresh rule: chosen ranks, refreshes, validation, save and load") {
+    backend_t<double> backend;
+    adarank::basic_optimizer_config<spectral_gap_rank, drop_or_every> c;
+    c.rsvd.exact_fraction = 0.0;   // exact subspaces: the singular values the rule sees are the gradient's
+    custom_optimizer opt(backend, c);
+    const auto id = opt.add_parameter(30, 20, param_kind::low_rank);
+    RowMat w = gaussian_matrix(30, 20, 1);
+    // A gap after 3 singular values, then after 1: the rule follows the gap, not the energy share.
+    const RowMat three = with_spectrum(30, 20, {9, 8, 7, 0.5, 0.4, 0.3, 0.2}, 2);
+    const RowMat one = with_spectrum(30, 20, {9, 1, 0.9, 0.8, 0.7, 0.6, 0.5}, 3);
+    for (int t = 0; t < 4; ++t) REQUIRE(opt.step(id, mv(w), cv(three)) == status::ok);
+    CHECK(opt.info(id).rank == 3);
+    CHECK(opt.info(id).refreshes == 1);
+    REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);   // 4 steps in the subspace: due by count
+    CHECK(opt.info(id).refreshes == 2);
+    CHECK(opt.info(id).rank == 1);
+    // The energy in the subspace collapsing refreshes early (the rule's own criterion).
+    REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);
+    REQUIRE(opt.step(id, mv(w), cv(RowMat(three * 1e-3))) == status::ok);
+    CHECK(opt.info(id).refreshes == 3);
+    CHECK(opt.info(id).rank == 3);
+
+    // Save and load through the policies' own fields; a different setting is named on load.
+    const std::vector<std::byte> blob = opt.save_state();
+    custom_optimizer same(backend, c);
+    same.add_parameter(30, 20, param_kind::low_rank);
+    same.load_state(blob);
+    CHECK(same.save_state() == blob);
+    auto other = c;
+    other.rank.hi = 5;
+    custom_optimizer different(backend, other);
+    different.add_parameter(30, 20, param_kind::low_rank);
+    CHECK(state_error_message([&] { different.load_state(blob); }).find("rank policy differs") != std::string::npos);
+    other = c;
+    other.refresh.fraction = 0.5;
+    custom_optimizer refresh_differs(backend, other);
+    refresh_differs.add_parameter(30, 20, param_kind::low_rank);
+    CHECK(state_error_message([&] { refresh_differs.load_state(blob); }).find("refresh policy differs") != std::string::npos);
+
+    // Each policy validates itself, named by the optimizer's constructor.
+    auto bad = c;
+    bad.rank.lo = 0;
+    const std::string message = test::invalid_argument_message([&] { custom_optimizer o(backend, bad); });
+    CHECK(message.find("adarank::low_rank_adamw::low_rank_adamw") != std::string::npos);
+    CHECK(message.find("spectral_gap_rank) needs 1 <= lo <= hi, got lo = 0") != std::string::npos);
+}

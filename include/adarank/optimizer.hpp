@@ -80,12 +80,17 @@ struct layer_info {
     std::uint64_t communicated_bytes = 0;
 };
 
-template <optimizer_backend B>
+/// `Rank` and `Refresh` are the rank estimator and the refresh rule (the library's by default;
+/// any types satisfying the concepts in policies.hpp, held by value in the configuration, so a
+/// step calls them without allocating or dispatching).
+template <optimizer_backend B, rank_estimator Rank = rank_policy, refresh_rule Refresh = refresh_policy>
+    requires persistent_policy<Rank> && persistent_policy<Refresh>
 class low_rank_adamw {
 public:
     using value_type = typename B::value_type;
     using T = value_type;
     using param_id = index_t;
+    using config_type = basic_optimizer_config<Rank, Refresh>;
 
     /// A basis handed to set_basis or found in a loaded state must have orthonormal rows within
     /// this tolerance: max |B·Bᵀ − I| (entry-wise, computed in double). The library's own bases are
@@ -98,10 +103,10 @@ public:
 
     /// Throws std::invalid_argument for an invalid configuration (see policies.hpp: validate), and
     /// for an ε that T rounds to zero or to a subnormal value (n = m/(√v + ε) is computed in T).
-    explicit low_rank_adamw(B& backend, optimizer_config config = {})
+    explicit low_rank_adamw(B& backend, config_type config = {})
         : b_(&backend), config_(checked(config)), coef_(coefficients(config_)), lr_(config.adam.lr), finder_(backend, config.rsvd) {}
 
-    [[nodiscard]] const optimizer_config& config() const noexcept { return config_; }
+    [[nodiscard]] const config_type& config() const noexcept { return config_; }
     [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(layers_.size()); }
 
     /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite value.
@@ -130,7 +135,7 @@ public:
         // rows·cols elements, except the states (dense AdamW's two moments; basis and moments at
         // rank r_cap), which are checked on their own: no size formed later can wrap.
         const index_t elements = checked_elements(checked_mul(rows, cols, fn, "argument 'rows' x 'cols'"), sizeof(T), fn, "argument 'rows' x 'cols'");
-        const index_t r_cap = std::min(config_.rank.r_max, std::min(rows, cols));
+        const index_t r_cap = std::min<index_t>(config_.rank.max_rank(), std::min(rows, cols));
         if (kind == param_kind::automatic) {
             const bool left = choose_side(config_.side, rows, cols) == projection_side::left;
             const double low = static_cast<double>(r_cap) * (left ? static_cast<double>(rows) + 2.0 * static_cast<double>(cols)
@@ -469,7 +474,7 @@ public:
         velora::state_reader r(blob, state_kind, state_version, fn);
         const auto width = r.get<std::uint8_t>();
         if (width != sizeof(T)) r.bad("state was saved with ", int(width), "-byte values but this optimizer uses ", sizeof(T));
-        optimizer_config saved = get_config(r, r.version());
+        config_type saved = get_config(r, r.version());
         saved.adam.lr = config_.adam.lr;
         if (const std::string difference = describe_difference(saved, config_); !difference.empty())
             r.bad("state was saved with a different optimizer configuration (", difference, ")");
@@ -580,7 +585,7 @@ private:
         T beta1, beta2, eps;
         double b1, c1, b2, c2, eps_value;   // β₁, 1 − β₁, β₂, 1 − β₂, ε after rounding to T
     };
-    static adam_coefficients coefficients(const optimizer_config& c) {
+    static adam_coefficients coefficients(const config_type& c) {
         adam_coefficients k{T(c.adam.beta1), T(c.adam.beta2), T(c.adam.eps), 0, 0, 0, 0, 0};
         k.b1 = static_cast<double>(k.beta1);
         k.c1 = static_cast<double>(T(1) - k.beta1);
@@ -590,7 +595,7 @@ private:
         return k;
     }
 
-    static optimizer_config checked(const optimizer_config& c) {
+    static config_type checked(const config_type& c) {
         constexpr const char* fn = "adarank::low_rank_adamw::low_rank_adamw";
         validate(c, fn);
         // n = m/(√v + ε) is computed in T: an ε that T rounds to 0 divides by zero where v = 0, and a
@@ -1145,7 +1150,7 @@ private:
         return rep;
     }
 
-    static void put_config(velora::state_writer& w, const optimizer_config& c) {
+    static void put_config(velora::state_writer& w, const config_type& c) {
         w.put(c.adam.lr);
         w.put(c.adam.beta1);
         w.put(c.adam.beta2);
@@ -1154,14 +1159,8 @@ private:
         w.put(static_cast<std::uint8_t>(c.adam.convention));
         w.put(c.scale);
         w.put(static_cast<std::uint8_t>(c.side));
-        w.put(static_cast<std::uint8_t>(c.rank.type));
-        w.put(static_cast<std::int64_t>(c.rank.r_min));
-        w.put(static_cast<std::int64_t>(c.rank.r_max));
-        w.put(c.rank.xi);
-        w.put(static_cast<std::uint8_t>(c.refresh.type));
-        w.put(c.refresh.threshold);
-        w.put(static_cast<std::int64_t>(c.refresh.min_interval));
-        w.put(static_cast<std::int64_t>(c.refresh.max_interval));
+        c.rank.save(w);
+        c.refresh.save(w);
         w.put(static_cast<std::uint8_t>(c.transport));
         w.put(static_cast<std::int64_t>(c.rsvd.oversampling));
         w.put(static_cast<std::int32_t>(c.rsvd.power_iterations));
@@ -1171,8 +1170,8 @@ private:
         w.put(c.seed);
     }
 
-    static optimizer_config get_config(velora::state_reader& r, std::uint32_t version) {
-        optimizer_config c;
+    static config_type get_config(velora::state_reader& r, std::uint32_t version) {
+        config_type c;
         c.adam.lr = r.get<double>();
         c.adam.beta1 = r.get<double>();
         c.adam.beta2 = r.get<double>();
@@ -1185,14 +1184,8 @@ private:
         }
         c.scale = r.get<double>();
         c.side = static_cast<side_policy>(r.get<std::uint8_t>());
-        c.rank.type = static_cast<rank_policy::kind>(r.get<std::uint8_t>());
-        c.rank.r_min = static_cast<index_t>(r.get<std::int64_t>());
-        c.rank.r_max = static_cast<index_t>(r.get<std::int64_t>());
-        c.rank.xi = r.get<double>();
-        c.refresh.type = static_cast<refresh_policy::kind>(r.get<std::uint8_t>());
-        c.refresh.threshold = r.get<double>();
-        c.refresh.min_interval = static_cast<index_t>(r.get<std::int64_t>());
-        c.refresh.max_interval = static_cast<index_t>(r.get<std::int64_t>());
+        c.rank = Rank::load(r);
+        c.refresh = Refresh::load(r);
         c.transport = static_cast<transport_policy>(r.get<std::uint8_t>());
         c.rsvd.oversampling = static_cast<index_t>(r.get<std::int64_t>());
         c.rsvd.power_iterations = r.get<std::int32_t>();
@@ -1208,7 +1201,7 @@ private:
     // The first difference between a saved and the live configuration, "" when there is none.
     // Doubles are compared bit for bit: a saved -0.0 where 0.0 is configured compares equal
     // but would not re-save to the same blob.
-    static std::string describe_difference(const optimizer_config& saved, const optimizer_config& live) {
+    static std::string describe_difference(const config_type& saved, const config_type& live) {
         const auto same = [](double a, double b) { return std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b); };
         const adamw_hyper &a = saved.adam, &b = live.adam;
         if (!same(a.lr, b.lr) || !same(a.beta1, b.beta1) || !same(a.beta2, b.beta2) || !same(a.eps, b.eps) || !same(a.weight_decay, b.weight_decay))
@@ -1216,12 +1209,8 @@ private:
         if (a.convention != b.convention) return "adam convention differs";
         if (!same(saved.scale, live.scale)) return "scale differs";
         if (saved.side != live.side) return "side policy differs";
-        if (saved.rank.type != live.rank.type || saved.rank.r_min != live.rank.r_min || saved.rank.r_max != live.rank.r_max ||
-            !same(saved.rank.xi, live.rank.xi))
-            return "rank policy differs";
-        if (saved.refresh.type != live.refresh.type || !same(saved.refresh.threshold, live.refresh.threshold) ||
-            saved.refresh.min_interval != live.refresh.min_interval || saved.refresh.max_interval != live.refresh.max_interval)
-            return "refresh policy differs";
+        if (policy_bytes(saved.rank) != policy_bytes(live.rank)) return "rank policy differs";
+        if (policy_bytes(saved.refresh) != policy_bytes(live.refresh)) return "refresh policy differs";
         if (saved.transport != live.transport) return "transport policy differs";
         const rsvd_config &x = saved.rsvd, &y = live.rsvd;
         if (x.oversampling != y.oversampling || x.power_iterations != y.power_iterations || x.warm_power_iterations != y.warm_power_iterations ||
@@ -1231,8 +1220,16 @@ private:
         return "";
     }
 
+    // A policy's settings as it saves them: policies are compared by these bytes.
+    template <class P>
+    static std::vector<std::byte> policy_bytes(const P& p) {
+        velora::state_writer w("adarank.policy", 1);
+        p.save(w);
+        return std::move(w).finish();
+    }
+
     B* b_;
-    optimizer_config config_;
+    config_type config_;
     adam_coefficients coef_;
     double lr_;
     subspace_finder<B> finder_;
