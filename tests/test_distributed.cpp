@@ -1,6 +1,6 @@
 // Data-parallel training over MPI (velora::mpi_communicator), run by CTest as
-// `mpirun -np 2 test_distributed` (label mpi; one OpenMP thread per rank). Two real ranks, each
-// with half of every batch, against one optimizer that sees the whole batch (computed on every
+// `mpirun -np 2 test_distributed` and with -np 3 (label mpi; one OpenMP thread per rank). Real
+// ranks, each with its share of every batch, against one optimizer that sees the whole batch (computed on every
 // rank, in-process, as the reference):
 //   - low-rank (both sides, randomized and exact subspace searches, adaptive rank that changes,
 //     refreshes), factored VeLoRA gradients, and dense parameters (per step, and bucketed
@@ -157,7 +157,7 @@ adarank::optimizer_config test_config() {
     return c;
 }
 
-constexpr index_t global_batch = 8;
+constexpr index_t global_batch = 12;   // divisible by 1, 2 and 3 ranks
 
 // One training step of `m` on samples [first, first + count) of step t. With `comm`, the
 // optimizer takes the mean over ranks; the reference passes comm = nullptr (one process).
@@ -390,7 +390,7 @@ TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch"
     auto& comm = world();
     using B = backend_t<float>;
     B backend;
-    const index_t tokens = 16, features = 24;
+    const index_t tokens = 12, features = 24;   // tokens divisible by 1, 2 and 3 ranks
     const std::vector<float> x = test::data<float>(static_cast<std::size_t>(tokens * features), 99, 0.5);
     velora::compressor_config cc;
     cc.groups = 6;

@@ -76,7 +76,8 @@ struct layer_info {
     double projected_norm2 = 0;                      ///< ‖Ĝ‖_F² of the last step
     subspace_report last_refresh{};                  ///< what the last subspace search did
     /// Bytes this rank put into all-reduces for this parameter's last step (elements × sizeof(T),
-    /// including an all_reduce_mean before it); 0 in one process. Not saved with the state.
+    /// including an all_reduce_mean before it); 0 for a step without a communicator (a
+    /// communicator of size 1 still counts its no-op all-reduces). Not saved with the state.
     std::uint64_t communicated_bytes = 0;
 };
 
