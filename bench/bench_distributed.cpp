@@ -27,7 +27,7 @@
 //      repetitions. Steady state and refresh separately.
 //  (c) time of an all-reduce of the full gradient (m·n floats: what DDP would do) against the
 //      all-reduce of the projected gradient (r·max(m,n) floats), both through the library's
-//      mpi_communicator (reduce-scatter + all-gather), with MPI_Allreduce of the full gradient
+//      mpi_communicator (MPI_Allreduce at 2 ranks, reduce-scatter + all-gather from 3), with MPI_Allreduce of the full gradient
 //      for reference (also median, interleaved).
 //
 // Gradients: rank p holds G_p = L·diag(1/√(1+j))·(R + 0.3·N_p) + 0.05·E_p (L: m×64, R: 64×n, both
@@ -407,7 +407,7 @@ void print(const std::vector<result>& results, int ranks, const options& opt) {
                     r.identical ? "yes" : "NO");
     std::printf("    (milliseconds per step)\n");
 
-    std::printf("\n(c) All-reduce time on %d ranks, median of %d (velora::mpi_communicator: reduce-scatter + all-gather; MPI_Allreduce for reference)\n",
+    std::printf("\n(c) All-reduce time on %d ranks, median of %d (velora::mpi_communicator: MPI_Allreduce at 2 ranks, reduce-scatter + all-gather from 3; plain MPI_Allreduce for reference)\n",
                 ranks, opt.reduce_reps);
     std::printf("%-10s %4s %16s %16s %10s %18s\n", "shape", "r", "full grad ms", "projected ms", "full/proj", "MPI_Allreduce ms");
     for (const result& r : results) {
