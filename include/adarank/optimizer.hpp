@@ -36,6 +36,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <velora/compressor.hpp>
@@ -264,21 +265,82 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        velora::check_view(grad.a, fn, "grad.a");
-        velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
-                                grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
-        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
-                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
-        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
-        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
-        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
-                                grad.subtoken_size, " cannot cover D = ", grad.features);
+        check_factored(l, id, grad, fn);
         check_distributable(l, comm, fn);
-        // Every column of A is read by some product (also those covering only padding), so a
-        // NaN anywhere in A is reported the same way on every kind of step (and on every rank).
-        if (comm.any(!std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a))) return status::non_finite_input;
+        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;
         const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
         return step_with(l, weight, g, comm);
+    }
+
+    // ------------------------------------------------------------------ the step in phases
+    // For a data-parallel host that runs the steady-state collective itself, e.g. started as soon
+    // as a layer's gradient exists and overlapped with the rest of the backward pass:
+    //   1. projection_shape(id): r×other, or 0×0 when the next step needs the gradient itself;
+    //   2. project(id, grad, out): out = B·M of this rank's gradient (local);
+    //   3. the host reduces `out` to the mean over ranks (same bits on every rank);
+    //   4. step_projected(id, weight, reduced, grad, comm): decides the refresh from the reduced
+    //      projection and updates; only a step that finds a new subspace reads `grad` again,
+    //      through `comm` (collective).
+    // The result is bit for bit that of step(id, weight, grad, comm) when the host's reduction
+    // gives the same bits as the communicator's (tests/test_distributed.cpp).
+
+    /// The shape (rank × other) of the projection `project` writes for the next step of low-rank
+    /// parameter `id`, or 0×0 when that step searches a new subspace whatever the gradient (the
+    /// first step, or a refresh due by the step count): call step with a communicator then.
+    [[nodiscard]] std::pair<index_t, index_t> projection_shape(param_id id) const {
+        const layer& l = checked_layer(id, "adarank::low_rank_adamw::projection_shape");
+        velora::detail::require(l.low_rank, "adarank::low_rank_adamw::projection_shape", "parameter ", id, " is optimised densely");
+        if (l.rank == 0 || config_.refresh.due_by_count(steps_in_subspace(l))) return {0, 0};
+        return {l.rank, l.other};
+    }
+
+    /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
+    /// std::invalid_argument when projection_shape(id) is 0×0 or `out` has another shape.
+    template <gradient_operator Op>
+    void project(param_id id, const Op& grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        const layer& l = checked_layer(id, fn);
+        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
+                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        const auto [rows, cols] = projection_shape(id);
+        velora::detail::require(rows > 0, fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
+        velora::check_shape(out, rows, cols, fn, "out");
+        side_matrix<Op>(grad, l.side).mul(basis_view(l), out);
+    }
+    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) { project(id, dense_gradient<B>(*b_, grad), out); }
+    void project(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
+        check_factored(checked_layer(id, "adarank::low_rank_adamw::project"), id, grad, "adarank::low_rank_adamw::project");
+        project(id, factored_gradient_op<B>(*b_, grad, fused_scratch_), out);
+    }
+
+    /// Phases 2–5 with `reduced`, the mean over the ranks of their `project` outputs (the same bits
+    /// on every rank; in one process, the projection itself). Statuses as for step. When projection_shape(id)
+    /// is 0×0 this is step(id, weight, grad, comm) and `reduced` is not read.
+    template <gradient_operator Op, velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+        layer& l = checked_layer(id, fn);
+        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
+        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
+                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        check_distributable(l, comm, fn);
+        const auto [rows, cols] = projection_shape(id);
+        if (rows == 0) return step_with(l, weight, grad, comm);
+        velora::check_shape(reduced, rows, cols, fn, "reduced");
+        return step_with(l, weight, grad, comm, reduced);
+    }
+    template <velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
+        velora::check_view(grad, "adarank::low_rank_adamw::step_projected", "grad");
+        return step_projected(id, weight, reduced, dense_gradient<B>(*b_, grad), comm);
+    }
+    template <velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+        check_factored(checked_layer(id, fn), id, grad, fn);
+        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;   // as step does
+        return step_projected(id, weight, reduced, factored_gradient_op<B>(*b_, grad, fused_scratch_), comm);
     }
 
     /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by
@@ -804,17 +866,19 @@ private:
     // ------------------------------------------------------------------ steps
     // A step of `l` with gradient operator `local`: in one process directly; with P > 1 ranks
     // through mean_over_ranks, so that every quantity the step reads is the ranks' mean.
+    // `projected` (low-rank only, may be empty): the projection onto the current basis, already
+    // reduced by the host (step_projected).
     template <class Local, class C>
-    status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm) {
+    status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm, const_matrix_view<T> projected = {}) {
         if constexpr (std::is_same_v<std::remove_cvref_t<C>, velora::single_process>) {
             l.communicated = l.pending_bytes;   // a gradient reduced by all_reduce_mean
             l.pending_bytes = 0;
-            return l.low_rank ? step_low_rank(l, weight, local) : step_dense_of(l, weight, local);
+            return l.low_rank ? step_low_rank(l, weight, local, projected) : step_dense_of(l, weight, local);
         } else {
             std::uint64_t bytes = l.pending_bytes;
             l.pending_bytes = 0;
             const mean_over_ranks<B, Local, std::remove_cvref_t<C>> mean(*b_, local, comm, reduce_scratch_, bytes);
-            const status s = l.low_rank ? step_low_rank(l, weight, mean) : step_dense_of(l, weight, mean);
+            const status s = l.low_rank ? step_low_rank(l, weight, mean, projected) : step_dense_of(l, weight, mean);
             l.communicated = bytes;
             return s;
         }
@@ -834,6 +898,24 @@ private:
             grad.row_block(0, dense);
             return step_dense(l, weight, dense, trouble);
         }
+    }
+
+    // A VeLoRA factored gradient must describe parameter l's shape consistently.
+    static void check_factored(const layer& l, param_id id, const velora::factored_gradient<T>& grad, const char* fn) {
+        velora::check_view(grad.a, fn, "grad.a");
+        velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
+                                grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
+        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
+                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
+        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
+        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
+        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
+                                grad.subtoken_size, " cannot cover D = ", grad.features);
+    }
+    // Every column of A is read by some product (also those covering only padding), so a NaN
+    // anywhere in A is reported the same way on every kind of step (and, collectively, on every rank).
+    bool factored_not_finite(const velora::factored_gradient<T>& grad) {
+        return !std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a);
     }
 
     // Data-parallel training reads only reduced quantities; the captured_energy rule would need
@@ -924,7 +1006,7 @@ private:
     }
 
     template <class Grad>
-    status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad) {
+    status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad, const_matrix_view<T> projected) {
         const side_matrix<Grad> m(grad, l.side);
         // Called only when a norm or projection is not finite (never in the steady state).
         const auto trouble = [&] { return m.finite() ? status::overflow : status::non_finite_input; };
@@ -932,7 +1014,8 @@ private:
         bool refresh = l.rank == 0 || config_.refresh.due_by_count(steps_in_subspace(l));
         double projected2 = 0, energy = -1;
         if (!refresh) {
-            m.mul(basis_view(l), view(proj_, l.rank, l.other));
+            if (projected.empty()) m.mul(basis_view(l), view(proj_, l.rank, l.other));
+            else for (index_t i = 0; i < l.rank; ++i) b_->copy(projected.row(i), view(proj_, l.rank, l.other).row(i), l.other);
             projected2 = b_->sum_of_squares(view(proj_, l.rank, l.other));
             if (!std::isfinite(projected2)) return trouble();
             refresh_inputs in{steps_in_subspace(l), projected2, l.anchor2, 0.0};
