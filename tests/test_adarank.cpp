@@ -776,12 +776,13 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         contains(state_error_message([&] { a.load_state(flipped); }), {fn, "checksum mismatch"});
         velora::compressor<B> comp(backend, 8, {.groups = 2});
         contains(state_error_message([&] { a.load_state(comp.save_state()); }), {fn, "kind 'velora.compressor'", "'adarank.low_rank_adamw'"});
-        const auto v2 = [] {
+        const auto newer = [] {
             velora::state_writer sw(optimizer_t<float>::state_kind, optimizer_t<float>::state_version + 1);
             sw.put(std::uint8_t{4});
             return std::move(sw).finish();
         }();
-        contains(state_error_message([&] { a.load_state(v2); }), {fn, "state version 2", "not supported"});
+        const std::string newer_version = "state version " + std::to_string(optimizer_t<float>::state_version + 1);
+        contains(state_error_message([&] { a.load_state(newer); }), {fn, newer_version.c_str(), "not supported"});
         auto other_rank = cfg;
         other_rank.rank.r_max = 5;
         optimizer_t<float> c = make(other_rank);
@@ -1164,7 +1165,7 @@ struct state_fields {
         double rep_energy = 0, rep_captured = 0;
         std::vector<T> basis, m, v;
     };
-    static constexpr std::size_t config_bytes = 133;   // put_config: 9 doubles, 6 int64, 2 int32, 5 bytes, 1 uint64
+    static constexpr std::size_t config_bytes = 134;   // put_config: 9 doubles, 6 int64, 2 int32, 6 bytes, 1 uint64
 
     std::uint8_t width = 0;
     std::vector<std::byte> config;
@@ -1205,10 +1206,14 @@ struct state_fields {
         r.expect_end();
     }
 
-    [[nodiscard]] std::vector<std::byte> seal() const {
-        velora::state_writer w(optimizer_t<T>::state_kind, optimizer_t<T>::state_version);
+    // Version 1 is the same layout without the configuration's Adam convention byte (after the
+    // five Adam doubles).
+    static constexpr std::size_t convention_offset = 5 * 8;
+    [[nodiscard]] std::vector<std::byte> seal(std::uint32_t version = optimizer_t<T>::state_version) const {
+        velora::state_writer w(optimizer_t<T>::state_kind, version);
         w.put(width);
-        for (std::byte b : config) w.put(b);
+        for (std::size_t i = 0; i < config.size(); ++i)
+            if (version >= 2 || i != convention_offset) w.put(config[i]);
         w.put(lr);
         w.put(static_cast<std::uint64_t>(layers.size()));
         for (const layer& l : layers) {
@@ -1534,11 +1539,11 @@ TEST_CASE_TEMPLATE("load_state rejects states the optimizer cannot be in, with s
         {"second moment negative", [](auto& x) { x.layers[1].v[2] = T(-1); }, "second moment"},
         {"second moment NaN (dense)", [&](auto& x) { x.layers[2].v[0] = nan; }, "second moment"},
         // The configuration is compared bit for bit: -0.0 == 0.0, but it would not re-save to the same blob.
-        {"refresh threshold -0.0 (configured 0.0)", [](auto& x) { const double z = -0.0; std::memcpy(&x.config[75], &z, sizeof z); },
+        {"refresh threshold -0.0 (configured 0.0)", [](auto& x) { const double z = -0.0; std::memcpy(&x.config[76], &z, sizeof z); },
          "refresh policy differs"},
-        {"warm_start flag byte 2", [](auto& x) { x.config[116] = std::byte{2}; }, "flag"},
+        {"warm_start flag byte 2", [](auto& x) { x.config[117] = std::byte{2}; }, "flag"},
     };
-    REQUIRE(run.cfg.refresh.threshold == 0.0);   // the field the -0.0 case rewrites (offset 75 of the configuration)
+    REQUIRE(run.cfg.refresh.threshold == 0.0);   // the field the -0.0 case rewrites (offset 76 of the configuration)
     const char* fn = "adarank::low_rank_adamw::load_state";
     for (const auto& c : cases) {
         CAPTURE(c.name);
@@ -1729,4 +1734,190 @@ TEST_CASE("when the overflow certificate is inconclusive the exact path commits 
         CHECK(v.allFinite());
         CHECK(v.minCoeff() >= 0.99 * 2e38 * 0.999);   // β₂·2e38 plus a small (1−β₂)Ĝ²
     }
+}
+
+// ================================================================================ 13. Adam conventions
+
+TEST_CASE_TEMPLATE("the torch convention: dense AdamW as torch.optim.AdamW computes it", T, float, double) {
+    // torch.optim.AdamW (decoupled weight decay, bias-corrected moments, ε added to √v̂):
+    //   w ← w·(1 − lr·wd);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
+    //   w ← w − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+    backend_t<T> backend;
+    adarank::optimizer_config c;
+    c.adam = {.lr = 3e-2, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-3, .weight_decay = 0.1, .convention = adarank::adam_convention::torch};
+    optimizer_t<T> opt(backend, c);
+    adarank::optimizer_config g = c;
+    g.adam.convention = adarank::adam_convention::galore;
+    optimizer_t<T> galore(backend, g);
+    const auto id = opt.add_parameter(6, 9, param_kind::dense);
+    REQUIRE(galore.add_parameter(6, 9, param_kind::dense) == id);
+    RowMatT<T> w = gaussian_matrix(6, 9, 1).cast<T>(), wg = w;
+    Mat ref = w.template cast<double>(), m = Mat::Zero(6, 9), v = Mat::Zero(6, 9);
+    for (int t = 1; t <= 30; ++t) {
+        // Small gradients late in the run make ε matter, which is where the conventions differ.
+        const RowMatT<T> grad = (gaussian_matrix(6, 9, 100 + std::uint64_t(t)) * (t > 20 ? 1e-3 : 1.0)).cast<T>();
+        REQUIRE(opt.step(id, mv(w), cv(grad)) == status::ok);
+        REQUIRE(galore.step(id, mv(wg), cv(grad)) == status::ok);
+        const Mat gd = grad.template cast<double>();
+        ref *= 1.0 - c.adam.lr * c.adam.weight_decay;
+        m = c.adam.beta1 * m + (1 - c.adam.beta1) * gd;
+        v = c.adam.beta2 * v + (1 - c.adam.beta2) * gd.cwiseProduct(gd);
+        const double bc1 = 1 - std::pow(c.adam.beta1, t), bc2 = 1 - std::pow(c.adam.beta2, t);
+        ref -= (c.adam.lr / bc1) * m.cwiseQuotient(((v.array().sqrt() / std::sqrt(bc2)) + c.adam.eps).matrix());
+    }
+    CHECK(rel_diff(w, ref) < (sizeof(T) == 4 ? 2e-6 : 1e-13));
+    CHECK(rel_diff(wg, ref) > 1e-4);   // the GaLore convention is measurably different here
+}
+
+TEST_CASE("the Adam convention is validated, saved, and version-1 states load as the galore convention") {
+    backend_t<float> backend;
+    adarank::optimizer_config c;
+    c.adam.convention = adarank::adam_convention::torch;
+    c.adam.lr = 0.5;
+    c.adam.weight_decay = 2.0;
+    CHECK(test::invalid_argument_message([&] { optimizer_t<float> o(backend, c); }).find("lr x weight_decay < 1") != std::string::npos);
+    c.adam.weight_decay = 0.1;
+    optimizer_t<float> torch_opt(backend, c);
+    CHECK(test::invalid_argument_message([&] { torch_opt.set_learning_rate(20.0); }).find("lr x wd >= 1") != std::string::npos);
+    CHECK(torch_opt.learning_rate() == 0.5);
+    c.adam.convention = static_cast<adarank::adam_convention>(7);
+    CHECK(test::invalid_argument_message([&] { optimizer_t<float> o(backend, c); }).find("config.adam.convention has the invalid value 7") !=
+          std::string::npos);
+
+    // A state saved with one convention does not load into the other.
+    small_run<float> run(3);
+    adarank::optimizer_config other = run.cfg;
+    other.adam.convention = adarank::adam_convention::torch;
+    optimizer_t<float> mismatched(run.backend, other);
+    for (const auto& shape : small_run<float>::shapes) mismatched.add_parameter(shape[0], shape[1], param_kind::automatic);
+    CHECK(test::invalid_argument_message([&] {
+              try {
+                  mismatched.load_state(run.opt.save_state());
+              } catch (const velora::state_format_error& e) {
+                  throw std::invalid_argument(e.what());
+              }
+          }).find("adam convention differs") != std::string::npos);
+
+    // Version 1 (before the convention byte): the same state, one byte shorter, loads as galore.
+    const std::vector<std::byte> v2 = run.opt.save_state();
+    const state_fields<float> s(v2);
+    REQUIRE(s.config[state_fields<float>::convention_offset] == std::byte{0});
+    optimizer_t<float> reloaded = run.fresh();
+    reloaded.load_state(s.seal(1));
+    CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
+}
+
+// ================================================================================ 14. user-defined policies
+
+namespace {
+
+// A user's rank estimator: the rank at the largest ratio σ_r/σ_{r+1} for r in [lo, hi] (a
+// spectral gap rule, where the library's rule keeps a share of the energy).
+struct spectral_gap_rank {
+    index_t lo = 1, hi = 6;
+    [[nodiscard]] index_t max_rank() const { return hi; }
+    [[nodiscard]] index_t estimate(std::span<const double> sigma, double /*energy*/, index_t cap) const {
+        const index_t top = std::min(hi, cap), first = std::min(lo, top);
+        index_t best = first;
+        double best_ratio = -1;
+        for (index_t r = first; r <= top && static_cast<std::size_t>(r) < sigma.size(); ++r) {
+            const double ratio = sigma[static_cast<std::size_t>(r - 1)] / std::max(sigma[static_cast<std::size_t>(r)], 1e-300);
+            if (ratio > best_ratio) {
+                best_ratio = ratio;
+                best = r;
+            }
+        }
+        return best;
+    }
+    void validate(std::string_view function) const {
+        velora::detail::require(lo >= 1 && lo <= hi, function, "config.rank (spectral_gap_rank) needs 1 <= lo <= hi, got lo = ", lo, ", hi = ", hi);
+    }
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::int64_t>(lo));
+        w.put(static_cast<std::int64_t>(hi));
+    }
+    static spectral_gap_rank load(velora::state_reader& r) {
+        spectral_gap_rank p;
+        p.lo = static_cast<index_t>(r.get<std::int64_t>());
+        p.hi = static_cast<index_t>(r.get<std::int64_t>());
+        return p;
+    }
+};
+
+// A user's refresh rule: every `interval` steps, or as soon as the projected gradient's energy
+// fell below `fraction` of its value at the subspace's first step.
+struct drop_or_every {
+    index_t interval = 4;
+    double fraction = 0.01;
+    [[nodiscard]] bool due_by_count(index_t steps) const { return steps >= interval; }
+    [[nodiscard]] bool due(const adarank::refresh_inputs& in) const {
+        return due_by_count(in.steps_in_subspace) || (in.anchor_norm2 >= 0 && in.projected_norm2 < fraction * in.anchor_norm2);
+    }
+    [[nodiscard]] bool needs_gradient_norm() const { return false; }
+    void validate(std::string_view function) const {
+        velora::detail::require(interval >= 1 && fraction >= 0 && fraction <= 1, function,
+                                "config.refresh (drop_or_every) needs interval >= 1 and fraction in [0, 1], got ", interval, " and ", fraction);
+    }
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::int64_t>(interval));
+        w.put(fraction);
+    }
+    static drop_or_every load(velora::state_reader& r) {
+        drop_or_every p;
+        p.interval = static_cast<index_t>(r.get<std::int64_t>());
+        p.fraction = r.get<double>();
+        return p;
+    }
+};
+
+using custom_optimizer = adarank::low_rank_adamw<backend_t<double>, spectral_gap_rank, drop_or_every>;
+static_assert(adarank::low_rank_optimizer<custom_optimizer>);
+
+} // namespace
+
+TEST_CASE("a user-defined rank estimator and refresh rule: chosen ranks, refreshes, validation, save and load") {
+    backend_t<double> backend;
+    adarank::basic_optimizer_config<spectral_gap_rank, drop_or_every> c;
+    c.rsvd.exact_fraction = 0.0;   // exact subspaces: the singular values the rule sees are the gradient's
+    custom_optimizer opt(backend, c);
+    const auto id = opt.add_parameter(30, 20, param_kind::low_rank);
+    RowMat w = gaussian_matrix(30, 20, 1);
+    // A gap after 3 singular values, then after 1: the rule follows the gap, not the energy share.
+    const RowMat three = with_spectrum(30, 20, {9, 8, 7, 0.5, 0.4, 0.3, 0.2}, 2);
+    const RowMat one = with_spectrum(30, 20, {9, 1, 0.9, 0.8, 0.7, 0.6, 0.5}, 3);
+    for (int t = 0; t < 4; ++t) REQUIRE(opt.step(id, mv(w), cv(three)) == status::ok);
+    CHECK(opt.info(id).rank == 3);
+    CHECK(opt.info(id).refreshes == 1);
+    REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);   // 4 steps in the subspace: due by count
+    CHECK(opt.info(id).refreshes == 2);
+    CHECK(opt.info(id).rank == 1);
+    // The energy in the subspace collapsing refreshes early (the rule's own criterion).
+    REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);
+    REQUIRE(opt.step(id, mv(w), cv(RowMat(three * 1e-3))) == status::ok);
+    CHECK(opt.info(id).refreshes == 3);
+    CHECK(opt.info(id).rank == 3);
+
+    // Save and load through the policies' own fields; a different setting is named on load.
+    const std::vector<std::byte> blob = opt.save_state();
+    custom_optimizer same(backend, c);
+    same.add_parameter(30, 20, param_kind::low_rank);
+    same.load_state(blob);
+    CHECK(same.save_state() == blob);
+    auto other = c;
+    other.rank.hi = 5;
+    custom_optimizer different(backend, other);
+    different.add_parameter(30, 20, param_kind::low_rank);
+    CHECK(state_error_message([&] { different.load_state(blob); }).find("rank policy differs") != std::string::npos);
+    other = c;
+    other.refresh.fraction = 0.5;
+    custom_optimizer refresh_differs(backend, other);
+    refresh_differs.add_parameter(30, 20, param_kind::low_rank);
+    CHECK(state_error_message([&] { refresh_differs.load_state(blob); }).find("refresh policy differs") != std::string::npos);
+
+    // Each policy validates itself, named by the optimizer's constructor.
+    auto bad = c;
+    bad.rank.lo = 0;
+    const std::string message = test::invalid_argument_message([&] { custom_optimizer o(backend, bad); });
+    CHECK(message.find("adarank::low_rank_adamw::low_rank_adamw") != std::string::npos);
+    CHECK(message.find("spectral_gap_rank) needs 1 <= lo <= hi, got lo = 0") != std::string::npos);
 }

@@ -1,6 +1,6 @@
 // Data-parallel training over MPI (velora::mpi_communicator), run by CTest as
-// `mpirun -np 2 test_distributed` (label mpi; one OpenMP thread per rank). Two real ranks, each
-// with half of every batch, against one optimizer that sees the whole batch (computed on every
+// `mpirun -np 2 test_distributed` and with -np 3 (label mpi; one OpenMP thread per rank). Real
+// ranks, each with its share of every batch, against one optimizer that sees the whole batch (computed on every
 // rank, in-process, as the reference):
 //   - low-rank (both sides, randomized and exact subspace searches, adaptive rank that changes,
 //     refreshes), factored VeLoRA gradients, and dense parameters (per step, and bucketed
@@ -157,7 +157,7 @@ adarank::optimizer_config test_config() {
     return c;
 }
 
-constexpr index_t global_batch = 8;
+constexpr index_t global_batch = 12;   // divisible by 1, 2 and 3 ranks
 
 // One training step of `m` on samples [first, first + count) of step t. With `comm`, the
 // optimizer takes the mean over ranks; the reference passes comm = nullptr (one process).
@@ -263,6 +263,60 @@ TEST_CASE_TEMPLATE("two ranks with half the batch each equal one process with th
     CHECK(ranks_seen.size() >= 2);   // the adaptive rank changed
     for (index_t p = 0; p < 3; ++p) CHECK(opt.info(p).refreshes >= 5);
     CHECK(steady_checked > 60);
+}
+
+TEST_CASE("the step in phases, with the host reducing the projection, is bit for bit the step with a communicator") {
+    auto& comm = world();
+    backend_t<float> backend;
+    model<float> a, b;
+    optimizer_t<float> opt_a(backend, test_config()), opt_b(backend, test_config());
+    register_all(a, opt_a, &comm);
+    register_all(b, opt_b, &comm);
+    std::vector<float> projection;
+    std::uint64_t phased = 0;
+    for (std::uint64_t t = 0; t < 40; ++t) {
+        (void)train_step(a, opt_a, t, first_sample(), share(), &comm);
+        for (std::size_t p = 0; p < 3; ++p) {   // the low-rank parameters
+            layer_problem<float>& l = b.layers[p];
+            const auto id = static_cast<index_t>(p);
+            const std::vector<float> grad = l.gradient(t, first_sample(), share());
+            const velora::factored_gradient<float> f{{grad.data(), l.rows, l.groups, l.groups}, l.v.data(), l.s, l.cols, 1.0f};
+            const velora::const_matrix_view<float> dense{grad.data(), l.rows, l.cols, l.cols};
+            const auto [rows, cols] = opt_b.projection_shape(id);
+            if (rows == 0) {   // the step needs the gradient itself
+                CHECK(test::invalid_argument_message([&] {
+                          std::vector<float> out(1);
+                          opt_b.project(id, dense, {out.data(), 1, 1, 1});
+                      }).find("searches a new subspace") != std::string::npos);
+                const status st = l.factored() ? opt_b.step(id, l.weight(), f, comm) : opt_b.step(id, l.weight(), dense, comm);
+                CHECK(st == status::ok);
+                continue;
+            }
+            projection.assign(static_cast<std::size_t>(rows * cols), 0.0f);
+            const velora::matrix_view<float> out{projection.data(), rows, cols, cols};
+            if (l.factored()) opt_b.project(id, f, out);
+            else opt_b.project(id, dense, out);
+            // The host's own collective (here the same all-reduce, then the mean).
+            comm.all_reduce_sum(std::span<float>(projection));
+            if (comm.size() > 1) for (float& x : projection) x *= 1.0f / static_cast<float>(comm.size());
+            const status st = l.factored() ? opt_b.step_projected(id, l.weight(), out, f, comm) : opt_b.step_projected(id, l.weight(), out, dense, comm);
+            CHECK(st == status::ok);
+            ++phased;
+        }
+        // The dense parameters as train_step does them.
+        std::vector<std::vector<float>> grads;
+        for (std::size_t p = 3; p < 6; ++p) grads.push_back(b.layers[p].gradient(t, first_sample(), share()));
+        std::vector<index_t> ids{4, 5};
+        std::vector<velora::matrix_view<float>> views{{grads[1].data(), 16, 16, 16}, {grads[2].data(), 1, 16, 16}};
+        opt_b.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<float>>(views), comm);
+        CHECK(opt_b.step(3, b.layers[3].weight(), velora::const_matrix_view<float>{grads[0].data(), 1, 96, 96}, comm) == status::ok);
+        CHECK(opt_b.step(4, b.layers[4].weight(), velora::const_matrix_view<float>{grads[1].data(), 16, 16, 16}) == status::ok);
+        CHECK(opt_b.step(5, b.layers[5].weight(), velora::const_matrix_view<float>{grads[2].data(), 1, 16, 16}) == status::ok);
+        REQUIRE(b.weights_hash() == a.weights_hash());
+    }
+    CHECK(opt_b.save_state() == opt_a.save_state());
+    CHECK(phased > 60);   // most steps went through the phases
+    CHECK(opt_a.info(0).refreshes >= 4);
 }
 
 TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
@@ -390,7 +444,7 @@ TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch"
     auto& comm = world();
     using B = backend_t<float>;
     B backend;
-    const index_t tokens = 16, features = 24;
+    const index_t tokens = 12, features = 24;   // tokens divisible by 1, 2 and 3 ranks
     const std::vector<float> x = test::data<float>(static_cast<std::size_t>(tokens * features), 99, 0.5);
     velora::compressor_config cc;
     cc.groups = 6;

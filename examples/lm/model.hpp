@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <new>
@@ -235,6 +236,16 @@ public:
     /// norm2, w1 (gate), w3 (up), w2 (down), then the final norm.
     std::vector<param_ref<T>>& parameters() noexcept { return params_; }
 
+    /// Called by train_step just before a compressor compresses for the first time (its v not
+    /// yet set), with the compressor and the input it is about to compress (this batch's rows of
+    /// the layer input): a data-parallel trainer sets there the v that every rank shares
+    /// (velora::share_first_batch_v). The calls come in forward order, the same order on every
+    /// rank, as the collectives of such a hook need. An exception from the hook propagates out of train_step before any
+    /// gradient reaches the sink (parameters untouched). Without a hook (the default) the
+    /// compressor takes v from this input itself (v_mode::first_batch_mean).
+    using first_compress_hook = std::function<void(compressor_type&, velora::const_matrix_view<T>)>;
+    void set_first_compress_hook(first_compress_hook hook) { first_compress_ = std::move(hook); }
+
     /// True when parameter `i` receives a factored (VeLoRA) gradient.
     [[nodiscard]] bool is_factored(std::size_t i) const noexcept {
         if (i < 2 || i >= final_norm_index()) return false;
@@ -411,8 +422,10 @@ private:
     // means the activations diverged (NaN/Inf, or beyond the storage type's range) and the record
     // still holds the previous step's Z, so the step stops here, before backward could read it
     // and before any gradient reaches the sink. degenerate_input (an all-zero input: the
-    // documented fallback v was used) wrote the record and goes on.
-    static void keep_record(compressor_type& c, cview x, record_type& record, index_t layer, const char* input) {
+    // documented fallback v was used) wrote the record and goes on. The first compress of each
+    // compressor goes through the hook first, when there is one (set_first_compress_hook).
+    void keep_record(compressor_type& c, cview x, record_type& record, index_t layer, const char* input) {
+        if (first_compress_ && !c.initialised()) first_compress_(c, x);
         const velora::status st = c.compress(x, record);
         if (st != velora::status::ok && st != velora::status::degenerate_input)
             throw std::runtime_error("lm::transformer::train_step: compressing layer " + std::to_string(layer) + "'s " + input +
@@ -592,6 +605,7 @@ private:
     aligned_vector<T> tmp_h1_, tmp_s_;    // transient h1 / s when they are not kept
     aligned_vector<T> dx_, dh_buf_, dq_, dk_, dv_, do_, ds_, dsc_;
     std::size_t activation_bytes_ = 0;
+    first_compress_hook first_compress_;
 };
 
 } // namespace lm

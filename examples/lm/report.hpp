@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,14 +26,26 @@ struct run {
     std::vector<double> train_loss;
     std::vector<int> valid_steps;
     std::vector<double> valid_loss;
+    std::vector<double> gradient_energy;      // at the valid_steps: Σ ‖G‖² (dense) + Σ ‖Ĝ‖² (low-rank) the optimizer stepped with
     std::vector<std::string> rank_names;      // low-rank parameters, in registration order
     std::vector<int> rank_steps;
     std::vector<std::vector<double>> ranks;   // [eval point][low-rank parameter]
     std::size_t activation_bytes = 0;         // kept for backward by one step's forward pass (counted by the model)
     std::size_t optimizer_bytes = 0;          // optimizer state (low_rank_adamw::state_bytes)
-    std::size_t peak_rss_bytes = 0;           // VmHWM of the training process
+    std::size_t peak_rss_bytes = 0;           // VmHWM of the training process (data-parallel: see reset_peak_rss)
     double mean_step_ms = 0, tokens_per_second = 0;
+    std::uint64_t communicated_bytes = 0;     // gradient bytes one rank put into all-reduces over the run (0 in one process)
 };
+
+// Resets the process's VmHWM to its current RSS (Linux >= 4.0: "5" to /proc/self/clear_refs), so
+// that peak_rss_bytes() then measures from here; false where that is not possible. Data-parallel
+// runs use it before each configuration, as they train them one after another in one process.
+inline bool reset_peak_rss() {
+    std::ofstream out("/proc/self/clear_refs");
+    out << "5";
+    out.flush();
+    return static_cast<bool>(out);
+}
 
 inline std::size_t peak_rss_bytes() {
     std::ifstream in("/proc/self/status");
@@ -63,11 +76,12 @@ inline std::string serialize(const run& r) {
         os << '\n';
     };
     os << "name " << r.name << '\n' << "error " << r.error << '\n' << "steps " << r.steps << '\n' << "interrupted " << r.interrupted << '\n';
-    os << "bytes " << r.activation_bytes << ' ' << r.optimizer_bytes << ' ' << r.peak_rss_bytes << '\n';
+    os << "bytes " << r.activation_bytes << ' ' << r.optimizer_bytes << ' ' << r.peak_rss_bytes << ' ' << r.communicated_bytes << '\n';
     os << "speed " << r.mean_step_ms << ' ' << r.tokens_per_second << '\n';
     list("train_loss", r.train_loss);
     list("valid_steps", r.valid_steps);
     list("valid_loss", r.valid_loss);
+    list("gradient_energy", r.gradient_energy);
     list("rank_names", r.rank_names);
     list("rank_steps", r.rank_steps);
     for (const auto& ranks : r.ranks) list("ranks", ranks);
@@ -95,11 +109,12 @@ inline run deserialize(const std::string& text) {
         else if (key == "error") r.error = rest();
         else if (key == "steps") ls >> r.steps;
         else if (key == "interrupted") ls >> r.interrupted;
-        else if (key == "bytes") ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes;
+        else if (key == "bytes") ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes >> r.communicated_bytes;
         else if (key == "speed") ls >> r.mean_step_ms >> r.tokens_per_second;
         else if (key == "train_loss") read_numbers(ls, r.train_loss);
         else if (key == "valid_steps") for (int x; ls >> x;) r.valid_steps.push_back(x);
         else if (key == "valid_loss") read_numbers(ls, r.valid_loss);
+        else if (key == "gradient_energy") read_numbers(ls, r.gradient_energy);
         else if (key == "rank_names") for (std::string x; ls >> x;) r.rank_names.push_back(x);
         else if (key == "rank_steps") for (int x; ls >> x;) r.rank_steps.push_back(x);
         else if (key == "ranks") {
@@ -194,10 +209,12 @@ inline void write_json(std::ostream& out, const std::vector<run>& runs, const st
         number(final_valid(r)) << ",\"valid_perplexity\":";
         number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes
             << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
-            << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"valid_curve\":{\"steps\":";
+            << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"communicated_bytes\":" << r.communicated_bytes << ",\"valid_curve\":{\"steps\":";
         list(r.valid_steps);
         out << ",\"loss\":";
         list(r.valid_loss);
+        out << ",\"gradient_energy\":";
+        list(r.gradient_energy);
         out << "},\"train_loss\":";
         list(r.train_loss);
         out << ",\"ranks\":{\"parameters\":[";

@@ -10,9 +10,25 @@
 // steps each parameter as soon as its gradient exists (gradient_sink), VeLoRA gradients reach
 // it in factored form. Each configuration runs in its own process so that its peak RSS is its own.
 //
+// Data-parallel (a build with MPI, started by mpirun with more than one rank): --batch is the
+// global batch and must be divisible by the number of ranks P; rank k trains on the k-th P-th of
+// every batch's sequences and evaluates the k-th P-th of every validation batch. Each rank's loss
+// is the mean over its own sequences, so its gradients are those of its own mean loss; with equal
+// shares their mean over the ranks, which is what the optimizer steps with, is the gradient of
+// the global batch's mean loss, i.e. what one process computes (no rescaling needed). Low-rank
+// parameters step with the communicator (the ranks all-reduce only projected gradients and, at
+// a refresh, sketches); the gradients of densely optimised parameters are kept until the end of
+// backward and reduced together by low_rank_adamw::all_reduce_mean (bucketed), then stepped
+// without it. VeLoRA's compressors get the v of the global first batch (share_first_batch_v).
+// Reported losses are means over all ranks; only rank 0 prints and writes --json and --plot. MPI
+// and fork do not mix: the configurations run one after another in each rank's own process, and
+// their peak RSS is measured from a reset of the process's high-water mark (see print_dp_notes).
+// A plain `lm_train` of an MPI build is an MPI singleton and behaves as without MPI.
+//
 //   lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
 //            [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]
 //            [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]
+// (--config NAME is accepted as another spelling of --configs.)
 // (`lm_train --help` says what each flag means and its default; print_help below.)
 // --share-qkv: q, k and v read one VeLoRA record of their common input (otherwise only v's
 // input is recorded, and q, k still keep it).
@@ -20,11 +36,18 @@
 // the folders of --json and --plot must be writable, the corpus must load. SIGINT, SIGTERM and
 // SIGHUP stop the configuration in training after its current step (forwarded to its process);
 // the table, --json and --plot then show what was trained and the exit status is 128 + the signal.
-// A training process dies with lm_train, even on SIGKILL (PR_SET_PDEATHSIG). --json and --plot
+// A training process dies with lm_train, even on SIGKILL (PR_SET_PDEATHSIG). Data-parallel, a
+// signal that reaches any rank stops every rank after the same step (agreed through the
+// communicator's any()). --json and --plot
 // are written at the end, into PATH.tmp-<pid> renamed onto PATH: an older file at PATH is
 // replaced only by a complete one.
 #include <adarank/adarank.hpp>
+#include <velora/distributed/communicator.hpp>
+#include <velora/distributed/shared_v.hpp>
 #include <velora/velora.hpp>
+#if defined(VELORA_DEMO_MPI)
+#include <velora/distributed/mpi.hpp>
+#endif
 
 #include "model.hpp"
 #include "report.hpp"
@@ -43,14 +66,20 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <sys/wait.h>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 #if defined(__linux__)
 #include <sys/prctl.h>
+#endif
+#if defined(__GLIBC__)
+#include <malloc.h>
 #endif
 
 // The library's version (the CMake project version, set by examples/CMakeLists.txt; no header
@@ -100,6 +129,7 @@ struct options {
     std::vector<std::string> configs = known_configs;
     std::uint64_t seed = 1;
     std::string json, plot;
+    bool help = false;   // --help or -h: print the help and exit 0 (nothing after it is parsed)
 };
 
 // Sizes. Every flag is at most 10^9 but their products are not bounded: --context 100000 asks
@@ -132,11 +162,13 @@ struct footprint {
 // the loss curve (a double per step and its text form on the way to the parent, ~32 bytes).
 // The library's own scratch (GEMM, SVD) is not counted; at --batch 8 --context 1024 this comes
 // within 3% of the measured peak RSS of adamw and of velora+adarank.
-footprint estimate(const options& o) {
+// `ranks`: a data-parallel process holds the activations of its --batch / ranks sequences.
+footprint estimate(const options& o, index_t ranks = 1) {
+    const index_t share = std::max<index_t>(o.batch / ranks, 1);
     const saturating d = o.model.d_model, f = o.model.ffn, V = o.model.vocab, C = o.model.context, L = o.model.layers,
-                     N = saturating(o.batch) * C, g1 = std::min(o.groups, o.model.d_model), g2 = std::min(o.groups, o.model.ffn);
+                     N = saturating(share) * C, g1 = std::min(o.groups, o.model.d_model), g2 = std::min(o.groups, o.model.ffn);
     const saturating parameters = (V + C) * d + L * (saturating(2) * d + saturating(4) * d * d + saturating(3) * f * d) + d;
-    const saturating per_layer = N * (saturating(8) * d + saturating(3) * f + g1 + g2 + 2) + saturating(o.batch) * o.model.heads * C * C +
+    const saturating per_layer = N * (saturating(8) * d + saturating(3) * f + g1 + g2 + 2) + saturating(share) * o.model.heads * C * C +
                                  d * (saturating(3) * g1 + g2);
     const saturating last = N * (saturating(9) * d + saturating(2) * f + V + 1) + C * C;
     const saturating floats = saturating(4) * parameters + L * per_layer + last;
@@ -163,8 +195,8 @@ std::string human_bytes(std::uint64_t bytes) {
 // The limit is physical memory: a training process that does not fit would swap or be killed.
 // The error names the flag that is too large on its own (every other flag at its default; most
 // often a typo), else every size flag that differs from its default.
-void check_sizes(const options& o) {
-    const std::uint64_t limit = physical_memory_bytes(), need = estimate(o).bytes;
+void check_sizes(const options& o, index_t ranks = 1) {
+    const std::uint64_t limit = physical_memory_bytes(), need = estimate(o, ranks).bytes;
     if (limit == 0 || need <= limit) return;   // unknown limit: the allocation will tell
     struct size_flag {
         const char* name;
@@ -189,7 +221,7 @@ void check_sizes(const options& o) {
         changed += (changed.empty() ? "" : " ") + named;
         options alone = defaults;
         flag.set(alone, flag.value);
-        if (culprit.empty() && estimate(defaults).bytes <= limit && estimate(alone).bytes > limit) culprit = named;
+        if (culprit.empty() && estimate(defaults, ranks).bytes <= limit && estimate(alone, ranks).bytes > limit) culprit = named;
     }
     const std::string who = !culprit.empty() ? culprit + " needs" : !changed.empty() ? changed + " together need" : "the default sizes need";
     throw std::invalid_argument(who + (need == UINT64_MAX ? " " : " about ") + human_bytes(need) + " of memory per training process (model, optimizer, activations); the " +
@@ -228,7 +260,7 @@ void print_help() {
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order, from: %s\n"
-                "                     (default: all five)\n", join(known_configs, ", ").c_str());
+                "                     (default: all five; also spelt --config)\n", join(known_configs, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
     std::printf("  --seed S           seed of the initial weights and of the batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
@@ -243,6 +275,16 @@ void print_help() {
                 "and --plot show what was trained. A training process dies with lm_train, also on SIGKILL.\n"
                 "Exit status: 0; 1 if a configuration failed; 2 for bad flags or input; 128 + N when stopped by signal N.\n",
                 physical_memory_bytes() ? human_bytes(physical_memory_bytes()).c_str() : "unknown");
+#if defined(VELORA_DEMO_MPI)
+    std::printf("Data-parallel (this build has MPI): `mpirun -np P lm_train ...` trains every configuration on P ranks; --batch is\n"
+                "the global batch (divisible by P), each rank trains on --batch / P of its sequences, the losses are means over\n"
+                "all of them. The configurations run one after another in each rank's process (no fork); only rank 0 prints and\n"
+                "writes files. A signal that reaches any rank stops all of them after the same step (Ctrl-C or kill -TERM of\n"
+                "Open MPI's mpirun reaches every rank as SIGTERM). Use one OpenMP thread per rank where the ranks share the\n"
+                "cores (OMP_NUM_THREADS=1).\n");
+#else
+    std::printf("Data-parallel: not in this build (CMake found no MPI; the target velora::mpi enables it).\n");
+#endif
 }
 
 [[noreturn]] void usage_error(const std::string& what) { throw std::invalid_argument(what); }
@@ -259,7 +301,8 @@ long positive(const std::string& flag, const char* text) {
 options parse(int argc, char** argv) {
     options o;
     for (int i = 1; i < argc; ++i) {
-        const std::string flag = argv[i];
+        // `--config NAME` (one configuration) is another spelling of --configs.
+        const std::string flag = std::string_view(argv[i]) == "--config" ? std::string("--configs") : std::string(argv[i]);
         auto next = [&]() -> const char* {
             if (i + 1 >= argc) usage_error("flag " + flag + " needs a value");
             return argv[++i];
@@ -295,8 +338,8 @@ options parse(int argc, char** argv) {
             }
             if (o.configs.empty()) usage_error("flag --configs needs at least one configuration");
         } else if (flag == "--help" || flag == "-h") {
-            print_help();
-            std::exit(0);
+            o.help = true;
+            return o;
         } else {
             usage_error("unknown flag '" + flag + "' (see --help)");
         }
@@ -371,56 +414,228 @@ adarank::optimizer_config optimizer_for(const std::string& name, const options& 
     return c;
 }
 
-// Steps each parameter as soon as the model hands over its gradient.
+// An error that every rank of a data-parallel run raises at the same point of the same step: it
+// comes from a reduced quantity (the loss, VeLoRA's shared v) or from an optimizer status, which
+// the library makes the same on every rank. The run goes on with the next configuration. Any
+// other error during data-parallel training may be one rank's alone while the others wait in a
+// collective, so it aborts every rank (abort_all_ranks). In one process every error is "agreed".
+struct agreed_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+template <class C>
+constexpr bool one_process = std::is_same_v<C, velora::single_process>;
+
+template <velora::communicator C>
+[[noreturn]] void abort_all_ranks(C& comm, const std::string& what) {
+    std::fprintf(stderr, "lm_train (rank %d of %d): %s; aborting all ranks\n", comm.rank(), comm.size(), what.c_str());
+    std::fflush(stderr);
+#if defined(VELORA_DEMO_MPI)
+    if constexpr (std::is_same_v<C, velora::mpi_communicator>) MPI_Abort(comm.native(), 1);
+#endif
+    std::abort();
+}
+
+// The mean over the ranks of one number per rank (the identity in one process: x / 1 is x).
+template <velora::communicator C>
+double mean_over_ranks(C& comm, double x) {
+    comm.all_reduce_sum(std::span<double>(&x, 1));
+    return x / comm.size();
+}
+
+// The largest of one number per rank (every rank's value in its own slot of a sum, which adds zeros only).
+template <velora::communicator C>
+double max_over_ranks(C& comm, double x) {
+    std::vector<double> all(static_cast<std::size_t>(comm.size()), 0.0);
+    all[static_cast<std::size_t>(comm.rank())] = x;
+    comm.all_reduce_sum(std::span<double>(all));
+    return *std::max_element(all.begin(), all.end());
+}
+
+// Whether to stop (a stop signal has reached some rank), the same answer on every rank; the
+// signal that `interrupted` then holds is the same on every rank too (SIGINT before SIGTERM
+// before SIGHUP when ranks received different ones). A collective: every rank calls it at the
+// same points. In one process it reads `interrupted`.
+template <velora::communicator C>
+bool stop_agreed(C& comm) {
+    if (!comm.any(interrupted != 0)) return false;
+    if constexpr (!one_process<C>) {
+        const int seen = interrupted;   // nonzero on some rank; never reset
+        double got[3] = {seen == SIGINT ? 1.0 : 0.0, seen == SIGTERM ? 1.0 : 0.0, seen == SIGHUP ? 1.0 : 0.0};
+        comm.all_reduce_sum(std::span<double>(got));
+        interrupted = got[0] > 0 ? SIGINT : got[1] > 0 ? SIGTERM : SIGHUP;
+    }
+    return true;
+}
+
+// Steps each parameter with the gradient the model hands over. In one process every step is
+// taken at once (fused into backward). Data-parallel:
+// - a low-rank parameter steps at once with the communicator: its reduction is of projected
+//   gradients (rank × other values, plus sketches at a refresh), which only the optimizer can
+//   form, and it is part of the step;
+// - the gradient of a densely optimised parameter is kept (the model's own gradient buffer holds
+//   it until the next train_step; a factored VeLoRA gradient is expanded into that buffer, the
+//   expansion the optimizer would make) and flush() at the end of backward reduces all of them
+//   with all_reduce_mean, in buckets, then steps them without the communicator. Deferring is
+//   exact: the model reads no parameter's value after handing over its gradient, and the dense
+//   steps are independent of each other. It is chosen over reducing each gradient on arrival
+//   because the collectives here are blocking (nothing overlaps with backward anyway), so fewer,
+//   larger all-reduces cost less latency: one or a few per step instead of one per parameter
+//   (20 for the default model with AdamW). It costs no memory beyond the bucket: the gradients
+//   are in the model's buffers already.
+template <velora::communicator C>
 class optimizer_sink final : public lm::gradient_sink<T> {
 public:
-    optimizer_sink(adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<adarank::low_rank_adamw<B>::param_id>& ids)
-        : opt_(opt), params_(params), ids_(ids) {}
-    void dense(std::size_t i, velora::const_matrix_view<T> grad) override { check(opt_.step(ids_[i], weight(i), grad), i); }
-    void factored(std::size_t i, const velora::factored_gradient<T>& grad) override { check(opt_.step(ids_[i], weight(i), grad), i); }
+    using param_id = adarank::low_rank_adamw<B>::param_id;
+    optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm)
+        : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm) {
+        for (const param_id id : ids_) low_rank_.push_back(opt_.info(id).low_rank);
+    }
+    void dense(std::size_t i, velora::const_matrix_view<T> grad) override {
+        if constexpr (one_process<C>) {
+            if (measure_ && !low_rank_[i]) energy_ += backend_.sum_of_squares(grad);
+            stepped(i, opt_.step(ids_[i], weight(i), grad));
+        } else if (low_rank_[i]) {
+            stepped(i, opt_.step(ids_[i], weight(i), grad, comm_));
+        } else {
+            if (grad.data != params_[i].grad) throw std::logic_error("the gradient of " + params_[i].name + " is not in its gradient buffer");
+            defer(i);
+        }
+    }
+    void factored(std::size_t i, const velora::factored_gradient<T>& grad) override {
+        if constexpr (one_process<C>) {
+            if (measure_ && !low_rank_[i]) energy_ += adarank::factored_gradient_op<B>(backend_, grad, scratch_).norm2();
+            stepped(i, opt_.step(ids_[i], weight(i), grad));
+        } else if (low_rank_[i]) {
+            stepped(i, opt_.step(ids_[i], weight(i), grad, comm_));
+        } else {
+            // The model never writes a VeLoRA projection's gradient buffer: free to hold the expansion.
+            adarank::factored_gradient_op<B>(backend_, grad, scratch_).row_block(0, gradient(i));
+            defer(i);
+        }
+    }
+    // After train_step (data-parallel): reduces and steps the deferred dense gradients.
+    void flush() {
+        if constexpr (!one_process<C>) {
+            if (deferred_.empty()) return;
+            try {
+                opt_.all_reduce_mean(std::span<const param_id>(deferred_ids_), std::span<const velora::matrix_view<T>>(deferred_grads_), comm_);
+                for (std::size_t k = 0; k < deferred_.size(); ++k) {
+                    // What all_reduce_mean put into its all-reduces for this gradient (counted from the
+                    // size: in this tree info().communicated_bytes of a parameter stepped without the
+                    // communicator after all_reduce_mean is 0).
+                    bytes_ += static_cast<std::uint64_t>(deferred_grads_[k].size()) * sizeof(T);
+                    if (measure_) energy_ += backend_.sum_of_squares(deferred_grads_[k]);
+                    check(opt_.step(deferred_ids_[k], weight(deferred_[k]), velora::const_matrix_view<T>(deferred_grads_[k])), deferred_[k]);
+                }
+            } catch (...) {
+                clear();
+                throw;
+            }
+            clear();
+        }
+    }
+    // Gradient bytes this rank has put into all-reduces (0 in one process).
+    [[nodiscard]] std::uint64_t communicated_bytes() const noexcept { return bytes_; }
+    // With `on`, the next step sums the energy of the gradients the optimizer steps with: ‖G‖²
+    // of a densely optimised parameter (data-parallel: of the ranks' mean), ‖Ĝ‖² of a low-rank
+    // one's projected gradient. It shows a gradient of the wrong scale at once (a factor c on
+    // G is c² here), where the losses respond only through Adam's ε (Adam normalises its step).
+    void measure(bool on) {
+        measure_ = on;
+        energy_ = 0;
+    }
+    [[nodiscard]] double energy() const noexcept { return energy_; }
 
 private:
     velora::matrix_view<T> weight(std::size_t i) { return {params_[i].data, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    velora::matrix_view<T> gradient(std::size_t i) { return {params_[i].grad, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    void defer(std::size_t i) {
+        deferred_.push_back(i);
+        deferred_ids_.push_back(ids_[i]);
+        deferred_grads_.push_back(gradient(i));
+    }
+    void clear() {
+        deferred_.clear();
+        deferred_ids_.clear();
+        deferred_grads_.clear();
+    }
+    void stepped(std::size_t i, velora::status s) {
+        check(s, i);
+        if (!low_rank_[i]) return;   // (the dense steps of a data-parallel run are counted in flush)
+        if (measure_) energy_ += opt_.info(ids_[i]).projected_norm2;
+        bytes_ += opt_.info(ids_[i]).communicated_bytes;
+    }
     // ok and degenerate_input (an all-zero gradient where a new subspace was due: the old one
     // is kept, the step was taken) go on; any other status means the step changed nothing
-    // because the gradient was NaN/Inf or overflowed: the run has diverged.
+    // because the gradient was NaN/Inf or overflowed: the run has diverged. The status is the
+    // same on every rank (the optimizer's promise), so is the error.
     void check(velora::status s, std::size_t i) {
         if (s != velora::status::ok && s != velora::status::degenerate_input)
-            throw std::runtime_error("optimizer step for " + params_[i].name + " returned status " + std::string(velora::to_string(s)) +
-                                     ": training diverged");
+            throw agreed_error("optimizer step for " + params_[i].name + " returned status " + std::string(velora::to_string(s)) +
+                               ": training diverged");
     }
+    B& backend_;
     adarank::low_rank_adamw<B>& opt_;
     std::vector<lm::param_ref<T>>& params_;
-    std::vector<adarank::low_rank_adamw<B>::param_id>& ids_;
+    std::vector<param_id>& ids_;
+    C& comm_;
+    std::vector<bool> low_rank_;
+    std::vector<std::size_t> deferred_;   // parameter indices whose gradients wait for flush()
+    std::vector<param_id> deferred_ids_;
+    std::vector<velora::matrix_view<T>> deferred_grads_;
+    B::template buffer<T> scratch_;   // factored_gradient_op's (its row_block and norm2 do not use it)
+    std::uint64_t bytes_ = 0;
+    bool measure_ = false;
+    double energy_ = 0;
 };
 
-// Trains one configuration; fills `r`. Runs in a child process.
-void train_one(const std::string& name, const options& o, const corpus& data, report::run& r) {
+// Trains one configuration; fills `r`. In one process (C = single_process) it runs in a child
+// process (run_isolated); data-parallel in each rank's own process (run_in_process), where every
+// collective below is called by all ranks in the same order.
+template <velora::communicator C>
+void train_one(const std::string& name, const options& o, const corpus& data, report::run& r, C& comm) {
+    const index_t share = o.batch / comm.size();   // this rank's sequences of every batch
+    const std::size_t first = static_cast<std::size_t>(comm.rank() * share * (o.model.context + 1));   // its first token
+    const bool root = comm.rank() == 0;
     B backend;
     lm::velora_config vc;
     vc.value = vc.down = uses_velora(name);
     vc.share_qkv = uses_velora(name) && o.share_qkv;
     vc.groups = o.groups;
-    lm::transformer<T> model(backend, o.model, vc, o.seed, o.batch);
+    lm::transformer<T> model(backend, o.model, vc, o.seed, share);
+    if constexpr (!one_process<C>) {
+        // Every rank projects onto the v of the global first batch (what one process computes).
+        model.set_first_compress_hook([&](lm::transformer<T>::compressor_type& comp, velora::const_matrix_view<T> x) {
+            const velora::status s = velora::share_first_batch_v(backend, comp, x, comm);
+            if (s == velora::status::degenerate_input) {   // all first batches are zero: the fallback v one process would use
+                const std::vector<T> ones(static_cast<std::size_t>(comp.subtoken_size()), T(1));
+                comp.set_v(ones);
+            } else if (s != velora::status::ok) {
+                throw agreed_error("the first batch's VeLoRA input is not finite (status " + std::string(velora::to_string(s)) + "): training diverged");
+            }
+        });
+    }
     auto& params = model.parameters();
     adarank::low_rank_adamw<B> opt(backend, optimizer_for(name, o));
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
         const auto kind = p.matrix && uses_low_rank(name) && p.name.find("embed") == std::string::npos ? adarank::param_kind::low_rank
                                                                                                       : adarank::param_kind::dense;
-        ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
+        if constexpr (one_process<C>) ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
+        else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
         if (kind == adarank::param_kind::low_rank) r.rank_names.push_back(p.name);
     }
-    optimizer_sink sink(opt, params, ids);
+    optimizer_sink<C> sink(backend, opt, params, ids, comm);
     std::vector<int> tokens, valid_tokens;
     const int valid_batches = 8;
     auto validation_loss = [&] {
         double sum = 0;
         for (int v = 0; v < valid_batches; ++v) {
             make_batch(data.valid, o.batch, o.model.context, o.seed + 7, static_cast<std::uint64_t>(v), valid_tokens);
-            sum += model.evaluate(valid_tokens.data(), o.batch);
+            sum += model.evaluate(valid_tokens.data() + first, share);
         }
-        return sum / valid_batches;
+        return mean_over_ranks(comm, sum / valid_batches);
     };
     auto record_ranks = [&](int step) {
         std::vector<double> ranks;
@@ -431,36 +646,51 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     };
     r.name = name;
     double seconds = 0;
-    const double tokens_per_step = static_cast<double>(o.batch * o.model.context);
+    const double tokens_per_step = static_cast<double>(o.batch * o.model.context);   // all ranks' tokens
     // Whatever ends the loop (the last step, Ctrl-C, divergence), the row gets its measurements.
+    // Data-parallel, a collective (the peak RSS is the largest rank's, the stop is agreed).
     auto finish = [&] {
-        if (isatty(2)) std::fprintf(stderr, "\n");
+        if (root && isatty(2)) std::fprintf(stderr, "\n");
         r.optimizer_bytes = opt.state_bytes();
         r.mean_step_ms = r.steps ? 1e3 * seconds / r.steps : 0;
         r.tokens_per_second = seconds > 0 ? tokens_per_step * r.steps / seconds : 0;
-        r.peak_rss_bytes = report::peak_rss_bytes();
-        r.interrupted = interrupted != 0;
+        r.peak_rss_bytes = static_cast<std::size_t>(max_over_ranks(comm, static_cast<double>(report::peak_rss_bytes())));
+        r.communicated_bytes = sink.communicated_bytes();
+        r.interrupted = stop_agreed(comm);
     };
     try {
-        for (int step = 0; step < o.steps && !interrupted; ++step) {
-            make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);
+        for (int step = 0; step < o.steps && !stop_agreed(comm); ++step) {
+            make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);   // the global batch
+            const bool evaluate = step % o.eval_every == 0 || step + 1 == o.steps;
+            sink.measure(evaluate);
             const auto t0 = std::chrono::steady_clock::now();
-            const double loss = model.train_step(tokens.data(), o.batch, sink);
+            const double own = model.train_step(tokens.data() + first, share, sink);   // this rank's share
+            sink.flush();
             seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            if (!std::isfinite(loss)) throw std::runtime_error("the training loss is not finite: training diverged (try a lower --lr)");
+            const double loss = mean_over_ranks(comm, own);
+            if (!std::isfinite(loss)) throw agreed_error("the training loss is not finite: training diverged (try a lower --lr)");
             r.train_loss.push_back(loss);
             r.steps = step + 1;
             r.activation_bytes = std::max(r.activation_bytes, model.activation_bytes());
-            if (step % o.eval_every == 0 || step + 1 == o.steps) {
+            if (evaluate) {
                 const double valid = validation_loss();
-                if (!std::isfinite(valid)) throw std::runtime_error("the validation loss is not finite: training diverged (try a lower --lr)");
+                if (!std::isfinite(valid)) throw agreed_error("the validation loss is not finite: training diverged (try a lower --lr)");
                 r.valid_steps.push_back(step + 1);
                 r.valid_loss.push_back(valid);
+                r.gradient_energy.push_back(sink.energy());
                 if (!r.rank_names.empty()) record_ranks(step + 1);
             }
-            report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
+            if (root) report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
         }
+    } catch (const agreed_error&) {
+        finish();
+        throw;
+    } catch (const std::exception& e) {
+        if constexpr (!one_process<C>) abort_all_ranks(comm, name + ": " + e.what());
+        finish();
+        throw;
     } catch (...) {
+        if constexpr (!one_process<C>) abort_all_ranks(comm, name + ": unknown error");
         finish();
         throw;
     }
@@ -491,7 +721,8 @@ report::run run_isolated(const std::string& name, const options& o, const corpus
         int code = 0;
         report::run r;
         try {
-            train_one(name, o, data, r);
+            velora::single_process one;
+            train_one(name, o, data, r, one);
         } catch (const std::exception& e) {
             r.error = e.what();
             code = 1;
@@ -537,11 +768,53 @@ void check_output(const std::string& path) {
     std::remove(temp.c_str());
 }
 
+// Data-parallel: trains one configuration in this process (every rank calls it for the same
+// configurations in the same order). Its peak RSS is measured from a reset of the process's
+// high-water mark after the allocator has returned what it can of earlier configurations.
+template <velora::communicator C>
+report::run run_in_process(const std::string& name, const options& o, const corpus& data, C& comm, bool& rss_reset) {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+    rss_reset = report::reset_peak_rss() && rss_reset;
+    report::run r;
+    r.name = name;
+    try {
+        train_one(name, o, data, r, comm);
+    } catch (const agreed_error& e) {
+        r.error = e.what();
+    } catch (const std::exception& e) {   // setting up (model, optimizer, registration) failed, maybe on this rank only
+        abort_all_ranks(comm, name + ": " + e.what());
+    }
+    return r;
+}
+
+// What the columns mean in a data-parallel run (printed under the table by rank 0).
+[[maybe_unused]] void print_dp_notes(const std::vector<report::run>& runs, const options& o, int ranks, bool rss_reset) {
+    std::printf("(data-parallel over %d MPI ranks, %ld of the %ld sequences of every batch each: the losses are means over all of them;\n"
+                " activ. MiB is one rank's; peak RSS is the largest rank's VmHWM during the configuration, %s;\n"
+                " ms/step and tok/s: rank 0's time, all ranks' tokens)\n",
+                ranks, static_cast<long>(o.batch / ranks), static_cast<long>(o.batch),
+                rss_reset ? "measured from a reset before it (the configurations run one after another in each rank's process: it "
+                            "includes the corpus, the MPI runtime and what the allocator kept of earlier ones)"
+                          : "which could not be reset between configurations here: since the rank started");
+    std::string line;
+    for (const auto& r : runs) {
+        if (r.steps == 0) continue;
+        char item[96];
+        std::snprintf(item, sizeof item, "%s%s %.1f KiB", line.empty() ? "" : ", ", r.name.c_str(),
+                      static_cast<double>(r.communicated_bytes) / r.steps / 1024.0);
+        line += item;
+    }
+    if (!line.empty()) std::printf("gradient bytes each rank all-reduced per step: %s\n", line.c_str());
+}
+
 // The run's settings for --json: every flag's value (defaults included), the model's shape, the
 // corpus, the library version and the GEMM engine, so that a result file says how it was made.
 // "threads" (OpenMP threads of a training process) changes only the timings, which
-// demo_determinism strips from its comparison along with it and the --json path.
-std::string settings_json(const options& o, const corpus& data) {
+// demo_determinism strips from its comparison along with it and the --json path. "ranks": the
+// processes of a data-parallel run (1 otherwise).
+std::string settings_json(const options& o, const corpus& data, int ranks) {
     std::ostringstream os;
     os.precision(17);   // the learning rates as given
     auto text = [](const std::string& s) { return "\"" + report::json_escape(s) + "\""; };
@@ -558,29 +831,45 @@ std::string settings_json(const options& o, const corpus& data) {
        << ",\"layers\":" << m.layers << ",\"ffn\":" << m.ffn << ",\"context\":" << m.context << ",\"parameters\":" << estimate(o).parameters << "}";
     os << ",\"corpus\":{\"files\":" << data.files << ",\"train_bytes\":" << data.train.size() << ",\"valid_bytes\":" << data.valid.size() << "}";
     os << ",\"velora_version\":" << text(VELORA_VERSION_STRING) << ",\"gemm\":{\"blas\":" << (velora::cpu::has_blas ? "true" : "false")
-       << ",\"name\":" << text(velora::cpu::blas_name()) << "},\"threads\":" << velora::cpu::resolve_threads(0) << "}";
+       << ",\"name\":" << text(velora::cpu::blas_name()) << "},\"threads\":" << velora::cpu::resolve_threads(0) << ",\"ranks\":" << ranks << "}";
     return os.str();
 }
 
-} // namespace
+void print_header(const options& o, const corpus& data, int ranks) {
+    std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
+                data.valid.size());
+    std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps; lr %g (full-rank runs), %g with "
+                "scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
+                static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers), static_cast<long>(o.model.heads),
+                static_cast<long>(o.model.ffn), static_cast<long>(o.model.context), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
+                static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+    if (ranks > 1)
+        std::printf("data-parallel: %d MPI ranks, %ld sequences of each batch per rank\n", ranks, static_cast<long>(o.batch / ranks));
+}
 
-int main(int argc, char** argv) {
+// The corpus, checked against the context length.
+corpus load_checked_corpus(const options& o) {
+    corpus data = load_corpus(o.corpus);
+    if (data.valid.size() <= static_cast<std::size_t>(o.model.context) + 1)
+        throw std::runtime_error("--context " + std::to_string(o.model.context) + " is too long for the validation split of " +
+                                 std::to_string(data.valid.size()) + " bytes");
+    return data;
+}
+
+// One process (also an MPI build started without mpirun, or with one rank): every configuration
+// in a forked process of its own.
+int main_one_process(int argc, char** argv) {
     try {
         const options o = parse(argc, argv);
+        if (o.help) {
+            print_help();
+            return 0;
+        }
         check_sizes(o);
         install_stop_handlers();
         for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
-        const corpus data = load_corpus(o.corpus);
-        if (data.valid.size() <= static_cast<std::size_t>(o.model.context) + 1)
-            throw std::runtime_error("--context " + std::to_string(o.model.context) + " is too long for the validation split of " +
-                                     std::to_string(data.valid.size()) + " bytes");
-        std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
-                    data.valid.size());
-        std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps; lr %g (full-rank runs), %g with "
-                    "scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
-                    static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers), static_cast<long>(o.model.heads),
-                    static_cast<long>(o.model.ffn), static_cast<long>(o.model.context), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
-                    static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+        const corpus data = load_checked_corpus(o);
+        print_header(o, data, 1);
         std::vector<report::run> runs;
         for (const auto& name : o.configs) {
             if (interrupted) break;
@@ -589,7 +878,7 @@ int main(int argc, char** argv) {
         }
         report::print_table(runs, o.batch * o.model.context);
         if (!runs.empty()) {   // stopped before the first configuration: nothing to replace an older result with
-            if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, data));
+            if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, data, 1));
             if (!o.plot.empty()) report::write_svg(o.plot, runs);
         }
         if (interrupted) {
@@ -604,4 +893,97 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "lm_train: %s\n", e.what());
         return 2;
     }
+}
+
+// Data-parallel over the ranks of `comm` (more than one). Every rank parses and checks the same
+// flags and loads the corpus; they then agree whether to go on (a rank whose checks failed says
+// why, rank 0 for all when they fail alike), and train the configurations one after another.
+template <velora::communicator C>
+int main_data_parallel(int argc, char** argv, C& comm) {
+    const bool root = comm.rank() == 0;
+    options o;
+    corpus data;
+    std::string error;
+    try {
+        o = parse(argc, argv);
+        if (!o.help) {
+            if (o.batch % comm.size() != 0)
+                throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is not divisible by the " + std::to_string(comm.size()) +
+                                            " ranks of this data-parallel run (--batch is the global batch; each rank trains on --batch / ranks of "
+                                            "its sequences)");
+            check_sizes(o, comm.size());
+            if (root)   // only rank 0 writes them
+                for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
+            data = load_checked_corpus(o);
+        }
+    } catch (const std::exception& e) {
+        error = e.what();
+    }
+    if (comm.any(!error.empty())) {
+        std::vector<std::byte> first(reinterpret_cast<const std::byte*>(error.data()), reinterpret_cast<const std::byte*>(error.data()) + error.size());
+        velora::broadcast_blob(comm, first, 0);
+        const std::string root_error(reinterpret_cast<const char*>(first.data()), first.size());
+        if (root && !error.empty()) std::fprintf(stderr, "lm_train: %s\n", error.c_str());
+        else if (!error.empty() && error != root_error) std::fprintf(stderr, "lm_train (rank %d of %d): %s\n", comm.rank(), comm.size(), error.c_str());
+        return 2;
+    }
+    if (o.help) {
+        if (root) print_help();
+        return 0;
+    }
+    try {
+        install_stop_handlers();
+        if (root) print_header(o, data, comm.size());
+        std::fflush(stdout);
+        std::vector<report::run> runs;
+        bool rss_reset = true;
+        for (const auto& name : o.configs) {
+            if (stop_agreed(comm)) break;
+            runs.push_back(run_in_process(name, o, data, comm, rss_reset));
+            if (root && !runs.back().error.empty()) std::fprintf(stderr, "%s: %s\n", name.c_str(), runs.back().error.c_str());
+        }
+        const int stopped_by = stop_agreed(comm) ? static_cast<int>(interrupted) : 0;   // the same on every rank
+        if (root) {
+            report::print_table(runs, o.batch * o.model.context);
+            print_dp_notes(runs, o, comm.size(), rss_reset);
+            if (!runs.empty()) {
+                if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, data, comm.size()));
+                if (!o.plot.empty()) report::write_svg(o.plot, runs);
+            }
+        }
+        if (stopped_by) {
+            if (root)
+                std::fprintf(stderr, "lm_train: interrupted by signal %d (%s); the table shows what had been trained\n", stopped_by, strsignal(stopped_by));
+            return 128 + stopped_by;
+        }
+        for (const auto& r : runs)
+            if (!r.error.empty()) return 1;
+        return 0;
+    } catch (const std::exception& e) {   // after training (writing the files): rank 0's own
+        std::fprintf(stderr, "lm_train: %s\n", e.what());
+        return 2;
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+#if defined(VELORA_DEMO_MPI)
+    // Always initialised (a plain `lm_train` is an MPI singleton of one rank); only the main
+    // thread calls MPI, the backend's OpenMP threads do not.
+    int provided = 0;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        std::fprintf(stderr, "lm_train: MPI_Init_thread failed\n");
+        return 2;
+    }
+    int code = 0;
+    {
+        velora::mpi_communicator world(MPI_COMM_WORLD);
+        code = world.size() > 1 ? main_data_parallel(argc, argv, world) : main_one_process(argc, argv);
+    }
+    MPI_Finalize();
+    return code;
+#else
+    return main_one_process(argc, argv);
+#endif
 }

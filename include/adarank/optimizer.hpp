@@ -36,6 +36,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <velora/compressor.hpp>
@@ -76,16 +77,22 @@ struct layer_info {
     double projected_norm2 = 0;                      ///< ‖Ĝ‖_F² of the last step
     subspace_report last_refresh{};                  ///< what the last subspace search did
     /// Bytes this rank put into all-reduces for this parameter's last step (elements × sizeof(T),
-    /// including an all_reduce_mean before it); 0 in one process. Not saved with the state.
+    /// including an all_reduce_mean before it); 0 for a step without a communicator (a
+    /// communicator of size 1 still counts its no-op all-reduces). Not saved with the state.
     std::uint64_t communicated_bytes = 0;
 };
 
-template <optimizer_backend B>
+/// `Rank` and `Refresh` are the rank estimator and the refresh rule (the library's by default;
+/// any types satisfying the concepts in policies.hpp, held by value in the configuration, so a
+/// step calls them without allocating or dispatching).
+template <optimizer_backend B, rank_estimator Rank = rank_policy, refresh_rule Refresh = refresh_policy>
+    requires persistent_policy<Rank> && persistent_policy<Refresh>
 class low_rank_adamw {
 public:
     using value_type = typename B::value_type;
     using T = value_type;
     using param_id = index_t;
+    using config_type = basic_optimizer_config<Rank, Refresh>;
 
     /// A basis handed to set_basis or found in a loaded state must have orthonormal rows within
     /// this tolerance: max |B·Bᵀ − I| (entry-wise, computed in double). The library's own bases are
@@ -98,16 +105,19 @@ public:
 
     /// Throws std::invalid_argument for an invalid configuration (see policies.hpp: validate), and
     /// for an ε that T rounds to zero or to a subnormal value (n = m/(√v + ε) is computed in T).
-    explicit low_rank_adamw(B& backend, optimizer_config config = {})
+    explicit low_rank_adamw(B& backend, config_type config = {})
         : b_(&backend), config_(checked(config)), coef_(coefficients(config_)), lr_(config.adam.lr), finder_(backend, config.rsvd) {}
 
-    [[nodiscard]] const optimizer_config& config() const noexcept { return config_; }
+    [[nodiscard]] const config_type& config() const noexcept { return config_; }
     [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(layers_.size()); }
 
     /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite value.
     void set_learning_rate(double lr) {
         velora::detail::require(std::isfinite(lr) && lr >= 0, "adarank::low_rank_adamw::set_learning_rate",
                                 "argument 'lr' must be finite and >= 0, got ", lr);
+        velora::detail::require(config_.adam.convention != adam_convention::torch || lr * config_.adam.weight_decay < 1,
+                                "adarank::low_rank_adamw::set_learning_rate", "argument 'lr' = ", lr, " with weight_decay = ",
+                                config_.adam.weight_decay, " gives lr x wd >= 1, which the torch convention cannot apply");
         lr_ = lr;
     }
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
@@ -127,7 +137,7 @@ public:
         // rows·cols elements, except the states (dense AdamW's two moments; basis and moments at
         // rank r_cap), which are checked on their own: no size formed later can wrap.
         const index_t elements = checked_elements(checked_mul(rows, cols, fn, "argument 'rows' x 'cols'"), sizeof(T), fn, "argument 'rows' x 'cols'");
-        const index_t r_cap = std::min(config_.rank.r_max, std::min(rows, cols));
+        const index_t r_cap = std::min<index_t>(config_.rank.max_rank(), std::min(rows, cols));
         if (kind == param_kind::automatic) {
             const bool left = choose_side(config_.side, rows, cols) == projection_side::left;
             const double low = static_cast<double>(r_cap) * (left ? static_cast<double>(rows) + 2.0 * static_cast<double>(cols)
@@ -255,21 +265,82 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        velora::check_view(grad.a, fn, "grad.a");
-        velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
-                                grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
-        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
-                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
-        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
-        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
-        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
-                                grad.subtoken_size, " cannot cover D = ", grad.features);
+        check_factored(l, id, grad, fn);
         check_distributable(l, comm, fn);
-        // Every column of A is read by some product (also those covering only padding), so a
-        // NaN anywhere in A is reported the same way on every kind of step (and on every rank).
-        if (comm.any(!std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a))) return status::non_finite_input;
+        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;
         const factored_gradient_op<B> g(*b_, grad, fused_scratch_);
         return step_with(l, weight, g, comm);
+    }
+
+    // ------------------------------------------------------------------ the step in phases
+    // For a data-parallel host that runs the steady-state collective itself, e.g. started as soon
+    // as a layer's gradient exists and overlapped with the rest of the backward pass:
+    //   1. projection_shape(id): r×other, or 0×0 when the next step needs the gradient itself;
+    //   2. project(id, grad, out): out = B·M of this rank's gradient (local);
+    //   3. the host reduces `out` to the mean over ranks (same bits on every rank);
+    //   4. step_projected(id, weight, reduced, grad, comm): decides the refresh from the reduced
+    //      projection and updates; only a step that finds a new subspace reads `grad` again,
+    //      through `comm` (collective).
+    // The result is bit for bit that of step(id, weight, grad, comm) when the host's reduction
+    // gives the same bits as the communicator's (tests/test_distributed.cpp).
+
+    /// The shape (rank × other) of the projection `project` writes for the next step of low-rank
+    /// parameter `id`, or 0×0 when that step searches a new subspace whatever the gradient (the
+    /// first step, or a refresh due by the step count): call step with a communicator then.
+    [[nodiscard]] std::pair<index_t, index_t> projection_shape(param_id id) const {
+        const layer& l = checked_layer(id, "adarank::low_rank_adamw::projection_shape");
+        velora::detail::require(l.low_rank, "adarank::low_rank_adamw::projection_shape", "parameter ", id, " is optimised densely");
+        if (l.rank == 0 || config_.refresh.due_by_count(steps_in_subspace(l))) return {0, 0};
+        return {l.rank, l.other};
+    }
+
+    /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
+    /// std::invalid_argument when projection_shape(id) is 0×0 or `out` has another shape.
+    template <gradient_operator Op>
+    void project(param_id id, const Op& grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        const layer& l = checked_layer(id, fn);
+        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
+                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        const auto [rows, cols] = projection_shape(id);
+        velora::detail::require(rows > 0, fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
+        velora::check_shape(out, rows, cols, fn, "out");
+        side_matrix<Op>(grad, l.side).mul(basis_view(l), out);
+    }
+    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) { project(id, dense_gradient<B>(*b_, grad), out); }
+    void project(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
+        check_factored(checked_layer(id, "adarank::low_rank_adamw::project"), id, grad, "adarank::low_rank_adamw::project");
+        project(id, factored_gradient_op<B>(*b_, grad, fused_scratch_), out);
+    }
+
+    /// Phases 2–5 with `reduced`, the mean over the ranks of their `project` outputs (the same bits
+    /// on every rank; in one process, the projection itself). Statuses as for step. When projection_shape(id)
+    /// is 0×0 this is step(id, weight, grad, comm) and `reduced` is not read.
+    template <gradient_operator Op, velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+        layer& l = checked_layer(id, fn);
+        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
+        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
+                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        check_distributable(l, comm, fn);
+        const auto [rows, cols] = projection_shape(id);
+        if (rows == 0) return step_with(l, weight, grad, comm);
+        velora::check_shape(reduced, rows, cols, fn, "reduced");
+        return step_with(l, weight, grad, comm, reduced);
+    }
+    template <velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
+        velora::check_view(grad, "adarank::low_rank_adamw::step_projected", "grad");
+        return step_projected(id, weight, reduced, dense_gradient<B>(*b_, grad), comm);
+    }
+    template <velora::communicator C>
+    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+        check_factored(checked_layer(id, fn), id, grad, fn);
+        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;   // as step does
+        return step_projected(id, weight, reduced, factored_gradient_op<B>(*b_, grad, fused_scratch_), comm);
     }
 
     /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by
@@ -416,7 +487,7 @@ public:
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = "adarank.low_rank_adamw";
-    static constexpr std::uint32_t state_version = 1;
+    static constexpr std::uint32_t state_version = 2;   // 2: adds the Adam convention (version 1 states load as galore)
 
     /// Everything a resumed run needs to continue bit-identically: the configuration it belongs
     /// to, the learning rate, and per parameter its shape, side, rank, step counters, random
@@ -466,7 +537,7 @@ public:
         velora::state_reader r(blob, state_kind, state_version, fn);
         const auto width = r.get<std::uint8_t>();
         if (width != sizeof(T)) r.bad("state was saved with ", int(width), "-byte values but this optimizer uses ", sizeof(T));
-        optimizer_config saved = get_config(r);
+        config_type saved = get_config(r, r.version());
         saved.adam.lr = config_.adam.lr;
         if (const std::string difference = describe_difference(saved, config_); !difference.empty())
             r.bad("state was saved with a different optimizer configuration (", difference, ")");
@@ -577,7 +648,7 @@ private:
         T beta1, beta2, eps;
         double b1, c1, b2, c2, eps_value;   // β₁, 1 − β₁, β₂, 1 − β₂, ε after rounding to T
     };
-    static adam_coefficients coefficients(const optimizer_config& c) {
+    static adam_coefficients coefficients(const config_type& c) {
         adam_coefficients k{T(c.adam.beta1), T(c.adam.beta2), T(c.adam.eps), 0, 0, 0, 0, 0};
         k.b1 = static_cast<double>(k.beta1);
         k.c1 = static_cast<double>(T(1) - k.beta1);
@@ -587,13 +658,18 @@ private:
         return k;
     }
 
-    static optimizer_config checked(const optimizer_config& c) {
+    static config_type checked(const config_type& c) {
         constexpr const char* fn = "adarank::low_rank_adamw::low_rank_adamw";
         validate(c, fn);
         // n = m/(√v + ε) is computed in T: an ε that T rounds to 0 divides by zero where v = 0, and a
         // subnormal one makes every step's bound |n| <= max|m|/ε useless (see certify).
         velora::detail::require(static_cast<T>(c.adam.eps) >= std::numeric_limits<T>::min(), fn, "config.adam.eps = ", c.adam.eps,
                                 " is below the smallest normal value of the optimizer's value type (", std::numeric_limits<T>::min(), ")");
+        // The torch convention adds ε·√(1−β₂ᵗ) >= ε·√(1−β₂), the smallest at t = 1.
+        velora::detail::require(c.adam.convention != adam_convention::torch ||
+                                    static_cast<T>(c.adam.eps * std::sqrt(1.0 - c.adam.beta2)) >= std::numeric_limits<T>::min(),
+                                fn, "config.adam.eps = ", c.adam.eps, " times sqrt(1 - beta2) (the torch convention's first ε) is below the smallest normal value of the optimizer's value type (",
+                                std::numeric_limits<T>::min(), ")");
         return c;
     }
 
@@ -633,6 +709,19 @@ private:
         return lr_ * std::sqrt(1.0 - std::pow(config_.adam.beta2, td)) / (1.0 - std::pow(config_.adam.beta1, td));
     }
     [[nodiscard]] double decay_factor() const noexcept { return 1.0 - lr_ * config_.adam.weight_decay; }
+
+    // What step t adds to the weight, as the kernels take it: W ← d·(W − step·m/(√v + eps)).
+    // The torch convention is the same update with ε·√(1−β₂ᵗ) and step/d (d·W − step_size·n).
+    struct update_terms {
+        T eps;
+        double eps_value;   // eps as a double (the certificate's bound on n)
+        double step;
+    };
+    [[nodiscard]] update_terms terms(std::uint64_t t) const {
+        if (config_.adam.convention == adam_convention::galore) return {coef_.eps, coef_.eps_value, step_size(t)};
+        const T eps = T(config_.adam.eps * std::sqrt(1.0 - std::pow(config_.adam.beta2, static_cast<double>(t))));
+        return {eps, static_cast<double>(eps), step_size(t) / decay_factor()};
+    }
 
     // ------------------------------------------------------------------ overflow certificate
     //
@@ -680,11 +769,11 @@ private:
     };
     // The bounds after one Adam update of moments bounded by (m_bound, v_bound) with an input whose
     // squares are at most x2; false when they do not certify the update finite (with room to spare).
-    [[nodiscard]] bool certify(double m_bound, double v_bound, double x2, moment_bounds& out) const noexcept {
+    [[nodiscard]] bool certify(double m_bound, double v_bound, double x2, double eps_value, moment_bounds& out) const noexcept {
         const double x = std::sqrt(x2) * slack;
         out.m = (coef_.b1 * m_bound + coef_.c1 * x) * slack;
         out.v = (coef_.b2 * v_bound + coef_.c2 * x2) * slack;
-        out.n = out.m / coef_.eps_value * slack;
+        out.n = out.m / eps_value * slack;
         return x2 <= half_max && out.m <= half_max && out.v <= half_max && out.n <= max_value;   // (false for NaN)
     }
     // w' = decay·(w − step·n) is finite for every |w| <= half_max/max(1, |decay|) (the precondition)
@@ -777,17 +866,19 @@ private:
     // ------------------------------------------------------------------ steps
     // A step of `l` with gradient operator `local`: in one process directly; with P > 1 ranks
     // through mean_over_ranks, so that every quantity the step reads is the ranks' mean.
+    // `projected` (low-rank only, may be empty): the projection onto the current basis, already
+    // reduced by the host (step_projected).
     template <class Local, class C>
-    status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm) {
+    status step_with(layer& l, matrix_view<T> weight, const Local& local, C& comm, const_matrix_view<T> projected = {}) {
         if constexpr (std::is_same_v<std::remove_cvref_t<C>, velora::single_process>) {
             l.communicated = l.pending_bytes;   // a gradient reduced by all_reduce_mean
             l.pending_bytes = 0;
-            return l.low_rank ? step_low_rank(l, weight, local) : step_dense_of(l, weight, local);
+            return l.low_rank ? step_low_rank(l, weight, local, projected) : step_dense_of(l, weight, local);
         } else {
             std::uint64_t bytes = l.pending_bytes;
             l.pending_bytes = 0;
             const mean_over_ranks<B, Local, std::remove_cvref_t<C>> mean(*b_, local, comm, reduce_scratch_, bytes);
-            const status s = l.low_rank ? step_low_rank(l, weight, mean) : step_dense_of(l, weight, mean);
+            const status s = l.low_rank ? step_low_rank(l, weight, mean, projected) : step_dense_of(l, weight, mean);
             l.communicated = bytes;
             return s;
         }
@@ -807,6 +898,24 @@ private:
             grad.row_block(0, dense);
             return step_dense(l, weight, dense, trouble);
         }
+    }
+
+    // A VeLoRA factored gradient must describe parameter l's shape consistently.
+    static void check_factored(const layer& l, param_id id, const velora::factored_gradient<T>& grad, const char* fn) {
+        velora::check_view(grad.a, fn, "grad.a");
+        velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
+                                grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
+        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
+                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
+        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
+        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
+        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
+                                grad.subtoken_size, " cannot cover D = ", grad.features);
+    }
+    // Every column of A is read by some product (also those covering only padding), so a NaN
+    // anywhere in A is reported the same way on every kind of step (and, collectively, on every rank).
+    bool factored_not_finite(const velora::factored_gradient<T>& grad) {
+        return !std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a);
     }
 
     // Data-parallel training reads only reduced quantities; the captured_energy rule would need
@@ -846,13 +955,14 @@ private:
             // A finite gradient whose sum of squares overflowed: the exact path decides.
         }
         if (l.t >= max_steps) return status::overflow;
-        const T step = T(step_size(l.t + 1)), decay = T(decay_factor());
+        const update_terms u = terms(l.t + 1);
+        const T step = T(u.step), decay = T(decay_factor());
         moment_bounds next;
-        const bool certified = std::isfinite(energy) && certify(l.m_bound, l.v_bound, sum_bound(energy, grad.size()), next) &&
+        const bool certified = std::isfinite(energy) && certify(l.m_bound, l.v_bound, sum_bound(energy, grad.size()), u.eps_value, next) &&
                                dense_update_ok(step, decay, next.n);
-        if (!certified) return step_dense_exact(l, weight, grad, step, decay);
+        if (!certified) return step_dense_exact(l, weight, grad, step, decay, u.eps);
         ++l.t;
-        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), coef_.beta1, coef_.beta2, coef_.eps, step, decay);
+        b_->adamw_update(weight, grad, dense_view(l.m, l), dense_view(l.v, l), coef_.beta1, coef_.beta2, u.eps, step, decay);
         l.m_bound = next.m;
         l.v_bound = next.v;
         return status::ok;
@@ -861,7 +971,7 @@ private:
     // The dense step computed exactly into temporaries (allocated here: this path is never taken
     // by a step the certificate vouches for) and read back on the host; committed only when the
     // moments and n are finite and the weight update is bounded.
-    status step_dense_exact(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, T step, T decay) {
+    status step_dense_exact(layer& l, matrix_view<T> weight, const_matrix_view<T> grad, T step, T decay, T eps) {
         const index_t count = l.rows * l.cols;
         buffer m, v, n;
         m.resize(static_cast<std::size_t>(count));
@@ -869,7 +979,7 @@ private:
         n.resize(static_cast<std::size_t>(count));
         b_->copy(l.m.data(), m.data(), count);
         b_->copy(l.v.data(), v.data(), count);
-        b_->adam_moments(grad, dense_view(m, l), dense_view(v, l), coef_.beta1, coef_.beta2, coef_.eps, dense_view(n, l));
+        b_->adam_moments(grad, dense_view(m, l), dense_view(v, l), coef_.beta1, coef_.beta2, eps, dense_view(n, l));
         const host_summary hm = summarize(dense_view(m, l)), hv = summarize(dense_view(v, l)), hn = summarize(dense_view(n, l));
         if (!hm.finite || !hv.finite || !hn.finite || !dense_update_ok(step, decay, hn.max_abs)) return status::overflow;
         ++l.t;
@@ -896,7 +1006,7 @@ private:
     }
 
     template <class Grad>
-    status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad) {
+    status step_low_rank(layer& l, matrix_view<T> weight, const Grad& grad, const_matrix_view<T> projected) {
         const side_matrix<Grad> m(grad, l.side);
         // Called only when a norm or projection is not finite (never in the steady state).
         const auto trouble = [&] { return m.finite() ? status::overflow : status::non_finite_input; };
@@ -904,7 +1014,8 @@ private:
         bool refresh = l.rank == 0 || config_.refresh.due_by_count(steps_in_subspace(l));
         double projected2 = 0, energy = -1;
         if (!refresh) {
-            m.mul(basis_view(l), view(proj_, l.rank, l.other));
+            if (projected.empty()) m.mul(basis_view(l), view(proj_, l.rank, l.other));
+            else for (index_t i = 0; i < l.rank; ++i) b_->copy(projected.row(i), view(proj_, l.rank, l.other).row(i), l.other);
             projected2 = b_->sum_of_squares(view(proj_, l.rank, l.other));
             if (!std::isfinite(projected2)) return trouble();
             refresh_inputs in{steps_in_subspace(l), projected2, l.anchor2, 0.0};
@@ -956,23 +1067,24 @@ private:
         if (l.t >= max_steps) return status::overflow;
         const double decay_value = decay_factor();
         const T decay = T(decay_value);
-        const T alpha = T(-decay_value * step_size(l.t + 1) * config_.scale);
+        const update_terms u = terms(l.t + 1);
+        const T alpha = T(-decay_value * u.step * config_.scale);
         const auto n = view(proj_, rank, l.other);   // n = m/(√v+ε) overwrites the projected gradient
         const auto m_work = view(m_next_, rank, l.other), v_work = view(v_next_, rank, l.other);
         moment_bounds next;
-        const bool certified = certify(m_bound, v_bound, sum_bound(projected2, rank * l.other), next) &&
+        const bool certified = certify(m_bound, v_bound, sum_bound(projected2, rank * l.other), u.eps_value, next) &&
                                low_rank_update_ok(alpha, decay, basis_norm, rank, std::sqrt(static_cast<double>(rank)) * next.n);
         if (certified) {
             // Adam in the subspace: in place in the steady state, on the transported moments after a refresh.
-            if (fresh) b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
-            else b_->adam_moments(n, moment_view(l, l.m), moment_view(l, l.v), coef_.beta1, coef_.beta2, coef_.eps, n);
+            if (fresh) b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, u.eps, n);
+            else b_->adam_moments(n, moment_view(l, l.m), moment_view(l, l.v), coef_.beta1, coef_.beta2, u.eps, n);
         } else {
             // The exact path: the update on a copy in the workspace, read back on the host.
             if (!fresh) {
                 b_->copy(l.m.data(), m_work.data, rank * l.other);
                 b_->copy(l.v.data(), v_work.data, rank * l.other);
             }
-            b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, coef_.eps, n);
+            b_->adam_moments(n, m_work, v_work, coef_.beta1, coef_.beta2, u.eps, n);
             const host_summary hm = summarize(m_work), hv = summarize(v_work), hn = summarize(n);
             if (!hm.finite || !hv.finite || !hn.finite || !low_rank_update_ok(alpha, decay, basis_norm, rank, hn.max_col_norm))
                 return status::overflow;
@@ -1122,22 +1234,17 @@ private:
         return rep;
     }
 
-    static void put_config(velora::state_writer& w, const optimizer_config& c) {
+    static void put_config(velora::state_writer& w, const config_type& c) {
         w.put(c.adam.lr);
         w.put(c.adam.beta1);
         w.put(c.adam.beta2);
         w.put(c.adam.eps);
         w.put(c.adam.weight_decay);
+        w.put(static_cast<std::uint8_t>(c.adam.convention));
         w.put(c.scale);
         w.put(static_cast<std::uint8_t>(c.side));
-        w.put(static_cast<std::uint8_t>(c.rank.type));
-        w.put(static_cast<std::int64_t>(c.rank.r_min));
-        w.put(static_cast<std::int64_t>(c.rank.r_max));
-        w.put(c.rank.xi);
-        w.put(static_cast<std::uint8_t>(c.refresh.type));
-        w.put(c.refresh.threshold);
-        w.put(static_cast<std::int64_t>(c.refresh.min_interval));
-        w.put(static_cast<std::int64_t>(c.refresh.max_interval));
+        c.rank.save(w);
+        c.refresh.save(w);
         w.put(static_cast<std::uint8_t>(c.transport));
         w.put(static_cast<std::int64_t>(c.rsvd.oversampling));
         w.put(static_cast<std::int32_t>(c.rsvd.power_iterations));
@@ -1147,23 +1254,22 @@ private:
         w.put(c.seed);
     }
 
-    static optimizer_config get_config(velora::state_reader& r) {
-        optimizer_config c;
+    static config_type get_config(velora::state_reader& r, std::uint32_t version) {
+        config_type c;
         c.adam.lr = r.get<double>();
         c.adam.beta1 = r.get<double>();
         c.adam.beta2 = r.get<double>();
         c.adam.eps = r.get<double>();
         c.adam.weight_decay = r.get<double>();
+        if (version >= 2) {
+            const auto convention = r.get<std::uint8_t>();
+            if (convention > 1) r.bad("the configuration's Adam convention byte is ", int(convention), " (0 or 1 expected)");
+            c.adam.convention = static_cast<adam_convention>(convention);
+        }
         c.scale = r.get<double>();
         c.side = static_cast<side_policy>(r.get<std::uint8_t>());
-        c.rank.type = static_cast<rank_policy::kind>(r.get<std::uint8_t>());
-        c.rank.r_min = static_cast<index_t>(r.get<std::int64_t>());
-        c.rank.r_max = static_cast<index_t>(r.get<std::int64_t>());
-        c.rank.xi = r.get<double>();
-        c.refresh.type = static_cast<refresh_policy::kind>(r.get<std::uint8_t>());
-        c.refresh.threshold = r.get<double>();
-        c.refresh.min_interval = static_cast<index_t>(r.get<std::int64_t>());
-        c.refresh.max_interval = static_cast<index_t>(r.get<std::int64_t>());
+        c.rank = Rank::load(r);
+        c.refresh = Refresh::load(r);
         c.transport = static_cast<transport_policy>(r.get<std::uint8_t>());
         c.rsvd.oversampling = static_cast<index_t>(r.get<std::int64_t>());
         c.rsvd.power_iterations = r.get<std::int32_t>();
@@ -1179,19 +1285,16 @@ private:
     // The first difference between a saved and the live configuration, "" when there is none.
     // Doubles are compared bit for bit: a saved -0.0 where 0.0 is configured compares equal
     // but would not re-save to the same blob.
-    static std::string describe_difference(const optimizer_config& saved, const optimizer_config& live) {
+    static std::string describe_difference(const config_type& saved, const config_type& live) {
         const auto same = [](double a, double b) { return std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b); };
         const adamw_hyper &a = saved.adam, &b = live.adam;
         if (!same(a.lr, b.lr) || !same(a.beta1, b.beta1) || !same(a.beta2, b.beta2) || !same(a.eps, b.eps) || !same(a.weight_decay, b.weight_decay))
             return "adam hyper-parameters differ";
+        if (a.convention != b.convention) return "adam convention differs";
         if (!same(saved.scale, live.scale)) return "scale differs";
         if (saved.side != live.side) return "side policy differs";
-        if (saved.rank.type != live.rank.type || saved.rank.r_min != live.rank.r_min || saved.rank.r_max != live.rank.r_max ||
-            !same(saved.rank.xi, live.rank.xi))
-            return "rank policy differs";
-        if (saved.refresh.type != live.refresh.type || !same(saved.refresh.threshold, live.refresh.threshold) ||
-            saved.refresh.min_interval != live.refresh.min_interval || saved.refresh.max_interval != live.refresh.max_interval)
-            return "refresh policy differs";
+        if (policy_bytes(saved.rank) != policy_bytes(live.rank)) return "rank policy differs";
+        if (policy_bytes(saved.refresh) != policy_bytes(live.refresh)) return "refresh policy differs";
         if (saved.transport != live.transport) return "transport policy differs";
         const rsvd_config &x = saved.rsvd, &y = live.rsvd;
         if (x.oversampling != y.oversampling || x.power_iterations != y.power_iterations || x.warm_power_iterations != y.warm_power_iterations ||
@@ -1201,8 +1304,16 @@ private:
         return "";
     }
 
+    // A policy's settings as it saves them: policies are compared by these bytes.
+    template <class P>
+    static std::vector<std::byte> policy_bytes(const P& p) {
+        velora::state_writer w("adarank.policy", 1);
+        p.save(w);
+        return std::move(w).finish();
+    }
+
     B* b_;
-    optimizer_config config_;
+    config_type config_;
     adam_coefficients coef_;
     double lr_;
     subspace_finder<B> finder_;

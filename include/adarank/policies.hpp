@@ -3,6 +3,12 @@
 /// AdaRankGrad's policies and hyper-parameters: plain aggregates, validated once by the
 /// optimizer's constructor (see `validate`). Where the paper's exact rule is not public
 /// (marked OPEN in docs/adarankgrad.md) the alternatives are policies with a documented default.
+///
+/// The rank estimator and the refresh rule are open for extension: `low_rank_adamw<B, Rank,
+/// Refresh>` takes any types satisfying `rank_estimator` / `refresh_rule` and
+/// `persistent_policy` (validate itself, save and load its settings), held by value in
+/// `basic_optimizer_config<Rank, Refresh>`; `rank_policy` and `refresh_policy` are the library's
+/// (docs/adarankgrad.md, "Your own policies").
 #include <algorithm>
 #include <cmath>
 #include <concepts>
@@ -11,6 +17,7 @@
 #include <string_view>
 
 #include <velora/core/error.hpp>
+#include <velora/core/serialize.hpp>
 #include <velora/core/view.hpp>
 
 namespace adarank {
@@ -52,6 +59,18 @@ constexpr projection_side choose_side(side_policy p, index_t rows, index_t cols)
     return projection_side::left;
 }
 
+// ------------------------------------------------------------------------------------ policies
+/// What the optimizer needs to keep a policy in its configuration: `validate(function)` throws
+/// std::invalid_argument naming `function` for invalid settings (called once, by the
+/// optimizer's constructor); `save` writes the settings into a state (the bytes are also how a
+/// saved policy is compared with the live one, bit for bit) and `load` reads them back.
+template <class P>
+concept persistent_policy = std::copyable<P> && requires(const P& p, std::string_view function, velora::state_writer& w, velora::state_reader& r) {
+    p.validate(function);
+    p.save(w);
+    { P::load(r) } -> std::same_as<P>;
+};
+
 // ------------------------------------------------------------------------------------ rank
 /// Chooses the rank of a new subspace from the singular values σ₁ ≥ σ₂ ≥ … of the sketch and
 /// the exact energy ‖G‖_F². `cap` (>= 1) bounds the answer from above (the sketch size).
@@ -91,6 +110,28 @@ struct rank_policy {
             if (r >= lo && energy - kept <= allowed) return r;
         }
         return hi;
+    }
+
+    void validate(std::string_view function) const {
+        using velora::detail::require;
+        require(static_cast<unsigned>(type) <= 1, function, "config.rank has the invalid kind ", static_cast<int>(type));
+        require(r_min >= 1, function, "config.rank.r_min must be >= 1, got ", r_min);
+        require(r_min <= r_max, function, "config.rank needs r_min <= r_max, got r_min = ", r_min, " > r_max = ", r_max);
+        require(type == kind::fixed || (std::isfinite(xi) && xi >= 0 && xi < 1), function, "config.rank.xi must be in [0, 1), got ", xi);
+    }
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::uint8_t>(type));
+        w.put(static_cast<std::int64_t>(r_min));
+        w.put(static_cast<std::int64_t>(r_max));
+        w.put(xi);
+    }
+    static rank_policy load(velora::state_reader& r) {
+        rank_policy p;
+        p.type = static_cast<kind>(r.get<std::uint8_t>());
+        p.r_min = static_cast<index_t>(r.get<std::int64_t>());
+        p.r_max = static_cast<index_t>(r.get<std::int64_t>());
+        p.xi = r.get<double>();
+        return p;
     }
 
     friend constexpr bool operator==(const rank_policy&, const rank_policy&) = default;
@@ -144,6 +185,22 @@ struct refresh_policy {
         return in.projected_norm2 < threshold * in.gradient_norm2;
     }
 
+    void validate(std::string_view function) const;   // below, after to_string(kind)
+    void save(velora::state_writer& w) const {
+        w.put(static_cast<std::uint8_t>(type));
+        w.put(threshold);
+        w.put(static_cast<std::int64_t>(min_interval));
+        w.put(static_cast<std::int64_t>(max_interval));
+    }
+    static refresh_policy load(velora::state_reader& r) {
+        refresh_policy p;
+        p.type = static_cast<kind>(r.get<std::uint8_t>());
+        p.threshold = r.get<double>();
+        p.min_interval = static_cast<index_t>(r.get<std::int64_t>());
+        p.max_interval = static_cast<index_t>(r.get<std::int64_t>());
+        return p;
+    }
+
     friend constexpr bool operator==(const refresh_policy&, const refresh_policy&) = default;
 };
 
@@ -154,6 +211,16 @@ constexpr std::string_view to_string(refresh_policy::kind k) noexcept {
     case refresh_policy::kind::captured_energy: return "captured_energy";
     }
     return "invalid";
+}
+
+inline void refresh_policy::validate(std::string_view function) const {
+    using velora::detail::require;
+    require(static_cast<unsigned>(type) <= 2, function, "config.refresh has the invalid kind ", static_cast<int>(type));
+    require(max_interval >= 1, function, "config.refresh.max_interval (every: the interval) must be >= 1, got ", max_interval);
+    require(min_interval >= 1 && min_interval <= max_interval, function, "config.refresh needs 1 <= min_interval <= max_interval, got ",
+            min_interval, " and ", max_interval);
+    require(type == kind::every || (std::isfinite(threshold) && threshold >= 0 && threshold <= 1), function, "config.refresh.threshold (",
+            to_string(type), ") must be in [0, 1], got ", threshold);
 }
 
 // ------------------------------------------------------------------------------------ transport
@@ -189,34 +256,69 @@ struct rsvd_config {
 };
 
 // ------------------------------------------------------------------------------------ Adam
+/// Where ε and the weight decay enter AdamW's update (s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ), d = 1 − lr·wd):
+enum class adam_convention : std::uint8_t {
+    /// GaLore's and Hugging Face's AdamW: W ← d·(W − s·m/(√v + ε)); ε added before the bias
+    /// correction, the decay applied to the updated weight.
+    galore = 0,
+    /// torch.optim.AdamW's: W ← d·W − s·m/(√v + ε·√(1−β₂ᵗ)), i.e. ε added to the bias-corrected
+    /// √v̂ and the decay applied to the old weight only. Dense parameters then match
+    /// torch::optim::AdamW to rounding. Needs lr·wd < 1.
+    torch = 1,
+};
+
+constexpr std::string_view to_string(adam_convention c) noexcept {
+    switch (c) {
+    case adam_convention::galore: return "galore";
+    case adam_convention::torch: return "torch";
+    }
+    return "invalid";
+}
+
 /// AdamW hyper-parameters (GaLore's defaults for eps).
 struct adamw_hyper {
     double lr = 1e-3;
     double beta1 = 0.9;
     double beta2 = 0.999;
     double eps = 1e-6;
-    double weight_decay = 0.0;   ///< decoupled: W ← (1 − lr·wd)·W after the update
+    double weight_decay = 0.0;   ///< decoupled: W ← (1 − lr·wd)·W (see adam_convention for where)
+    adam_convention convention = adam_convention::galore;
 
     friend constexpr bool operator==(const adamw_hyper&, const adamw_hyper&) = default;
 };
 
-/// Everything that configures `low_rank_adamw`. The default is AdaRankGrad: adaptive rank
-/// (ξ = 0.2, r ∈ [1, 128]), refresh on convergence (ε = 0.5, every 50 to 200 steps), moments
-/// carried over by squared rotation, randomized SVD with warm start, GaLore's α = 0.25.
-struct optimizer_config {
+namespace detail {
+// The library's defaults for its own policies; a user's policy type starts value-initialised.
+template <class P, class Library>
+constexpr P default_policy(Library library) {
+    if constexpr (std::same_as<P, Library>) return library;
+    else return P{};
+}
+} // namespace detail
+
+/// Everything that configures `low_rank_adamw<B, Rank, Refresh>`. The default
+/// (`optimizer_config`) is AdaRankGrad: adaptive rank (ξ = 0.2, r ∈ [1, 128]), refresh on
+/// convergence (ε = 0.5, every 50 to 200 steps), moments carried over by squared rotation,
+/// randomized SVD with warm start, GaLore's α = 0.25.
+template <class Rank = rank_policy, class Refresh = refresh_policy>
+struct basic_optimizer_config {
+    using rank_type = Rank;
+    using refresh_type = Refresh;
     adamw_hyper adam{};
     double scale = 0.25;   ///< α: multiplies the back-projected update (low-rank parameters only)
     side_policy side = side_policy::standard;
-    rank_policy rank = rank_policy::adaptive(0.2, 1, 128);
-    refresh_policy refresh = refresh_policy::converged(0.5, 50, 200);
+    Rank rank = detail::default_policy<Rank>(rank_policy::adaptive(0.2, 1, 128));
+    Refresh refresh = detail::default_policy<Refresh>(refresh_policy::converged(0.5, 50, 200));
     transport_policy transport = transport_policy::squared_rotation;
     rsvd_config rsvd{};
     std::uint64_t seed = 0x5eedULL;   ///< of the Gaussian sketches (each parameter draws from its own stream)
 
     /// GaLore (Zhao et al. 2024) as a configuration: fixed rank, refresh every `interval`
     /// steps by an exact SVD, moments reused unchanged.
-    static optimizer_config galore(index_t rank, index_t interval = 200, double scale = 0.25) {
-        optimizer_config c;
+    static basic_optimizer_config galore(index_t rank, index_t interval = 200, double scale = 0.25)
+        requires std::same_as<Rank, rank_policy> && std::same_as<Refresh, refresh_policy>
+    {
+        basic_optimizer_config c;
         c.scale = scale;
         c.rank = rank_policy::fixed(rank);
         c.refresh = refresh_policy::every(interval);
@@ -226,11 +328,16 @@ struct optimizer_config {
         return c;
     }
 
-    friend constexpr bool operator==(const optimizer_config&, const optimizer_config&) = default;
+    friend constexpr bool operator==(const basic_optimizer_config&, const basic_optimizer_config&) = default;
 };
 
-/// Throws std::invalid_argument naming `function`, the field and its value for an invalid configuration.
-inline void validate(const optimizer_config& c, std::string_view function) {
+/// The library's configuration: its own rank estimator and refresh rule.
+using optimizer_config = basic_optimizer_config<>;
+
+/// Throws std::invalid_argument naming `function`, the field and its value for an invalid
+/// configuration (the rank estimator and the refresh rule validate themselves).
+template <class Rank, class Refresh>
+void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
     using velora::detail::require;
     const auto finite = [](double x) { return std::isfinite(x); };
     require(finite(c.adam.lr) && c.adam.lr >= 0, function, "config.adam.lr must be finite and >= 0, got ", c.adam.lr);
@@ -239,21 +346,15 @@ inline void validate(const optimizer_config& c, std::string_view function) {
     require(finite(c.adam.eps) && c.adam.eps > 0, function, "config.adam.eps must be finite and > 0, got ", c.adam.eps);
     require(finite(c.adam.weight_decay) && c.adam.weight_decay >= 0, function, "config.adam.weight_decay must be finite and >= 0, got ",
             c.adam.weight_decay);
+    require(static_cast<unsigned>(c.adam.convention) <= 1, function, "config.adam.convention has the invalid value ",
+            static_cast<int>(c.adam.convention));
+    require(c.adam.convention != adam_convention::torch || c.adam.lr * c.adam.weight_decay < 1, function,
+            "config.adam.convention torch needs lr x weight_decay < 1 (the decay factor 1 - lr x wd divides the step), got lr = ", c.adam.lr,
+            ", weight_decay = ", c.adam.weight_decay);
     require(finite(c.scale) && c.scale > 0, function, "config.scale must be finite and > 0, got ", c.scale);
     require(static_cast<unsigned>(c.side) <= 3, function, "config.side has the invalid value ", static_cast<int>(c.side));
-    require(static_cast<unsigned>(c.rank.type) <= 1, function, "config.rank has the invalid kind ", static_cast<int>(c.rank.type));
-    require(c.rank.r_min >= 1, function, "config.rank.r_min must be >= 1, got ", c.rank.r_min);
-    require(c.rank.r_min <= c.rank.r_max, function, "config.rank needs r_min <= r_max, got r_min = ", c.rank.r_min, " > r_max = ",
-            c.rank.r_max);
-    require(c.rank.type == rank_policy::kind::fixed || (finite(c.rank.xi) && c.rank.xi >= 0 && c.rank.xi < 1), function,
-            "config.rank.xi must be in [0, 1), got ", c.rank.xi);
-    require(static_cast<unsigned>(c.refresh.type) <= 2, function, "config.refresh has the invalid kind ", static_cast<int>(c.refresh.type));
-    require(c.refresh.max_interval >= 1, function, "config.refresh.max_interval (every: the interval) must be >= 1, got ",
-            c.refresh.max_interval);
-    require(c.refresh.min_interval >= 1 && c.refresh.min_interval <= c.refresh.max_interval, function,
-            "config.refresh needs 1 <= min_interval <= max_interval, got ", c.refresh.min_interval, " and ", c.refresh.max_interval);
-    require(c.refresh.type == refresh_policy::kind::every || (finite(c.refresh.threshold) && c.refresh.threshold >= 0 && c.refresh.threshold <= 1),
-            function, "config.refresh.threshold (", to_string(c.refresh.type), ") must be in [0, 1], got ", c.refresh.threshold);
+    c.rank.validate(function);
+    c.refresh.validate(function);
     require(static_cast<unsigned>(c.transport) <= 3, function, "config.transport has the invalid value ", static_cast<int>(c.transport));
     require(c.rsvd.oversampling >= 0, function, "config.rsvd.oversampling must be >= 0, got ", c.rsvd.oversampling);
     require(c.rsvd.power_iterations >= 0 && c.rsvd.power_iterations <= 64, function, "config.rsvd.power_iterations must be in [0, 64], got ",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints the fields of a velora state blob (optimizer or compressor, format version 1), to read
+"""Prints the fields of a velora state blob (optimizer format version 1 or 2, compressor 1), to read
 a fuzzer finding: `describe_state.py BLOB [SEED]` lists every field with its byte offset and,
 given a second blob, marks the fields that differ from it (e.g. the seed it was mutated from).
 With --repair the blob's envelope is first rewritten as the "_repair" harnesses do."""
@@ -62,14 +62,17 @@ def envelope(r):
     kind = r.b[r.pos:r.pos + klen]
     r.fields.append((r.pos, "kind", kind))
     r.pos += klen
-    r.get("kind_version", "I")
+    r.version = r.get("kind_version", "I")
     r.get("payload_length", "Q")
     return kind
 
 
 def config(r):
-    for n in ("lr", "beta1", "beta2", "eps", "weight_decay", "scale"):
+    for n in ("lr", "beta1", "beta2", "eps", "weight_decay"):
         r.get("config." + n, "d")
+    if r.version >= 2:
+        r.get("config.adam.convention", "B")
+    r.get("config.scale", "d")
     r.get("config.side", "B")
     r.get("config.rank.type", "B")
     r.get("config.rank.r_min", "q")
