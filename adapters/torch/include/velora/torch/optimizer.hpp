@@ -2,7 +2,8 @@
 /// \file
 /// `AdaRankGradAdamW`: adarank::low_rank_adamw as a torch::optim::Optimizer (docs/torch.md).
 ///
-/// - Param groups with per-group options (lr, betas, eps, weight decay, rank, refresh and
+/// - Param groups with per-group options (lr, betas, eps, weight decay, the AdamW convention
+///   (adarank::adam_convention::torch: dense parameters match torch::optim::AdamW), rank, refresh and
 ///   transport policies, scale α, side, randomized-SVD settings, seed, parameter kind, and what
 ///   happens to >2-D parameters). Each group runs its own low_rank_adamw per parameter dtype
 ///   (float32, float64), built from the group's options when the group first steps; the
@@ -73,6 +74,9 @@ struct AdaRankGradAdamWOptions : public ::torch::optim::OptimizerCloneableOption
     TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
     TORCH_ARG(double, eps) = 1e-6;
     TORCH_ARG(double, weight_decay) = 0.0;
+    /// Where ε and the weight decay enter the update: the library's default (GaLore's) or
+    /// torch.optim.AdamW's, under which dense parameters match torch::optim::AdamW to rounding.
+    TORCH_ARG(adarank::adam_convention, convention) = adarank::adam_convention::galore;
     TORCH_ARG(double, scale) = 0.25;   ///< α, low-rank parameters only
     TORCH_ARG(adarank::rank_policy, rank) = adarank::rank_policy::adaptive(0.2, 1, 128);
     TORCH_ARG(adarank::refresh_policy, refresh) = adarank::refresh_policy::converged(0.5, 50, 200);
@@ -95,6 +99,7 @@ public:
         c.adam.beta2 = std::get<1>(betas());
         c.adam.eps = eps();
         c.adam.weight_decay = weight_decay();
+        c.adam.convention = convention();
         c.scale = scale();
         c.side = side();
         c.rank = rank();
@@ -110,6 +115,7 @@ public:
         betas(std::make_tuple(c.adam.beta1, c.adam.beta2));
         eps(c.adam.eps);
         weight_decay(c.adam.weight_decay);
+        convention(c.adam.convention);
         scale(c.scale);
         side(c.side);
         rank(c.rank);
@@ -133,6 +139,7 @@ public:
         put(archive, "beta2", c.adam.beta2);
         put(archive, "eps", c.adam.eps);
         put(archive, "weight_decay", c.adam.weight_decay);
+        put(archive, "convention", static_cast<std::int64_t>(c.adam.convention));
         put(archive, "scale", c.scale);
         put(archive, "side", static_cast<std::int64_t>(c.side));
         put(archive, "rank/type", static_cast<std::int64_t>(c.rank.type));
@@ -161,6 +168,7 @@ public:
         c.adam.beta2 = get_double(archive, "beta2");
         c.adam.eps = get_double(archive, "eps");
         c.adam.weight_decay = get_double(archive, "weight_decay");
+        c.adam.convention = static_cast<adarank::adam_convention>(get_int(archive, "convention"));
         c.scale = get_double(archive, "scale");
         c.side = static_cast<adarank::side_policy>(get_int(archive, "side"));
         c.rank.type = static_cast<adarank::rank_policy::kind>(get_int(archive, "rank/type"));
@@ -672,6 +680,7 @@ private:
         if (now.adam.beta1 != was.adam.beta1 || now.adam.beta2 != was.adam.beta2) what = "betas";
         else if (now.adam.eps != was.adam.eps) what = "eps";
         else if (now.adam.weight_decay != was.adam.weight_decay) what = "weight_decay";
+        else if (now.adam.convention != was.adam.convention) what = "convention";
         else if (now.scale != was.scale) what = "scale";
         else if (!(now.rank == was.rank)) what = "rank";
         else if (!(now.refresh == was.refresh)) what = "refresh";
