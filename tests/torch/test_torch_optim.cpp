@@ -420,6 +420,26 @@ TEST_CASE("bad parameters and gradients: clear errors, nothing changed") {
     CHECK(contains(invalid_argument_message([&] { (void)o5.step(); }), "is not the tensor registered at the group's first step"));
 }
 
+TEST_CASE("parameters appended to a group and groups added after the first step are registered when they first step") {
+    torch::NoGradGuard no_grad;
+    const at::Tensor a = param({6, 6}, 1), b = param({5}, 2), c = param({4, 4}, 3);
+    AdaRankGradAdamW opt({a}, OptionsT().kind(adarank::param_kind::dense));
+    a.mutable_grad() = torch::ones_like(a);
+    REQUIRE(opt.step_checked().stepped == 1);
+    opt.param_groups()[0].params().push_back(b);
+    opt.add_param_group(torch::optim::OptimizerParamGroup({c}, std::make_unique<OptionsT>(OptionsT(1e-2).kind(adarank::param_kind::dense))));
+    b.mutable_grad() = torch::ones_like(b);
+    c.mutable_grad() = torch::ones_like(c);
+    const auto report = opt.step_checked();
+    CHECK(report.stepped == 3);
+    CHECK(opt.info(a).steps == 2);
+    CHECK(opt.info(b).steps == 1);
+    CHECK(opt.info(c).steps == 1);
+    CHECK(opt.state().size() == 3);
+    // the new group's own lr: one dense AdamW step moves every entry by about lr
+    CHECK(((c - param({4, 4}, 3)).abs().max().item<double>()) == doctest::Approx(1e-2).epsilon(1e-3));
+}
+
 TEST_CASE("threads: each step uses at::get_num_threads() of the calling thread; the bits do not depend on it") {
     thread_count_guard threads;
     torch::NoGradGuard no_grad;
