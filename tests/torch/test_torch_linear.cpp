@@ -373,6 +373,11 @@ TEST_CASE("factored delivery needs a consumer; accumulation with a changing v tu
     ref(x2).sum().backward();
     CHECK(max_relative(c.dense, ref->weight.grad()) < 1e-6);
     CHECK(opt.step_checked().status == velora::status::ok);   // stepped with the dense sum
+    // A term of the wrong shape is a caller mistake.
+    const std::string msg = invalid_argument_message([&] { m->factored_grad()->add(torch::zeros({3, 3}), torch::zeros({6}), 1.0); });
+    CHECK(contains(msg, "velora::torch::factored_weight_grad::add: arguments 'a' (shape [3, 3], dtype Float, strides [3, 1], device cpu)"));
+    CHECK(contains(msg, "must be contiguous float32 5x4 and 6 for a 5x24 weight with G = 4, s = 6"));
+    CHECK(contains(invalid_argument_message([&] { m->factored_grad()->add_dense(torch::zeros({5, 23})); }), "must be float32 5x24"));
 }
 
 TEST_CASE("an optimizer step between forward and backward is refused by autograd (version counters)") {

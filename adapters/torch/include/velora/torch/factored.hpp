@@ -20,6 +20,8 @@
 
 #include <velora/core/error.hpp>
 
+#include "view.hpp"
+
 namespace velora::torch {
 
 class factored_weight_grad {
@@ -40,9 +42,12 @@ public:
     /// Adds one backward pass's term; takes ownership of `a` (it is accumulated into).
     void add(at::Tensor a, const at::Tensor& v, double scale) {
         constexpr const char* fn = "velora::torch::factored_weight_grad::add";
-        velora::detail::require(a.defined() && a.dim() == 2 && a.size(0) == rows_ && a.size(1) == groups_ && v.defined() && v.dim() == 1 &&
-                                    v.size(0) == subtoken_,
-                                fn, "a term of the wrong shape for a ", rows_, "x", features_, " weight with G = ", groups_, ", s = ", subtoken_);
+        velora::detail::require(a.defined() && a.dim() == 2 && a.size(0) == rows_ && a.size(1) == groups_ && a.scalar_type() == at::kFloat &&
+                                    a.is_contiguous() && v.defined() && v.dim() == 1 && v.size(0) == subtoken_ && v.scalar_type() == at::kFloat &&
+                                    v.is_contiguous(),
+                                fn, "arguments 'a' (", detail::describe(a), ") and 'v' (", detail::describe(v), ") must be contiguous float32 ",
+                                rows_, "x", groups_, " and ", subtoken_, " for a ", rows_, "x", features_, " weight with G = ", groups_, ", s = ",
+                                subtoken_);
         std::lock_guard<std::mutex> lock(mutex_);
         if (c_.empty()) {
             c_.a = std::move(a);
@@ -62,6 +67,9 @@ public:
 
     /// Adds a dense O×D term (the layer's empty-batch and non-finite-record cases).
     void add_dense(const at::Tensor& dw) {
+        velora::detail::require(dw.defined() && dw.dim() == 2 && dw.size(0) == rows_ && dw.size(1) == features_ && dw.scalar_type() == at::kFloat,
+                                "velora::torch::factored_weight_grad::add_dense", "argument 'dw' (", detail::describe(dw), ") must be float32 ",
+                                rows_, "x", features_);
         std::lock_guard<std::mutex> lock(mutex_);
         if (c_.a.defined()) {
             c_.dense = expand(c_.a, c_.v, c_.scale);

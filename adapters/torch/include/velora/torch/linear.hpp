@@ -331,7 +331,8 @@ public:
     /// at::get_num_threads() on the thread of the last forward / backward.
     [[nodiscard]] int last_forward_threads() const { return locked([](const detail::linear_state& s) { return s.forward_threads; }); }
     [[nodiscard]] int last_backward_threads() const { return locked([](const detail::linear_state& s) { return s.backward_threads; }); }
-    /// Whether v exists yet (after the first recorded forward, a loaded state, or in random mode).
+    /// Whether v exists yet (after the first recorded forward, or in random mode). The buffers are
+    /// read at each recorded forward, so a state loaded with torch::load counts from the next one.
     [[nodiscard]] bool v_initialised() const { return locked([](const detail::linear_state& s) { return s.comp.initialised(); }); }
     [[nodiscard]] std::int64_t subtoken_size() const { return state_->comp.subtoken_size(); }
 
