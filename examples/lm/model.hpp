@@ -82,6 +82,9 @@ struct param_ref {
     T* data;
     T* grad;       ///< dense gradient buffer (rows×cols); not written for VeLoRA projections
     bool matrix;   ///< false for the RMSNorm gains
+    /// A layer's q, k, v, o or MLP matrix: what the trainer's low-rank configurations project
+    /// (memory::parameter_shape::projection); false for the embeddings and the gains.
+    bool projection;
 };
 
 /// Implemented by the trainer; called as soon as a gradient is final (backward order).
@@ -121,7 +124,7 @@ public:
         // Parameters, in the documented order, with the shapes of memory.hpp (its counts are this list's).
         std::size_t total = 0;
         auto add = [&](std::string name, const memory::parameter_shape& shape) {
-            params_.push_back({std::move(name), shape.rows, shape.cols, nullptr, nullptr, shape.matrix});
+            params_.push_back({std::move(name), shape.rows, shape.cols, nullptr, nullptr, shape.matrix, shape.projection});
             offsets_.push_back(total);
             total += static_cast<std::size_t>(shape.rows * shape.cols);
         };
