@@ -32,8 +32,8 @@ struct run {
     std::vector<double> valid_loss;
     std::vector<double> gradient_energy;      // at the valid_steps: Σ ‖G‖² (dense) + Σ ‖Ĝ‖² (low-rank) the optimizer stepped with
     std::vector<std::string> rank_names;      // low-rank parameters, in registration order
-    std::vector<int> rank_steps;
-    std::vector<std::vector<double>> ranks;   // [eval point][low-rank parameter]
+    std::vector<int> rank_steps;              // steps after which the ranks were recorded: the first, each that changed one, the last
+    std::vector<std::vector<double>> ranks;   // [record][low-rank parameter]; each holds until the next record
     std::size_t activation_bytes = 0;         // kept for backward by one step's forward pass (counted by the model)
     std::array<std::size_t, lm::memory::kinds> activation_kinds{};   // the same by kind (lm::memory::kind)
     std::size_t weights_bytes = 0;            // the model's parameters

@@ -25,10 +25,14 @@
 // their peak RSS is measured from a reset of the process's high-water mark (see print_dp_notes).
 // A plain `lm_train` of an MPI build is an MPI singleton and behaves as without MPI.
 //
-//   lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
+//   lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
 //            [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]
 //            [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]
+//   lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]
 // (--config NAME is accepted as another spelling of --configs.)
+// --preset sets the sizes of a paper's LLaMA model (presets below); --estimate prints the memory
+// of each configuration from memory.hpp, the accounting the model counts with, without training
+// (docs/memory.md).
 // (`lm_train --help` says what each flag means and its default; print_help below.)
 // --share-qkv: q, k and v read one VeLoRA record of their common input (otherwise only v's
 // input is recorded, and q, k still keep it).
