@@ -1,9 +1,11 @@
 // The demo language model (examples/lm/model.hpp): finite-difference gradient checks of every
 // parameter with VeLoRA off and with exact VeLoRA (s = 1) on, delivery order and count,
-// in-place updates inside the sink, activation bytes, evaluate vs train_step, bad input.
+// in-place updates inside the sink, activation bytes and memory.hpp's accounting, evaluate vs
+// train_step, bad input.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <adarank/adarank.hpp>
 #include <lm/model.hpp>
 
 #include <algorithm>
@@ -207,6 +209,77 @@ TEST_CASE("delivery, activation bytes with VeLoRA (groups < d), evaluate == trai
     CHECK(value_down < off);
     CHECK(shared < value_down);
     std::printf("activation bytes: off %zu, value %zu, value+down %zu, share_qkv+down %zu\n", off, value_only, value_down, shared);
+}
+
+TEST_CASE("memory.hpp: the model's buffers, activation breakdown and parameters are what it counts") {
+    // The trainer's size check and `lm_train --estimate` read memory.hpp; the model allocates and
+    // counts from it. Here the model's actual vector sizes and record bytes are compared with it.
+    const auto tokens = make_tokens(small, batch, 3);
+    for (const lm::velora_config vc : {lm::velora_config{}, lm::velora_config{.value = true, .groups = 2},
+                                       lm::velora_config{.value = true, .down = true, .groups = 3},
+                                       lm::velora_config{.value = true, .down = true, .share_qkv = true, .groups = 64}}) {
+        CAPTURE(vc.value);
+        CAPTURE(vc.down);
+        CAPTURE(vc.share_qkv);
+        CAPTURE(vc.groups);
+        backend b;
+        const index_t max_batch = 3;
+        lm::transformer<double> model(b, small, vc, 2, max_batch);
+        const lm::memory::model_buffers got = model.buffer_elements(), want = lm::memory::buffers(small, vc, max_batch);
+        CHECK(got.parameters.v == want.parameters.v);
+        CHECK(got.gradients.v == want.gradients.v);
+        CHECK(got.kept.v == want.kept.v);
+        CHECK(got.transient.v == want.transient.v);
+        CHECK(got.a_buffers.v == want.a_buffers.v);
+        CHECK(got.scratch.v == want.scratch.v);
+        std::size_t weights = 0;
+        for (const auto& p : model.parameters()) weights += static_cast<std::size_t>(p.rows * p.cols);
+        CHECK(weights == lm::memory::parameter_count(small).v);
+        CHECK(model.activation_bytes() == 0);   // before the first step
+        capture_sink<double> sink(b, model.parameters());
+        model.train_step(tokens.data(), batch, sink);   // batch 2 of max_batch 3: counted at the step's batch
+        const auto& by_kind = model.activation_breakdown();
+        const auto want_kinds = lm::memory::activations(small, vc, batch, sizeof(double));
+        for (std::size_t k = 0; k < lm::memory::kinds; ++k) {
+            INFO(lm::memory::kind_keys[k]);
+            CHECK(by_kind.by_kind[k].v == want_kinds.by_kind[k].v);
+        }
+        CHECK(model.activation_bytes() == want_kinds.total().v);
+        // The kinds VeLoRA cannot touch are the same with and without it; only linear inputs and records move.
+        const auto plain = lm::memory::activations(small, {}, batch, sizeof(double));
+        for (auto k : {lm::memory::kind::norm_inputs, lm::memory::kind::attention_qkv, lm::memory::kind::attention_probs,
+                       lm::memory::kind::swiglu, lm::memory::kind::output_probs})
+            CHECK(by_kind[k].v == plain[k].v);
+        // By hand (N = 10 tokens, d 8, ffn 12, 2 layers, 2 heads, context 5, vocab 11, 8-byte values):
+        CHECK(plain[lm::memory::kind::attention_probs].v == 2u * (2 * 2 * 5 * 5) * 8);
+        CHECK(plain[lm::memory::kind::output_probs].v == 10u * 11 * 8);
+        CHECK(plain[lm::memory::kind::linear_inputs].v == (2u * (3 * 10 * 8 + 10 * 12) + 10 * 8) * 8);   // h1, o, h2, s per layer; hf
+        if (vc.down) CHECK(by_kind[lm::memory::kind::linear_inputs].v < plain[lm::memory::kind::linear_inputs].v);
+        CHECK((by_kind[lm::memory::kind::velora_records].v > 0) == (vc.value || vc.down));
+    }
+    // The optimizer state formula against adarank::low_rank_adamw::state_bytes() for dense and
+    // low-rank parameters of both orientations, at a rank below and above the shorter side.
+    for (const index_t rank : {index_t{3}, index_t{100}}) {
+        using B = velora::eigen_backend<float>;
+        B b;
+        adarank::low_rank_adamw<B> opt(b, adarank::optimizer_config::galore(rank));
+        std::vector<float> w, g;
+        std::vector<adarank::low_rank_adamw<B>::param_id> ids;
+        std::vector<lm::memory::parameter_shape> shapes;
+        for (const auto& p : lm::memory::layer_parameters(small)) shapes.push_back(p);
+        for (const auto& p : lm::memory::embedding_parameters(small)) shapes.push_back(p);
+        for (const auto& p : shapes) ids.push_back(opt.add_parameter(p.rows, p.cols, p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense));
+        for (std::size_t i = 0; i < shapes.size(); ++i) {   // one step sets every rank
+            w.assign(static_cast<std::size_t>(shapes[i].rows * shapes[i].cols), 0.5f);
+            g.resize(w.size());
+            for (std::size_t k = 0; k < g.size(); ++k) g[k] = static_cast<float>(velora::gaussian_at(7 + i, k));
+            REQUIRE(opt.step(ids[i], velora::make_view(w.data(), shapes[i].rows, shapes[i].cols),
+                             velora::make_view<const float>(g.data(), shapes[i].rows, shapes[i].cols)) == velora::status::ok);
+        }
+        std::size_t want = 0;
+        for (const auto& p : shapes) want += lm::memory::state_elements(p, rank).v * sizeof(float);
+        CHECK(opt.state_bytes() == want);
+    }
 }
 
 TEST_CASE("a float model trains: finite loss and gradients, loss falls under plain SGD") {

@@ -27,24 +27,31 @@
 /// train_step. For VeLoRA projections `param_ref::grad` is never written (stays zero).
 ///
 /// Memory: every buffer (activations, records, A buffers, backward scratch) is allocated in
-/// the constructor for `max_batch` sequences (records on the first train_step) and reused;
+/// the constructor for `max_batch` sequences (records on the first train_step) and reused; the
+/// parameter shapes and the kept activations' sizes come from memory.hpp, which the trainer's
+/// size check and memory estimator (lm_train --estimate) read too;
 /// the products run on the backend's GEMM, element-wise work on Eigen maps without temporaries.
 /// Not thread-safe; one model per backend and host thread.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include <velora/velora.hpp>
+
+#include "memory.hpp"
 
 namespace lm {
 
@@ -68,25 +75,6 @@ struct aligned_allocator {
 template <class U>
 using aligned_vector = std::vector<U, aligned_allocator<U>>;
 
-using velora::index_t;
-
-struct model_config {
-    index_t vocab = 256, d_model = 128, heads = 4, layers = 2, ffn = 344, context = 64;
-};
-
-/// Which linear inputs keep a VeLoRA record instead of the activation.
-struct velora_config {
-    bool value = false;       ///< input of the value projection (h1 = RMSNorm output)
-    bool down = false;        ///< input of the MLP down projection (s = silu(a)·b)
-    bool share_qkv = false;   ///< q, k and v all use the one record of h1 (then h1 is not kept at all)
-    /// Sub-tokens per token. Each compressor uses G = min(groups, its input width), so one
-    /// value serves h1 (width d) and s (width ffn); groups >= max(d, ffn) gives s = 1 everywhere,
-    /// where VeLoRA's gradient is exact.
-    index_t groups = 32;
-    /// Element type of the records' Z (f64 only with T = double).
-    velora::storage z_storage = velora::storage::f32;
-};
-
 template <class T>
 struct param_ref {
     std::string name;
@@ -94,6 +82,9 @@ struct param_ref {
     T* data;
     T* grad;       ///< dense gradient buffer (rows×cols); not written for VeLoRA projections
     bool matrix;   ///< false for the RMSNorm gains
+    /// A layer's q, k, v, o or MLP matrix: what the trainer's low-rank configurations project
+    /// (memory::parameter_shape::projection); false for the embeddings and the gains.
+    bool projection;
 };
 
 /// Implemented by the trainer; called as soon as a gradient is final (backward order).
@@ -123,35 +114,26 @@ public:
         : b_(&b), c_(validated(c, max_batch)), v_(v), max_batch_(max_batch) {
         const index_t d = c_.d_model, f = c_.ffn, n = max_batch_ * c_.context;
         dh_ = d / c_.heads;
-        const bool rec_h1 = v_.value || v_.share_qkv;
-        g_h1_ = std::min(v_.groups, d);
-        g_s_ = std::min(v_.groups, f);
+        const bool rec_h1 = memory::records_h1(v_);
+        g_h1_ = memory::groups_for(v_, d);
+        g_s_ = memory::groups_for(v_, f);
         if (rec_h1 || v_.down) {
             if (v_.groups < 1) throw std::invalid_argument("lm::transformer: velora_config.groups must be >= 1");
         }
 
-        // Parameters, in the documented order.
+        // Parameters, in the documented order, with the shapes of memory.hpp (its counts are this list's).
         std::size_t total = 0;
-        auto add = [&](std::string name, index_t rows, index_t cols, bool matrix) {
-            params_.push_back({std::move(name), rows, cols, nullptr, nullptr, matrix});
+        auto add = [&](std::string name, const memory::parameter_shape& shape) {
+            params_.push_back({std::move(name), shape.rows, shape.cols, nullptr, nullptr, shape.matrix, shape.projection});
             offsets_.push_back(total);
-            total += static_cast<std::size_t>(rows * cols);
+            total += static_cast<std::size_t>(shape.rows * shape.cols);
         };
-        add("embed.token", c_.vocab, d, true);
-        add("embed.position", c_.context, d, true);
-        for (index_t l = 0; l < c_.layers; ++l) {
-            const std::string p = "layer" + std::to_string(l) + ".";
-            add(p + "norm1", 1, d, false);
-            add(p + "wq", d, d, true);
-            add(p + "wk", d, d, true);
-            add(p + "wv", d, d, true);
-            add(p + "wo", d, d, true);
-            add(p + "norm2", 1, d, false);
-            add(p + "w1", f, d, true);
-            add(p + "w3", f, d, true);
-            add(p + "w2", d, f, true);
-        }
-        add("norm.final", 1, d, false);
+        for (const auto& p : memory::embedding_parameters(c_)) add(p.name, p);
+        const auto layer_params = memory::layer_parameters(c_);
+        static_assert(std::tuple_size_v<decltype(memory::layer_parameters(c_))> == slots, "memory.hpp lists one layer's parameters in slot order");
+        for (index_t l = 0; l < c_.layers; ++l)
+            for (const auto& p : layer_params) add("layer" + std::to_string(l) + "." + p.name, p);
+        add(memory::final_norm_parameter(c_).name, memory::final_norm_parameter(c_));
         values_.assign(total, T(0));
         grads_.assign(total, T(0));
         const T residual_scale = T(1) / std::sqrt(T(2) * static_cast<T>(c_.layers));
@@ -173,24 +155,28 @@ public:
             for (index_t k = 0; k < count; ++k) p.data[k] = scale * static_cast<T>(velora::gaussian_at(pseed, static_cast<std::uint64_t>(k)));
         }
 
-        // Activations kept for backward (per layer) and scratch.
+        // Activations kept for backward (per layer), sized by memory.hpp (which counts them), and scratch.
+        const memory::layer_activations kept = memory::layer_kept(c_, v_, max_batch_);
+        const memory::final_activations kept_final = memory::final_kept(c_, max_batch_);
+        const auto sized = [](aligned_vector<T>& buf, memory::count elements) { buf.resize(static_cast<std::size_t>(elements.v)); };
         xs_.resize(static_cast<std::size_t>(c_.layers + 1));
-        for (auto& x : xs_) x.resize(static_cast<std::size_t>(n * d));
+        for (index_t l = 0; l < c_.layers; ++l) sized(xs_[static_cast<std::size_t>(l)], kept.x);
+        sized(xs_.back(), kept_final.x);
         layers_.resize(static_cast<std::size_t>(c_.layers));
         for (auto& L : layers_) {
-            L.rstd1.resize(static_cast<std::size_t>(n));
-            if (!v_.share_qkv) L.h1.resize(static_cast<std::size_t>(n * d));
-            L.q.resize(static_cast<std::size_t>(n * d));
-            L.k.resize(static_cast<std::size_t>(n * d));
-            L.v.resize(static_cast<std::size_t>(n * d));
-            L.p.resize(static_cast<std::size_t>(max_batch_ * c_.heads * c_.context * c_.context));
-            L.o.resize(static_cast<std::size_t>(n * d));
-            L.xmid.resize(static_cast<std::size_t>(n * d));
-            L.rstd2.resize(static_cast<std::size_t>(n));
-            L.h2.resize(static_cast<std::size_t>(n * d));
-            L.a.resize(static_cast<std::size_t>(n * f));
-            L.bu.resize(static_cast<std::size_t>(n * f));
-            if (!v_.down) L.s.resize(static_cast<std::size_t>(n * f));
+            sized(L.rstd1, kept.rstd1);
+            sized(L.h1, kept.h1);   // 0 with share_qkv: the record stands for h1
+            sized(L.q, kept.q);
+            sized(L.k, kept.k);
+            sized(L.v, kept.v);
+            sized(L.p, kept.probs);
+            sized(L.o, kept.o);
+            sized(L.xmid, kept.xmid);
+            sized(L.rstd2, kept.rstd2);
+            sized(L.h2, kept.h2);
+            sized(L.a, kept.a);
+            sized(L.bu, kept.b);
+            sized(L.s, kept.s);     // 0 when the MLP-down input is recorded
             velora::compressor_config cc;
             cc.z_storage = v_.z_storage;
             if (rec_h1) {
@@ -208,9 +194,9 @@ public:
                 L.a_2.resize(static_cast<std::size_t>(d * g_s_));
             }
         }
-        rstdf_.resize(static_cast<std::size_t>(n));
-        hf_.resize(static_cast<std::size_t>(n * d));
-        probs_.resize(static_cast<std::size_t>(n * c_.vocab));
+        sized(rstdf_, kept_final.rstd);
+        sized(hf_, kept_final.hf);
+        sized(probs_, kept_final.probs);
         if (v_.share_qkv) tmp_h1_.resize(static_cast<std::size_t>(n * d));
         if (v_.down) tmp_s_.resize(static_cast<std::size_t>(n * f));
         dx_.resize(static_cast<std::size_t>(n * d));
@@ -263,7 +249,7 @@ public:
         check_batch(tokens, batch, "lm::transformer::train_step");
         const double loss = forward(tokens, batch, true);
         backward(tokens, batch, sink);
-        activation_bytes_ = count_activation_bytes(batch);
+        count_activations(batch);
         return loss;
     }
 
@@ -273,9 +259,13 @@ public:
         return forward(tokens, batch, false);
     }
 
-    /// Bytes that the last train_step's forward pass kept for its backward pass, counted from
-    /// the buffers actually read by backward, at that step's N = batch·context tokens (the
-    /// buffers themselves are allocated for max_batch). 0 before the first train_step. Counted:
+    /// Bytes that the last train_step's forward pass kept for its backward pass, at that step's
+    /// N = batch·context tokens (the buffers themselves are allocated for max_batch), by kind;
+    /// all zero before the first train_step. The buffers backward reads are the ones listed by
+    /// memory::layer_kept and memory::final_kept, which also size them, so the count is
+    /// memory::activations(); the records' share is what the records themselves report
+    /// (activation_record::bytes(), checked against memory.hpp's formula at every step).
+    /// Counted:
     ///   per layer: x (layer input, N·d, for RMSNorm1's backward) + rstd1 (N);
     ///              h1 (N·d) unless share_qkv;  the h1 record's bytes() if value or share_qkv;
     ///              q, k, v (3·N·d); attention probabilities (batch·heads·context², the full
@@ -286,8 +276,32 @@ public:
     ///              probabilities (N·vocab, turned into dlogits in place).
     /// Not counted: the token ids (the caller's memory, read again by backward), parameters,
     /// gradients, VeLoRA A buffers, backward scratch and the transient h1/s scratch used when
-    /// those activations are not kept.
-    [[nodiscard]] std::size_t activation_bytes() const noexcept { return activation_bytes_; }
+    /// those activations are not kept (see buffer_elements()).
+    [[nodiscard]] std::size_t activation_bytes() const noexcept { return static_cast<std::size_t>(activations_.total().v); }
+    [[nodiscard]] const memory::activation_bytes& activation_breakdown() const noexcept { return activations_; }
+
+    /// Elements of the model's own buffers, from their sizes (tests/test_lm_model.cpp compares
+    /// them with memory::buffers, which the trainer's size check and estimator use). VeLoRA
+    /// records and compressors are the library's and are not included.
+    [[nodiscard]] memory::model_buffers buffer_elements() const {
+        const auto sum = [](std::initializer_list<const aligned_vector<T>*> bufs) {
+            memory::count n;
+            for (const auto* b : bufs) n += b->size();
+            return n;
+        };
+        memory::model_buffers m;
+        m.parameters = values_.size();
+        m.gradients = grads_.size();
+        for (const auto& x : xs_) m.kept += x.size();
+        for (const auto& L : layers_) {
+            m.kept += sum({&L.rstd1, &L.h1, &L.q, &L.k, &L.v, &L.p, &L.o, &L.xmid, &L.rstd2, &L.h2, &L.a, &L.bu, &L.s});
+            m.a_buffers += sum({&L.a_q, &L.a_k, &L.a_v, &L.a_2});
+        }
+        m.kept += sum({&rstdf_, &hf_, &probs_});
+        m.transient = sum({&tmp_h1_, &tmp_s_});
+        m.scratch = sum({&dx_, &dh_buf_, &dq_, &dk_, &dv_, &do_, &ds_, &dsc_});
+        return m;
+    }
 
 private:
     using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -570,23 +584,22 @@ private:
         sink.dense(token_embedding, cview(gview(token_embedding)));
     }
 
-    [[nodiscard]] std::size_t count_activation_bytes(index_t batch) const {
-        const std::size_t N = static_cast<std::size_t>(batch * c_.context), d = static_cast<std::size_t>(c_.d_model),
-                          f = static_cast<std::size_t>(c_.ffn), V = static_cast<std::size_t>(c_.vocab);
-        const std::size_t att = static_cast<std::size_t>(batch * c_.heads * c_.context * c_.context);
-        std::size_t elems = 0, bytes = 0;
+    // The count of activation_bytes(). A record whose bytes() differ from memory.hpp's formula
+    // means the estimator (lm_train --estimate) would print something no run keeps: a bug here
+    // or in the library's record layout, not a caller's mistake.
+    void count_activations(index_t batch) {
+        activations_ = memory::activations(c_, v_, batch, sizeof(T));
+        const memory::layer_records expected = memory::records(c_, v_, batch, sizeof(T));
+        memory::count kept;
         for (const auto& L : layers_) {
-            elems += N * d + N;                 // x, rstd1
-            if (!v_.share_qkv) elems += N * d;  // h1
-            if (L.comp_h1) bytes += L.rec_h1.bytes();
-            elems += 3 * N * d + att + N * d;   // q, k, v, P, o
-            elems += N * d + N + N * d;         // xmid, rstd2, h2
-            elems += 2 * N * f;                 // a, b
-            if (!v_.down) elems += N * f;       // s
-            if (L.comp_s) bytes += L.rec_s.bytes();
+            if (L.comp_h1) kept += L.rec_h1.bytes();
+            if (L.comp_s) kept += L.rec_s.bytes();
+            if ((L.comp_h1 && L.rec_h1.bytes() != expected.h1.v) || (L.comp_s && L.rec_s.bytes() != expected.s.v))
+                throw std::logic_error("lm::transformer: a VeLoRA record holds " + std::to_string(L.comp_h1 ? L.rec_h1.bytes() : 0) + " + " +
+                                       std::to_string(L.comp_s ? L.rec_s.bytes() : 0) + " bytes, examples/lm/memory.hpp counts " +
+                                       std::to_string(expected.h1.v) + " + " + std::to_string(expected.s.v));
         }
-        elems += N * d + N + N * d + N * V;     // final x, rstd, hf, probabilities
-        return bytes + elems * sizeof(T);
+        activations_[memory::kind::velora_records] = kept;
     }
 
     static constexpr double eps = 1e-5;
@@ -604,7 +617,7 @@ private:
     aligned_vector<T> rstdf_, hf_, probs_;
     aligned_vector<T> tmp_h1_, tmp_s_;    // transient h1 / s when they are not kept
     aligned_vector<T> dx_, dh_buf_, dq_, dk_, dv_, do_, ds_, dsc_;
-    std::size_t activation_bytes_ = 0;
+    memory::activation_bytes activations_;
     first_compress_hook first_compress_;
 };
 

@@ -1,8 +1,9 @@
 #pragma once
 // What the demo trainer reports: per-configuration results, the progress bar, the final table,
-// JSON and an SVG plot (validation-loss curves and AdaRankGrad's per-layer ranks over time).
+// JSON and an SVG plot (validation-loss curves and the low-rank configurations' ranks over time).
 // The files are written whole or not at all (write_replacing): a run that dies keeps what was there.
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -13,9 +14,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
+
+#include "memory.hpp"
 
 namespace report {
 
@@ -28,10 +32,13 @@ struct run {
     std::vector<double> valid_loss;
     std::vector<double> gradient_energy;      // at the valid_steps: Σ ‖G‖² (dense) + Σ ‖Ĝ‖² (low-rank) the optimizer stepped with
     std::vector<std::string> rank_names;      // low-rank parameters, in registration order
-    std::vector<int> rank_steps;
-    std::vector<std::vector<double>> ranks;   // [eval point][low-rank parameter]
+    std::vector<int> rank_steps;              // steps after which the ranks were recorded: the first, each that changed one, the last
+    std::vector<std::vector<double>> ranks;   // [record][low-rank parameter]; each holds until the next record
     std::size_t activation_bytes = 0;         // kept for backward by one step's forward pass (counted by the model)
+    std::array<std::size_t, lm::memory::kinds> activation_kinds{};   // the same by kind (lm::memory::kind)
+    std::size_t weights_bytes = 0;            // the model's parameters
     std::size_t optimizer_bytes = 0;          // optimizer state (low_rank_adamw::state_bytes)
+    std::size_t optimizer_workspace_bytes = 0;   // the optimizer's scratch shared by all parameters (workspace_bytes)
     std::size_t peak_rss_bytes = 0;           // VmHWM of the training process (data-parallel: see reset_peak_rss)
     double mean_step_ms = 0, tokens_per_second = 0;
     std::uint64_t communicated_bytes = 0;     // gradient bytes one rank put into all-reduces over the run (0 in one process)
@@ -76,7 +83,9 @@ inline std::string serialize(const run& r) {
         os << '\n';
     };
     os << "name " << r.name << '\n' << "error " << r.error << '\n' << "steps " << r.steps << '\n' << "interrupted " << r.interrupted << '\n';
-    os << "bytes " << r.activation_bytes << ' ' << r.optimizer_bytes << ' ' << r.peak_rss_bytes << ' ' << r.communicated_bytes << '\n';
+    os << "bytes " << r.activation_bytes << ' ' << r.optimizer_bytes << ' ' << r.peak_rss_bytes << ' ' << r.communicated_bytes << ' '
+       << r.weights_bytes << ' ' << r.optimizer_workspace_bytes << '\n';
+    list("activation_kinds", r.activation_kinds);
     os << "speed " << r.mean_step_ms << ' ' << r.tokens_per_second << '\n';
     list("train_loss", r.train_loss);
     list("valid_steps", r.valid_steps);
@@ -109,7 +118,9 @@ inline run deserialize(const std::string& text) {
         else if (key == "error") r.error = rest();
         else if (key == "steps") ls >> r.steps;
         else if (key == "interrupted") ls >> r.interrupted;
-        else if (key == "bytes") ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes >> r.communicated_bytes;
+        else if (key == "bytes")
+            ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes >> r.communicated_bytes >> r.weights_bytes >> r.optimizer_workspace_bytes;
+        else if (key == "activation_kinds") for (auto& x : r.activation_kinds) ls >> x;
         else if (key == "speed") ls >> r.mean_step_ms >> r.tokens_per_second;
         else if (key == "train_loss") read_numbers(ls, r.train_loss);
         else if (key == "valid_steps") for (int x; ls >> x;) r.valid_steps.push_back(x);
@@ -128,21 +139,39 @@ inline run deserialize(const std::string& text) {
 inline double final_valid(const run& r) { return r.valid_loss.empty() ? NAN : r.valid_loss.back(); }
 inline double mib(std::size_t bytes) { return static_cast<double>(bytes) / 1048576.0; }
 
+// The activations of each run by kind (lm::memory::kind), in `unit` bytes; VeLoRA moves bytes
+// from "linear in" to "records" and leaves the other kinds as they are.
+inline void print_activation_kinds(const std::vector<run>& runs, const char* title, double unit) {
+    std::printf("%s:\n%-16s", title, "configuration");
+    for (const char* head : lm::memory::kind_heads) std::printf(" %11s", head);
+    std::printf(" %11s\n", "total");
+    for (const auto& r : runs) {
+        if (r.steps == 0) continue;
+        std::printf("%-16s", r.name.c_str());
+        for (std::size_t x : r.activation_kinds) std::printf(" %11.3f", static_cast<double>(x) / unit);
+        std::printf(" %11.3f\n", static_cast<double>(r.activation_bytes) / unit);
+    }
+    std::printf("(norm in: the residual stream kept for each RMSNorm's backward; linear in: exact inputs of the projections (q/k/v,\n"
+                " o, MLP up/gate/down, head), what VeLoRA can replace; records: VeLoRA's; q,k,v and attn probs: what attention's\n"
+                " backward reads; SwiGLU a,b: the two MLP branches; out softmax: tokens x vocabulary)\n");
+}
+
 inline void print_table(const std::vector<run>& runs, long tokens_per_step) {
-    std::printf("\n%-16s %7s %10s %8s %11s %11s %10s %9s %9s\n", "configuration", "steps", "val loss", "val ppl", "activ. MiB",
-                "optim. MiB", "peak RSS", "ms/step", "tok/s");
+    std::printf("\n%-16s %7s %10s %8s %11s %11s %11s %10s %9s %9s\n", "configuration", "steps", "val loss", "val ppl", "activ. MiB",
+                "optim. MiB", "weights MiB", "peak RSS", "ms/step", "tok/s");
     for (const auto& r : runs) {
         if (r.steps == 0) {
             std::printf("%-16s %s\n", r.name.c_str(), r.error.empty() ? "no step taken" : ("failed: " + r.error).c_str());
             continue;
         }
-        std::printf("%-16s %7d %10.4f %8.2f %11.3f %11.3f %8.1f M %9.1f %9.0f%s\n", r.name.c_str(), r.steps, final_valid(r),
-                    std::exp(final_valid(r)), mib(r.activation_bytes), mib(r.optimizer_bytes), mib(r.peak_rss_bytes), r.mean_step_ms,
-                    r.tokens_per_second, !r.error.empty() ? "  (failed)" : r.interrupted ? "  (interrupted)" : "");
+        std::printf("%-16s %7d %10.4f %8.2f %11.3f %11.3f %11.3f %8.1f M %9.1f %9.0f%s\n", r.name.c_str(), r.steps, final_valid(r),
+                    std::exp(final_valid(r)), mib(r.activation_bytes), mib(r.optimizer_bytes), mib(r.weights_bytes), mib(r.peak_rss_bytes),
+                    r.mean_step_ms, r.tokens_per_second, !r.error.empty() ? "  (failed)" : r.interrupted ? "  (interrupted)" : "");
     }
     std::printf("(validation: cross-entropy in nats per byte on 8 fixed batches of the held-out 10%%; %ld tokens per step; activations:\n"
                 " bytes one forward pass keeps for backward, counted by the model; optimizer: AdamW moments or low-rank bases + moments)\n",
                 tokens_per_step);
+    print_activation_kinds(runs, "\nActivations kept for backward by kind (MiB)", 1048576.0);
 }
 
 inline std::string json_escape(const std::string& s) {
@@ -207,8 +236,10 @@ inline void write_json(std::ostream& out, const std::vector<run>& runs, const st
         out << (k ? "," : "") << "{\"name\":\"" << json_escape(r.name) << "\",\"error\":\"" << json_escape(r.error) << "\",\"steps\":" << r.steps
             << ",\"interrupted\":" << (r.interrupted ? "true" : "false") << ",\"valid_loss\":";
         number(final_valid(r)) << ",\"valid_perplexity\":";
-        number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes
-            << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
+        number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes << ",\"activation_bytes_by_kind\":{";
+        for (std::size_t k = 0; k < lm::memory::kinds; ++k) out << (k ? "," : "") << '"' << lm::memory::kind_keys[k] << "\":" << r.activation_kinds[k];
+        out << "},\"weights_bytes\":" << r.weights_bytes << ",\"optimizer_bytes\":" << r.optimizer_bytes
+            << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
             << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"communicated_bytes\":" << r.communicated_bytes << ",\"valid_curve\":{\"steps\":";
         list(r.valid_steps);
         out << ",\"loss\":";
@@ -231,67 +262,192 @@ inline void write_json(std::ostream& out, const std::vector<run>& runs, const st
     out << "]}\n";
 }
 
-// Two panels: validation loss per configuration, and the per-parameter ranks of every low-rank
-// configuration (one thin line per parameter, coloured by configuration).
+// The plot: the validation loss of every configuration, then the ranks of the low-rank
+// configurations as small multiples, one row per configuration and one column per kind of
+// matrix (q, k, v, o, gate, up, down), one line per layer in that kind's colour, lighter for the
+// first layer and darker for the last. A rank holds from the step after which it was recorded to
+// the next record (the trainer records after every change), so its line is drawn step-wise:
+// horizontal while it holds, vertical where a refresh changed it. GaLore's fixed rank gets its
+// own row (it used to be hidden under AdaRankGrad's lines at the cap), and the y range leaves
+// room above the cap so that lines there stay clear of the frame. Structure for the tests
+// (tests/demo_plot.cmake): <g class="rank-panel" data-config=NAME> per row, <g class="rank-cell"
+// data-kind=KIND> per cell, <polyline class="rank"> per line.
+namespace svg_detail {
+
+// "layer3.wq" -> {3, "wq"}; a name without a layer prefix is layer 0.
+inline std::pair<int, std::string> split_parameter(const std::string& name) {
+    const auto dot = name.rfind('.');
+    if (dot == std::string::npos) return {0, name};
+    const std::string prefix = name.substr(0, dot);
+    const auto digits = prefix.find_first_of("0123456789");
+    const int layer = digits == std::string::npos ? 0 : std::atoi(prefix.c_str() + digits);
+    return {layer, name.substr(dot + 1)};
+}
+
+inline std::string kind_label(const std::string& kind) {
+    if (kind == "wq") return "q (wq)";
+    if (kind == "wk") return "k (wk)";
+    if (kind == "wv") return "v (wv)";
+    if (kind == "wo") return "o (wo)";
+    if (kind == "w1") return "gate (w1)";
+    if (kind == "w3") return "up (w3)";
+    if (kind == "w2") return "down (w2)";
+    return kind;
+}
+
+// A colour of hue `hue` whose lightness goes from 72% (layer 0) to 28% (the last layer).
+inline std::string shade(int hue, int layer, int layers) {
+    const double t = layers > 1 ? static_cast<double>(layer) / (layers - 1) : 0.6;
+    char text[48];
+    std::snprintf(text, sizeof text, "hsl(%d,70%%,%d%%)", hue, static_cast<int>(std::lround(72 - 44 * t)));
+    return text;
+}
+
+// Tick values for [0, top]: 0, a round middle and top.
+inline std::vector<double> rank_ticks(double top) {
+    if (top <= 2) return {0, top};
+    return {0, std::round(top / 2), top};
+}
+
+} // namespace svg_detail
+
 inline void write_svg(std::ostream& out, const std::vector<run>& runs) {
-    const double w = 900, h = 360, left = 60, right = 180, top = 30, bottom = 40;
+    using namespace svg_detail;
+    const double w = 900, loss_h = 360, left = 60, right = 180, top = 30, bottom = 40;
+    // A configuration keeps its colour whichever others run with it (the trainer's five in their
+    // usual order; any other name by its position).
     const char* colours[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"};
+    const char* named[] = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
+    auto colour = [&](std::size_t k) {
+        for (std::size_t i = 0; i < 5; ++i)
+            if (runs[k].name == named[i]) return colours[i];
+        return colours[k % 6];
+    };
+    const int hues[] = {210, 30, 120, 0, 275, 180, 320, 60};
     int max_step = 1;
     double lo = 1e300, hi = -1e300, max_rank = 1;
+    std::vector<const run*> low_rank;
+    std::vector<std::string> kinds;   // columns, in the order of the first low-rank run's parameters
+    int layers = 1;
     for (const auto& r : runs) {
         for (int s : r.valid_steps) max_step = std::max(max_step, s);
+        for (int s : r.rank_steps) max_step = std::max(max_step, s);
         for (double l : r.valid_loss) lo = std::min(lo, l), hi = std::max(hi, l);
         for (const auto& ranks : r.ranks)
             for (double x : ranks) max_rank = std::max(max_rank, x);
+        if (r.ranks.empty() || r.rank_names.empty()) continue;
+        low_rank.push_back(&r);
+        for (const auto& name : r.rank_names) {
+            const auto [layer, kind] = split_parameter(name);
+            layers = std::max(layers, layer + 1);
+            if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) kinds.push_back(kind);
+        }
     }
     if (!(lo <= hi)) lo = 0, hi = 1;   // nothing to draw
     if (lo == hi) lo -= 0.5, hi += 0.5;
-    out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << 2 * h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+
+    // Rank grid geometry.
+    const double grid_left = 130, grid_right = 20, gap = 16, cell_h = 90, row_gap = 22, grid_title = 44, grid_bottom = 64;
+    const std::size_t columns = std::max<std::size_t>(kinds.size(), 1);
+    const double cell_w = (w - grid_left - grid_right - gap * static_cast<double>(columns - 1)) / static_cast<double>(columns);
+    const double grid_top = loss_h + grid_title;
+    const double grid_h = low_rank.empty() ? 0 : grid_title + static_cast<double>(low_rank.size()) * (cell_h + row_gap) + grid_bottom;
+    const double total_h = loss_h + grid_h;
+
+    out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << total_h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
         << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    auto panel = [&](double y0, const std::string& title, const std::string& ylabel, double ymin, double ymax, auto&& draw) {
-        const double pw = w - left - right, ph = h - top - bottom;
-        out << "<text x=\"" << left << "\" y=\"" << y0 + 18 << "\" font-size=\"14\">" << title << "</text>\n";
-        out << "<rect x=\"" << left << "\" y=\"" << y0 + top << "\" width=\"" << pw << "\" height=\"" << ph << "\" fill=\"none\" stroke=\"#888\"/>\n";
+
+    // Validation loss.
+    {
+        const double pw = w - left - right, ph = loss_h - top - bottom;
+        out << "<text x=\"" << left << "\" y=\"18\" font-size=\"14\">Validation loss (nats/byte)</text>\n";
+        out << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << pw << "\" height=\"" << ph << "\" fill=\"none\" stroke=\"#888\"/>\n";
         for (int i = 0; i <= 4; ++i) {
-            const double v = ymin + (ymax - ymin) * i / 4, y = y0 + top + ph * (1 - double(i) / 4);
+            const double v = lo + (hi - lo) * i / 4, y = top + ph * (1 - double(i) / 4);
             out << "<text x=\"" << left - 6 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">" << std::round(v * 100) / 100 << "</text>\n";
             const double x = left + pw * i / 4;
-            out << "<text x=\"" << x << "\" y=\"" << y0 + h - bottom + 16 << "\" text-anchor=\"middle\">" << std::lround(double(max_step) * i / 4)
+            out << "<text x=\"" << x << "\" y=\"" << loss_h - bottom + 16 << "\" text-anchor=\"middle\">" << std::lround(double(max_step) * i / 4)
                 << "</text>\n";
         }
-        out << "<text x=\"" << left + pw / 2 << "\" y=\"" << y0 + h - 4 << "\" text-anchor=\"middle\">step</text>\n";
-        out << "<text x=\"14\" y=\"" << y0 + top + ph / 2 << "\" transform=\"rotate(-90 14 " << y0 + top + ph / 2 << ")\" text-anchor=\"middle\">" << ylabel
-            << "</text>\n";
-        auto px = [&](double step) { return left + pw * step / max_step; };
-        auto py = [&](double v) { return y0 + top + ph * (1 - (v - ymin) / (ymax - ymin)); };
-        draw(px, py);
-    };
-    panel(0, "Validation loss (nats/byte)", "loss", lo, hi, [&](auto px, auto py) {
+        out << "<text x=\"" << left + pw / 2 << "\" y=\"" << loss_h - 4 << "\" text-anchor=\"middle\">step</text>\n";
+        out << "<text x=\"14\" y=\"" << top + ph / 2 << "\" transform=\"rotate(-90 14 " << top + ph / 2 << ")\" text-anchor=\"middle\">loss</text>\n";
         for (std::size_t k = 0; k < runs.size(); ++k) {
             const auto& r = runs[k];
-            out << "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"" << colours[k % 6] << "\" points=\"";
-            for (std::size_t i = 0; i < r.valid_steps.size(); ++i) out << px(r.valid_steps[i]) << ',' << py(r.valid_loss[i]) << ' ';
-            out << "\"/>\n<text x=\"" << w - right + 10 << "\" y=\"" << top + 20 + 18 * double(k) << "\" fill=\"" << colours[k % 6] << "\">" << r.name
+            out << "<polyline class=\"loss\" fill=\"none\" stroke-width=\"2\" stroke=\"" << colour(k) << "\" points=\"";
+            for (std::size_t i = 0; i < r.valid_steps.size() && i < r.valid_loss.size(); ++i)
+                out << left + pw * r.valid_steps[i] / max_step << ',' << top + ph * (1 - (r.valid_loss[i] - lo) / (hi - lo)) << ' ';
+            out << "\"/>\n<text x=\"" << w - right + 10 << "\" y=\"" << top + 20 + 18 * double(k) << "\" fill=\"" << colour(k) << "\">" << r.name
                 << "</text>\n";
         }
-    });
-    panel(h, "Per-parameter rank of the low-rank configurations", "rank", 0, max_rank, [&](auto px, auto py) {
-        for (std::size_t k = 0; k < runs.size(); ++k) {
-            const auto& r = runs[k];
-            if (r.ranks.empty()) continue;
-            for (std::size_t p = 0; p < r.rank_names.size(); ++p) {
-                out << "<polyline fill=\"none\" stroke-width=\"1\" opacity=\"0.7\" stroke=\"" << colours[k % 6] << "\" points=\"";
-                for (std::size_t i = 0; i < r.rank_steps.size() && i < r.ranks.size(); ++i)
-                    if (p < r.ranks[i].size()) out << px(r.rank_steps[i]) << ',' << py(r.ranks[i][p]) << ' ';
-                out << "\"/>\n";
-                if (!r.ranks.empty() && p < r.ranks.back().size())   // the parameter's name at the end of its line
-                    out << "<text x=\"" << px(r.rank_steps.back()) + 3 << "\" y=\"" << py(r.ranks.back()[p]) + 3 << "\" font-size=\"8\" fill=\""
-                        << colours[k % 6] << "\">" << r.rank_names[p] << "</text>\n";
+    }
+
+    // Ranks: small multiples.
+    if (!low_rank.empty()) {
+        const double ymax = max_rank * 1.08;   // room above the cap
+        out << "<text x=\"" << left << "\" y=\"" << loss_h + 18 << "\" font-size=\"14\">Rank of each matrix of the low-rank configurations "
+            << "(one line per layer; a rank holds until a refresh changes it)</text>\n";
+        for (std::size_t c = 0; c < kinds.size(); ++c)
+            out << "<text x=\"" << grid_left + (cell_w + gap) * static_cast<double>(c) + cell_w / 2 << "\" y=\"" << grid_top - 8
+                << "\" text-anchor=\"middle\" fill=\"" << shade(hues[c % 8], layers - 1, layers) << "\">" << kind_label(kinds[c]) << "</text>\n";
+        for (std::size_t row = 0; row < low_rank.size(); ++row) {
+            const run& r = *low_rank[row];
+            const double y0 = grid_top + static_cast<double>(row) * (cell_h + row_gap);
+            out << "<g class=\"rank-panel\" data-config=\"" << json_escape(r.name) << "\">\n";
+            out << "<text x=\"" << grid_left - 26 << "\" y=\"" << y0 + cell_h / 2 + 4 << "\" text-anchor=\"end\">" << r.name << "</text>\n";
+            for (std::size_t c = 0; c < kinds.size(); ++c) {
+                const double x0 = grid_left + (cell_w + gap) * static_cast<double>(c);
+                auto px = [&](double step) { return x0 + cell_w * step / max_step; };
+                auto py = [&](double rank) { return y0 + cell_h * (1 - rank / ymax); };
+                out << "<g class=\"rank-cell\" data-kind=\"" << kinds[c] << "\">\n";
+                out << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << cell_w << "\" height=\"" << cell_h << "\" fill=\"none\" stroke=\"#888\"/>\n";
+                for (double t : rank_ticks(max_rank)) {   // gridlines; their labels left of the first column only
+                    out << "<line x1=\"" << x0 << "\" x2=\"" << x0 + cell_w << "\" y1=\"" << py(t) << "\" y2=\"" << py(t)
+                        << "\" stroke=\"#ddd\" stroke-width=\"1\"/>\n";
+                    if (c == 0)
+                        out << "<text x=\"" << x0 - 4 << "\" y=\"" << py(t) + 4 << "\" text-anchor=\"end\" font-size=\"10\">" << t << "</text>\n";
+                }
+                if (row + 1 == low_rank.size())   // step ticks under the last row, the end ones inside the cell's width
+                    for (int i = 0; i <= 2; ++i)
+                        out << "<text x=\"" << x0 + cell_w * i / 2 << "\" y=\"" << y0 + cell_h + 14 << "\" text-anchor=\""
+                            << (i == 0 ? "start" : i == 2 ? "end" : "middle") << "\" font-size=\"10\">" << std::lround(double(max_step) * i / 2)
+                            << "</text>\n";
+                // Lines from the first layer to the last, so that the darker ones are on top.
+                for (int layer = 0; layer < layers; ++layer)
+                    for (std::size_t p = 0; p < r.rank_names.size(); ++p) {
+                        const auto [l, kind] = split_parameter(r.rank_names[p]);
+                        if (l != layer || kind != kinds[c]) continue;
+                        out << "<polyline class=\"rank\" fill=\"none\" stroke-width=\"1.5\" stroke=\"" << shade(hues[c % 8], layer, layers)
+                            << "\" points=\"";
+                        double previous = -1;
+                        for (std::size_t i = 0; i < r.rank_steps.size() && i < r.ranks.size(); ++i) {
+                            if (p >= r.ranks[i].size()) continue;
+                            const double rank = r.ranks[i][p], x = px(r.rank_steps[i]);
+                            if (previous >= 0 && rank != previous) out << x << ',' << py(previous) << ' ';   // held until here
+                            if (previous < 0 || rank != previous || i + 1 == r.rank_steps.size()) out << x << ',' << py(rank) << ' ';
+                            previous = rank;
+                        }
+                        out << "\"><title>" << r.rank_names[p] << "</title></polyline>\n";
+                    }
+                out << "</g>\n";
             }
-            out << "<text x=\"" << w - right + 10 << "\" y=\"" << h + top + 20 + 18 * double(k) << "\" fill=\"" << colours[k % 6] << "\">" << r.name
-                << "</text>\n";
+            out << "</g>\n";
         }
-    });
+        const double below = grid_top + static_cast<double>(low_rank.size()) * (cell_h + row_gap) + 14;
+        out << "<text x=\"" << grid_left + (w - grid_left - grid_right) / 2 << "\" y=\"" << below << "\" text-anchor=\"middle\">step</text>\n";
+        // Shade legend: layer 0 .. last, in the first kind's hue.
+        const double lx = grid_left, ly = below + 18;
+        out << "<text x=\"" << lx << "\" y=\"" << ly + 9 << "\" font-size=\"11\">layer</text>\n";
+        const int shown = std::min(layers, 12);
+        for (int i = 0; i < shown; ++i) {
+            const int layer = shown > 1 ? static_cast<int>(std::lround(double(i) * (layers - 1) / (shown - 1))) : 0;
+            const double x = lx + 40 + 30 * i;
+            out << "<line x1=\"" << x << "\" x2=\"" << x + 22 << "\" y1=\"" << ly + 5 << "\" y2=\"" << ly + 5 << "\" stroke-width=\"3\" stroke=\""
+                << shade(hues[0], layer, layers) << "\"/>\n";
+            out << "<text x=\"" << x + 11 << "\" y=\"" << ly + 20 << "\" text-anchor=\"middle\" font-size=\"10\">" << layer << "</text>\n";
+        }
+        out << "<text x=\"" << lx + 40 + 30 * shown + 10 << "\" y=\"" << ly + 9 << "\" font-size=\"11\">(lighter: first layer; darker: last; "
+            << "every kind in its own colour)</text>\n";
+    }
     out << "</svg>\n";
 }
 

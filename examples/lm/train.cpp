@@ -25,10 +25,14 @@
 // their peak RSS is measured from a reset of the process's high-water mark (see print_dp_notes).
 // A plain `lm_train` of an MPI build is an MPI singleton and behaves as without MPI.
 //
-//   lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
+//   lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]
 //            [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]
 //            [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]
+//   lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]
 // (--config NAME is accepted as another spelling of --configs.)
+// --preset sets the sizes of a paper's LLaMA model (presets below); --estimate prints the memory
+// of each configuration from memory.hpp, the accounting the model counts with, without training
+// (docs/memory.md).
 // (`lm_train --help` says what each flag means and its default; print_help below.)
 // --share-qkv: q, k and v read one VeLoRA record of their common input (otherwise only v's
 // input is recorded, and q, k still keep it).
@@ -116,6 +120,9 @@ void install_stop_handlers() {
 const std::vector<std::string> known_configs = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
 
 struct options {
+    std::string preset;          // --preset NAME: a paper model shape (presets below); empty: none
+    bool estimate = false;       // --estimate: print the memory table instead of training
+    bool vocab_given = false;    // --vocab V (estimate only: the trainer reads bytes)
     std::string corpus = "/usr/share/games/fortunes";
     int steps = 1000;
     index_t batch = 16;
@@ -132,53 +139,80 @@ struct options {
     bool help = false;   // --help or -h: print the help and exit 0 (nothing after it is parsed)
 };
 
+// The LLaMA shapes of the GaLore paper's pretraining experiments, which the AdaRankGrad and
+// VeLoRA papers reuse: hidden size, heads, layers and SwiGLU width from configs/llama_{60m,130m,
+// 1b,7b}.json of github.com/jiaweizzhao/GaLore, context 256 (the --max_length default of its
+// torchrun_main.py), and GaLore's rank for each size from its scripts/benchmark_c4/*.sh. The
+// vocabulary stays bytes (256): this trainer reads bytes; `--estimate --vocab 32000` gives the
+// papers' tokenizer. The model differs from LLaMA in its tied output head and learned positions
+// (LLaMA: separate head, rotary positions).
+struct preset {
+    const char* name;
+    lm::model_config model;
+    index_t rank;
+};
+const preset presets[] = {
+    {"llama60m", {.vocab = 256, .d_model = 512, .heads = 8, .layers = 8, .ffn = 1376, .context = 256}, 128},
+    {"llama130m", {.vocab = 256, .d_model = 768, .heads = 12, .layers = 12, .ffn = 2048, .context = 256}, 256},
+    {"llama1b", {.vocab = 256, .d_model = 2048, .heads = 32, .layers = 24, .ffn = 5461, .context = 256}, 1024},
+    {"llama7b", {.vocab = 256, .d_model = 4096, .heads = 32, .layers = 32, .ffn = 11008, .context = 256}, 1024},
+};
+
+std::string preset_names() {
+    std::string out;
+    for (const auto& p : presets) out += (out.empty() ? "" : ", ") + std::string(p.name);
+    return out;
+}
+
+const preset* find_preset(const std::string& name) {
+    for (const auto& p : presets)
+        if (name == p.name) return &p;
+    return nullptr;
+}
+
+bool uses_velora(const std::string& c) { return c == "velora" || c == "velora+adarank"; }
+bool uses_low_rank(const std::string& c) { return c == "galore" || c == "adarank" || c == "velora+adarank"; }
+
+// What configuration `name` records with VeLoRA (the value and MLP-down inputs, the VeLoRA
+// paper's choice for LLaMA; with --share-qkv q, k and v share the value input's record).
+lm::velora_config velora_for(const std::string& name, const options& o) {
+    lm::velora_config vc;
+    vc.value = vc.down = uses_velora(name);
+    vc.share_qkv = uses_velora(name) && o.share_qkv;
+    vc.groups = o.groups;
+    return vc;
+}
+
+// The optimizer's rank for memory.hpp: GaLore's fixed rank, AdaRankGrad's cap (its ranks are
+// data-dependent and at most this), 0 for dense AdamW.
+index_t rank_for(const std::string& name, const options& o) { return uses_low_rank(name) ? o.rank : 0; }
+
 // Sizes. Every flag is at most 10^9 but their products are not bounded: --context 100000 asks
 // for batch·heads·context² attention probabilities per layer (TiB), which used to fail with
 // std::bad_alloc in every configuration, after the corpus had loaded. check_sizes refuses such a
-// run up front, computing with a count that saturates instead of wrapping around.
-struct saturating {
-    std::uint64_t v;
-    template <class I>
-    saturating(I x) : v(static_cast<std::uint64_t>(x)) {}   // from positive integers
-    friend saturating operator+(saturating a, saturating b) {
-        std::uint64_t r;
-        return __builtin_add_overflow(a.v, b.v, &r) ? UINT64_MAX : r;
-    }
-    friend saturating operator*(saturating a, saturating b) {
-        std::uint64_t r;
-        return __builtin_mul_overflow(a.v, b.v, &r) ? UINT64_MAX : r;
-    }
-};
-
-struct footprint {
-    std::uint64_t parameters;   // weights of the model
-    std::uint64_t bytes;        // what one training process allocates
-};
-
-// The buffers lm::transformer's constructor allocates (model.hpp), for the configuration that
-// allocates the most: every activation some configuration keeps (x, h1, q, k, v, attention
-// probabilities, o, x after attention, h2, a, b, s, the RMSNorm factors), VeLoRA's records and A
-// buffers, the logits and backward scratch; weights, gradients and two AdamW moments per weight;
-// the loss curve (a double per step and its text form on the way to the parent, ~32 bytes).
-// The library's own scratch (GEMM, SVD) is not counted; at --batch 8 --context 1024 this comes
-// within 3% of the measured peak RSS of adamw and of velora+adarank.
+// run up front; memory.hpp's counts saturate instead of wrapping around.
+//
+// What one training process allocates, for the configuration of `o.configs` that allocates the
+// most: memory.hpp's footprint (weights, gradient buffers, optimizer state at the rank cap,
+// activations, the model's other buffers) and the loss curve (a double per step and its text
+// form on the way to the parent, ~32 bytes). The library's scratch is not counted (see
+// docs/memory.md for how far below the measured peak RSS this is).
 // `ranks`: a data-parallel process holds the activations of its --batch / ranks sequences.
-footprint estimate(const options& o, index_t ranks = 1) {
+std::uint64_t process_bytes(const options& o, index_t ranks = 1) {
     const index_t share = std::max<index_t>(o.batch / ranks, 1);
-    const saturating d = o.model.d_model, f = o.model.ffn, V = o.model.vocab, C = o.model.context, L = o.model.layers,
-                     N = saturating(share) * C, g1 = std::min(o.groups, o.model.d_model), g2 = std::min(o.groups, o.model.ffn);
-    const saturating parameters = (V + C) * d + L * (saturating(2) * d + saturating(4) * d * d + saturating(3) * f * d) + d;
-    const saturating per_layer = N * (saturating(8) * d + saturating(3) * f + g1 + g2 + 2) + saturating(share) * o.model.heads * C * C +
-                                 d * (saturating(3) * g1 + g2);
-    const saturating last = N * (saturating(9) * d + saturating(2) * f + V + 1) + C * C;
-    const saturating floats = saturating(4) * parameters + L * per_layer + last;
-    return {parameters.v, (floats * sizeof(T) + saturating(o.steps) * 32).v};
+    lm::memory::count most;
+    for (const auto& name : o.configs) {
+        const lm::memory::count bytes =
+            lm::memory::estimate(o.model, velora_for(name, o), share, rank_for(name, o), sizeof(T)).total() + lm::memory::count(o.steps) * 32;
+        most = std::max(most.v, bytes.v);
+    }
+    return most.v;
 }
 
 // 0 when the system does not say.
 std::uint64_t physical_memory_bytes() {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-    return pages > 0 && page > 0 ? (saturating(pages) * page).v : 0;
+    return pages > 0 && page > 0 ? (lm::memory::count(pages) * page).v : 0;
 }
 
 std::string human_bytes(std::uint64_t bytes) {
@@ -195,15 +229,18 @@ std::string human_bytes(std::uint64_t bytes) {
 // The limit is physical memory: a training process that does not fit would swap or be killed.
 // The error names the flag that is too large on its own (every other flag at its default; most
 // often a typo), else every size flag that differs from its default.
+// The sizes of the preset (if any) with every other flag at its default: what "changed" means.
+options baseline(const options& o);
+
 void check_sizes(const options& o, index_t ranks = 1) {
-    const std::uint64_t limit = physical_memory_bytes(), need = estimate(o, ranks).bytes;
+    const std::uint64_t limit = physical_memory_bytes(), need = process_bytes(o, ranks);
     if (limit == 0 || need <= limit) return;   // unknown limit: the allocation will tell
     struct size_flag {
         const char* name;
         long value, fallback;
         void (*set)(options&, long);
     };
-    const options defaults;
+    const options defaults = baseline(o);
     const size_flag flags[] = {
         {"--steps", o.steps, defaults.steps, [](options& x, long v) { x.steps = static_cast<int>(v); }},
         {"--batch", o.batch, defaults.batch, [](options& x, long v) { x.batch = v; }},
@@ -221,11 +258,14 @@ void check_sizes(const options& o, index_t ranks = 1) {
         changed += (changed.empty() ? "" : " ") + named;
         options alone = defaults;
         flag.set(alone, flag.value);
-        if (culprit.empty() && estimate(defaults, ranks).bytes <= limit && estimate(alone, ranks).bytes > limit) culprit = named;
+        if (culprit.empty() && process_bytes(defaults, ranks) <= limit && process_bytes(alone, ranks) > limit) culprit = named;
     }
-    const std::string who = !culprit.empty() ? culprit + " needs" : !changed.empty() ? changed + " together need" : "the default sizes need";
+    const std::string sizes = o.preset.empty() ? "the default sizes" : "--preset " + o.preset;
+    const std::string who = !culprit.empty()  ? culprit + " needs"
+                            : !changed.empty() ? (o.preset.empty() ? "" : "--preset " + o.preset + " with ") + changed + " together need"
+                                               : sizes + " need" + (o.preset.empty() ? "" : "s");
     throw std::invalid_argument(who + (need == UINT64_MAX ? " " : " about ") + human_bytes(need) + " of memory per training process (model, optimizer, activations); the " +
-                                "limit is this machine's " + human_bytes(limit) + " of physical memory");
+                                "limit is this machine's " + human_bytes(limit) + " of physical memory (--estimate prints where it goes)");
 }
 
 std::string join(const std::vector<std::string>& items, const char* separator) {
@@ -239,11 +279,21 @@ std::string join(const std::vector<std::string>& items, const char* separator) {
 void print_help() {
     const options d;
     const auto l = [](index_t v) { return static_cast<long>(v); };
-    std::printf("usage: lm_train [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N] [--heads H]\n"
-                "                [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N] [--configs a,b,...]\n"
-                "                [--share-qkv] [--seed S] [--json PATH] [--plot PATH]\n"
+    std::printf("usage: lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]\n"
+                "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]\n"
+                "                [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]\n"
+                "       lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
-                "process) and prints a table of validation loss, memory and speed.\n\n");
+                "process) and prints a table of validation loss, memory and speed. With --estimate, prints the memory each\n"
+                "configuration would take instead (docs/memory.md).\n\n");
+    std::printf("  --preset NAME      the LLaMA shape of a paper: %s (GaLore's d_model, heads,\n"
+                "                     layers and SwiGLU width; context 256; --rank of GaLore's runs for that size); size flags\n"
+                "                     given as well win over it (default: none, the sizes below)\n", preset_names().c_str());
+    std::printf("  --estimate         print each configuration's weights, gradients, optimizer state (AdaRankGrad at its --rank\n"
+                "                     cap) and activations by kind for these sizes and --batch, from the accounting the trainer\n"
+                "                     counts with, and exit without training (default: off)\n");
+    std::printf("  --vocab V          vocabulary size, --estimate only (the trainer reads bytes: 256); 32000 is the papers'\n"
+                "                     tokenizer (default %ld)\n", l(d.model.vocab));
     std::printf("  --corpus DIR       text to train on: every plain file of DIR (not *.dat, *.u8) in name order, the last 10%%\n"
                 "                     held out for validation; at least 100000 bytes (default %s)\n", d.corpus.c_str());
     std::printf("  --steps N          training steps per configuration (default %d)\n", d.steps);
@@ -264,9 +314,10 @@ void print_help() {
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
     std::printf("  --seed S           seed of the initial weights and of the batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
-    std::printf("  --json PATH        write the results and the run's settings (flags, model, version, GEMM engine) as JSON\n"
-                "                     (default: none)\n");
-    std::printf("  --plot PATH        write an SVG plot of the validation loss and the low-rank runs' ranks (default: none)\n");
+    std::printf("  --json PATH        write the results and the run's settings (flags, model, version, GEMM engine) as JSON;\n"
+                "                     with --estimate, the estimates (default: none)\n");
+    std::printf("  --plot PATH        write an SVG plot of the validation loss and, per low-rank configuration, the ranks of\n"
+                "                     each kind of matrix in every layer (default: none)\n");
     std::printf("  -h, --help         print this help and exit\n\n");
     std::printf("Sizes: the model, optimizer and activations of one training process must fit in physical memory (%s here).\n"
                 "Output: --json and --plot are written when the run ends, into PATH.tmp-<pid> renamed onto PATH; an existing file\n"
@@ -298,8 +349,34 @@ long positive(const std::string& flag, const char* text) {
     return v;
 }
 
+// Applies preset `name` to the sizes and the rank. With `given`, only to the flags not in it:
+// a flag given on the command line wins over the preset wherever it stands.
+void apply_preset(options& o, const std::string& name, const std::vector<std::string>& given = {}) {
+    const preset* p = find_preset(name);
+    if (!p) throw std::invalid_argument("unknown preset '" + name + "' (known: " + preset_names() + ")");
+    o.preset = name;
+    const auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
+    if (unset("--d-model")) o.model.d_model = p->model.d_model;
+    if (unset("--heads")) o.model.heads = p->model.heads;
+    if (unset("--layers")) o.model.layers = p->model.layers;
+    if (unset("--ffn")) o.model.ffn = p->model.ffn;
+    if (unset("--context")) o.model.context = p->model.context;
+    if (unset("--vocab")) o.model.vocab = p->model.vocab;
+    if (unset("--rank")) o.rank = p->rank;
+}
+
+options baseline(const options& o) {
+    options b;
+    if (!o.preset.empty()) apply_preset(b, o.preset);
+    b.configs = o.configs;
+    b.share_qkv = o.share_qkv;
+    return b;
+}
+
 options parse(int argc, char** argv) {
     options o;
+    std::string preset_name;
+    std::vector<std::string> given;   // flags given, for the preset
     for (int i = 1; i < argc; ++i) {
         // `--config NAME` (one configuration) is another spelling of --configs.
         const std::string flag = std::string_view(argv[i]) == "--config" ? std::string("--configs") : std::string(argv[i]);
@@ -307,7 +384,14 @@ options parse(int argc, char** argv) {
             if (i + 1 >= argc) usage_error("flag " + flag + " needs a value");
             return argv[++i];
         };
+        given.push_back(flag);
         if (flag == "--corpus") o.corpus = next();
+        else if (flag == "--preset") preset_name = next();
+        else if (flag == "--estimate") o.estimate = true;
+        else if (flag == "--vocab") {
+            o.model.vocab = positive(flag, next());
+            o.vocab_given = true;
+        }
         else if (flag == "--steps") o.steps = static_cast<int>(positive(flag, next()));
         else if (flag == "--batch") o.batch = positive(flag, next());
         else if (flag == "--context") o.model.context = positive(flag, next());
@@ -344,8 +428,19 @@ options parse(int argc, char** argv) {
             usage_error("unknown flag '" + flag + "' (see --help)");
         }
     }
+    if (!preset_name.empty()) {
+        try {
+            apply_preset(o, preset_name, given);
+        } catch (const std::invalid_argument& e) {
+            usage_error("flag --preset: " + std::string(e.what()));
+        }
+    }
     if (o.model.d_model % o.model.heads != 0)
-        usage_error("--d-model " + std::to_string(o.model.d_model) + " is not divisible by --heads " + std::to_string(o.model.heads));
+        usage_error("--d-model " + std::to_string(o.model.d_model) + " is not divisible by --heads " + std::to_string(o.model.heads) +
+                    (o.preset.empty() ? "" : " (sizes of --preset " + o.preset + " and the flags given)"));
+    if (o.vocab_given && !o.estimate)
+        usage_error("flag --vocab is for --estimate only: the trainer reads bytes (vocabulary 256)");
+    if (o.estimate && !o.plot.empty()) usage_error("flag --plot has nothing to draw with --estimate (nothing is trained)");
     return o;
 }
 
@@ -401,9 +496,6 @@ void make_batch(const std::vector<unsigned char>& data, index_t batch, index_t c
         for (index_t j = 0; j <= context; ++j) out[static_cast<std::size_t>(b * (context + 1) + j)] = data[start + static_cast<std::size_t>(j)];
     }
 }
-
-bool uses_velora(const std::string& c) { return c == "velora" || c == "velora+adarank"; }
-bool uses_low_rank(const std::string& c) { return c == "galore" || c == "adarank" || c == "velora+adarank"; }
 
 adarank::optimizer_config optimizer_for(const std::string& name, const options& o) {
     adarank::optimizer_config c;
@@ -599,11 +691,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     const std::size_t first = static_cast<std::size_t>(comm.rank() * share * (o.model.context + 1));   // its first token
     const bool root = comm.rank() == 0;
     B backend;
-    lm::velora_config vc;
-    vc.value = vc.down = uses_velora(name);
-    vc.share_qkv = uses_velora(name) && o.share_qkv;
-    vc.groups = o.groups;
-    lm::transformer<T> model(backend, o.model, vc, o.seed, share);
+    lm::transformer<T> model(backend, o.model, velora_for(name, o), o.seed, share);
     if constexpr (!one_process<C>) {
         // Every rank projects onto the v of the global first batch (what one process computes).
         model.set_first_compress_hook([&](lm::transformer<T>::compressor_type& comp, velora::const_matrix_view<T> x) {
@@ -620,8 +708,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     adarank::low_rank_adamw<B> opt(backend, optimizer_for(name, o));
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
-        const auto kind = p.matrix && uses_low_rank(name) && p.name.find("embed") == std::string::npos ? adarank::param_kind::low_rank
-                                                                                                      : adarank::param_kind::dense;
+        const auto kind = uses_low_rank(name) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
         if constexpr (one_process<C>) ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
         else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
         if (kind == adarank::param_kind::low_rank) r.rank_names.push_back(p.name);
@@ -637,12 +724,33 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         }
         return mean_over_ranks(comm, sum / valid_batches);
     };
-    auto record_ranks = [&](int step) {
+    // The low-rank parameters' ranks after `step`, recorded after the first step, after every
+    // step that changed one of them (a refresh that chose another rank) and after the last one:
+    // each rank holds from its step to the next, which is how the plot draws them.
+    auto record_ranks = [&](int step, bool always) {
         std::vector<double> ranks;
         for (std::size_t i = 0; i < params.size(); ++i)
             if (opt.info(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.info(ids[i]).rank));
+        if (ranks.empty() || (!always && !r.ranks.empty() && ranks == r.ranks.back())) return;
+        if (!r.rank_steps.empty() && r.rank_steps.back() == step) return;   // the last step was also a change
         r.rank_steps.push_back(step);
         r.ranks.push_back(ranks);
+    };
+    // What the table reports beside the activations: the weights (from the model's parameters)
+    // and, for the --json breakdown, the activations by kind (counted by the model).
+    for (const auto& p : params) r.weights_bytes += static_cast<std::size_t>(p.rows * p.cols) * sizeof(T);
+    // memory.hpp's optimizer state at the ranks the optimizer holds: it must be what the optimizer
+    // reports, or the estimator (--estimate) would print state no run holds.
+    auto check_state_formula = [&] {
+        lm::memory::count counted;
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            const auto& info = opt.info(ids[i]);
+            const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
+            counted += lm::memory::state_elements(shape, info.low_rank ? info.rank : 0) * sizeof(T);
+        }
+        if (counted.v != opt.state_bytes())
+            throw agreed_error("internal error: examples/lm/memory.hpp counts " + std::to_string(counted.v) +
+                               " bytes of optimizer state, low_rank_adamw::state_bytes() reports " + std::to_string(opt.state_bytes()));
     };
     r.name = name;
     double seconds = 0;
@@ -652,6 +760,8 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     auto finish = [&] {
         if (root && isatty(2)) std::fprintf(stderr, "\n");
         r.optimizer_bytes = opt.state_bytes();
+        r.optimizer_workspace_bytes = opt.workspace_bytes();
+        if (r.steps > 0) record_ranks(r.steps, true);   // the ranks at the end (once, if the last step changed them)
         r.mean_step_ms = r.steps ? 1e3 * seconds / r.steps : 0;
         r.tokens_per_second = seconds > 0 ? tokens_per_step * r.steps / seconds : 0;
         r.peak_rss_bytes = static_cast<std::size_t>(max_over_ranks(comm, static_cast<double>(report::peak_rss_bytes())));
@@ -671,17 +781,22 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             if (!std::isfinite(loss)) throw agreed_error("the training loss is not finite: training diverged (try a lower --lr)");
             r.train_loss.push_back(loss);
             r.steps = step + 1;
-            r.activation_bytes = std::max(r.activation_bytes, model.activation_bytes());
+            if (model.activation_bytes() > r.activation_bytes) {   // the same at every step (fixed batch)
+                r.activation_bytes = model.activation_bytes();
+                for (std::size_t k = 0; k < lm::memory::kinds; ++k)
+                    r.activation_kinds[k] = static_cast<std::size_t>(model.activation_breakdown().by_kind[k].v);
+            }
+            if (!r.rank_names.empty()) record_ranks(step + 1, step == 0);
             if (evaluate) {
                 const double valid = validation_loss();
                 if (!std::isfinite(valid)) throw agreed_error("the validation loss is not finite: training diverged (try a lower --lr)");
                 r.valid_steps.push_back(step + 1);
                 r.valid_loss.push_back(valid);
                 r.gradient_energy.push_back(sink.energy());
-                if (!r.rank_names.empty()) record_ranks(step + 1);
             }
             if (root) report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
         }
+        if (r.steps > 0) check_state_formula();
     } catch (const agreed_error&) {
         finish();
         throw;
@@ -814,7 +929,8 @@ report::run run_in_process(const std::string& name, const options& o, const corp
 // "threads" (OpenMP threads of a training process) changes only the timings, which
 // demo_determinism strips from its comparison along with it and the --json path. "ranks": the
 // processes of a data-parallel run (1 otherwise).
-std::string settings_json(const options& o, const corpus& data, int ranks) {
+// `data` is null for --estimate (no corpus is read).
+std::string settings_json(const options& o, const corpus* data, int ranks) {
     std::ostringstream os;
     os.precision(17);   // the learning rates as given
     auto text = [](const std::string& s) { return "\"" + report::json_escape(s) + "\""; };
@@ -822,14 +938,16 @@ std::string settings_json(const options& o, const corpus& data, int ranks) {
     std::vector<std::string> configs;
     for (const auto& c : o.configs) configs.push_back(text(c));
     const auto& m = o.model;
-    os << "{\"flags\":{\"corpus\":" << text(o.corpus) << ",\"steps\":" << o.steps << ",\"batch\":" << o.batch << ",\"context\":" << m.context
+    os << "{\"flags\":{\"preset\":" << path(o.preset) << ",\"estimate\":" << (o.estimate ? "true" : "false") << ",\"vocab\":" << o.model.vocab
+       << ",\"corpus\":" << text(o.corpus) << ",\"steps\":" << o.steps << ",\"batch\":" << o.batch << ",\"context\":" << m.context
        << ",\"d-model\":" << m.d_model << ",\"layers\":" << m.layers << ",\"heads\":" << m.heads << ",\"ffn\":" << m.ffn << ",\"rank\":" << o.rank
        << ",\"groups\":" << o.groups << ",\"lr\":" << o.lr << ",\"lr-low-rank\":" << o.lr_low_rank << ",\"eval-every\":" << o.eval_every
        << ",\"configs\":[" << join(configs, ",") << "],\"share-qkv\":" << (o.share_qkv ? "true" : "false") << ",\"seed\":" << o.seed
        << ",\"json\":" << path(o.json) << ",\"plot\":" << path(o.plot) << "}";
     os << ",\"model\":{\"vocab\":" << m.vocab << ",\"d_model\":" << m.d_model << ",\"heads\":" << m.heads << ",\"d_head\":" << m.d_model / m.heads
-       << ",\"layers\":" << m.layers << ",\"ffn\":" << m.ffn << ",\"context\":" << m.context << ",\"parameters\":" << estimate(o).parameters << "}";
-    os << ",\"corpus\":{\"files\":" << data.files << ",\"train_bytes\":" << data.train.size() << ",\"valid_bytes\":" << data.valid.size() << "}";
+       << ",\"layers\":" << m.layers << ",\"ffn\":" << m.ffn << ",\"context\":" << m.context << ",\"parameters\":" << lm::memory::parameter_count(m).v << "}";
+    if (data)
+        os << ",\"corpus\":{\"files\":" << data->files << ",\"train_bytes\":" << data->train.size() << ",\"valid_bytes\":" << data->valid.size() << "}";
     os << ",\"velora_version\":" << text(VELORA_VERSION_STRING) << ",\"gemm\":{\"blas\":" << (velora::cpu::has_blas ? "true" : "false")
        << ",\"name\":" << text(velora::cpu::blas_name()) << "},\"threads\":" << velora::cpu::resolve_threads(0) << ",\"ranks\":" << ranks << "}";
     return os.str();
@@ -838,13 +956,84 @@ std::string settings_json(const options& o, const corpus& data, int ranks) {
 void print_header(const options& o, const corpus& data, int ranks) {
     std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
                 data.valid.size());
-    std::printf("model: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld; batch %ld, %d steps; lr %g (full-rank runs), %g with "
-                "scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
-                static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers), static_cast<long>(o.model.heads),
-                static_cast<long>(o.model.ffn), static_cast<long>(o.model.context), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
+    std::printf("model%s%s: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld (%llu parameters); batch %ld, %d steps; lr %g (full-rank "
+                "runs), %g with scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
+                o.preset.empty() ? "" : " ", o.preset.c_str(), static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers),
+                static_cast<long>(o.model.heads), static_cast<long>(o.model.ffn), static_cast<long>(o.model.context),
+                static_cast<unsigned long long>(lm::memory::parameter_count(o.model).v), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
                 static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
     if (ranks > 1)
         std::printf("data-parallel: %d MPI ranks, %ld sequences of each batch per rank\n", ranks, static_cast<long>(o.batch / ranks));
+}
+
+// --estimate: the memory of every configuration of --configs for the model of the flags at
+// --batch sequences, from memory.hpp: the accounting lm::transformer counts with and check_sizes
+// uses. Nothing is allocated or trained, so it works for shapes that would not fit (LLaMA-7B).
+void print_estimate(const options& o) {
+    namespace mem = lm::memory;
+    std::vector<mem::footprint> fps;
+    std::uint64_t biggest = 0;
+    for (const auto& name : o.configs) {
+        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T)));
+        biggest = std::max(biggest, fps.back().total().v);
+    }
+    const bool gib = biggest >= (std::uint64_t{10} << 30);
+    const double unit = gib ? 1073741824.0 : 1048576.0;
+    const char* unit_name = gib ? "GiB" : "MiB";
+    const auto& m = o.model;
+    std::printf("Memory estimate, nothing trained%s%s: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld, vocabulary %ld\n"
+                "(%llu parameters); batch %ld (%ld tokens); float32 values; rank %ld (GaLore's, AdaRankGrad's cap); VeLoRA G = %ld%s\n",
+                o.preset.empty() ? "" : " for --preset ", o.preset.c_str(), static_cast<long>(m.d_model), static_cast<long>(m.layers),
+                static_cast<long>(m.heads), static_cast<long>(m.ffn), static_cast<long>(m.context), static_cast<long>(m.vocab),
+                static_cast<unsigned long long>(mem::parameter_count(m).v), static_cast<long>(o.batch), static_cast<long>(o.batch * m.context),
+                static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+    std::printf("\n%-16s %11s %11s %11s %11s %11s %11s   (%s)\n", "configuration", "weights", "gradients", "optimizer", "activations", "other",
+                "total", unit_name);
+    auto saturated = [](mem::count c) { return c.v == UINT64_MAX; };
+    std::vector<report::run> kinds;
+    for (std::size_t i = 0; i < fps.size(); ++i) {
+        const auto& fp = fps[i];
+        const bool cap = uses_low_rank(o.configs[i]) && o.configs[i] != "galore";
+        std::printf("%-16s", (o.configs[i] + (cap ? "*" : "")).c_str());
+        for (mem::count c : {fp.weights, fp.gradients, fp.optimizer, fp.activations, fp.other, fp.total()})
+            if (saturated(c)) std::printf(" %11s", ">16 EiB");
+            else std::printf(" %11.3f", static_cast<double>(c.v) / unit);
+        std::printf("\n");
+        report::run r;
+        r.name = o.configs[i];
+        r.steps = 1;   // (print_activation_kinds skips runs without steps)
+        r.activation_bytes = static_cast<std::size_t>(fp.activations.v);
+        for (std::size_t k = 0; k < mem::kinds; ++k) r.activation_kinds[k] = static_cast<std::size_t>(fp.by_kind.by_kind[k].v);
+        kinds.push_back(r);
+    }
+    const bool any_cap = std::any_of(o.configs.begin(), o.configs.end(), [](const std::string& c) { return uses_low_rank(c) && c != "galore"; });
+    if (any_cap)
+        std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
+                    static_cast<long>(o.rank));
+    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest;\n"
+                " gradients: one dense buffer per weight, as lm::transformer allocates them; other: backward scratch, VeLoRA's A\n"
+                " buffers and transient inputs, the compressors' spare Z. Not counted: the library's scratch (GEMM, the optimizer's\n"
+                " refresh workspace, SVD), code and libraries, the corpus)\n");
+    report::print_activation_kinds(kinds, (std::string("\nActivations kept for backward by kind (") + unit_name + ")").c_str(), unit);
+}
+
+// The --json of --estimate: the settings and, per configuration, the bytes print_estimate shows.
+void write_estimate_json(const options& o) {
+    namespace mem = lm::memory;
+    report::write_replacing(o.json, "--json", [&](std::ostream& out) {
+        out << "{\"settings\":" << settings_json(o, nullptr, 1) << ",\"estimates\":[";
+        for (std::size_t i = 0; i < o.configs.size(); ++i) {
+            const std::string& name = o.configs[i];
+            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T));
+            out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
+                << (!uses_low_rank(name) ? "dense" : name == "galore" ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
+                << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v
+                << ",\"activation_bytes_by_kind\":{";
+            for (std::size_t k = 0; k < mem::kinds; ++k) out << (k ? "," : "") << '"' << mem::kind_keys[k] << "\":" << fp.by_kind.by_kind[k].v;
+            out << "},\"other_bytes\":" << fp.other.v << ",\"total_bytes\":" << fp.total().v << "}";
+        }
+        out << "]}\n";
+    });
 }
 
 // The corpus, checked against the context length.
@@ -865,6 +1054,12 @@ int main_one_process(int argc, char** argv) {
             print_help();
             return 0;
         }
+        if (o.estimate) {
+            check_output(o.json);
+            print_estimate(o);
+            if (!o.json.empty()) write_estimate_json(o);
+            return 0;
+        }
         check_sizes(o);
         install_stop_handlers();
         for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
@@ -878,7 +1073,7 @@ int main_one_process(int argc, char** argv) {
         }
         report::print_table(runs, o.batch * o.model.context);
         if (!runs.empty()) {   // stopped before the first configuration: nothing to replace an older result with
-            if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, data, 1));
+            if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, 1));
             if (!o.plot.empty()) report::write_svg(o.plot, runs);
         }
         if (interrupted) {
@@ -906,7 +1101,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
     std::string error;
     try {
         o = parse(argc, argv);
-        if (!o.help) {
+        if (!o.help && !o.estimate) {
             if (o.batch % comm.size() != 0)
                 throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is not divisible by the " + std::to_string(comm.size()) +
                                             " ranks of this data-parallel run (--batch is the global batch; each rank trains on --batch / ranks of "
@@ -931,6 +1126,18 @@ int main_data_parallel(int argc, char** argv, C& comm) {
         if (root) print_help();
         return 0;
     }
+    if (o.estimate) {   // one process's memory at --batch; rank 0 prints it
+        if (!root) return 0;
+        try {
+            check_output(o.json);
+            print_estimate(o);
+            if (!o.json.empty()) write_estimate_json(o);
+            return 0;
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "lm_train: %s\n", e.what());
+            return 2;
+        }
+    }
     try {
         install_stop_handlers();
         if (root) print_header(o, data, comm.size());
@@ -947,7 +1154,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
             report::print_table(runs, o.batch * o.model.context);
             print_dp_notes(runs, o, comm.size(), rss_reset);
             if (!runs.empty()) {
-                if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, data, comm.size()));
+                if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, comm.size()));
                 if (!o.plot.empty()) report::write_svg(o.plot, runs);
             }
         }

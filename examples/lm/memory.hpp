@@ -1,0 +1,296 @@
+#pragma once
+/// \file
+/// The demo's memory accounting, in one place. model.hpp sizes its buffers and counts the
+/// activations it keeps for backward from these functions; the trainer (train.cpp) uses them to
+/// refuse runs that would not fit (check_sizes), to cross-check the optimizer's state, and to
+/// print the memory table of a model it does not train (`lm_train --estimate`). Because the
+/// model, the size check and the estimator read the same formulas, an estimate for a shape
+/// equals what a run of that shape counts (tests/demo_memory.cmake checks it for the presets).
+///
+/// Everything is counted for one training process of lm::transformer<T> (value size
+/// sizeof(T), 4 for the demo's float) at `batch` sequences of `context` tokens, N = batch·context:
+///   parameters   the model's weights (token embedding, which is also the tied output head;
+///                position embedding; per layer two RMSNorm gains and seven projections; final gain)
+///   gradients    one dense gradient buffer per parameter (the model allocates them all, even
+///                though the trainer's fused step reads one at a time; VeLoRA projections leave theirs unused)
+///   optimizer    adarank::low_rank_adamw::state_bytes(): 2·rows·cols per densely optimised parameter,
+///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r
+///   activations  what one forward pass keeps for backward (below, by kind)
+///   buffers      what the model allocates beyond that: backward scratch, VeLoRA's A buffers and
+///                transient inputs, the compressors' spare Z
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <velora/core/storage.hpp>
+#include <velora/core/view.hpp>
+
+namespace lm {
+
+using velora::index_t;
+
+struct model_config {
+    index_t vocab = 256, d_model = 128, heads = 4, layers = 2, ffn = 344, context = 64;
+};
+
+/// Which linear inputs keep a VeLoRA record instead of the activation.
+struct velora_config {
+    bool value = false;       ///< input of the value projection (h1 = RMSNorm output)
+    bool down = false;        ///< input of the MLP down projection (s = silu(a)·b)
+    bool share_qkv = false;   ///< q, k and v all use the one record of h1 (then h1 is not kept at all)
+    /// Sub-tokens per token. Each compressor uses G = min(groups, its input width), so one
+    /// value serves h1 (width d) and s (width ffn); groups >= max(d, ffn) gives s = 1 everywhere,
+    /// where VeLoRA's gradient is exact.
+    index_t groups = 32;
+    /// Element type of the records' Z (f64 only with T = double).
+    velora::storage z_storage = velora::storage::f32;
+};
+
+namespace memory {
+
+/// A non-negative count of elements or bytes that saturates at UINT64_MAX instead of wrapping
+/// around: the trainer evaluates these formulas for flags of up to 10^9 each (--context 10^9
+/// asks for batch·heads·context² attention probabilities) before it allocates anything.
+struct count {
+    std::uint64_t v = 0;
+    constexpr count() = default;
+    template <class I>
+    constexpr count(I x) : v(static_cast<std::uint64_t>(x)) {}   // from non-negative integers
+    friend constexpr count operator+(count a, count b) {
+        std::uint64_t r;
+        return __builtin_add_overflow(a.v, b.v, &r) ? UINT64_MAX : r;
+    }
+    friend constexpr count operator*(count a, count b) {
+        std::uint64_t r;
+        return __builtin_mul_overflow(a.v, b.v, &r) ? UINT64_MAX : r;
+    }
+    constexpr count& operator+=(count b) { return *this = *this + b; }
+    friend constexpr bool operator==(count a, count b) { return a.v == b.v; }
+};
+
+// ------------------------------------------------------------------------------- parameters
+
+/// One parameter's shape. `projection`: a layer's q, k, v, o or MLP matrix, the matrices the
+/// low-rank configurations project (GaLore's "attn" and "mlp" modules); embeddings and RMSNorm
+/// gains are always optimised densely.
+struct parameter_shape {
+    const char* name;
+    index_t rows, cols;
+    bool matrix;       ///< false for the RMSNorm gains (1×d vectors)
+    bool projection;
+};
+
+/// One layer's parameters, in the model's order (model.hpp's `slot`): norm1, wq, wk, wv, wo,
+/// norm2, w1 (gate), w3 (up), w2 (down). Weights are stored rows = out, cols = in (y = x Wᵀ).
+inline std::array<parameter_shape, 9> layer_parameters(const model_config& c) {
+    const index_t d = c.d_model, f = c.ffn;
+    return {{{"norm1", 1, d, false, false},
+             {"wq", d, d, true, true},
+             {"wk", d, d, true, true},
+             {"wv", d, d, true, true},
+             {"wo", d, d, true, true},
+             {"norm2", 1, d, false, false},
+             {"w1", f, d, true, true},
+             {"w3", f, d, true, true},
+             {"w2", d, f, true, true}}};
+}
+/// Before the layers: the token embedding (vocab×d, also the tied output head) and the learned
+/// positions (context×d). After them: the final RMSNorm gain.
+inline std::array<parameter_shape, 2> embedding_parameters(const model_config& c) {
+    return {{{"embed.token", c.vocab, c.d_model, true, false}, {"embed.position", c.context, c.d_model, true, false}}};
+}
+inline parameter_shape final_norm_parameter(const model_config& c) { return {"norm.final", 1, c.d_model, false, false}; }
+
+/// Number of weights (closed form: it is evaluated for any flags, before a model exists).
+inline count parameter_count(const model_config& c) {
+    count layer, outer = count(c.d_model);
+    for (const auto& p : layer_parameters(c)) layer += count(p.rows) * p.cols;
+    for (const auto& p : embedding_parameters(c)) outer += count(p.rows) * p.cols;
+    return outer + count(c.layers) * layer;
+}
+
+// -------------------------------------------------------------------------------- optimizer
+
+/// Optimizer-state elements of one parameter: dense AdamW keeps two moments (2·rows·cols); a
+/// low-rank parameter at rank r keeps its basis (r × the shorter side) and two projected moments
+/// (r × the longer side each), as adarank::low_rank_adamw does with its default side policy
+/// (project onto the shorter side). `rank` <= 0 means dense; a rank above min(rows, cols) is
+/// capped there, as the optimizer caps it.
+inline count state_elements(const parameter_shape& p, index_t rank) {
+    if (rank <= 0 || !p.projection) return count(2) * p.rows * p.cols;
+    const index_t shorter = std::min(p.rows, p.cols), longer = std::max(p.rows, p.cols);
+    return count(std::min(rank, shorter)) * (count(shorter) + count(2) * longer);
+}
+
+/// Optimizer-state bytes of the whole model: dense AdamW everywhere (`rank` <= 0), or every
+/// projection low-rank at `rank` (GaLore's fixed rank; AdaRankGrad's cap, which bounds its
+/// data-dependent ranks from above).
+inline count optimizer_state_bytes(const model_config& c, index_t rank, std::size_t value_size) {
+    count layer, outer = state_elements(final_norm_parameter(c), 0);
+    for (const auto& p : layer_parameters(c)) layer += state_elements(p, rank);
+    for (const auto& p : embedding_parameters(c)) outer += state_elements(p, 0);
+    return (outer + count(c.layers) * layer) * value_size;
+}
+
+// ------------------------------------------------------------------------------ activations
+
+/// What the activations kept for backward are, for the breakdown. VeLoRA can replace only a
+/// linear layer's input (its weight gradient dYᵀX is the one product that reads it); everything
+/// else backward reads is an input of something other than a product with a weight.
+enum class kind : std::size_t {
+    norm_inputs,       ///< residual stream entering each RMSNorm (x, x after attention) + 1/rms per token
+    linear_inputs,     ///< exact inputs of projections: h1 (q, k, v), o (Wo), h2 (W1, W3), s (W2), final hf (head)
+    velora_records,    ///< VeLoRA records that replace some of those (Z of T×G + v)
+    attention_qkv,     ///< q, k, v: inputs of QKᵀ and PV, products of two activations
+    attention_probs,   ///< softmax(QKᵀ/√dh): batch·heads·context² per layer
+    swiglu,            ///< a = h2 W1ᵀ and b = h2 W3ᵀ, read by the SiLU-gate backward
+    output_probs,      ///< output softmax, N·vocab (turned into dlogits in place)
+};
+inline constexpr std::size_t kinds = 7;
+/// Keys of the JSON breakdown and column heads of the tables, in `kind` order.
+inline constexpr std::array<const char*, kinds> kind_keys = {"norm_inputs",  "linear_inputs",   "velora_records", "attention_qkv",
+                                                             "attention_probs", "swiglu", "output_probs"};
+inline constexpr std::array<const char*, kinds> kind_heads = {"norm in", "linear in", "records", "q,k,v", "attn probs", "SwiGLU a,b",
+                                                              "out softmax"};
+
+/// Elements one layer keeps for backward at `batch` sequences (0 where a buffer is not kept).
+/// model.hpp allocates each of these buffers at max_batch and backward reads them.
+struct layer_activations {
+    count x, rstd1;        ///< layer input (RMSNorm1's input) and its 1/rms, per token
+    count h1;              ///< RMSNorm1's output, input of q, k, v; not kept with share_qkv (the record stands for it)
+    count q, k, v, probs;  ///< attention: q, k, v and the probabilities (the full square incl. the masked zeros)
+    count o;               ///< attention output, Wo's input
+    count xmid, rstd2;     ///< x after attention (RMSNorm2's input) and its 1/rms
+    count h2;              ///< RMSNorm2's output, input of W1 and W3
+    count a, b;            ///< gate and up branches
+    count s;               ///< silu(a)·b, W2's input; not kept when its record is
+};
+inline layer_activations layer_kept(const model_config& c, const velora_config& v, index_t batch) {
+    const count N = count(batch) * c.context, d = c.d_model, f = c.ffn;
+    return {N * d, N, v.share_qkv ? count() : N * d, N * d, N * d, N * d, count(batch) * c.heads * c.context * c.context,
+            N * d, N * d, N, N * d, N * f, N * f, v.down ? count() : N * f};
+}
+
+/// Elements kept after the last layer: its output (the final RMSNorm's input) and 1/rms, the
+/// normalised hf (input of the tied head), the softmax probabilities.
+struct final_activations {
+    count x, rstd, hf, probs;
+};
+inline final_activations final_kept(const model_config& c, index_t batch) {
+    const count N = count(batch) * c.context;
+    return {N * c.d_model, N, N * c.d_model, N * c.vocab};
+}
+
+/// Whether layer inputs are recorded by VeLoRA: h1 (value projection, or q, k, v with share_qkv), s (MLP down).
+inline bool records_h1(const velora_config& v) { return v.value || v.share_qkv; }
+inline bool records_s(const velora_config& v) { return v.down; }
+/// Sub-tokens per token of the compressor of a `width`-wide input: G = min(groups, width).
+inline index_t groups_for(const velora_config& v, index_t width) { return std::min(v.groups, width); }
+inline index_t subtoken_size(index_t width, index_t groups) { return (width + groups - 1) / groups; }
+
+/// velora::activation_record::bytes() of a record of `tokens` rows of a `width`-wide input:
+/// T·G·sizeof(storage) + s·value_size (the copy of v it was projected with).
+inline count record_bytes(count tokens, index_t width, index_t groups, velora::storage z, std::size_t value_size) {
+    return tokens * groups * velora::storage_bytes(z) + count(subtoken_size(width, groups)) * value_size;
+}
+
+/// Bytes of one layer's records at `batch` sequences (0 where none).
+struct layer_records {
+    count h1, s;
+};
+inline layer_records records(const model_config& c, const velora_config& v, index_t batch, std::size_t value_size) {
+    const count N = count(batch) * c.context;
+    layer_records r;
+    if (records_h1(v)) r.h1 = record_bytes(N, c.d_model, groups_for(v, c.d_model), v.z_storage, value_size);
+    if (records_s(v)) r.s = record_bytes(N, c.ffn, groups_for(v, c.ffn), v.z_storage, value_size);
+    return r;
+}
+
+/// Bytes kept for backward by one forward pass, by kind.
+struct activation_bytes {
+    std::array<count, kinds> by_kind{};
+    count& operator[](kind k) { return by_kind[static_cast<std::size_t>(k)]; }
+    count operator[](kind k) const { return by_kind[static_cast<std::size_t>(k)]; }
+    [[nodiscard]] count total() const {
+        count t;
+        for (count x : by_kind) t += x;
+        return t;
+    }
+};
+inline activation_bytes activations(const model_config& c, const velora_config& v, index_t batch, std::size_t value_size) {
+    const layer_activations a = layer_kept(c, v, batch);
+    const layer_records r = records(c, v, batch, value_size);
+    const final_activations f = final_kept(c, batch);
+    const count L = c.layers;
+    activation_bytes out;
+    out[kind::norm_inputs] = (L * (a.x + a.rstd1 + a.xmid + a.rstd2) + f.x + f.rstd) * value_size;
+    out[kind::linear_inputs] = (L * (a.h1 + a.o + a.h2 + a.s) + f.hf) * value_size;
+    out[kind::velora_records] = L * (r.h1 + r.s);
+    out[kind::attention_qkv] = L * (a.q + a.k + a.v) * value_size;
+    out[kind::attention_probs] = L * a.probs * value_size;
+    out[kind::swiglu] = L * (a.a + a.b) * value_size;
+    out[kind::output_probs] = f.probs * value_size;
+    return out;
+}
+
+// ------------------------------------------------------------------- what a process allocates
+
+/// Elements of model.hpp's own buffers for `max_batch` sequences, by purpose. lm::transformer
+/// allocates exactly these (tests/test_lm_model.cpp compares them with its vectors' sizes).
+struct model_buffers {
+    count parameters, gradients;
+    count kept;        ///< the activation buffers of layer_kept and final_kept, at max_batch
+    count transient;   ///< h1 / s computed for a record but not kept (share_qkv / down)
+    count a_buffers;   ///< VeLoRA factored gradients' A (out × G) per recorded projection
+    count scratch;     ///< backward: dx, dh, dq, dk, dv, do (N·d each), ds (N·ffn), one head's dP (context²)
+    [[nodiscard]] count total() const { return parameters + gradients + kept + transient + a_buffers + scratch; }
+};
+inline model_buffers buffers(const model_config& c, const velora_config& v, index_t max_batch) {
+    const layer_activations a = layer_kept(c, v, max_batch);
+    const final_activations f = final_kept(c, max_batch);
+    const count N = count(max_batch) * c.context, d = c.d_model, ff = c.ffn, L = c.layers;
+    const count g1 = groups_for(v, c.d_model), g2 = groups_for(v, c.ffn);
+    model_buffers m;
+    m.parameters = m.gradients = parameter_count(c);
+    m.kept = L * (a.x + a.rstd1 + a.h1 + a.q + a.k + a.v + a.probs + a.o + a.xmid + a.rstd2 + a.h2 + a.a + a.b + a.s) + f.x + f.rstd +
+             f.hf + f.probs;
+    if (v.share_qkv) m.transient += N * d;
+    if (records_s(v)) m.transient += N * ff;
+    if (records_h1(v)) m.a_buffers += L * d * g1 * (v.share_qkv ? 3 : 1);   // A of v (and of q, k)
+    if (records_s(v)) m.a_buffers += L * d * g2;                            // A of W2
+    m.scratch = count(6) * N * d + N * ff + count(c.context) * c.context;
+    return m;
+}
+
+/// The memory of one training process as the estimator prints it (bytes).
+struct footprint {
+    count weights, gradients, optimizer, activations, other;
+    activation_bytes by_kind;
+    /// Everything counted: weights, gradient buffers, optimizer state, activations kept and the
+    /// rest of the model's buffers. Not counted: the library's scratch (GEMM packing, the
+    /// optimizer's refresh workspace, the SVD), the corpus, the loss curve, code and libraries.
+    [[nodiscard]] count total() const { return weights + gradients + optimizer + activations + other; }
+};
+/// `rank` as for optimizer_state_bytes (<= 0: dense AdamW).
+inline footprint estimate(const model_config& c, const velora_config& v, index_t batch, index_t rank, std::size_t value_size) {
+    const model_buffers m = buffers(c, v, batch);
+    const count N = count(batch) * c.context, L = c.layers;
+    footprint fp;
+    fp.weights = m.parameters * value_size;
+    fp.gradients = m.gradients * value_size;
+    fp.optimizer = optimizer_state_bytes(c, rank, value_size);
+    fp.by_kind = activations(c, v, batch, value_size);
+    fp.activations = fp.by_kind.total();
+    // The model's other buffers, and each compressor's spare Z (velora::compressor projects into it
+    // and swaps it with the record's on success: T·G·sizeof(storage) beyond the record).
+    fp.other = (m.transient + m.a_buffers + m.scratch) * value_size;
+    if (records_h1(v)) fp.other += L * N * groups_for(v, c.d_model) * velora::storage_bytes(v.z_storage);
+    if (records_s(v)) fp.other += L * N * groups_for(v, c.ffn) * velora::storage_bytes(v.z_storage);
+    return fp;
+}
+
+} // namespace memory
+} // namespace lm
