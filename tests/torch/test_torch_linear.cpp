@@ -19,23 +19,11 @@ using velora::torch::AdaRankGradAdamWOptions;
 using velora::torch::VeloraLinear;
 using velora::torch::VeloraLinearOptions;
 
+using torch_test::contains;
+using torch_test::max_relative;
+using torch_test::thread_count_guard;
+
 namespace {
-
-bool contains(const std::string& s, const std::string& part) {
-    if (s.find(part) != std::string::npos) return true;
-    MESSAGE("'" << part << "' not found in: " << s);
-    return false;
-}
-
-struct thread_count_guard {
-    int saved = at::get_num_threads();
-    ~thread_count_guard() { at::set_num_threads(saved); }
-};
-
-double max_relative(const at::Tensor& a, const at::Tensor& b) {
-    const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
-    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-300)).item<double>();
-}
 
 bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) { return a.defined() && b.defined() && a.sizes() == b.sizes() && a.equal(b); }
 

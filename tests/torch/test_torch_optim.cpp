@@ -16,19 +16,11 @@ using velora::torch::AdaRankGradAdamW;
 using velora::torch::AdaRankGradAdamWOptions;
 using OptionsT = AdaRankGradAdamWOptions;
 
+using torch_test::contains;
+using torch_test::max_relative;
+using torch_test::thread_count_guard;
+
 namespace {
-
-bool contains(const std::string& s, const std::string& part) {
-    if (s.find(part) != std::string::npos) return true;
-    MESSAGE("'" << part << "' not found in: " << s);
-    return false;
-}
-
-// Restores libtorch's intra-op thread count at the end of a test that changes it.
-struct thread_count_guard {
-    int saved = at::get_num_threads();
-    ~thread_count_guard() { at::set_num_threads(saved); }
-};
 
 at::Tensor param(std::vector<std::int64_t> sizes, std::uint64_t seed, c10::ScalarType dtype = at::kFloat) {
     at::manual_seed(seed);
@@ -77,10 +69,6 @@ struct reference_adamw {
         w = (1 - lr * wd) * (w - step * m / (v.sqrt() + eps));
     }
 };
-
-double max_relative(const at::Tensor& a, const at::Tensor& b) {
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item<double>();
-}
 
 } // namespace
 

@@ -13,13 +13,9 @@ using velora::torch::matrix_input;
 using velora::torch::mutable_view_of;
 using velora::torch::view_of;
 
-namespace {
+using torch_test::contains;
 
-bool contains(const std::string& s, const std::string& part) {
-    if (s.find(part) != std::string::npos) return true;
-    MESSAGE("'" << part << "' not found in: " << s);
-    return false;
-}
+namespace {
 
 // Every element of the view equals the tensor's element at the same (row, col) of its
 // flattened matrix, read through torch's own indexing.
