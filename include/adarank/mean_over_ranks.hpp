@@ -25,6 +25,20 @@
 
 namespace adarank {
 
+/// out ← (1/P)·Σ_p out_p in place (backend memory; row by row when the view is strided): the one
+/// reduction every data-parallel path of the optimizer uses. The same bits on every rank when the
+/// communicator keeps its promise (the scaling is the same operation everywhere).
+template <optimizer_backend B, velora::communicator C>
+void reduce_to_mean(B& b, C& comm, matrix_view<typename B::value_type> out) {
+    using T = typename B::value_type;
+    if (out.ld == out.cols || out.rows <= 1) {
+        comm.all_reduce_sum(std::span<T>(out.data, static_cast<std::size_t>(out.size())));
+    } else {
+        for (index_t i = 0; i < out.rows; ++i) comm.all_reduce_sum(std::span<T>(out.row(i), static_cast<std::size_t>(out.cols)));
+    }
+    if (comm.size() > 1) b.scale(out, T(1) / static_cast<T>(comm.size()));
+}
+
 template <optimizer_backend B, gradient_operator Local, velora::communicator C>
 class mean_over_ranks {
 public:
@@ -73,15 +87,9 @@ public:
     [[nodiscard]] bool finite() const { return !comm_->any(!local_->finite()); }
 
 private:
-    // out ← (1/P)·Σ_p out_p, row by row when the view is strided.
     void mean(matrix_view<T> out) const {
-        if (out.ld == out.cols || out.rows <= 1) {
-            comm_->all_reduce_sum(std::span<T>(out.data, static_cast<std::size_t>(out.size())));
-        } else {
-            for (index_t i = 0; i < out.rows; ++i) comm_->all_reduce_sum(std::span<T>(out.row(i), static_cast<std::size_t>(out.cols)));
-        }
+        reduce_to_mean(*b_, *comm_, out);
         *bytes_ += static_cast<std::uint64_t>(out.size()) * sizeof(T);
-        if (comm_->size() > 1) b_->scale(out, T(1) / static_cast<T>(comm_->size()));
     }
 
     B* b_;

@@ -366,10 +366,6 @@ public:
                                                               : "invalid arguments (ids and grads must have the same length, each id registered, each "
                                                                 "gradient of its parameter's shape, bucket_elements > 0); this is rank ",
                                 comm.rank(), " of ", comm.size());
-        const auto take = [&](matrix_view<T> part) {
-            comm.all_reduce_sum(std::span<T>(part.data, static_cast<std::size_t>(part.size())));
-            if (comm.size() > 1) b_->scale(part, T(1) / static_cast<T>(comm.size()));
-        };
         index_t small = 0;   // the bucket is sized before anything is packed into it
         for (const matrix_view<T>& g : grads)
             if (g.size() < bucket_elements) small = std::min(bucket_elements, small + g.size());
@@ -378,7 +374,7 @@ public:
         std::size_t first = 0;   // grads[first..i) are packed in the bucket
         const auto flush = [&](std::size_t end) {
             if (used == 0) return;
-            take(view(bucket_, 1, used));
+            reduce_to_mean(*b_, comm, view(bucket_, 1, used));
             index_t at = 0;
             for (std::size_t j = first; j < end; ++j) {
                 const matrix_view<T>& g = grads[j];
@@ -392,8 +388,7 @@ public:
             const matrix_view<T>& g = grads[i];
             layers_[static_cast<std::size_t>(ids[i])].pending_bytes += static_cast<std::uint64_t>(g.size()) * sizeof(T);
             if (g.size() >= bucket_elements) {   // alone, in place
-                if (g.ld == g.cols) take(g);
-                else for (index_t r = 0; r < g.rows; ++r) take(g.row_block(r, 1));
+                reduce_to_mean(*b_, comm, g);
                 continue;
             }
             if (used + g.size() > bucket_elements) {
