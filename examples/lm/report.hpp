@@ -37,7 +37,9 @@ struct run {
     std::size_t activation_bytes = 0;         // kept for backward by one step's forward pass (counted by the model)
     std::array<std::size_t, lm::memory::kinds> activation_kinds{};   // the same by kind (lm::memory::kind)
     std::size_t weights_bytes = 0;            // the model's parameters
-    std::size_t optimizer_bytes = 0;          // optimizer state (low_rank_adamw::state_bytes)
+    std::size_t optimizer_bytes = 0;          // optimizer state (low_rank_adamw::state_bytes) at the end
+    std::size_t peak_optimizer_bytes = 0;     // its largest value after any step (AdaRankGrad's ranks change)
+    double mean_optimizer_bytes = 0;          // its mean over the steps
     std::size_t optimizer_workspace_bytes = 0;   // the optimizer's scratch shared by all parameters (workspace_bytes)
     std::size_t peak_rss_bytes = 0;           // VmHWM of the training process (data-parallel: see reset_peak_rss)
     double mean_step_ms = 0, tokens_per_second = 0;
@@ -84,7 +86,7 @@ inline std::string serialize(const run& r) {
     };
     os << "name " << r.name << '\n' << "error " << r.error << '\n' << "steps " << r.steps << '\n' << "interrupted " << r.interrupted << '\n';
     os << "bytes " << r.activation_bytes << ' ' << r.optimizer_bytes << ' ' << r.peak_rss_bytes << ' ' << r.communicated_bytes << ' '
-       << r.weights_bytes << ' ' << r.optimizer_workspace_bytes << '\n';
+       << r.weights_bytes << ' ' << r.optimizer_workspace_bytes << ' ' << r.peak_optimizer_bytes << ' ' << r.mean_optimizer_bytes << '\n';
     list("activation_kinds", r.activation_kinds);
     os << "speed " << r.mean_step_ms << ' ' << r.tokens_per_second << '\n';
     list("train_loss", r.train_loss);
@@ -119,7 +121,8 @@ inline run deserialize(const std::string& text) {
         else if (key == "steps") ls >> r.steps;
         else if (key == "interrupted") ls >> r.interrupted;
         else if (key == "bytes")
-            ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes >> r.communicated_bytes >> r.weights_bytes >> r.optimizer_workspace_bytes;
+            ls >> r.activation_bytes >> r.optimizer_bytes >> r.peak_rss_bytes >> r.communicated_bytes >> r.weights_bytes >> r.optimizer_workspace_bytes >> r.peak_optimizer_bytes >>
+                r.mean_optimizer_bytes;
         else if (key == "activation_kinds") for (auto& x : r.activation_kinds) ls >> x;
         else if (key == "speed") ls >> r.mean_step_ms >> r.tokens_per_second;
         else if (key == "train_loss") read_numbers(ls, r.train_loss);
@@ -156,21 +159,25 @@ inline void print_activation_kinds(const std::vector<run>& runs, const char* tit
                 " backward reads; SwiGLU a,b: the two MLP branches; out softmax: tokens x vocabulary)\n");
 }
 
-inline void print_table(const std::vector<run>& runs, long tokens_per_step) {
-    std::printf("\n%-16s %7s %10s %8s %11s %11s %11s %10s %9s %9s\n", "configuration", "steps", "val loss", "val ppl", "activ. MiB",
+// `validation`: what the validation loss was measured on, for the note under the table.
+inline void print_table(const std::vector<run>& runs, long tokens_per_step, const std::string& validation) {
+    int width = 16;
+    for (const auto& r : runs) width = std::max(width, static_cast<int>(r.name.size()));
+    std::printf("\n%-*s %7s %10s %8s %11s %11s %11s %10s %9s %9s\n", width, "configuration", "steps", "val loss", "val ppl", "activ. MiB",
                 "optim. MiB", "weights MiB", "peak RSS", "ms/step", "tok/s");
     for (const auto& r : runs) {
         if (r.steps == 0) {
-            std::printf("%-16s %s\n", r.name.c_str(), r.error.empty() ? "no step taken" : ("failed: " + r.error).c_str());
+            std::printf("%-*s %s\n", width, r.name.c_str(), r.error.empty() ? "no step taken" : ("failed: " + r.error).c_str());
             continue;
         }
-        std::printf("%-16s %7d %10.4f %8.2f %11.3f %11.3f %11.3f %8.1f M %9.1f %9.0f%s\n", r.name.c_str(), r.steps, final_valid(r),
+        std::printf("%-*s %7d %10.4f %8.2f %11.3f %11.3f %11.3f %8.1f M %9.1f %9.0f%s\n", width, r.name.c_str(), r.steps, final_valid(r),
                     std::exp(final_valid(r)), mib(r.activation_bytes), mib(r.optimizer_bytes), mib(r.weights_bytes), mib(r.peak_rss_bytes),
                     r.mean_step_ms, r.tokens_per_second, !r.error.empty() ? "  (failed)" : r.interrupted ? "  (interrupted)" : "");
     }
-    std::printf("(validation: cross-entropy in nats per byte on 8 fixed batches of the held-out 10%%; %ld tokens per step; activations:\n"
-                " bytes one forward pass keeps for backward, counted by the model; optimizer: AdamW moments or low-rank bases + moments)\n",
-                tokens_per_step);
+    std::printf("(validation: cross-entropy in nats per byte on %s; %ld tokens per step; activations:\n"
+                " bytes one forward pass keeps for backward, counted by the model; optimizer: AdamW moments or low-rank bases + moments,\n"
+                " at the end)\n",
+                validation.c_str(), tokens_per_step);
     print_activation_kinds(runs, "\nActivations kept for backward by kind (MiB)", 1048576.0);
 }
 
@@ -239,7 +246,8 @@ inline void write_json(std::ostream& out, const std::vector<run>& runs, const st
         number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes << ",\"activation_bytes_by_kind\":{";
         for (std::size_t k = 0; k < lm::memory::kinds; ++k) out << (k ? "," : "") << '"' << lm::memory::kind_keys[k] << "\":" << r.activation_kinds[k];
         out << "},\"weights_bytes\":" << r.weights_bytes << ",\"optimizer_bytes\":" << r.optimizer_bytes
-            << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
+            << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
+            << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
             << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"communicated_bytes\":" << r.communicated_bytes << ",\"valid_curve\":{\"steps\":";
         list(r.valid_steps);
         out << ",\"loss\":";

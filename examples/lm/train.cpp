@@ -53,8 +53,10 @@
 #include <velora/distributed/mpi.hpp>
 #endif
 
+#include "configs.hpp"
 #include "model.hpp"
 #include "report.hpp"
+#include "study.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -117,8 +119,6 @@ void install_stop_handlers() {
     for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
 }
 
-const std::vector<std::string> known_configs = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
-
 struct options {
     std::string preset;          // --preset NAME: a paper model shape (presets below); empty: none
     bool estimate = false;       // --estimate: print the memory table instead of training
@@ -133,7 +133,11 @@ struct options {
     double lr_low_rank = 1e-2;   // low-rank runs (galore, adarank, velora+adarank), with α = 0.25: GaLore's protocol
     int eval_every = 50;
     bool share_qkv = false;
-    std::vector<std::string> configs = known_configs;
+    std::vector<std::string> configs = lm::configs::names;   // configs.hpp: a name, optionally with changes
+    std::string split = "valid";   // --split: validate on the held-out 10% (valid) or on the tuning split (tune)
+    int valid_batches = 8;         // --valid-batches: batches of the validation loss
+    std::string study;             // --study NAME: run a study (study.hpp) instead of --configs
+    std::vector<std::uint64_t> seeds = {1, 2, 3};   // --seeds: the study's seeds
     std::uint64_t seed = 1;
     std::string json, plot;
     bool help = false;   // --help or -h: print the help and exit 0 (nothing after it is parsed)
@@ -170,22 +174,14 @@ const preset* find_preset(const std::string& name) {
     return nullptr;
 }
 
-bool uses_velora(const std::string& c) { return c == "velora" || c == "velora+adarank"; }
-bool uses_low_rank(const std::string& c) { return c == "galore" || c == "adarank" || c == "velora+adarank"; }
-
-// What configuration `name` records with VeLoRA (the value and MLP-down inputs, the VeLoRA
-// paper's choice for LLaMA; with --share-qkv q, k and v share the value input's record).
-lm::velora_config velora_for(const std::string& name, const options& o) {
-    lm::velora_config vc;
-    vc.value = vc.down = uses_velora(name);
-    vc.share_qkv = uses_velora(name) && o.share_qkv;
-    vc.groups = o.groups;
-    return vc;
-}
+// What configuration `name` (configs.hpp) means with these flags.
+lm::configs::config config_of(const std::string& name, const options& o) { return lm::configs::parse(name, {o.rank, o.lr, o.lr_low_rank}); }
+bool uses_low_rank(const std::string& name, const options& o) { return config_of(name, o).low_rank; }
+lm::velora_config velora_for(const std::string& name, const options& o) { return lm::configs::velora_of(config_of(name, o), o.groups, o.share_qkv); }
 
 // The optimizer's rank for memory.hpp: GaLore's fixed rank, AdaRankGrad's cap (its ranks are
 // data-dependent and at most this), 0 for dense AdamW.
-index_t rank_for(const std::string& name, const options& o) { return uses_low_rank(name) ? o.rank : 0; }
+index_t rank_for(const std::string& name, const options& o) { return config_of(name, o).rank; }
 
 // Sizes. Every flag is at most 10^9 but their products are not bounded: --context 100000 asks
 // for batch·heads·context² attention probabilities per layer (TiB), which used to fail with
@@ -281,7 +277,9 @@ void print_help() {
     const auto l = [](index_t v) { return static_cast<long>(v); };
     std::printf("usage: lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]\n"
                 "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]\n"
-                "                [--configs a,b,...] [--share-qkv] [--seed S] [--json PATH] [--plot PATH]\n"
+                "                [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
+                "                [--json PATH] [--plot PATH]\n"
+                "       lm_train --study NAME [--seeds S,S,...] [size, step and validation flags] [--json PATH] [--plot PATH]\n"
                 "       lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
                 "process) and prints a table of validation loss, memory and speed. With --estimate, prints the memory each\n"
@@ -309,11 +307,25 @@ void print_help() {
     std::printf("  --lr-low-rank LR   learning rate of the low-rank runs, with scale 0.25: galore, adarank, velora+adarank\n"
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
-    std::printf("  --configs a,b,...  configurations to run, in this order, from: %s\n"
-                "                     (default: all five; also spelt --config)\n", join(known_configs, ", ").c_str());
+    std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
+                "                     with changes NAME:key=value,... (keys: lr, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
+                "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale; see\n"
+                "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
+                join(lm::configs::names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
     std::printf("  --seed S           seed of the initial weights and of the batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
+    std::printf("  --split S          valid: validate on the held-out 10%%; tune: train on the first 90%% of the rest and validate\n"
+                "                     on its last 10%% (the tuning split, for choosing hyper-parameters) (default %s)\n", d.split.c_str());
+    std::printf("  --valid-batches N  batches of %ld sequences the validation loss is the mean over (always the same ones)\n"
+                "                     (default %d)\n", l(d.batch), d.valid_batches);
+    std::printf("  --study NAME       run a study instead of --configs: %s (examples/lm/study.hpp, docs/results.md):\n"
+                "                     every configuration's lr swept on the tuning split, then trained once per seed; prints\n"
+                "                     loss against optimizer state and the comparison with GaLore at equal state (default: none)\n",
+                lm::study::plan_names().c_str());
+    std::string seeds;
+    for (auto s : d.seeds) seeds += (seeds.empty() ? "" : ",") + std::to_string(s);
+    std::printf("  --seeds S,S,...    the study's seeds (default %s)\n", seeds.c_str());
     std::printf("  --json PATH        write the results and the run's settings (flags, model, version, GEMM engine) as JSON;\n"
                 "                     with --estimate, the estimates (default: none)\n");
     std::printf("  --plot PATH        write an SVG plot of the validation loss and, per low-rank configuration, the ranks of\n"
@@ -413,14 +425,29 @@ options parse(int argc, char** argv) {
             if (*end != '\0' || !(lr > 0) || !std::isfinite(lr)) usage_error("flag " + flag + " needs a positive number, got '" + text + "'");
             (flag == "--lr" ? o.lr : o.lr_low_rank) = lr;
         } else if (flag == "--configs") {
+            // Split at commas; an item key=value continues the configuration before it
+            // (`galore:r=16,svd=randomized,adamw` is two configurations). Checked below, when
+            // the flags they start from are known.
             o.configs.clear();
             std::stringstream list(next());
             for (std::string item; std::getline(list, item, ',');) {
-                if (std::find(known_configs.begin(), known_configs.end(), item) == known_configs.end())
-                    usage_error("unknown configuration '" + item + "' (known: " + join(known_configs, ", ") + ")");
-                o.configs.push_back(item);
+                const bool continues = item.find('=') != std::string::npos && item.find(':') == std::string::npos;
+                if (continues && !o.configs.empty() && o.configs.back().find(':') != std::string::npos) o.configs.back() += "," + item;
+                else o.configs.push_back(item);
             }
             if (o.configs.empty()) usage_error("flag --configs needs at least one configuration");
+        } else if (flag == "--split") {
+            o.split = next();
+            if (o.split != "valid" && o.split != "tune") usage_error("flag --split needs valid or tune, got '" + o.split + "'");
+        } else if (flag == "--valid-batches") o.valid_batches = static_cast<int>(positive(flag, next()));
+        else if (flag == "--study") {
+            o.study = next();
+            if (!lm::study::find_plan(o.study)) usage_error("unknown study '" + o.study + "' (known: " + lm::study::plan_names() + ")");
+        } else if (flag == "--seeds") {
+            o.seeds.clear();
+            std::stringstream list(next());
+            for (std::string item; std::getline(list, item, ',');) o.seeds.push_back(static_cast<std::uint64_t>(positive(flag, item.c_str())));
+            if (o.seeds.empty()) usage_error("flag --seeds needs at least one seed");
         } else if (flag == "--help" || flag == "-h") {
             o.help = true;
             return o;
@@ -435,6 +462,20 @@ options parse(int argc, char** argv) {
             usage_error("flag --preset: " + std::string(e.what()));
         }
     }
+    for (const auto& name : o.configs) try {
+            (void)config_of(name, o);
+        } catch (const std::invalid_argument& e) {
+            usage_error("flag --configs: " + std::string(e.what()));
+        }
+    if (!o.study.empty()) {
+        o.configs.clear();
+        for (const auto& p : lm::study::find_plan(o.study)->points) o.configs.push_back(p.config);
+        for (const char* flag : {"--configs", "--seed", "--split", "--estimate"})
+            if (std::find(given.begin(), given.end(), flag) != given.end())
+                usage_error(std::string("flag ") + flag + " does not go with --study (the study chooses its configurations, seeds and splits)");
+    } else if (std::find(given.begin(), given.end(), "--seeds") != given.end()) {
+        usage_error("flag --seeds is for --study (a single run takes --seed)");
+    }
     if (o.model.d_model % o.model.heads != 0)
         usage_error("--d-model " + std::to_string(o.model.d_model) + " is not divisible by --heads " + std::to_string(o.model.heads) +
                     (o.preset.empty() ? "" : " (sizes of --preset " + o.preset + " and the flags given)"));
@@ -445,11 +486,28 @@ options parse(int argc, char** argv) {
 }
 
 // The corpus: every plain fortune file of the directory (not the .dat indexes or the .u8 links),
-// in name order, as bytes. The last 10% is the validation split.
+// in name order, as bytes. The last 10% is the validation split. `--split tune` trains on the
+// first 90% of the rest and validates on its last 10% (tuning_split): learning rates are chosen
+// there, never on the validation split that results are reported on.
 struct corpus {
     std::vector<unsigned char> train, valid;
     std::size_t files = 0;
+    std::string split = "valid";
 };
+
+corpus tuning_split(const corpus& c) {
+    corpus t;
+    const std::size_t cut = c.train.size() - c.train.size() / 10;
+    t.train.assign(c.train.begin(), c.train.begin() + static_cast<std::ptrdiff_t>(cut));
+    t.valid.assign(c.train.begin() + static_cast<std::ptrdiff_t>(cut), c.train.end());
+    t.files = c.files;
+    t.split = "tune";
+    return t;
+}
+
+// The validation batches are the same whatever --seed: runs of different seeds are measured on
+// the same text (8 = the default seed 1 + 7, the seed these batches have always had).
+constexpr std::uint64_t validation_seed = 8;
 
 corpus load_corpus(const std::string& dir) {
     namespace fs = std::filesystem;
@@ -497,14 +555,7 @@ void make_batch(const std::vector<unsigned char>& data, index_t batch, index_t c
     }
 }
 
-adarank::optimizer_config optimizer_for(const std::string& name, const options& o) {
-    adarank::optimizer_config c;
-    if (name == "galore") c = adarank::optimizer_config::galore(o.rank, 200, 0.25);
-    else if (uses_low_rank(name)) c.rank = adarank::rank_policy::adaptive(0.2, 1, o.rank);
-    c.adam.lr = uses_low_rank(name) ? o.lr_low_rank : o.lr;
-    c.adam.weight_decay = 0.0;
-    return c;
-}
+adarank::optimizer_config optimizer_for(const std::string& name, const options& o) { return config_of(name, o).optimizer; }
 
 // An error that every rank of a data-parallel run raises at the same point of the same step: it
 // comes from a reduced quantity (the loss, VeLoRA's shared v) or from an optimizer status, which
@@ -708,21 +759,20 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     adarank::low_rank_adamw<B> opt(backend, optimizer_for(name, o));
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
-        const auto kind = uses_low_rank(name) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
+        const auto kind = uses_low_rank(name, o) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
         if constexpr (one_process<C>) ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
         else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
         if (kind == adarank::param_kind::low_rank) r.rank_names.push_back(p.name);
     }
     optimizer_sink<C> sink(backend, opt, params, ids, comm);
     std::vector<int> tokens, valid_tokens;
-    const int valid_batches = 8;
     auto validation_loss = [&] {
         double sum = 0;
-        for (int v = 0; v < valid_batches; ++v) {
-            make_batch(data.valid, o.batch, o.model.context, o.seed + 7, static_cast<std::uint64_t>(v), valid_tokens);
+        for (int v = 0; v < o.valid_batches; ++v) {
+            make_batch(data.valid, o.batch, o.model.context, validation_seed, static_cast<std::uint64_t>(v), valid_tokens);
             sum += model.evaluate(valid_tokens.data() + first, share);
         }
-        return mean_over_ranks(comm, sum / valid_batches);
+        return mean_over_ranks(comm, sum / o.valid_batches);
     };
     // The low-rank parameters' ranks after `step`, recorded after the first step, after every
     // step that changed one of them (a refresh that chose another rank) and after the last one:
@@ -787,6 +837,8 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
                     r.activation_kinds[k] = static_cast<std::size_t>(model.activation_breakdown().by_kind[k].v);
             }
             if (!r.rank_names.empty()) record_ranks(step + 1, step == 0);
+            r.peak_optimizer_bytes = std::max(r.peak_optimizer_bytes, opt.state_bytes());
+            r.mean_optimizer_bytes += (static_cast<double>(opt.state_bytes()) - r.mean_optimizer_bytes) / (step + 1);
             if (evaluate) {
                 const double valid = validation_loss();
                 if (!std::isfinite(valid)) throw agreed_error("the validation loss is not finite: training diverged (try a lower --lr)");
@@ -943,14 +995,21 @@ std::string settings_json(const options& o, const corpus* data, int ranks) {
        << ",\"d-model\":" << m.d_model << ",\"layers\":" << m.layers << ",\"heads\":" << m.heads << ",\"ffn\":" << m.ffn << ",\"rank\":" << o.rank
        << ",\"groups\":" << o.groups << ",\"lr\":" << o.lr << ",\"lr-low-rank\":" << o.lr_low_rank << ",\"eval-every\":" << o.eval_every
        << ",\"configs\":[" << join(configs, ",") << "],\"share-qkv\":" << (o.share_qkv ? "true" : "false") << ",\"seed\":" << o.seed
-       << ",\"json\":" << path(o.json) << ",\"plot\":" << path(o.plot) << "}";
+       << ",\"split\":" << text(o.split) << ",\"valid-batches\":" << o.valid_batches << ",\"study\":" << path(o.study) << ",\"seeds\":[";
+    for (std::size_t i = 0; i < o.seeds.size(); ++i) os << (i ? "," : "") << o.seeds[i];
+    os << "],\"json\":" << path(o.json) << ",\"plot\":" << path(o.plot) << "}";
     os << ",\"model\":{\"vocab\":" << m.vocab << ",\"d_model\":" << m.d_model << ",\"heads\":" << m.heads << ",\"d_head\":" << m.d_model / m.heads
        << ",\"layers\":" << m.layers << ",\"ffn\":" << m.ffn << ",\"context\":" << m.context << ",\"parameters\":" << lm::memory::parameter_count(m).v << "}";
     if (data)
-        os << ",\"corpus\":{\"files\":" << data->files << ",\"train_bytes\":" << data->train.size() << ",\"valid_bytes\":" << data->valid.size() << "}";
+        os << ",\"corpus\":{\"files\":" << data->files << ",\"train_bytes\":" << data->train.size() << ",\"valid_bytes\":" << data->valid.size() << ",\"split\":" << text(data->split) << "}";
     os << ",\"velora_version\":" << text(VELORA_VERSION_STRING) << ",\"gemm\":{\"blas\":" << (velora::cpu::has_blas ? "true" : "false")
        << ",\"name\":" << text(velora::cpu::blas_name()) << "},\"threads\":" << velora::cpu::resolve_threads(0) << ",\"ranks\":" << ranks << "}";
     return os.str();
+}
+
+// What the validation loss is measured on, for the table.
+std::string validation_note(const options& o) {
+    return std::to_string(o.valid_batches) + " fixed batches of the " + (o.split == "tune" ? "tuning split" : "held-out 10%");
 }
 
 void print_header(const options& o, const corpus& data, int ranks) {
@@ -993,7 +1052,8 @@ void print_estimate(const options& o) {
     std::vector<report::run> kinds;
     for (std::size_t i = 0; i < fps.size(); ++i) {
         const auto& fp = fps[i];
-        const bool cap = uses_low_rank(o.configs[i]) && o.configs[i] != "galore";
+        const auto c = config_of(o.configs[i], o);
+        const bool cap = c.low_rank && !c.fixed_rank;
         std::printf("%-16s", (o.configs[i] + (cap ? "*" : "")).c_str());
         for (mem::count c : {fp.weights, fp.gradients, fp.optimizer, fp.activations, fp.other, fp.total()})
             if (saturated(c)) std::printf(" %11s", ">16 EiB");
@@ -1006,7 +1066,10 @@ void print_estimate(const options& o) {
         for (std::size_t k = 0; k < mem::kinds; ++k) r.activation_kinds[k] = static_cast<std::size_t>(fp.by_kind.by_kind[k].v);
         kinds.push_back(r);
     }
-    const bool any_cap = std::any_of(o.configs.begin(), o.configs.end(), [](const std::string& c) { return uses_low_rank(c) && c != "galore"; });
+    const bool any_cap = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) {
+        const auto c = config_of(name, o);
+        return c.low_rank && !c.fixed_rank;
+    });
     if (any_cap)
         std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
                     static_cast<long>(o.rank));
@@ -1026,7 +1089,7 @@ void write_estimate_json(const options& o) {
             const std::string& name = o.configs[i];
             const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T));
             out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
-                << (!uses_low_rank(name) ? "dense" : name == "galore" ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
+                << (!uses_low_rank(name, o) ? "dense" : config_of(name, o).fixed_rank ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
                 << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v
                 << ",\"activation_bytes_by_kind\":{";
             for (std::size_t k = 0; k < mem::kinds; ++k) out << (k ? "," : "") << '"' << mem::kind_keys[k] << "\":" << fp.by_kind.by_kind[k].v;
@@ -1039,10 +1102,44 @@ void write_estimate_json(const options& o) {
 // The corpus, checked against the context length.
 corpus load_checked_corpus(const options& o) {
     corpus data = load_corpus(o.corpus);
-    if (data.valid.size() <= static_cast<std::size_t>(o.model.context) + 1)
-        throw std::runtime_error("--context " + std::to_string(o.model.context) + " is too long for the validation split of " +
-                                 std::to_string(data.valid.size()) + " bytes");
-    return data;
+    const std::size_t shortest = o.split == "tune" || !o.study.empty() ? tuning_split(data).valid.size() : data.valid.size();
+    if (shortest <= static_cast<std::size_t>(o.model.context) + 1)
+        throw std::runtime_error("--context " + std::to_string(o.model.context) + " is too long for the " +
+                                 (o.split == "tune" || !o.study.empty() ? "tuning" : "validation") + " split of " + std::to_string(shortest) + " bytes");
+    return o.split == "tune" ? tuning_split(data) : data;
+}
+
+// --study: every run of the plan in a forked process of its own (run_isolated), the tuning runs
+// on the tuning split. The files are rewritten after every finished point.
+int run_study(const options& o, const corpus& data) {
+    const corpus tuning = tuning_split(data);
+    const lm::study::plan& plan = *lm::study::find_plan(o.study);
+    std::printf("study %s: %s\n%zu points, learning rates swept on the tuning split (%zu train / %zu validation bytes), then seeds",
+                plan.name.c_str(), plan.description.c_str(), plan.points.size(), tuning.train.size(), tuning.valid.size());
+    for (auto seed : o.seeds) std::printf(" %llu", static_cast<unsigned long long>(seed));
+    std::printf(" on the validation split\n");
+    std::fflush(stdout);
+    auto train = [&](const std::string& config, std::uint64_t seed, bool tune) {
+        options one = o;
+        one.configs = {config};
+        one.seed = seed;
+        one.split = tune ? "tune" : "valid";
+        return run_isolated(config, one, tune ? tuning : data);
+    };
+    auto write = [&](const std::vector<lm::study::point_result>& results) {
+        if (!o.json.empty())
+            report::write_replacing(o.json, "--json", [&](std::ostream& out) { lm::study::write_json(out, results, plan.name, settings_json(o, &data, 1)); });
+        if (!o.plot.empty()) report::write_replacing(o.plot, "--plot", [&](std::ostream& out) { lm::study::write_svg(out, results); });
+    };
+    const auto results = lm::study::run(plan, o.seeds, train, [] { return interrupted != 0; }, write);
+    lm::study::print(results);
+    if (!results.empty()) write(results);
+    if (interrupted) {
+        std::fprintf(stderr, "lm_train: interrupted by signal %d (%s); the table shows the finished points\n", static_cast<int>(interrupted),
+                     strsignal(interrupted));
+        return 128 + interrupted;
+    }
+    return 0;
 }
 
 // One process (also an MPI build started without mpirun, or with one rank): every configuration
@@ -1065,13 +1162,14 @@ int main_one_process(int argc, char** argv) {
         for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
         const corpus data = load_checked_corpus(o);
         print_header(o, data, 1);
+        if (!o.study.empty()) return run_study(o, data);
         std::vector<report::run> runs;
         for (const auto& name : o.configs) {
             if (interrupted) break;
             runs.push_back(run_isolated(name, o, data));
             if (!runs.back().error.empty()) std::fprintf(stderr, "%s: %s\n", name.c_str(), runs.back().error.c_str());
         }
-        report::print_table(runs, o.batch * o.model.context);
+        report::print_table(runs, o.batch * o.model.context, validation_note(o));
         if (!runs.empty()) {   // stopped before the first configuration: nothing to replace an older result with
             if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, 1));
             if (!o.plot.empty()) report::write_svg(o.plot, runs);
@@ -1101,6 +1199,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
     std::string error;
     try {
         o = parse(argc, argv);
+        if (!o.study.empty()) throw std::invalid_argument("--study runs in one process (start it without mpirun)");
         if (!o.help && !o.estimate) {
             if (o.batch % comm.size() != 0)
                 throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is not divisible by the " + std::to_string(comm.size()) +
@@ -1151,7 +1250,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
         }
         const int stopped_by = stop_agreed(comm) ? static_cast<int>(interrupted) : 0;   // the same on every rank
         if (root) {
-            report::print_table(runs, o.batch * o.model.context);
+            report::print_table(runs, o.batch * o.model.context, validation_note(o));
             print_dp_notes(runs, o, comm.size(), rss_reset);
             if (!runs.empty()) {
                 if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, comm.size()));

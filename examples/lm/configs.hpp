@@ -1,0 +1,177 @@
+#pragma once
+// The trainer's configurations: what a name on the command line means for the optimizer and for
+// VeLoRA. A configuration is one of the five named ones, optionally followed by changes:
+//
+//   NAME[:key=value[,key=value...]]      e.g. galore:r=16   adarank:xi=0.1,r=64   galore:transport=rotation
+//
+//   adamw            dense AdamW, exact activations (the baseline)
+//   galore           GaLore: fixed rank, refresh every 200 steps by exact SVD, moments reused
+//   velora           VeLoRA records for the value and MLP-down inputs, dense AdamW
+//   adarank          AdaRankGrad: adaptive rank (ξ = 0.2), refresh on convergence (ε = 0.5, 50-200
+//                    steps), moments transported (squared rotation), randomized SVD
+//   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
+//
+// Keys (every one but lr only for the low-rank names galore, adarank, velora+adarank):
+//   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank otherwise)
+//   r=N              GaLore's rank, AdaRankGrad's rank cap (default --rank)
+//   rank=fixed|adaptive            the rank rule (fixed: r; adaptive: the smallest rank that keeps
+//                                  all but ξ² of the gradient's energy, at most r)
+//   xi=X             ξ of the adaptive rule (default 0.2); implies rank=adaptive
+//   refresh=every|converged        refresh every `interval` steps, or when ‖Ĝ‖ fell to eps·‖Ĝ at the
+//                                  first step in the subspace‖ (after 50 steps, at the latest after `interval`)
+//   interval=N       (default 200)   eps=X   the convergence threshold (default 0.5)
+//   transport=rotation|clamped|none|reset   what the moments become on a refresh
+//   svd=exact|randomized           the refresh's decomposition
+//   scale=X          α, the update's scale (default 0.25)
+//
+// One key changes one ingredient, so an ablation is spelt as the configuration it starts from and
+// the ingredient it changes: `galore:rank=adaptive` is GaLore with AdaRankGrad's rank rule and
+// nothing else of AdaRankGrad. The full spelling is the configuration's name in the table, the
+// JSON and the plot.
+#include <adarank/adarank.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model.hpp"
+
+namespace lm::configs {
+
+using velora::index_t;
+
+inline const std::vector<std::string> names = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
+
+// What a configuration is; `parse` builds it from a name and the trainer's defaults.
+struct config {
+    std::string name;   ///< as written (the key of the results)
+    std::string base;   ///< one of `names`
+    bool velora = false, low_rank = false;
+    bool fixed_rank = false;   ///< GaLore-like: the optimizer state is known before training (memory.hpp)
+    index_t rank = 0;          ///< GaLore's rank, AdaRankGrad's cap; 0 for the full-rank names
+    adarank::optimizer_config optimizer{};
+};
+
+// The flags a configuration starts from.
+struct defaults {
+    index_t rank = 32;
+    double lr = 1e-3, lr_low_rank = 1e-2;
+};
+
+namespace detail {
+
+[[noreturn]] inline void bad(const std::string& name, const std::string& why) {
+    throw std::invalid_argument("configuration '" + name + "': " + why);
+}
+
+inline double number(const std::string& name, const std::string& key, const std::string& text, double lo, double hi, bool lo_open) {
+    char* end = nullptr;
+    const double x = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !(lo_open ? x > lo : x >= lo) || !(x <= hi))
+        bad(name, key + "=" + text + " is not a number in " + (lo_open ? "(" : "[") + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return x;
+}
+
+inline index_t count(const std::string& name, const std::string& key, const std::string& text) {
+    const double x = number(name, key, text, 1, 1e9, false);
+    if (x != static_cast<double>(static_cast<index_t>(x))) bad(name, key + "=" + text + " is not a whole number");
+    return static_cast<index_t>(x);
+}
+
+} // namespace detail
+
+// Throws std::invalid_argument naming the configuration, the key and what is wrong.
+inline config parse(const std::string& name, const defaults& d) {
+    using namespace adarank;
+    config c;
+    c.name = name;
+    const auto colon = name.find(':');
+    c.base = name.substr(0, colon);
+    if (std::find(names.begin(), names.end(), c.base) == names.end()) {
+        std::string known;
+        for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
+        detail::bad(name, "unknown configuration '" + c.base + "' (known: " + known + ")");
+    }
+    c.velora = c.base == "velora" || c.base == "velora+adarank";
+    c.low_rank = c.base == "galore" || c.base == "adarank" || c.base == "velora+adarank";
+    c.rank = c.low_rank ? d.rank : 0;
+    c.fixed_rank = c.base == "galore";
+    double xi = 0.2, eps = 0.5;
+    index_t interval = 200;
+    bool refresh_every = c.base == "galore";
+    if (c.base == "galore") c.optimizer = optimizer_config::galore(d.rank, interval, 0.25);
+    c.optimizer.adam.lr = c.low_rank ? d.lr_low_rank : d.lr;
+    c.optimizer.adam.weight_decay = 0.0;
+    if (colon != std::string::npos) {
+        const std::string changes = name.substr(colon + 1);
+        if (changes.empty()) detail::bad(name, "nothing after ':' (expected key=value[,key=value...])");
+        std::vector<std::string> seen;
+        for (std::size_t begin = 0; begin <= changes.size();) {
+            const std::size_t end = std::min(changes.find(',', begin), changes.size());
+            const std::string item = changes.substr(begin, end - begin);
+            begin = end + 1;
+            const auto eq = item.find('=');
+            if (eq == std::string::npos || eq == 0) detail::bad(name, "'" + item + "' is not key=value");
+            const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+            if (std::find(seen.begin(), seen.end(), key) != seen.end()) detail::bad(name, "key '" + key + "' given twice");
+            seen.push_back(key);
+            if (key != "lr" && !c.low_rank) detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
+            auto choose = [&](std::initializer_list<const char*> options) {
+                std::string list;
+                for (const char* o : options) {
+                    if (value == o) return value;
+                    list += (list.empty() ? "" : "|") + std::string(o);
+                }
+                detail::bad(name, key + "=" + value + ": expected " + list);
+            };
+            if (key == "lr") c.optimizer.adam.lr = detail::number(name, key, value, 0, 10, true);
+            else if (key == "r") c.rank = detail::count(name, key, value);
+            else if (key == "rank") c.fixed_rank = choose({"fixed", "adaptive"}) == "fixed";
+            else if (key == "xi") xi = detail::number(name, key, value, 0, 0.999999, false);
+            else if (key == "refresh") refresh_every = choose({"every", "converged"}) == "every";
+            else if (key == "interval") interval = detail::count(name, key, value);
+            else if (key == "eps") eps = detail::number(name, key, value, 0, 1, false);
+            else if (key == "transport") {
+                const std::string t = choose({"rotation", "clamped", "none", "reset"});
+                c.optimizer.transport = t == "rotation" ? transport_policy::squared_rotation
+                                      : t == "clamped"  ? transport_policy::clamped_rotation
+                                      : t == "none"     ? transport_policy::none
+                                                        : transport_policy::reset;
+            } else if (key == "svd") {
+                const bool exact = choose({"exact", "randomized"}) == "exact";
+                c.optimizer.rsvd = rsvd_config{};
+                if (exact) {
+                    c.optimizer.rsvd.warm_start = false;
+                    c.optimizer.rsvd.exact_fraction = 0.0;
+                }
+            } else if (key == "scale") c.optimizer.scale = detail::number(name, key, value, 0, 100, true);
+            else detail::bad(name, "unknown key '" + key + "' (known: lr, r, rank, xi, refresh, interval, eps, transport, svd, scale)");
+        }
+        const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
+        if (given("xi")) {
+            if (given("rank") && c.fixed_rank) detail::bad(name, "xi is for rank=adaptive");
+            c.fixed_rank = false;
+        }
+        if (refresh_every && given("eps")) detail::bad(name, "eps is for refresh=converged");
+    }
+    if (c.low_rank) {
+        c.optimizer.rank = c.fixed_rank ? rank_policy::fixed(c.rank) : rank_policy::adaptive(xi, 1, c.rank);
+        c.optimizer.refresh = refresh_every ? refresh_policy::every(interval) : refresh_policy::converged(eps, std::min<index_t>(50, interval), interval);
+    }
+    validate(c.optimizer, "lm_train");
+    return c;
+}
+
+// What the model records with VeLoRA (the value and MLP-down inputs, the VeLoRA paper's choice
+// for LLaMA; with share_qkv q, k and v share the value input's record).
+inline lm::velora_config velora_of(const config& c, index_t groups, bool share_qkv) {
+    lm::velora_config vc;
+    vc.value = vc.down = c.velora;
+    vc.share_qkv = c.velora && share_qkv;
+    vc.groups = groups;
+    return vc;
+}
+
+} // namespace lm::configs

@@ -1,0 +1,412 @@
+#pragma once
+// `lm_train --study NAME`: a planned set of configurations, each trained at its own best learning
+// rate over several seeds, summarised as validation loss against optimizer-state bytes.
+//
+// For every point of the plan:
+//  1. its learning rate is swept on the tuning split (training on the first 90% of the training
+//     text, validating on the rest of it; never on the validation split reported below), over the
+//     point's grid; when the best lr lies on an edge of what was tried, the grid is extended by
+//     one factor of 2 past that edge, at most twice;
+//  2. it is trained at the chosen lr once per seed (the seed draws the initial weights and the
+//     order of the batches; every configuration sees the same ones for the same seed) and
+//     validated on the held-out 10%.
+// Every configuration is then compared with GaLore at the same optimizer-state bytes: for each
+// seed, GaLore's losses over its ranks are interpolated (linearly in log bytes) at the point's
+// peak state, and the paired differences are tested (two-sided t-test at 95% over the seeds).
+// The bytes are the optimizer state's peak over training: what a user must have, as AdaRankGrad's
+// ranks (and with them its state) change during training.
+//
+// The trainer supplies how to train one configuration (a callable, below): this file knows the
+// plans and the statistics, not the model.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "report.hpp"
+
+namespace lm::study {
+
+struct point {
+    std::string config;        ///< configs.hpp spelling, without lr
+    std::string series;        ///< "full rank", "GaLore", "AdaRankGrad" or "ablation"
+    std::string label;         ///< how the plot and the table call it
+    std::vector<double> lrs;   ///< the learning-rate grid of the sweep
+};
+
+struct plan {
+    std::string name, description;
+    std::vector<point> points;
+};
+
+inline const std::vector<plan>& plans() {
+    static const std::vector<plan> all = [] {
+        const std::vector<double> full = {1e-3, 2e-3, 4e-3}, low = {5e-3, 1e-2, 2e-2};
+        plan iso{"iso-memory",
+                 "GaLore at ranks 8-64 and AdaRankGrad over its rank threshold xi (cap 64) against their optimizer state; "
+                 "ablations that add one AdaRankGrad ingredient to GaLore at rank 32 (exact SVD), all three, and the library's "
+                 "AdaRankGrad default (randomized SVD, cap 32); full-rank AdamW",
+                 {}};
+        iso.points.push_back({"adamw", "full rank", "AdamW", full});
+        for (int r : {8, 16, 32, 64}) iso.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
+        for (const char* xi : {"0.35", "0.2", "0.1", "0.05"})
+            iso.points.push_back({std::string("adarank:r=64,xi=") + xi, "AdaRankGrad", std::string("\u03be=") + xi, low});
+        iso.points.push_back({"galore:rank=adaptive", "ablation", "GaLore r=32 + adaptive rank", low});
+        iso.points.push_back({"galore:refresh=converged", "ablation", "GaLore r=32 + convergence refresh", low});
+        iso.points.push_back({"galore:transport=rotation", "ablation", "GaLore r=32 + rotated moments", low});
+        iso.points.push_back({"galore:transport=reset", "ablation", "GaLore r=32 + moments reset", low});
+        iso.points.push_back({"galore:rank=adaptive,refresh=converged,transport=rotation", "ablation", "GaLore r=32 + all three (exact SVD)", low});
+        iso.points.push_back({"adarank", "ablation", "AdaRankGrad default (rSVD, cap 32)", low});
+        return std::vector<plan>{iso};
+    }();
+    return all;
+}
+
+inline const plan* find_plan(const std::string& name) {
+    for (const auto& p : plans())
+        if (p.name == name) return &p;
+    return nullptr;
+}
+
+inline std::string plan_names() {
+    std::string s;
+    for (const auto& p : plans()) s += (s.empty() ? "" : ", ") + p.name;
+    return s;
+}
+
+inline std::string with_lr(const std::string& config, double lr) {
+    char text[32];
+    std::snprintf(text, sizeof text, "lr=%g", lr);
+    return config + (config.find(':') == std::string::npos ? ":" : ",") + text;
+}
+
+struct tuning_run {
+    double lr = 0, loss = 0;   ///< loss: final validation loss on the tuning split (inf: failed, e.g. diverged)
+    std::string error;
+};
+
+struct point_result {
+    point p;
+    std::vector<tuning_run> tuning;
+    double lr = std::numeric_limits<double>::quiet_NaN();   ///< chosen
+    bool lr_at_edge = false;                                 ///< still on an edge after the extensions
+    std::vector<std::uint64_t> seeds;
+    std::vector<report::run> runs;   ///< one per seed
+};
+
+// The statistics of one point's seeds.
+struct summary {
+    double mean = NAN, sd = NAN, min = NAN, max = NAN;
+    double peak_bytes = NAN, mean_bytes = NAN;   ///< optimizer state, means over the seeds
+};
+
+inline bool usable(const report::run& r) { return r.error.empty() && !r.interrupted && std::isfinite(report::final_valid(r)); }
+
+inline summary summarise(const point_result& pr) {
+    summary s;
+    std::vector<double> loss, peak, mean;
+    for (const auto& r : pr.runs)
+        if (usable(r)) {
+            loss.push_back(report::final_valid(r));
+            peak.push_back(static_cast<double>(r.peak_optimizer_bytes));
+            mean.push_back(r.mean_optimizer_bytes);
+        }
+    if (loss.empty()) return s;
+    const auto avg = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()); };
+    s.mean = avg(loss);
+    double ss = 0;
+    for (double x : loss) ss += (x - s.mean) * (x - s.mean);
+    s.sd = loss.size() > 1 ? std::sqrt(ss / static_cast<double>(loss.size() - 1)) : NAN;
+    s.min = *std::min_element(loss.begin(), loss.end());
+    s.max = *std::max_element(loss.begin(), loss.end());
+    s.peak_bytes = avg(peak);
+    s.mean_bytes = avg(mean);
+    return s;
+}
+
+// Two-sided 95% critical values of Student's t for 1..10 degrees of freedom; 1.96 beyond.
+inline double t_critical(std::size_t dof) {
+    static const double t[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228};
+    return dof == 0 ? NAN : dof <= 10 ? t[dof - 1] : 1.96;
+}
+
+// A point against GaLore at its own peak optimizer state, paired by seed.
+struct comparison {
+    std::size_t seeds = 0;            ///< paired seeds inside GaLore's range of bytes
+    double mean = NAN, sd = NAN;      ///< of the point's loss minus GaLore's interpolated loss
+    std::string verdict;              ///< "lower", "higher", "tie" or why there is none
+};
+
+// GaLore's loss at `bytes` for `seed`: linear in log(bytes) between its two nearest ranks; NaN
+// outside its range (no extrapolation).
+inline double galore_at(const std::vector<point_result>& results, std::uint64_t seed, double bytes) {
+    std::vector<std::pair<double, double>> curve;   // (log bytes, loss)
+    for (const auto& pr : results) {
+        if (pr.p.series != "GaLore") continue;
+        for (std::size_t i = 0; i < pr.runs.size() && i < pr.seeds.size(); ++i)
+            if (pr.seeds[i] == seed && usable(pr.runs[i]))
+                curve.emplace_back(std::log(static_cast<double>(pr.runs[i].peak_optimizer_bytes)), report::final_valid(pr.runs[i]));
+    }
+    std::sort(curve.begin(), curve.end());
+    const double x = std::log(bytes);
+    for (std::size_t i = 0; i + 1 < curve.size(); ++i)
+        if (curve[i].first <= x && x <= curve[i + 1].first) {
+            const double span = curve[i + 1].first - curve[i].first;
+            const double t = span > 0 ? (x - curve[i].first) / span : 0;
+            return curve[i].second + t * (curve[i + 1].second - curve[i].second);
+        }
+    return NAN;
+}
+
+inline comparison compare_with_galore(const std::vector<point_result>& results, const point_result& pr) {
+    comparison c;
+    if (pr.p.series == "GaLore" || pr.p.series == "full rank") return c;
+    std::vector<double> d;
+    for (std::size_t i = 0; i < pr.runs.size() && i < pr.seeds.size(); ++i) {
+        if (!usable(pr.runs[i])) continue;
+        const double g = galore_at(results, pr.seeds[i], static_cast<double>(pr.runs[i].peak_optimizer_bytes));
+        if (std::isfinite(g)) d.push_back(report::final_valid(pr.runs[i]) - g);
+    }
+    c.seeds = d.size();
+    if (d.size() < 2) {
+        c.verdict = d.empty() ? "outside GaLore's range" : "one seed: no test";
+        return c;
+    }
+    c.mean = std::accumulate(d.begin(), d.end(), 0.0) / static_cast<double>(d.size());
+    double ss = 0;
+    for (double x : d) ss += (x - c.mean) * (x - c.mean);
+    c.sd = std::sqrt(ss / static_cast<double>(d.size() - 1));
+    const double half_width = t_critical(d.size() - 1) * c.sd / std::sqrt(static_cast<double>(d.size()));
+    c.verdict = c.mean + half_width < 0 ? "lower" : c.mean - half_width > 0 ? "higher" : "tie";
+    return c;
+}
+
+// Runs the plan. `train(config, seed, tuning)` trains one configuration (configs.hpp spelling,
+// lr included) and returns its result; `stopped()` says that a signal asked to stop; `progress`
+// is called after every point with what is done so far (the trainer writes its files there, so
+// that a study that dies keeps its finished points).
+inline std::vector<point_result> run(const plan& pl, const std::vector<std::uint64_t>& seeds,
+                                     const std::function<report::run(const std::string&, std::uint64_t, bool)>& train,
+                                     const std::function<bool()>& stopped, const std::function<void(const std::vector<point_result>&)>& progress) {
+    std::vector<point_result> results;
+    const std::uint64_t tuning_seed = seeds.front();
+    for (const auto& p : pl.points) {
+        if (stopped()) break;
+        point_result pr;
+        pr.p = p;
+        auto tune = [&](double lr) {
+            const report::run r = train(with_lr(p.config, lr), tuning_seed, true);
+            tuning_run t{lr, usable(r) ? report::final_valid(r) : std::numeric_limits<double>::infinity(), r.error};
+            pr.tuning.push_back(t);
+            std::printf("study %s: tuning lr %g -> %.4f%s\n", p.config.c_str(), lr, t.loss, r.error.empty() ? "" : (" (" + r.error + ")").c_str());
+            std::fflush(stdout);
+        };
+        for (double lr : p.lrs) {
+            if (stopped()) break;
+            tune(lr);
+        }
+        auto best = [&] {
+            return std::min_element(pr.tuning.begin(), pr.tuning.end(), [](const tuning_run& a, const tuning_run& b) { return a.loss < b.loss; });
+        };
+        for (int extension = 0; extension <= 2 && !stopped() && !pr.tuning.empty(); ++extension) {
+            const auto [lo, hi] = std::minmax_element(pr.tuning.begin(), pr.tuning.end(), [](const tuning_run& a, const tuning_run& b) { return a.lr < b.lr; });
+            const double chosen = best()->lr;
+            const bool edge = std::isfinite(best()->loss) && (chosen == hi->lr || chosen == lo->lr);
+            pr.lr_at_edge = edge;
+            if (!edge || extension == 2) break;
+            tune(chosen == hi->lr ? 2 * chosen : chosen / 2);
+        }
+        if (pr.tuning.empty() || stopped()) break;
+        if (!std::isfinite(best()->loss)) {
+            std::printf("study %s: every learning rate failed on the tuning split; skipped\n", p.config.c_str());
+            results.push_back(pr);
+            progress(results);
+            continue;
+        }
+        pr.lr = best()->lr;
+        for (std::uint64_t seed : seeds) {
+            if (stopped()) break;
+            pr.seeds.push_back(seed);
+            pr.runs.push_back(train(with_lr(p.config, pr.lr), seed, false));
+            std::printf("study %s: lr %g, seed %llu -> %.4f\n", p.config.c_str(), pr.lr, static_cast<unsigned long long>(seed),
+                        report::final_valid(pr.runs.back()));
+            std::fflush(stdout);
+        }
+        results.push_back(pr);
+        progress(results);
+    }
+    return results;
+}
+
+inline void print(const std::vector<point_result>& results) {
+    std::printf("\n%-58s %-11s %8s %24s %12s %12s   %s\n", "configuration", "series", "lr", "val loss: mean +- sd", "state MiB", "(mean)",
+                "vs GaLore at equal state (paired over seeds)");
+    for (const auto& pr : results) {
+        const summary s = summarise(pr);
+        const comparison c = compare_with_galore(results, pr);
+        char loss[64], versus[96] = "";
+        std::snprintf(loss, sizeof loss, "%.4f +- %.4f", s.mean, s.sd);
+        if (std::isfinite(c.mean)) std::snprintf(versus, sizeof versus, "%+.4f +- %.4f: %s", c.mean, c.sd, c.verdict.c_str());
+        else if (!c.verdict.empty()) std::snprintf(versus, sizeof versus, "%s", c.verdict.c_str());
+        std::printf("%-58s %-11s %8.3g%s %24s %12.3f %12.3f   %s\n", pr.p.config.c_str(), pr.p.series.c_str(), pr.lr, pr.lr_at_edge ? "*" : " ", loss,
+                    s.peak_bytes / 1048576.0, s.mean_bytes / 1048576.0, versus);
+    }
+    std::printf("(lr: the best of the sweep on the tuning split; * the best is still on an edge of the grid after two extensions.\n"
+                " val loss: final validation loss on the held-out 10%%, over the seeds. state: optimizer state, its peak during\n"
+                " training and its mean over the steps, mean over the seeds. vs GaLore: loss minus GaLore's at the same peak state\n"
+                " (interpolated between its ranks in log bytes, same seed), mean +- sd of the differences; lower/higher: the 95%%\n"
+                " t-interval excludes 0, tie: it does not)\n");
+}
+
+inline void write_json(std::ostream& out, const std::vector<point_result>& results, const std::string& plan_name, const std::string& settings) {
+    out.precision(10);
+    auto number = [&](double x) -> std::ostream& {
+        if (std::isfinite(x)) out << x;
+        else out << "null";
+        return out;
+    };
+    out << "{\"settings\":" << settings << ",\"study\":\"" << report::json_escape(plan_name) << "\",\"points\":[";
+    for (std::size_t k = 0; k < results.size(); ++k) {
+        const auto& pr = results[k];
+        const summary s = summarise(pr);
+        const comparison c = compare_with_galore(results, pr);
+        out << (k ? "," : "") << "{\"config\":\"" << report::json_escape(pr.p.config) << "\",\"series\":\"" << pr.p.series << "\",\"label\":\""
+            << report::json_escape(pr.p.label) << "\",\"tuning\":[";
+        for (std::size_t i = 0; i < pr.tuning.size(); ++i) {
+            out << (i ? "," : "") << "{\"lr\":" << pr.tuning[i].lr << ",\"loss\":";
+            number(pr.tuning[i].loss) << ",\"error\":\"" << report::json_escape(pr.tuning[i].error) << "\"}";
+        }
+        out << "],\"lr\":";
+        number(pr.lr) << ",\"lr_at_edge\":" << (pr.lr_at_edge ? "true" : "false") << ",\"runs\":[";
+        for (std::size_t i = 0; i < pr.runs.size(); ++i) {
+            const auto& r = pr.runs[i];
+            out << (i ? "," : "") << "{\"seed\":" << pr.seeds[i] << ",\"error\":\"" << report::json_escape(r.error) << "\",\"steps\":" << r.steps
+                << ",\"valid_loss\":";
+            number(report::final_valid(r)) << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
+                                           << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes << ",\"valid_curve\":{\"steps\":[";
+            for (std::size_t j = 0; j < r.valid_steps.size(); ++j) out << (j ? "," : "") << r.valid_steps[j];
+            out << "],\"loss\":[";
+            for (std::size_t j = 0; j < r.valid_loss.size(); ++j) {
+                out << (j ? "," : "");
+                number(r.valid_loss[j]);
+            }
+            out << "]}}";
+        }
+        out << "],\"summary\":{\"mean\":";
+        number(s.mean) << ",\"sd\":";
+        number(s.sd) << ",\"min\":";
+        number(s.min) << ",\"max\":";
+        number(s.max) << ",\"peak_optimizer_bytes\":";
+        number(s.peak_bytes) << ",\"mean_optimizer_bytes\":";
+        number(s.mean_bytes) << "},\"vs_galore\":{\"seeds\":" << c.seeds << ",\"mean\":";
+        number(c.mean) << ",\"sd\":";
+        number(c.sd) << ",\"verdict\":\"" << report::json_escape(c.verdict) << "\"}}";
+    }
+    out << "]}\n";
+}
+
+// The Pareto view: final validation loss against peak optimizer state (log scale). Every seed is
+// a small dot, every point's mean a marker with a bar from its best to its worst seed; GaLore's
+// ranks and AdaRankGrad's thresholds are joined in order of bytes. Structure for the tests
+// (tests/demo_study.cmake): <g class="study-point" data-config=...> per point, <circle class="seed">
+// per seed.
+inline void write_svg(std::ostream& out, const std::vector<point_result>& results) {
+    const double w = 960, h = 560, left = 70, right = 300, top = 40, bottom = 50;
+    const double pw = w - left - right, ph = h - top - bottom;
+    double xlo = 1e300, xhi = 0, ylo = 1e300, yhi = -1e300;
+    for (const auto& pr : results)
+        for (const auto& r : pr.runs)
+            if (usable(r)) {
+                xlo = std::min(xlo, static_cast<double>(r.peak_optimizer_bytes)), xhi = std::max(xhi, static_cast<double>(r.peak_optimizer_bytes));
+                ylo = std::min(ylo, report::final_valid(r)), yhi = std::max(yhi, report::final_valid(r));
+            }
+    if (!(xlo <= xhi)) xlo = 1, xhi = 2, ylo = 0, yhi = 1;
+    xlo /= 1.15, xhi *= 1.15;
+    const double ypad = std::max(0.01, (yhi - ylo) * 0.06);
+    ylo -= ypad, yhi += ypad;
+    auto px = [&](double bytes) { return left + pw * (std::log(bytes) - std::log(xlo)) / (std::log(xhi) - std::log(xlo)); };
+    auto py = [&](double loss) { return top + ph * (1 - (loss - ylo) / (yhi - ylo)); };
+    const char* ablation_colours[] = {"#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+    std::map<std::string, std::string> colour_of = {{"full rank", "#1f77b4"}, {"GaLore", "#ff7f0e"}, {"AdaRankGrad", "#d62728"}};
+    std::size_t ablations = 0;
+    auto colour = [&](const point_result& pr) {
+        if (pr.p.series != "ablation") return colour_of[pr.p.series];
+        auto& c = colour_of["ablation:" + pr.p.config];
+        if (c.empty()) c = ablation_colours[ablations++ % 6];
+        return c;
+    };
+    out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        << "<text x=\"" << left << "\" y=\"22\" font-size=\"14\">Final validation loss against peak optimizer state (each dot a seed; "
+        << "bars: best to worst seed)</text>\n"
+        << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << pw << "\" height=\"" << ph << "\" fill=\"none\" stroke=\"#888\"/>\n";
+    for (double mib = 0.125; mib <= 1024; mib *= 2) {
+        const double bytes = mib * 1048576.0;
+        if (bytes < xlo || bytes > xhi) continue;
+        out << "<line x1=\"" << px(bytes) << "\" x2=\"" << px(bytes) << "\" y1=\"" << top << "\" y2=\"" << top + ph << "\" stroke=\"#eee\"/>\n"
+            << "<text x=\"" << px(bytes) << "\" y=\"" << top + ph + 16 << "\" text-anchor=\"middle\">" << mib << "</text>\n";
+    }
+    for (int i = 0; i <= 5; ++i) {
+        const double v = ylo + (yhi - ylo) * i / 5;
+        out << "<text x=\"" << left - 6 << "\" y=\"" << py(v) + 4 << "\" text-anchor=\"end\">" << std::round(v * 1000) / 1000 << "</text>\n";
+    }
+    out << "<text x=\"" << left + pw / 2 << "\" y=\"" << h - 12 << "\" text-anchor=\"middle\">optimizer state, peak during training (MiB, log scale)</text>\n"
+        << "<text x=\"16\" y=\"" << top + ph / 2 << "\" transform=\"rotate(-90 16 " << top + ph / 2 << ")\" text-anchor=\"middle\">validation loss</text>\n";
+    // Series lines through the means, in order of bytes.
+    for (const char* series : {"GaLore", "AdaRankGrad"}) {
+        std::vector<std::pair<double, double>> line;
+        for (const auto& pr : results) {
+            const summary s = summarise(pr);
+            if (pr.p.series == series && std::isfinite(s.mean)) line.emplace_back(s.peak_bytes, s.mean);
+        }
+        std::sort(line.begin(), line.end());
+        out << "<polyline class=\"series\" fill=\"none\" stroke-width=\"1.5\" stroke=\"" << colour_of[series] << "\" points=\"";
+        for (const auto& [x, y] : line) out << px(x) << ',' << py(y) << ' ';
+        out << "\"/>\n";
+    }
+    double legend_y = top + 10;
+    for (const auto& pr : results) {
+        const summary s = summarise(pr);
+        const std::string c = colour(pr);
+        out << "<g class=\"study-point\" data-config=\"" << report::json_escape(pr.p.config) << "\">\n";
+        for (const auto& r : pr.runs)
+            if (usable(r))
+                out << "<circle class=\"seed\" cx=\"" << px(static_cast<double>(r.peak_optimizer_bytes)) << "\" cy=\"" << py(report::final_valid(r))
+                    << "\" r=\"2.5\" fill=\"" << c << "\" fill-opacity=\"0.5\"/>\n";
+        if (std::isfinite(s.mean)) {
+            const double x = px(s.peak_bytes);
+            out << "<line x1=\"" << x << "\" x2=\"" << x << "\" y1=\"" << py(s.min) << "\" y2=\"" << py(s.max) << "\" stroke=\"" << c << "\"/>\n";
+            if (pr.p.series == "ablation")
+                out << "<rect x=\"" << x - 4.5 << "\" y=\"" << py(s.mean) - 4.5 << "\" width=\"9\" height=\"9\" fill=\"" << c << "\"/>\n";
+            else
+                out << "<circle cx=\"" << x << "\" cy=\"" << py(s.mean) << "\" r=\"5\" fill=\"" << c << "\"/>\n";
+            if (pr.p.series != "ablation")
+                out << "<text x=\"" << x + 7 << "\" y=\"" << py(s.mean) - 6 << "\" font-size=\"10\" fill=\"" << c << "\">" << report::json_escape(pr.p.label)
+                    << "</text>\n";
+        }
+        out << "<title>" << report::json_escape(pr.p.config) << "</title>\n</g>\n";
+        // Legend: a series once, every ablation by its label.
+        const bool first_of_series = pr.p.series == "ablation" || std::find_if(results.begin(), results.end(), [&](const point_result& o) {
+                                                                      return o.p.series == pr.p.series;
+                                                                  }) == results.begin() + (&pr - results.data());
+        if (first_of_series) {
+            const std::string text = pr.p.series == "ablation" ? pr.p.label : pr.p.series;
+            out << (pr.p.series == "ablation" ? "<rect x=\"" + std::to_string(w - right + 16) + "\" y=\"" + std::to_string(legend_y - 9) +
+                                                    "\" width=\"9\" height=\"9\" fill=\"" + c + "\"/>\n"
+                                              : "<circle cx=\"" + std::to_string(w - right + 20) + "\" cy=\"" + std::to_string(legend_y - 4) +
+                                                    "\" r=\"5\" fill=\"" + c + "\"/>\n")
+                << "<text x=\"" << w - right + 32 << "\" y=\"" << legend_y << "\" font-size=\"11\">" << report::json_escape(text) << "</text>\n";
+            legend_y += 18;
+        }
+    }
+    out << "</svg>\n";
+}
+
+} // namespace lm::study

@@ -1,0 +1,150 @@
+// The demo trainer's configuration spellings (examples/lm/configs.hpp) and the study's statistics
+// (examples/lm/study.hpp): what each key changes, the errors, that the named configurations
+// are what they always were, GaLore's interpolation at equal bytes and the paired verdicts.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <lm/configs.hpp>
+#include <lm/study.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+using lm::configs::parse;
+const lm::configs::defaults flags{.rank = 32, .lr = 1e-3, .lr_low_rank = 1e-2};
+
+bool throws_with(const std::string& spec, const std::string& part) {
+    try {
+        (void)parse(spec, flags);
+    } catch (const std::invalid_argument& e) {
+        return std::string(e.what()).find(part) != std::string::npos;
+    }
+    return false;
+}
+
+} // namespace
+
+TEST_CASE("the five names are the trainer's configurations as before") {
+    const auto galore = parse("galore", flags);
+    CHECK(galore.optimizer == [] {
+        auto c = adarank::optimizer_config::galore(32, 200, 0.25);
+        c.adam.lr = 1e-2;
+        c.adam.weight_decay = 0;
+        return c;
+    }());
+    CHECK(galore.fixed_rank);
+    CHECK(galore.rank == 32);
+    auto ada = adarank::optimizer_config{};
+    ada.rank = adarank::rank_policy::adaptive(0.2, 1, 32);
+    ada.adam.lr = 1e-2;
+    ada.adam.weight_decay = 0;
+    CHECK(parse("adarank", flags).optimizer == ada);
+    CHECK(parse("velora+adarank", flags).optimizer == ada);
+    CHECK(parse("velora+adarank", flags).velora);
+    CHECK_FALSE(parse("adarank", flags).velora);
+    CHECK(parse("adamw", flags).optimizer.adam.lr == 1e-3);
+    CHECK_FALSE(parse("velora", flags).low_rank);
+    CHECK(parse("velora", flags).rank == 0);
+}
+
+TEST_CASE("each key changes one ingredient, so the two methods are spelt from each other") {
+    // GaLore with all of AdaRankGrad's ingredients and its SVD is AdaRankGrad; the reverse too.
+    auto from_galore = parse("galore:rank=adaptive,refresh=converged,transport=rotation,svd=randomized", flags).optimizer;
+    CHECK(from_galore == parse("adarank", flags).optimizer);
+    CHECK(parse("adarank:rank=fixed,refresh=every,transport=none,svd=exact", flags).optimizer == parse("galore", flags).optimizer);
+    const auto one = parse("galore:rank=adaptive", flags).optimizer;
+    CHECK(one.rank == adarank::rank_policy::adaptive(0.2, 1, 32));
+    CHECK(one.refresh == adarank::refresh_policy::every(200));
+    CHECK(one.transport == adarank::transport_policy::none);
+    CHECK(one.rsvd.exact_fraction == 0.0);
+    const auto x = parse("adarank:r=64,xi=0.05,lr=0.02,interval=300,eps=0.4,scale=0.5,transport=reset", flags);
+    CHECK(x.rank == 64);
+    CHECK(x.optimizer.rank == adarank::rank_policy::adaptive(0.05, 1, 64));
+    CHECK(x.optimizer.refresh == adarank::refresh_policy::converged(0.4, 50, 300));
+    CHECK(x.optimizer.adam.lr == 0.02);
+    CHECK(x.optimizer.scale == 0.5);
+    CHECK(x.optimizer.transport == adarank::transport_policy::reset);
+    CHECK(parse("galore:r=8", flags).optimizer.rank == adarank::rank_policy::fixed(8));
+    CHECK(parse("adamw:lr=0.004", flags).optimizer.adam.lr == 0.004);
+}
+
+TEST_CASE("bad spellings name the configuration, the key and what is wrong") {
+    CHECK(throws_with("lion", "configuration 'lion': unknown configuration 'lion' (known: adamw, galore"));
+    CHECK(throws_with("adamw:xi=0.1", "key 'xi' is for the low-rank configurations"));
+    CHECK(throws_with("galore:r=0", "r=0 is not a number in [1"));
+    CHECK(throws_with("galore:r=2.5", "r=2.5 is not a whole number"));
+    CHECK(throws_with("galore:transport=teleport", "transport=teleport: expected rotation|clamped|none|reset"));
+    CHECK(throws_with("galore:lr=1e-3,lr=2e-3", "key 'lr' given twice"));
+    CHECK(throws_with("galore:", "nothing after ':'"));
+    CHECK(throws_with("galore:r", "'r' is not key=value"));
+    CHECK(throws_with("galore:colour=red", "unknown key 'colour'"));
+    CHECK(throws_with("galore:eps=0.3", "eps is for refresh=converged"));
+    CHECK(throws_with("adarank:rank=fixed,xi=0.1", "xi is for rank=adaptive"));
+    CHECK(throws_with("adarank:xi=1", "xi=1 is not a number"));
+}
+
+namespace {
+
+// A result of `series` whose seeds 1..n end at `losses` with `bytes` of peak state.
+lm::study::point_result result(const std::string& config, const std::string& series, double bytes, std::vector<double> losses) {
+    lm::study::point_result pr;
+    pr.p = {config, series, config, {}};
+    for (std::size_t i = 0; i < losses.size(); ++i) {
+        report::run r;
+        r.steps = 10;
+        r.valid_steps = {10};
+        r.valid_loss = {losses[i]};
+        r.peak_optimizer_bytes = static_cast<std::size_t>(bytes);
+        r.mean_optimizer_bytes = bytes;
+        pr.seeds.push_back(i + 1);
+        pr.runs.push_back(r);
+    }
+    return pr;
+}
+
+} // namespace
+
+TEST_CASE("GaLore's loss at equal bytes is interpolated in log bytes, per seed, never extrapolated") {
+    std::vector<lm::study::point_result> rs = {result("galore:r=8", "GaLore", 1000, {3.0, 3.2}), result("galore:r=32", "GaLore", 4000, {2.0, 2.4})};
+    CHECK(lm::study::galore_at(rs, 1, 2000) == doctest::Approx(2.5));   // halfway in log bytes
+    CHECK(lm::study::galore_at(rs, 2, 1000) == doctest::Approx(3.2));
+    CHECK(lm::study::galore_at(rs, 2, 4000) == doctest::Approx(2.4));
+    CHECK(std::isnan(lm::study::galore_at(rs, 1, 999)));
+    CHECK(std::isnan(lm::study::galore_at(rs, 1, 4001)));
+    CHECK(std::isnan(lm::study::galore_at(rs, 3, 2000)));   // no such seed
+}
+
+TEST_CASE("the verdict is a paired t-test over the seeds") {
+    std::vector<lm::study::point_result> rs = {result("galore:r=8", "GaLore", 1000, {3.0, 3.1, 3.2}),
+                                               result("galore:r=32", "GaLore", 4000, {2.0, 2.1, 2.2})};
+    // At 2000 bytes GaLore gives 2.5, 2.6, 2.7.
+    rs.push_back(result("a", "AdaRankGrad", 2000, {2.40, 2.51, 2.59}));   // -0.10, -0.09, -0.11
+    rs.push_back(result("b", "AdaRankGrad", 2000, {2.60, 2.70, 2.81}));   // +0.10, +0.10, +0.11
+    rs.push_back(result("c", "ablation", 2000, {2.40, 2.70, 2.75}));      // -0.10, +0.10, +0.05: spread too wide
+    rs.push_back(result("d", "ablation", 8000, {1.0, 1.0, 1.0}));         // more bytes than any GaLore rank
+    CHECK(lm::study::compare_with_galore(rs, rs[2]).verdict == "lower");
+    CHECK(lm::study::compare_with_galore(rs, rs[2]).mean == doctest::Approx(-0.1));
+    CHECK(lm::study::compare_with_galore(rs, rs[3]).verdict == "higher");
+    CHECK(lm::study::compare_with_galore(rs, rs[4]).verdict == "tie");
+    CHECK(lm::study::compare_with_galore(rs, rs[5]).verdict == "outside GaLore's range");
+    CHECK(lm::study::compare_with_galore(rs, rs[0]).verdict.empty());   // GaLore itself
+    const auto s = lm::study::summarise(rs[4]);
+    CHECK(s.mean == doctest::Approx(2.6166666667));
+    CHECK(s.min == 2.40);
+    CHECK(s.max == 2.75);
+    CHECK(s.sd == doctest::Approx(0.1892969449));
+    // A failed seed is left out of both.
+    rs[2].runs[1].error = "diverged";
+    CHECK(lm::study::compare_with_galore(rs, rs[2]).seeds == 2);
+    CHECK(lm::study::summarise(rs[2]).mean == doctest::Approx(2.495));
+}
+
+TEST_CASE("a learning rate is appended to a configuration's spelling") {
+    CHECK(lm::study::with_lr("adamw", 0.002) == "adamw:lr=0.002");
+    CHECK(lm::study::with_lr("galore:r=8", 0.01) == "galore:r=8,lr=0.01");
+    for (const auto& p : lm::study::find_plan("iso-memory")->points)
+        for (double lr : p.lrs) CHECK_NOTHROW((void)parse(lm::study::with_lr(p.config, lr), flags));
+}
