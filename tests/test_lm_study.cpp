@@ -69,6 +69,12 @@ TEST_CASE("each key changes one ingredient, so the two methods are spelt from ea
     CHECK(x.optimizer.transport == adarank::transport_policy::reset);
     CHECK(parse("galore:r=8", flags).optimizer.rank == adarank::rank_policy::fixed(8));
     CHECK(parse("adamw:lr=0.004", flags).optimizer.adam.lr == 0.004);
+    const auto warm = parse("adamw:warmup=4,lr=0.004", flags);
+    CHECK(lm::configs::lr_at(warm, 0) == doctest::Approx(0.001));
+    CHECK(lm::configs::lr_at(warm, 2) == doctest::Approx(0.003));
+    CHECK(lm::configs::lr_at(warm, 3) == 0.004);
+    CHECK(lm::configs::lr_at(warm, 400) == 0.004);
+    CHECK(lm::configs::lr_at(parse("adamw", flags), 0) == 1e-3);
 }
 
 TEST_CASE("bad spellings name the configuration, the key and what is wrong") {

@@ -11,8 +11,10 @@
 //                    steps), moments transported (squared rotation), randomized SVD
 //   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
 //
-// Keys (every one but lr only for the low-rank names galore, adarank, velora+adarank):
+// Keys (every one but lr and warmup only for the low-rank names galore, adarank, velora+adarank):
 //   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank otherwise)
+//   warmup=N         the learning rate rises linearly over the first N steps, then stays (default 0:
+//                    constant from the first step)
 //   r=N              GaLore's rank, AdaRankGrad's rank cap (default --rank)
 //   rank=fixed|adaptive            the rank rule (fixed: r; adaptive: the smallest rank that keeps
 //                                  all but ξ² of the gradient's energy, at most r)
@@ -51,6 +53,7 @@ struct config {
     bool velora = false, low_rank = false;
     bool fixed_rank = false;   ///< GaLore-like: the optimizer state is known before training (memory.hpp)
     index_t rank = 0;          ///< GaLore's rank, AdaRankGrad's cap; 0 for the full-rank names
+    index_t warmup = 0;        ///< steps of linear learning-rate warm-up (lr_at)
     adarank::optimizer_config optimizer{};
 };
 
@@ -117,7 +120,8 @@ inline config parse(const std::string& name, const defaults& d) {
             const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
             if (std::find(seen.begin(), seen.end(), key) != seen.end()) detail::bad(name, "key '" + key + "' given twice");
             seen.push_back(key);
-            if (key != "lr" && !c.low_rank) detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
+            if (key != "lr" && key != "warmup" && !c.low_rank)
+                detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
             auto choose = [&](std::initializer_list<const char*> options) {
                 std::string list;
                 for (const char* o : options) {
@@ -127,6 +131,7 @@ inline config parse(const std::string& name, const defaults& d) {
                 detail::bad(name, key + "=" + value + ": expected " + list);
             };
             if (key == "lr") c.optimizer.adam.lr = detail::number(name, key, value, 0, 10, true);
+            else if (key == "warmup") c.warmup = detail::count(name, key, value);
             else if (key == "r") c.rank = detail::count(name, key, value);
             else if (key == "rank") c.fixed_rank = choose({"fixed", "adaptive"}) == "fixed";
             else if (key == "xi") xi = detail::number(name, key, value, 0, 0.999999, false);
@@ -147,7 +152,7 @@ inline config parse(const std::string& name, const defaults& d) {
                     c.optimizer.rsvd.exact_fraction = 0.0;
                 }
             } else if (key == "scale") c.optimizer.scale = detail::number(name, key, value, 0, 100, true);
-            else detail::bad(name, "unknown key '" + key + "' (known: lr, r, rank, xi, refresh, interval, eps, transport, svd, scale)");
+            else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, refresh, interval, eps, transport, svd, scale)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {
@@ -162,6 +167,12 @@ inline config parse(const std::string& name, const defaults& d) {
     }
     validate(c.optimizer, "lm_train");
     return c;
+}
+
+// The learning rate of step `step` (0-based): the configuration's, ramped over its warm-up.
+inline double lr_at(const config& c, long step) {
+    const double lr = c.optimizer.adam.lr;
+    return c.warmup > 0 && step < c.warmup ? lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup) : lr;
 }
 
 // What the model records with VeLoRA (the value and MLP-down inputs, the VeLoRA paper's choice

@@ -145,12 +145,14 @@ inline double mib(std::size_t bytes) { return static_cast<double>(bytes) / 10485
 // The activations of each run by kind (lm::memory::kind), in `unit` bytes; VeLoRA moves bytes
 // from "linear in" to "records" and leaves the other kinds as they are.
 inline void print_activation_kinds(const std::vector<run>& runs, const char* title, double unit) {
-    std::printf("%s:\n%-16s", title, "configuration");
+    int width = 16;
+    for (const auto& r : runs) width = std::max(width, static_cast<int>(r.name.size()));
+    std::printf("%s:\n%-*s", title, width, "configuration");
     for (const char* head : lm::memory::kind_heads) std::printf(" %11s", head);
     std::printf(" %11s\n", "total");
     for (const auto& r : runs) {
         if (r.steps == 0) continue;
-        std::printf("%-16s", r.name.c_str());
+        std::printf("%-*s", width, r.name.c_str());
         for (std::size_t x : r.activation_kinds) std::printf(" %11.3f", static_cast<double>(x) / unit);
         std::printf(" %11.3f\n", static_cast<double>(r.activation_bytes) / unit);
     }

@@ -308,7 +308,7 @@ void print_help() {
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
-                "                     with changes NAME:key=value,... (keys: lr, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
+                "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
                 "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale; see\n"
                 "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
                 join(lm::configs::names, ", ").c_str());
@@ -555,7 +555,6 @@ void make_batch(const std::vector<unsigned char>& data, index_t batch, index_t c
     }
 }
 
-adarank::optimizer_config optimizer_for(const std::string& name, const options& o) { return config_of(name, o).optimizer; }
 
 // An error that every rank of a data-parallel run raises at the same point of the same step: it
 // comes from a reduced quantity (the loss, VeLoRA's shared v) or from an optimizer status, which
@@ -756,7 +755,8 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         });
     }
     auto& params = model.parameters();
-    adarank::low_rank_adamw<B> opt(backend, optimizer_for(name, o));
+    const lm::configs::config config = config_of(name, o);
+    adarank::low_rank_adamw<B> opt(backend, config.optimizer);
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
         const auto kind = uses_low_rank(name, o) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
@@ -823,6 +823,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);   // the global batch
             const bool evaluate = step % o.eval_every == 0 || step + 1 == o.steps;
             sink.measure(evaluate);
+            if (config.warmup > 0) opt.set_learning_rate(lm::configs::lr_at(config, step));
             const auto t0 = std::chrono::steady_clock::now();
             const double own = model.train_step(tokens.data() + first, share, sink);   // this rank's share
             sink.flush();
