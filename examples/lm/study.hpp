@@ -64,7 +64,15 @@ inline const std::vector<plan>& plans() {
         iso.points.push_back({"galore:transport=reset", "ablation", "GaLore r=32 + moments reset", low});
         iso.points.push_back({"galore:rank=adaptive,refresh=converged,transport=rotation", "ablation", "GaLore r=32 + all three (exact SVD)", low});
         iso.points.push_back({"adarank", "ablation", "AdaRankGrad default (rSVD, cap 32)", low});
-        return std::vector<plan>{iso};
+        // Does the ordering survive a learning-rate warm-up (which both papers use and the
+        // iso-memory plan does not)? GaLore's three ranks around AdaRankGrad's bytes, AdaRankGrad
+        // at the threshold closest to them, and AdamW, each warmed up over 100 steps.
+        plan warm{"warmup", "AdamW, GaLore at ranks 16-64 and AdaRankGrad (xi 0.1, cap 64), each with a 100-step linear warm-up", {}};
+        warm.points.push_back({"adamw:warmup=100", "full rank", "AdamW", full});
+        for (int r : {16, 32, 64})
+            warm.points.push_back({"galore:r=" + std::to_string(r) + ",warmup=100", "GaLore", "r=" + std::to_string(r), low});
+        warm.points.push_back({"adarank:r=64,xi=0.1,warmup=100", "AdaRankGrad", "\u03be=0.1", low});
+        return std::vector<plan>{iso, warm};
     }();
     return all;
 }
