@@ -280,9 +280,14 @@ TEST_CASE("2-D parameters go low-rank; state keyed by the parameter tensor") {
     CHECK(opt.info(ps[3]).rows == 1);          // 0-D: 1 x 1
     CHECK(opt.info(ps[4]).steps == 0);         // empty: nothing to optimise
     CHECK(opt.state_bytes() < opt.adamw_state_bytes());
-    // torch's state(): one entry per parameter, keyed by its TensorImpl
+    // torch's state(): one entry per parameter, keyed by its TensorImpl as torch's own optimizers
+    // key theirs (a string in libtorch 1.x, the address in 2.x)
     CHECK(opt.state().size() == ps.size());
-    const auto& entry = opt.state().at(c10::guts::to_string(ps[2].unsafeGetTensorImpl()));
+    torch::optim::Adam adam(std::vector<at::Tensor>{ps[2]});
+    (void)adam.step();
+    REQUIRE(adam.state().size() == 1);
+    CHECK(adam.state().begin()->first == AdaRankGradAdamW::state_key(ps[2]));
+    const auto& entry = opt.state().at(AdaRankGradAdamW::state_key(ps[2]));
     const auto& s = static_cast<const velora::torch::AdaRankGradAdamWParamState&>(*entry);
     CHECK(s.index() == 2);
     CHECK(s.rows() == 16);
@@ -459,6 +464,31 @@ TEST_CASE("whole-step finiteness check: every gradient is checked, then the whol
     }
     for (std::size_t i = 0; i < ps.size(); ++i) CHECK(bitwise_equal(ps[i], twin[i]));
     CHECK(opt.info(ps[0]).steps == 4);
+}
+
+TEST_CASE("param groups keep their own options whole; a group without options takes the defaults") {
+    // libtorch 1.13 keeps a group's options as given; recent 2.x versions replace a custom
+    // optimizer's group options with the defaults (and merge per field for torch's own optimizers):
+    // AdaRankGradAdamW keeps them whole under both, in its constructor and its add_param_group.
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{param({4, 3}, 1)}, std::make_unique<OptionsT>(OptionsT(1e-3)));   // all at their defaults
+    groups.emplace_back(std::vector<at::Tensor>{param({4, 3}, 2)}, std::make_unique<OptionsT>(OptionsT(2e-2).weight_decay(0.1)));
+    groups.emplace_back(std::vector<at::Tensor>{param({4, 3}, 3)});
+    AdaRankGradAdamW opt(groups, OptionsT(5e-2).weight_decay(0.3).kind(adarank::param_kind::dense));
+    opt.add_param_group(torch::optim::OptimizerParamGroup({param({4, 3}, 4)}, std::make_unique<OptionsT>(OptionsT(7e-3).scale(0.5))));
+    REQUIRE(opt.param_groups().size() == 4);
+    const auto options = [&](std::size_t g) { return static_cast<const OptionsT&>(opt.param_groups()[g].options()); };
+    CHECK(options(0).lr() == 1e-3);
+    CHECK(options(0).weight_decay() == 0.0);
+    CHECK(options(0).kind() == adarank::param_kind::automatic);
+    CHECK(options(1).lr() == 2e-2);
+    CHECK(options(1).weight_decay() == 0.1);
+    CHECK(options(2).lr() == 5e-2);
+    CHECK(options(2).weight_decay() == 0.3);
+    CHECK(options(2).kind() == adarank::param_kind::dense);
+    CHECK(options(3).lr() == 7e-3);
+    CHECK(options(3).scale() == 0.5);
+    CHECK(options(3).weight_decay() == 0.0);
 }
 
 TEST_CASE("options: validated per group, only lr may change after the first step") {
