@@ -111,7 +111,8 @@ TEST_CASE("the record is held as torch tensors saved for backward, and is what t
         VeloraLinear m(VeloraLinearOptions(d, o).groups(g).z_storage(storage));
         const at::Tensor x = randn({2, 30, d}, 7, 0.2);
         const at::Tensor y = m(x);
-        const auto node = std::dynamic_pointer_cast<torch::autograd::CppNode<velora::torch::detail::linear_function>>(y.grad_fn());
+        // grad_fn() is a std::shared_ptr in libtorch 1.13, a c10::intrusive_ptr in 2.15; y keeps the node alive
+        const auto* node = dynamic_cast<torch::autograd::CppNode<velora::torch::detail::linear_function>*>(y.grad_fn().get());
         REQUIRE(node != nullptr);
         const auto saved = node->ctx_.get_saved_variables();
         REQUIRE(saved.size() == 3);

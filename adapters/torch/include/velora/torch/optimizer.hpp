@@ -45,8 +45,10 @@
 #include <limits>
 #include <optional>
 #include <span>
+#include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -238,8 +240,9 @@ struct step_report {
 class AdaRankGradAdamW : public ::torch::optim::Optimizer {
 public:
     explicit AdaRankGradAdamW(std::vector<::torch::optim::OptimizerParamGroup> param_groups, AdaRankGradAdamWOptions defaults = {})
-        : Optimizer(std::move(param_groups), std::make_unique<AdaRankGradAdamWOptions>(defaults)),
+        : Optimizer(std::vector<::torch::optim::OptimizerParamGroup>{}, std::make_unique<AdaRankGradAdamWOptions>(defaults)),
           b32_(std::make_unique<threads_following<float>>()), b64_(std::make_unique<threads_following<double>>()) {
+        for (const auto& group : param_groups) add_param_group(group);   // this class's, which keeps the group's options
         // Validate every group's options now, so that a bad one fails at construction, as torch's do.
         for (std::size_t g = 0; g < param_groups_.size(); ++g) checked_config(g, "velora::torch::AdaRankGradAdamW::AdaRankGradAdamW");
     }
@@ -252,6 +255,16 @@ public:
 
     ~AdaRankGradAdamW() override {
         for (auto& [key, slot] : slots_) slot.slot->detach();
+    }
+
+    /// Adds a param group, as Optimizer::add_param_group: a group with options keeps them as given
+    /// (every option; AdaRankGradAdamWOptions expected), one without takes the optimizer's defaults.
+    /// Recent libtorch 2.x versions replace the options of a custom optimizer's group with the
+    /// defaults in Optimizer::add_param_group (they merge per field only for torch's own optimizers);
+    /// this hides it, so call it on the AdaRankGradAdamW, not through a reference to the base class.
+    void add_param_group(const ::torch::optim::OptimizerParamGroup& group) {
+        Optimizer::add_param_group(group);
+        if (group.has_options()) param_groups_.back().set_options(group.options().clone());
     }
 
     /// One step; returns the closure's loss (evaluated with grad mode on) or an undefined tensor.
@@ -402,6 +415,12 @@ public:
         for (auto& [key, a] : slots_) a.slot->scale_by(coef);
         return norm;
     }
+
+    /// The key of torch's state() map: libtorch 1.x keys it by the parameter's TensorImpl address
+    /// written as a string (c10::guts::to_string), 2.x by the address itself.
+    using state_key_type = std::remove_cvref_t<decltype(std::declval<const ::torch::optim::Optimizer&>().state())>::key_type;
+    /// The key under which state() holds `param`'s entry, as torch's own optimizers key it.
+    [[nodiscard]] static state_key_type state_key(const at::Tensor& param) { return state_key_of(param.unsafeGetTensorImpl()); }
 
     /// What the library reports about `param` (rank, refreshes, state bytes, ...). Throws for a
     /// tensor that is not a registered parameter (a group registers its parameters at its first step).
@@ -798,6 +817,17 @@ private:
         return nullptr;
     }
 
+    template <class Key = state_key_type>   // a template, so that the branch not taken is discarded
+    static Key state_key_of(at::TensorImpl* impl) {
+        if constexpr (std::is_same_v<Key, std::string>) {
+            std::ostringstream s;   // c10::guts::to_string of a pointer (libtorch 1.x; gone in 2.x)
+            s << static_cast<const void*>(impl);
+            return s.str();
+        } else {
+            return impl;
+        }
+    }
+
     // torch's state(): one entry per registered parameter, keyed as torch keys it.
     void rebuild_state_map() {
         state_.clear();
@@ -806,7 +836,7 @@ private:
                 auto s = std::make_unique<AdaRankGradAdamWParamState>();
                 s->group(r.group).index(r.index).rows(r.rows).cols(r.cols);
                 if (r.id >= 0) s->low_rank(r.is_double ? e.f64->info(r.id).low_rank : e.f32->info(r.id).low_rank);
-                state_[c10::guts::to_string(r.key)] = std::move(s);
+                state_[state_key_of(r.key)] = std::move(s);
             }
         }
     }
