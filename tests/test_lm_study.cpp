@@ -38,7 +38,7 @@ TEST_CASE("the five names are the trainer's configurations as before") {
     CHECK(galore.fixed_rank);
     CHECK(galore.rank == 32);
     auto ada = adarank::optimizer_config{};
-    ada.rank = adarank::rank_policy::adaptive(0.2, 1, 32);
+    ada.rank = adarank::rank_policy::adaptive(0.05, 1, 32);
     ada.adam.lr = 1e-2;
     ada.adam.weight_decay = 0;
     CHECK(parse("adarank", flags).optimizer == ada);
@@ -56,7 +56,7 @@ TEST_CASE("each key changes one ingredient, so the two methods are spelt from ea
     CHECK(from_galore == parse("adarank", flags).optimizer);
     CHECK(parse("adarank:rank=fixed,refresh=every,transport=none,svd=exact", flags).optimizer == parse("galore", flags).optimizer);
     const auto one = parse("galore:rank=adaptive", flags).optimizer;
-    CHECK(one.rank == adarank::rank_policy::adaptive(0.2, 1, 32));
+    CHECK(one.rank == adarank::rank_policy::adaptive(0.05, 1, 32));
     CHECK(one.refresh == adarank::refresh_policy::every(200));
     CHECK(one.transport == adarank::transport_policy::none);
     CHECK(one.rsvd.exact_fraction == 0.0);

@@ -7,7 +7,7 @@
 //   adamw            dense AdamW, exact activations (the baseline)
 //   galore           GaLore: fixed rank, refresh every 200 steps by exact SVD, moments reused
 //   velora           VeLoRA records for the value and MLP-down inputs, dense AdamW
-//   adarank          AdaRankGrad: adaptive rank (ξ = 0.2), refresh on convergence (ε = 0.5, 50-200
+//   adarank          AdaRankGrad: the library's defaults (adaptive rank, ξ = 0.05), refresh on convergence (ε = 0.5, 50-200
 //                    steps), moments transported (squared rotation), randomized SVD
 //   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
 //
@@ -18,7 +18,7 @@
 //   r=N              GaLore's rank, AdaRankGrad's rank cap (default --rank)
 //   rank=fixed|adaptive            the rank rule (fixed: r; adaptive: the smallest rank that keeps
 //                                  all but ξ² of the gradient's energy, at most r)
-//   xi=X             ξ of the adaptive rule (default 0.2); implies rank=adaptive
+//   xi=X             ξ of the adaptive rule (default: the library's, 0.05); implies rank=adaptive
 //   refresh=every|converged        refresh every `interval` steps, or when ‖Ĝ‖ fell to eps·‖Ĝ at the
 //                                  first step in the subspace‖ (after 50 steps, at the latest after `interval`)
 //   interval=N       (default 200)   eps=X   the convergence threshold (default 0.5)
@@ -101,7 +101,7 @@ inline config parse(const std::string& name, const defaults& d) {
     c.low_rank = c.base == "galore" || c.base == "adarank" || c.base == "velora+adarank";
     c.rank = c.low_rank ? d.rank : 0;
     c.fixed_rank = c.base == "galore";
-    double xi = 0.2, eps = 0.5;
+    double xi = rank_policy{}.xi, eps = 0.5;
     index_t interval = 200;
     bool refresh_every = c.base == "galore";
     if (c.base == "galore") c.optimizer = optimizer_config::galore(d.rank, interval, 0.25);

@@ -80,7 +80,7 @@ struct AdaRankGradAdamWOptions : public ::torch::optim::OptimizerCloneableOption
     /// torch.optim.AdamW's, under which dense parameters match torch::optim::AdamW to rounding.
     TORCH_ARG(adarank::adam_convention, convention) = adarank::adam_convention::galore;
     TORCH_ARG(double, scale) = 0.25;   ///< α, low-rank parameters only
-    TORCH_ARG(adarank::rank_policy, rank) = adarank::rank_policy::adaptive(0.2, 1, 128);
+    TORCH_ARG(adarank::rank_policy, rank) = adarank::rank_policy::adaptive(0.05, 1, 128);
     TORCH_ARG(adarank::refresh_policy, refresh) = adarank::refresh_policy::converged(0.5, 50, 200);
     TORCH_ARG(adarank::transport_policy, transport) = adarank::transport_policy::squared_rotation;
     TORCH_ARG(adarank::side_policy, side) = adarank::side_policy::standard;
