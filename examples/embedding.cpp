@@ -32,7 +32,7 @@ int main() {
     // because low-rank state at rank 128 would not be smaller than AdamW's; cap the rank to make
     // it low-rank at this size.
     adarank::optimizer_config config;                                     // AdaRankGrad defaults
-    config.rank = adarank::rank_policy::adaptive(0.2, 1, 32);            // ξ = 0.2, rank ≤ 32
+    config.rank = adarank::rank_policy::adaptive(0.05, 1, 32);           // the default ξ = 0.05, rank ≤ 32
     adarank::low_rank_adamw<velora::eigen_backend<float>> opt(backend, config);
     auto id = opt.add_parameter(O, D);                                    // low-rank when it saves memory
 

@@ -60,7 +60,7 @@ struct config {
 // The flags a configuration starts from.
 struct defaults {
     index_t rank = 32;
-    double lr = 1e-3, lr_low_rank = 1e-2;
+    double lr = 5e-4, lr_low_rank = 2e-2;   // the trainer's --lr and --lr-low-rank defaults
 };
 
 namespace detail {
