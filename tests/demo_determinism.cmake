@@ -4,7 +4,7 @@
 # the settings the runs differ in (OpenMP threads, --json path).
 include(${CMAKE_CURRENT_LIST_DIR}/demo_corpus.cmake)
 set(flags --corpus ${WORK_DIR}/corpus --steps 120 --eval-every 40 --batch 4 --context 32 --d-model 32 --heads 2 --ffn 64 --rank 8
-          --groups 8)
+          --groups 8 --configs adamw,galore,velora,adarank:xi=0.3,velora+adarank:xi=0.3)   # ξ = 0.3: ranks change in 120 steps
 set(previous "")
 foreach(run IN ITEMS 2a 1 2b)
   string(SUBSTRING ${run} 0 1 threads)

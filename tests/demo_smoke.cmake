@@ -34,7 +34,7 @@ foreach(flag IN LISTS accepted)
     message(FATAL_ERROR "out.json: settings.flags has no '${flag}': ${missing}")
   endif()
 endforeach()
-foreach(check "flags;steps=6" "flags;layers=2" "flags;lr=0.001" "flags;share-qkv=OFF" "flags;seed=1" "flags;json=${WORK_DIR}/out.json"
+foreach(check "flags;steps=6" "flags;layers=2" "flags;lr-low-rank=0.02" "flags;share-qkv=OFF" "flags;seed=1" "flags;json=${WORK_DIR}/out.json"
               "flags;configs;4=velora+adarank" "model;d_model=32" "model;d_head=16" "model;vocab=256")
   string(REGEX MATCH "^(.*)=(.*)$" _ "${check}")
   set(expected "${CMAKE_MATCH_2}")

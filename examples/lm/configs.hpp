@@ -33,6 +33,7 @@
 #include <adarank/adarank.hpp>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -73,7 +74,11 @@ inline double number(const std::string& name, const std::string& key, const std:
     char* end = nullptr;
     const double x = std::strtod(text.c_str(), &end);
     if (text.empty() || *end != '\0' || !(lo_open ? x > lo : x >= lo) || !(x <= hi))
-        bad(name, key + "=" + text + " is not a number in " + (lo_open ? "(" : "[") + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    {
+        char range[64];
+        std::snprintf(range, sizeof range, "%s%g, %g]", lo_open ? "(" : "[", lo, hi);
+        bad(name, key + "=" + text + " is not a number in " + range);
+    }
     return x;
 }
 
@@ -131,7 +136,7 @@ inline config parse(const std::string& name, const defaults& d) {
                 detail::bad(name, key + "=" + value + ": expected " + list);
             };
             if (key == "lr") c.optimizer.adam.lr = detail::number(name, key, value, 0, 10, true);
-            else if (key == "warmup") c.warmup = detail::count(name, key, value);
+            else if (key == "warmup") c.warmup = value == "0" ? 0 : detail::count(name, key, value);
             else if (key == "r") c.rank = detail::count(name, key, value);
             else if (key == "rank") c.fixed_rank = choose({"fixed", "adaptive"}) == "fixed";
             else if (key == "xi") xi = detail::number(name, key, value, 0, 0.999999, false);
@@ -165,7 +170,11 @@ inline config parse(const std::string& name, const defaults& d) {
         c.optimizer.rank = c.fixed_rank ? rank_policy::fixed(c.rank) : rank_policy::adaptive(xi, 1, c.rank);
         c.optimizer.refresh = refresh_every ? refresh_policy::every(interval) : refresh_policy::converged(eps, std::min<index_t>(50, interval), interval);
     }
-    validate(c.optimizer, "lm_train");
+    try {
+        validate(c.optimizer, "lm_train");
+    } catch (const std::invalid_argument& e) {
+        detail::bad(name, e.what());
+    }
     return c;
 }
 

@@ -59,12 +59,12 @@ inline const std::vector<plan>& plans() {
         for (const char* xi : {"0.35", "0.2", "0.1", "0.05"})
             iso.points.push_back({std::string("adarank:r=64,xi=") + xi, "AdaRankGrad", std::string("\u03be=") + xi, low});
         // ξ = 0.2 spelt out: the study was recorded when it was the default (docs/results.md).
-        iso.points.push_back({"galore:rank=adaptive,xi=0.2", "ablation", "GaLore r=32 + adaptive rank", low});
-        iso.points.push_back({"galore:refresh=converged", "ablation", "GaLore r=32 + convergence refresh", low});
-        iso.points.push_back({"galore:transport=rotation", "ablation", "GaLore r=32 + rotated moments", low});
-        iso.points.push_back({"galore:transport=reset", "ablation", "GaLore r=32 + moments reset", low});
-        iso.points.push_back({"galore:rank=adaptive,xi=0.2,refresh=converged,transport=rotation", "ablation", "GaLore r=32 + all three (exact SVD)", low});
-        iso.points.push_back({"adarank:xi=0.2", "ablation", "AdaRankGrad \u03be=0.2, cap 32 (rSVD)", low});
+        iso.points.push_back({"galore:r=32,rank=adaptive,xi=0.2", "ablation", "GaLore r=32 + adaptive rank", low});
+        iso.points.push_back({"galore:r=32,refresh=converged", "ablation", "GaLore r=32 + convergence refresh", low});
+        iso.points.push_back({"galore:r=32,transport=rotation", "ablation", "GaLore r=32 + rotated moments", low});
+        iso.points.push_back({"galore:r=32,transport=reset", "ablation", "GaLore r=32 + moments reset", low});
+        iso.points.push_back({"galore:r=32,rank=adaptive,xi=0.2,refresh=converged,transport=rotation", "ablation", "GaLore r=32 + all three (exact SVD)", low});
+        iso.points.push_back({"adarank:r=32,xi=0.2", "ablation", "AdaRankGrad \u03be=0.2, cap 32 (rSVD)", low});
         // Does the ordering survive a learning-rate warm-up (which both papers use and the
         // iso-memory plan does not)? GaLore's three ranks around AdaRankGrad's bytes, AdaRankGrad
         // at the threshold closest to them, and AdamW, each warmed up over 100 steps.
@@ -88,6 +88,19 @@ inline std::string plan_names() {
     std::string s;
     for (const auto& p : plans()) s += (s.empty() ? "" : ", ") + p.name;
     return s;
+}
+
+// Text for SVG: the XML special characters escaped.
+inline std::string xml_escape(const std::string& s) {
+    std::string out;
+    for (char c : s) {
+        if (c == '&') out += "&amp;";
+        else if (c == '<') out += "&lt;";
+        else if (c == '>') out += "&gt;";
+        else if (c == '"') out += "&quot;";
+        else out += c;
+    }
+    return out;
 }
 
 inline std::string with_lr(const std::string& config, double lr) {
@@ -140,10 +153,12 @@ inline summary summarise(const point_result& pr) {
     return s;
 }
 
-// Two-sided 95% critical values of Student's t for 1..10 degrees of freedom; 1.96 beyond.
+// Two-sided 95% critical values of Student's t for 1..30 degrees of freedom; beyond, 1.96 +
+// 2.5/dof (within 0.003 of the exact value from 31 on).
 inline double t_critical(std::size_t dof) {
-    static const double t[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228};
-    return dof == 0 ? NAN : dof <= 10 ? t[dof - 1] : 1.96;
+    static const double t[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+                               2.120,  2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042};
+    return dof == 0 ? NAN : dof <= 30 ? t[dof - 1] : 1.96 + 2.5 / static_cast<double>(dof);
 }
 
 // A point against GaLore at its own peak optimizer state, paired by seed.
@@ -255,7 +270,9 @@ inline std::vector<point_result> run(const plan& pl, const std::vector<std::uint
 }
 
 inline void print(const std::vector<point_result>& results) {
-    std::printf("\n%-58s %-11s %8s %24s %12s %12s   %s\n", "configuration", "series", "lr", "val loss: mean +- sd", "state MiB", "(mean)",
+    int width = 16;
+    for (const auto& pr : results) width = std::max(width, static_cast<int>(pr.p.config.size()));
+    std::printf("\n%-*s %-11s %8s %24s %12s %12s   %s\n", width, "configuration", "series", "lr", "val loss: mean +- sd", "state MiB", "(mean)",
                 "vs GaLore at equal state (paired over seeds)");
     for (const auto& pr : results) {
         const summary s = summarise(pr);
@@ -264,7 +281,7 @@ inline void print(const std::vector<point_result>& results) {
         std::snprintf(loss, sizeof loss, "%.4f +- %.4f", s.mean, s.sd);
         if (std::isfinite(c.mean)) std::snprintf(versus, sizeof versus, "%+.4f +- %.4f: %s", c.mean, c.sd, c.verdict.c_str());
         else if (!c.verdict.empty()) std::snprintf(versus, sizeof versus, "%s", c.verdict.c_str());
-        std::printf("%-58s %-11s %8.3g%s %24s %12.3f %12.3f   %s\n", pr.p.config.c_str(), pr.p.series.c_str(), pr.lr, pr.lr_at_edge ? "*" : " ", loss,
+        std::printf("%-*s %-11s %8.3g%s %24s %12.3f %12.3f   %s\n", width, pr.p.config.c_str(), pr.p.series.c_str(), pr.lr, pr.lr_at_edge ? "*" : " ", loss,
                     s.peak_bytes / 1048576.0, s.mean_bytes / 1048576.0, versus);
     }
     std::printf("(lr: the best of the sweep on the tuning split; * the best is still on an edge of the grid after two extensions.\n"
@@ -286,7 +303,7 @@ inline void write_json(std::ostream& out, const std::vector<point_result>& resul
         const auto& pr = results[k];
         const summary s = summarise(pr);
         const comparison c = compare_with_galore(results, pr);
-        out << (k ? "," : "") << "{\"config\":\"" << report::json_escape(pr.p.config) << "\",\"series\":\"" << pr.p.series << "\",\"label\":\""
+        out << (k ? "," : "") << "{\"config\":\"" << report::json_escape(pr.p.config) << "\",\"series\":\"" << report::json_escape(pr.p.series) << "\",\"label\":\""
             << report::json_escape(pr.p.label) << "\",\"tuning\":[";
         for (std::size_t i = 0; i < pr.tuning.size(); ++i) {
             out << (i ? "," : "") << "{\"lr\":" << pr.tuning[i].lr << ",\"loss\":";
@@ -296,10 +313,12 @@ inline void write_json(std::ostream& out, const std::vector<point_result>& resul
         number(pr.lr) << ",\"lr_at_edge\":" << (pr.lr_at_edge ? "true" : "false") << ",\"runs\":[";
         for (std::size_t i = 0; i < pr.runs.size(); ++i) {
             const auto& r = pr.runs[i];
-            out << (i ? "," : "") << "{\"seed\":" << pr.seeds[i] << ",\"error\":\"" << report::json_escape(r.error) << "\",\"steps\":" << r.steps
+            out << (i ? "," : "") << "{\"seed\":" << pr.seeds[i] << ",\"error\":\"" << report::json_escape(r.error) << "\",\"interrupted\":" << (r.interrupted ? "true" : "false")
+                << ",\"steps\":" << r.steps
                 << ",\"valid_loss\":";
             number(report::final_valid(r)) << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
-                                           << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes << ",\"valid_curve\":{\"steps\":[";
+                                           << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes
+                                           << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"valid_curve\":{\"steps\":[";
             for (std::size_t j = 0; j < r.valid_steps.size(); ++j) out << (j ? "," : "") << r.valid_steps[j];
             out << "],\"loss\":[";
             for (std::size_t j = 0; j < r.valid_loss.size(); ++j) {
@@ -384,7 +403,7 @@ inline void write_svg(std::ostream& out, const std::vector<point_result>& result
     for (const auto& pr : results) {
         const summary s = summarise(pr);
         const std::string c = colour(pr);
-        out << "<g class=\"study-point\" data-config=\"" << report::json_escape(pr.p.config) << "\">\n";
+        out << "<g class=\"study-point\" data-config=\"" << xml_escape(pr.p.config) << "\">\n";
         for (const auto& r : pr.runs)
             if (usable(r))
                 out << "<circle class=\"seed\" cx=\"" << px(static_cast<double>(r.peak_optimizer_bytes)) << "\" cy=\"" << py(report::final_valid(r))
@@ -397,10 +416,10 @@ inline void write_svg(std::ostream& out, const std::vector<point_result>& result
             else
                 out << "<circle cx=\"" << x << "\" cy=\"" << py(s.mean) << "\" r=\"5\" fill=\"" << c << "\"/>\n";
             if (pr.p.series != "ablation")
-                out << "<text x=\"" << x + 7 << "\" y=\"" << py(s.mean) - 6 << "\" font-size=\"10\" fill=\"" << c << "\">" << report::json_escape(pr.p.label)
+                out << "<text x=\"" << x + 7 << "\" y=\"" << py(s.mean) - 6 << "\" font-size=\"10\" fill=\"" << c << "\">" << xml_escape(pr.p.label)
                     << "</text>\n";
         }
-        out << "<title>" << report::json_escape(pr.p.config) << "</title>\n</g>\n";
+        out << "<title>" << xml_escape(pr.p.config) << "</title>\n</g>\n";
         // Legend: a series once, every ablation by its label.
         const bool first_of_series = pr.p.series == "ablation" || std::find_if(results.begin(), results.end(), [&](const point_result& o) {
                                                                       return o.p.series == pr.p.series;
@@ -411,7 +430,7 @@ inline void write_svg(std::ostream& out, const std::vector<point_result>& result
                                                     "\" width=\"9\" height=\"9\" fill=\"" + c + "\"/>\n"
                                               : "<circle cx=\"" + std::to_string(w - right + 20) + "\" cy=\"" + std::to_string(legend_y - 4) +
                                                     "\" r=\"5\" fill=\"" + c + "\"/>\n")
-                << "<text x=\"" << w - right + 32 << "\" y=\"" << legend_y << "\" font-size=\"11\">" << report::json_escape(text) << "</text>\n";
+                << "<text x=\"" << w - right + 32 << "\" y=\"" << legend_y << "\" font-size=\"11\">" << xml_escape(text) << "</text>\n";
             legend_y += 18;
         }
     }

@@ -434,7 +434,11 @@ options parse(int argc, char** argv) {
             std::stringstream list(next());
             for (std::string item; std::getline(list, item, ',');) {
                 const bool continues = item.find('=') != std::string::npos && item.find(':') == std::string::npos;
+                if (item.empty()) usage_error("flag --configs: an empty configuration in '" + std::string(argv[i]) + "'");
                 if (continues && !o.configs.empty() && o.configs.back().find(':') != std::string::npos) o.configs.back() += "," + item;
+                else if (continues && !o.configs.empty())
+                    usage_error("flag --configs: '" + item + "' follows '" + o.configs.back() + "', which has no ':' (did you mean " +
+                                o.configs.back() + ":" + item + "?)");
                 else o.configs.push_back(item);
             }
             if (o.configs.empty()) usage_error("flag --configs needs at least one configuration");
@@ -448,7 +452,12 @@ options parse(int argc, char** argv) {
         } else if (flag == "--seeds") {
             o.seeds.clear();
             std::stringstream list(next());
-            for (std::string item; std::getline(list, item, ',');) o.seeds.push_back(static_cast<std::uint64_t>(positive(flag, item.c_str())));
+            for (std::string item; std::getline(list, item, ',');) {
+                const auto seed = static_cast<std::uint64_t>(positive(flag, item.c_str()));
+                if (std::find(o.seeds.begin(), o.seeds.end(), seed) != o.seeds.end())
+                    usage_error("flag --seeds: seed " + item + " given twice (the seeds pair the configurations' runs)");
+                o.seeds.push_back(seed);
+            }
             if (o.seeds.empty()) usage_error("flag --seeds needs at least one seed");
         } else if (flag == "--help" || flag == "-h") {
             o.help = true;
@@ -472,9 +481,10 @@ options parse(int argc, char** argv) {
     if (!o.study.empty()) {
         o.configs.clear();
         for (const auto& p : lm::study::find_plan(o.study)->points) o.configs.push_back(p.config);
-        for (const char* flag : {"--configs", "--seed", "--split", "--estimate"})
+        for (const char* flag : {"--configs", "--seed", "--split", "--estimate", "--lr", "--lr-low-rank", "--rank"})
             if (std::find(given.begin(), given.end(), flag) != given.end())
-                usage_error(std::string("flag ") + flag + " does not go with --study (the study chooses its configurations, seeds and splits)");
+                usage_error(std::string("flag ") + flag +
+                            " does not go with --study (the study chooses its configurations, ranks, learning rates, seeds and splits)");
     } else if (std::find(given.begin(), given.end(), "--seeds") != given.end()) {
         usage_error("flag --seeds is for --study (a single run takes --seed)");
     }
