@@ -221,14 +221,17 @@ void write_replacing(const std::string& path, const char* what, F&& write) {
     }
 }
 
+// A number for JSON: null where it is not finite (JSON has no NaN or infinity).
+inline std::ostream& json_number(std::ostream& out, double x) {
+    if (std::isfinite(x)) out << x;
+    else out << "null";
+    return out;
+}
+
 // `settings`: a JSON object (the run's flags, model and build), written first; empty: none.
 inline void write_json(std::ostream& out, const std::vector<run>& runs, const std::string& settings) {
     out.precision(10);
-    auto number = [&](double x) -> std::ostream& {
-        if (std::isfinite(x)) out << x;
-        else out << "null";
-        return out;
-    };
+    auto number = [&](double x) -> std::ostream& { return json_number(out, x); };
     auto list = [&](const auto& v) {
         out << '[';
         for (std::size_t i = 0; i < v.size(); ++i) {

@@ -28,6 +28,8 @@
 #include <numeric>
 #include <ostream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "report.hpp"
@@ -129,6 +131,14 @@ struct summary {
     double peak_bytes = NAN, mean_bytes = NAN;   ///< optimizer state, means over the seeds
 };
 
+// The mean and the sample standard deviation (NaN for fewer than 2 values) of `v`, not empty.
+inline std::pair<double, double> mean_sd(const std::vector<double>& v) {
+    const double mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+    double ss = 0;
+    for (double x : v) ss += (x - mean) * (x - mean);
+    return {mean, v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : NAN};
+}
+
 inline bool usable(const report::run& r) { return r.error.empty() && !r.interrupted && std::isfinite(report::final_valid(r)); }
 
 inline summary summarise(const point_result& pr) {
@@ -141,15 +151,11 @@ inline summary summarise(const point_result& pr) {
             mean.push_back(r.mean_optimizer_bytes);
         }
     if (loss.empty()) return s;
-    const auto avg = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()); };
-    s.mean = avg(loss);
-    double ss = 0;
-    for (double x : loss) ss += (x - s.mean) * (x - s.mean);
-    s.sd = loss.size() > 1 ? std::sqrt(ss / static_cast<double>(loss.size() - 1)) : NAN;
+    std::tie(s.mean, s.sd) = mean_sd(loss);
     s.min = *std::min_element(loss.begin(), loss.end());
     s.max = *std::max_element(loss.begin(), loss.end());
-    s.peak_bytes = avg(peak);
-    s.mean_bytes = avg(mean);
+    s.peak_bytes = mean_sd(peak).first;
+    s.mean_bytes = mean_sd(mean).first;
     return s;
 }
 
@@ -203,10 +209,7 @@ inline comparison compare_with_galore(const std::vector<point_result>& results, 
         c.verdict = d.empty() ? "outside GaLore's range" : "one seed: no test";
         return c;
     }
-    c.mean = std::accumulate(d.begin(), d.end(), 0.0) / static_cast<double>(d.size());
-    double ss = 0;
-    for (double x : d) ss += (x - c.mean) * (x - c.mean);
-    c.sd = std::sqrt(ss / static_cast<double>(d.size() - 1));
+    std::tie(c.mean, c.sd) = mean_sd(d);
     const double half_width = t_critical(d.size() - 1) * c.sd / std::sqrt(static_cast<double>(d.size()));
     c.verdict = c.mean + half_width < 0 ? "lower" : c.mean - half_width > 0 ? "higher" : "tie";
     return c;
@@ -293,11 +296,7 @@ inline void print(const std::vector<point_result>& results) {
 
 inline void write_json(std::ostream& out, const std::vector<point_result>& results, const std::string& plan_name, const std::string& settings) {
     out.precision(10);
-    auto number = [&](double x) -> std::ostream& {
-        if (std::isfinite(x)) out << x;
-        else out << "null";
-        return out;
-    };
+    auto number = [&](double x) -> std::ostream& { return report::json_number(out, x); };
     out << "{\"settings\":" << settings << ",\"study\":\"" << report::json_escape(plan_name) << "\",\"points\":[";
     for (std::size_t k = 0; k < results.size(); ++k) {
         const auto& pr = results[k];
