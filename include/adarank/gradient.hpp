@@ -141,7 +141,7 @@ public:
     }
     void times_t(const_matrix_view<T> x, matrix_view<T> out) const {
         auto tmp = scratch_view(x.rows);
-        b_->project_subtokens(x, f_.v, f_.subtoken_size, tmp);
+        velora::project_subtokens_unchecked(*b_, x, f_.v, f_.subtoken_size, tmp);   // finiteness: the optimizer's own checks
         b_->gemm(velora::op::none, velora::op::transpose, f_.scale, const_matrix_view<T>(tmp), f_.a, T(0), out);
     }
     void row_block(index_t first, matrix_view<T> out) const {

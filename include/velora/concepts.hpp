@@ -20,6 +20,15 @@ namespace velora {
 /// Transposition flag for GEMM operands.
 enum class op : std::uint8_t { none, transpose };
 
+/// Tag of an optional backend overload `project_subtokens(x, v, s, z, skip_finite_check)`: the
+/// same Z without the finiteness report, for callers that never read it (a factored gradient's
+/// products). A backend may leave it out (see project_subtokens_unchecked); on a GPU the report
+/// costs a round trip to the host.
+struct skip_finite_check_t {
+    explicit skip_finite_check_t() = default;
+};
+inline constexpr skip_finite_check_t skip_finite_check{};
+
 namespace detail {
 template <class B, class U>
 concept subtoken_kernels_for = requires(B& b, const_matrix_view<typename B::value_type> x, const_matrix_view<U> z,
@@ -54,6 +63,18 @@ concept backend =
     } &&
     detail::subtoken_kernels_for<B, typename B::value_type> && detail::subtoken_kernels_for<B, float> &&
     detail::subtoken_kernels_for<B, half> && detail::subtoken_kernels_for<B, bfloat16>;
+
+/// Z = X·Kᵀ (project_subtokens) where the caller does not need to know whether Z is finite:
+/// through the backend's skip_finite_check overload when it has one, otherwise the checked call
+/// with its answer dropped.
+template <backend B, class U>
+void project_subtokens_unchecked(B& b, const_matrix_view<typename B::value_type> x, const typename B::value_type* v, index_t s,
+                                 matrix_view<U> z) {
+    if constexpr (requires { b.project_subtokens(x, v, s, z, skip_finite_check); })
+        b.project_subtokens(x, v, s, z, skip_finite_check);
+    else
+        (void)b.project_subtokens(x, v, s, z);
+}
 
 } // namespace velora
 

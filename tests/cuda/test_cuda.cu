@@ -1,6 +1,7 @@
 // GPU twins of the CPU tests: every backend member, the compressor and the low-rank AdamW run
 // on the CUDA backend and are compared with the Eigen backend on the same inputs.
-// Exits with 77 (CTest: skipped) when no CUDA device is visible.
+// Exits with 77 (CTest: skipped) when there is no GPU, with 1 when VELORA_REQUIRE_GPU=1 is set
+// or the GPU is present but unusable (gpu_gate.hpp). Every comparison fails on NaN (compare.hpp).
 //
 // Tolerances (relative to the largest magnitude of the reference, or absolute where stated):
 //   float 2e-5, double 1e-12 for GEMMs, sub-token kernels, reductions and element-wise updates
@@ -24,11 +25,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "../spectra.hpp"
 #include "../test_util.hpp"
+#include "compare.hpp"
+#include "gpu_gate.hpp"
 
 using velora::const_matrix_view;
 using velora::index_t;
@@ -75,17 +79,8 @@ std::vector<double> record_snapshot(const velora::activation_record<B>& r) {
 template <class T>
 double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
 
-// max |a - b| / max(1e-30, max |b|)
-template <class A, class B>
-double rel_diff(const std::vector<A>& a, const std::vector<B>& b) {
-    REQUIRE(a.size() == b.size());
-    double diff = 0, scale = 1e-30;
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-        scale = std::max(scale, std::abs(double(b[i])));
-    }
-    return diff / scale;
-}
+using test::orthonormality_error;
+using test::rel_diff;
 
 // The two backends side by side, the CUDA one with a workspace for problems up to 256 x 8192.
 template <class T>
@@ -216,12 +211,7 @@ TEST_CASE("project_subtokens into f16 and bf16 storage matches to one unit of th
         CHECK(t.cpu.project_subtokens(const_matrix_view<float>{hx.data(), tokens, d}, hv.data(), s, matrix_view<U>{cz.data(), tokens, g}));
         CHECK(t.gpu.project_subtokens(const_matrix_view<float>{dx.data(), tokens, d}, dv.data(), s, matrix_view<U>{dz.data(), tokens, g}));
         const auto gz = download(dz);
-        double worst = 0;
-        for (std::size_t i = 0; i < cz.size(); ++i) {
-            const double a = velora::to_arithmetic<double>(gz[i]), b = velora::to_arithmetic<double>(cz[i]);
-            worst = std::max(worst, std::abs(a - b) / std::max(std::abs(b), 1e-3));
-        }
-        CHECK(worst <= ulp);
+        CHECK(test::elementwise_rel_diff(gz, cz, 1e-3, [](U e) { return velora::to_arithmetic<double>(e); }) <= ulp);
         // convert back to float on both backends
         std::vector<float> cwide(cz.size());
         device_buffer<float> dwide(cz.size());
@@ -332,21 +322,6 @@ TEST_CASE_TEMPLATE("element-wise kernels and the Frobenius reduction match the E
     }
 }
 
-namespace {
-// ‖Q·Qᵀ − I‖_max for a row-major k×c block.
-template <class T>
-double orthonormality_error(const std::vector<T>& q, index_t k, index_t c) {
-    double worst = 0;
-    for (index_t i = 0; i < k; ++i)
-        for (index_t j = 0; j < k; ++j) {
-            double dot = 0;
-            for (index_t l = 0; l < c; ++l) dot += double(q[static_cast<std::size_t>(i * c + l)]) * double(q[static_cast<std::size_t>(j * c + l)]);
-            worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
-        }
-    return worst;
-}
-} // namespace
-
 TEST_CASE_TEMPLATE("orthonormalize_rows: CholeskyQR2 equals the Eigen backend's; rank-deficient blocks take Householder and stay orthonormal", T, float, double) {
     twins<T> t;
     const index_t k = 24, c = 300;
@@ -358,14 +333,19 @@ TEST_CASE_TEMPLATE("orthonormalize_rows: CholeskyQR2 equals the Eigen backend's;
     const auto ga = download(da);
     CHECK(orthonormality_error(ga, k, c) < orth_tol);
     CHECK(rel_diff(ga, ha) < (std::is_same_v<T, float> ? 1e-4 : 1e-10));   // Cholesky QR's Q is unique
+    CHECK(t.gpu.householder_fallbacks() == 0);   // a well-conditioned block stays on CholeskyQR2
 
-    // Rank-deficient: two equal rows and a zero row.
+    // Rank-deficient: two equal rows and a zero row. CholeskyQR2 breaks down, Householder runs
+    // (counted), and its rows are orthonormal and span every row of the input.
     auto hb = values<T>(static_cast<std::size_t>(k * c), 41);
     std::copy_n(hb.begin(), c, hb.begin() + c);
     std::fill_n(hb.begin() + 2 * c, c, T(0));
     auto db = upload(hb);
     t.gpu.orthonormalize_rows(matrix_view<T>{db.data(), k, c});
-    CHECK(orthonormality_error(download(db), k, c) < 10 * orth_tol);
+    CHECK(t.gpu.householder_fallbacks() == 1);
+    const auto gb = download(db);
+    CHECK(orthonormality_error(gb, k, c) < 10 * orth_tol);
+    CHECK(test::span_residual(hb, k, gb, k, c) < 10 * orth_tol);
 
     const std::string msg = test::invalid_argument_message([&] { t.gpu.orthonormalize_rows(matrix_view<T>{da.data(), c, k}); });
     CHECK(msg.find("velora::cuda::cuda_backend::orthonormalize_rows: argument 'a' is 300x24") == 0);
@@ -650,11 +630,275 @@ TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {
     CHECK(rec.capacity_bytes() == record);
 }
 
+
+// ---------------------------------------------------------------- shapes the other tests miss
+// Rows past a grid dimension's limits (2049, 4097 and 70000 > 65535), one row (the 1×N launch
+// shape), columns that are not a multiple of a warp or of a vector, a sub-token size that is not
+// a multiple of 4, and views that start one element past an aligned address (the scalar paths).
+// Also run under compute-sanitizer by bench/run_gpu.sh (-tc='*shape sweep*').
+TEST_CASE_TEMPLATE("shape sweep: kernels, reductions and GEMM match the Eigen backend for rows 1..70000, odd columns, misaligned views", T, float,
+                   double) {
+    twins<T> t;
+    for (const index_t rows : {index_t{1}, index_t{7}, index_t{2049}, index_t{4097}, index_t{70000}})
+        for (const index_t cols : {index_t{1}, index_t{31}, index_t{33}})
+            for (const index_t offset : {index_t{0}, index_t{1}}) {
+                CAPTURE(rows);
+                CAPTURE(cols);
+                CAPTURE(offset);
+                const index_t ld = cols + 1;   // strided rows
+                const std::size_t n = static_cast<std::size_t>(rows * ld + offset);
+                auto hx = values<T>(n, 500 + std::uint64_t(rows + cols)), hm = values<T>(n, 501), hv = values<T>(n, 502);
+                for (auto& e : hv) e = e * e;
+                auto dx = upload(hx), dm = upload(hm), dv = upload(hv);
+                const auto cview = [&](std::vector<T>& h) { return matrix_view<T>{h.data() + offset, rows, cols, ld}; };
+                const auto gview = [&](device_buffer<T>& d) { return matrix_view<T>{d.data() + offset, rows, cols, ld}; };
+
+                // Whole-matrix reduction: every block of the flat split takes part. A sum of N
+                // non-negative double terms in any order is within (N − 1)·u of the exact sum, each
+                // square within u of its own: both sides within 2N·u, so 4N·u apart at most.
+                const double cs = t.cpu.sum_of_squares(cview(hx)), gs = t.gpu.sum_of_squares(gview(dx));
+                CHECK(std::abs(gs - cs) <= 4.0 * double(rows * cols) * 1.12e-16 * cs);
+
+                // Column sums (chunked, deterministic) and the 1×N / 32×8 element-wise launches.
+                std::vector<T> ccol(static_cast<std::size_t>(cols));
+                device_buffer<T> dcol(ccol.size());
+                t.cpu.column_sums(cview(hx), ccol.data());
+                t.gpu.column_sums(gview(dx), dcol.data());
+                CHECK(rel_diff(download(dcol), ccol) < 10 * tolerance<T>());
+
+                auto cm = hm, cv = hv, cw = hx;
+                auto dw = upload(hx);
+                t.cpu.adamw_update(cview(cw), cview(hx), cview(cm), cview(cv), T(0.9), T(0.999), T(1e-8), T(0.01), T(0.999));
+                t.gpu.adamw_update(gview(dw), gview(dx), gview(dm), gview(dv), T(0.9), T(0.999), T(1e-8), T(0.01), T(0.999));
+                CHECK(rel_diff(download(dw), cw) < tolerance<T>());
+                CHECK(rel_diff(download(dv), cv) < tolerance<T>());
+                t.cpu.scale(cview(cw), T(-0.5));
+                t.gpu.scale(gview(dw), T(-0.5));
+                CHECK(rel_diff(download(dw), cw) < tolerance<T>());
+
+                // Sign canonicalisation: one block per row, rows past the 65535-block grid loop. The
+                // same bits on both sides first (a near tie of two magnitudes could otherwise flip
+                // a row on one side only), then the same bits after.
+                auto dsame = upload(cw);
+                t.cpu.canonicalize_row_signs(cview(cw));
+                t.gpu.canonicalize_row_signs(gview(dsame));
+                CHECK(download(dsame) == cw);
+
+                // Xᵀ·X through cuBLAS on a long, strided, misaligned operand, against the exact
+                // product (in double) within the worst-case bound of any summation order of k
+                // terms in T: |error| <= γ_k·(|X|ᵀ|X|), γ_k = k·u / (1 − k·u). A wrong stride or
+                // offset gives errors of the size of the entries, far above it.
+                device_buffer<T> dg(static_cast<std::size_t>(cols * cols));
+                t.gpu.gemm(op::transpose, op::none, T(1), gview(dx), gview(dx), T(0), matrix_view<T>{dg.data(), cols, cols});
+                const auto gg = download(dg);
+                const double u = std::numeric_limits<T>::epsilon() / 2, gamma = double(rows) * u / (1 - double(rows) * u);
+                double worst_excess = 0;   // max (|error| − bound), NaN-aware
+                for (index_t i = 0; i < cols; ++i)
+                    for (index_t j = 0; j < cols; ++j) {
+                        double exact = 0, magnitude = 0;
+                        for (index_t r = 0; r < rows; ++r) {
+                            const double a = hx[static_cast<std::size_t>(offset + r * ld + i)], b = hx[static_cast<std::size_t>(offset + r * ld + j)];
+                            exact += a * b;
+                            magnitude += std::abs(a * b);
+                        }
+                        const double got = gg[static_cast<std::size_t>(i * cols + j)];
+                        const double excess = std::isfinite(got) ? std::abs(got - exact) - gamma * magnitude : 1.0;
+                        worst_excess = std::max(worst_excess, excess);
+                    }
+                CHECK(worst_excess <= 0);
+
+                // Sub-tokens: s = ceil(cols / groups) = 1, 8, 11 or 17 (not a multiple of 4),
+                // the scalar path on the misaligned view; with and without the finiteness report.
+                const index_t groups = cols >= 3 ? 3 : 1, s = (cols + groups - 1) / groups;
+                auto hsv = values<T>(static_cast<std::size_t>(s), 503);
+                auto dsv = upload(hsv);
+                std::vector<T> cz(static_cast<std::size_t>(rows * groups));
+                device_buffer<T> dz(cz.size()), dz2(cz.size());
+                CHECK(t.cpu.project_subtokens(const_matrix_view<T>(cview(hx)), hsv.data(), s, matrix_view<T>{cz.data(), rows, groups}));
+                CHECK(t.gpu.project_subtokens(const_matrix_view<T>(gview(dx)), dsv.data(), s, matrix_view<T>{dz.data(), rows, groups}));
+                t.gpu.project_subtokens(const_matrix_view<T>(gview(dx)), dsv.data(), s, matrix_view<T>{dz2.data(), rows, groups},
+                                        velora::skip_finite_check);
+                const auto gz = download(dz);
+                CHECK(rel_diff(gz, cz) < tolerance<T>());
+                CHECK(download(dz2) == gz);   // the same kernel: the same bits
+                std::vector<T> csum(static_cast<std::size_t>(s));
+                device_buffer<T> dsum(csum.size());
+                t.cpu.sum_subtokens(cview(hx), s, csum.data());
+                t.gpu.sum_subtokens(gview(dx), s, dsum.data());
+                CHECK(rel_diff(download(dsum), csum) < 10 * tolerance<T>());
+            }
+}
+
+namespace {
+// One compressor run on both backends with a narrow Z (storage U differs from T): above 32768
+// elements of Z, the GPU converts Z in chunks for the weight gradient.
+template <class T, class U>
+void compare_narrow_record(velora::storage storage, double storage_ulp) {
+    twins<T> t;
+    const index_t tokens = 2100, d = 512, o = 64;
+    velora::compressor_config cfg;
+    cfg.groups = 32;   // T·G = 67200: three chunks
+    cfg.z_storage = storage;
+    velora::compressor<cuda_backend<T>> gc(t.gpu, d, cfg);
+    velora::compressor<velora::eigen_backend<T>> cc(t.cpu, d, cfg);
+    auto hx = values<T>(static_cast<std::size_t>(tokens * d), 610), hdy = values<T>(static_cast<std::size_t>(tokens * o), 611);
+    auto dx = upload(hx), ddy = upload(hdy);
+    velora::activation_record<cuda_backend<T>> grec;
+    velora::activation_record<velora::eigen_backend<T>> crec;
+    REQUIRE(gc.compress(const_matrix_view<T>{dx.data(), tokens, d}, grec) == velora::status::ok);
+    REQUIRE(cc.compress(const_matrix_view<T>{hx.data(), tokens, d}, crec) == velora::status::ok);
+    REQUIRE(static_cast<std::size_t>(grec.tokens() * grec.groups()) > 32768);
+    // Z: each value within one unit of the storage type (a last-bit difference in T can round to
+    // the neighbouring narrow value).
+    const auto gzv = grec.template z<U>(), czv = crec.template z<U>();
+    REQUIRE((gzv.ld == cfg.groups && czv.ld == cfg.groups));
+    const auto gz = download(gzv.data, static_cast<std::size_t>(tokens * cfg.groups));
+    const std::vector<U> cz(czv.data, czv.data + tokens * cfg.groups);
+    CHECK(test::elementwise_rel_diff(gz, cz, 1e-3, [](U e) { return velora::to_arithmetic<double>(e); }) <= storage_ulp);
+    // A = dYᵀ·Z: the GPU's chunked conversion and GEMMs against the CPU's product of the same
+    // (GPU) Z, so only the arithmetic differs, not the rounding to U.
+    std::vector<T> ga(static_cast<std::size_t>(o * cfg.groups));
+    device_buffer<T> da(ga.size());
+    gc.weight_grad(grec, const_matrix_view<T>{ddy.data(), tokens, o}, matrix_view<T>{da.data(), o, cfg.groups});
+    std::vector<T> zwide(gz.size());
+    for (std::size_t i = 0; i < gz.size(); ++i) zwide[i] = velora::to_arithmetic<T>(gz[i]);
+    std::vector<T> ca(ga.size());
+    t.cpu.gemm(op::transpose, op::none, T(cfg.scale), const_matrix_view<T>{hdy.data(), tokens, o}, const_matrix_view<T>{zwide.data(), tokens, cfg.groups},
+               T(0), matrix_view<T>{ca.data(), o, cfg.groups});
+    CHECK(rel_diff(download(da), ca) < 10 * tolerance<T>());
+}
+} // namespace
+
+TEST_CASE("compressor on the GPU with f32, f16 and bf16 records over 32768 elements (the chunked conversion) matches the CPU") {
+    compare_narrow_record<float, velora::half>(velora::storage::f16, 1.0 / 1024);
+    compare_narrow_record<float, velora::bfloat16>(velora::storage::bf16, 1.0 / 128);
+    compare_narrow_record<double, float>(velora::storage::f32, 1.0 / (1 << 23));
+    compare_narrow_record<double, velora::half>(velora::storage::f16, 1.0 / 1024);
+}
+
+TEST_CASE("handles set up for non-reproducible or reduced-precision results are refused at construction, naming the setting") {
+    velora::cuda::owned_context ctx;
+    const auto refused = [&] { return test::invalid_argument_message([&] { cuda_backend<float> b(ctx); }); };
+    CHECK(refused() == "<no std::invalid_argument thrown>");
+    REQUIRE(cublasSetMathMode(ctx.get().blas, CUBLAS_TF32_TENSOR_OP_MATH) == CUBLAS_STATUS_SUCCESS);
+    CHECK(refused().find("velora::cuda::cuda_backend::cuda_backend: the cuBLAS handle's math mode is CUBLAS_TF32_TENSOR_OP_MATH") == 0);
+    REQUIRE(cublasSetMathMode(ctx.get().blas, cublasMath_t(CUBLAS_PEDANTIC_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)) ==
+            CUBLAS_STATUS_SUCCESS);
+    CHECK(refused() == "<no std::invalid_argument thrown>");
+    REQUIRE(cublasSetAtomicsMode(ctx.get().blas, CUBLAS_ATOMICS_ALLOWED) == CUBLAS_STATUS_SUCCESS);
+    CHECK(refused().find("CUBLAS_ATOMICS_ALLOWED") != std::string::npos);
+    REQUIRE(cublasSetAtomicsMode(ctx.get().blas, CUBLAS_ATOMICS_NOT_ALLOWED) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cusolverDnSetDeterministicMode(ctx.get().solver, CUSOLVER_ALLOW_NON_DETERMINISTIC_RESULTS) == CUSOLVER_STATUS_SUCCESS);
+    CHECK(refused().find("CUSOLVER_ALLOW_NON_DETERMINISTIC_RESULTS") != std::string::npos);
+}
+
+TEST_CASE("the handles are moved to the backend's stream when a host left them elsewhere; results are unchanged") {
+    twins<float> t;
+    const index_t m = 40, n = 24, k = 56;
+    auto ha = values<float>(static_cast<std::size_t>(m * k), 700), hb = values<float>(static_cast<std::size_t>(k * n), 701);
+    auto da = upload(ha), db = upload(hb);
+    device_buffer<float> c1(static_cast<std::size_t>(m * n)), c2(c1.size());
+    t.gpu.gemm(op::none, op::none, 1.f, {da.data(), m, k}, {db.data(), k, n}, 0.f, {c1.data(), m, n});
+    REQUIRE(cublasSetStream(t.ctx.get().blas, nullptr) == CUBLAS_STATUS_SUCCESS);   // a host used the handle on the legacy stream
+    t.gpu.gemm(op::none, op::none, 1.f, {da.data(), m, k}, {db.data(), k, n}, 0.f, {c2.data(), m, n});
+    cudaStream_t bound = nullptr;
+    REQUIRE(cublasGetStream(t.ctx.get().blas, &bound) == CUBLAS_STATUS_SUCCESS);
+    CHECK(bound == t.ctx.get().stream);
+    CHECK(download(c1) == download(c2));
+}
+
+TEST_CASE("a 25-step optimizer run gives the same bits while another stream runs SGEMMs on its own handle") {
+    twins<float> t(64, 512);
+    const index_t m = 64, n = 160, g = 16, s = n / g;
+    // The background load: SGEMMs on a second stream and handle, queued before every step and
+    // never waited for inside the run.
+    velora::cuda::owned_context other;
+    const index_t big = 1024;
+    auto hbig = values<float>(static_cast<std::size_t>(big * big), 800);
+    auto dbig = upload(hbig);
+    device_buffer<float> dout(hbig.size());
+    REQUIRE(cublasSetStream(other.get().blas, other.get().stream) == CUBLAS_STATUS_SUCCESS);
+    const auto load = [&] {
+        const float one = 1, zero = 0;
+        for (int i = 0; i < 4; ++i)
+            REQUIRE(cublasSgemm(other.get().blas, CUBLAS_OP_N, CUBLAS_OP_N, int(big), int(big), int(big), &one, dbig.data(), int(big), dbig.data(),
+                                int(big), &zero, dout.data(), int(big)) == CUBLAS_STATUS_SUCCESS);
+    };
+    auto hv = values<float>(static_cast<std::size_t>(s), 801);
+    float norm = 0;
+    for (float e : hv) norm += e * e;
+    for (float& e : hv) e /= std::sqrt(norm);
+    const auto dv = upload(hv);
+    const auto hw = values<float>(static_cast<std::size_t>(m * n), 802);
+    const auto run = [&](bool loaded) {
+        adarank::optimizer_config cfg;
+        cfg.rank = adarank::rank_policy::adaptive(0.5, 2, 12);
+        cfg.refresh = adarank::refresh_policy::every(5);
+        adarank::low_rank_adamw<cuda_backend<float>> opt(t.gpu, cfg);
+        const auto id = opt.add_parameter(m, n), fid = opt.add_parameter(m, n);
+        auto dw = upload(hw), dwf = upload(hw);
+        for (int step = 0; step < 25; ++step) {
+            auto hg = values<float>(static_cast<std::size_t>(m * n), 900 + std::uint64_t(step));
+            for (index_t r = 0; r < m; ++r)
+                for (index_t c = 0; c < n; ++c) hg[static_cast<std::size_t>(r * n + c)] *= std::exp(-0.1f * float(r));
+            auto dg = upload(hg);
+            auto ha = values<float>(static_cast<std::size_t>(m * g), 950 + std::uint64_t(step));
+            auto da = upload(ha);
+            if (loaded) load();
+            REQUIRE(opt.step(id, matrix_view<float>{dw.data(), m, n}, const_matrix_view<float>{dg.data(), m, n}) == velora::status::ok);
+            const velora::factored_gradient<float> fg{const_matrix_view<float>{da.data(), m, g}, dv.data(), s, n, 0.5f};
+            REQUIRE(opt.step(fid, matrix_view<float>{dwf.data(), m, n}, fg) == velora::status::ok);
+        }
+        CHECK(opt.info(id).refreshes >= 4);
+        auto out = download(dw);
+        const auto f = download(dwf);
+        out.insert(out.end(), f.begin(), f.end());
+        return out;
+    };
+    const auto quiet = run(false);
+    CHECK(run(true) == quiet);
+    CHECK(run(true) == quiet);
+    REQUIRE(cudaStreamSynchronize(other.get().stream) == cudaSuccess);
+}
+
+
+TEST_CASE("copy_from_host has finished with the host memory when it returns; the unchecked projection only queues") {
+    twins<float> t;
+    // A source the caller overwrites at once (as the optimizer's loader and the compressor do):
+    // the device must hold what the source held at the call.
+    const std::size_t n = std::size_t{1} << 24;   // 64 MiB, far more than one staging buffer
+    std::vector<float> src = values<float>(n, 1000);
+    const std::vector<float> expected = src;
+    device_buffer<float> d(n);
+    t.gpu.copy_from_host(src.data(), d.data(), static_cast<index_t>(n));
+    std::fill(src.begin(), src.end(), std::numeric_limits<float>::quiet_NaN());
+    CHECK(download(d) == expected);
+
+    // Behind a long GEMM on the backend's stream, the checked projection returns with the stream
+    // idle (it waits for its flag), the skip_finite_check overload with the GEMM still queued.
+    const index_t big = 4096;
+    device_buffer<float> a(static_cast<std::size_t>(big * big)), c(static_cast<std::size_t>(big * big));
+    REQUIRE(cudaMemset(a.data(), 0, a.size() * sizeof(float)) == cudaSuccess);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    const index_t tokens = 64, features = 256, groups = 8, s = features / groups;
+    auto dx = upload(values<float>(static_cast<std::size_t>(tokens * features), 1001));
+    auto dv = upload(values<float>(static_cast<std::size_t>(s), 1002));
+    device_buffer<float> dz(static_cast<std::size_t>(tokens * groups));
+    const auto queue_gemm = [&] {   // 137 GFLOP: milliseconds on any GPU
+        t.gpu.gemm(op::none, op::none, 1.f, {a.data(), big, big}, {a.data(), big, big}, 0.f, {c.data(), big, big});
+    };
+    queue_gemm();
+    t.gpu.project_subtokens(const_matrix_view<float>{dx.data(), tokens, features}, dv.data(), s, matrix_view<float>{dz.data(), tokens, groups},
+                            velora::skip_finite_check);
+    CHECK(cudaStreamQuery(t.ctx.get().stream) == cudaErrorNotReady);
+    (void)cudaGetLastError();   // "not ready" is an answer, not an error: not left for the next launch check
+    queue_gemm();
+    CHECK(t.gpu.project_subtokens(const_matrix_view<float>{dx.data(), tokens, features}, dv.data(), s, matrix_view<float>{dz.data(), tokens, groups}));
+    CHECK(cudaStreamQuery(t.ctx.get().stream) == cudaSuccess);
+}
+
 int main(int argc, char** argv) {
-    if (velora::cuda::device_count() == 0) {
-        std::puts("test_cuda: no CUDA device visible; skipped");
-        return 77;
-    }
+    if (const int code = test::gpu_gate("test_cuda"); code >= 0) return code;
     doctest::Context context(argc, argv);
     return context.run();
 }

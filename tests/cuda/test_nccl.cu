@@ -2,8 +2,9 @@
 // every collective through NCCL, and the optimizer's data-parallel path (mean_over_ranks, which
 // it takes for any communicator type other than velora::single_process) gives the same bits as
 // with an identity communicator, and as without a communicator for dense gradients. Several
-// ranks need several GPUs and a launcher: not covered here.
-// Exits with 77 (CTest: skipped) when no CUDA device is visible.
+// ranks with different data: test_nccl_2gpu.cu.
+// Exits with 77 (CTest: skipped) when there is no GPU, with 1 when VELORA_REQUIRE_GPU=1 is set
+// or the GPU is present but unusable (gpu_gate.hpp).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "../test_util.hpp"
+#include "gpu_gate.hpp"
 
 using velora::const_matrix_view;
 using velora::index_t;
@@ -240,10 +242,7 @@ TEST_CASE("low_rank_adamw with the NCCL communicator on one rank: bit-identical 
 }
 
 int main(int argc, char** argv) {
-    if (velora::cuda::device_count() == 0) {
-        std::puts("test_nccl: no CUDA device visible; skipped");
-        return 77;
-    }
+    if (const int code = test::gpu_gate("test_nccl"); code >= 0) return code;
     doctest::Context context(argc, argv);
     return context.run();
 }

@@ -47,6 +47,7 @@
 
 #include "buffer.hpp"
 #include "context.hpp"
+#include "determinism.hpp"
 #include "error.hpp"
 #include "kernels.cuh"
 
@@ -69,12 +70,15 @@ public:
 
     /// The workspace may be given later (set_workspace), e.g. after sizing it with
     /// workspace_bytes(); calls that need it throw std::invalid_argument until then. Throws
-    /// std::invalid_argument for a null handle or a workspace below min_workspace_bytes,
+    /// std::invalid_argument for a null handle, a handle set up for non-reproducible or
+    /// reduced-precision results (TF32 or another reduced math mode, cuBLAS atomics, cuSOLVER's
+    /// non-deterministic mode: see determinism.hpp) or a workspace below min_workspace_bytes;
     /// cuda_error when the device cannot be queried.
     explicit cuda_backend(cuda_context context, device_workspace workspace = {}) : ctx_(context) {
         constexpr const char* fn = "velora::cuda::cuda_backend::cuda_backend";
         detail_require(ctx_.blas != nullptr, fn, "context.blas is null; create a cuBLAS handle (or use owned_context)");
         detail_require(ctx_.solver != nullptr, fn, "context.solver is null; create a cuSOLVER handle (or use owned_context)");
+        require_deterministic_handles(ctx_, fn);   // same bits on every run and rank (determinism.hpp)
         int device = 0;
         detail::check(cudaGetDevice(&device), fn, "cudaGetDevice");
         detail::check(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device), fn, "cudaDeviceGetAttribute");
@@ -132,14 +136,16 @@ public:
         detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
         detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
     }
-    /// Host to device, ordered on the stream. From pageable memory (std::vector, new) the
-    /// data has been staged when this returns, so `src` may be reused at once (the library's
-    /// own calls all pass pageable memory); from pinned memory the copy is asynchronous and
-    /// `src` must stay unchanged until the stream has reached it.
+    /// Host to device, ordered on the stream; returns when the copy is complete, so `src` may be
+    /// freed or reused at once (the library's callers free or overwrite it right after: a
+    /// loaded state's blob, the compressor's host copy of v). CUDA promises no more than
+    /// staging for an asynchronous copy from pageable memory, and nothing for pinned memory, so
+    /// the stream is synchronised. Used at initialisation, refresh and load time only.
     void copy_from_host(const T* src, T* dst, index_t n) {
         if (n <= 0) return;
-        detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyHostToDevice, ctx_.stream),
-                      "velora::cuda::cuda_backend::copy_from_host", "cudaMemcpyAsync");
+        constexpr const char* fn = "velora::cuda::cuda_backend::copy_from_host";
+        detail::check(cudaMemcpyAsync(dst, src, bytes_of<T>(n), cudaMemcpyHostToDevice, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
     }
     /// Within device memory.
     template <class U>
@@ -170,31 +176,25 @@ public:
 
     // ---------------------------------------------------------------- sub-token kernels
     /// Z[t, g] = Σ_j X[t, g·s + j] · v[j], X read as zero past its last column, converted to U.
-    /// Returns false when a value as stored in U is not finite. Waits for the result.
+    /// Returns false when a value as stored in U is not finite. Waits for the result (a round
+    /// trip to the host: use the skip_finite_check overload where nobody reads it).
     template <class U>
     bool project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z) {
         constexpr const char* fn = "velora::cuda::cuda_backend::project_subtokens";
         require_workspace(fn, 0);
         int* bad = flag();
         detail::check(cudaMemsetAsync(bad, 0, sizeof(int), ctx_.stream), fn, "cudaMemsetAsync");
-        constexpr int V = kernels::vector16<T>::width;
-        const bool vectorised = aligned16(x.data) && aligned16(v) && x.ld % V == 0 && s % V == 0 && x.cols % V == 0;
-        const index_t per_team = vectorised ? s / V : s;   // loads per sub-token
-        int lanes = 1;
-        while (lanes < 32 && lanes < per_team) lanes *= 2;
-        const index_t warps_needed = (x.rows * z.cols + (32 / lanes) - 1) / (32 / lanes);
-        const unsigned blocks = grid_for((warps_needed * 32 + kernels::kThreads - 1) / kernels::kThreads);
-        if (vectorised)
-            kernels::project_subtokens<T, U, true><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
-                                                                                                 z.cols, z.ld, lanes, bad);
-        else
-            kernels::project_subtokens<T, U, false><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
-                                                                                                  z.cols, z.ld, lanes, bad);
-        check_launch(fn);
+        launch_project_subtokens(fn, x, v, s, z, bad);
         int host_bad = 0;
         detail::check(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
         detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
         return host_bad == 0;
+    }
+    /// The same Z without the finiteness report: only queued, no flag, no synchronisation (a
+    /// factored gradient's products, whose finiteness the optimizer checks on its own).
+    template <class U>
+    void project_subtokens(const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z, skip_finite_check_t) {
+        launch_project_subtokens("velora::cuda::cuda_backend::project_subtokens", x, v, s, z, nullptr);
     }
 
     /// out[r, g·s + j] = scale · A[r, g] · v[j] for every column g·s + j < out.cols.
@@ -332,6 +332,13 @@ public:
                           fn, "cudaMemcpy2DAsync (Cholesky diagonal)");
             detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync (potrf info)");
             detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+            // info > 0: the leading minor of that order is not positive definite (a breakdown:
+            // Householder takes over); info < 0: potrf refused its argument -info, a bug to
+            // report, never a reason to fall back.
+            if (host_info < 0)
+                throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_INVALID_VALUE),
+                                  std::string(fn) + ": cusolverDnDpotrf refused argument " + std::to_string(-host_info) + " (info = " +
+                                      std::to_string(host_info) + ")"});
             ok = host_info == 0;
             if (ok) {
                 // As in eigen_backend: pass 1 accepts cond(L) up to ~1e7, pass 2 must see an
@@ -352,8 +359,13 @@ public:
             for_each_2d(fn, k, c, [=] __device__(kernels::index r, kernels::index j) { dst[r * ld + j] = static_cast<T>(xd[r * c + j]); });
             return;
         }
+        ++householder_fallbacks_;
         householder_rows(fn, a, householder_work);
     }
+
+    /// How many orthonormalize_rows calls have fallen back from CholeskyQR2 to Householder QR
+    /// (rank-deficient or very ill-conditioned blocks) since construction.
+    [[nodiscard]] std::size_t householder_fallbacks() const noexcept { return householder_fallbacks_; }
 
     /// Singular values (descending, host memory, double) and left singular vectors (the columns
     /// of u, k×k) of a wide c (k×n, k <= n), from the eigen-decomposition of c·cᵀ in double.
@@ -424,8 +436,7 @@ public:
         require_workspace(fn, 0);
         double* partial = small<double>(kPartialsOffset);
         double* result = partial + kernels::kReducePartials;
-        kernels::sum_of_squares_partials<T><<<kernels::kReducePartials, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(
-            a.data, a.rows, a.cols, a.ld, partial);
+        kernels::sum_of_squares_partials<T><<<kernels::kReducePartials, kernels::kThreads, 0, ctx_.stream>>>(a.data, a.rows, a.cols, a.ld, partial);
         check_launch(fn);
         kernels::sum_partials<<<1, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(partial, kernels::kReducePartials, result);
         check_launch(fn);
@@ -518,13 +529,17 @@ public:
     // (Public only because nvcc's extended device lambdas may not be defined in private
     // members; not part of the interface.)
 
-    /// f(r, c) for every element of a rows×cols block, on the stream.
+    /// f(r, c) for every element of a rows×cols block, on the stream. Blocks of 32×8 threads
+    /// (a warp along a row); a block of fewer than 8 rows gets blocks of 256×1 instead, so that
+    /// a 1×N view keeps every thread busy.
     template <class F>
     void for_each_2d(const char* fn, index_t rows, index_t cols, F f) {
         if (rows <= 0 || cols <= 0) return;
-        const auto gx = static_cast<unsigned>(std::min<index_t>((cols + kernels::kBlockX - 1) / kernels::kBlockX, 1024));
-        const auto gy = static_cast<unsigned>(std::min<index_t>((rows + kernels::kBlockY - 1) / kernels::kBlockY, 65535));
-        kernels::for_each_2d<<<dim3(gx, gy), dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(rows, cols, f);
+        const index_t bx = rows < kernels::kBlockY ? kernels::kThreads : kernels::kBlockX;
+        const index_t by = kernels::kThreads / bx;
+        const auto gx = static_cast<unsigned>(std::min<index_t>((cols + bx - 1) / bx, 1024));
+        const auto gy = static_cast<unsigned>(std::min<index_t>((rows + by - 1) / by, 65535));
+        kernels::for_each_2d<<<dim3(gx, gy), dim3(unsigned(bx), unsigned(by)), 0, ctx_.stream>>>(rows, cols, f);
         check_launch(fn);
     }
     template <class F>
@@ -547,6 +562,26 @@ public:
         kernels::column_partials<<<grid, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(rows, width, chunk_rows, value, partial);
         check_launch(fn);
         return partial;
+    }
+
+    /// Queues the projection kernel; `bad` (device memory or null) is set when a stored value is
+    /// not finite.
+    template <class U>
+    void launch_project_subtokens(const char* fn, const_matrix_view<T> x, const T* v, index_t s, matrix_view<U> z, int* bad) {
+        constexpr int V = kernels::vector16<T>::width;
+        const bool vectorised = aligned16(x.data) && aligned16(v) && x.ld % V == 0 && s % V == 0 && x.cols % V == 0;
+        const index_t per_team = vectorised ? s / V : s;   // loads per sub-token
+        int lanes = 1;
+        while (lanes < 32 && lanes < per_team) lanes *= 2;
+        const index_t warps_needed = (x.rows * z.cols + (32 / lanes) - 1) / (32 / lanes);
+        const unsigned blocks = grid_for((warps_needed * 32 + kernels::kThreads - 1) / kernels::kThreads);
+        if (vectorised)
+            kernels::project_subtokens<T, U, true><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
+                                                                                                 z.cols, z.ld, lanes, bad);
+        else
+            kernels::project_subtokens<T, U, false><<<blocks, kernels::kThreads, 0, ctx_.stream>>>(x.data, x.rows, x.cols, x.ld, v, s, z.data,
+                                                                                                  z.cols, z.ld, lanes, bad);
+        check_launch(fn);
     }
 
 private:
@@ -573,6 +608,7 @@ private:
     // partials; the rest ("big") is reused by one operation at a time, in stream order.
     static constexpr std::size_t kFlagOffset = 0;       // int: project_subtokens' finiteness
     static constexpr std::size_t kInfoOffset = 64;      // int: cuSOLVER's info
+    static constexpr std::size_t kSecondInfoOffset = 128;   // int: a second call's info (orgqr after geqrf)
     static constexpr std::size_t kPartialsOffset = 256; // kReducePartials + 1 doubles
     static_assert(kPartialsOffset + (kernels::kReducePartials + 1) * sizeof(double) <= min_workspace_bytes);
 
@@ -636,12 +672,28 @@ private:
 
     unsigned grid_for(index_t blocks) const noexcept { return static_cast<unsigned>(std::clamp<index_t>(blocks, 1, index_t{sms_} * 32)); }
 
-    void check_launch(const char* fn) { detail::check(cudaGetLastError(), fn, "kernel launch"); }
-    void bind_blas(const char* fn) {
-        detail::check(cublasSetStream(ctx_.blas, ctx_.stream), fn, "cublasSetStream");
-        detail::check(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST), fn, "cublasSetPointerMode");
+    // A failed launch check reports the launch's own error, or says that the error is an
+    // earlier asynchronous fault (sticky) that this launch only reports (error.hpp).
+    void check_launch(const char* fn) {
+        const cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) throw cuda_error(detail::launch_status(fn, e));
     }
-    void bind_solver(const char* fn) { detail::check(cusolverDnSetStream(ctx_.solver, ctx_.stream), fn, "cusolverDnSetStream"); }
+    // The handles are bound to the stream only when they are on another one: cublasSetStream
+    // also resets cuBLAS's workspace to its default pool, so calling it before every GEMM would
+    // throw away what the host set with cublasSetWorkspace and re-pick workspace each time.
+    void bind_blas(const char* fn) {
+        cudaStream_t current = nullptr;
+        detail::check(cublasGetStream(ctx_.blas, &current), fn, "cublasGetStream");
+        if (current != ctx_.stream) detail::check(cublasSetStream(ctx_.blas, ctx_.stream), fn, "cublasSetStream");
+        cublasPointerMode_t mode = CUBLAS_POINTER_MODE_HOST;
+        detail::check(cublasGetPointerMode(ctx_.blas, &mode), fn, "cublasGetPointerMode");
+        if (mode != CUBLAS_POINTER_MODE_HOST) detail::check(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST), fn, "cublasSetPointerMode");
+    }
+    void bind_solver(const char* fn) {
+        cudaStream_t current = nullptr;
+        detail::check(cusolverDnGetStream(ctx_.solver, &current), fn, "cusolverDnGetStream");
+        if (current != ctx_.stream) detail::check(cusolverDnSetStream(ctx_.solver, ctx_.stream), fn, "cusolverDnSetStream");
+    }
 
     void gemm_unchecked(const char* fn, op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c,
                         index_t m, index_t n, index_t k) {
@@ -663,27 +715,32 @@ private:
         const int k = int(a.rows), c = int(a.cols), ld = int(a.ld);
         T* tau = big<T>(0);
         T* work = big<T>(align256(bytes_of<T>(k)));
-        int* info = info_flag();
+        int* geqrf_info = info_flag();          // each call its own info: neither overwrites the other's
+        int* orgqr_info = small<int>(kSecondInfoOffset);
         bind_solver(fn);
         if constexpr (std::is_same_v<T, float>) {
-            detail::check(cusolverDnSgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnSgeqrf");
-            detail::check(cusolverDnSorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnSorgqr");
+            detail::check(cusolverDnSgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, geqrf_info), fn, "cusolverDnSgeqrf");
+            detail::check(cusolverDnSorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, orgqr_info), fn, "cusolverDnSorgqr");
         } else {
-            detail::check(cusolverDnDgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDgeqrf");
-            detail::check(cusolverDnDorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, info), fn, "cusolverDnDorgqr");
+            detail::check(cusolverDnDgeqrf(ctx_.solver, c, k, a.data, ld, tau, work, lwork, geqrf_info), fn, "cusolverDnDgeqrf");
+            detail::check(cusolverDnDorgqr(ctx_.solver, c, k, k, a.data, ld, tau, work, lwork, orgqr_info), fn, "cusolverDnDorgqr");
         }
-        int host_info = 0;   // orgqr's; geqrf reports only invalid arguments, which orgqr would repeat
-        detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        int host_info[2] = {0, 0};
+        detail::check(cudaMemcpyAsync(&host_info[0], geqrf_info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaMemcpyAsync(&host_info[1], orgqr_info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
         detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
-        if (host_info != 0)
-            throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_EXECUTION_FAILED),
-                              std::string(fn) + ": Householder QR (geqrf/orgqr) failed: info = " + std::to_string(host_info)});
+        for (int i = 0; i < 2; ++i)   // both report only a refused argument (info < 0): a bug, never data
+            if (host_info[i] != 0)
+                throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_INVALID_VALUE),
+                                  std::string(fn) + ": Householder QR: " + (i == 0 ? "geqrf" : "orgqr") + " failed: info = " +
+                                      std::to_string(host_info[i])});
     }
 
     cuda_context ctx_;
     device_workspace ws_;
     int sms_ = 1;
     small_eigensolver eigensolver_ = small_eigensolver::device;
+    std::size_t householder_fallbacks_ = 0;
     std::vector<double> host_scratch_;
     // Host path of gram_svd (refresh time only; allocates on first use).
     Eigen::MatrixXd host_gram_;

@@ -106,6 +106,42 @@ inline bool failed(cudaError_t e) noexcept { return e != cudaSuccess; }
 inline bool failed(cublasStatus_t e) noexcept { return e != CUBLAS_STATUS_SUCCESS; }
 inline bool failed(cusolverStatus_t e) noexcept { return e != CUSOLVER_STATUS_SUCCESS; }
 
+/// Whether a CUDA runtime error is "sticky": a fault of device code that ran earlier (an illegal
+/// address, a device-side assert, ...), which leaves the CUDA context unusable and is returned by
+/// every later call, a kernel launch's error check included. Such an error says nothing about the
+/// call that reports it. (The errors whose documentation in driver_types.h says that further CUDA
+/// work will return the same error or that the process must be relaunched.)
+constexpr bool is_sticky(cudaError_t e) noexcept {
+    switch (e) {
+    case cudaErrorContained:
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorExternalDevice:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/// The status of a kernel launch whose check (cudaGetLastError) returned `e`: the launch's own
+/// failure (a bad configuration, a missing kernel image, ...), or, for a sticky error, an earlier
+/// asynchronous fault that this launch merely reports, said as such.
+inline cuda_status launch_status(std::string_view function, cudaError_t e) {
+    cuda_status s = make_status(function, "kernel launch", e);
+    if (is_sticky(e))
+        s.message = std::string(function) + ": kernel launch refused: an earlier asynchronous fault on the device: " + cudaGetErrorName(e) +
+                    " (" + cudaGetErrorString(e) + "); sticky: the CUDA context is unusable, so this launch did not cause it and every later call fails";
+    return s;
+}
+
 /// Throws cuda_error when `result` (of `call`, made by `function`) is a failure.
 template <class Code>
 void check(Code result, std::string_view function, std::string_view call) {

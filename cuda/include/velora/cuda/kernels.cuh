@@ -33,10 +33,11 @@ constexpr int kReducePartials = 256;
 /// Row chunks of the column reductions (at most; fewer when there are few rows).
 constexpr int kColumnChunks = 64;
 
+/// Any block shape: the launcher picks 32×8 (a warp along a row) or 256×1 for views of few rows.
 template <class F>
 __global__ void for_each_2d(index rows, index cols, F f) {
-    for (index r = blockIdx.y * static_cast<index>(kBlockY) + threadIdx.y; r < rows; r += static_cast<index>(gridDim.y) * kBlockY)
-        for (index c = blockIdx.x * static_cast<index>(kBlockX) + threadIdx.x; c < cols; c += static_cast<index>(gridDim.x) * kBlockX)
+    for (index r = blockIdx.y * static_cast<index>(blockDim.y) + threadIdx.y; r < rows; r += static_cast<index>(gridDim.y) * blockDim.y)
+        for (index c = blockIdx.x * static_cast<index>(blockDim.x) + threadIdx.x; c < cols; c += static_cast<index>(gridDim.x) * blockDim.x)
             f(r, c);
 }
 
@@ -78,7 +79,7 @@ __global__ void column_partials(index rows, index width, index chunk_rows, F val
 
 // Fixed-shape tree sum of kThreads values in shared memory; thread 0 gets the total.
 __device__ inline double block_sum(double value, double* scratch) {
-    const int tid = threadIdx.y * kBlockX + threadIdx.x;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;   // any block shape of kThreads threads
     scratch[tid] = value;
     __syncthreads();
     for (int half = kThreads / 2; half > 0; half /= 2) {
@@ -88,18 +89,32 @@ __device__ inline double block_sum(double value, double* scratch) {
     return scratch[0];
 }
 
-/// partial[block] = Σ x[r, c]² over the rows r ≡ block (mod kReducePartials · kBlockY) slice.
+/// partial[block] = Σ x[r, c]² over the elements this block's threads own. Launched with
+/// kReducePartials blocks of kThreads threads (1-D): the view is read as its rows·cols elements in
+/// row-major order, element e belonging to thread e mod (kReducePartials · kThreads). Every
+/// shape, an r×n basis or a 1×N row alike, spreads over all blocks, consecutive threads read
+/// consecutive columns, and the summation order depends on the shape only, never on the device.
 template <class T>
 __global__ void sum_of_squares_partials(const T* x, index rows, index cols, index ld, double* partial) {
     __shared__ double scratch[kThreads];
+    const index total = rows * cols;
+    const index stride = static_cast<index>(gridDim.x) * blockDim.x;
+    const index first = blockIdx.x * static_cast<index>(blockDim.x) + threadIdx.x;
+    const index step_rows = stride / cols, step_cols = stride - step_rows * cols;
+    index r = first / cols, c = first - (first / cols) * cols;
     double acc = 0;
-    for (index r = blockIdx.x * static_cast<index>(kBlockY) + threadIdx.y; r < rows; r += static_cast<index>(gridDim.x) * kBlockY)
-        for (index c = threadIdx.x; c < cols; c += kBlockX) {
-            const double e = static_cast<double>(x[r * ld + c]);
-            acc += e * e;
+    for (index e = first; e < total; e += stride) {
+        const double v = static_cast<double>(x[r * ld + c]);
+        acc += v * v;
+        r += step_rows;   // (r, c) of e + stride without a division per element
+        c += step_cols;
+        if (c >= cols) {
+            c -= cols;
+            ++r;
         }
-    const double total = block_sum(acc, scratch);
-    if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.x] = total;
+    }
+    const double sum = block_sum(acc, scratch);
+    if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.x] = sum;
 }
 
 /// *result = Σ partial[0, n) (one block, fixed order). (A template only so that the header
@@ -132,7 +147,7 @@ struct vector16<double> {
 /// Each output is computed by a team of `lanes` (a power of two <= 32) consecutive lanes of a
 /// warp, each reading V elements at a time (V = 1, or a 16-byte vector when X, v, ld, s and
 /// d allow it), then a shuffle reduction inside the team. *bad is set when a result is not
-/// finite as stored in U.
+/// finite as stored in U (unless `bad` is null: no report).
 template <class T, class U, bool Vectorised>
 __global__ void project_subtokens(const T* __restrict__ x, index rows, index d, index ld, const T* __restrict__ v, index s,
                                   U* __restrict__ z, index groups, index ldz, int lanes, int* bad) {
@@ -167,7 +182,7 @@ __global__ void project_subtokens(const T* __restrict__ x, index rows, index d, 
             // Tested as stored: a finite dot product can overflow a narrow storage type.
             const U stored = storage_cast<U>::from(acc);
             z[t * ldz + g] = stored;
-            if (!isfinite(to_arithmetic<T>(stored))) *bad = 1;
+            if (bad != nullptr && !isfinite(to_arithmetic<T>(stored))) *bad = 1;
         }
     }
 }
