@@ -19,7 +19,9 @@
 #include <limits>
 #include <set>
 #include <span>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "galore_reference.hpp"
@@ -1805,6 +1807,62 @@ TEST_CASE("the Adam convention is validated, saved, and version-1 states load as
     optimizer_t<float> reloaded = run.fresh();
     reloaded.load_state(s.seal(1));
     CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
+}
+
+TEST_CASE("load_state applies the constructor's and set_learning_rate's learning-rate rule: torch with lr x wd >= 1 is refused, nothing changed") {
+    using T = float;
+    backend_t<T> backend;
+    const char* fn = "adarank::low_rank_adamw::load_state";
+    for (const auto convention : {adarank::adam_convention::galore, adarank::adam_convention::torch}) {
+        CAPTURE(adarank::to_string(convention));
+        adarank::optimizer_config c = small_run<T>::config();
+        c.adam.convention = convention;
+        c.adam.weight_decay = 0.5;   // lr x wd >= 1 from lr = 2
+        const auto make = [&](int steps) {
+            optimizer_t<T> o(backend, c);
+            o.add_parameter(12, 20, param_kind::low_rank);
+            o.add_parameter(3, 5, param_kind::dense);
+            RowMatT<T> w0 = gaussian_matrix(12, 20, 1).cast<T>(), w1 = gaussian_matrix(3, 5, 2).cast<T>();
+            for (int s = 0; s < steps; ++s) {
+                REQUIRE(o.step(0, mv(w0), cv(RowMatT<T>(gaussian_matrix(12, 20, 10 + std::uint64_t(s)).cast<T>()))) == status::ok);
+                REQUIRE(o.step(1, mv(w1), cv(RowMatT<T>(gaussian_matrix(3, 5, 20 + std::uint64_t(s)).cast<T>()))) == status::ok);
+            }
+            return o;
+        };
+        optimizer_t<T> source = make(3);
+        const std::vector<std::byte> good = source.save_state();
+        const state_fields<T> s(good);
+        REQUIRE(s.seal() == good);
+        for (const double lr : {1.5, 1.999, 2.0, 4.0, 1e30}) {
+            CAPTURE(lr);
+            // What the constructor and set_learning_rate say about this learning rate: one rule.
+            adarank::optimizer_config at = c;
+            at.adam.lr = lr;
+            const bool constructible = test::invalid_argument_message([&] { optimizer_t<T> o(backend, at); }) == "<no std::invalid_argument thrown>";
+            optimizer_t<T> probe(backend, c);
+            const bool settable = test::invalid_argument_message([&] { probe.set_learning_rate(lr); }) == "<no std::invalid_argument thrown>";
+            CHECK(constructible == settable);
+            CHECK(settable == (convention == adarank::adam_convention::galore || lr < 2.0));
+            // The saved learning rate edited and the blob re-sealed with a valid checksum: only its meaning is judged.
+            state_fields<T> edited = s;
+            edited.lr = lr;
+            const std::vector<std::byte> blob = edited.seal();
+            optimizer_t<T> target = make(1);   // a state of its own, which a refused load leaves as it is
+            const auto before = target.save_state();
+            const std::string msg = state_error_message([&] { target.load_state(blob); });
+            if (settable) {
+                CHECK(msg == "<no velora::state_format_error thrown>");
+                CHECK(target.learning_rate() == lr);
+                CHECK(target.save_state() == blob);
+            } else {
+                std::ostringstream values;
+                values << "the saved learning rate = " << lr << " with weight_decay = 0.5";
+                contains(msg, {fn, values.str().c_str(), "lr x weight_decay < 1"});
+                CHECK(target.save_state() == before);
+                CHECK(target.learning_rate() == c.adam.lr);
+            }
+        }
+    }
 }
 
 // ================================================================================ 14. user-defined policies

@@ -111,13 +111,10 @@ public:
     [[nodiscard]] const config_type& config() const noexcept { return config_; }
     [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(layers_.size()); }
 
-    /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite value.
+    /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite
+    /// value, and under the torch convention for lr·wd >= 1 (check_learning_rate, policies.hpp).
     void set_learning_rate(double lr) {
-        velora::detail::require(std::isfinite(lr) && lr >= 0, "adarank::low_rank_adamw::set_learning_rate",
-                                "argument 'lr' must be finite and >= 0, got ", lr);
-        velora::detail::require(config_.adam.convention != adam_convention::torch || lr * config_.adam.weight_decay < 1,
-                                "adarank::low_rank_adamw::set_learning_rate", "argument 'lr' = ", lr, " with weight_decay = ",
-                                config_.adam.weight_decay, " gives lr x wd >= 1, which the torch convention cannot apply");
+        check_learning_rate(lr, config_.adam, "adarank::low_rank_adamw::set_learning_rate", "argument 'lr'");
         lr_ = lr;
     }
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
@@ -514,7 +511,8 @@ public:
     /// The blob must be intact (envelope, kind, version, checksum, length) and describe a state
     /// this optimizer can be in; a valid state is exactly:
     /// - the value width, the configuration and the registered shapes, kinds and sides match;
-    ///   the saved learning rate is finite and >= 0; flag bytes are 0 or 1;
+    ///   the saved learning rate is one set_learning_rate accepts (finite and >= 0, and lr·wd < 1
+    ///   under the torch convention); flag bytes are 0 or 1;
     /// - per parameter: the step count t <= 2^64 − 2 (a step can increment it; a step refuses to
     ///   go further); the steps in the current subspace <= t, and 0 without a subspace (rank 0);
     ///   0 <= rank <= min(r_max, rows, cols), and 0 for a dense parameter;
@@ -572,7 +570,8 @@ public:
             s.v_bound = v.max_abs;
         }
         r.expect_end();
-        if (!std::isfinite(lr) || lr < 0) r.bad("the saved learning rate ", lr, " is not finite and >= 0");
+        // The rule of the constructor and set_learning_rate: a learning rate neither accepts cannot be loaded either.
+        check_learning_rate<velora::state_format_error>(lr, config_.adam, fn, "the saved learning rate");
         // Allocate every buffer whose size changes before changing anything (buffers of the right
         // size are reused: loading does not double the memory of dense moments), then commit.
         std::vector<buffer> fresh(3 * layers_.size());
