@@ -542,6 +542,41 @@ TEST_CASE("bad configurations and arguments throw std::invalid_argument naming t
     CHECK(opt.save_state() == before);
 }
 
+TEST_CASE("all_reduce_mean checks every gradient view with check_view, naming all_reduce_mean and 'grads[i]', and reduces nothing") {
+    using T = float;
+    using test::invalid_argument_message;
+    backend_t<T> backend;
+    optimizer_t<T> opt(backend, adarank::optimizer_config{});
+    const index_t small = opt.add_parameter(4, 4, param_kind::dense), id = opt.add_parameter(8, 5, param_kind::dense);
+    std::vector<T> ga(16, T(1)), gb(40, T(2));
+    const std::vector<index_t> ids{small, id};
+    velora::single_process one;
+    const auto reduce = [&](velora::matrix_view<T> second) {
+        const std::vector<velora::matrix_view<T>> views{{ga.data(), 4, 4, 4}, second};
+        opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<T>>(views), one);
+    };
+    const char* fn = "adarank::low_rank_adamw::all_reduce_mean";
+    // 8x5 with ld = 2^61: its extent, 7·2^61 + 5 floats, does not fit in the address space (the
+    // bucket copy would address rows 2^61 elements apart).
+    contains(invalid_argument_message([&] { reduce({gb.data(), 8, 5, index_t{1} << 61}); }),
+             {fn, "argument 'grads[1]' (8x5, ld 2305843009213693952)", "address space"});
+    contains(invalid_argument_message([&] { reduce({nullptr, 8, 5, 5}); }), {fn, "argument 'grads[1]'", "null data pointer"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 8, 5, 4}); }), {fn, "argument 'grads[1]'", "leading dimension 4 < cols 5"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 5, 8, 8}); }), {fn, "argument 'grads[1]' is 5x8 but must be 8x5"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 0, 5, 5}); }), {fn, "argument 'grads[1]' is empty"});
+    CHECK(ga == std::vector<T>(16, T(1)));
+    CHECK(gb == std::vector<T>(40, T(2)));
+    // Nothing was counted as reduced: the next step reports no bytes communicated.
+    RowMatT<T> w = gaussian_matrix(8, 5, 1).cast<T>();
+    REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
+    CHECK(opt.info(id).communicated_bytes == 0);
+    // A valid call reduces (one process: the mean is the gradient) and is counted.
+    CHECK(invalid_argument_message([&] { reduce({gb.data(), 8, 5, 5}); }) == "<no std::invalid_argument thrown>");
+    CHECK(gb == std::vector<T>(40, T(2)));
+    REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
+    CHECK(opt.info(id).communicated_bytes == 40 * sizeof(T));
+}
+
 // ================================================================================ 6. non-finite gradients
 
 TEST_CASE_TEMPLATE("a NaN or Inf gradient (dense or factored) returns non_finite_input and changes nothing", T, float, double) {

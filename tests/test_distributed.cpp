@@ -12,7 +12,8 @@
 //   - a NaN on one rank makes every rank return non_finite_input with nothing changed;
 //   - a checkpoint written by rank 0 and broadcast resumes bit-identically on every rank;
 //   - mismatched registrations (shape, order) throw on every rank instead of hanging;
-//   - share_first_batch_v gives every rank the v of the global first batch.
+//   - share_first_batch_v gives every rank the v of the global first batch;
+//   - a gradient view that all_reduce_mean refuses on one rank throws on every rank.
 // With one rank (mpirun -np 1 or a plain run) the same checks run against a 1-rank communicator.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -495,6 +496,28 @@ TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch"
     velora::compressor<B> per_batch(backend, features, cc);
     CHECK(test::invalid_argument_message([&] { (void)velora::share_first_batch_v(backend, per_batch, velora::const_matrix_view<float>{x.data(), mine, features, features}, comm); })
               .find("first_batch_mean or given") != std::string::npos);
+}
+
+TEST_CASE("all_reduce_mean: a gradient view refused on one rank (check_view) throws on every rank, nothing reduced") {
+    auto& comm = world();
+    backend_t<float> backend;
+    optimizer_t<float> opt(backend, test_config());
+    REQUIRE(opt.add_parameter(8, 5, param_kind::dense, comm) == 0);
+    std::vector<float> g(40, 1.0f + static_cast<float>(comm.rank()));
+    const std::vector<float> g_before = g;
+    const bool bad = comm.rank() == comm.size() - 1;   // 8x5 with ld = 2^61 on the last rank
+    const std::vector<index_t> ids{0};
+    const std::vector<velora::matrix_view<float>> views{{g.data(), 8, 5, bad ? index_t{1} << 61 : index_t{5}}};
+    const std::string message = test::invalid_argument_message(
+        [&] { opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<float>>(views), comm); });
+    CHECK(message.find("adarank::low_rank_adamw::all_reduce_mean") != std::string::npos);
+    if (bad) {
+        CHECK(message.find("argument 'grads[0]' (8x5, ld 2305843009213693952)") != std::string::npos);
+        CHECK(message.find("address space") != std::string::npos);
+    } else {
+        CHECK(message.find("differ across ranks") != std::string::npos);
+    }
+    CHECK(g == g_before);
 }
 
 int main(int argc, char** argv) {

@@ -28,6 +28,7 @@
 /// exactly the states the optimizer can be in (see load_state).
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -345,20 +346,34 @@ public:
     /// `bucket_elements` values (one for a larger gradient): the data-parallel reduction for
     /// parameters optimised densely, bucketed as DDP does, after which they are stepped without
     /// a communicator. Every rank passes the same ids in the same order; a mismatch or an invalid
-    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced. The
-    /// bucket is allocated on first use.
+    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced (a rank
+    /// whose gradient view check_shape refuses names it, e.g. 'grads[2]'). The bucket is allocated
+    /// on first use.
     template <velora::communicator C>
     void all_reduce_mean(std::span<const param_id> ids, std::span<const matrix_view<T>> grads, C& comm, index_t bucket_elements = index_t{1} << 22) {
         constexpr const char* fn = "adarank::low_rank_adamw::all_reduce_mean";
         bool valid = ids.size() == grads.size() && bucket_elements > 0;
+        std::exception_ptr bad_view;   // this rank's first gradient view that check_shape refuses, rethrown after the collective
         std::uint64_t fingerprint = 0x9e3779b97f4a7c15ULL ^ ids.size();
         for (std::size_t i = 0; valid && i < ids.size(); ++i) {
             const param_id id = ids[i];
-            valid = id >= 0 && id < size() && grads[i].data != nullptr && grads[i].rows == layers_[static_cast<std::size_t>(id)].rows &&
-                    grads[i].cols == layers_[static_cast<std::size_t>(id)].cols && grads[i].ld >= grads[i].cols;
+            valid = id >= 0 && id < size();
+            if (valid) {
+                char name[32] = "grads[";   // "grads[i]", formed without allocating
+                char* end = std::to_chars(name + 6, name + sizeof name - 1, i).ptr;
+                *end++ = ']';
+                try {
+                    const layer& l = layers_[static_cast<std::size_t>(id)];
+                    velora::check_shape(grads[i], l.rows, l.cols, fn, std::string_view(name, static_cast<std::size_t>(end - name)));
+                } catch (const std::invalid_argument&) {
+                    valid = false;
+                    bad_view = std::current_exception();
+                }
+            }
             fingerprint = velora::mix64(fingerprint ^ static_cast<std::uint64_t>(id));
         }
         const bool consistent = velora::same_on_all_ranks(comm, valid ? fingerprint : 0);
+        if (bad_view) std::rethrow_exception(bad_view);   // every other rank throws below
         velora::detail::require(valid && consistent, fn, valid ? "the parameters differ across ranks (ids or their order); this is rank "
                                                               : "invalid arguments (ids and grads must have the same length, each id registered, each "
                                                                 "gradient of its parameter's shape, bucket_elements > 0); this is rank ",
