@@ -577,6 +577,73 @@ TEST_CASE("all_reduce_mean checks every gradient view with check_view, naming al
     CHECK(opt.info(id).communicated_bytes == 40 * sizeof(T));
 }
 
+TEST_CASE("project checks its views up front, naming project and 'grad'/'out', and changes nothing") {
+    using T = float;
+    using test::invalid_argument_message;
+    backend_t<T> backend;
+    adarank::optimizer_config cfg;
+    cfg.rank = adarank::rank_policy::fixed(3);
+    cfg.refresh = adarank::refresh_policy::every(50);
+    optimizer_t<T> opt(backend, cfg);
+    const index_t id = opt.add_parameter(12, 20, param_kind::low_rank);   // std side of 12x20: left, out is 3x20
+    RowMatT<T> w = gaussian_matrix(12, 20, 1).cast<T>();
+    const RowMatT<T> g = gaussian_matrix(12, 20, 2).cast<T>();
+    REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
+    REQUIRE(opt.projection_shape(id) == std::pair<index_t, index_t>{3, 20});
+    const auto before = opt.save_state();
+    std::vector<T> out(60, T(7)), big(300, T(0.5));
+    const velora::const_matrix_view<T> grad = cv(g);
+    const velora::matrix_view<T> good_out{out.data(), 3, 20, 20};
+    const char* fn = "adarank::low_rank_adamw::project";
+    const auto dense = [&](velora::const_matrix_view<T> gr, velora::matrix_view<T> o) {
+        return invalid_argument_message([&] { opt.project(id, gr, o); });
+    };
+    SUBCASE("dense gradient") {
+        contains(dense({g.data(), 12, 20, index_t{1} << 61}, good_out), {fn, "argument 'grad' (12x20, ld 2305843009213693952)", "address space"});
+        contains(dense({nullptr, 12, 20, 20}, good_out), {fn, "argument 'grad' has a null data pointer"});
+        contains(dense({g.data(), 12, 20, 19}, good_out), {fn, "argument 'grad' has leading dimension 19 < cols 20"});
+        contains(dense({g.data(), 12, 19, 20}, good_out), {fn, "argument 'grad' is 12x19", "parameter 0 is 12x20"});
+        contains(dense(grad, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out' (3x20, ld 2305843009213693952)", "address space"});
+        contains(dense(grad, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
+        contains(dense(grad, {out.data(), 3, 20, 19}), {fn, "argument 'out' has leading dimension 19 < cols 20"});
+        contains(dense(grad, {out.data(), 3, 19, 19}), {fn, "argument 'out' is 3x19 but must be 3x20"});
+        // An output in the gradient's memory.
+        std::copy(g.data(), g.data() + 240, big.begin());
+        contains(dense({big.data(), 12, 20, 20}, {big.data() + 200, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad' (12x20)"});
+        CHECK(std::equal(g.data(), g.data() + 240, big.begin()));
+        // A host-built dense_gradient is checked as the view is.
+        contains(invalid_argument_message([&] {
+                     opt.project(id, adarank::dense_gradient<backend_t<T>>(backend, {g.data(), 12, 20, index_t{1} << 61}), good_out);
+                 }),
+                 {fn, "argument 'grad'", "address space"});
+        CHECK(std::all_of(out.begin(), out.end(), [](T x) { return x == T(7); }));   // nothing written
+        CHECK(dense(grad, good_out) == "<no std::invalid_argument thrown>");
+        CHECK(std::none_of(out.begin(), out.end(), [](T x) { return x == T(7); }));
+    }
+    SUBCASE("factored gradient") {
+        // G = c·A·(I_4 ⊗ vᵀ) with A 12x4 and s = 5 (D = 20), A and v inside `big`.
+        std::vector<T> v(5, T(1) / std::sqrt(T(5)));
+        std::copy(v.begin(), v.end(), big.begin() + 250);
+        const velora::factored_gradient<T> f{{big.data(), 12, 4, 4}, big.data() + 250, 5, 20, T(1)};
+        const auto factored = [&](const velora::factored_gradient<T>& gr, velora::matrix_view<T> o) {
+            return invalid_argument_message([&] { opt.project(id, gr, o); });
+        };
+        contains(factored(f, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
+        contains(factored(f, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out'", "address space"});
+        contains(factored(f, {big.data() + 40, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad.a' (12x4)"});
+        contains(factored(f, {big.data() + 240, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad.v' (1x5)"});
+        auto wide = f;
+        wide.a.ld = index_t{1} << 61;
+        contains(factored(wide, good_out), {fn, "argument 'grad.a'", "address space"});
+        CHECK(std::all_of(big.begin(), big.begin() + 48, [](T x) { return x == T(0.5); }));
+        CHECK(std::equal(v.begin(), v.end(), big.begin() + 250));
+        CHECK(std::all_of(out.begin(), out.end(), [](T x) { return x == T(7); }));   // nothing written
+        CHECK(factored(f, good_out) == "<no std::invalid_argument thrown>");
+        CHECK(std::none_of(out.begin(), out.end(), [](T x) { return x == T(7); }));
+    }
+    CHECK(opt.save_state() == before);
+}
+
 // ================================================================================ 6. non-finite gradients
 
 TEST_CASE_TEMPLATE("a NaN or Inf gradient (dense or factored) returns non_finite_input and changes nothing", T, float, double) {

@@ -241,6 +241,7 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, comm, fn);
@@ -293,11 +294,14 @@ public:
     }
 
     /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
-    /// std::invalid_argument when projection_shape(id) is 0×0 or `out` has another shape.
+    /// std::invalid_argument, before anything is computed, for a view of `grad` or `out` that
+    /// check_view refuses, an `out` that shares memory with the gradient, a gradient of another
+    /// shape than the parameter's, when projection_shape(id) is 0×0, or when `out` has another shape.
     template <gradient_operator Op>
     void project(param_id id, const Op& grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project";
         const layer& l = checked_layer(id, fn);
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         const auto [rows, cols] = projection_shape(id);
@@ -305,9 +309,20 @@ public:
         velora::check_shape(out, rows, cols, fn, "out");
         side_matrix<Op>(grad, l.side).mul(basis_view(l), out);
     }
-    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) { project(id, dense_gradient<B>(*b_, grad), out); }
+    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        velora::check_view(grad, fn, "grad");
+        velora::check_view(out, fn, "out");
+        velora::check_no_alias(out, "out", grad, "grad", fn);
+        project(id, dense_gradient<B>(*b_, grad), out);
+    }
     void project(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
-        check_factored(checked_layer(id, "adarank::low_rank_adamw::project"), id, grad, "adarank::low_rank_adamw::project");
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        check_factored(checked_layer(id, fn), id, grad, fn);
+        velora::check_view(out, fn, "out");
+        velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
+        const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
+        velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
         project(id, factored_gradient_op<B>(*b_, grad, fused_scratch_), out);
     }
 
@@ -320,6 +335,7 @@ public:
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, comm, fn);
@@ -907,6 +923,13 @@ private:
             grad.row_block(0, dense);
             return step_dense(l, weight, dense, trouble);
         }
+    }
+
+    // A dense_gradient built by the host holds a view, checked as a dense gradient's view is; any
+    // other gradient operator is the host's own.
+    template <class Op>
+    static void check_operator(const Op& grad, const char* fn) {
+        if constexpr (std::is_same_v<Op, dense_gradient<B>>) velora::check_view(grad.view(), fn, "grad");
     }
 
     // A VeLoRA factored gradient must describe parameter l's shape consistently.
