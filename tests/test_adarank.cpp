@@ -19,7 +19,9 @@
 #include <limits>
 #include <set>
 #include <span>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "galore_reference.hpp"
@@ -536,6 +538,108 @@ TEST_CASE("bad configurations and arguments throw std::invalid_argument naming t
         opt.set_learning_rate(0.5);
         CHECK(opt.learning_rate() == 0.5);
         opt.set_learning_rate(cfg.adam.lr);
+    }
+    CHECK(opt.save_state() == before);
+}
+
+TEST_CASE("all_reduce_mean checks every gradient view with check_view, naming all_reduce_mean and 'grads[i]', and reduces nothing") {
+    using T = float;
+    using test::invalid_argument_message;
+    backend_t<T> backend;
+    optimizer_t<T> opt(backend, adarank::optimizer_config{});
+    const index_t small = opt.add_parameter(4, 4, param_kind::dense), id = opt.add_parameter(8, 5, param_kind::dense);
+    std::vector<T> ga(16, T(1)), gb(40, T(2));
+    const std::vector<index_t> ids{small, id};
+    velora::single_process one;
+    const auto reduce = [&](velora::matrix_view<T> second) {
+        const std::vector<velora::matrix_view<T>> views{{ga.data(), 4, 4, 4}, second};
+        opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<T>>(views), one);
+    };
+    const char* fn = "adarank::low_rank_adamw::all_reduce_mean";
+    // 8x5 with ld = 2^61: its extent, 7·2^61 + 5 floats, does not fit in the address space (the
+    // bucket copy would address rows 2^61 elements apart).
+    contains(invalid_argument_message([&] { reduce({gb.data(), 8, 5, index_t{1} << 61}); }),
+             {fn, "argument 'grads[1]' (8x5, ld 2305843009213693952)", "address space"});
+    contains(invalid_argument_message([&] { reduce({nullptr, 8, 5, 5}); }), {fn, "argument 'grads[1]'", "null data pointer"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 8, 5, 4}); }), {fn, "argument 'grads[1]'", "leading dimension 4 < cols 5"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 5, 8, 8}); }), {fn, "argument 'grads[1]' is 5x8 but must be 8x5"});
+    contains(invalid_argument_message([&] { reduce({gb.data(), 0, 5, 5}); }), {fn, "argument 'grads[1]' is empty"});
+    CHECK(ga == std::vector<T>(16, T(1)));
+    CHECK(gb == std::vector<T>(40, T(2)));
+    // Nothing was counted as reduced: the next step reports no bytes communicated.
+    RowMatT<T> w = gaussian_matrix(8, 5, 1).cast<T>();
+    REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
+    CHECK(opt.info(id).communicated_bytes == 0);
+    // A valid call reduces (one process: the mean is the gradient) and is counted.
+    CHECK(invalid_argument_message([&] { reduce({gb.data(), 8, 5, 5}); }) == "<no std::invalid_argument thrown>");
+    CHECK(gb == std::vector<T>(40, T(2)));
+    REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
+    CHECK(opt.info(id).communicated_bytes == 40 * sizeof(T));
+}
+
+TEST_CASE("project checks its views up front, naming project and 'grad'/'out', and changes nothing") {
+    using T = float;
+    using test::invalid_argument_message;
+    backend_t<T> backend;
+    adarank::optimizer_config cfg;
+    cfg.rank = adarank::rank_policy::fixed(3);
+    cfg.refresh = adarank::refresh_policy::every(50);
+    optimizer_t<T> opt(backend, cfg);
+    const index_t id = opt.add_parameter(12, 20, param_kind::low_rank);   // std side of 12x20: left, out is 3x20
+    RowMatT<T> w = gaussian_matrix(12, 20, 1).cast<T>();
+    const RowMatT<T> g = gaussian_matrix(12, 20, 2).cast<T>();
+    REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
+    REQUIRE(opt.projection_shape(id) == std::pair<index_t, index_t>{3, 20});
+    const auto before = opt.save_state();
+    std::vector<T> out(60, T(7)), big(300, T(0.5));
+    const velora::const_matrix_view<T> grad = cv(g);
+    const velora::matrix_view<T> good_out{out.data(), 3, 20, 20};
+    const char* fn = "adarank::low_rank_adamw::project";
+    const auto dense = [&](velora::const_matrix_view<T> gr, velora::matrix_view<T> o) {
+        return invalid_argument_message([&] { opt.project(id, gr, o); });
+    };
+    SUBCASE("dense gradient") {
+        contains(dense({g.data(), 12, 20, index_t{1} << 61}, good_out), {fn, "argument 'grad' (12x20, ld 2305843009213693952)", "address space"});
+        contains(dense({nullptr, 12, 20, 20}, good_out), {fn, "argument 'grad' has a null data pointer"});
+        contains(dense({g.data(), 12, 20, 19}, good_out), {fn, "argument 'grad' has leading dimension 19 < cols 20"});
+        contains(dense({g.data(), 12, 19, 20}, good_out), {fn, "argument 'grad' is 12x19", "parameter 0 is 12x20"});
+        contains(dense(grad, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out' (3x20, ld 2305843009213693952)", "address space"});
+        contains(dense(grad, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
+        contains(dense(grad, {out.data(), 3, 20, 19}), {fn, "argument 'out' has leading dimension 19 < cols 20"});
+        contains(dense(grad, {out.data(), 3, 19, 19}), {fn, "argument 'out' is 3x19 but must be 3x20"});
+        // An output in the gradient's memory.
+        std::copy(g.data(), g.data() + 240, big.begin());
+        contains(dense({big.data(), 12, 20, 20}, {big.data() + 200, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad' (12x20)"});
+        CHECK(std::equal(g.data(), g.data() + 240, big.begin()));
+        // A host-built dense_gradient is checked as the view is.
+        contains(invalid_argument_message([&] {
+                     opt.project(id, adarank::dense_gradient<backend_t<T>>(backend, {g.data(), 12, 20, index_t{1} << 61}), good_out);
+                 }),
+                 {fn, "argument 'grad'", "address space"});
+        CHECK(std::all_of(out.begin(), out.end(), [](T x) { return x == T(7); }));   // nothing written
+        CHECK(dense(grad, good_out) == "<no std::invalid_argument thrown>");
+        CHECK(std::none_of(out.begin(), out.end(), [](T x) { return x == T(7); }));
+    }
+    SUBCASE("factored gradient") {
+        // G = c·A·(I_4 ⊗ vᵀ) with A 12x4 and s = 5 (D = 20), A and v inside `big`.
+        std::vector<T> v(5, T(1) / std::sqrt(T(5)));
+        std::copy(v.begin(), v.end(), big.begin() + 250);
+        const velora::factored_gradient<T> f{{big.data(), 12, 4, 4}, big.data() + 250, 5, 20, T(1)};
+        const auto factored = [&](const velora::factored_gradient<T>& gr, velora::matrix_view<T> o) {
+            return invalid_argument_message([&] { opt.project(id, gr, o); });
+        };
+        contains(factored(f, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
+        contains(factored(f, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out'", "address space"});
+        contains(factored(f, {big.data() + 40, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad.a' (12x4)"});
+        contains(factored(f, {big.data() + 240, 3, 20, 20}), {fn, "argument 'out' (3x20) overlaps argument 'grad.v' (1x5)"});
+        auto wide = f;
+        wide.a.ld = index_t{1} << 61;
+        contains(factored(wide, good_out), {fn, "argument 'grad.a'", "address space"});
+        CHECK(std::all_of(big.begin(), big.begin() + 48, [](T x) { return x == T(0.5); }));
+        CHECK(std::equal(v.begin(), v.end(), big.begin() + 250));
+        CHECK(std::all_of(out.begin(), out.end(), [](T x) { return x == T(7); }));   // nothing written
+        CHECK(factored(f, good_out) == "<no std::invalid_argument thrown>");
+        CHECK(std::none_of(out.begin(), out.end(), [](T x) { return x == T(7); }));
     }
     CHECK(opt.save_state() == before);
 }
@@ -1805,6 +1909,62 @@ TEST_CASE("the Adam convention is validated, saved, and version-1 states load as
     optimizer_t<float> reloaded = run.fresh();
     reloaded.load_state(s.seal(1));
     CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
+}
+
+TEST_CASE("load_state applies the constructor's and set_learning_rate's learning-rate rule: torch with lr x wd >= 1 is refused, nothing changed") {
+    using T = float;
+    backend_t<T> backend;
+    const char* fn = "adarank::low_rank_adamw::load_state";
+    for (const auto convention : {adarank::adam_convention::galore, adarank::adam_convention::torch}) {
+        CAPTURE(adarank::to_string(convention));
+        adarank::optimizer_config c = small_run<T>::config();
+        c.adam.convention = convention;
+        c.adam.weight_decay = 0.5;   // lr x wd >= 1 from lr = 2
+        const auto make = [&](int steps) {
+            optimizer_t<T> o(backend, c);
+            o.add_parameter(12, 20, param_kind::low_rank);
+            o.add_parameter(3, 5, param_kind::dense);
+            RowMatT<T> w0 = gaussian_matrix(12, 20, 1).cast<T>(), w1 = gaussian_matrix(3, 5, 2).cast<T>();
+            for (int s = 0; s < steps; ++s) {
+                REQUIRE(o.step(0, mv(w0), cv(RowMatT<T>(gaussian_matrix(12, 20, 10 + std::uint64_t(s)).cast<T>()))) == status::ok);
+                REQUIRE(o.step(1, mv(w1), cv(RowMatT<T>(gaussian_matrix(3, 5, 20 + std::uint64_t(s)).cast<T>()))) == status::ok);
+            }
+            return o;
+        };
+        optimizer_t<T> source = make(3);
+        const std::vector<std::byte> good = source.save_state();
+        const state_fields<T> s(good);
+        REQUIRE(s.seal() == good);
+        for (const double lr : {1.5, 1.999, 2.0, 4.0, 1e30}) {
+            CAPTURE(lr);
+            // What the constructor and set_learning_rate say about this learning rate: one rule.
+            adarank::optimizer_config at = c;
+            at.adam.lr = lr;
+            const bool constructible = test::invalid_argument_message([&] { optimizer_t<T> o(backend, at); }) == "<no std::invalid_argument thrown>";
+            optimizer_t<T> probe(backend, c);
+            const bool settable = test::invalid_argument_message([&] { probe.set_learning_rate(lr); }) == "<no std::invalid_argument thrown>";
+            CHECK(constructible == settable);
+            CHECK(settable == (convention == adarank::adam_convention::galore || lr < 2.0));
+            // The saved learning rate edited and the blob re-sealed with a valid checksum: only its meaning is judged.
+            state_fields<T> edited = s;
+            edited.lr = lr;
+            const std::vector<std::byte> blob = edited.seal();
+            optimizer_t<T> target = make(1);   // a state of its own, which a refused load leaves as it is
+            const auto before = target.save_state();
+            const std::string msg = state_error_message([&] { target.load_state(blob); });
+            if (settable) {
+                CHECK(msg == "<no velora::state_format_error thrown>");
+                CHECK(target.learning_rate() == lr);
+                CHECK(target.save_state() == blob);
+            } else {
+                std::ostringstream values;
+                values << "the saved learning rate = " << lr << " with weight_decay = 0.5";
+                contains(msg, {fn, values.str().c_str(), "lr x weight_decay < 1"});
+                CHECK(target.save_state() == before);
+                CHECK(target.learning_rate() == c.adam.lr);
+            }
+        }
+    }
 }
 
 // ================================================================================ 14. user-defined policies

@@ -12,7 +12,9 @@
 //   - a NaN on one rank makes every rank return non_finite_input with nothing changed;
 //   - a checkpoint written by rank 0 and broadcast resumes bit-identically on every rank;
 //   - mismatched registrations (shape, order) throw on every rank instead of hanging;
-//   - share_first_batch_v gives every rank the v of the global first batch.
+//   - share_first_batch_v gives every rank the v of the global first batch, and reports a finite
+//     batch whose reduced sum overflows as overflow, a NaN on one rank as non_finite_input;
+//   - a gradient view that all_reduce_mean refuses on one rank throws on every rank.
 // With one rank (mpirun -np 1 or a plain run) the same checks run against a 1-rank communicator.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -495,6 +497,48 @@ TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch"
     velora::compressor<B> per_batch(backend, features, cc);
     CHECK(test::invalid_argument_message([&] { (void)velora::share_first_batch_v(backend, per_batch, velora::const_matrix_view<float>{x.data(), mine, features, features}, comm); })
               .find("first_batch_mean or given") != std::string::npos);
+}
+
+TEST_CASE("all_reduce_mean: a gradient view refused on one rank (check_view) throws on every rank, nothing reduced") {
+    auto& comm = world();
+    backend_t<float> backend;
+    optimizer_t<float> opt(backend, test_config());
+    REQUIRE(opt.add_parameter(8, 5, param_kind::dense, comm) == 0);
+    std::vector<float> g(40, 1.0f + static_cast<float>(comm.rank()));
+    const std::vector<float> g_before = g;
+    const bool bad = comm.rank() == comm.size() - 1;   // 8x5 with ld = 2^61 on the last rank
+    const std::vector<index_t> ids{0};
+    const std::vector<velora::matrix_view<float>> views{{g.data(), 8, 5, bad ? index_t{1} << 61 : index_t{5}}};
+    const std::string message = test::invalid_argument_message(
+        [&] { opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<float>>(views), comm); });
+    CHECK(message.find("adarank::low_rank_adamw::all_reduce_mean") != std::string::npos);
+    if (bad) {
+        CHECK(message.find("argument 'grads[0]' (8x5, ld 2305843009213693952)") != std::string::npos);
+        CHECK(message.find("address space") != std::string::npos);
+    } else {
+        CHECK(message.find("differ across ranks") != std::string::npos);
+    }
+    CHECK(g == g_before);
+}
+
+TEST_CASE("share_first_batch_v: a finite first batch whose reduced sum overflows is overflow on every rank; a NaN on one rank is non_finite_input") {
+    auto& comm = world();
+    using B = backend_t<float>;
+    B backend;
+    const index_t tokens = 1, features = 8;
+    velora::compressor_config cc;
+    cc.groups = 2;   // s = 4: each entry of a rank's sum is 2 · 1.2e38 = 2.4e38, finite; from 2 ranks the reduced sum is not
+    const auto outcome = [&](const std::vector<float>& x) {
+        velora::compressor<B> comp(backend, features, cc);
+        const velora::status s = velora::share_first_batch_v(backend, comp, velora::const_matrix_view<float>{x.data(), tokens, features, features}, comm);
+        CHECK(velora::same_on_all_ranks(comm, static_cast<std::uint64_t>(s)));
+        if (s != status::ok) CHECK_FALSE(comp.initialised());
+        return s;
+    };
+    std::vector<float> x(static_cast<std::size_t>(features), 1.2e38f);
+    CHECK(outcome(x) == (comm.size() > 1 ? status::overflow : status::ok));
+    if (comm.rank() == comm.size() - 1) x[3] = std::numeric_limits<float>::quiet_NaN();
+    CHECK(outcome(x) == status::non_finite_input);
 }
 
 int main(int argc, char** argv) {

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <velora/velora.hpp>
+#include <velora/distributed/shared_v.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -674,6 +675,42 @@ TEST_CASE("finite X whose projection or batch mean overflows returns status::ove
         x[static_cast<std::size_t>(2 * d)] = std::numeric_limits<float>::max();
         check_overflow(c, x);
     }
+}
+
+TEST_CASE("share_first_batch_v reports the batch as compress does: overflow for a finite batch whose sub-token sum overflows, non_finite_input for NaN/Inf") {
+    using B = velora::eigen_backend<float>;
+    B backend;
+    const index_t t = 8, d = 16, g = 4;
+    velora::single_process one;
+    const auto good = gaussian<float>(static_cast<std::size_t>(t * d), 213, 0.5);
+    // Finite, but the sub-token sum (Σ over 8 tokens and 4 groups of 3e38) overflows float.
+    std::vector<float> x(static_cast<std::size_t>(t * d), 3e38f);
+    const auto outcomes = [&](const std::vector<float>& batch) {
+        velora::compressor<B> compressing(backend, d, {.groups = g}), sharing(backend, d, {.groups = g});
+        const auto fresh = sharing.save_state();
+        velora::compressor<B>::record_type r;
+        const velora::status by_compress = compressing.compress(cview(batch, t, d), r);
+        const velora::status by_share = velora::share_first_batch_v(backend, sharing, cview(batch, t, d), one);
+        if (by_share != velora::status::ok) {
+            CHECK_FALSE(sharing.initialised());
+            CHECK(sharing.save_state() == fresh);   // v unchanged
+        }
+        CAPTURE(velora::to_string(by_compress));
+        CAPTURE(velora::to_string(by_share));
+        CHECK(by_share == by_compress);   // the same batch, the same status
+        return by_share;
+    };
+    CHECK(outcomes(x) == velora::status::overflow);
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
+        CAPTURE(bad);
+        auto with_bad = x;   // the same huge batch with one non-finite entry
+        with_bad[static_cast<std::size_t>(3 * d + 5)] = bad;
+        CHECK(outcomes(with_bad) == velora::status::non_finite_input);
+        auto ordinary = good;   // and an ordinary batch with one
+        ordinary[static_cast<std::size_t>(6 * d + 1)] = bad;
+        CHECK(outcomes(ordinary) == velora::status::non_finite_input);
+    }
+    CHECK(outcomes(good) == velora::status::ok);
 }
 
 TEST_CASE("a batch mean whose squared norm overflows double still gives a unit v (it used to give v = 0)") {

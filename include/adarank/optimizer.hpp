@@ -28,6 +28,7 @@
 /// exactly the states the optimizer can be in (see load_state).
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -111,13 +112,10 @@ public:
     [[nodiscard]] const config_type& config() const noexcept { return config_; }
     [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(layers_.size()); }
 
-    /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite value.
+    /// The learning rate of the next steps (for schedules). Throws for a negative or non-finite
+    /// value, and under the torch convention for lr·wd >= 1 (check_learning_rate, policies.hpp).
     void set_learning_rate(double lr) {
-        velora::detail::require(std::isfinite(lr) && lr >= 0, "adarank::low_rank_adamw::set_learning_rate",
-                                "argument 'lr' must be finite and >= 0, got ", lr);
-        velora::detail::require(config_.adam.convention != adam_convention::torch || lr * config_.adam.weight_decay < 1,
-                                "adarank::low_rank_adamw::set_learning_rate", "argument 'lr' = ", lr, " with weight_decay = ",
-                                config_.adam.weight_decay, " gives lr x wd >= 1, which the torch convention cannot apply");
+        check_learning_rate(lr, config_.adam, "adarank::low_rank_adamw::set_learning_rate", "argument 'lr'");
         lr_ = lr;
     }
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
@@ -243,6 +241,7 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, comm, fn);
@@ -295,11 +294,14 @@ public:
     }
 
     /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
-    /// std::invalid_argument when projection_shape(id) is 0×0 or `out` has another shape.
+    /// std::invalid_argument, before anything is computed, for a view of `grad` or `out` that
+    /// check_view refuses, an `out` that shares memory with the gradient, a gradient of another
+    /// shape than the parameter's, when projection_shape(id) is 0×0, or when `out` has another shape.
     template <gradient_operator Op>
     void project(param_id id, const Op& grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project";
         const layer& l = checked_layer(id, fn);
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         const auto [rows, cols] = projection_shape(id);
@@ -307,9 +309,20 @@ public:
         velora::check_shape(out, rows, cols, fn, "out");
         side_matrix<Op>(grad, l.side).mul(basis_view(l), out);
     }
-    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) { project(id, dense_gradient<B>(*b_, grad), out); }
+    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        velora::check_view(grad, fn, "grad");
+        velora::check_view(out, fn, "out");
+        velora::check_no_alias(out, "out", grad, "grad", fn);
+        project(id, dense_gradient<B>(*b_, grad), out);
+    }
     void project(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
-        check_factored(checked_layer(id, "adarank::low_rank_adamw::project"), id, grad, "adarank::low_rank_adamw::project");
+        constexpr const char* fn = "adarank::low_rank_adamw::project";
+        check_factored(checked_layer(id, fn), id, grad, fn);
+        velora::check_view(out, fn, "out");
+        velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
+        const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
+        velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
         project(id, factored_gradient_op<B>(*b_, grad, fused_scratch_), out);
     }
 
@@ -322,6 +335,7 @@ public:
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
+        check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, comm, fn);
@@ -348,20 +362,34 @@ public:
     /// `bucket_elements` values (one for a larger gradient): the data-parallel reduction for
     /// parameters optimised densely, bucketed as DDP does, after which they are stepped without
     /// a communicator. Every rank passes the same ids in the same order; a mismatch or an invalid
-    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced. The
-    /// bucket is allocated on first use.
+    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced (a rank
+    /// whose gradient view check_shape refuses names it, e.g. 'grads[2]'). The bucket is allocated
+    /// on first use.
     template <velora::communicator C>
     void all_reduce_mean(std::span<const param_id> ids, std::span<const matrix_view<T>> grads, C& comm, index_t bucket_elements = index_t{1} << 22) {
         constexpr const char* fn = "adarank::low_rank_adamw::all_reduce_mean";
         bool valid = ids.size() == grads.size() && bucket_elements > 0;
+        std::exception_ptr bad_view;   // this rank's first gradient view that check_shape refuses, rethrown after the collective
         std::uint64_t fingerprint = 0x9e3779b97f4a7c15ULL ^ ids.size();
         for (std::size_t i = 0; valid && i < ids.size(); ++i) {
             const param_id id = ids[i];
-            valid = id >= 0 && id < size() && grads[i].data != nullptr && grads[i].rows == layers_[static_cast<std::size_t>(id)].rows &&
-                    grads[i].cols == layers_[static_cast<std::size_t>(id)].cols && grads[i].ld >= grads[i].cols;
+            valid = id >= 0 && id < size();
+            if (valid) {
+                char name[32] = "grads[";   // "grads[i]", formed without allocating
+                char* end = std::to_chars(name + 6, name + sizeof name - 1, i).ptr;
+                *end++ = ']';
+                try {
+                    const layer& l = layers_[static_cast<std::size_t>(id)];
+                    velora::check_shape(grads[i], l.rows, l.cols, fn, std::string_view(name, static_cast<std::size_t>(end - name)));
+                } catch (const std::invalid_argument&) {
+                    valid = false;
+                    bad_view = std::current_exception();
+                }
+            }
             fingerprint = velora::mix64(fingerprint ^ static_cast<std::uint64_t>(id));
         }
         const bool consistent = velora::same_on_all_ranks(comm, valid ? fingerprint : 0);
+        if (bad_view) std::rethrow_exception(bad_view);   // every other rank throws below
         velora::detail::require(valid && consistent, fn, valid ? "the parameters differ across ranks (ids or their order); this is rank "
                                                               : "invalid arguments (ids and grads must have the same length, each id registered, each "
                                                                 "gradient of its parameter's shape, bucket_elements > 0); this is rank ",
@@ -514,7 +542,8 @@ public:
     /// The blob must be intact (envelope, kind, version, checksum, length) and describe a state
     /// this optimizer can be in; a valid state is exactly:
     /// - the value width, the configuration and the registered shapes, kinds and sides match;
-    ///   the saved learning rate is finite and >= 0; flag bytes are 0 or 1;
+    ///   the saved learning rate is one set_learning_rate accepts (finite and >= 0, and lr·wd < 1
+    ///   under the torch convention); flag bytes are 0 or 1;
     /// - per parameter: the step count t <= 2^64 − 2 (a step can increment it; a step refuses to
     ///   go further); the steps in the current subspace <= t, and 0 without a subspace (rank 0);
     ///   0 <= rank <= min(r_max, rows, cols), and 0 for a dense parameter;
@@ -572,7 +601,8 @@ public:
             s.v_bound = v.max_abs;
         }
         r.expect_end();
-        if (!std::isfinite(lr) || lr < 0) r.bad("the saved learning rate ", lr, " is not finite and >= 0");
+        // The rule of the constructor and set_learning_rate: a learning rate neither accepts cannot be loaded either.
+        check_learning_rate<velora::state_format_error>(lr, config_.adam, fn, "the saved learning rate");
         // Allocate every buffer whose size changes before changing anything (buffers of the right
         // size are reused: loading does not double the memory of dense moments), then commit.
         std::vector<buffer> fresh(3 * layers_.size());
@@ -893,6 +923,13 @@ private:
             grad.row_block(0, dense);
             return step_dense(l, weight, dense, trouble);
         }
+    }
+
+    // A dense_gradient built by the host holds a view, checked as a dense gradient's view is; any
+    // other gradient operator is the host's own.
+    template <class Op>
+    static void check_operator(const Op& grad, const char* fn) {
+        if constexpr (std::is_same_v<Op, dense_gradient<B>>) velora::check_view(grad.view(), fn, "grad");
     }
 
     // A VeLoRA factored gradient must describe parameter l's shape consistently.

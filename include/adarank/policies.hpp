@@ -337,13 +337,25 @@ struct basic_optimizer_config {
 /// The library's configuration: its own rank estimator and refresh rule.
 using optimizer_config = basic_optimizer_config<>;
 
+/// The one rule for a learning rate `lr` under the AdamW hyper-parameters `adam` (their weight
+/// decay and convention): finite and >= 0, and lr·wd < 1 under the torch convention (its decay
+/// factor 1 − lr·wd divides the step). The constructor (through validate), set_learning_rate and
+/// load_state all apply it. Throws `Error` (std::invalid_argument or a class derived from it)
+/// naming `function`, `what` (the argument or field) and the values.
+template <class Error = std::invalid_argument>
+void check_learning_rate(double lr, const adamw_hyper& adam, std::string_view function, std::string_view what) {
+    if (!(std::isfinite(lr) && lr >= 0)) velora::detail::fail_as<Error>(function, what, " must be finite and >= 0, got ", lr);
+    if (adam.convention == adam_convention::torch && !(lr * adam.weight_decay < 1))
+        velora::detail::fail_as<Error>(function, what, " = ", lr, " with weight_decay = ", adam.weight_decay,
+                                       " gives lr x wd >= 1; the torch convention needs lr x weight_decay < 1 (the decay factor 1 - lr x wd divides the step)");
+}
+
 /// Throws std::invalid_argument naming `function`, the field and its value for an invalid
 /// configuration (the rank estimator and the refresh rule validate themselves).
 template <class Rank, class Refresh>
 void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
     using velora::detail::require;
     const auto finite = [](double x) { return std::isfinite(x); };
-    require(finite(c.adam.lr) && c.adam.lr >= 0, function, "config.adam.lr must be finite and >= 0, got ", c.adam.lr);
     require(finite(c.adam.beta1) && c.adam.beta1 >= 0 && c.adam.beta1 < 1, function, "config.adam.beta1 must be in [0, 1), got ", c.adam.beta1);
     require(finite(c.adam.beta2) && c.adam.beta2 >= 0 && c.adam.beta2 < 1, function, "config.adam.beta2 must be in [0, 1), got ", c.adam.beta2);
     require(finite(c.adam.eps) && c.adam.eps > 0, function, "config.adam.eps must be finite and > 0, got ", c.adam.eps);
@@ -351,9 +363,7 @@ void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view f
             c.adam.weight_decay);
     require(static_cast<unsigned>(c.adam.convention) <= 1, function, "config.adam.convention has the invalid value ",
             static_cast<int>(c.adam.convention));
-    require(c.adam.convention != adam_convention::torch || c.adam.lr * c.adam.weight_decay < 1, function,
-            "config.adam.convention torch needs lr x weight_decay < 1 (the decay factor 1 - lr x wd divides the step), got lr = ", c.adam.lr,
-            ", weight_decay = ", c.adam.weight_decay);
+    check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
     require(finite(c.scale) && c.scale > 0, function, "config.scale must be finite and > 0, got ", c.scale);
     require(static_cast<unsigned>(c.side) <= 3, function, "config.side has the invalid value ", static_cast<int>(c.side));
     c.rank.validate(function);

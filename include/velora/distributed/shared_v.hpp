@@ -19,9 +19,11 @@
 
 namespace velora {
 
-/// Returns status::ok; status::non_finite_input when the reduced sum is not finite, or
-/// status::degenerate_input when it is zero (nothing to normalise); both on every rank, v unchanged. Throws
-/// std::invalid_argument for a wrong width or a mode other than first_batch_mean or given.
+/// Returns status::ok; when the reduced sum is not finite, status::non_finite_input if some rank's
+/// x holds a NaN or an Inf, status::overflow if every x is finite (the sum overflows T), as
+/// compress reports the same batch; status::degenerate_input when the sum is zero (nothing to
+/// normalise); each on every rank, v unchanged. Throws std::invalid_argument for a wrong width or
+/// a mode other than first_batch_mean or given.
 template <backend B, communicator C>
 status share_first_batch_v(B& backend, compressor<B>& comp, const_matrix_view<typename B::value_type> x, C& comm) {
     using T = typename B::value_type;
@@ -38,10 +40,23 @@ status share_first_batch_v(B& backend, compressor<B>& comp, const_matrix_view<ty
     comm.all_reduce_sum(std::span<T>(sum.data(), static_cast<std::size_t>(s)));
     std::vector<T> host(static_cast<std::size_t>(s));
     backend.copy_to_host(sum.data(), host.data(), s);
-    bool usable = false;
+    bool usable = false, finite = true;
     for (const T e : host) {
-        if (!std::isfinite(e)) return status::non_finite_input;
+        finite = finite && std::isfinite(e);
         usable = usable || e != T(0);
+    }
+    if (!finite) {
+        // The same bits on every rank, so every rank is here. As compress tells them apart: x·0 is
+        // NaN exactly where x is NaN or ±Inf, so x's projection on the zero vector is finite
+        // exactly when x is (one more pass over x, on this failure path only).
+        const index_t groups = comp.config().groups;
+        typename B::template buffer<T> zero, z;
+        zero.resize(static_cast<std::size_t>(s));
+        z.resize(static_cast<std::size_t>(detail::checked_mul(x.rows, groups, fn, "the finiteness test's T x G")));
+        const std::vector<T> zeros(static_cast<std::size_t>(s), T(0));
+        backend.copy_from_host(zeros.data(), zero.data(), s);
+        const bool local_finite = backend.project_subtokens(x, zero.data(), s, matrix_view<T>{z.data(), x.rows, groups, groups});
+        return comm.any(!local_finite) ? status::non_finite_input : status::overflow;
     }
     if (!usable) return status::degenerate_input;
     comp.set_v(std::span<const T>(host));   // normalises
