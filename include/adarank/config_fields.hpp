@@ -1,0 +1,147 @@
+#pragma once
+/// \file
+/// The configuration of `low_rank_adamw` described once: every field of
+/// `basic_optimizer_config`, in the state format's order, with its name, the message that says
+/// it differs, and the state version that introduced it. Saving, loading and comparing a
+/// configuration (optimizer_state_io.hpp) are loops over this table, so a new field is one line
+/// here and nowhere else in the format.
+///
+/// `for_each_config_field(f, c...)` calls f(field, c.<field>...) for every field, on one
+/// configuration (save, load) or on several side by side (compare). A field's value is a double,
+/// an integer, a bool, an enum, or a policy (anything with save/load, persistent_policy).
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <velora/core/serialize.hpp>
+
+#include "policies.hpp"
+
+namespace adarank {
+
+/// One row of the table.
+struct config_field {
+    std::string_view name;        ///< as the configuration spells it, e.g. "adam.beta1"
+    std::string_view differs;     ///< what load_state says when a saved configuration differs here
+    std::uint32_t since_version;  ///< the first state version that saves it (older states hold the default)
+};
+
+template <class F, class... Configs>
+void for_each_config_field(F&& f, Configs&... c) {
+    f(config_field{"adam.lr", "adam hyper-parameters differ", 1}, c.adam.lr...);
+    f(config_field{"adam.beta1", "adam hyper-parameters differ", 1}, c.adam.beta1...);
+    f(config_field{"adam.beta2", "adam hyper-parameters differ", 1}, c.adam.beta2...);
+    f(config_field{"adam.eps", "adam hyper-parameters differ", 1}, c.adam.eps...);
+    f(config_field{"adam.weight_decay", "adam hyper-parameters differ", 1}, c.adam.weight_decay...);
+    f(config_field{"adam.convention", "adam convention differs", 2}, c.adam.convention...);
+    f(config_field{"scale", "scale differs", 1}, c.scale...);
+    f(config_field{"side", "side policy differs", 1}, c.side...);
+    f(config_field{"rank", "rank policy differs", 1}, c.rank...);
+    f(config_field{"refresh", "refresh policy differs", 1}, c.refresh...);
+    f(config_field{"transport", "transport policy differs", 1}, c.transport...);
+    f(config_field{"rsvd.oversampling", "rsvd settings differ", 1}, c.rsvd.oversampling...);
+    f(config_field{"rsvd.power_iterations", "rsvd settings differ", 1}, c.rsvd.power_iterations...);
+    f(config_field{"rsvd.warm_power_iterations", "rsvd settings differ", 1}, c.rsvd.warm_power_iterations...);
+    f(config_field{"rsvd.warm_start", "rsvd settings differ", 1}, c.rsvd.warm_start...);
+    f(config_field{"rsvd.exact_fraction", "rsvd settings differ", 1}, c.rsvd.exact_fraction...);
+    f(config_field{"seed", "seed differs", 1}, c.seed...);
+}
+
+namespace detail {
+
+// How each kind of field is written: doubles and uint64 as they are, other integers as int64 or
+// int32 (their declared width), bools and enums as one byte, policies by their own save.
+template <class V>
+void put_field(velora::state_writer& w, const V& v) {
+    if constexpr (std::is_same_v<V, double> || std::is_same_v<V, std::uint64_t>) w.put(v);
+    else if constexpr (std::is_same_v<V, bool> || std::is_enum_v<V>) w.put(static_cast<std::uint8_t>(v));
+    else if constexpr (std::is_same_v<V, int>) w.put(static_cast<std::int32_t>(v));
+    else if constexpr (std::is_integral_v<V>) w.put(static_cast<std::int64_t>(v));
+    else v.save(w);
+}
+
+// The inverse of put_field. A flag byte must be 0 or 1, and the convention's byte a convention
+// (only these are written; any other byte would not re-save to the same blob); the other enums
+// are compared with the live configuration by the caller.
+template <class V>
+void get_field(velora::state_reader& r, const config_field& field, V& v) {
+    if constexpr (std::is_same_v<V, double> || std::is_same_v<V, std::uint64_t>) {
+        v = r.get<V>();
+    } else if constexpr (std::is_same_v<V, bool>) {
+        const auto byte = r.get<std::uint8_t>();
+        if (byte > 1) r.bad("the configuration's ", field.name, " flag byte is ", int(byte), " (0 or 1 expected)");
+        v = byte != 0;
+    } else if constexpr (std::is_same_v<V, adam_convention>) {
+        const auto byte = r.get<std::uint8_t>();
+        if (byte > 1) r.bad("the configuration's ", field.name, " byte is ", int(byte), " (0 or 1 expected)");
+        v = static_cast<V>(byte);
+    } else if constexpr (std::is_enum_v<V>) {
+        v = static_cast<V>(r.get<std::uint8_t>());
+    } else if constexpr (std::is_same_v<V, int>) {
+        v = r.get<std::int32_t>();
+    } else if constexpr (std::is_integral_v<V>) {
+        v = static_cast<V>(r.get<std::int64_t>());
+    } else {
+        v = V::load(r);
+    }
+}
+
+// Two values of a field compared as they would be saved: doubles bit for bit (a saved -0.0 where
+// 0.0 is configured compares equal but would not re-save to the same blob), policies by the bytes
+// they save.
+template <class V>
+bool same_field(const V& a, const V& b) {
+    if constexpr (std::is_same_v<V, double>) {
+        return std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b);
+    } else if constexpr (std::is_arithmetic_v<V> || std::is_enum_v<V>) {
+        return a == b;
+    } else {
+        const auto bytes = [](const V& p) {
+            velora::state_writer w("adarank.policy", 1);
+            p.save(w);
+            return std::move(w).finish();
+        };
+        return bytes(a) == bytes(b);
+    }
+}
+
+} // namespace detail
+
+/// Writes every field of `c` (the state format's configuration block).
+template <class Rank, class Refresh>
+void put_config(velora::state_writer& w, const basic_optimizer_config<Rank, Refresh>& c) {
+    for_each_config_field([&](const config_field&, const auto& v) { detail::put_field(w, v); }, c);
+}
+
+/// Reads a configuration block written by state `version` (fields introduced later keep their
+/// defaults).
+template <class Rank, class Refresh>
+basic_optimizer_config<Rank, Refresh> get_config(velora::state_reader& r, std::uint32_t version) {
+    basic_optimizer_config<Rank, Refresh> c;
+    for_each_config_field(
+        [&](const config_field& field, auto& v) {
+            if (version >= field.since_version) detail::get_field(r, field, v);
+        },
+        c);
+    return c;
+}
+
+/// What the first field that differs between a saved and the live configuration says ("" when
+/// none does).
+template <class Rank, class Refresh>
+std::string describe_difference(const basic_optimizer_config<Rank, Refresh>& saved, const basic_optimizer_config<Rank, Refresh>& live) {
+    std::string_view first;
+    for_each_config_field(
+        [&](const config_field& field, const auto& a, const auto& b) {
+            if (first.empty() && !detail::same_field(a, b)) first = field.differs;
+        },
+        saved, live);
+    return std::string(first);
+}
+
+} // namespace adarank

@@ -1,0 +1,238 @@
+#pragma once
+/// \file
+/// The state format of `low_rank_adamw` (kind "adarank.low_rank_adamw", version 2): what
+/// save_state writes and load_state reads and checks, field by field (a struct's padding bytes
+/// are never part of it), and the fingerprint data-parallel registration compares across ranks.
+/// Version 2 added the Adam convention (version 1 states load as galore).
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <velora/core/serialize.hpp>
+
+#include "config_fields.hpp"
+#include "overflow_certificate.hpp"
+#include "parameter.hpp"
+#include "policies.hpp"
+
+namespace adarank {
+
+/// A basis handed to set_basis or found in a loaded state must have orthonormal rows within this
+/// tolerance: max |B·Bᵀ − I| (entry-wise, computed in double). The library's own bases are U_Cᵀ·S,
+/// one GEMM in T of factors orthonormal to double precision (CholeskyQR2, the Gram eigenvectors)
+/// or to T's (the Householder fall-back), so they deviate by a few hundred units of T's rounding at
+/// most (~1e-5 in float, ~1e-13 in double for sketches and lengths in the thousands); the
+/// tolerance leaves a margin of 100× (float) and 1e5× (double) over that and still rejects what is
+/// not a basis (a zero row deviates by 1, a doubled one by 3).
+template <class T>
+inline constexpr double orthonormality_tolerance = std::numeric_limits<T>::digits <= 24 ? 1e-3 : 1e-8;
+
+template <optimizer_backend B, class Rank, class Refresh>
+struct optimizer_state_io {
+    using T = typename B::value_type;
+    using buffer = typename B::template buffer<T>;
+    using config_type = basic_optimizer_config<Rank, Refresh>;
+    using cert = overflow_certificate<T>;
+
+    static constexpr std::string_view kind = "adarank.low_rank_adamw";
+    static constexpr std::uint32_t version = 2;   // 2: adds the Adam convention (version 1 states load as galore)
+
+    /// save_state's work: the envelope, the value width, the configuration, the learning rate,
+    /// then per parameter its shape, kind, side, progress, basis and moments.
+    static std::vector<std::byte> save(B& b, const config_type& config, double lr, const std::vector<parameter_state<B>>& layers) {
+        velora::state_writer w(kind, version);
+        w.put(static_cast<std::uint8_t>(sizeof(T)));
+        put_config(w, config);
+        w.put(lr);
+        w.put(static_cast<std::uint64_t>(layers.size()));
+        std::vector<T> host;
+        for (const parameter_state<B>& l : layers) {
+            w.put(static_cast<std::int64_t>(l.rows));
+            w.put(static_cast<std::int64_t>(l.cols));
+            w.put(static_cast<std::uint8_t>(l.low_rank));
+            w.put(static_cast<std::uint8_t>(l.side));
+            put_progress(w, l);
+            const index_t moment_size = l.low_rank ? l.rank * l.other : l.rows * l.cols;
+            put_buffer(b, w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
+            put_buffer(b, w, l.m, moment_size, host);
+            put_buffer(b, w, l.v, moment_size, host);
+        }
+        return std::move(w).finish();
+    }
+
+    /// load_state's work (its documentation lists what a valid state is): every check before
+    /// anything changes, then the commit; the saved learning rate goes to `live_lr`.
+    static void load(B& b, const config_type& config, double& live_lr, std::vector<parameter_state<B>>& layers, std::span<const std::byte> blob) {
+        constexpr const char* fn = "adarank::low_rank_adamw::load_state";
+        velora::state_reader r(blob, kind, version, fn);
+        const auto width = r.get<std::uint8_t>();
+        if (width != sizeof(T)) r.bad("state was saved with ", int(width), "-byte values but this optimizer uses ", sizeof(T));
+        config_type saved = get_config<Rank, Refresh>(r, r.version());
+        saved.adam.lr = config.adam.lr;
+        if (const std::string difference = describe_difference(saved, config); !difference.empty())
+            r.bad("state was saved with a different optimizer configuration (", difference, ")");
+        const auto lr = r.get<double>();
+        const auto count = r.get<std::uint64_t>();
+        if (count != layers.size()) r.bad("state holds ", count, " parameters but ", layers.size(), " are registered");
+        std::vector<loaded_parameter<T>> loaded(layers.size());
+        for (std::size_t i = 0; i < layers.size(); ++i) {
+            const parameter_state<B>& l = layers[i];
+            loaded_parameter<T>& s = loaded[i];
+            const auto rows = r.get<std::int64_t>(), cols = r.get<std::int64_t>();
+            const auto low_rank_flag = r.get<std::uint8_t>();
+            const auto side = r.get<std::uint8_t>();
+            if (low_rank_flag > 1) r.bad("parameter ", i, " has the kind flag ", int(low_rank_flag), " (0 or 1 expected)");
+            const bool low_rank = low_rank_flag != 0;
+            if (rows != l.rows || cols != l.cols || low_rank != l.low_rank || side != static_cast<std::uint8_t>(l.side))
+                r.bad("parameter ", i, " was saved as ", rows, "x", cols, low_rank ? " low-rank" : " dense", " but is registered as ", l.rows,
+                      "x", l.cols, l.low_rank ? " low-rank" : " dense");
+            static_cast<parameter_progress&>(s) = get_progress(r, i);
+            check_progress(r, i, l, s);
+            const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
+            s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
+            s.m = r.get_array<T>(moment_size);
+            s.v = r.get_array<T>(moment_size);
+            if (s.rank > 0) {
+                const auto check = cert::check_basis(s.basis, s.rank, l.len);
+                if (check.bad_row >= 0) r.bad("parameter ", i, " has a basis entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
+                if (!(check.deviation <= orthonormality_tolerance<T>))
+                    r.bad("parameter ", i, ": the basis rows are not orthonormal: max |B·Bᵀ − I| = ", check.deviation, " exceeds the tolerance ",
+                          orthonormality_tolerance<T>);
+                s.basis_norm = check.norm;
+            }
+            const auto m = cert::summarize(s.m), v = cert::summarize(s.v);
+            if (!m.finite) r.bad("parameter ", i, ": the first moment has a non-finite entry");
+            if (!v.finite || v.negative) r.bad("parameter ", i, ": the second moment has a non-finite or negative entry");
+            s.m_bound = m.max_abs;
+            s.v_bound = v.max_abs;
+        }
+        r.expect_end();
+        // The rule of the constructor and set_learning_rate: a learning rate neither accepts cannot be loaded either.
+        check_learning_rate<velora::state_format_error>(lr, config.adam, fn, "the saved learning rate");
+        // Allocate every buffer whose size changes before changing anything (buffers of the right
+        // size are reused: loading does not double the memory of dense moments), then commit.
+        std::vector<buffer> fresh(3 * layers.size());
+        auto live = [&](std::size_t i, int which) -> buffer& {
+            return which == 0 ? layers[i].basis : which == 1 ? layers[i].m : layers[i].v;
+        };
+        auto loaded_part = [&](std::size_t i, int which) -> const std::vector<T>& {
+            return which == 0 ? loaded[i].basis : which == 1 ? loaded[i].m : loaded[i].v;
+        };
+        for (std::size_t i = 0; i < layers.size(); ++i)
+            for (int which = 0; which < 3; ++which)
+                if (live(i, which).size() != loaded_part(i, which).size()) fresh[3 * i + static_cast<std::size_t>(which)].resize(loaded_part(i, which).size());
+        for (std::size_t i = 0; i < layers.size(); ++i) {
+            for (int which = 0; which < 3; ++which) {
+                buffer& target = live(i, which);
+                const std::vector<T>& source = loaded_part(i, which);
+                if (target.size() != source.size()) target = std::move(fresh[3 * i + static_cast<std::size_t>(which)]);
+                b.copy_from_host(source.data(), target.data(), static_cast<index_t>(source.size()));
+            }
+            static_cast<parameter_progress&>(layers[i]) = loaded[i];
+            // The certificate's bounds are not saved: they are recomputed exactly from the arrays.
+            layers[i].m_bound = loaded[i].m_bound;
+            layers[i].v_bound = loaded[i].v_bound;
+            layers[i].basis_norm = loaded[i].basis_norm;
+        }
+        live_lr = lr;
+    }
+
+    /// What every rank must agree on about a parameter just registered as `id`: its index, shape,
+    /// kind and side, and the configuration; never 0 (the value of a failed registration).
+    static std::uint64_t registration_fingerprint(const config_type& config, index_t id, const parameter_state<B>& l) {
+        velora::state_writer w("adarank.registration", 1);
+        put_config(w, config);
+        w.put(static_cast<std::int64_t>(id));
+        w.put(static_cast<std::int64_t>(l.rows));
+        w.put(static_cast<std::int64_t>(l.cols));
+        w.put(static_cast<std::uint8_t>(l.low_rank));
+        w.put(static_cast<std::uint8_t>(l.side));
+        const std::vector<std::byte> blob = std::move(w).finish();
+        return velora::hash_bytes(blob) | 1;
+    }
+
+    static void put_buffer(B& b, velora::state_writer& w, const buffer& buf, index_t n, std::vector<T>& host) {
+        host.resize(static_cast<std::size_t>(n));
+        b.copy_to_host(buf.data(), host.data(), n);
+        w.put_array(std::span<const T>(host));
+    }
+
+    // Field by field: a struct's padding bytes are not part of the format.
+    static void put_progress(velora::state_writer& w, const parameter_progress& p) {
+        w.put(static_cast<std::int64_t>(p.rank));
+        w.put(p.t);
+        w.put(p.since);
+        w.put(p.refreshes);
+        w.put(p.counter);
+        w.put(p.anchor2);
+        w.put(p.projected_norm2);
+        put_report(w, p.last);
+    }
+    static parameter_progress get_progress(velora::state_reader& r, std::size_t i) {
+        parameter_progress p;
+        p.rank = static_cast<index_t>(r.get<std::int64_t>());
+        p.t = r.get<std::uint64_t>();
+        p.since = r.get<std::uint64_t>();
+        p.refreshes = r.get<std::uint64_t>();
+        p.counter = r.get<std::uint64_t>();
+        p.anchor2 = r.get<double>();
+        p.projected_norm2 = r.get<double>();
+        p.last = get_report(r, i);
+        return p;
+    }
+
+    // The counters, rank, norms and report of a loaded parameter (see load_state for the rules).
+    static void check_progress(const velora::state_reader& r, std::size_t i, const parameter_state<B>& l, const parameter_progress& p) {
+        if (p.t > cert::max_steps) r.bad("parameter ", i, " has the step count t = ", p.t, ", which cannot be incremented (at most ", cert::max_steps, ")");
+        const index_t cap = l.low_rank ? l.r_cap : 0;
+        if (p.rank < 0 || p.rank > cap) r.bad("parameter ", i, " has the invalid rank ", p.rank, " (at most ", cap, ")");
+        if (p.since > p.t) r.bad("parameter ", i, " has ", p.since, " steps in the subspace but only ", p.t, " steps");
+        if (p.rank == 0 && p.since != 0) r.bad("parameter ", i, " has ", p.since, " steps in the subspace but no subspace");
+        if (!(p.anchor2 == -1.0 || (std::isfinite(p.anchor2) && p.anchor2 >= 0)))
+            r.bad("parameter ", i, " has the anchor ‖Ĝ_t0‖² = ", p.anchor2, ", neither -1 (not yet known) nor finite and >= 0");
+        if (!(std::isfinite(p.projected_norm2) && p.projected_norm2 >= 0))
+            r.bad("parameter ", i, " has the projected gradient energy ‖Ĝ‖² = ", p.projected_norm2, ", not finite and >= 0");
+        const subspace_report& rep = p.last;
+        if (rep.rank != p.rank) r.bad("parameter ", i, " has rank ", p.rank, " but its last refresh report has rank ", rep.rank);
+        if (rep.sketch < 0 || rep.sketch > std::min(l.rows, l.cols))
+            r.bad("parameter ", i, " has the report sketch size ", rep.sketch, " outside [0, ", std::min(l.rows, l.cols), "]");
+        if (rep.power_iterations < 0 || rep.power_iterations > 64)
+            r.bad("parameter ", i, " has the report power iterations ", rep.power_iterations, " outside [0, 64]");
+        if (!(std::isfinite(rep.energy) && rep.energy >= 0)) r.bad("parameter ", i, " has the report energy ", rep.energy, ", not finite and >= 0");
+        if (!(std::isfinite(rep.captured) && rep.captured >= 0))
+            r.bad("parameter ", i, " has the report captured energy ", rep.captured, ", not finite and >= 0");
+    }
+
+    static void put_report(velora::state_writer& w, const subspace_report& rep) {
+        w.put(static_cast<std::int64_t>(rep.rank));
+        w.put(static_cast<std::int64_t>(rep.sketch));
+        w.put(static_cast<std::int32_t>(rep.power_iterations));
+        w.put(static_cast<std::uint8_t>(rep.exact));
+        w.put(static_cast<std::uint8_t>(rep.warm));
+        w.put(rep.energy);
+        w.put(rep.captured);
+    }
+    static subspace_report get_report(velora::state_reader& r, std::size_t i) {
+        subspace_report rep;
+        rep.rank = static_cast<index_t>(r.get<std::int64_t>());
+        rep.sketch = static_cast<index_t>(r.get<std::int64_t>());
+        rep.power_iterations = r.get<std::int32_t>();
+        const auto exact = r.get<std::uint8_t>(), warm = r.get<std::uint8_t>();
+        // Only 0 and 1 are written; any other byte would not re-save to the same blob.
+        if (exact > 1 || warm > 1) r.bad("parameter ", i, " has a report flag byte ", int(exact > 1 ? exact : warm), " (0 or 1 expected)");
+        rep.exact = exact != 0;
+        rep.warm = warm != 0;
+        rep.energy = r.get<double>();
+        rep.captured = r.get<double>();
+        return rep;
+    }
+};
+
+} // namespace adarank
