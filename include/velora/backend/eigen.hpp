@@ -11,6 +11,8 @@
 /// - adam.hpp: the element-wise Adam(W) kernels.
 /// - linalg.hpp: refresh-time linear algebra (CholeskyQR2, Gram-matrix SVD, in double).
 /// This class composes them behind the backend interface (concepts.hpp) and owns their scratch.
+/// The rules shared with the CUDA backend (GEMM argument checks, CholeskyQR2's acceptance,
+/// the Gram-SVD assembly, the sign rule) are in include/velora/backend/rules/.
 ///
 /// Determinism: every result is the same bits at any thread count (docs/architecture.md,
 /// tests/test_determinism.cpp).
@@ -39,6 +41,7 @@
 #include "cpu/reductions.hpp"
 #include "cpu/subtokens.hpp"
 #include "cpu/threading.hpp"
+#include "rules/row_signs.hpp"
 
 namespace velora {
 
@@ -224,13 +227,8 @@ public:
     /// Flips the sign of every row whose entry of largest magnitude (the first one, on ties) is
     /// negative: a canonical sign for singular vectors, whatever QR or SVD produced them.
     void canonicalize_row_signs(matrix_view<T> a) {
-        for (index_t r = 0; r < a.rows; ++r) {
-            const T* row = a.row(r);
-            index_t at = 0;
-            for (index_t c = 1; c < a.cols; ++c)
-                if (std::abs(row[c]) > std::abs(row[at])) at = c;
-            if (row[at] < T(0)) VecOut(a.row(r), a.cols) *= T(-1);
-        }
+        for (index_t r = 0; r < a.rows; ++r)   // the rule: rules/row_signs.hpp
+            if (rules::row_sign_flips(a(r, rules::row_sign_pivot(a.row(r), a.cols)))) VecOut(a.row(r), a.cols) *= T(-1);
     }
 
 private:

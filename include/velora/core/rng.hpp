@@ -11,11 +11,7 @@
 
 // Under nvcc the transform below is also compiled for the device, so a CUDA kernel draws
 // the same numbers (the macro is empty for every other compiler; no CUDA header is needed).
-#if defined(__CUDACC__)
-#define VELORA_HOST_DEVICE __host__ __device__
-#else
-#define VELORA_HOST_DEVICE
-#endif
+#include "host_device.hpp"
 
 namespace velora {
 

@@ -40,6 +40,9 @@
 #include <Eigen/Eigenvalues>
 #pragma nv_diag_default 20012
 
+#include <velora/backend/rules/cholesky_qr2.hpp>
+#include <velora/backend/rules/gemm_arguments.hpp>
+#include <velora/backend/rules/gram_svd.hpp>
 #include <velora/concepts.hpp>
 #include <velora/core/error.hpp>
 #include <velora/core/storage.hpp>
@@ -159,18 +162,8 @@ public:
     /// C = alpha · op(A) · op(B) + beta · C (row-major views), by cuBLAS. beta = 0 ignores C.
     void gemm(op op_a, op op_b, T alpha, const_matrix_view<T> a, const_matrix_view<T> b, T beta, matrix_view<T> c) {
         constexpr const char* fn = "velora::cuda::cuda_backend::gemm";
-        check_view(a, fn, "a");
-        check_view(b, fn, "b");
-        check_view(c, fn, "c");
-        const index_t m = op_a == op::none ? a.rows : a.cols;
-        const index_t k = op_a == op::none ? a.cols : a.rows;
-        const index_t kb = op_b == op::none ? b.rows : b.cols;
-        const index_t n = op_b == op::none ? b.cols : b.rows;
-        detail_require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
-        detail_require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
+        const auto [m, n, k] = rules::check_gemm_arguments<T>(fn, op_a, op_b, a, b, c);   // shapes, inner dimensions, aliasing
         require_int(fn, m, n, k, a.ld, b.ld, c.ld);
-        check_no_alias(c, "c", a, "a", fn);
-        check_no_alias(c, "c", b, "b", fn);
         gemm_unchecked(fn, op_a, op_b, alpha, a, b, beta, c, m, n, k);
     }
 
@@ -297,8 +290,9 @@ public:
 
     // ---------------------------------------------------------------- optimizer kernels
     /// Rows of a (k×c, k <= c) made orthonormal in place, same row space: CholeskyQR2 in
-    /// double (DGEMM Gram, potrf, trsm; the same acceptance tests as eigen_backend), with
-    /// Householder QR of aᵀ (geqrf + orgqr, in T) when the Cholesky factorisation breaks down.
+    /// double (DGEMM Gram, potrf, trsm), its passes and acceptance tests those of every backend
+    /// (velora/backend/rules/cholesky_qr2.hpp), with Householder QR of aᵀ (geqrf + orgqr, in T)
+    /// when a pass refuses or the Cholesky factorisation breaks down.
     void orthonormalize_rows(matrix_view<T> a) {
         constexpr const char* fn = "velora::cuda::cuda_backend::orthonormalize_rows";
         check_view(a, fn, "a");
@@ -316,43 +310,38 @@ public:
             const index_t ld = a.ld;
             for_each_2d(fn, k, c, [=] __device__(kernels::index r, kernels::index j) { xd[r * c + j] = static_cast<double>(src[r * ld + j]); });
         }
-        bool ok = true;
         std::vector<double>& diag = host_scratch_;
-        for (int pass = 0; pass < 2 && ok; ++pass) {
-            const double one = 1, zero = 0;
-            bind_blas(fn);
-            detail::check(cublasDgemm(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(k), int(k), int(c), &one, xd, int(c), xd, int(c), &zero, gram, int(k)),
-                          fn, "cublasDgemm (Gram matrix)");
-            bind_solver(fn);
-            detail::check(cusolverDnDpotrf(ctx_.solver, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), work, lwork, info), fn, "cusolverDnDpotrf");
-            int host_info = 0;
-            diag.resize(static_cast<std::size_t>(k));
-            detail::check(cudaMemcpy2DAsync(diag.data(), sizeof(double), gram, (k + 1) * sizeof(double), sizeof(double), k,
-                                            cudaMemcpyDeviceToHost, ctx_.stream),
-                          fn, "cudaMemcpy2DAsync (Cholesky diagonal)");
-            detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync (potrf info)");
-            detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
-            // info > 0: the leading minor of that order is not positive definite (a breakdown:
-            // Householder takes over); info < 0: potrf refused its argument -info, a bug to
-            // report, never a reason to fall back.
-            if (host_info < 0)
-                throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_INVALID_VALUE),
-                                  std::string(fn) + ": cusolverDnDpotrf refused argument " + std::to_string(-host_info) + " (info = " +
-                                      std::to_string(host_info) + ")"});
-            ok = host_info == 0;
-            if (ok) {
-                // As in eigen_backend: pass 1 accepts cond(L) up to ~1e7, pass 2 must see an
-                // almost orthonormal block.
-                const auto [lo, hi] = std::minmax_element(diag.begin(), diag.end());
-                ok = *lo > (pass == 0 ? 1e-7 : 0.5) * *hi;
-            }
-            if (ok) {   // X ← X·L⁻ᵀ, i.e. the rows of a ← L⁻¹·a
+        const double one = 1, zero = 0;
+        const bool ok = rules::cholesky_qr2(
+            [&] {   // Gram matrix of the current rows, potrf, and L's diagonal on the host
+                bind_blas(fn);
+                detail::check(cublasDgemm(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(k), int(k), int(c), &one, xd, int(c), xd, int(c), &zero, gram, int(k)),
+                              fn, "cublasDgemm (Gram matrix)");
+                bind_solver(fn);
+                detail::check(cusolverDnDpotrf(ctx_.solver, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), work, lwork, info), fn, "cusolverDnDpotrf");
+                int host_info = 0;
+                diag.resize(static_cast<std::size_t>(k));
+                detail::check(cudaMemcpy2DAsync(diag.data(), sizeof(double), gram, (k + 1) * sizeof(double), sizeof(double), k,
+                                                cudaMemcpyDeviceToHost, ctx_.stream),
+                              fn, "cudaMemcpy2DAsync (Cholesky diagonal)");
+                detail::check(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync (potrf info)");
+                detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+                // info > 0: the leading minor of that order is not positive definite (a breakdown:
+                // Householder takes over); info < 0: potrf refused its argument -info, a bug to
+                // report, never a reason to fall back.
+                if (host_info < 0)
+                    throw cuda_error({cuda_library::cusolver, static_cast<int>(CUSOLVER_STATUS_INVALID_VALUE),
+                                      std::string(fn) + ": cusolverDnDpotrf refused argument " + std::to_string(-host_info) + " (info = " +
+                                          std::to_string(host_info) + ")"});
+                if (host_info != 0) return rules::cholesky_diagonal{};
+                return rules::cholesky_diagonal{diag.data(), k, 1};
+            },
+            [&] {   // X ← X·L⁻ᵀ, i.e. the rows of a ← L⁻¹·a
                 bind_blas(fn);
                 detail::check(cublasDtrsm(ctx_.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, int(c), int(k), &one,
                                           gram, int(k), xd, int(c)),
                               fn, "cublasDtrsm");
-            }
-        }
+            });
         if (ok) {
             T* dst = a.data;
             const index_t ld = a.ld;
@@ -368,8 +357,8 @@ public:
     [[nodiscard]] std::size_t householder_fallbacks() const noexcept { return householder_fallbacks_; }
 
     /// Singular values (descending, host memory, double) and left singular vectors (the columns
-    /// of u, k×k) of a wide c (k×n, k <= n), from the eigen-decomposition of c·cᵀ in double.
-    /// Waits for the result.
+    /// of u, k×k) of a wide c (k×n, k <= n), from the eigen-decomposition of c·cᵀ in double,
+    /// assembled as on every backend (velora/backend/rules/gram_svd.hpp). Waits for the result.
     void gram_svd(const_matrix_view<T> c, matrix_view<T> u, double* sigma) {
         constexpr const char* fn = "velora::cuda::cuda_backend::gram_svd";
         check_view(c, fn, "c");
@@ -403,8 +392,11 @@ public:
             detail::check(cusolverDnDsyevd(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, int(k), gram, int(k), w, work, lwork,
                                            info_flag()),
                           fn, "cusolverDnDsyevd");
-            // u(j, i) = eigenvector k-1-i (column k-1-i of the column-major result), entry j.
-            for_each_2d(fn, k, k, [=] __device__(kernels::index j, kernels::index i) { ud[j * ldu + i] = static_cast<T>(gram[(k - 1 - i) * k + j]); });
+            // u(j, i) = entry j of eigenvector rules::gram_svd_source(k, i) (a column of the
+            // column-major result).
+            for_each_2d(fn, k, k, [=] __device__(kernels::index j, kernels::index i) {
+                ud[j * ldu + i] = static_cast<T>(gram[rules::gram_svd_source(k, i) * k + j]);
+            });
             detail::check(cudaMemcpyAsync(values.data(), w, bytes_of<double>(k), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
             int host_info = 0;
             detail::check(cudaMemcpyAsync(&host_info, info_flag(), sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
@@ -419,14 +411,13 @@ public:
             detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
             host_eig_.compute(host_gram_);   // symmetric: row- or column-major is the same matrix
             host_u_.resize(static_cast<std::size_t>(k * k));
-            for (index_t i = 0; i < k; ++i) {
-                values[static_cast<std::size_t>(i)] = host_eig_.eigenvalues()(i);
-                for (index_t j = 0; j < k; ++j) host_u_[static_cast<std::size_t>(j * k + i)] = static_cast<T>(host_eig_.eigenvectors()(j, k - 1 - i));
-            }
+            std::copy_n(host_eig_.eigenvalues().data(), k, values.begin());
+            rules::gram_svd_left_vectors(([&](index_t j, index_t e) { return host_eig_.eigenvectors()(j, e); }),
+                                         matrix_view<T>(host_u_.data(), k, k, k));
             detail::check(cudaMemcpy2DAsync(ud, ldu * sizeof(T), host_u_.data(), k * sizeof(T), k * sizeof(T), k, cudaMemcpyHostToDevice, ctx_.stream),
                           fn, "cudaMemcpy2DAsync");
         }
-        for (index_t i = 0; i < k; ++i) sigma[i] = std::sqrt(std::max(0.0, values[static_cast<std::size_t>(k - 1 - i)]));
+        rules::gram_svd_singular_values(k, values.data(), sigma);   // σ descending from λ ascending
     }
 
     /// Σ a[i, j]² in double, in a fixed summation order. Waits for the result.
@@ -517,7 +508,8 @@ public:
                     [=] __device__(kernels::index r, kernels::index c) { d[r * ld + c] = r == c ? T(1) : T(0); });
     }
 
-    /// Flips the sign of every row whose largest-magnitude entry (the first on ties) is negative.
+    /// Flips the sign of every row whose largest-magnitude entry (the first on ties) is negative
+    /// (the rule: velora/backend/rules/row_signs.hpp).
     void canonicalize_row_signs(matrix_view<T> a) {
         if (a.empty()) return;
         kernels::canonicalize_row_signs<T><<<static_cast<unsigned>(std::min<index_t>(a.rows, 65535)), dim3(kernels::kBlockX, kernels::kBlockY), 0,

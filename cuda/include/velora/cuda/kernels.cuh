@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include <velora/backend/rules/row_signs.hpp>
 #include <velora/core/rng.hpp>
 #include <velora/core/storage.hpp>
 
@@ -202,7 +203,9 @@ __global__ void fill_gaussian(std::uint64_t seed, std::uint64_t offset, T* out, 
     }
 }
 
-/// Flips each row whose largest-magnitude entry (the first one on ties) is negative.
+/// Flips each row whose largest-magnitude entry (the first one on ties) is negative: an
+/// arg-max per row (a per-thread scan, then a tree over the block), both comparing with the
+/// rule every backend uses (velora/backend/rules/row_signs.hpp).
 template <class T>
 __global__ void canonicalize_row_signs(T* a, index rows, index cols, index ld) {
     __shared__ double best_abs[kThreads];
@@ -214,7 +217,7 @@ __global__ void canonicalize_row_signs(T* a, index rows, index cols, index ld) {
         index at = cols;
         for (index c = tid; c < cols; c += kThreads) {
             const double e = fabs(static_cast<double>(row[c]));
-            if (e > mine) {   // c increases, so ties keep the first
+            if (rules::row_sign_pivot_beats(e, c, mine, at)) {   // (c increases, so ties keep the first)
                 mine = e;
                 at = c;
             }
@@ -226,14 +229,14 @@ __global__ void canonicalize_row_signs(T* a, index rows, index cols, index ld) {
             if (tid < half) {
                 const double other = best_abs[tid + half];
                 const index other_at = best_at[tid + half];
-                if (other > best_abs[tid] || (other == best_abs[tid] && other_at < best_at[tid])) {
+                if (rules::row_sign_pivot_beats(other, other_at, best_abs[tid], best_at[tid])) {
                     best_abs[tid] = other;
                     best_at[tid] = other_at;
                 }
             }
             __syncthreads();
         }
-        const bool flip = best_at[0] < cols && row[best_at[0]] < T(0);
+        const bool flip = best_at[0] < cols && rules::row_sign_flips(row[best_at[0]]);
         __syncthreads();   // everyone has read best_at[0] before the next row overwrites it
         if (flip)
             for (index c = tid; c < cols; c += kThreads) row[c] = -row[c];

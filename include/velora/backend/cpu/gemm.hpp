@@ -40,6 +40,7 @@
 #include "../../concepts.hpp"
 #include "../../core/error.hpp"
 #include "../../core/view.hpp"
+#include "../rules/gemm_arguments.hpp"
 #include "threading.hpp"
 
 namespace velora::cpu {
@@ -126,17 +127,7 @@ public:
     template <class S>
     void run(const char* fn, op op_a, op op_b, S alpha, const_matrix_view<S> a, const_matrix_view<S> b, S beta, matrix_view<S> c) const {
         static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>, "the CPU GEMM supports float and double");
-        check_view(a, fn, "a");
-        check_view(b, fn, "b");
-        check_view(c, fn, "c");
-        const index_t m = op_a == op::none ? a.rows : a.cols;
-        const index_t k = op_a == op::none ? a.cols : a.rows;
-        const index_t kb = op_b == op::none ? b.rows : b.cols;
-        const index_t n = op_b == op::none ? b.cols : b.rows;
-        detail::require(k == kb, fn, "inner dimensions differ: op(a) is ", m, "x", k, ", op(b) is ", kb, "x", n);
-        detail::require(c.rows == m && c.cols == n, fn, "argument 'c' is ", c.rows, "x", c.cols, " but op(a)·op(b) is ", m, "x", n);
-        check_no_alias(c, "c", a, "a", fn);
-        check_no_alias(c, "c", b, "b", fn);
+        const auto [m, n, k] = rules::check_gemm_arguments<S>(fn, op_a, op_b, a, b, c);   // shapes, inner dimensions, aliasing
         if (m == 0 || n == 0) return;
 
         gemm_engine engine = engine_for(m, n, k);

@@ -7,6 +7,11 @@
 /// through the backend's threaded driver; Eigen's decompositions run on the calling thread
 /// (serial_eigen_scope), so their bits do not depend on the thread count, and allocate their
 /// own temporaries (kept here between calls, resized when a shape grows).
+///
+/// The rules above the primitives are shared with the CUDA backend (../rules/): CholeskyQR2's
+/// passes and acceptance tests (cholesky_qr2.hpp), the assembly of singular pairs from the
+/// Gram matrix's eigen-decomposition (gram_svd.hpp). This file supplies the primitives: the
+/// Gram GEMM, Eigen's LLT and triangular solve, Householder QR, the symmetric eigensolver.
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
@@ -17,6 +22,8 @@
 
 #include "../../core/error.hpp"
 #include "../../core/view.hpp"
+#include "../rules/cholesky_qr2.hpp"
+#include "../rules/gram_svd.hpp"
 #include "gemm.hpp"
 #include "threading.hpp"
 
@@ -29,8 +36,9 @@ public:
     /// CholeskyQR2 in double (two passes of Q = L⁻¹·A with L Lᵀ = A Aᵀ: GEMM speed, and
     /// orthonormal to double rounding for cond(A) up to ~1e7; the row space is kept to
     /// ~1e-16·cond(A), far below float rounding); when the Cholesky factorisation breaks down
-    /// (rank-deficient or nearly so, e.g. a zero matrix) it falls back to Householder QR of aᵀ,
-    /// which returns orthonormal rows for any input.
+    /// (rank-deficient or nearly so, e.g. a zero matrix) or a pass refuses its factor
+    /// (rules::cholesky_qr2_accepts), it falls back to Householder QR of aᵀ, which returns
+    /// orthonormal rows for any input.
     void orthonormalize_rows(const gemm_driver& gemm, matrix_view<T> a) {
         constexpr const char* fn = "velora::eigen_backend::orthonormalize_rows";
         check_view(a, fn, "a");
@@ -38,25 +46,20 @@ public:
         const ConstRowMap in(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
         rows_ = in.template cast<double>();
         [[maybe_unused]] const serial_eigen_scope serial;
-        bool ok = true;
-        for (int pass = 0; pass < 2 && ok; ++pass) {
-            gram_of_rows(gemm);
-            llt_.compute(gram_);
-            ok = llt_.info() == Eigen::Success;
-            if (ok) {
-                // Pass 1 accepts cond(L) up to ~1e7 (a lower bound from the diagonal); pass 2 must
-                // see an almost orthonormal block, or pass 1 has lost too much and Householder takes over.
-                const auto diag = llt_.matrixLLT().diagonal();
-                ok = diag.minCoeff() > (pass == 0 ? 1e-7 : 0.5) * diag.maxCoeff();
-            }
-            if (ok) {
+        const bool ok = rules::cholesky_qr2(
+            [&] {   // Gram matrix of the current rows and its Cholesky factor
+                gram_of_rows(gemm);
+                llt_.compute(gram_);
+                if (llt_.info() != Eigen::Success) return rules::cholesky_diagonal{};
+                return rules::cholesky_diagonal{llt_.matrixLLT().data(), a.rows, a.rows + 1};   // column-major k×k
+            },
+            [&] {   // rows ← L⁻¹·rows
                 l_inverse_.setIdentity(a.rows, a.rows);
                 llt_.matrixL().solveInPlace(l_inverse_);
                 next_.resize(rows_.rows(), rows_.cols());
                 gemm.run<double>(fn, op::none, op::none, 1.0, view(l_inverse_), view(rows_), 0.0, view(next_));
                 rows_.swap(next_);
-            }
-        }
+            });
         RowMap out(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.ld));
         if (ok) {
             out = rows_.template cast<T>();
@@ -72,7 +75,8 @@ public:
     /// Singular values (descending, into host memory, as double) and left singular vectors
     /// (the columns of u, k×k) of a wide matrix c (k×n, k <= n), from the eigen-decomposition
     /// of the Gram matrix c·cᵀ formed in double: singular values below ~1e-8·σ₁ are not resolved
-    /// (far below float rounding), in exchange for one GEMM instead of a QR of c.
+    /// (far below float rounding), in exchange for one GEMM instead of a QR of c. The pairs are
+    /// assembled by rules/gram_svd.hpp.
     void gram_svd(const gemm_driver& gemm, const_matrix_view<T> c, matrix_view<T> u, double* sigma) {
         constexpr const char* fn = "velora::eigen_backend::gram_svd";
         check_view(c, fn, "c");
@@ -83,12 +87,8 @@ public:
         gram_of_rows(gemm);
         [[maybe_unused]] const serial_eigen_scope serial;
         eig_.compute(gram_);   // ascending eigenvalues
-        const index_t k = c.rows;
-        for (index_t i = 0; i < k; ++i) {
-            const index_t from = k - 1 - i;
-            sigma[i] = std::sqrt(std::max(0.0, eig_.eigenvalues()(from)));
-            for (index_t j = 0; j < k; ++j) u(j, i) = static_cast<T>(eig_.eigenvectors()(j, from));
-        }
+        rules::gram_svd_singular_values(c.rows, eig_.eigenvalues().data(), sigma);
+        rules::gram_svd_left_vectors(([&](index_t j, index_t e) { return eig_.eigenvectors()(j, e); }), u);
     }
 
 private:
