@@ -46,8 +46,9 @@ template <velora::communicator C>
 }
 
 // The mean over the ranks of one number per rank (the identity in one process: x / 1 is x).
+// (Not to be confused with adarank::mean_over_ranks, the library's gradient operator.)
 template <velora::communicator C>
-double mean_over_ranks(C& comm, double x) {
+double mean_across_ranks_of(C& comm, double x) {
     comm.all_reduce_sum(std::span<double>(&x, 1));
     return x / comm.size();
 }

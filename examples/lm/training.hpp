@@ -70,7 +70,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             make_batch(data.valid, o.batch, o.model.context, validation_seed, static_cast<std::uint64_t>(v), valid_tokens);
             sum += model.evaluate(valid_tokens.data() + first, share);
         }
-        return mean_over_ranks(comm, sum / o.valid_batches);
+        return mean_across_ranks_of(comm, sum / o.valid_batches);
     };
     // The low-rank parameters' ranks after `step`, recorded after the first step, after every
     // step that changed one of them (a refresh that chose another rank) and after the last one:
@@ -126,7 +126,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             const double own = model.train_step(tokens.data() + first, share, sink);   // this rank's share
             sink.flush();
             seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            const double loss = mean_over_ranks(comm, own);
+            const double loss = mean_across_ranks_of(comm, own);
             if (!std::isfinite(loss)) throw agreed_error("the training loss is not finite: training diverged (try a lower --lr)");
             r.train_loss.push_back(loss);
             r.steps = step + 1;
