@@ -1,5 +1,5 @@
 # `lm_train --help` (and -h) exits 0 and describes every flag that the parser in SOURCE
-# (examples/lm/train.cpp) accepts, each on its own line with its default.
+# (examples/lm/cli.hpp) accepts, each on its own line with its default.
 file(READ ${SOURCE} source)
 string(REGEX MATCHALL "flag == \"--[a-z-]+\"" accepted "${source}")
 list(TRANSFORM accepted REPLACE "flag == \"(--[a-z-]+)\"" "\\1")

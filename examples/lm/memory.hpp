@@ -1,11 +1,11 @@
 #pragma once
 /// \file
 /// The demo's memory accounting, in one place. model.hpp sizes its buffers and counts the
-/// activations it keeps for backward from these functions; the trainer (train.cpp) uses them to
-/// refuse runs that would not fit (check_sizes), to cross-check the optimizer's state, and to
-/// print the memory table of a model it does not train (`lm_train --estimate`). Because the
-/// model, the size check and the estimator read the same formulas, an estimate for a shape
-/// equals what a run of that shape counts (tests/demo_memory.cmake checks it for the presets).
+/// activations it keeps for backward from these functions; the trainer uses them to refuse runs
+/// that would not fit (size_check.hpp), to cross-check the optimizer's state (training.hpp), and
+/// to print the memory table of a model it does not train (`lm_train --estimate`, estimate.hpp).
+/// Because the model, the size check and the estimator read the same formulas, an estimate for a
+/// shape equals what a run of that shape counts (tests/demo_memory.cmake checks it for the presets).
 ///
 /// Everything is counted for one training process of lm::transformer<T> (value size
 /// sizeof(T), 4 for the demo's float) at `batch` sequences of `context` tokens, N = batch·context:

@@ -1,0 +1,94 @@
+#pragma once
+// --estimate: the memory each configuration would take for the sizes of the flags, printed and
+// written as JSON from memory.hpp's accounting, without training (docs/memory.md).
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <initializer_list>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "memory.hpp"
+#include "options.hpp"
+#include "output.hpp"
+#include "report.hpp"
+
+namespace lm::trainer {
+
+// --estimate: the memory of every configuration of --configs for the model of the flags at
+// --batch sequences, from memory.hpp: the accounting lm::transformer counts with and check_sizes
+// uses. Nothing is allocated or trained, so it works for shapes that would not fit (LLaMA-7B).
+inline void print_estimate(const options& o) {
+    namespace mem = lm::memory;
+    std::vector<mem::footprint> fps;
+    std::uint64_t biggest = 0;
+    for (const auto& name : o.configs) {
+        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T)));
+        biggest = std::max(biggest, fps.back().total().v);
+    }
+    const bool gib = biggest >= (std::uint64_t{10} << 30);
+    const double unit = gib ? 1073741824.0 : 1048576.0;
+    const char* unit_name = gib ? "GiB" : "MiB";
+    const auto& m = o.model;
+    std::printf("Memory estimate, nothing trained%s%s: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld, vocabulary %ld\n"
+                "(%llu parameters); batch %ld (%ld tokens); float32 values; rank %ld (GaLore's, AdaRankGrad's cap); VeLoRA G = %ld%s\n",
+                o.preset.empty() ? "" : " for --preset ", o.preset.c_str(), static_cast<long>(m.d_model), static_cast<long>(m.layers),
+                static_cast<long>(m.heads), static_cast<long>(m.ffn), static_cast<long>(m.context), static_cast<long>(m.vocab),
+                static_cast<unsigned long long>(mem::parameter_count(m).v), static_cast<long>(o.batch), static_cast<long>(o.batch * m.context),
+                static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+    std::printf("\n%-16s %11s %11s %11s %11s %11s %11s   (%s)\n", "configuration", "weights", "gradients", "optimizer", "activations", "other",
+                "total", unit_name);
+    auto saturated = [](mem::count c) { return c.v == UINT64_MAX; };
+    std::vector<report::run> kinds;
+    for (std::size_t i = 0; i < fps.size(); ++i) {
+        const auto& fp = fps[i];
+        const auto c = config_of(o.configs[i], o);
+        const bool cap = c.low_rank && !c.fixed_rank;
+        std::printf("%-16s", (o.configs[i] + (cap ? "*" : "")).c_str());
+        for (mem::count c : {fp.weights, fp.gradients, fp.optimizer, fp.activations, fp.other, fp.total()})
+            if (saturated(c)) std::printf(" %11s", ">16 EiB");
+            else std::printf(" %11.3f", static_cast<double>(c.v) / unit);
+        std::printf("\n");
+        report::run r;
+        r.name = o.configs[i];
+        r.steps = 1;   // (print_activation_kinds skips runs without steps)
+        r.activation_bytes = static_cast<std::size_t>(fp.activations.v);
+        for (std::size_t k = 0; k < mem::kinds; ++k) r.activation_kinds[k] = static_cast<std::size_t>(fp.by_kind.by_kind[k].v);
+        kinds.push_back(r);
+    }
+    const bool any_cap = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) {
+        const auto c = config_of(name, o);
+        return c.low_rank && !c.fixed_rank;
+    });
+    if (any_cap)
+        std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
+                    static_cast<long>(o.rank));
+    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest;\n"
+                " gradients: one dense buffer per weight, as lm::transformer allocates them; other: backward scratch, VeLoRA's A\n"
+                " buffers and transient inputs, the compressors' spare Z. Not counted: the library's scratch (GEMM, the optimizer's\n"
+                " refresh workspace, SVD), code and libraries, the corpus)\n");
+    report::print_activation_kinds(kinds, (std::string("\nActivations kept for backward by kind (") + unit_name + ")").c_str(), unit);
+}
+
+// The --json of --estimate: the settings and, per configuration, the bytes print_estimate shows.
+inline void write_estimate_json(const options& o) {
+    namespace mem = lm::memory;
+    report::write_replacing(o.json, "--json", [&](std::ostream& out) {
+        out << "{\"settings\":" << settings_json(o, nullptr, 1) << ",\"estimates\":[";
+        for (std::size_t i = 0; i < o.configs.size(); ++i) {
+            const std::string& name = o.configs[i];
+            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T));
+            out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
+                << (!uses_low_rank(name, o) ? "dense" : config_of(name, o).fixed_rank ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
+                << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v
+                << ",\"activation_bytes_by_kind\":{";
+            for (std::size_t k = 0; k < mem::kinds; ++k) out << (k ? "," : "") << '"' << mem::kind_keys[k] << "\":" << fp.by_kind.by_kind[k].v;
+            out << "},\"other_bytes\":" << fp.other.v << ",\"total_bytes\":" << fp.total().v << "}";
+        }
+        out << "]}\n";
+    });
+}
+
+} // namespace lm::trainer

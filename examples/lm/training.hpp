@@ -1,0 +1,166 @@
+#pragma once
+// The training of one configuration: the model, the optimizer and the loop over the steps, with
+// what the results record (losses, ranks, memory, time). The same code trains in one process and
+// on every rank of a data-parallel run; the process it runs in is training_process.hpp's.
+#include <adarank/adarank.hpp>
+#include <velora/distributed/communicator.hpp>
+#include <velora/distributed/shared_v.hpp>
+#include <velora/velora.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "configs.hpp"
+#include "corpus.hpp"
+#include "data_parallel.hpp"
+#include "memory.hpp"
+#include "model.hpp"
+#include "optimizer_sink.hpp"
+#include "options.hpp"
+#include "report.hpp"
+
+namespace lm::trainer {
+
+// Trains one configuration; fills `r`. In one process (C = single_process) it runs in a child
+// process (run_isolated); data-parallel in each rank's own process (run_in_process), where every
+// collective below is called by all ranks in the same order.
+template <velora::communicator C>
+void train_one(const std::string& name, const options& o, const corpus& data, report::run& r, C& comm) {
+    const index_t share = o.batch / comm.size();   // this rank's sequences of every batch
+    const std::size_t first = static_cast<std::size_t>(comm.rank() * share * (o.model.context + 1));   // its first token
+    const bool root = comm.rank() == 0;
+    B backend;
+    lm::transformer<T> model(backend, o.model, velora_for(name, o), o.seed, share);
+    if constexpr (!one_process<C>) {
+        // Every rank projects onto the v of the global first batch (what one process computes).
+        model.set_first_compress_hook([&](lm::transformer<T>::compressor_type& comp, velora::const_matrix_view<T> x) {
+            const velora::status s = velora::share_first_batch_v(backend, comp, x, comm);
+            if (s == velora::status::degenerate_input) {   // all first batches are zero: the fallback v one process would use
+                const std::vector<T> ones(static_cast<std::size_t>(comp.subtoken_size()), T(1));
+                comp.set_v(ones);
+            } else if (s != velora::status::ok) {
+                throw agreed_error("the first batch's VeLoRA input is not finite (status " + std::string(velora::to_string(s)) + "): training diverged");
+            }
+        });
+    }
+    auto& params = model.parameters();
+    const lm::configs::config config = config_of(name, o);
+    adarank::low_rank_adamw<B> opt(backend, config.optimizer);
+    std::vector<adarank::low_rank_adamw<B>::param_id> ids;
+    for (const auto& p : params) {
+        const auto kind = uses_low_rank(name, o) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
+        if constexpr (one_process<C>) ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
+        else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
+        if (kind == adarank::param_kind::low_rank) r.rank_names.push_back(p.name);
+    }
+    optimizer_sink<C> sink(backend, opt, params, ids, comm);
+    std::vector<int> tokens, valid_tokens;
+    auto validation_loss = [&] {
+        double sum = 0;
+        for (int v = 0; v < o.valid_batches; ++v) {
+            make_batch(data.valid, o.batch, o.model.context, validation_seed, static_cast<std::uint64_t>(v), valid_tokens);
+            sum += model.evaluate(valid_tokens.data() + first, share);
+        }
+        return mean_across_ranks_of(comm, sum / o.valid_batches);
+    };
+    // The low-rank parameters' ranks after `step`, recorded after the first step, after every
+    // step that changed one of them (a refresh that chose another rank) and after the last one:
+    // each rank holds from its step to the next, which is how the plot draws them.
+    auto record_ranks = [&](int step, bool always) {
+        std::vector<double> ranks;
+        for (std::size_t i = 0; i < params.size(); ++i)
+            if (opt.info(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.info(ids[i]).rank));
+        if (ranks.empty() || (!always && !r.ranks.empty() && ranks == r.ranks.back())) return;
+        if (!r.rank_steps.empty() && r.rank_steps.back() == step) return;   // the last step was also a change
+        r.rank_steps.push_back(step);
+        r.ranks.push_back(ranks);
+    };
+    // What the table reports beside the activations: the weights (from the model's parameters)
+    // and, for the --json breakdown, the activations by kind (counted by the model).
+    for (const auto& p : params) r.weights_bytes += static_cast<std::size_t>(p.rows * p.cols) * sizeof(T);
+    // memory.hpp's optimizer state at the ranks the optimizer holds: it must be what the optimizer
+    // reports, or the estimator (--estimate) would print state no run holds.
+    auto check_state_formula = [&] {
+        lm::memory::count counted;
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            const auto& info = opt.info(ids[i]);
+            const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
+            counted += lm::memory::state_elements(shape, info.low_rank ? info.rank : 0) * sizeof(T);
+        }
+        if (counted.v != opt.state_bytes())
+            throw agreed_error("internal error: examples/lm/memory.hpp counts " + std::to_string(counted.v) +
+                               " bytes of optimizer state, low_rank_adamw::state_bytes() reports " + std::to_string(opt.state_bytes()));
+    };
+    r.name = name;
+    double seconds = 0;
+    const double tokens_per_step = static_cast<double>(o.batch * o.model.context);   // all ranks' tokens
+    // Whatever ends the loop (the last step, Ctrl-C, divergence), the row gets its measurements.
+    // Data-parallel, a collective (the peak RSS is the largest rank's, the stop is agreed).
+    auto finish = [&] {
+        if (root && isatty(2)) std::fprintf(stderr, "\n");
+        r.optimizer_bytes = opt.state_bytes();
+        r.optimizer_workspace_bytes = opt.workspace_bytes();
+        if (r.steps > 0) record_ranks(r.steps, true);   // the ranks at the end (once, if the last step changed them)
+        r.mean_step_ms = r.steps ? 1e3 * seconds / r.steps : 0;
+        r.tokens_per_second = seconds > 0 ? tokens_per_step * r.steps / seconds : 0;
+        r.peak_rss_bytes = static_cast<std::size_t>(max_over_ranks(comm, static_cast<double>(report::peak_rss_bytes())));
+        r.communicated_bytes = sink.communicated_bytes();
+        r.interrupted = stop_agreed(comm);
+    };
+    try {
+        for (int step = 0; step < o.steps && !stop_agreed(comm); ++step) {
+            make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);   // the global batch
+            const bool evaluate = step % o.eval_every == 0 || step + 1 == o.steps;
+            sink.measure(evaluate);
+            if (config.warmup > 0) opt.set_learning_rate(lm::configs::lr_at(config, step));
+            const auto t0 = std::chrono::steady_clock::now();
+            const double own = model.train_step(tokens.data() + first, share, sink);   // this rank's share
+            sink.flush();
+            seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const double loss = mean_across_ranks_of(comm, own);
+            if (!std::isfinite(loss)) throw agreed_error("the training loss is not finite: training diverged (try a lower --lr)");
+            r.train_loss.push_back(loss);
+            r.steps = step + 1;
+            if (model.activation_bytes() > r.activation_bytes) {   // the same at every step (fixed batch)
+                r.activation_bytes = model.activation_bytes();
+                for (std::size_t k = 0; k < lm::memory::kinds; ++k)
+                    r.activation_kinds[k] = static_cast<std::size_t>(model.activation_breakdown().by_kind[k].v);
+            }
+            if (!r.rank_names.empty()) record_ranks(step + 1, step == 0);
+            r.peak_optimizer_bytes = std::max(r.peak_optimizer_bytes, opt.state_bytes());
+            r.mean_optimizer_bytes += (static_cast<double>(opt.state_bytes()) - r.mean_optimizer_bytes) / (step + 1);
+            if (evaluate) {
+                const double valid = validation_loss();
+                if (!std::isfinite(valid)) throw agreed_error("the validation loss is not finite: training diverged (try a lower --lr)");
+                r.valid_steps.push_back(step + 1);
+                r.valid_loss.push_back(valid);
+                r.gradient_energy.push_back(sink.energy());
+            }
+            if (root) report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
+        }
+        if (r.steps > 0) check_state_formula();
+    } catch (const agreed_error&) {
+        finish();
+        throw;
+    } catch (const std::exception& e) {
+        if constexpr (!one_process<C>) abort_all_ranks(comm, name + ": " + e.what());
+        finish();
+        throw;
+    } catch (...) {
+        if constexpr (!one_process<C>) abort_all_ranks(comm, name + ": unknown error");
+        finish();
+        throw;
+    }
+    finish();
+}
+
+} // namespace lm::trainer
