@@ -577,7 +577,38 @@ TEST_CASE("all_reduce_mean checks every gradient view with check_view, naming al
     CHECK(opt.info(id).communicated_bytes == 40 * sizeof(T));
 }
 
-TEST_CASE("project checks its views up front, naming project and 'grad'/'out', and changes nothing") {
+TEST_CASE("the phases' old spellings (projection_shape, project, step_projected) still work as deprecated aliases of the new ones") {
+    using T = double;
+    backend_t<T> backend;
+    adarank::optimizer_config cfg;
+    cfg.rank = adarank::rank_policy::fixed(3);
+    cfg.refresh = adarank::refresh_policy::every(4);
+    optimizer_t<T> renamed(backend, cfg), old(backend, cfg);
+    const index_t a = renamed.add_parameter(12, 20, param_kind::low_rank), b = old.add_parameter(12, 20, param_kind::low_rank);
+    RowMatT<T> wa = gaussian_matrix(12, 20, 1), wb = wa;
+    velora::single_process one;
+    std::vector<T> out_a(60), out_b(60);
+    for (int step = 0; step < 6; ++step) {
+        const RowMatT<T> g = gaussian_matrix(12, 20, 10 + std::uint64_t(step));
+        const auto shape = renamed.projection_to_reduce(a);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        const auto old_shape = old.projection_shape(b);
+        CHECK(old_shape == shape.value_or(std::pair<index_t, index_t>{0, 0}));
+        if (shape) {
+            renamed.project_gradient(a, cv(g), velora::matrix_view<T>{out_a.data(), shape->first, shape->second});
+            old.project(b, cv(g), velora::matrix_view<T>{out_b.data(), old_shape.first, old_shape.second});
+            CHECK(out_a == out_b);
+        }
+        CHECK(renamed.step_with_reduced_projection(a, mv(wa), velora::const_matrix_view<T>{out_a.data(), 3, 20}, cv(g), one) ==
+              old.step_projected(b, mv(wb), velora::const_matrix_view<T>{out_b.data(), 3, 20}, cv(g), one));
+#pragma GCC diagnostic pop
+    }
+    CHECK(wa == wb);
+    CHECK(renamed.save_state() == old.save_state());
+}
+
+TEST_CASE("project_gradient checks its views up front, naming project_gradient and 'grad'/'out', and changes nothing") {
     using T = float;
     using test::invalid_argument_message;
     backend_t<T> backend;
@@ -589,14 +620,14 @@ TEST_CASE("project checks its views up front, naming project and 'grad'/'out', a
     RowMatT<T> w = gaussian_matrix(12, 20, 1).cast<T>();
     const RowMatT<T> g = gaussian_matrix(12, 20, 2).cast<T>();
     REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
-    REQUIRE(opt.projection_shape(id) == std::pair<index_t, index_t>{3, 20});
+    REQUIRE(opt.projection_to_reduce(id) == std::pair<index_t, index_t>{3, 20});
     const auto before = opt.save_state();
     std::vector<T> out(60, T(7)), big(300, T(0.5));
     const velora::const_matrix_view<T> grad = cv(g);
     const velora::matrix_view<T> good_out{out.data(), 3, 20, 20};
-    const char* fn = "adarank::low_rank_adamw::project";
+    const char* fn = "adarank::low_rank_adamw::project_gradient";
     const auto dense = [&](velora::const_matrix_view<T> gr, velora::matrix_view<T> o) {
-        return invalid_argument_message([&] { opt.project(id, gr, o); });
+        return invalid_argument_message([&] { opt.project_gradient(id, gr, o); });
     };
     SUBCASE("dense gradient") {
         contains(dense({g.data(), 12, 20, index_t{1} << 61}, good_out), {fn, "argument 'grad' (12x20, ld 2305843009213693952)", "address space"});
@@ -613,7 +644,7 @@ TEST_CASE("project checks its views up front, naming project and 'grad'/'out', a
         CHECK(std::equal(g.data(), g.data() + 240, big.begin()));
         // A host-built dense_gradient is checked as the view is.
         contains(invalid_argument_message([&] {
-                     opt.project(id, adarank::dense_gradient<backend_t<T>>(backend, {g.data(), 12, 20, index_t{1} << 61}), good_out);
+                     opt.project_gradient(id, adarank::dense_gradient<backend_t<T>>(backend, {g.data(), 12, 20, index_t{1} << 61}), good_out);
                  }),
                  {fn, "argument 'grad'", "address space"});
         CHECK(std::all_of(out.begin(), out.end(), [](T x) { return x == T(7); }));   // nothing written
@@ -626,7 +657,7 @@ TEST_CASE("project checks its views up front, naming project and 'grad'/'out', a
         std::copy(v.begin(), v.end(), big.begin() + 250);
         const velora::factored_gradient<T> f{{big.data(), 12, 4, 4}, big.data() + 250, 5, 20, T(1)};
         const auto factored = [&](const velora::factored_gradient<T>& gr, velora::matrix_view<T> o) {
-            return invalid_argument_message([&] { opt.project(id, gr, o); });
+            return invalid_argument_message([&] { opt.project_gradient(id, gr, o); });
         };
         contains(factored(f, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
         contains(factored(f, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out'", "address space"});

@@ -13,6 +13,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <new>
+#include <algorithm>
+#include <span>
 #include <vector>
 
 namespace {
@@ -126,6 +128,77 @@ TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap alloca
         CHECK(opt.info(dense_id).refreshes == 1);
         CHECK(opt.info(fused_id).refreshes == 1);
     }
+}
+
+
+// Two identical ranks as the data-parallel paths see them: every sum is twice the value, so the
+// mean is the value itself. (Host memory: the CPU backend.)
+struct twin_ranks {
+    [[nodiscard]] int rank() const { return 0; }
+    [[nodiscard]] int size() const { return 2; }
+    void all_reduce_sum(std::span<float> d) {
+        for (float& e : d) e *= 2;
+    }
+    void all_reduce_sum(std::span<double> d) {
+        for (double& e : d) e *= 2;
+    }
+    void broadcast(std::span<std::byte>, int) {}
+    [[nodiscard]] bool any(bool flag) { return flag; }
+};
+static_assert(velora::communicator<twin_ranks>);
+
+TEST_CASE_TEMPLATE("after reserve(plan), the first factored, data-parallel and bucketed steps make no heap allocation; workspace_bytes(plan) says how much before", T,
+                   float, double) {
+    using B = velora::eigen_backend<T>;
+    B backend;
+    const index_t t = 256, d = 200, o = 96, g = 16;
+    std::vector<T> x(static_cast<std::size_t>(t * d)), dy(static_cast<std::size_t>(t * o)), w(static_cast<std::size_t>(o * d)), w2(w.size()),
+        w3(w.size()), grad(w.size()), grad2(w.size()), a(static_cast<std::size_t>(o * g)), bias(static_cast<std::size_t>(o)), bias_grad(bias.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
+    for (std::size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<T>(velora::gaussian_at(3, i));
+    for (std::size_t i = 0; i < bias.size(); ++i) bias_grad[i] = static_cast<T>(velora::gaussian_at(4, i));
+    velora::compressor<B> c(backend, d, {.groups = g});
+    typename velora::compressor<B>::record_type record;
+    REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
+    c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
+    const auto factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
+
+    adarank::optimizer_config config;
+    config.rank = adarank::rank_policy::adaptive(0.1, 1, 24);
+    config.refresh = adarank::refresh_policy::converged(0.0, 1000, 1000);   // no refresh in the measured steps
+    adarank::low_rank_adamw<B> opt(backend, config);
+    twin_ranks comm;
+    const auto low_rank_id = opt.add_parameter(o, d, adarank::param_kind::low_rank);
+    const auto dense_id = opt.add_parameter(o, d, adarank::param_kind::dense);
+    const auto bias_id = opt.add_parameter(1, o);
+    // The low-rank parameter's first step finds its subspace (allowed to allocate its state).
+    REQUIRE(opt.step(low_rank_id, velora::make_view(w.data(), o, d), velora::make_view<const T>(grad.data(), o, d)) == velora::status::ok);
+
+    const adarank::workspace_plan plan{.factored_groups = g, .data_parallel = true, .bucket_elements = 1 << 12};
+    const std::size_t expected = opt.workspace_bytes(plan);
+    CHECK(expected > opt.workspace_bytes());
+    opt.reserve(plan);
+    CHECK(opt.workspace_bytes() == expected);
+    CHECK(opt.workspace_bytes(plan) == expected);   // nothing more to reserve
+
+    const index_t ids[2] = {bias_id, dense_id};
+    std::vector<T> bias_mean(bias_grad.size());
+    auto step = [&] {
+        // First uses: a factored gradient on a low-rank and on a dense parameter, data-parallel
+        // steps of both kinds, and the bucketed mean of dense gradients.
+        CHECK(opt.step(low_rank_id, velora::make_view(w.data(), o, d), factored) == velora::status::ok);
+        CHECK(opt.step(dense_id, velora::make_view(w2.data(), o, d), factored) == velora::status::ok);
+        CHECK(opt.step(low_rank_id, velora::make_view(w.data(), o, d), velora::make_view<const T>(grad.data(), o, d), comm) == velora::status::ok);
+        CHECK(opt.step(dense_id, velora::make_view(w3.data(), o, d), velora::make_view<const T>(grad.data(), o, d), comm) == velora::status::ok);
+        std::copy(grad.begin(), grad.end(), grad2.begin());
+        std::copy(bias_grad.begin(), bias_grad.end(), bias_mean.begin());
+        const velora::matrix_view<T> grads[2] = {velora::make_view(bias_mean.data(), 1, o), velora::make_view(grad2.data(), o, d)};
+        opt.all_reduce_mean(std::span<const index_t>(ids), std::span<const velora::matrix_view<T>>(grads), comm, 1 << 12);
+        CHECK(opt.step(bias_id, velora::make_view(bias.data(), 1, o), velora::make_view<const T>(bias_mean.data(), 1, o)) == velora::status::ok);
+    };
+    CHECK(allocations_during_two(step) == 0);
+    CHECK(opt.info(low_rank_id).refreshes == 1);
 }
 
 TEST_CASE("the counter really counts") {

@@ -284,11 +284,12 @@ TEST_CASE("the step in phases, with the host reducing the projection, is bit for
             const std::vector<float> grad = l.gradient(t, first_sample(), share());
             const velora::factored_gradient<float> f{{grad.data(), l.rows, l.groups, l.groups}, l.v.data(), l.s, l.cols, 1.0f};
             const velora::const_matrix_view<float> dense{grad.data(), l.rows, l.cols, l.cols};
-            const auto [rows, cols] = opt_b.projection_shape(id);
+            const auto shape = opt_b.projection_to_reduce(id);
+            const auto [rows, cols] = shape.value_or(std::pair<index_t, index_t>{0, 0});
             if (rows == 0) {   // the step needs the gradient itself
                 CHECK(test::invalid_argument_message([&] {
                           std::vector<float> out(1);
-                          opt_b.project(id, dense, {out.data(), 1, 1, 1});
+                          opt_b.project_gradient(id, dense, {out.data(), 1, 1, 1});
                       }).find("searches a new subspace") != std::string::npos);
                 const status st = l.factored() ? opt_b.step(id, l.weight(), f, comm) : opt_b.step(id, l.weight(), dense, comm);
                 CHECK(st == status::ok);
@@ -296,12 +297,12 @@ TEST_CASE("the step in phases, with the host reducing the projection, is bit for
             }
             projection.assign(static_cast<std::size_t>(rows * cols), 0.0f);
             const velora::matrix_view<float> out{projection.data(), rows, cols, cols};
-            if (l.factored()) opt_b.project(id, f, out);
-            else opt_b.project(id, dense, out);
+            if (l.factored()) opt_b.project_gradient(id, f, out);
+            else opt_b.project_gradient(id, dense, out);
             // The host's own collective (here the same all-reduce, then the mean).
             comm.all_reduce_sum(std::span<float>(projection));
             if (comm.size() > 1) for (float& x : projection) x *= 1.0f / static_cast<float>(comm.size());
-            const status st = l.factored() ? opt_b.step_projected(id, l.weight(), out, f, comm) : opt_b.step_projected(id, l.weight(), out, dense, comm);
+            const status st = l.factored() ? opt_b.step_with_reduced_projection(id, l.weight(), out, f, comm) : opt_b.step_with_reduced_projection(id, l.weight(), out, dense, comm);
             CHECK(st == status::ok);
             ++phased;
         }

@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -225,23 +226,26 @@ public:
     // ------------------------------------------------------------------ the step in phases
     // For a data-parallel host that runs the steady-state collective itself, e.g. started as soon
     // as a layer's gradient exists and overlapped with the rest of the backward pass:
-    //   1. projection_shape(id): r×other, or 0×0 when the next step needs the gradient itself;
-    //   2. project(id, grad, out): out = B·M of this rank's gradient (local);
+    //   1. projection_to_reduce(id): r×other, or std::nullopt when the next step needs the
+    //      gradient itself;
+    //   2. project_gradient(id, grad, out): out = B·M of this rank's gradient (local);
     //   3. the host reduces `out` to the mean over ranks (same bits on every rank);
-    //   4. step_projected(id, weight, reduced, grad, comm): decides the refresh from the reduced
-    //      projection and updates; only a step that finds a new subspace reads `grad` again,
-    //      through `comm` (collective).
+    //   4. step_with_reduced_projection(id, weight, reduced, grad, comm): decides the refresh from
+    //      the reduced projection and updates; only a step that finds a new subspace reads `grad`
+    //      again, through `comm` (collective).
     // The result is bit for bit that of step(id, weight, grad, comm) when the host's reduction
     // gives the same bits as the communicator's (tests/test_distributed.cpp).
 
-    /// The shape (rank × other) of the projection `project` writes for the next step of low-rank
-    /// parameter `id`, or 0×0 when that step searches a new subspace whatever the gradient (the
-    /// first step, or a refresh due by the step count): call step with a communicator then.
-    [[nodiscard]] std::pair<index_t, index_t> projection_shape(param_id id) const {
-        const layer& l = checked_layer(id, "adarank::low_rank_adamw::projection_shape");
-        velora::detail::require(l.low_rank, "adarank::low_rank_adamw::projection_shape", "parameter ", id, " is optimised densely");
-        if (l.rank == 0 || config_.refresh.due_by_count(l.steps_in_subspace())) return {0, 0};
-        return {l.rank, l.other};
+    /// The shape (rank × other) of the projection `project_gradient` writes for the next step of
+    /// low-rank parameter `id`, or std::nullopt when that step searches a new subspace whatever
+    /// the gradient (the first step, or a refresh due by the step count): call step with a
+    /// communicator then.
+    [[nodiscard]] std::optional<std::pair<index_t, index_t>> projection_to_reduce(param_id id) const {
+        constexpr const char* fn = "adarank::low_rank_adamw::projection_to_reduce";
+        const layer& l = checked_layer(id, fn);
+        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
+        if (l.rank == 0 || config_.refresh.due_by_count(l.steps_in_subspace())) return std::nullopt;
+        return std::pair<index_t, index_t>{l.rank, l.other};
     }
 
     /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
@@ -249,40 +253,41 @@ public:
     /// check_view refuses, an `out` that shares memory with the gradient, a gradient of another
     /// shape than the parameter's, when projection_shape(id) is 0×0, or when `out` has another shape.
     template <gradient_operator Op>
-    void project(param_id id, const Op& grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project";
+    void project_gradient(param_id id, const Op& grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
         const layer& l = checked_layer(id, fn);
         check_operator(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
-        const auto [rows, cols] = projection_shape(id);
-        velora::detail::require(rows > 0, fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
-        velora::check_shape(out, rows, cols, fn, "out");
+        const auto shape = projection_to_reduce(id);
+        velora::detail::require(shape.has_value(), fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
+        velora::check_shape(out, shape->first, shape->second, fn, "out");
         side_matrix<Op>(grad, l.side).mul(l.basis_view(), out);
     }
-    void project(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project";
+    void project_gradient(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
         velora::check_view(grad, fn, "grad");
         velora::check_view(out, fn, "out");
         velora::check_no_alias(out, "out", grad, "grad", fn);
-        project(id, dense_gradient<B>(*b_, grad), out);
+        project_gradient(id, dense_gradient<B>(*b_, grad), out);
     }
-    void project(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project";
+    void project_gradient(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
+        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
         check_factored(checked_layer(id, fn), id, grad, fn);
         velora::check_view(out, fn, "out");
         velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
         const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
         velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
-        project(id, factored_gradient_op<B>(*b_, grad, ws_.fused), out);
+        project_gradient(id, factored_gradient_op<B>(*b_, grad, ws_.fused), out);
     }
 
-    /// Phases 2–5 with `reduced`, the mean over the ranks of their `project` outputs (the same bits
-    /// on every rank; in one process, the projection itself). Statuses as for step. When projection_shape(id)
-    /// is 0×0 this is step(id, weight, grad, comm) and `reduced` is not read.
+    /// Phases 2–5 with `reduced`, the mean over the ranks of their `project_gradient` outputs (the
+    /// same bits on every rank; in one process, the projection itself). Statuses as for step. When
+    /// projection_to_reduce(id) is std::nullopt this is step(id, weight, grad, comm) and `reduced`
+    /// is not read.
     template <gradient_operator Op, velora::communicator C>
-    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
@@ -290,22 +295,37 @@ public:
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, config_.refresh, comm, fn);
-        const auto [rows, cols] = projection_shape(id);
-        if (rows == 0) return step_with(l, weight, grad, comm);
-        velora::check_shape(reduced, rows, cols, fn, "reduced");
+        const auto shape = projection_to_reduce(id);
+        if (!shape) return step_with(l, weight, grad, comm);
+        velora::check_shape(reduced, shape->first, shape->second, fn, "reduced");
         return step_with(l, weight, grad, comm, reduced);
     }
     template <velora::communicator C>
-    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
-        velora::check_view(grad, "adarank::low_rank_adamw::step_projected", "grad");
-        return step_projected(id, weight, reduced, dense_gradient<B>(*b_, grad), comm);
+    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
+        velora::check_view(grad, "adarank::low_rank_adamw::step_with_reduced_projection", "grad");
+        return step_with_reduced_projection(id, weight, reduced, dense_gradient<B>(*b_, grad), comm);
     }
     template <velora::communicator C>
-    status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step_projected";
+    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
         check_factored(checked_layer(id, fn), id, grad, fn);
         if (comm.any(factored_not_finite(grad))) return status::non_finite_input;   // as step does
-        return step_projected(id, weight, reduced, factored_gradient_op<B>(*b_, grad, ws_.fused), comm);
+        return step_with_reduced_projection(id, weight, reduced, factored_gradient_op<B>(*b_, grad, ws_.fused), comm);
+    }
+
+    // The phases' spellings before 0.x (deprecated; removed in the next release).
+    [[deprecated("renamed projection_to_reduce, which returns std::nullopt where this returned 0x0")]] [[nodiscard]] std::pair<index_t, index_t>
+    projection_shape(param_id id) const {
+        return projection_to_reduce(id).value_or(std::pair<index_t, index_t>{0, 0});
+    }
+    template <class Grad>
+    [[deprecated("renamed project_gradient")]] void project(param_id id, const Grad& grad, matrix_view<T> out) {
+        project_gradient(id, grad, out);
+    }
+    template <class Grad, velora::communicator C>
+    [[deprecated("renamed step_with_reduced_projection")]] status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced,
+                                                                             const Grad& grad, C& comm) {
+        return step_with_reduced_projection(id, weight, reduced, grad, comm);
     }
 
     /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by
@@ -377,6 +397,20 @@ public:
     }
     /// Bytes of workspace shared by all parameters (sized for the largest one).
     [[nodiscard]] std::size_t workspace_bytes() const noexcept { return ws_.bytes() + finder_.workspace_bytes(); }
+
+    /// Sizes the workspace for what `plan` says the host will do with the parameters registered so
+    /// far (factored gradients of up to plan.factored_groups groups, data-parallel steps,
+    /// all_reduce_mean's bucket), so that those steps do not allocate on first use: after it, only
+    /// a step that finds a subspace of a new rank allocates (that parameter's state). Registration
+    /// already sizes what plain steps use. Grows only; call it again after registering more.
+    void reserve(const workspace_plan& plan) {
+        constexpr const char* fn = "adarank::low_rank_adamw::reserve";
+        velora::detail::require(plan.factored_groups >= 0 && plan.bucket_elements >= 0, fn, "plan.factored_groups = ", plan.factored_groups,
+                                " and plan.bucket_elements = ", plan.bucket_elements, " must be >= 0");
+        ws_.reserve(layers_, plan);
+    }
+    /// What workspace_bytes() will report after reserve(plan), computed without allocating.
+    [[nodiscard]] std::size_t workspace_bytes(const workspace_plan& plan) const { return ws_.bytes_after(layers_, plan) + finder_.workspace_bytes(); }
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = optimizer_state_io<B, Rank, Refresh>::kind;

@@ -8,11 +8,20 @@
 ///     gradient when it arrives in another form;
 ///   - data-parallel: the energy pass's row blocks and all_reduce_mean's bucket.
 /// The randomized SVD's workspace is the subspace finder's own (rsvd.hpp).
+#include <algorithm>
 #include <cstddef>
 
 #include "backend.hpp"
 
 namespace adarank {
+
+/// What a host will do beyond plain steps, so that `low_rank_adamw::reserve` can size the
+/// workspace up front (and `workspace_bytes(plan)` say how much that is before anything is held).
+struct workspace_plan {
+    index_t factored_groups = 0;       ///< the most groups G of any VeLoRA factored gradient a step will get (0: none)
+    bool data_parallel = false;        ///< steps with a communicator of more than one rank
+    index_t bucket_elements = 0;       ///< all_reduce_mean's bucket_elements (0: all_reduce_mean is not used)
+};
 
 template <optimizer_backend B>
 struct optimizer_workspace {
@@ -34,6 +43,53 @@ struct optimizer_workspace {
         grow(basis_next, r_cap * len);
         grow(rotation, r_cap * r_cap);
         grow(rotation_squared, r_cap * r_cap);
+    }
+
+    /// Element counts of the buffers a plan needs for parameters of the given shapes: the rows of
+    /// X in a factored gradient's products are at most min(rows, cols) (a sketch, a basis, or the
+    /// exact path's full set), a dense parameter fed anything but a dense view expands it, the
+    /// energy pass of a data-parallel refresh reads row blocks of about 2²⁰ elements, and the
+    /// bucket holds the gradients smaller than it.
+    struct planned_sizes {
+        index_t fused = 0, dense_gradient = 0, reduce = 0, bucket = 0;
+    };
+    template <class Parameters>
+    static planned_sizes plan_sizes(const Parameters& parameters, const workspace_plan& plan) {
+        planned_sizes n;
+        for (const auto& l : parameters) {
+            const index_t size = l.rows * l.cols;
+            if (l.low_rank) {
+                if (plan.factored_groups > 0) n.fused = std::max(n.fused, std::min(l.rows, l.cols) * plan.factored_groups);
+                if (plan.data_parallel) {
+                    const index_t block = std::clamp<index_t>((index_t{1} << 20) / std::max<index_t>(l.cols, 1), 1, l.rows);
+                    n.reduce = std::max(n.reduce, block * l.cols);
+                }
+            } else if (plan.factored_groups > 0 || plan.data_parallel) {
+                n.dense_gradient = std::max(n.dense_gradient, size);
+            }
+            if (plan.bucket_elements > 0 && size < plan.bucket_elements) n.bucket = std::min(plan.bucket_elements, n.bucket + size);
+        }
+        return n;
+    }
+
+    /// Grows the buffers to what `plan` needs (never shrinks).
+    template <class Parameters>
+    void reserve(const Parameters& parameters, const workspace_plan& plan) {
+        const planned_sizes n = plan_sizes(parameters, plan);
+        grow(fused, n.fused);
+        grow(dense_gradient, n.dense_gradient);
+        grow(reduce, n.reduce);
+        grow(bucket, n.bucket);
+    }
+
+    /// bytes() after reserve(parameters, plan), computed without allocating.
+    template <class Parameters>
+    [[nodiscard]] std::size_t bytes_after(const Parameters& parameters, const workspace_plan& plan) const {
+        const planned_sizes n = plan_sizes(parameters, plan);
+        const auto after = [](const buffer& b, index_t need) { return std::max(b.capacity(), static_cast<std::size_t>(need)); };
+        return bytes() + (after(fused, n.fused) - fused.capacity() + after(dense_gradient, n.dense_gradient) - dense_gradient.capacity() +
+                          after(reduce, n.reduce) - reduce.capacity() + after(bucket, n.bucket) - bucket.capacity()) *
+                             sizeof(T);
     }
 
     /// Bytes held (capacities).
