@@ -163,7 +163,8 @@ public:
     ///
     /// Z is projected into a buffer that the compressor owns, which is swapped with the record's
     /// on success: a compressor keeps one spare Z of the largest T it compressed, and calls at a
-    /// T it has seen allocate nothing once each record has been written at that T.
+    /// T it has seen allocate nothing once each record has been written at that T (or, after
+    /// reserve(max_tokens) and reserve(max_tokens, record), at any T up to max_tokens).
     status compress(const_matrix_view<T> x, record_type& out) {
         constexpr const char* fn = "velora::compressor::compress";
         check_view(x, fn, "x");

@@ -19,8 +19,9 @@ class compressor;
 /// What one compress call keeps for the backward pass: Z (T×G in the storage type) and a copy
 /// of the v it was projected with (so later changes of v, e.g. in batch_mean mode, cannot
 /// desynchronise forward and backward). Several layers that read the same input share one
-/// record. A record is reused across steps without allocating once it has seen the largest T
-/// (its Z buffer trades places with the compressor's spare on every successful compress). A
+/// record. A record is reused across steps without allocating once it has seen the largest T,
+/// or once compressor::reserve(max_tokens, record) sized it (its Z buffer trades places with the
+/// compressor's spare on every successful compress, and both have the same capacity). A
 /// compress that returns a status other than ok or degenerate_input, or throws for a caller
 /// mistake or an allocation failure, leaves the record exactly as it was.
 template <backend B>
