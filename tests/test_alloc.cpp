@@ -1,7 +1,8 @@
 // Steady state allocates nothing: after a warm-up step, a full VeLoRA forward/backward step
 // (compress, factored weight gradient, expansion, dX, db, reconstruction) and an AdaRankGrad
 // optimizer step between refreshes (dense, low-rank, and low-rank fed a factored VeLoRA
-// gradient) make no heap allocation at all. Every C++ allocation is counted by replacing the global operator new,
+// gradient) make no heap allocation at all; after compressor::reserve, not even the first calls
+// do, at any batch size up to the one reserved. Every C++ allocation is counted by replacing the global operator new,
 // and Eigen's own heap use is forbidden through EIGEN_RUNTIME_NO_MALLOC.
 #define EIGEN_RUNTIME_NO_MALLOC
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
@@ -86,6 +87,60 @@ TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", 
             INFO("storage " << velora::to_string(st) << ", mode " << velora::to_string(mode.type));
             step();   // warm-up: sizes the record, the GEMM packing buffers and the reduction scratch
             CHECK(allocations_during_two(step) == 0);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("after reserve(max_tokens), the compressor allocates nothing from its first call on, for every T up to max_tokens",
+                   T, float, double) {
+    using B = velora::eigen_backend<T>;
+    B backend;
+    const index_t max_tokens = 512, d = 200, o = 96, g = 16;
+    std::vector<T> x(static_cast<std::size_t>(max_tokens * d)), dy(static_cast<std::size_t>(max_tokens * o)),
+        dy_ssf(x.size()), a(static_cast<std::size_t>(o * g)), dw(static_cast<std::size_t>(o * d)), ssf(static_cast<std::size_t>(d)),
+        xhat(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
+    for (std::size_t i = 0; i < dy_ssf.size(); ++i) dy_ssf[i] = static_cast<T>(velora::gaussian_at(3, i));
+    auto products = [&](auto& c, const auto& record, index_t t) {
+        const auto dyv = velora::make_view<const T>(dy.data(), t, o);
+        c.weight_grad(record, dyv, velora::make_view(a.data(), o, g));
+        (void)c.factored(record, velora::make_view<const T>(a.data(), o, g));
+        c.expand_weight_grad(record, velora::make_view<const T>(a.data(), o, g), velora::make_view(dw.data(), o, d));
+        c.reconstruct(record, velora::make_view(xhat.data(), t, d));
+        c.ssf_weight_grad(record, velora::make_view<const T>(dy_ssf.data(), t, d), ssf.data());
+    };
+    for (velora::storage st : {velora::storage::f32, velora::storage::bf16}) {
+        for (velora::v_mode mode : {velora::v_mode::first_batch_mean(), velora::v_mode::ema(0.9), velora::v_mode::random(4)}) {
+            INFO("storage " << velora::to_string(st) << ", mode " << velora::to_string(mode.type));
+            const velora::compressor_config config{.groups = g, .v = mode, .z_storage = st};
+            {   // The backend's own kernels size their scratch on first use: warm them at the largest T.
+                velora::compressor<B> warm(backend, d, config);
+                typename velora::compressor<B>::record_type record;
+                REQUIRE(warm.compress(velora::make_view<const T>(x.data(), max_tokens, d), record) == velora::status::ok);
+                products(warm, record, max_tokens);
+            }
+            velora::compressor<B> c(backend, d, config);
+            typename velora::compressor<B>::record_type shared, other;
+            const std::size_t z = static_cast<std::size_t>(max_tokens * g) * velora::storage_bytes(st);
+            // the spare Z, and the widening chunk (min(T, 2^15 / G) rows of G) unless Z is stored as T itself
+            const std::size_t chunk = st == velora::storage::f32 && sizeof(T) == 4 ? 0 : std::min<std::size_t>(2048, max_tokens) * g * sizeof(T);
+            CHECK(c.workspace_bytes(max_tokens) == z + chunk);
+            CHECK(c.record_bytes(max_tokens) == z + static_cast<std::size_t>(c.subtoken_size()) * sizeof(T));
+            c.reserve(max_tokens);
+            c.reserve(max_tokens, shared);
+            c.reserve(max_tokens, other);
+            CHECK(shared.capacity_bytes() >= c.record_bytes(max_tokens));
+            const long before = allocations.load();
+            if constexpr (velora::cpu::has_blas) Eigen::internal::set_is_malloc_allowed(false);
+            for (index_t t : {index_t{7}, max_tokens / 2, max_tokens, index_t{1}, max_tokens}) {
+                CHECK(c.compress(velora::make_view<const T>(x.data(), t, d), shared) == velora::status::ok);
+                products(c, shared, t);
+                CHECK(c.compress(velora::make_view<const T>(x.data() + d, t, d), other) == velora::status::ok);   // a second record
+                products(c, other, t);
+            }
+            Eigen::internal::set_is_malloc_allowed(true);
+            CHECK(allocations.load() - before == 0);
         }
     }
 }

@@ -10,7 +10,9 @@
 /// Call it on every rank, with that rank's first-batch input of the layer, before the first
 /// compress (or at any time, to replace v). Modes that change v at every batch (batch_mean,
 /// ema) have no shared v without a collective per compress and are refused; random(seed) and
-/// given are the same on every rank already.
+/// given are the same on every rank already. With a rule of the host's own (v_rule.hpp), it is
+/// accepted when it takes v from a batch only before the first v (uses_batch is false once
+/// initialised) and has no v of its own at construction, as first_batch_mean and given.
 #include <span>
 #include <vector>
 
@@ -23,17 +25,23 @@ namespace velora {
 /// x holds a NaN or an Inf, status::overflow if every x is finite (the sum overflows T), as
 /// compress reports the same batch; status::degenerate_input when the sum is zero (nothing to
 /// normalise); each on every rank, v unchanged. Throws std::invalid_argument for a wrong width or
-/// a mode other than first_batch_mean or given.
-template <backend B, communicator C>
-status share_first_batch_v(B& backend, compressor<B>& comp, const_matrix_view<typename B::value_type> x, C& comm) {
+/// a rule other than first_batch_mean or given (or one that behaves as they do, above).
+template <backend B, class Rule, communicator C>
+status share_first_batch_v(B& backend, compressor<B, Rule>& comp, const_matrix_view<typename B::value_type> x, C& comm) {
     using T = typename B::value_type;
     constexpr const char* fn = "velora::share_first_batch_v";
     check_view(x, fn, "x");
     detail::require(x.cols == comp.features(), fn, "argument 'x' has ", x.cols, " columns but the compressor was built for D = ", comp.features());
-    const v_mode::kind mode = comp.config().v.type;
-    detail::require(mode == v_mode::kind::first_batch_mean || mode == v_mode::kind::given, fn,
-                    "the compressor's v mode is ", to_string(mode), "; a v shared by all ranks needs first_batch_mean or given");
     const index_t s = comp.subtoken_size();
+    {
+        // Asked of the rule for a v that exists (any unit vector: the library's rules do not look).
+        std::vector<T> unit(static_cast<std::size_t>(s), T(0));
+        unit[0] = T(1);
+        std::vector<double> probe(static_cast<std::size_t>(s));
+        const auto& rule = comp.config().v;
+        detail::require(!rule.uses_batch(v_current<T>{unit, true, 1}) && !rule.initial_v(probe), fn, "the compressor's v rule is ",
+                        rule.name(), "; a v shared by all ranks needs first_batch_mean or given (a rule that keeps v once set)");
+    }
     typename B::template buffer<T> sum;
     sum.resize(static_cast<std::size_t>(s));
     backend.sum_subtokens(x, s, sum.data());
