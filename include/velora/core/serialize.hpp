@@ -22,20 +22,13 @@
 #include <vector>
 
 #include "error.hpp"
+#include "hash.hpp"
 
 namespace velora {
 
 static_assert(std::endian::native == std::endian::little, "velora's state format assumes a little-endian host");
 
 inline constexpr std::uint32_t state_container_version = 1;
-
-constexpr std::uint64_t fnv1a64(std::span<const std::byte> bytes, std::uint64_t h = 0xcbf29ce484222325ull) noexcept {
-    for (std::byte b : bytes) {
-        h ^= static_cast<std::uint64_t>(b);
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
 
 class state_writer {
 public:

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/hash.hpp"
 
 namespace velora {
 
@@ -49,14 +50,10 @@ struct single_process {
 };
 static_assert(communicator<single_process>);
 
-/// 64-bit FNV-1a of some bytes, continuing from `h` (for consistency checks and state hashes;
-/// not cryptographic).
+/// The library's one hash (core/hash.hpp: 64-bit FNV-1a, continuing from `h`), for consistency
+/// checks across ranks and state hashes; not cryptographic.
 [[nodiscard]] inline std::uint64_t hash_bytes(std::span<const std::byte> bytes, std::uint64_t h = 0xcbf29ce484222325ULL) noexcept {
-    for (const std::byte b : bytes) {
-        h ^= static_cast<std::uint64_t>(b);
-        h *= 0x100000001b3ULL;
-    }
-    return h;
+    return fnv1a64(bytes, h);
 }
 
 /// Whether `value` is the same on every rank (two small collectives: rank 0's value is broadcast,
