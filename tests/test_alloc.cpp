@@ -145,21 +145,40 @@ TEST_CASE_TEMPLATE("after reserve(max_tokens), the compressor allocates nothing 
     }
 }
 
-TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap allocation", T, float, double) {
+// What the optimizer tests step with: a VeLoRA layer's factored gradient of an o×d weight (from a
+// compressed T×d input and a T×o output gradient, G = 16), a dense gradient of the same shape
+// and a bias gradient; all made before anything is counted.
+template <class T>
+struct optimizer_inputs {
     using B = velora::eigen_backend<T>;
+    static constexpr index_t t = 256, d = 200, o = 96, g = 16;
     B backend;
-    const index_t t = 256, d = 200, o = 96, g = 16;
-    std::vector<T> x(static_cast<std::size_t>(t * d)), dy(static_cast<std::size_t>(t * o)), w(static_cast<std::size_t>(o * d)),
-        grad(w.size()), a(static_cast<std::size_t>(o * g)), bias(static_cast<std::size_t>(o)), bias_grad(bias.size());
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
-    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
-    for (std::size_t i = 0; i < w.size(); ++i) grad[i] = static_cast<T>(velora::gaussian_at(3, i));
-    for (std::size_t i = 0; i < bias.size(); ++i) bias_grad[i] = static_cast<T>(velora::gaussian_at(4, i));
-    velora::compressor<B> c(backend, d, {.groups = g});
+    std::vector<T> x = values(t * d, 1, 0.3), dy = values(t * o, 2, 0), grad = values(o * d, 3, 0), bias_grad = values(o, 4, 0);
+    std::vector<T> w = std::vector<T>(static_cast<std::size_t>(o * d)), a = std::vector<T>(static_cast<std::size_t>(o * g)),
+                   bias = std::vector<T>(static_cast<std::size_t>(o));
+    velora::compressor<B> c{backend, d, {.groups = g}};
     typename velora::compressor<B>::record_type record;
-    REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
-    c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
-    const auto factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
+    velora::factored_gradient<T> factored;
+
+    optimizer_inputs() {
+        REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
+        c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
+        factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
+    }
+    static std::vector<T> values(index_t n, std::uint64_t seed, double shift) {
+        std::vector<T> v(static_cast<std::size_t>(n));
+        for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<T>(velora::gaussian_at(seed, i) + shift);
+        return v;
+    }
+};
+
+TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap allocation", T, float, double) {
+    optimizer_inputs<T> in;
+    using B = typename optimizer_inputs<T>::B;
+    constexpr index_t d = optimizer_inputs<T>::d, o = optimizer_inputs<T>::o;
+    auto& backend = in.backend;
+    auto &w = in.w, &grad = in.grad, &bias = in.bias, &bias_grad = in.bias_grad;
+    const auto& factored = in.factored;
 
     for (auto side : {adarank::side_policy::left, adarank::side_policy::right}) {
         adarank::optimizer_config config;
@@ -204,20 +223,13 @@ static_assert(velora::communicator<twin_ranks>);
 
 TEST_CASE_TEMPLATE("after reserve(plan), the first factored, data-parallel and bucketed steps make no heap allocation; workspace_bytes(plan) says how much before", T,
                    float, double) {
-    using B = velora::eigen_backend<T>;
-    B backend;
-    const index_t t = 256, d = 200, o = 96, g = 16;
-    std::vector<T> x(static_cast<std::size_t>(t * d)), dy(static_cast<std::size_t>(t * o)), w(static_cast<std::size_t>(o * d)), w2(w.size()),
-        w3(w.size()), grad(w.size()), grad2(w.size()), a(static_cast<std::size_t>(o * g)), bias(static_cast<std::size_t>(o)), bias_grad(bias.size());
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
-    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
-    for (std::size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<T>(velora::gaussian_at(3, i));
-    for (std::size_t i = 0; i < bias.size(); ++i) bias_grad[i] = static_cast<T>(velora::gaussian_at(4, i));
-    velora::compressor<B> c(backend, d, {.groups = g});
-    typename velora::compressor<B>::record_type record;
-    REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
-    c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
-    const auto factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
+    optimizer_inputs<T> in;
+    using B = typename optimizer_inputs<T>::B;
+    constexpr index_t d = optimizer_inputs<T>::d, o = optimizer_inputs<T>::o, g = optimizer_inputs<T>::g;
+    auto& backend = in.backend;
+    auto &w = in.w, &grad = in.grad, &bias = in.bias, &bias_grad = in.bias_grad;
+    const auto& factored = in.factored;
+    std::vector<T> w2(w.size()), w3(w.size()), grad2(w.size());
 
     adarank::optimizer_config config;
     config.rank = adarank::rank_policy::adaptive(0.1, 1, 24);
