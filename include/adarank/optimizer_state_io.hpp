@@ -155,7 +155,7 @@ struct optimizer_state_io {
         w.put(static_cast<std::uint8_t>(l.low_rank));
         w.put(static_cast<std::uint8_t>(l.side));
         const std::vector<std::byte> blob = std::move(w).finish();
-        return velora::hash_bytes(blob) | 1;
+        return velora::fnv1a64(blob) | 1;
     }
 
     static void put_buffer(B& b, velora::state_writer& w, const buffer& buf, index_t n, std::vector<T>& host) {
