@@ -96,9 +96,10 @@ TEST_CASE_TEMPLATE("after reserve(max_tokens), the compressor allocates nothing 
     using B = velora::eigen_backend<T>;
     B backend;
     const index_t max_tokens = 512, d = 200, o = 96, g = 16;
-    std::vector<T> x(static_cast<std::size_t>(max_tokens * d)), dy(static_cast<std::size_t>(max_tokens * o)),
-        dy_ssf(x.size()), a(static_cast<std::size_t>(o * g)), dw(static_cast<std::size_t>(o * d)), ssf(static_cast<std::size_t>(d)),
-        xhat(x.size());
+    // x holds one token more than max_tokens: the second record reads the rows from the second on.
+    std::vector<T> x(static_cast<std::size_t>((max_tokens + 1) * d)), dy(static_cast<std::size_t>(max_tokens * o)),
+        dy_ssf(static_cast<std::size_t>(max_tokens * d)), a(static_cast<std::size_t>(o * g)), dw(static_cast<std::size_t>(o * d)),
+        ssf(static_cast<std::size_t>(d)), xhat(static_cast<std::size_t>(max_tokens * d));
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(velora::gaussian_at(1, i) + 0.3);
     for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(velora::gaussian_at(2, i));
     for (std::size_t i = 0; i < dy_ssf.size(); ++i) dy_ssf[i] = static_cast<T>(velora::gaussian_at(3, i));
