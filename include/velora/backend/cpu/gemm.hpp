@@ -127,7 +127,10 @@ public:
     template <class S>
     void run(const char* fn, op op_a, op op_b, S alpha, const_matrix_view<S> a, const_matrix_view<S> b, S beta, matrix_view<S> c) const {
         static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>, "the CPU GEMM supports float and double");
-        const auto [m, n, k] = rules::check_gemm_arguments<S>(fn, op_a, op_b, a, b, c);   // shapes, inner dimensions, aliasing
+        // Named copies, not a structured binding: the parallel region below captures them, which
+        // clang before 16 refuses for structured bindings.
+        const rules::gemm_shape shape = rules::check_gemm_arguments<S>(fn, op_a, op_b, a, b, c);   // shapes, inner dimensions, aliasing
+        const index_t m = shape.m, n = shape.n, k = shape.k;
         if (m == 0 || n == 0) return;
 
         gemm_engine engine = engine_for(m, n, k);
