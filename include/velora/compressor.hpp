@@ -209,6 +209,19 @@ public:
         return zero_mean ? status::degenerate_input : status::ok;
     }
 
+    /// What compress reports for a batch whose sub-token sum or projection is not finite:
+    /// status::non_finite_input when x holds a NaN or an Inf, status::overflow when x is finite.
+    /// For a caller that met such a sum itself (share_first_batch_v's reduced sum). One pass over
+    /// x; sizes the spare Z for x's tokens (the only allocation, on this failure path), changes no
+    /// state.
+    [[nodiscard]] status classify_failure(const_matrix_view<T> x) {
+        constexpr const char* fn = "velora::compressor::classify_failure";
+        check_view(x, fn, "x");
+        detail::require(x.cols == features_, fn, "argument 'x' has ", x.cols, " columns but the compressor was built for D = ", features_);
+        z_next_.resize(z_bytes(x.rows, fn));
+        return failure_outcome(x);
+    }
+
     /// Convenience overload that returns a new record (allocates; reuse a record in a loop).
     /// Having no status to return, it throws velora::numerical_error carrying
     /// status::non_finite_input or status::overflow where the other overload returns them

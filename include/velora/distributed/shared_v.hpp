@@ -54,17 +54,10 @@ status share_first_batch_v(B& backend, compressor<B, Rule>& comp, const_matrix_v
         usable = usable || e != T(0);
     }
     if (!finite) {
-        // The same bits on every rank, so every rank is here. As compress tells them apart: x·0 is
-        // NaN exactly where x is NaN or ±Inf, so x's projection on the zero vector is finite
-        // exactly when x is (one more pass over x, on this failure path only).
-        const index_t groups = comp.config().groups;
-        typename B::template buffer<T> zero, z;
-        zero.resize(static_cast<std::size_t>(s));
-        z.resize(static_cast<std::size_t>(detail::checked_mul(x.rows, groups, fn, "the finiteness test's T x G")));
-        const std::vector<T> zeros(static_cast<std::size_t>(s), T(0));
-        backend.copy_from_host(zeros.data(), zero.data(), s);
-        const bool local_finite = backend.project_subtokens(x, zero.data(), s, matrix_view<T>{z.data(), x.rows, groups, groups});
-        return comm.any(!local_finite) ? status::non_finite_input : status::overflow;
+        // The same bits on every rank, so every rank is here; each tells its own batch apart as
+        // compress does, and one collective gives every rank the same answer.
+        const bool local_non_finite = comp.classify_failure(x) == status::non_finite_input;
+        return comm.any(local_non_finite) ? status::non_finite_input : status::overflow;
     }
     if (!usable) return status::degenerate_input;
     comp.set_v(std::span<const T>(host));   // normalises
