@@ -82,6 +82,7 @@ public:
     status run() {
         if (const auto early = decide()) return *early;
         if (const auto early = prepare_subspace()) return *early;
+        if (l_.t >= cert::max_steps) return status::overflow;   // the step count cannot be incremented
         if (!certify())
             if (const auto early = exact_fallback()) return *early;
         return commit();
@@ -149,10 +150,6 @@ private:
     // Phase 3. n = m/(√v+ε) overwrites the projected gradient; Adam in the subspace runs in place
     // in the steady state, on the transported moments after a refresh.
     bool certify() {
-        if (l_.t >= cert::max_steps) {
-            overflow_ = true;
-            return false;
-        }
         decay_value_ = ctx_.rule.decay_factor(ctx_.lr);
         decay_ = T(decay_value_);
         terms_ = ctx_.rule.terms(ctx_.lr, l_.t + 1);
@@ -170,7 +167,6 @@ private:
 
     // Phase 4. The update on a copy in the workspace, read back on the host.
     std::optional<status> exact_fallback() {
-        if (overflow_) return status::overflow;   // the step count is at its limit
         auto& ws = ctx_.workspace;
         const auto n = projection(rank_);
         const auto m_work = ws.view(ws.m_next, rank_, l_.other), v_work = ws.view(ws.v_next, rank_, l_.other);
@@ -225,7 +221,7 @@ private:
     subspace_report rep_;
     std::uint64_t counter_;
     // certify and exact_fallback
-    bool overflow_ = false, certified_ = false;
+    bool certified_ = false;
     double decay_value_ = 1;
     T decay_ = T(1), alpha_ = T(0);
     update_terms<T> terms_{};
