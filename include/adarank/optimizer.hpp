@@ -155,27 +155,27 @@ public:
                              "): the shapes, kinds, registration order or optimizer configurations differ across ranks");
     }
 
-    /// One AdamW step of parameter `id` with a dense gradient (both rows×cols, backend memory).
-    /// Returns ok; degenerate_input (an all-zero gradient where a new subspace was due: the old
-    /// one is kept); non_finite_input (NaN/Inf in the gradient) or overflow (a finite gradient,
-    /// state or step whose result would not be finite in T, or a step count at its limit), both
-    /// with nothing changed. Precondition for the overflow guarantee: the weights satisfy
-    /// max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
-    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad) {
-        velora::single_process one;
-        return step(id, weight, grad, one);
-    }
+    // ------------------------------------------------------------------ the step
+    // One step of parameter `id` with its gradient in one of three forms: a dense view, a VeLoRA
+    // layer's factored gradient, or any gradient_operator. Each takes an optional communicator:
+    // without one (one process) the gradient is this process's; with one, every rank passes its
+    // own and the step uses the mean over the ranks (every rank calls step for the same
+    // parameters in the same order, and ends with the same bits and the same status). A
+    // low-rank parameter then all-reduces its projected gradient (rank×other values) and, when
+    // it searches a new subspace, the sketch products and Ḡ's energy; a dense one all-reduces
+    // its gradient (or reduce many at once with all_reduce_mean and step them without `comm`).
+    // With P > 1 ranks, the captured_energy refresh rule throws std::invalid_argument on every
+    // rank (it needs ‖Ḡ‖² at every step, i.e. the full gradient all-reduced). docs/distributed.md.
+    //
+    // Statuses: ok; degenerate_input (an all-zero gradient where a new subspace was due: the old
+    // one is kept); non_finite_input (NaN/Inf in the gradient) or overflow (a finite gradient,
+    // state or step whose result would not be finite in T, or a step count at its limit), both
+    // with nothing changed. Precondition for the overflow guarantee: the weights satisfy
+    // max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
 
-    /// Data-parallel: one step of parameter `id` with the mean over the ranks of `comm` of the
-    /// gradients they pass (each rank passes its own; every rank calls this in the same order).
-    /// A low-rank parameter all-reduces its projected gradient (rank×other values) and, when it
-    /// searches a new subspace, the sketch products and Ḡ's energy; a dense one all-reduces its
-    /// gradient (or reduce many at once with all_reduce_mean and step them without `comm`).
-    /// Every rank ends with the same bits and returns the same status. Throws
-    /// std::invalid_argument on every rank for the captured_energy refresh rule (it needs ‖Ḡ‖²
-    /// at every step, i.e. the full gradient all-reduced). See docs/distributed.md.
-    template <velora::communicator C>
-    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad, C& comm) {
+    /// A dense gradient (rows×cols, backend memory).
+    template <velora::communicator C = velora::single_process>
+    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad, C&& comm = C{}) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
@@ -185,9 +185,24 @@ public:
         return step_with(l, weight, g, comm);
     }
 
-    /// One step with a gradient in any form a gradient_operator describes (rows×cols); with a
-    /// communicator, the mean over the ranks as above. A dense parameter expands the operator
-    /// into a workspace (allocated on first use).
+    /// A VeLoRA layer's gradient in factored form (velora::compressor::factored): a low-rank
+    /// parameter never forms the rows×cols gradient; a dense one expands it into the workspace
+    /// reserve() sizes. With a communicator, the projection is formed locally from A and v (which
+    /// must be the same on every rank, see velora/distributed/shared_v.hpp) and reduced.
+    template <velora::communicator C = velora::single_process>
+    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step";
+        layer& l = checked_layer(id, fn);
+        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
+        check_factored(l, id, grad, fn);
+        check_distributable(l, config_.refresh, comm, fn);
+        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;
+        const factored_gradient_op<B> g(*b_, grad, ws_.fused);
+        return step_with(l, weight, g, comm);
+    }
+
+    /// A gradient in any form a gradient_operator describes (rows×cols). A dense parameter
+    /// expands the operator into the workspace reserve() sizes.
     template <gradient_operator Op, velora::communicator C = velora::single_process>
     status step(param_id id, matrix_view<T> weight, const Op& grad, C&& comm = C{}) {
         constexpr const char* fn = "adarank::low_rank_adamw::step";
@@ -198,29 +213,6 @@ public:
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, config_.refresh, comm, fn);
         return step_with(l, weight, grad, comm);
-    }
-
-    /// One step with a VeLoRA layer's gradient in factored form (velora::compressor::factored):
-    /// a low-rank parameter never forms the rows×cols gradient; a dense one expands it into a
-    /// workspace (allocated on first use). Statuses as for the dense gradient.
-    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad) {
-        velora::single_process one;
-        return step(id, weight, grad, one);
-    }
-
-    /// Data-parallel step with a factored gradient: the projection is formed locally from A and
-    /// v (which must be the same on every rank, see velora/distributed/shared_v.hpp) and reduced
-    /// as for a dense gradient.
-    template <velora::communicator C>
-    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad, C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_factored(l, id, grad, fn);
-        check_distributable(l, config_.refresh, comm, fn);
-        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;
-        const factored_gradient_op<B> g(*b_, grad, ws_.fused);
-        return step_with(l, weight, g, comm);
     }
 
     // ------------------------------------------------------------------ the step in phases
