@@ -127,8 +127,14 @@ TEST_CASE("adam_moments and adamw_update follow Adam's formulas element by eleme
     b.adam_moments(velora::make_view<const double>(g.data(), 2, 2), velora::make_view(m.data(), 2, 2), velora::make_view(v.data(), 2, 2), 0.9,
                    0.99, 1e-3, velora::make_view(n.data(), 2, 2));
     std::vector<double> w = {1, 2, 3, 4};
+    velora::rules::adamw_terms<double> terms;
+    terms.c1 = 1 - 0.9;
+    terms.c2 = 1 - 0.99;
+    terms.eps = 1e-3;
+    terms.step = 0.1;
+    terms.decay = 0.5;
     b.adamw_update(velora::make_view(w.data(), 2, 2), velora::make_view<const double>(g.data(), 2, 2), velora::make_view(m2.data(), 2, 2),
-                   velora::make_view(v2.data(), 2, 2), 0.9, 0.99, 1e-3, 0.1, 0.5);
+                   velora::make_view(v2.data(), 2, 2), terms);
     const double w0[] = {1, 2, 3, 4};
     for (int i = 0; i < 4; ++i) {
         CAPTURE(i);
@@ -139,6 +145,69 @@ TEST_CASE("adam_moments and adamw_update follow Adam's formulas element by eleme
     }
     CHECK(m[1] == doctest::Approx(0.9 * 0.2 + 0.1 * -2.0));
     CHECK(v[3] == doctest::Approx(0.99 * 1.0 + 0.01 * 9.0));
+}
+
+TEST_CASE_TEMPLATE("adamw_update in torch's order: torch::optim::AdamW's sequence of operations, bit for bit in every lane and the tail", T, float, double) {
+    // Rows of 37 (two or four AVX-512 packets and a scalar tail), the second row starting at an
+    // odd offset: every element must equal the scalar sequence written out here.
+    velora::eigen_backend<T> b;
+    const index_t rows = 3, cols = 37, ld = 41;
+    std::vector<T> g(rows * ld), m(rows * ld), v(rows * ld), w(rows * ld);
+    for (std::size_t i = 0; i < g.size(); ++i) {
+        const double x = static_cast<double>(i);
+        g[i] = T(std::sin(0.7 * x) * 3.0);
+        m[i] = T(std::cos(1.3 * x) * 0.2);
+        v[i] = T(0.05 + 0.04 * std::sin(0.3 * x) * std::sin(0.3 * x));
+        w[i] = T(1.0 + 0.5 * std::cos(0.11 * x));
+    }
+    const double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.1;
+    const std::uint64_t t = 7;
+    velora::rules::adamw_terms<T> terms;
+    terms.order = velora::rules::adamw_order::torch;
+    terms.beta1 = T(beta1);
+    terms.beta2 = T(beta2);
+    terms.c1 = T(1 - beta1);
+    terms.c2 = T(1 - beta2);
+    terms.eps = T(eps);
+    terms.step = T(lr / (1 - std::pow(beta1, double(t))));
+    terms.bias2_sqrt = T(std::sqrt(1 - std::pow(beta2, double(t))));
+    terms.decay = T(1 - lr * wd);
+    auto m_ref = m, v_ref = v, w_ref = w;
+    for (index_t r = 0; r < rows; ++r)
+        for (index_t c = 0; c < cols; ++c) {
+            const std::size_t i = static_cast<std::size_t>(r * ld + c);
+            volatile T decayed = w_ref[i] * terms.decay;   // p.mul_(1 - lr*wd): its own pass, rounded (volatile: not fused into the add below)
+            T wi = decayed;
+            const T mi = std::fma(g[i], terms.c1, m_ref[i] * terms.beta1);   // exp_avg.mul_(b1).add_(g, 1 - b1)
+            const T vi = std::fma(terms.c2 * g[i], g[i], v_ref[i] * terms.beta2);   // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+            const T denom = std::sqrt(vi) / terms.bias2_sqrt + terms.eps;
+            wi = wi + (-terms.step * mi) / denom;                      // p.addcdiv_(m, denom, -lr/bc1)
+            m_ref[i] = mi;
+            v_ref[i] = vi;
+            w_ref[i] = wi;
+        }
+    // The second row's view starts one element in: the lanes then fall on other addresses.
+    b.adamw_update(velora::matrix_view<T>{w.data(), rows, cols, ld}, velora::const_matrix_view<T>{g.data(), rows, cols, ld},
+                   velora::matrix_view<T>{m.data(), rows, cols, ld}, velora::matrix_view<T>{v.data(), rows, cols, ld}, terms);
+    CHECK(w == w_ref);
+    CHECK(m == m_ref);
+    CHECK(v == v_ref);
+    // The same arrays shifted by one element give the same bits (alignment independence).
+    std::vector<T> g2(g.size() + 1), m2(g.size() + 1), v2(g.size() + 1), w2(g.size() + 1);
+    std::vector<T> m0(rows * ld), v0(rows * ld), w0(rows * ld);
+    for (std::size_t i = 0; i < g.size(); ++i) {
+        const double x = static_cast<double>(i);
+        m0[i] = T(std::cos(1.3 * x) * 0.2);
+        v0[i] = T(0.05 + 0.04 * std::sin(0.3 * x) * std::sin(0.3 * x));
+        w0[i] = T(1.0 + 0.5 * std::cos(0.11 * x));
+        g2[i + 1] = g[i];
+        m2[i + 1] = m0[i];
+        v2[i + 1] = v0[i];
+        w2[i + 1] = w0[i];
+    }
+    b.adamw_update(velora::matrix_view<T>{w2.data() + 1, rows, cols, ld}, velora::const_matrix_view<T>{g2.data() + 1, rows, cols, ld},
+                   velora::matrix_view<T>{m2.data() + 1, rows, cols, ld}, velora::matrix_view<T>{v2.data() + 1, rows, cols, ld}, terms);
+    CHECK(std::vector<T>(w2.begin() + 1, w2.end()) == w_ref);
 }
 
 // ------------------------------------------------------------------------------- randomized SVD

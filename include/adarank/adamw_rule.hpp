@@ -1,15 +1,21 @@
 #pragma once
 /// \file
 /// The AdamW rule of `low_rank_adamw`, both conventions: the coefficients as the kernels see them
-/// (rounded to T) and what step t adds to a weight.
+/// (rounded to T) and what step t adds to a weight. The element-wise arithmetic itself is
+/// velora/backend/rules/adam_element.hpp, shared by every backend.
 ///
 ///   m = β₁m + (1−β₁)g,  v = β₂v + (1−β₂)g²,  n = m / (√v + ε)      (the backend's adam kernels)
 ///   galore: W ← d·(W − s·n)                with s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ), d = 1 − lr·wd
-///   torch:  W ← d·W − s·m/(√v + ε·√(1−β₂ᵗ)), the same update written as d·(W − (s/d)·n') with
-///           ε' = ε·√(1−β₂ᵗ), so that both conventions are one kernel call
+///   torch:  W ← d·W − s·m/(√v + ε·√(1−β₂ᵗ))
+/// A dense parameter under the torch convention runs torch::optim::AdamW's own order of
+/// operations (dense_terms: adamw_order::torch). A low-rank one has no torch counterpart to
+/// follow: its update is the same formula written as d·(W − (s/d)·n') with ε' = ε·√(1−β₂ᵗ)
+/// (terms), so that the subspace's moments are one adam_moments call in both conventions
 /// (adam_convention in policies.hpp says which optimizer each convention reproduces).
 #include <cmath>
 #include <cstdint>
+
+#include <velora/backend/rules/adam_element.hpp>
 
 #include "policies.hpp"
 
@@ -56,6 +62,32 @@ public:
         if (hyper_.convention == adam_convention::galore) return {coef_.eps, coef_.eps_value, step_size(lr, t)};
         const T eps = T(hyper_.eps * std::sqrt(1.0 - std::pow(hyper_.beta2, static_cast<double>(t))));
         return {eps, static_cast<double>(eps), step_size(lr, t) / decay_factor(lr)};
+    }
+
+    /// What a dense parameter's fused update (the backend's adamw_update) takes for step t: the
+    /// galore order with terms(lr, t)'s ε and step (the step not divided by d), or under the
+    /// torch convention torch::optim::AdamW's scalars, computed in double and rounded once, as
+    /// torch passes them to its tensor operations.
+    [[nodiscard]] velora::rules::adamw_terms<T> dense_terms(double lr, std::uint64_t t) const {
+        velora::rules::adamw_terms<T> d;
+        d.decay = T(decay_factor(lr));
+        d.beta1 = coef_.beta1;
+        d.beta2 = coef_.beta2;
+        d.eps = coef_.eps;
+        const double td = static_cast<double>(t);
+        if (hyper_.convention == adam_convention::galore) {
+            d.order = velora::rules::adamw_order::galore;
+            d.c1 = T(1) - coef_.beta1;
+            d.c2 = T(1) - coef_.beta2;
+            d.step = T(step_size(lr, t));
+        } else {
+            d.order = velora::rules::adamw_order::torch;
+            d.c1 = T(1.0 - hyper_.beta1);
+            d.c2 = T(1.0 - hyper_.beta2);
+            d.step = T(lr / (1.0 - std::pow(hyper_.beta1, td)));
+            d.bias2_sqrt = T(std::sqrt(1.0 - std::pow(hyper_.beta2, td)));
+        }
+        return d;
     }
 
 private:

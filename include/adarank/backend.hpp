@@ -9,6 +9,7 @@
 /// satisfies it, and so does `velora::cuda::cuda_backend` (cuda/include) on device memory.
 #include <concepts>
 
+#include <velora/backend/rules/adam_element.hpp>
 #include <velora/concepts.hpp>
 
 namespace adarank {
@@ -21,12 +22,12 @@ template <class B>
 concept optimizer_backend =
     velora::backend<B> &&
     requires(B& b, matrix_view<typename B::value_type> a, const_matrix_view<typename B::value_type> c, double* host_sigma,
-             typename B::value_type x) {
+             typename B::value_type x, const velora::rules::adamw_terms<typename B::value_type>& terms) {
         b.orthonormalize_rows(a);              // rows of a made orthonormal, same row space
         b.gram_svd(c, a, host_sigma);          // left singular vectors and values of a wide k×n matrix
         { b.sum_of_squares(c) } -> std::same_as<double>;
         b.adam_moments(c, a, a, x, x, x, a);   // m, v update and n = m / (√v + ε)
-        b.adamw_update(a, c, a, a, x, x, x, x, x);
+        b.adamw_update(a, c, a, a, terms);     // dense AdamW in one pass, in terms.order's order of operations
         b.square(c, a);
         b.clamp_nonnegative(a);
         b.fill(a, x);

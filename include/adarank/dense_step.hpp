@@ -32,15 +32,15 @@ status decay_only(step_context<B, Config>& ctx, parameter_state<B>& l, matrix_vi
 
 /// The dense step computed exactly into temporaries (allocated here: this path is never taken by
 /// a step the certificate vouches for) and read back on the host; committed only when the
-/// moments and n are finite and the weight update is bounded.
+/// moments and the update are finite and the new weight is bounded. It gives the bits the fused
+/// pass would have given.
 template <optimizer_backend B, class Config>
 status dense_step_exact(step_context<B, Config>& ctx, parameter_state<B>& l, matrix_view<typename B::value_type> weight,
-                        const_matrix_view<typename B::value_type> grad, typename B::value_type step, typename B::value_type decay,
-                        typename B::value_type eps) {
+                        const_matrix_view<typename B::value_type> grad, const velora::rules::adamw_terms<typename B::value_type>& terms) {
     using T = typename B::value_type;
     using cert = overflow_certificate<T>;
+    using velora::rules::adamw_order;
     B& b = ctx.backend;
-    const auto& coef = ctx.rule.coefficients();
     const index_t count = l.rows * l.cols;
     typename B::template buffer<T> m, v, n;
     m.resize(static_cast<std::size_t>(count));
@@ -48,16 +48,31 @@ status dense_step_exact(step_context<B, Config>& ctx, parameter_state<B>& l, mat
     n.resize(static_cast<std::size_t>(count));
     b.copy(l.m.data(), m.data(), count);
     b.copy(l.v.data(), v.data(), count);
-    b.adam_moments(grad, l.dense_view(m), l.dense_view(v), coef.beta1, coef.beta2, eps, l.dense_view(n));
+    // n: galore's normalised step m/(√v + ε); torch's whole update (−s·m)/denom, computed by the
+    // fused kernel on a zero weight without decay (adding the zero is exact).
+    velora::rules::adamw_terms<T> to_commit = terms;
+    if (terms.order == adamw_order::galore) {
+        b.adam_moments(grad, l.dense_view(m), l.dense_view(v), terms.beta1, terms.beta2, terms.eps, l.dense_view(n));
+    } else {
+        b.fill(l.dense_view(n), T(0));
+        velora::rules::adamw_terms<T> undecayed = terms;
+        undecayed.decay = T(1);
+        b.adamw_update(l.dense_view(n), grad, l.dense_view(m), l.dense_view(v), undecayed);
+    }
     const auto hm = summarize(b, l.dense_view(m)), hv = summarize(b, l.dense_view(v)), hn = summarize(b, l.dense_view(n));
-    if (!hm.finite || !hv.finite || !hn.finite || !cert::dense_update_ok(step, decay, hn.max_abs)) return status::overflow;
+    const T step = terms.order == adamw_order::galore ? terms.step : T(1);
+    if (!hm.finite || !hv.finite || !hn.finite || !cert::dense_update_ok(step, terms.decay, hn.max_abs)) return status::overflow;
     ++l.t;
     b.copy(m.data(), l.m.data(), count);
     b.copy(v.data(), l.v.data(), count);
-    // w = decay·(w − step·n) with the checked n: adamw_update with β₁ = β₂ = 1, ε = 1, m = n and
-    // v = g = 0 computes exactly that (m stays n, v stays 0, n/(√0 + 1) = n).
+    // Commit with the checked n through the same fused kernel, set up so that its moments pass n
+    // through unchanged (g = v = 0, m = n, β₁ = β₂ = 1, c₁ = c₂ = 0, ε = 1, √(1−β₂ᵗ) = 1):
+    //   galore: decay·fma(−step, n, w);   torch: w·decay + (1·n)/(√0/1 + 1) = w·decay + n.
     b.fill(l.dense_view(v), T(0));
-    b.adamw_update(weight, l.dense_view(v), l.dense_view(n), l.dense_view(v), T(1), T(1), T(1), step, decay);
+    to_commit.beta1 = to_commit.beta2 = to_commit.eps = to_commit.bias2_sqrt = T(1);
+    to_commit.c1 = to_commit.c2 = T(0);
+    if (terms.order == adamw_order::torch) to_commit.step = T(-1);
+    b.adamw_update(weight, l.dense_view(v), l.dense_view(n), l.dense_view(v), to_commit);
     l.m_bound = hm.max_abs;
     l.v_bound = hv.max_abs;
     return status::ok;
@@ -79,16 +94,20 @@ status dense_step(step_context<B, Config>& ctx, parameter_state<B>& l, matrix_vi
         // A finite gradient whose sum of squares overflowed: the exact path decides.
     }
     if (l.t >= cert::max_steps) return status::overflow;
+    // u: the ε the moments' bound uses (ε·√(1−β₂ᵗ) under the torch convention); terms: what the
+    // fused kernel takes. Either order adds at most s·|n| (s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ)) to d·w; the
+    // torch order also forms s_t·m (s_t = lr/(1−β₁ᵗ)) before dividing, which must stay finite.
     const update_terms<T> u = ctx.rule.terms(ctx.lr, l.t + 1);
-    const T step = T(u.step), decay = T(ctx.rule.decay_factor(ctx.lr));
+    const velora::rules::adamw_terms<T> terms = ctx.rule.dense_terms(ctx.lr, l.t + 1);
+    const T step = T(ctx.rule.step_size(ctx.lr, l.t + 1));
     typename cert::moment_bounds next;
     const bool certified = std::isfinite(energy) &&
                            cert::certify(ctx.rule.coefficients(), l.m_bound, l.v_bound, cert::sum_bound(energy, grad.size()), u.eps_value, next) &&
-                           cert::dense_update_ok(step, decay, next.n);
-    if (!certified) return dense_step_exact(ctx, l, weight, grad, step, decay, u.eps);
+                           cert::dense_update_ok(step, terms.decay, next.n) &&
+                           (terms.order == velora::rules::adamw_order::galore || cert::dense_update_ok(terms.step, T(1), next.m));
+    if (!certified) return dense_step_exact(ctx, l, weight, grad, terms);
     ++l.t;
-    const auto& coef = ctx.rule.coefficients();
-    b.adamw_update(weight, grad, l.dense_view(l.m), l.dense_view(l.v), coef.beta1, coef.beta2, u.eps, step, decay);
+    b.adamw_update(weight, grad, l.dense_view(l.m), l.dense_view(l.v), terms);
     l.m_bound = next.m;
     l.v_bound = next.v;
     return status::ok;

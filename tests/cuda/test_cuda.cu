@@ -79,6 +79,22 @@ std::vector<double> record_snapshot(const velora::activation_record<B>& r) {
 template <class T>
 double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
 
+// The scalars of one AdamW update at step 3 (lr 1e-2, β 0.9/0.999, ε 1e-8) in either order.
+template <class T>
+velora::rules::adamw_terms<T> adamw_terms_for(velora::rules::adamw_order order, T decay) {
+    velora::rules::adamw_terms<T> t;
+    t.order = order;
+    t.beta1 = T(0.9);
+    t.beta2 = T(0.999);
+    t.c1 = order == velora::rules::adamw_order::torch ? T(1 - 0.9) : T(1) - t.beta1;
+    t.c2 = order == velora::rules::adamw_order::torch ? T(1 - 0.999) : T(1) - t.beta2;
+    t.eps = T(1e-8);
+    t.step = order == velora::rules::adamw_order::torch ? T(1e-2 / (1 - std::pow(0.9, 3.0))) : T(0.01);
+    t.bias2_sqrt = order == velora::rules::adamw_order::torch ? T(std::sqrt(1 - std::pow(0.999, 3.0))) : T(1);
+    t.decay = decay;
+    return t;
+}
+
 using test::orthonormality_error;
 using test::rel_diff;
 
@@ -267,10 +283,16 @@ TEST_CASE_TEMPLATE("element-wise kernels and the Frobenius reduction match the E
             CHECK(rel_diff(download(dm), cm) < tolerance<T>());
             CHECK(rel_diff(download(dv), cv) < tolerance<T>());
             CHECK(rel_diff(download(dn), cn) < 10 * tolerance<T>());
-            t.cpu.adamw_update(view(cw), view(hg), view(cm), view(cv), T(0.9), T(0.999), T(1e-8), T(0.01), decay);
-            t.gpu.adamw_update(dview(dw), dview(dg), dview(dm), dview(dv), T(0.9), T(0.999), T(1e-8), T(0.01), decay);
-            CHECK(rel_diff(download(dw), cw) < tolerance<T>());
-            CHECK(rel_diff(download(dm), cm) < tolerance<T>());
+            for (const auto order : {velora::rules::adamw_order::galore, velora::rules::adamw_order::torch}) {
+                const auto terms = adamw_terms_for<T>(order, decay);
+                auto cw2 = cw, cm2 = cm, cv2 = cv;
+                auto dw2 = upload(cw), dm2 = upload(cm), dv2 = upload(cv);
+                t.cpu.adamw_update(view(cw2), view(hg), view(cm2), view(cv2), terms);
+                t.gpu.adamw_update(dview(dw2), dview(dg), dview(dm2), dview(dv2), terms);
+                CHECK(rel_diff(download(dw2), cw2) < tolerance<T>());
+                CHECK(rel_diff(download(dm2), cm2) < tolerance<T>());
+                CHECK(rel_diff(download(dv2), cv2) < tolerance<T>());
+            }
         }
     }
     SUBCASE("square, clamp, scale, fill, set_identity, scale_shift_columns") {
@@ -668,8 +690,8 @@ TEST_CASE_TEMPLATE("shape sweep: kernels, reductions and GEMM match the Eigen ba
 
                 auto cm = hm, cv = hv, cw = hx;
                 auto dw = upload(hx);
-                t.cpu.adamw_update(cview(cw), cview(hx), cview(cm), cview(cv), T(0.9), T(0.999), T(1e-8), T(0.01), T(0.999));
-                t.gpu.adamw_update(gview(dw), gview(dx), gview(dm), gview(dv), T(0.9), T(0.999), T(1e-8), T(0.01), T(0.999));
+                t.cpu.adamw_update(cview(cw), cview(hx), cview(cm), cview(cv), adamw_terms_for<T>(velora::rules::adamw_order::galore, T(0.999)));
+                t.gpu.adamw_update(gview(dw), gview(dx), gview(dm), gview(dv), adamw_terms_for<T>(velora::rules::adamw_order::galore, T(0.999)));
                 CHECK(rel_diff(download(dw), cw) < tolerance<T>());
                 CHECK(rel_diff(download(dv), cv) < tolerance<T>());
                 t.cpu.scale(cview(cw), T(-0.5));

@@ -144,12 +144,13 @@ TEST_CASE("convention torch: dense parameters match torch::optim::AdamW over 100
             s1.step();
             s2.step();
         }
-        // Rounding only: the library spells its update with fused multiply-adds, torch does not
-        // (measured: <= 6e-7 float, 1.3e-15 double on the weights; 1.4e-5 and 3.4e-14 on the
-        // distance travelled, which is ~40x smaller than the weights).
-        const double tolerance = dtype == at::kFloat ? 2e-6 : 1e-14;
+        // torch's order of operations (adam_element.hpp); what could remain is where torch's
+        // kernels and the library fuse a multiply-add differently (measured on the AVX-512
+        // machine of docs/performance.md: 0 in both dtypes, weights and distance travelled).
+        const double tolerance = dtype == at::kFloat ? 5e-7 : 1e-14;
         for (std::size_t i = 0; i < ours.size(); ++i) {
             CAPTURE(i);
+            MESSAGE(dtype, " parameter ", i, ": max relative difference to torch::optim::AdamW after 100 steps ", max_relative(ours[i], theirs[i]));
             CHECK(max_relative(ours[i], theirs[i]) < tolerance);
             // and the distance travelled is matched, not just the (shared) starting point
             const auto start = param(ours[i].sizes().vec(), i + 1, dtype);
@@ -167,6 +168,33 @@ TEST_CASE("convention torch: dense parameters match torch::optim::AdamW over 100
         (void)torch_adamw.step();
     }
     CHECK(max_relative(a[0], b[0]) > 1e-5);
+}
+
+TEST_CASE("convention torch: dense float parameters within 5e-7 of torch::optim::AdamW at lr 1e-2 over 50 steps (torch's order of operations)") {
+    // The torch convention runs torch::optim::AdamW's own sequence of tensor operations
+    // (velora/backend/rules/adam_element.hpp): w·d first, then m, v, denom = √v/√(1−β₂ᵗ) + ε and
+    // w + (−lr/(1−β₁ᵗ))·m/denom, with its scalars rounded as torch rounds them. What remains is
+    // where torch's kernels fuse a multiply-add and the library does too, or not.
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> ours{param({64, 48}, 11), param({33, 7}, 12), param({257}, 13), param({5}, 14)};
+    std::vector<at::Tensor> theirs = clones(ours);
+    AdaRankGradAdamW opt(ours, OptionsT(1e-2).eps(1e-8).weight_decay(0.1).convention(adarank::adam_convention::torch).kind(adarank::param_kind::dense));
+    torch::optim::AdamW ref(theirs, torch::optim::AdamWOptions(1e-2).eps(1e-8).weight_decay(0.1));
+    double worst = 0, worst_travel = 0;
+    std::vector<at::Tensor> start = clones(ours);
+    for (int t = 1; t <= 50; ++t) {
+        set_gradients(ours, t);
+        set_gradients(theirs, t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+        (void)ref.step();
+    }
+    for (std::size_t i = 0; i < ours.size(); ++i) {
+        worst = std::max(worst, max_relative(ours[i], theirs[i]));
+        worst_travel = std::max(worst_travel, max_relative(ours[i] - start[i], theirs[i] - start[i]));
+    }
+    MESSAGE("max relative difference to torch::optim::AdamW after 50 float steps: weights ", worst, ", distance travelled ", worst_travel);
+    CHECK(worst <= 5e-7);
+    CHECK(worst_travel <= 5e-6);
 }
 
 TEST_CASE("GaLore configuration: low-rank weights follow the double-precision GaLore oracle step by step (double and float)") {

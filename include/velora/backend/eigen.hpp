@@ -182,18 +182,30 @@ public:
 
     /// Adam's moment update and normalised step, element-wise:
     /// m = β₁m + (1−β₁)g,  v = β₂v + (1−β₂)g²,  n = m / (√v + ε).  `n` may alias `g`.
-    /// Computed as m += (1−β₁)(g − m), v += (1−β₂)(g² − v) with fused multiply-adds (cpu/adam.hpp).
+    /// Computed as m += (1−β₁)(g − m), v += (1−β₂)(g² − v) with fused multiply-adds
+    /// (backend/rules/adam_element.hpp, on AVX-512 packets and scalars: cpu/adam.hpp).
     void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
-        const cpu::adam_coefficients<T> c{T(1) - beta1, T(1) - beta2, eps, T(0), T(1)};
-        cpu::for_each_row(threads_, n.size(), n.rows, [&](index_t r) { cpu::adam_row<false>(g.row(r), m.row(r), v.row(r), n.row(r), n.cols, c); });
+        rules::adamw_terms<T> c;
+        c.c1 = T(1) - beta1;
+        c.c2 = T(1) - beta2;
+        c.eps = eps;
+        cpu::for_each_row(threads_, n.size(), n.rows, [&](index_t r) {
+            cpu::adam_row<cpu::adam_row_kind::moments>(g.row(r), m.row(r), v.row(r), n.row(r), n.cols, c);
+        });
     }
 
-    /// Dense AdamW in one pass: moments as in adam_moments, then
-    /// w = decay · (w − step · m / (√v + ε)), where step = lr·√(1−β₂ᵗ)/(1−β₁ᵗ) and decay = 1 − lr·wd.
-    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps,
-                      T step, T decay) {
-        const cpu::adam_coefficients<T> c{T(1) - beta1, T(1) - beta2, eps, step, decay};
-        cpu::for_each_row(threads_, w.size(), w.rows, [&](index_t r) { cpu::adam_row<true>(g.row(r), m.row(r), v.row(r), w.row(r), w.cols, c); });
+    /// Dense AdamW in one pass over w, g, m and v, in the order of operations `terms.order`
+    /// names (galore: the moments as adam_moments, then w = decay·(w − step·n); torch:
+    /// torch::optim::AdamW's sequence; backend/rules/adam_element.hpp has both).
+    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, const rules::adamw_terms<T>& terms) {
+        if (terms.order == rules::adamw_order::torch)
+            cpu::for_each_row(threads_, w.size(), w.rows, [&](index_t r) {
+                cpu::adam_row<cpu::adam_row_kind::torch_weight>(g.row(r), m.row(r), v.row(r), w.row(r), w.cols, terms);
+            });
+        else
+            cpu::for_each_row(threads_, w.size(), w.rows, [&](index_t r) {
+                cpu::adam_row<cpu::adam_row_kind::galore_weight>(g.row(r), m.row(r), v.row(r), w.row(r), w.cols, terms);
+            });
     }
 
     /// out = in ∘ in.

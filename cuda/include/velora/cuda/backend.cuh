@@ -437,32 +437,48 @@ public:
         return host;
     }
 
-    /// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², n = m / (√v + ε); n may alias g.
+    /// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², n = m / (√v + ε); n may alias g. The arithmetic
+    /// is backend/rules/adam_element.hpp's, as on the CPU.
     void adam_moments(const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, matrix_view<T> n) {
         const T* gd = g.data;
         T *md = m.data, *vd = v.data, *nd = n.data;
         const index_t ldg = g.ld, ldm = m.ld, ldv = v.ld, ldn = n.ld;
+        const T c1 = T(1) - beta1, c2 = T(1) - beta2;
         for_each_2d("velora::cuda::cuda_backend::adam_moments", n.rows, n.cols, [=] __device__(kernels::index r, kernels::index c) {
             T mm = md[r * ldm + c], vv = vd[r * ldv + c];
-            const T step = kernels::adam_element(gd[r * ldg + c], mm, vv, beta1, beta2, eps);
+            const T step = rules::adam_moments_element<kernels::device_ops>(gd[r * ldg + c], mm, vv, c1, c2, eps);
             md[r * ldm + c] = mm;
             vd[r * ldv + c] = vv;
             nd[r * ldn + c] = step;
         });
     }
 
-    /// Dense AdamW in one pass: the moments as above, then w = decay · (w − step · m / (√v + ε)).
-    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, T beta1, T beta2, T eps, T step, T decay) {
+    /// Dense AdamW in one pass over w, g, m and v, in the order of operations `t.order` names
+    /// (backend/rules/adam_element.hpp, as on the CPU).
+    void adamw_update(matrix_view<T> w, const_matrix_view<T> g, matrix_view<T> m, matrix_view<T> v, const rules::adamw_terms<T>& t) {
         const T* gd = g.data;
         T *wd = w.data, *md = m.data, *vd = v.data;
         const index_t ldw = w.ld, ldg = g.ld, ldm = m.ld, ldv = v.ld;
+        const rules::adamw_terms<T> terms = t;
+        const T minus_step = -t.step;
+        const bool decays = t.decay != T(1);
+        if (t.order == rules::adamw_order::torch) {
+            for_each_2d("velora::cuda::cuda_backend::adamw_update", w.rows, w.cols, [=] __device__(kernels::index r, kernels::index c) {
+                T mm = md[r * ldm + c], vv = vd[r * ldv + c];
+                wd[r * ldw + c] = rules::torch_adamw_element<kernels::device_ops>(gd[r * ldg + c], mm, vv, wd[r * ldw + c], terms.beta1, terms.c1,
+                                                                                  terms.beta2, terms.c2, terms.bias2_sqrt, terms.eps, minus_step,
+                                                                                  terms.decay, decays);
+                md[r * ldm + c] = mm;
+                vd[r * ldv + c] = vv;
+            });
+            return;
+        }
         for_each_2d("velora::cuda::cuda_backend::adamw_update", w.rows, w.cols, [=] __device__(kernels::index r, kernels::index c) {
             T mm = md[r * ldm + c], vv = vd[r * ldv + c];
-            const T normalised = kernels::adam_element(gd[r * ldg + c], mm, vv, beta1, beta2, eps);
+            const T normalised = rules::adam_moments_element<kernels::device_ops>(gd[r * ldg + c], mm, vv, terms.c1, terms.c2, terms.eps);
             md[r * ldm + c] = mm;
             vd[r * ldv + c] = vv;
-            const T updated = fma(-step, normalised, wd[r * ldw + c]);
-            wd[r * ldw + c] = decay == T(1) ? updated : decay * updated;
+            wd[r * ldw + c] = rules::galore_weight_element<kernels::device_ops>(wd[r * ldw + c], normalised, minus_step, terms.decay, decays);
         });
     }
 

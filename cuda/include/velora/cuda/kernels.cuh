@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include <velora/backend/rules/adam_element.hpp>
 #include <velora/backend/rules/row_signs.hpp>
 #include <velora/core/rng.hpp>
 #include <velora/core/storage.hpp>
@@ -47,16 +48,16 @@ __global__ void for_each_1d(index n, F f) {
     for (index i = blockIdx.x * static_cast<index>(blockDim.x) + threadIdx.x; i < n; i += static_cast<index>(gridDim.x) * blockDim.x) f(i);
 }
 
-/// Adam's moments for one element, in registers: m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g²;
-/// returns the normalised step m / (√v + ε). Shared by adam_moments and adamw_update.
-template <class T>
-__device__ inline T adam_element(T grad, T& m, T& v, T beta1, T beta2, T eps) {
-    // The CPU backend's formula (eigen_backend::adam_row): m += (1−β₁)(g − m),
-    // v += (1−β₂)(g² − v), with every multiply-add fused.
-    m = fma(T(1) - beta1, grad - m, m);
-    v = fma(T(1) - beta2, fma(grad, grad, -v), v);
-    return m / (sqrt(v) + eps);
-}
+/// The device's fused multiply-add and square root for backend/rules/adam_element.hpp.
+struct device_ops {
+    template <class T>
+    __device__ static T fma(T a, T b, T c) { return ::fma(a, b, c); }
+    template <class T>
+    __device__ static T sqrt(T a) { return ::sqrt(a); }
+    // __fmul_rn / __dmul_rn: a product nvcc never contracts into a later add.
+    __device__ static float product(float a, float b) { return __fmul_rn(a, b); }
+    __device__ static double product(double a, double b) { return __dmul_rn(a, b); }
+};
 
 /// partial[chunk · width + c] = Σ_{t in chunk} value(t, c), in double; chunk = blockIdx.y
 /// covers rows [chunk · chunk_rows, (chunk + 1) · chunk_rows).

@@ -2,12 +2,13 @@
 /// \file
 /// Adam(W)'s element-wise update on the CPU, the same bits wherever the rows lie in memory.
 ///
-///   m += c1·(g − m),  v += c2·fma(g, g, −v),  n = m / (√v + ε)
-///   then either out = n (moments only; out may alias g) or w = decay·fma(−step, n, w).
-///
-/// Every multiply-add is spelled out as a fused one, in the AVX-512 body (whole 64-byte packets
-/// from the row's first element, unaligned loads) and in the scalar tail alike, so a row gives
-/// the same bits whatever its alignment (see lanes.hpp for why an Eigen expression would not).
+/// The arithmetic is backend/rules/adam_element.hpp's, instantiated twice per row: on AVX-512
+/// packets (whole 64-byte packets from the row's first element, unaligned loads) and on scalars
+/// for the tail. Its multiply-adds are spelled out as fused ones in both (see lanes.hpp for why
+/// an Eigen expression would not give alignment-independent bits). Three row kinds:
+///   moments:        m, v updated, out = n = m / (√v + ε) (out may alias g);
+///   galore_weight:  m, v updated, w = decay·fma(−step, n, w);
+///   torch_weight:   torch::optim::AdamW's order of operations (adam_element.hpp).
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -16,18 +17,44 @@
 #include <immintrin.h>
 #endif
 
+#include "../rules/adam_element.hpp"
 #include "lanes.hpp"
 
 namespace velora::cpu {
 
-template <class T>
-struct adam_coefficients {
-    T c1, c2, eps, step, decay;   // 1−β₁, 1−β₂, ε, step size, 1 − lr·wd
+/// Which update a row runs (see the file comment).
+enum class adam_row_kind { moments, galore_weight, torch_weight };
+
+/// The scalar operations adam_element.hpp needs, on one T.
+struct scalar_ops {
+    template <class T>
+    static T fma(T a, T b, T c) noexcept { return fused(a, b, c); }
+    template <class T>
+    static T sqrt(T a) noexcept { return std::sqrt(a); }
+    // a·b + (−0) is a·b rounded once, for every a·b (−0 included), and an FMA's result is never
+    // contracted into a later add, as a plain product would be by GCC.
+    template <class T>
+    static T product(T a, T b) noexcept { return std::fma(a, b, T(-0.0)); }
 };
+
+/// One element of a row of kind K; `out` is n (moments) or w (the weight kinds). The
+/// coefficients come as N (a scalar, or broadcast into a packet); decays = (decay != 1).
+template <adam_row_kind K, class Ops, class N>
+inline void adam_element(N g, N& m, N& v, N& out, N beta1, N c1, N beta2, N c2, N bias2_sqrt, N eps, N minus_step, N decay,
+                         bool decays) noexcept {
+    if constexpr (K == adam_row_kind::torch_weight) {
+        out = rules::torch_adamw_element<Ops>(g, m, v, out, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
+    } else {
+        const N n = rules::adam_moments_element<Ops>(g, m, v, c1, c2, eps);
+        if constexpr (K == adam_row_kind::moments) out = n;
+        else out = rules::galore_weight_element<Ops>(out, n, minus_step, decay, decays);
+    }
+}
 
 #if defined(__AVX512F__)
 namespace simd {
-// The few AVX-512 operations the Adam row needs, for float and double alike.
+// The AVX-512 packet of T and the two operations adam_element.hpp needs beyond + − × ÷ (which
+// GCC and clang provide on vector types).
 template <class T>
 struct avx512;
 template <>
@@ -37,13 +64,9 @@ struct avx512<float> {
     static reg set1(float x) noexcept { return _mm512_set1_ps(x); }
     static reg load(const float* p) noexcept { return _mm512_loadu_ps(p); }
     static void store(float* p, reg x) noexcept { _mm512_storeu_ps(p, x); }
-    static reg add(reg a, reg b) noexcept { return _mm512_add_ps(a, b); }
-    static reg sub(reg a, reg b) noexcept { return _mm512_sub_ps(a, b); }
-    static reg mul(reg a, reg b) noexcept { return _mm512_mul_ps(a, b); }
-    static reg div(reg a, reg b) noexcept { return _mm512_div_ps(a, b); }
+    static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_ps(a, b, c); }
     static reg sqrt(reg a) noexcept { return _mm512_sqrt_ps(a); }
-    static reg fmadd(reg a, reg b, reg c) noexcept { return _mm512_fmadd_ps(a, b, c); }
-    static reg fmsub(reg a, reg b, reg c) noexcept { return _mm512_fmsub_ps(a, b, c); }
+    static reg product(reg a, reg b) noexcept { return _mm512_fmadd_ps(a, b, _mm512_set1_ps(-0.0f)); }
 };
 template <>
 struct avx512<double> {
@@ -52,13 +75,9 @@ struct avx512<double> {
     static reg set1(double x) noexcept { return _mm512_set1_pd(x); }
     static reg load(const double* p) noexcept { return _mm512_loadu_pd(p); }
     static void store(double* p, reg x) noexcept { _mm512_storeu_pd(p, x); }
-    static reg add(reg a, reg b) noexcept { return _mm512_add_pd(a, b); }
-    static reg sub(reg a, reg b) noexcept { return _mm512_sub_pd(a, b); }
-    static reg mul(reg a, reg b) noexcept { return _mm512_mul_pd(a, b); }
-    static reg div(reg a, reg b) noexcept { return _mm512_div_pd(a, b); }
+    static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_pd(a, b, c); }
     static reg sqrt(reg a) noexcept { return _mm512_sqrt_pd(a); }
-    static reg fmadd(reg a, reg b, reg c) noexcept { return _mm512_fmadd_pd(a, b, c); }
-    static reg fmsub(reg a, reg b, reg c) noexcept { return _mm512_fmsub_pd(a, b, c); }
+    static reg product(reg a, reg b) noexcept { return _mm512_fmadd_pd(a, b, _mm512_set1_pd(-0.0)); }
 };
 } // namespace simd
 
@@ -74,49 +93,44 @@ void prefetch_ahead(const T* p) noexcept {
 }
 
 // The packets of adam_row; returns how many elements it did.
-template <bool kWeight, class T>
-index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const adam_coefficients<T>& c) noexcept {
+template <adam_row_kind K, class T>
+index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const rules::adamw_terms<T>& c) noexcept {
     using V = simd::avx512<T>;
-    const auto c1 = V::set1(c.c1), c2 = V::set1(c.c2), eps = V::set1(c.eps), minus_step = V::set1(-c.step), decay = V::set1(c.decay);
+    using R = typename V::reg;
+    const R beta1 = V::set1(c.beta1), c1 = V::set1(c.c1), beta2 = V::set1(c.beta2), c2 = V::set1(c.c2), bias2_sqrt = V::set1(c.bias2_sqrt),
+            eps = V::set1(c.eps), minus_step = V::set1(-c.step), decay = V::set1(c.decay);
+    const bool decays = c.decay != T(1);
     index_t j = 0;
     for (; j + V::width <= n; j += V::width) {
         prefetch_ahead(g + j);
         prefetch_ahead(m + j);
         prefetch_ahead(v + j);
         if (out != g) prefetch_ahead(out + j);
-        const auto gj = V::load(g + j), mj0 = V::load(m + j), vj0 = V::load(v + j);
-        const auto mj = V::fmadd(c1, V::sub(gj, mj0), mj0);
-        const auto vj = V::fmadd(c2, V::fmsub(gj, gj, vj0), vj0);
+        R mj = V::load(m + j), vj = V::load(v + j), oj = K == adam_row_kind::moments ? R{} : V::load(out + j);
+        adam_element<K, V>(V::load(g + j), mj, vj, oj, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
         V::store(m + j, mj);
         V::store(v + j, vj);
-        const auto nj = V::div(mj, V::add(V::sqrt(vj), eps));
-        if constexpr (kWeight) {
-            const auto wj = V::fmadd(minus_step, nj, V::load(out + j));
-            V::store(out + j, c.decay == T(1) ? wj : V::mul(decay, wj));
-        } else {
-            V::store(out + j, nj);
-        }
+        V::store(out + j, oj);
     }
     return j;
 }
 #endif
 
 /// One row of n elements (see the file comment).
-template <bool kWeight, class T>
-void adam_row(const T* g, T* m, T* v, T* out, index_t n, const adam_coefficients<T>& c) noexcept {
+template <adam_row_kind K, class T>
+void adam_row(const T* g, T* m, T* v, T* out, index_t n, const rules::adamw_terms<T>& c) noexcept {
     index_t j = 0;
 #if defined(__AVX512F__)
-    j = adam_row_avx512<kWeight>(g, m, v, out, n, c);
+    j = adam_row_avx512<K>(g, m, v, out, n, c);
 #endif
+    const T minus_step = -c.step;
+    const bool decays = c.decay != T(1);
     for (; j < n; ++j) {
-        const T gj = g[j];
-        const T mj = fused(c.c1, gj - m[j], m[j]);
-        const T vj = fused(c.c2, fused(gj, gj, -v[j]), v[j]);
+        T mj = m[j], vj = v[j], oj = K == adam_row_kind::moments ? T(0) : out[j];
+        adam_element<K, scalar_ops>(g[j], mj, vj, oj, c.beta1, c.c1, c.beta2, c.c2, c.bias2_sqrt, c.eps, minus_step, c.decay, decays);
         m[j] = mj;
         v[j] = vj;
-        const T nj = mj / (std::sqrt(vj) + c.eps);
-        if constexpr (kWeight) out[j] = c.decay == T(1) ? fused(-c.step, nj, out[j]) : c.decay * fused(-c.step, nj, out[j]);
-        else out[j] = nj;
+        out[j] = oj;
     }
 }
 
