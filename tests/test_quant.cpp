@@ -296,11 +296,14 @@ static_assert(velora::nf4_kernels<velora::eigen_backend<float>>);
 
 TEST_CASE_TEMPLATE("forward and dX through an NF4 base equal dequantise-then-dense-GEMM, across tile boundaries", T, float, double) {
     velora::eigen_backend<T> b;
+    for (auto engine : test::gemm_engines())
     for (auto [rows, cols, block, dq] : {std::tuple<index_t, index_t, index_t, bool>{37, 192, 64, false}, {37, 192, 64, true},
                                          {300, 128, 16, true}, {9, 64, 64, false}}) {
+        CAPTURE(int(engine));
         CAPTURE(rows);
         CAPTURE(cols);
         CAPTURE(dq);
+        b.set_gemm_engine(engine);
         const auto w = test_weight(rows, cols, block, 21);
         const auto q = velora::nf4_weight::quantize(velora::make_view(w.data(), rows, cols), {.block_size = block, .double_quant = dq});
         std::vector<T> w_hat(w.size());   // the test's dense copy, the reference
