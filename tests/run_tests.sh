@@ -4,8 +4,8 @@
 # state loaders for a bounded time (tests/fuzz, docs/fuzzing.md).
 #
 # Environment:
-#   VELORA_FUZZ_SECONDS   seconds per fuzz harness and mode (6 runs, nproc at a time; default 60,
-#                         about 4-5 minutes with the build on 2 cores); 0 skips the fuzzing stage.
+#   VELORA_FUZZ_SECONDS   seconds per fuzz harness and mode (8 runs, nproc at a time; default 60,
+#                         about 5-6 minutes with the build on 2 cores); 0 skips the fuzzing stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/deps.sh

@@ -3,8 +3,9 @@
 // (before the first step, across refreshes and rank changes, after a learning-rate change, after
 // a degenerate all-zero batch), plus "fuzz.reader" programs for the state_reader harness.
 //
-//   make_corpus OUT_DIR    → OUT_DIR/optimizer/*.bin, OUT_DIR/compressor/*.bin, OUT_DIR/reader/*.bin
+//   make_corpus OUT_DIR    → OUT_DIR/optimizer/*.bin, OUT_DIR/compressor/*.bin, OUT_DIR/reader/*.bin, OUT_DIR/nf4/*.bin
 #include "compressor_targets.hpp"
+#include "nf4_targets.hpp"
 #include "optimizer_targets.hpp"
 
 #include <filesystem>
@@ -92,6 +93,17 @@ void compressor_seeds(const fs::path& out, const fs::path& reader) {
     }
 }
 
+// NF4 weights: every target's weight, plus each shape quantised the other way (plain <-> double).
+void nf4_seeds(const fs::path& out) {
+    const auto specs = fuzz::nf4_targets();
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+        auto t = specs[i];
+        write(out, std::string("nf4_") + t.name, fuzz::make_nf4(i, t).save_state());
+        t.options.double_quant = !t.options.double_quant;
+        write(out, std::string("nf4_") + t.name + "_other", fuzz::make_nf4(i, t).save_state());
+    }
+}
+
 // "fuzz.reader" programs (opcodes as fuzz_state_reader.cpp's read_program reads them).
 struct program {
     velora::state_writer w;
@@ -164,11 +176,12 @@ int main(int argc, char** argv) {
         return 2;
     }
     const fs::path root(argv[1]);
-    const fs::path opt = root / "optimizer", comp = root / "compressor", reader = root / "reader";
-    for (const auto& d : {opt, comp, reader}) fs::create_directories(d);
+    const fs::path opt = root / "optimizer", comp = root / "compressor", reader = root / "reader", nf4 = root / "nf4";
+    for (const auto& d : {opt, comp, reader, nf4}) fs::create_directories(d);
     optimizer_seeds(opt, reader);
     compressor_seeds(comp, reader);
     reader_programs(reader);
+    nf4_seeds(nf4);
     std::cout << "make_corpus: wrote " << written << " seed blobs under " << root.string() << "\n";
     return 0;
 }

@@ -12,7 +12,7 @@
 #   --fresh       start from the seeds only (forget the corpus grown by earlier runs)
 #   --no-build    use the binaries already in build/fuzz
 #
-# Inputs that once were findings are kept in tests/fuzz/regressions/{optimizer,compressor,reader}/
+# Inputs that once were findings are kept in tests/fuzz/regressions/{optimizer,compressor,reader,nf4}/
 # and run with the seeds. Everything else lives under build/fuzz: binaries, seeds/ (regenerated
 # every run), corpus/<harness>/ (grows from run to run), artifacts/<harness>/ (crash, leak and
 # timeout inputs), logs/, and results.tsv (harness, mode, seconds, executions, exit status).
@@ -57,7 +57,7 @@ rm -rf "$out/seeds"
 "$out/make_corpus" "$out/seeds"
 
 harnesses=(fuzz_state_reader fuzz_state_reader_repair fuzz_optimizer_state fuzz_optimizer_state_repair
-           fuzz_compressor_state fuzz_compressor_state_repair)
+           fuzz_compressor_state fuzz_compressor_state_repair fuzz_nf4_state fuzz_nf4_state_repair)
 selected=()
 for h in "${harnesses[@]}"; do
     if [ ${#only[@]} -eq 0 ]; then selected+=("$h"); continue; fi
@@ -70,6 +70,7 @@ seed_set() {
         fuzz_state_reader*) echo reader ;;
         fuzz_optimizer_state*) echo optimizer ;;
         fuzz_compressor_state*) echo compressor ;;
+        fuzz_nf4_state*) echo nf4 ;;
     esac
 }
 

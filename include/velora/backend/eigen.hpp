@@ -34,6 +34,7 @@
 #include "../core/rng.hpp"
 #include "../core/storage.hpp"
 #include "../core/view.hpp"
+#include "../quant/nf4_layout.hpp"
 #include "cpu/adam.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/lanes.hpp"
@@ -66,6 +67,22 @@ public:
     template <class U>
     static void copy(const U* src, U* dst, index_t n) {
         if (n > 0) std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(U));
+    }
+
+    /// Raw bytes from host memory (a frozen weight's packed storage: quant/kernels.hpp).
+    static void copy_bytes_from_host(const void* src, void* dst, std::size_t bytes) {
+        if (bytes > 0) std::memcpy(dst, src, bytes);
+    }
+
+    // ---------------------------------------------------------------- frozen weights
+    /// out = rows first_row .. first_row + out.rows of the NF4 weight `w` (host memory), with
+    /// the arithmetic of quant/nf4_layout.hpp (exact values: same bits at any thread count).
+    void dequantize_nf4(const nf4_blocks& w, index_t first_row, matrix_view<T> out) {
+        detail::require(out.cols == w.cols && first_row >= 0 && out.rows >= 0 && first_row <= w.rows && out.rows <= w.rows - first_row,
+                        "velora::eigen_backend::dequantize_nf4", "rows [", first_row, ", ", first_row, " + ", out.rows, ") x ", out.cols,
+                        " columns are not within the ", w.rows, "x", w.cols, " weight");
+        cpu::for_each_row(threads_, out.size(), out.rows,
+                          [&](index_t r) { nf4_dequantize_rows_host(w, first_row + r, 1, out.row(r), out.ld); });
     }
 
     // ---------------------------------------------------------------- GEMM

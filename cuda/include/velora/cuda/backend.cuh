@@ -53,6 +53,7 @@
 #include "determinism.hpp"
 #include "error.hpp"
 #include "kernels.cuh"
+#include "nf4.cuh"
 
 namespace velora::cuda {
 
@@ -156,6 +157,30 @@ public:
         if (n <= 0) return;
         detail::check(cudaMemcpyAsync(dst, src, bytes_of<U>(n), cudaMemcpyDeviceToDevice, ctx_.stream), "velora::cuda::cuda_backend::copy",
                       "cudaMemcpyAsync");
+    }
+
+    /// Raw bytes host to device (a frozen weight's packed storage: velora/quant/kernels.hpp);
+    /// complete when it returns, as copy_from_host.
+    void copy_bytes_from_host(const void* src, void* dst, std::size_t bytes) {
+        if (bytes == 0) return;
+        constexpr const char* fn = "velora::cuda::cuda_backend::copy_bytes_from_host";
+        detail::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+    }
+
+    // ---------------------------------------------------------------- frozen weights
+    /// out = rows first_row .. first_row + out.rows of the NF4 weight `w` (its pointers device
+    /// memory), the same bits as the CPU backend (nf4.cuh). Queued only.
+    void dequantize_nf4(const nf4_blocks& w, index_t first_row, matrix_view<T> out) {
+        constexpr const char* fn = "velora::cuda::cuda_backend::dequantize_nf4";
+        detail_require(out.cols == w.cols && first_row >= 0 && out.rows >= 0 && first_row <= w.rows && out.rows <= w.rows - first_row, fn,
+                       "rows [", first_row, ", ", first_row, " + ", out.rows, ") x ", out.cols, " columns are not within the ", w.rows, "x",
+                       w.cols, " weight");
+        const index_t bytes = out.rows * (w.cols / 2);
+        if (bytes == 0) return;
+        kernels::dequantize_nf4<T><<<grid_for((bytes + kernels::kThreads - 1) / kernels::kThreads), kernels::kThreads, 0, ctx_.stream>>>(
+            w, first_row, out.rows, out.data, out.ld);
+        check_launch(fn);
     }
 
     // ---------------------------------------------------------------- GEMM

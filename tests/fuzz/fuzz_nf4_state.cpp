@@ -1,0 +1,119 @@
+// libFuzzer harness: velora::nf4_weight::load_state on arbitrary bytes (a packed NF4 base weight
+// from an untrusted archive), and the products of the weight it loads.
+//
+// For every input and each NF4 target of nf4_targets.hpp (plain and double-quantised absmaxes):
+//  1. load_state(input) on a copy of the target's weight.
+//  2. If it throws: the exception is a std::invalid_argument (state_format_error is one), and
+//     save_state() is byte-identical to before ("a failed load changes nothing").
+//  3. If it loads: save_state() is byte-identical to the input (the format has no slack), and a
+//     fresh weight accepts it.
+//  4. The loaded weight dequantises to finite values only (every code is within [-1, 1] and every
+//     rebuilt absmax finite), the host loop and the backend's dequantize_nf4 agree bit for bit,
+//     and forward / input_grad through nf4_frozen_weight<eigen_backend<float>> (tiles of 1 row
+//     and the default) run without throwing on a finite 2-token batch.
+// Repair mode (fuzz_nf4_state_repair) first rewrites the envelope (fuzz_common.hpp).
+#include "nf4_targets.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <stdexcept>
+
+namespace {
+
+using fuzz::index_t;
+constexpr const char* harness_name = "fuzz_nf4_state";
+constexpr index_t tokens = 2;
+
+struct live_target {
+    fuzz::nf4_target spec;
+    velora::nf4_weight pristine;
+    std::vector<std::byte> pristine_state;
+};
+
+fuzz::B& backend() {
+    static fuzz::B b(1);
+    return b;
+}
+
+std::vector<live_target>& targets() {
+    static std::vector<live_target> t = [] {
+        std::vector<live_target> out;
+        const auto specs = fuzz::nf4_targets();
+        for (std::size_t i = 0; i < specs.size(); ++i) {
+            auto w = fuzz::make_nf4(i, specs[i]);
+            auto state = w.save_state();
+            out.push_back({specs[i], std::move(w), std::move(state)});
+        }
+        return out;
+    }();
+    return t;
+}
+
+std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
+
+void check_products(const live_target& t, const velora::nf4_weight& w) {
+    const index_t rows = w.rows(), cols = w.cols();
+    std::vector<float> host(static_cast<std::size_t>(rows * cols)), kernel(host.size());
+    w.dequantize_rows(0, velora::make_view(host.data(), rows, cols));
+    FUZZ_CHECK(fuzz::all_finite(host), harness_name, where(t) + "an accepted weight dequantises to a non-finite value");
+    for (index_t tile : {index_t{1}, index_t{0}}) {
+        const velora::nf4_frozen_weight<fuzz::B> frozen(backend(), w, tile);
+        for (index_t r = 0; r < rows; ++r) backend().dequantize_nf4(frozen.blocks(), r, velora::make_view(kernel.data() + r * cols, 1, cols));
+        FUZZ_CHECK(fuzz::same_bytes(host, kernel), harness_name, where(t) + "the backend's dequantize_nf4 differs from the host loop");
+        std::vector<float> ws(frozen.workspace_elements()), y(static_cast<std::size_t>(tokens * rows)), dx(static_cast<std::size_t>(tokens * cols));
+        const auto x = fuzz::gaussian(static_cast<std::size_t>(tokens * cols), 77);
+        const auto dy = fuzz::gaussian(static_cast<std::size_t>(tokens * rows), 78);
+        try {
+            frozen.forward(backend(), velora::make_view(x.data(), tokens, cols), velora::make_view(y.data(), tokens, rows), std::span<float>(ws));
+            frozen.input_grad(backend(), velora::make_view(dy.data(), tokens, rows), velora::make_view(dx.data(), tokens, cols), std::span<float>(ws));
+        } catch (const std::exception& e) {
+            fuzz::fail(harness_name, where(t) + "a product through an accepted weight threw: " + e.what());
+        }
+    }
+}
+
+void run_target(live_target& t, std::span<const std::byte> input) {
+    velora::nf4_weight w = t.pristine;
+    try {
+        w.load_state(input);
+    } catch (const std::invalid_argument& e) {
+        if (fuzz::verbose) std::fprintf(stderr, "[%s] rejected: %s\n", t.spec.name, e.what());
+        FUZZ_CHECK(w.save_state() == t.pristine_state, harness_name, where(t) + "a failed load_state changed the weight");
+        return;
+    } catch (const std::exception& e) {
+        fuzz::fail(harness_name, where(t) + "load_state threw something other than std::invalid_argument: " + e.what());
+    }
+    if (fuzz::verbose)
+        std::fprintf(stderr, "[%s] accepted: %lldx%lld block %lld%s\n", t.spec.name, (long long)w.rows(), (long long)w.cols(),
+                     (long long)w.block_size(), w.double_quantized() ? " double-quantised" : "");
+    const auto saved = w.save_state();
+    FUZZ_CHECK(saved.size() == input.size() && std::equal(saved.begin(), saved.end(), input.begin()), harness_name,
+               where(t) + "an accepted state does not re-save to the same bytes");
+    velora::nf4_weight fresh;
+    try {
+        fresh.load_state(saved);
+    } catch (const std::exception& e) {
+        fuzz::fail(harness_name, where(t) + "the re-saved state is rejected: " + e.what());
+    }
+    check_products(t, w);
+}
+
+} // namespace
+
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
+    fuzz::select_mode(argc, argv);
+    targets();
+    return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    const std::span<const std::byte> raw(reinterpret_cast<const std::byte*>(data), size);
+    std::vector<std::byte> repaired;
+    std::span<const std::byte> input = raw;
+    if (fuzz::repair_mode) {
+        repaired = fuzz::repair_envelope(raw, velora::nf4_weight::state_kind, velora::nf4_weight::state_version);
+        input = repaired;
+    }
+    for (auto& t : targets()) run_target(t, input);
+    return 0;
+}
