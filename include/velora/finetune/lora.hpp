@@ -32,9 +32,9 @@
 /// cases leaves the record and the compressor exactly as they were (y is written but
 /// meaningless). backward returns non_finite_input for NaN/Inf in dY (or A, B), overflow when
 /// they are finite but a gradient is not; the outputs are then meaningless and nothing else
-/// changed. `ok` never comes with a non-finite output. The finiteness checks read the outputs
-/// once (Σx² in double where the backend has sum_of_squares, so a double-precision value above
-/// ~1e154 is conservatively reported as overflow).
+/// changed. `ok` never comes with a non-finite output. The finiteness checks read each output
+/// (and A and B) once more, through the backend's sub-token projection on a zero vector, and
+/// the inputs again only on the failure path, to tell NaN/Inf from overflow.
 ///
 /// Allocation: after reserve(max_tokens) and reserve(max_tokens, record) for each record,
 /// forward and backward allocate nothing for batches of up to max_tokens tokens (as far as the
@@ -193,6 +193,7 @@ public:
           scaling_(static_cast<T>(config.alpha / static_cast<double>(config.rank))) {
         if (config_.keep == lora_keep::velora) compressor_.emplace(backend, base_.cols(), config_.velora);
         base_ws_.resize(base_.workspace_elements());
+        grow_zeros(static_cast<std::size_t>(std::max(base_.rows(), base_.cols())));
     }
 
     [[nodiscard]] index_t in_features() const noexcept { return base_.cols(); }
@@ -245,12 +246,14 @@ public:
         return h + elements(tokens, in_features(), fn, "x_a (tokens x D)") * sizeof(T);
     }
     /// Bytes of scratch the layer itself grows for batches of up to `max_tokens` tokens: the
-    /// spare H and P (T·r values each), the base's workspace, the VeLoRA factor when only the
-    /// dense dA is asked for (r·G values) and the compressor's workspace. Records are the
-    /// caller's (kept_bytes).
+    /// spare H and P (T·r values each), the base's workspace, the finiteness checks' zero vector
+    /// and row projections (max(D, O) + max(T, O) values), the VeLoRA factor when only the dense
+    /// dA is asked for (r·G values) and the compressor's workspace. Records are the caller's
+    /// (kept_bytes).
     [[nodiscard]] std::size_t workspace_bytes(index_t max_tokens) const {
         constexpr const char* fn = "velora::lora_linear::workspace_bytes";
-        std::size_t n = 2 * elements(max_tokens, rank(), fn, "H (tokens x r)") + base_.workspace_elements();
+        std::size_t n = 2 * elements(max_tokens, rank(), fn, "H (tokens x r)") + base_.workspace_elements() +
+                        static_cast<std::size_t>(std::max(in_features(), out_features()) + std::max(max_tokens, out_features()));
         std::size_t bytes = n * sizeof(T);
         if (compressor_) bytes += static_cast<std::size_t>(rank() * compressor_->groups()) * sizeof(T) + compressor_->workspace_bytes(max_tokens);
         return bytes;
@@ -261,6 +264,7 @@ public:
         const std::size_t hr = elements(max_tokens, rank(), fn, "H (tokens x r)");
         grow(h_next_, hr);
         grow(p_, hr);
+        grow(finite_z_, static_cast<std::size_t>(std::max(max_tokens, out_features())));
         if (compressor_) {
             grow(af_, static_cast<std::size_t>(rank() * compressor_->groups()));
             compressor_->reserve(max_tokens);
@@ -507,20 +511,22 @@ private:
         else return true;
     }
 
-    // Whether every element of v is finite: Σv² in double through the backend's sum_of_squares
-    // where it has one (both of the library's do), else through column sums copied to the host.
+    // Whether every element of v is finite. x·0 is NaN exactly where x is NaN or ±Inf (IEEE 754)
+    // and 0 elsewhere, so the projection of each row on a zero vector (the backend's sub-token
+    // kernel with one group of s = cols) is finite exactly when the row is: the compressor's own
+    // test (compressor::classify_failure), exact for any magnitude, one pass over v.
     bool all_finite(const_matrix_view<T> v) {
-        if constexpr (requires { { backend_->sum_of_squares(v) } -> std::convertible_to<double>; }) {
-            return std::isfinite(static_cast<double>(backend_->sum_of_squares(v)));
-        } else {
-            sums_.resize(static_cast<std::size_t>(v.cols));
-            host_sums_.resize(static_cast<std::size_t>(v.cols));
-            backend_->column_sums(v, sums_.data());
-            backend_->copy_to_host(sums_.data(), host_sums_.data(), v.cols);
-            for (T e : host_sums_)
-                if (!std::isfinite(e)) return false;
-            return true;
-        }
+        grow_zeros(static_cast<std::size_t>(v.cols));
+        finite_z_.resize(static_cast<std::size_t>(v.rows));
+        return backend_->project_subtokens(v, zeros_.data(), v.cols, matrix_view<T>{finite_z_.data(), v.rows, 1, 1});
+    }
+    void grow_zeros(std::size_t n) {
+        if (zeros_.size() >= n) return;
+        std::vector<T> host(n, T(0));
+        buffer grown;
+        grown.resize(n);
+        backend_->copy_from_host(host.data(), grown.data(), static_cast<index_t>(n));
+        zeros_ = std::move(grown);
     }
 
     void merge_impl(matrix_view<T> w, T factor, bool merging, const char* fn) {
@@ -549,8 +555,8 @@ private:
     buffer p_;         // P = s·dY·B (T×r)
     buffer af_;        // A_f when the caller asks only for the dense dA (VeLoRA)
     buffer base_ws_;   // the base's workspace (base.workspace_elements())
-    buffer sums_;      // all_finite's column sums, for a backend without sum_of_squares
-    std::vector<T> host_sums_;
+    buffer zeros_;     // all_finite's zero vector (max(D, O) elements)
+    buffer finite_z_;  // all_finite's projections (one per row checked)
 };
 
 } // namespace velora
