@@ -241,9 +241,9 @@ public:
     /// T·r·sizeof(T) + T·G·storage bytes + s·sizeof(T) (velora). Nothing for W.
     [[nodiscard]] std::size_t kept_bytes(index_t tokens) const {
         constexpr const char* fn = "velora::lora_linear::kept_bytes";
-        const std::size_t h = elements(tokens, rank(), fn, "H (tokens x r)") * sizeof(T);
+        const std::size_t h = elements(tokens, rank(), fn, "H (tokens x r)", "tokens") * sizeof(T);
         if (compressor_) return h + compressor_->record_bytes(tokens);
-        return h + elements(tokens, in_features(), fn, "x_a (tokens x D)") * sizeof(T);
+        return h + elements(tokens, in_features(), fn, "x_a (tokens x D)", "tokens") * sizeof(T);
     }
     /// Bytes of scratch the layer itself grows for batches of up to `max_tokens` tokens: the
     /// spare H and P (T·r values each), the base's workspace, the finiteness checks' zero vector
@@ -394,8 +394,10 @@ private:
         return c;
     }
 
-    static std::size_t elements(index_t rows, index_t cols, const char* fn, const char* what) {
-        detail::require(rows > 0, fn, "argument 'max_tokens' must be positive, got ", rows);
+    // rows·cols for a token count `rows` from the caller (argument `arg`), checked so that its
+    // bytes fit in the address space.
+    static std::size_t elements(index_t rows, index_t cols, const char* fn, const char* what, const char* arg = "max_tokens") {
+        detail::require(rows > 0, fn, "argument '", arg, "' must be positive, got ", rows);
         return static_cast<std::size_t>(
             detail::checked_elements(detail::checked_mul(rows, cols, fn, what), sizeof(T), fn, what));
     }
