@@ -21,6 +21,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -2111,4 +2112,46 @@ TEST_CASE("a user-defined rank estimator and refresh rule: chosen ranks, refresh
     const std::string message = test::invalid_argument_message([&] { custom_optimizer o(backend, bad); });
     CHECK(message.find("adarank::low_rank_adamw::low_rank_adamw") != std::string::npos);
     CHECK(message.find("spectral_gap_rank) needs 1 <= lo <= hi, got lo = 0") != std::string::npos);
+}
+
+TEST_CASE("validation is the field table's: every number and enumeration outside its row's values is refused, naming the field") {
+    // Walks the table itself, so a field added with its accepted values is covered here without
+    // another line: just outside each bound (and NaN for floating fields) must throw naming
+    // "config.<field>"; the default configuration passes.
+    adarank::optimizer_config c;
+    adarank::validate(c, "test");
+    int refused = 0;
+    const auto expect_refused = [&](const adarank::config_field& f) {
+        const std::string msg = test::invalid_argument_message([&] { adarank::validate(c, "test"); });
+        INFO("field ", f.name, ": ", msg);
+        CHECK(msg.find("config." + std::string(f.name)) != std::string::npos);
+        ++refused;
+    };
+    adarank::for_each_config_field(
+        [&](const adarank::config_field& f, auto& v) {
+            using V = std::remove_cvref_t<decltype(v)>;
+            const V saved = v;
+            if constexpr (std::is_enum_v<V>) {
+                v = static_cast<V>(f.values.max + 1);
+                expect_refused(f);
+            } else if constexpr (std::is_arithmetic_v<V> && !std::is_same_v<V, bool> && !std::is_same_v<V, std::uint64_t>) {
+                if (std::isfinite(f.values.lo)) {
+                    v = f.values.lo_open ? static_cast<V>(f.values.lo) : static_cast<V>(f.values.lo - (std::is_integral_v<V> ? 1 : 0.5));
+                    expect_refused(f);
+                }
+                if (std::isfinite(f.values.hi)) {
+                    v = f.values.hi_open ? static_cast<V>(f.values.hi) : static_cast<V>(f.values.hi + (std::is_integral_v<V> ? 1 : 0.5));
+                    expect_refused(f);
+                }
+                if constexpr (std::is_floating_point_v<V>) {
+                    v = std::numeric_limits<V>::quiet_NaN();
+                    expect_refused(f);
+                }
+            }
+            v = saved;
+            adarank::validate(c, "test");   // restored
+        },
+        c);
+    MESSAGE(refused, " out-of-range values refused");
+    CHECK(refused >= 25);
 }

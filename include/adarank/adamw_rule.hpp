@@ -14,12 +14,29 @@
 /// (adam_convention in policies.hpp says which optimizer each convention reproduces).
 #include <cmath>
 #include <cstdint>
+#include <limits>
+
+#include <velora/core/error.hpp>
 
 #include <velora/backend/rules/adam_element.hpp>
 
 #include "policies.hpp"
 
 namespace adarank {
+
+/// Refuses (std::invalid_argument from `fn`) an ε that T rounds to zero or to a subnormal value:
+/// n = m/(√v + ε) is computed in T, so a zero ε divides by zero where v = 0, and a subnormal one
+/// makes every step's bound |n| <= max|m|/ε useless (overflow_certificate.hpp). The torch
+/// convention's moments are bounded with ε·√(1−β₂ᵗ) >= ε·√(1−β₂), the smallest at t = 1.
+template <class T>
+void check_eps_representable(const adamw_hyper& adam, const char* fn) {
+    velora::detail::require(static_cast<T>(adam.eps) >= std::numeric_limits<T>::min(), fn, "config.adam.eps = ", adam.eps,
+                            " is below the smallest normal value of the optimizer's value type (", std::numeric_limits<T>::min(), ")");
+    velora::detail::require(adam.convention != adam_convention::torch || static_cast<T>(adam.eps * std::sqrt(1.0 - adam.beta2)) >= std::numeric_limits<T>::min(),
+                            fn, "config.adam.eps = ", adam.eps,
+                            " times sqrt(1 - beta2) (the torch convention's first ε) is below the smallest normal value of the optimizer's value type (",
+                            std::numeric_limits<T>::min(), ")");
+}
 
 /// Adam's coefficients as the kernels see them (rounded to T), and in double for the certificate.
 template <class T>

@@ -2,16 +2,18 @@
 /// \file
 /// The configuration of `low_rank_adamw` described once: every field of
 /// `basic_optimizer_config`, in the state format's order, with its name, the message that says
-/// it differs, and the state version that introduced it. Saving, loading and comparing a
-/// configuration (optimizer_state_io.hpp) are loops over this table, so a new field is one line
-/// here and nowhere else in the format.
+/// it differs, the state version that introduced it and the values it accepts. Validating,
+/// saving, loading and comparing a configuration (validate below, optimizer_state_io.hpp) are
+/// loops over this table, so a new field is one line here and nowhere else.
 ///
 /// `for_each_config_field(f, c...)` calls f(field, c.<field>...) for every field, on one
 /// configuration (save, load) or on several side by side (compare). A field's value is a double,
 /// an integer, a bool, an enum, or a policy (anything with save/load, persistent_policy).
 #include <bit>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -24,31 +26,45 @@
 
 namespace adarank {
 
+/// The values a number or an enumeration field accepts (a policy field validates itself; a bool
+/// or the seed accepts anything). A number must be finite and lie in [lo, hi] (an end excluded
+/// where `*_open`; hi = +inf: no upper bound); an enumeration's underlying value must be <= max.
+struct field_values {
+    double lo = -std::numeric_limits<double>::infinity(), hi = std::numeric_limits<double>::infinity();
+    bool lo_open = false, hi_open = false;
+    unsigned max = 0;   ///< enumerations: the largest valid value
+};
+constexpr field_values at_least(double lo) { return {lo}; }
+constexpr field_values above(double lo) { return {lo, std::numeric_limits<double>::infinity(), true}; }
+constexpr field_values within(double lo, double hi, bool hi_open = false) { return {lo, hi, false, hi_open}; }
+constexpr field_values enumeration(unsigned max) { field_values v; v.max = max; return v; }
+
 /// One row of the table.
 struct config_field {
     std::string_view name;        ///< as the configuration spells it, e.g. "adam.beta1"
     std::string_view differs;     ///< what load_state says when a saved configuration differs here
     std::uint32_t since_version;  ///< the first state version that saves it (older states hold the default)
+    field_values values{};        ///< what validate accepts
 };
 
 template <class F, class... Configs>
 void for_each_config_field(F&& f, Configs&... c) {
-    f(config_field{"adam.lr", "adam hyper-parameters differ", 1}, c.adam.lr...);
-    f(config_field{"adam.beta1", "adam hyper-parameters differ", 1}, c.adam.beta1...);
-    f(config_field{"adam.beta2", "adam hyper-parameters differ", 1}, c.adam.beta2...);
-    f(config_field{"adam.eps", "adam hyper-parameters differ", 1}, c.adam.eps...);
-    f(config_field{"adam.weight_decay", "adam hyper-parameters differ", 1}, c.adam.weight_decay...);
-    f(config_field{"adam.convention", "adam convention differs", 2}, c.adam.convention...);
-    f(config_field{"scale", "scale differs", 1}, c.scale...);
-    f(config_field{"side", "side policy differs", 1}, c.side...);
+    f(config_field{"adam.lr", "adam hyper-parameters differ", 1, at_least(0)}, c.adam.lr...);
+    f(config_field{"adam.beta1", "adam hyper-parameters differ", 1, within(0, 1, true)}, c.adam.beta1...);
+    f(config_field{"adam.beta2", "adam hyper-parameters differ", 1, within(0, 1, true)}, c.adam.beta2...);
+    f(config_field{"adam.eps", "adam hyper-parameters differ", 1, above(0)}, c.adam.eps...);
+    f(config_field{"adam.weight_decay", "adam hyper-parameters differ", 1, at_least(0)}, c.adam.weight_decay...);
+    f(config_field{"adam.convention", "adam convention differs", 2, enumeration(1)}, c.adam.convention...);
+    f(config_field{"scale", "scale differs", 1, above(0)}, c.scale...);
+    f(config_field{"side", "side policy differs", 1, enumeration(3)}, c.side...);
     f(config_field{"rank", "rank policy differs", 1}, c.rank...);
     f(config_field{"refresh", "refresh policy differs", 1}, c.refresh...);
-    f(config_field{"transport", "transport policy differs", 1}, c.transport...);
-    f(config_field{"rsvd.oversampling", "rsvd settings differ", 1}, c.rsvd.oversampling...);
-    f(config_field{"rsvd.power_iterations", "rsvd settings differ", 1}, c.rsvd.power_iterations...);
-    f(config_field{"rsvd.warm_power_iterations", "rsvd settings differ", 1}, c.rsvd.warm_power_iterations...);
+    f(config_field{"transport", "transport policy differs", 1, enumeration(3)}, c.transport...);
+    f(config_field{"rsvd.oversampling", "rsvd settings differ", 1, at_least(0)}, c.rsvd.oversampling...);
+    f(config_field{"rsvd.power_iterations", "rsvd settings differ", 1, within(0, 64)}, c.rsvd.power_iterations...);
+    f(config_field{"rsvd.warm_power_iterations", "rsvd settings differ", 1, within(0, 64)}, c.rsvd.warm_power_iterations...);
     f(config_field{"rsvd.warm_start", "rsvd settings differ", 1}, c.rsvd.warm_start...);
-    f(config_field{"rsvd.exact_fraction", "rsvd settings differ", 1}, c.rsvd.exact_fraction...);
+    f(config_field{"rsvd.exact_fraction", "rsvd settings differ", 1, within(0, 1)}, c.rsvd.exact_fraction...);
     f(config_field{"seed", "seed differs", 1}, c.seed...);
 }
 
@@ -142,6 +158,46 @@ std::string describe_difference(const basic_optimizer_config<Rank, Refresh>& sav
         },
         saved, live);
     return std::string(first);
+}
+
+namespace detail {
+
+// One field against its row's accepted values; the message names the field as the
+// configuration spells it ("config.adam.beta1 must be in [0, 1), got 1.5").
+template <class V>
+void check_field(const config_field& f, const V& v, std::string_view function) {
+    using velora::detail::require;
+    const field_values& ok = f.values;
+    if constexpr (std::is_enum_v<V>) {
+        require(static_cast<unsigned>(v) <= ok.max, function, "config.", f.name, " has the invalid value ", static_cast<int>(v));
+    } else if constexpr (std::is_same_v<V, bool>) {
+        // any value
+    } else if constexpr (std::is_arithmetic_v<V>) {
+        if constexpr (std::is_same_v<V, std::uint64_t>) return;   // the seed: any value
+        const double x = static_cast<double>(v);
+        const bool finite = std::isfinite(x) || std::is_integral_v<V>;
+        const bool fits = (ok.lo_open ? x > ok.lo : x >= ok.lo) && (ok.hi_open ? x < ok.hi : x <= ok.hi);
+        if (finite && fits) return;
+        if (std::isinf(ok.hi)) {   // a lower bound only
+            if constexpr (std::is_integral_v<V>) velora::detail::fail(function, "config.", f.name, " must be ", ok.lo_open ? "> " : ">= ", ok.lo, ", got ", v);
+            else velora::detail::fail(function, "config.", f.name, " must be finite and ", ok.lo_open ? "> " : ">= ", ok.lo, ", got ", v);
+        }
+        velora::detail::fail(function, "config.", f.name, " must be in ", ok.lo_open ? "(" : "[", ok.lo, ", ", ok.hi, ok.hi_open ? ")" : "]", ", got ", v);
+    } else {
+        v.validate(function);   // a policy checks its own settings
+    }
+}
+
+} // namespace detail
+
+/// Throws std::invalid_argument naming `function`, the field and its value for an invalid
+/// configuration: every field against its row of the table (the rank estimator and the refresh
+/// rule validate themselves), then the one rule across fields, the learning rate's under the
+/// torch convention (check_learning_rate, policies.hpp).
+template <class Rank, class Refresh>
+void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
+    for_each_config_field([&](const config_field& f, const auto& v) { detail::check_field(f, v, function); }, c);
+    check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
 }
 
 } // namespace adarank

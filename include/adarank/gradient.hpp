@@ -15,9 +15,11 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <velora/compressor.hpp>
+#include <velora/core/checked.hpp>
 
 #include "backend.hpp"
 #include "policies.hpp"
@@ -192,5 +194,35 @@ private:
     const Grad* g_;
     projection_side side_;
 };
+
+/// A dense_gradient built by the host holds a view, checked as a dense gradient's view is (by
+/// `fn`); any other gradient operator is the host's own.
+template <optimizer_backend B, class Op>
+void check_gradient_operator(const Op& grad, const char* fn) {
+    if constexpr (std::is_same_v<Op, dense_gradient<B>>) velora::check_view(grad.view(), fn, "grad");
+}
+
+/// A VeLoRA factored gradient must describe parameter `id`'s rows×cols shape consistently
+/// (std::invalid_argument from `fn` otherwise).
+template <class T>
+void check_factored_gradient(const velora::factored_gradient<T>& grad, index_t rows, index_t cols, index_t id, const char* fn) {
+    velora::check_view(grad.a, fn, "grad.a");
+    velora::detail::require(grad.a.rows == rows && grad.features == cols, fn, "argument 'grad' describes a ", grad.a.rows, "x", grad.features,
+                            " gradient but parameter ", id, " is ", rows, "x", cols);
+    velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
+                            grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
+    // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
+    const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
+    velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ", grad.subtoken_size,
+                            " cannot cover D = ", grad.features);
+}
+
+/// Whether A of a factored gradient holds a NaN/Inf. Every column of A is read by some product
+/// (also those covering only padding), so a NaN anywhere in A is reported the same way on every
+/// kind of step (and, collectively, on every rank).
+template <optimizer_backend B>
+bool factored_has_non_finite(B& b, const velora::factored_gradient<typename B::value_type>& grad) {
+    return !std::isfinite(b.sum_of_squares(grad.a)) && !all_finite(b, grad.a);
+}
 
 } // namespace adarank

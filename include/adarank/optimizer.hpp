@@ -1,37 +1,27 @@
 #pragma once
 /// \file
 /// `low_rank_adamw<B>`: AdaRankGrad's low-rank AdamW (Refael et al., arXiv 2410.17881), with
-/// GaLore (Zhao et al., arXiv 2403.03507) as the configuration `optimizer_config::galore`.
+/// GaLore (Zhao et al., arXiv 2403.03507) as the configuration `optimizer_config::galore`
+/// (docs/adarankgrad.md has the algorithm, its settings and the step's order).
 ///
 /// A host registers each parameter with its shape, then calls `step` for one parameter at a
-/// time, as soon as that parameter's gradient exists, so it never has to hold all gradients
-/// at once. A 2-D parameter registered as low-rank keeps Adam's moments in a rank-r subspace
-/// of its gradient (r chosen per refresh by the rank policy); everything else gets plain
-/// AdamW with the same hyper-parameters. One low-rank step, in GaLore's order:
+/// time, as soon as that parameter's gradient exists. A 2-D parameter registered as low-rank
+/// keeps Adam's moments in a rank-r subspace of its gradient (r chosen per refresh by the rank
+/// policy); everything else gets plain AdamW with the same hyper-parameters. A VeLoRA layer's
+/// gradient may be passed in factored form; the m×n gradient is then never formed. Steps
+/// between refreshes allocate nothing (after reserve for factored and data-parallel steps); a
+/// refresh may allocate (the state buffers when the rank changes).
 ///
-///   Ĝ = B·M                          project (M = G or Gᵀ, B the r×len basis, gradient.hpp)
-///   if due: new B (rsvd.hpp), transport the moments (transport.hpp), Ĝ = B·M again
-///   m = β₁m + (1−β₁)Ĝ,  v = β₂v + (1−β₂)Ĝ²,  t += 1 (never reset)
-///   W = (1 − lr·wd) · (W − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · α · back_project(m / (√v + ε)))
+/// Numerical trouble never corrupts the state: NaN/Inf in a gradient returns
+/// status::non_finite_input, a result that would not be finite in T returns status::overflow
+/// (overflow_certificate.hpp), an all-zero gradient where a new subspace is due returns
+/// status::degenerate_input, each with nothing changed. Sizes whose products do not fit are
+/// std::invalid_argument at registration; load_state accepts exactly the states the optimizer
+/// can be in (optimizer_state_io.hpp).
 ///
-/// A VeLoRA layer's gradient may be passed in factored form (velora::factored_gradient); the
-/// m×n gradient is then never formed. Steps between refreshes allocate nothing; a refresh may
-/// allocate (Eigen's QR/SVD temporaries, and the state buffers when the rank changes).
-///
-/// Numerical trouble never corrupts the state: a gradient with NaN or Inf makes `step` return
-/// status::non_finite_input before anything changes; a finite gradient, state or step whose
-/// result would not be finite in T returns status::overflow before anything changes (an
-/// overflow certificate from quantities the step computes anyway, with an exact slow path when
-/// it is inconclusive; see "overflow certificate" below); an all-zero gradient where a new
-/// subspace is due returns status::degenerate_input and keeps the old subspace. Sizes whose
-/// products do not fit are std::invalid_argument at registration, and load_state accepts
-/// exactly the states the optimizer can be in (see load_state).
-///
-/// This file is the public surface: registration, the steps, the data-parallel phases, reporting
-/// and state. The work lives in files of one concern each: parameter.hpp (a parameter's state),
-/// adamw_rule.hpp (both Adam conventions), dense_step.hpp and low_rank_step.hpp (the steps, the
-/// latter in five named phases), overflow_certificate.hpp, optimizer_state_io.hpp (the state
-/// format), data_parallel.hpp and optimizer_workspace.hpp.
+/// This file is the public surface. The work lives in files of one concern each: parameter.hpp,
+/// adamw_rule.hpp, dense_step.hpp, low_rank_step.hpp (five named phases), given_basis.hpp,
+/// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,6 +46,7 @@
 #include "backend.hpp"
 #include "data_parallel.hpp"
 #include "dense_step.hpp"
+#include "given_basis.hpp"
 #include "gradient.hpp"
 #include "low_rank_step.hpp"
 #include "mean_over_ranks.hpp"
@@ -194,9 +185,9 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_factored(l, id, grad, fn);
+        check_factored_gradient(grad, l.rows, l.cols, id, fn);
         check_distributable(l, config_.refresh, comm, fn);
-        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;
+        if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
         const factored_gradient_op<B> g(*b_, grad, ws_.fused);
         return step_with(l, weight, g, comm);
     }
@@ -208,7 +199,7 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::step";
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_operator(grad, fn);
+        check_gradient_operator<B>(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, config_.refresh, comm, fn);
@@ -248,7 +239,7 @@ public:
     void project_gradient(param_id id, const Op& grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
         const layer& l = checked_layer(id, fn);
-        check_operator(grad, fn);
+        check_gradient_operator<B>(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         const auto shape = projection_to_reduce(id);
@@ -265,7 +256,8 @@ public:
     }
     void project_gradient(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        check_factored(checked_layer(id, fn), id, grad, fn);
+        const layer& checked = checked_layer(id, fn);
+        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
         velora::check_view(out, fn, "out");
         velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
         const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
@@ -283,7 +275,7 @@ public:
         layer& l = checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
-        check_operator(grad, fn);
+        check_gradient_operator<B>(grad, fn);
         velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
                                 " but parameter ", id, " is ", l.rows, "x", l.cols);
         check_distributable(l, config_.refresh, comm, fn);
@@ -300,8 +292,9 @@ public:
     template <velora::communicator C>
     status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
         constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
-        check_factored(checked_layer(id, fn), id, grad, fn);
-        if (comm.any(factored_not_finite(grad))) return status::non_finite_input;   // as step does
+        const layer& checked = checked_layer(id, fn);
+        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
+        if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;   // as step does
         return step_with_reduced_projection(id, weight, reduced, factored_gradient_op<B>(*b_, grad, ws_.fused), comm);
     }
 
@@ -342,32 +335,8 @@ public:
     /// otherwise. Reads the basis on the host (allocates).
     status set_basis(param_id id, const_matrix_view<T> basis) {
         constexpr const char* fn = "adarank::low_rank_adamw::set_basis";
-        layer& l = checked_layer(id, fn);
-        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely; it has no basis");
-        velora::check_view(basis, fn, "basis");
-        velora::detail::require(basis.cols == l.len && basis.rows <= l.r_cap, fn, "argument 'basis' is ", basis.rows, "x", basis.cols,
-                                " but parameter ", id, " needs r x ", l.len, " with 1 <= r <= ", l.r_cap);
-        auto next = ws_.view(ws_.basis_next, basis.rows, l.len);
-        for (index_t i = 0; i < basis.rows; ++i) b_->copy(basis.row(i), next.row(i), l.len);
-        const auto check = cert::check_basis(host_copy(*b_, next), basis.rows, l.len);
-        if (check.bad_row >= 0)
-            velora::detail::fail(fn, "argument 'basis' has an entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
-        velora::detail::require(check.deviation <= orthonormality_tolerance, fn, "argument 'basis' (", basis.rows, "x", basis.cols,
-                                ") does not have orthonormal rows: the deviation max |B·Bᵀ − I| = ", check.deviation,
-                                " exceeds the tolerance ", orthonormality_tolerance);
-        const auto m_next = ws_.view(ws_.m_next, basis.rows, l.other), v_next = ws_.view(ws_.v_next, basis.rows, l.other);
         auto ctx = context();
-        transport_into_workspace(ctx, l, next);
-        const auto m = summarize(*b_, m_next), v = summarize(*b_, v_next);
-        if (!m.finite || !v.finite) return status::overflow;
-        subspace_report rep;
-        rep.rank = basis.rows;
-        install_subspace(*b_, l, next, rep, l.counter, check.norm);
-        b_->copy(m_next.data, l.m.data(), basis.rows * l.other);
-        b_->copy(v_next.data, l.v.data(), basis.rows * l.other);
-        l.m_bound = m.max_abs;
-        l.v_bound = v.max_abs;
-        return status::ok;
+        return install_given_basis(ctx, checked_layer(id, fn), id, basis, orthonormality_tolerance, fn);
     }
 
     [[nodiscard]] layer_info info(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::info").info(); }
@@ -415,24 +384,9 @@ public:
 
     /// Restores a state saved by an optimizer with the same configuration (the learning rate may
     /// differ; the saved one is restored) and the same parameters registered in the same order.
-    ///
-    /// The blob must be intact (envelope, kind, version, checksum, length) and describe a state
-    /// this optimizer can be in; a valid state is exactly:
-    /// - the value width, the configuration and the registered shapes, kinds and sides match;
-    ///   the saved learning rate is one set_learning_rate accepts (finite and >= 0, and lr·wd < 1
-    ///   under the torch convention); flag bytes are 0 or 1;
-    /// - per parameter: the step count t <= 2^64 − 2 (a step can increment it; a step refuses to
-    ///   go further); the steps in the current subspace <= t, and 0 without a subspace (rank 0);
-    ///   0 <= rank <= min(r_max, rows, cols), and 0 for a dense parameter;
-    /// - the anchor ‖Ĝ_t0‖² is -1 (not yet known) or finite and >= 0; the last ‖Ĝ‖² is finite
-    ///   and >= 0; the last refresh report has the parameter's rank, 0 <= sketch <= min(rows,
-    ///   cols), 0 <= power iterations <= 64, and finite energies >= 0;
-    /// - the basis (rank×len) is finite with orthonormal rows: max |B·Bᵀ − I| <=
-    ///   orthonormality_tolerance<T>; both moments are finite and the second one is >= 0 (their
-    ///   size is not bounded: a step whose result would overflow returns status::overflow).
-    /// The refresh count and the random-stream position may hold any value. Every state the
-    /// optimizer writes is valid. Anything else throws velora::state_format_error naming the
-    /// parameter and the field, and changes nothing.
+    /// The blob must be intact and describe a state this optimizer can be in (the exact rules:
+    /// optimizer_state_io.hpp, "a valid state"); anything else throws velora::state_format_error
+    /// naming the parameter and the field, and changes nothing.
     void load_state(std::span<const std::byte> blob) { io::load(*b_, config_, lr_, layers_, blob); }
 
 private:
@@ -443,15 +397,7 @@ private:
     static config_type checked(const config_type& c) {
         constexpr const char* fn = "adarank::low_rank_adamw::low_rank_adamw";
         validate(c, fn);
-        // n = m/(√v + ε) is computed in T: an ε that T rounds to 0 divides by zero where v = 0, and a
-        // subnormal one makes every step's bound |n| <= max|m|/ε useless (see overflow_certificate.hpp).
-        velora::detail::require(static_cast<T>(c.adam.eps) >= std::numeric_limits<T>::min(), fn, "config.adam.eps = ", c.adam.eps,
-                                " is below the smallest normal value of the optimizer's value type (", std::numeric_limits<T>::min(), ")");
-        // The torch convention adds ε·√(1−β₂ᵗ) >= ε·√(1−β₂), the smallest at t = 1.
-        velora::detail::require(c.adam.convention != adam_convention::torch ||
-                                    static_cast<T>(c.adam.eps * std::sqrt(1.0 - c.adam.beta2)) >= std::numeric_limits<T>::min(),
-                                fn, "config.adam.eps = ", c.adam.eps, " times sqrt(1 - beta2) (the torch convention's first ε) is below the smallest normal value of the optimizer's value type (",
-                                std::numeric_limits<T>::min(), ")");
+        check_eps_representable<T>(c.adam, fn);
         return c;
     }
 
@@ -490,31 +436,6 @@ private:
             l.communicated = bytes;
             return s;
         }
-    }
-
-    // A dense_gradient built by the host holds a view, checked as a dense gradient's view is; any
-    // other gradient operator is the host's own.
-    template <class Op>
-    static void check_operator(const Op& grad, const char* fn) {
-        if constexpr (std::is_same_v<Op, dense_gradient<B>>) velora::check_view(grad.view(), fn, "grad");
-    }
-
-    // A VeLoRA factored gradient must describe parameter l's shape consistently.
-    static void check_factored(const layer& l, param_id id, const velora::factored_gradient<T>& grad, const char* fn) {
-        velora::check_view(grad.a, fn, "grad.a");
-        velora::detail::require(grad.a.rows == l.rows && grad.features == l.cols, fn, "argument 'grad' describes a ", grad.a.rows, "x",
-                                grad.features, " gradient but parameter ", id, " is ", l.rows, "x", l.cols);
-        velora::detail::require(grad.v != nullptr && grad.subtoken_size > 0, fn, "argument 'grad' is inconsistent: sub-token size s = ",
-                                grad.subtoken_size, " must be > 0", grad.v ? "" : " (and v is null)");
-        // s·G is formed with checked arithmetic: a product that wraps around could pass the check below.
-        const index_t covered = velora::detail::checked_mul(grad.subtoken_size, grad.a.cols, fn, "grad.subtoken_size x grad.a.cols (s x G)");
-        velora::detail::require(covered >= grad.features, fn, "argument 'grad' is inconsistent: ", grad.a.cols, " groups of s = ",
-                                grad.subtoken_size, " cannot cover D = ", grad.features);
-    }
-    // Every column of A is read by some product (also those covering only padding), so a NaN
-    // anywhere in A is reported the same way on every kind of step (and, collectively, on every rank).
-    bool factored_not_finite(const velora::factored_gradient<T>& grad) {
-        return !std::isfinite(b_->sum_of_squares(grad.a)) && !all_finite(*b_, grad.a);
     }
 
     B* b_;

@@ -4,6 +4,22 @@
 /// save_state writes and load_state reads and checks, field by field (a struct's padding bytes
 /// are never part of it), and the fingerprint data-parallel registration compares across ranks.
 /// Version 2 added the Adam convention (version 1 states load as galore).
+///
+/// A valid state (what load_state accepts; every state the optimizer writes is valid):
+/// - the envelope is intact (kind, version, checksum, length);
+/// - the value width, the configuration and the registered shapes, kinds and sides match;
+///   the saved learning rate is one set_learning_rate accepts (finite and >= 0, and lr·wd < 1
+///   under the torch convention); flag bytes are 0 or 1;
+/// - per parameter: the step count t <= 2^64 − 2 (a step can increment it; a step refuses to
+///   go further); the steps in the current subspace <= t, and 0 without a subspace (rank 0);
+///   0 <= rank <= min(r_max, rows, cols), and 0 for a dense parameter;
+/// - the anchor ‖Ĝ_t0‖² is -1 (not yet known) or finite and >= 0; the last ‖Ĝ‖² is finite
+///   and >= 0; the last refresh report has the parameter's rank, 0 <= sketch <= min(rows,
+///   cols), 0 <= power iterations <= 64, and finite energies >= 0;
+/// - the basis (rank×len) is finite with orthonormal rows: max |B·Bᵀ − I| <=
+///   orthonormality_tolerance<T>; both moments are finite and the second one is >= 0 (their
+///   size is not bounded: a step whose result would overflow returns status::overflow).
+/// The refresh count and the random-stream position may hold any value.
 #include <bit>
 #include <cmath>
 #include <cstddef>

@@ -350,32 +350,6 @@ void check_learning_rate(double lr, const adamw_hyper& adam, std::string_view fu
                                        " gives lr x wd >= 1; the torch convention needs lr x weight_decay < 1 (the decay factor 1 - lr x wd divides the step)");
 }
 
-/// Throws std::invalid_argument naming `function`, the field and its value for an invalid
-/// configuration (the rank estimator and the refresh rule validate themselves).
-template <class Rank, class Refresh>
-void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
-    using velora::detail::require;
-    const auto finite = [](double x) { return std::isfinite(x); };
-    require(finite(c.adam.beta1) && c.adam.beta1 >= 0 && c.adam.beta1 < 1, function, "config.adam.beta1 must be in [0, 1), got ", c.adam.beta1);
-    require(finite(c.adam.beta2) && c.adam.beta2 >= 0 && c.adam.beta2 < 1, function, "config.adam.beta2 must be in [0, 1), got ", c.adam.beta2);
-    require(finite(c.adam.eps) && c.adam.eps > 0, function, "config.adam.eps must be finite and > 0, got ", c.adam.eps);
-    require(finite(c.adam.weight_decay) && c.adam.weight_decay >= 0, function, "config.adam.weight_decay must be finite and >= 0, got ",
-            c.adam.weight_decay);
-    require(static_cast<unsigned>(c.adam.convention) <= 1, function, "config.adam.convention has the invalid value ",
-            static_cast<int>(c.adam.convention));
-    check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
-    require(finite(c.scale) && c.scale > 0, function, "config.scale must be finite and > 0, got ", c.scale);
-    require(static_cast<unsigned>(c.side) <= 3, function, "config.side has the invalid value ", static_cast<int>(c.side));
-    c.rank.validate(function);
-    c.refresh.validate(function);
-    require(static_cast<unsigned>(c.transport) <= 3, function, "config.transport has the invalid value ", static_cast<int>(c.transport));
-    require(c.rsvd.oversampling >= 0, function, "config.rsvd.oversampling must be >= 0, got ", c.rsvd.oversampling);
-    require(c.rsvd.power_iterations >= 0 && c.rsvd.power_iterations <= 64, function, "config.rsvd.power_iterations must be in [0, 64], got ",
-            c.rsvd.power_iterations);
-    require(c.rsvd.warm_power_iterations >= 0 && c.rsvd.warm_power_iterations <= 64, function,
-            "config.rsvd.warm_power_iterations must be in [0, 64], got ", c.rsvd.warm_power_iterations);
-    require(finite(c.rsvd.exact_fraction) && c.rsvd.exact_fraction >= 0 && c.rsvd.exact_fraction <= 1, function,
-            "config.rsvd.exact_fraction must be in [0, 1], got ", c.rsvd.exact_fraction);
-}
+// validate(config, function) is config_fields.hpp's: a loop over the configuration's field table.
 
 } // namespace adarank

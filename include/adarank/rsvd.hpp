@@ -21,6 +21,7 @@
 #include <velora/core/checked.hpp>
 
 #include "backend.hpp"
+#include "config_fields.hpp"
 #include "gradient.hpp"
 #include "policies.hpp"
 
