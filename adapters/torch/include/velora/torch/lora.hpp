@@ -170,18 +170,21 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
     // x: [..., D]; xa: dropout(x), or undefined when the adapter path reads x itself; w, s1..s3:
     // the base (see base_product); adapters = false computes the base alone (merged layer);
     // record: keep what A's gradient needs.
-    static at::Tensor forward(::torch::autograd::AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& xa,
-                              const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& bias, const at::Tensor& w,
+    // An absent optional (xa, bias) is no input edge: needs_input_grad counts the present ones
+    // only, so backward computes the indices of A and B (a_edge).
+    static at::Tensor forward(::torch::autograd::AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& xa_arg,
+                              const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& bias_arg, const at::Tensor& w,
                               const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3, const c10::intrusive_ptr<lora_state>& state,
                               bool adapters, bool record) {
         constexpr const char* fn = "velora::torch::VeloraLoRALinear::forward";
         lora_state& st = *state;   // the caller (VeloraLoRALinearImpl::forward) holds st.mutex
         auto& b = st.backend.get();
-        const bool separate = xa && xa->defined();
+        const at::Tensor xa = xa_arg ? *xa_arg : at::Tensor(), bias = bias_arg ? *bias_arg : at::Tensor();
+        const bool separate = xa.defined();
         const matrix_input<float> xin(x, "x", flatten::features_last, fn);
         const auto xv = xin.view();
         std::optional<matrix_input<float>> xain;
-        if (separate) xain.emplace(*xa, "x_adapter", flatten::features_last, fn);
+        if (separate) xain.emplace(xa, "x_adapter", flatten::features_last, fn);
         const auto xav = separate ? xain->view() : xv;
         const index_t t = xv.rows, o = st.out;
         const index_t r = adapters ? lora_a.size(0) : 0;
@@ -189,7 +192,7 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
         at::Tensor y = at::empty(with_last(x.sizes(), o), at::TensorOptions().dtype(at::kFloat));
         at::Tensor h = at::empty({t, r}, at::TensorOptions().dtype(at::kFloat));
         const auto yv = mutable_view_of<float>(y, "y");
-        const float* bias_ptr = bias && bias->defined() ? view_of<float>(*bias, "bias").data : nullptr;
+        const float* bias_ptr = bias.defined() ? view_of<float>(bias, "bias").data : nullptr;
         if (t > 0) {
             // lora_linear::forward's order: H = x_a·Aᵀ; y = x·Wᵀ + b + s·H·Bᵀ.
             if (adapters) b.gemm(op::none, op::transpose, 1.0f, xav, view_of<float>(lora_a, "lora_A"), 0.0f, mutable_view_of<float>(h, "h"));
@@ -203,7 +206,7 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
         status outcome = status::ok;
         if (adapters && record) {
             if (!st.comp) {
-                kept = separate ? *xa : x;   // the caller's tensor: torch saves a reference, not a copy
+                kept = separate ? xa : x;   // the caller's tensor: torch saves a reference, not a copy
             } else if (t > 0) {
                 outcome = st.comp->compress(xav, st.staging);
                 if (outcome == status::ok || outcome == status::degenerate_input) {
@@ -220,7 +223,7 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
             st.last_status = outcome;
             const auto bytes = [](const at::Tensor& e) { return e.defined() ? static_cast<std::size_t>(e.numel() * e.element_size()) : 0; };
             st.record_bytes = bytes(h) + bytes(kept) + bytes(z) + bytes(v);
-            st.input_bytes = bytes(separate ? *xa : x);
+            st.input_bytes = bytes(separate ? xa : x);
         }
         ctx->save_for_backward({h, kept, z, v, lora_a, lora_b, w, s1, s2, s3});
         ctx->saved_data["state"] = c10::IValue::make_capsule(state);
@@ -250,16 +253,18 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
         const index_t t = dy.rows, o = st.out, d = st.in;
         velora::detail::require(dy.cols == o, fn, "argument 'grad_output' (", velora::torch::detail::describe(grads[0]), ") does not end in O = ", o);
 
+        // Input edges: x, then x_a when separate, then A and B.
+        const std::size_t a_edge = separate ? 2 : 1;
         at::Tensor dx, dxa, da, db, p;
         if (adapters) {
             const index_t r = lora_a.size(0);
             p = at::empty({t, r}, at::kFloat);
             if (t > 0) b.gemm(op::none, op::none, st.scaling, dy, view_of<float>(lora_b, "lora_B"), 0.0f, mutable_view_of<float>(p, "p"));
-            if (ctx->needs_input_grad(3)) {   // dB = s·dYᵀ·H
+            if (ctx->needs_input_grad(a_edge + 1)) {   // dB = s·dYᵀ·H
                 db = at::zeros({o, r}, at::kFloat);
                 if (t > 0) b.gemm(op::transpose, op::none, st.scaling, dy, view_of<float>(h, "h"), 0.0f, mutable_view_of<float>(db, "db"));
             }
-            if (ctx->needs_input_grad(2)) {   // dA = Pᵀ·x_a, or VeLoRA's factored estimate expanded
+            if (ctx->needs_input_grad(a_edge)) {   // dA = Pᵀ·x_a, or VeLoRA's factored estimate expanded
                 da = at::zeros({r, d}, at::kFloat);
                 if (t > 0 && !st.comp) {
                     velora::detail::require(kept.defined(), fn, "A's gradient is needed but the forward kept no input (lora_A did not require grad then)");
@@ -430,7 +435,7 @@ public:
         check_tensors(fn);
         const bool adapters = !merged();
         const bool record = adapters && ::torch::GradMode::is_enabled() && lora_A.requires_grad();
-        c10::optional<at::Tensor> xa, b;
+        c10::optional<at::Tensor> xa, b;   // absent: the adapter path reads x; no bias
         if (adapters && is_training() && options.lora_dropout() > 0)
             xa = ::torch::nn::functional::dropout(x, ::torch::nn::functional::DropoutFuncOptions().p(options.lora_dropout()).training(true));
         if (bias.defined()) b = bias;
