@@ -482,3 +482,23 @@ TEST_CASE("VeLoRA: an x with NaN gives y, an unchanged v, last_status non_finite
     CHECK(bitwise_equal(m->v, v));
     CHECK(torch::isnan(m->lora_A.grad()).all().item<bool>());
 }
+
+TEST_CASE("gradient accumulation and clone: each forward keeps its own record; a clone computes the same bits") {
+    const std::int64_t d = 64, o = 16;
+    auto lin = make_linear(d, o, 44);
+    VeloraLoRALinear m(lin, LoRAOptions().r(4).use_velora(true).groups(8).base(base_storage::nf4));
+    randomise_b(m, 45);
+    const at::Tensor x1 = randn({6, d}, 46, 0.3), x2 = randn({5, d}, 47, -0.2);
+    const at::Tensor y1 = m(x1), y2 = m(x2);   // two forwards, then two backwards
+    y2.sum().backward();
+    y1.sum().backward();
+    const at::Tensor accumulated = m->lora_A.grad().clone();
+    m->zero_grad();
+    m(x1).sum().backward();
+    m(x2).sum().backward();
+    CHECK(max_relative(m->lora_A.grad(), accumulated) < 1e-6);
+    const auto cloned = std::dynamic_pointer_cast<velora::torch::VeloraLoRALinearImpl>(m->clone());
+    REQUIRE(cloned != nullptr);
+    CHECK(bitwise_equal(cloned->forward(x2), m(x2)));
+    CHECK(bitwise_equal(cloned->v, m->v));
+}
