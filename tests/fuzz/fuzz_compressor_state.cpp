@@ -58,13 +58,7 @@ std::vector<live_target>& targets() {
 std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
 
 void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
-    fuzz::compressor fresh = *t.pristine;
-    try {
-        fresh.load_state(state);
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "the state saved " + when + " is rejected by load_state: " + e.what());
-    }
-    FUZZ_CHECK(fresh.save_state() == state, harness_name, where(t) + "the state saved " + when + " does not re-save to the same bytes");
+    fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
 }
 
 double norm(std::span<const float> v) {
@@ -93,15 +87,7 @@ void check_record(const live_target& t, const fuzz::compressor& c, const fuzz::c
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     fuzz::compressor c = *t.pristine;
-    try {
-        c.load_state(input);
-    } catch (const std::invalid_argument& e) {
-        if (fuzz::verbose) std::fprintf(stderr, "[%s] rejected: %s\n", t.spec.name, e.what());
-        FUZZ_CHECK(c.save_state() == t.pristine_state, harness_name, where(t) + "a failed load_state changed the compressor's state");
-        return;
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "load_state threw something other than std::invalid_argument: " + e.what());
-    }
+    if (!fuzz::loaded(harness_name, where(t), c, t.pristine_state, input)) return;
     const auto loaded = c.save_state();
     if (fuzz::verbose)
         std::fprintf(stderr, "[%s] accepted load: initialised %d fallback %d updates %llu |v| %g\n", t.spec.name, int(c.initialised()),
@@ -138,20 +124,10 @@ void run_target(live_target& t, std::span<const std::byte> input) {
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
-    fuzz::select_mode(argc, argv);
-    targets();
-    return 0;
-}
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    const std::span<const std::byte> raw(reinterpret_cast<const std::byte*>(data), size);
-    std::vector<std::byte> repaired;
-    std::span<const std::byte> input = raw;
-    if (fuzz::repair_mode) {
-        repaired = fuzz::repair_envelope(raw, fuzz::compressor::state_kind, fuzz::compressor::state_version);
-        input = repaired;
-    }
-    for (auto& t : targets()) run_target(t, input);
-    return 0;
+    return fuzz::run_state_input(data, size, fuzz::compressor::state_kind, fuzz::compressor::state_version, [](std::span<const std::byte> input) {
+        for (auto& t : targets()) run_target(t, input);
+    });
 }

@@ -74,46 +74,23 @@ void check_products(const live_target& t, const velora::nf4_weight& w) {
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     velora::nf4_weight w = t.pristine;
-    try {
-        w.load_state(input);
-    } catch (const std::invalid_argument& e) {
-        if (fuzz::verbose) std::fprintf(stderr, "[%s] rejected: %s\n", t.spec.name, e.what());
-        FUZZ_CHECK(w.save_state() == t.pristine_state, harness_name, where(t) + "a failed load_state changed the weight");
-        return;
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "load_state threw something other than std::invalid_argument: " + e.what());
-    }
+    if (!fuzz::loaded(harness_name, where(t), w, t.pristine_state, input)) return;
     if (fuzz::verbose)
         std::fprintf(stderr, "[%s] accepted: %lldx%lld block %lld%s\n", t.spec.name, (long long)w.rows(), (long long)w.cols(),
                      (long long)w.block_size(), w.double_quantized() ? " double-quantised" : "");
     const auto saved = w.save_state();
     FUZZ_CHECK(saved.size() == input.size() && std::equal(saved.begin(), saved.end(), input.begin()), harness_name,
                where(t) + "an accepted state does not re-save to the same bytes");
-    velora::nf4_weight fresh;
-    try {
-        fresh.load_state(saved);
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "the re-saved state is rejected: " + e.what());
-    }
+    fuzz::check_reloadable(harness_name, where(t), velora::nf4_weight{}, saved, "after an accepted load");
     check_products(t, w);
 }
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
-    fuzz::select_mode(argc, argv);
-    targets();
-    return 0;
-}
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    const std::span<const std::byte> raw(reinterpret_cast<const std::byte*>(data), size);
-    std::vector<std::byte> repaired;
-    std::span<const std::byte> input = raw;
-    if (fuzz::repair_mode) {
-        repaired = fuzz::repair_envelope(raw, velora::nf4_weight::state_kind, velora::nf4_weight::state_version);
-        input = repaired;
-    }
-    for (auto& t : targets()) run_target(t, input);
-    return 0;
+    return fuzz::run_state_input(data, size, velora::nf4_weight::state_kind, velora::nf4_weight::state_version, [](std::span<const std::byte> input) {
+        for (auto& t : targets()) run_target(t, input);
+    });
 }

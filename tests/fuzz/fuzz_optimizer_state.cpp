@@ -63,13 +63,7 @@ std::string where(const live_target& t) { return std::string("target '") + t.spe
 
 // 3 and 5: `state` (saved by an optimizer of this target) is accepted by a fresh copy and re-saves identically.
 void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
-    fuzz::optimizer fresh = *t.pristine;
-    try {
-        fresh.load_state(state);
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "the state saved " + when + " is rejected by load_state: " + e.what());
-    }
-    FUZZ_CHECK(fresh.save_state() == state, harness_name, where(t) + "the state saved " + when + " does not re-save to the same bytes");
+    fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
 }
 
 template <class View>
@@ -94,15 +88,7 @@ void describe(const live_target& t, const fuzz::optimizer& o, const char* when) 
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     fuzz::optimizer opt = *t.pristine;
-    try {
-        opt.load_state(input);
-    } catch (const std::invalid_argument& e) {
-        if (fuzz::verbose) std::fprintf(stderr, "[%s] rejected: %s\n", t.spec.name, e.what());
-        FUZZ_CHECK(opt.save_state() == t.pristine_state, harness_name, where(t) + "a failed load_state changed the optimizer's state");
-        return;
-    } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "load_state threw something other than std::invalid_argument: " + e.what());
-    }
+    if (!fuzz::loaded(harness_name, where(t), opt, t.pristine_state, input)) return;
     const auto loaded = opt.save_state();
     if (fuzz::verbose) describe(t, opt, "accepted load");
     check_reloadable(t, loaded, "after an accepted load");
@@ -137,20 +123,10 @@ void run_target(live_target& t, std::span<const std::byte> input) {
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
-    fuzz::select_mode(argc, argv);
-    targets();
-    return 0;
-}
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    const std::span<const std::byte> raw(reinterpret_cast<const std::byte*>(data), size);
-    std::vector<std::byte> repaired;
-    std::span<const std::byte> input = raw;
-    if (fuzz::repair_mode) {
-        repaired = fuzz::repair_envelope(raw, fuzz::optimizer::state_kind, fuzz::optimizer::state_version);
-        input = repaired;
-    }
-    for (auto& t : targets()) run_target(t, input);
-    return 0;
+    return fuzz::run_state_input(data, size, fuzz::optimizer::state_kind, fuzz::optimizer::state_version, [](std::span<const std::byte> input) {
+        for (auto& t : targets()) run_target(t, input);
+    });
 }
