@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -583,4 +586,99 @@ TEST_CASE("threads: each step uses at::get_num_threads() of the calling thread; 
         (void)o2.step();
     }
     CHECK(bitwise_equal(p1[0], p2[0]));
+}
+
+// ---------------------------------------------------------------- archives of format 1
+// tests/torch/data/adarankgrad_adamw_format1.pt was written by the optimizer as it was before its
+// archive kept the options as the library's configuration block (format 1: one archive key per
+// option), by this test run with VELORA_WRITE_TORCH_FIXTURE=<path>. Everything it holds is built
+// from exact small rationals (no random numbers, no transcendental functions), so the run that
+// wrote it can be repeated anywhere.
+namespace format1 {
+
+at::Tensor pattern(std::vector<std::int64_t> sizes, int salt, c10::ScalarType dtype) {
+    std::int64_t n = 1;
+    for (const auto s : sizes) n *= s;
+    at::Tensor t = torch::empty({n}, torch::TensorOptions().dtype(at::kDouble));
+    auto a = t.accessor<double, 1>();
+    for (std::int64_t i = 0; i < n; ++i) a[i] = static_cast<double>((i * 37 + salt * 11) % 23 - 11) / 16.0;
+    return t.to(dtype).reshape(sizes);
+}
+
+// A gradient of rank about 2 plus a small exact perturbation, different at every step.
+at::Tensor gradient(const at::Tensor& p, int t, int salt) {
+    const std::int64_t rows = p.dim() >= 2 ? p.size(0) : 1, cols = p.numel() / rows;
+    at::Tensor g = torch::empty({rows, cols}, torch::TensorOptions().dtype(at::kDouble));
+    auto a = g.accessor<double, 2>();
+    for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = 0; j < cols; ++j) {
+            const double u1 = static_cast<double>((i * 5 + t + salt) % 7 - 3), v1 = static_cast<double>((j * 3 + 2 * t) % 5 - 2);
+            const double u2 = static_cast<double>((i * 2 + salt) % 3 - 1), v2 = static_cast<double>((j + t * salt) % 4 - 1);
+            a[i][j] = (u1 * v1 + 0.5 * u2 * v2 + static_cast<double>((i * 13 + j * 7 + t) % 9 - 4) / 64.0) / 8.0;
+        }
+    return g.to(p.scalar_type()).reshape(p.sizes());
+}
+
+struct run {
+    std::vector<at::Tensor> params;
+    std::unique_ptr<AdaRankGradAdamW> opt;
+};
+
+OptionsT group0() {
+    return OptionsT(3e-3).weight_decay(0.01).seed(7).rank(adarank::rank_policy::adaptive(0.3, 1, 4)).refresh(adarank::refresh_policy::converged(0.6, 2, 4));
+}
+OptionsT group1() {
+    adarank::rsvd_config rsvd;
+    rsvd.oversampling = 3;
+    rsvd.warm_start = false;
+    rsvd.exact_fraction = 0.25;
+    return OptionsT(1e-2)
+        .betas({0.8, 0.95})
+        .eps(1e-7)
+        .weight_decay(0.05)
+        .convention(adarank::adam_convention::torch)
+        .scale(0.5)
+        .rank(adarank::rank_policy::fixed(2))
+        .refresh(adarank::refresh_policy::every(3))
+        .transport(adarank::transport_policy::reset)
+        .side(adarank::side_policy::left)
+        .rsvd(rsvd)
+        .kind(adarank::param_kind::low_rank);
+}
+OptionsT group2() { return OptionsT(4e-4).kind(adarank::param_kind::dense).nd(velora::torch::higher_dims::dense); }
+
+// The optimizer the fixture was written from, over fresh parameters (group 2 is added later).
+run make() {
+    run r;
+    r.params = {pattern({12, 10}, 1, at::kFloat), pattern({10}, 2, at::kFloat), pattern({4, 3, 2}, 3, at::kFloat),
+                pattern({8, 6}, 4, at::kDouble),  pattern({5, 5}, 5, at::kFloat),  pattern({3, 3}, 6, at::kFloat)};
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{r.params[0], r.params[1], r.params[2]}, std::make_unique<OptionsT>(group0()));
+    groups.emplace_back(std::vector<at::Tensor>{r.params[3], r.params[4]}, std::make_unique<OptionsT>(group1()));
+    r.opt = std::make_unique<AdaRankGradAdamW>(groups);
+    return r;
+}
+
+// Six steps (the fourth skipped for a NaN), a changed lr, then group 2 added: it is saved unregistered.
+void train(run& r) {
+    torch::NoGradGuard no_grad;
+    for (int t = 1; t <= 6; ++t) {
+        for (std::size_t i = 0; i < 5; ++i) r.params[i].mutable_grad() = gradient(r.params[i], t, static_cast<int>(i) + 1);
+        if (t == 4) r.params[1].mutable_grad()[2] = std::numeric_limits<float>::quiet_NaN();
+        const auto report = r.opt->step_checked();
+        REQUIRE(report.status == (t == 4 ? velora::status::non_finite_input : velora::status::ok));
+        if (t == 3) r.opt->param_groups()[0].options().set_lr(1.5e-3);
+    }
+    r.opt->add_param_group(torch::optim::OptimizerParamGroup({r.params[5]}, std::make_unique<OptionsT>(group2())));
+}
+
+} // namespace format1
+
+TEST_CASE("format 1 fixture: written on request by the optimizer of that format") {
+    const char* path = std::getenv("VELORA_WRITE_TORCH_FIXTURE");
+    if (path == nullptr) return;
+    format1::run r = format1::make();
+    format1::train(r);
+    torch::save(*r.opt, path);
+    MESSAGE("wrote " << path);
 }
