@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -591,9 +592,9 @@ TEST_CASE("threads: each step uses at::get_num_threads() of the calling thread; 
 // ---------------------------------------------------------------- archives of format 1
 // tests/torch/data/adarankgrad_adamw_format1.pt was written by the optimizer as it was before its
 // archive kept the options as the library's configuration block (format 1: one archive key per
-// option), by this test run with VELORA_WRITE_TORCH_FIXTURE=<path>. Everything it holds is built
-// from exact small rationals (no random numbers, no transcendental functions), so the run that
-// wrote it can be repeated anywhere.
+// option), by the test case 'format 1 fixture' below run with VELORA_WRITE_TORCH_FIXTURE=<path>
+// at commit a802f4c (the last one with format 1; run now, it writes format 2). Everything it holds
+// is built from exact small rationals (no random numbers, no transcendental functions).
 namespace format1 {
 
 at::Tensor pattern(std::vector<std::int64_t> sizes, int salt, c10::ScalarType dtype) {
@@ -674,11 +675,163 @@ void train(run& r) {
 
 } // namespace format1
 
-TEST_CASE("format 1 fixture: written on request by the optimizer of that format") {
+TEST_CASE("format 1 fixture: how it was written (on request only; this build writes format 2)") {
     const char* path = std::getenv("VELORA_WRITE_TORCH_FIXTURE");
     if (path == nullptr) return;
     format1::run r = format1::make();
     format1::train(r);
     torch::save(*r.opt, path);
     MESSAGE("wrote " << path);
+}
+
+namespace format1 {
+
+// The uint8 blob under `key` of param group g of an archive, as bytes (empty when absent).
+std::vector<std::uint8_t> blob_in(torch::serialize::InputArchive& archive, std::size_t g, const std::string& key) {
+    torch::serialize::InputArchive group;
+    REQUIRE(archive.try_read("param_groups/" + std::to_string(g), group));
+    at::Tensor t;
+    if (!group.try_read(key, t, /*is_buffer=*/true)) return {};
+    t = t.contiguous();
+    return {t.data_ptr<std::uint8_t>(), t.data_ptr<std::uint8_t>() + t.numel()};
+}
+
+// A library state blob of param group g's parameters of dtype T, loaded into a low_rank_adamw made
+// from the group's current options and saved again: the configuration block of a saved state holds
+// the lr the engine was built with (the one at the group's first step, or at the last load), the
+// rest is the state; this puts two blobs of the same state on the same footing.
+template <class T>
+std::vector<std::uint8_t> normalized(const std::vector<std::uint8_t>& blob, const OptionsT& o, const std::vector<at::Tensor>& params) {
+    velora::eigen_backend<T> backend;
+    adarank::low_rank_adamw<velora::eigen_backend<T>> opt(backend, o.config());
+    for (const at::Tensor& p : params) {
+        if (p.scalar_type() != velora::torch::dtype_of<T>()) continue;
+        const auto shape = velora::torch::parameter_matrix_of(p, o.nd());
+        opt.add_parameter(shape.rows, shape.cols, shape.force_dense ? adarank::param_kind::dense : o.kind());
+    }
+    opt.load_state(std::span<const std::byte>(reinterpret_cast<const std::byte*>(blob.data()), blob.size()));
+    const std::vector<std::byte> out = opt.save_state();
+    return {reinterpret_cast<const std::uint8_t*>(out.data()), reinterpret_cast<const std::uint8_t*>(out.data()) + out.size()};
+}
+
+} // namespace format1
+
+TEST_CASE("an archive of format 1 (a key per option) loads: the same options, the same library state, and it steps on") {
+    const std::string path = std::string(VELORA_TORCH_TEST_DATA) + "/adarankgrad_adamw_format1.pt";
+    format1::run r = format1::make();
+    r.opt->add_param_group(torch::optim::OptimizerParamGroup({r.params[5]}, std::make_unique<OptionsT>(OptionsT(1.0))));
+    torch::load(*r.opt, path);
+    const auto options = [&](std::size_t g) { return static_cast<const OptionsT&>(r.opt->param_groups()[g].options()); };
+    // The options as the run that wrote it had them (group 0's lr changed after step 3).
+    OptionsT expected0 = format1::group0();
+    expected0.lr(1.5e-3);
+    CHECK(options(0).config() == expected0.config());
+    CHECK(options(1).config() == format1::group1().config());
+    CHECK(options(1).kind() == adarank::param_kind::low_rank);
+    CHECK(options(2).config() == format1::group2().config());
+    CHECK(options(2).kind() == adarank::param_kind::dense);
+    CHECK(options(2).nd() == velora::torch::higher_dims::dense);
+    CHECK(r.opt->skipped_steps() == 1);
+    CHECK(r.opt->info(r.params[0]).steps == 5);
+    CHECK(r.opt->info(r.params[0]).low_rank);
+    CHECK(r.opt->info(r.params[3]).steps == 5);
+    CHECK(r.opt->state().size() == 5);   // group 2 was saved before its first step: registered at the next one
+
+    // Saved again (format 2), each library state blob is the one format 1 held, byte for byte.
+    std::stringstream resaved;
+    torch::save(*r.opt, resaved);
+    torch::serialize::InputArchive old_archive, new_archive;
+    old_archive.load_from(path);
+    new_archive.load_from(resaved);
+    c10::IValue format;
+    REQUIRE(new_archive.try_read("velora/format", format));
+    CHECK(format.toInt() == 2);
+    const std::vector<std::vector<at::Tensor>> group_params{{r.params[0], r.params[1], r.params[2]}, {r.params[3], r.params[4]}};
+    for (std::size_t g = 0; g < 2; ++g) {
+        for (const std::string key : {"state/float32", "state/float64"}) {
+            INFO("group " << g << " " << key);
+            const auto was = format1::blob_in(old_archive, g, key), now = format1::blob_in(new_archive, g, key);
+            REQUIRE(was.size() == now.size());
+            if (g == 1) CHECK(now == was);   // built with the lr it was saved with: the same bytes
+            if (was.empty()) continue;
+            if (key == "state/float32") CHECK(format1::normalized<float>(now, options(g), group_params[g]) == format1::normalized<float>(was, options(g), group_params[g]));
+            else CHECK(format1::normalized<double>(now, options(g), group_params[g]) == format1::normalized<double>(was, options(g), group_params[g]));
+        }
+    }
+    CHECK_FALSE(format1::blob_in(old_archive, 0, "state/float32").empty());
+    CHECK_FALSE(format1::blob_in(old_archive, 1, "state/float64").empty());
+    CHECK_FALSE(format1::blob_in(old_archive, 1, "state/float32").empty());
+
+    // It steps on, group 2 included.
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < r.params.size(); ++i) r.params[i].mutable_grad() = format1::gradient(r.params[i], 7, static_cast<int>(i) + 1);
+    const auto report = r.opt->step_checked();
+    CHECK(report.status == velora::status::ok);
+    CHECK(report.stepped == 6);
+    CHECK(r.opt->info(r.params[0]).steps == 6);
+    CHECK(r.opt->info(r.params[5]).steps == 1);
+}
+
+TEST_CASE("format 2: a group's options are one configuration blob; a blob the constructor's rules refuse is refused at load") {
+    std::vector<at::Tensor> p{param({6, 4}, 1)};
+    AdaRankGradAdamW opt(p, OptionsT(2e-3).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    std::stringstream saved;
+    torch::save(opt, saved);
+    torch::serialize::InputArchive archive;
+    archive.load_from(saved);
+    torch::serialize::InputArchive group, options;
+    REQUIRE(archive.try_read("param_groups/0", group));
+    REQUIRE(group.try_read("options", options));
+    at::Tensor blob;
+    CHECK(options.try_read("options", blob, /*is_buffer=*/true));
+    c10::IValue lr;
+    CHECK_FALSE(options.try_read("lr", lr));   // no key per option any more
+
+    // An archive written by hand whose options give lr x wd >= 1 under the torch convention: the
+    // options are read, then refused with the constructor's rule, naming the group.
+    const auto archive_with = [&](const OptionsT& o) {
+        torch::serialize::OutputArchive out, g, opts;
+        out.write("velora/format", c10::IValue(std::int64_t{2}));
+        out.write("velora/skipped_steps", c10::IValue(std::int64_t{0}));
+        out.write("param_groups/size", c10::IValue(std::int64_t{1}));
+        g.write("params/size", c10::IValue(std::int64_t{1}));
+        g.write("params/0/sizes", c10::IValue(p[0].sizes().vec()));
+        g.write("params/0/dtype", c10::IValue(static_cast<std::int64_t>(at::kFloat)));
+        o.serialize(opts);
+        g.write("options", opts);
+        g.write("registered", c10::IValue(false));
+        out.write("param_groups/0", g);
+        std::stringstream s;
+        out.save_to(s);
+        return s;
+    };
+    AdaRankGradAdamW target(p, OptionsT(1e-3));
+    std::stringstream good = archive_with(OptionsT(5e-3).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    torch::load(target, good);
+    CHECK(target.param_groups()[0].options().get_lr() == 5e-3);
+    std::stringstream bad = archive_with(OptionsT(4.0).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    const std::string msg = invalid_argument_message([&] { torch::load(target, bad); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::load: param group 0:"));
+    CHECK(contains(msg, "lr x wd >= 1"));
+    CHECK(target.param_groups()[0].options().get_lr() == 5e-3);   // nothing changed
+    CHECK_THROWS_AS(torch::load(target, bad), velora::state_format_error);
+}
+
+TEST_CASE("a learning rate the group's configuration refuses (torch convention, lr x wd >= 1) throws at the step, before anything changes") {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    const at::Tensor a = param({5, 4}, 1), b = param({5, 4}, 2);
+    groups.emplace_back(std::vector<at::Tensor>{a}, std::make_unique<OptionsT>(OptionsT(1e-2).kind(adarank::param_kind::dense)));
+    groups.emplace_back(std::vector<at::Tensor>{b}, std::make_unique<OptionsT>(OptionsT(1e-2).weight_decay(0.5).convention(adarank::adam_convention::torch)));
+    AdaRankGradAdamW opt(groups);
+    a.mutable_grad() = torch::ones_like(a);
+    b.mutable_grad() = torch::ones_like(b);
+    REQUIRE(opt.step_checked().stepped == 2);
+    const at::Tensor a_before = a.detach().clone();
+    opt.param_groups()[1].options().set_lr(2.0);
+    const std::string msg = invalid_argument_message([&] { (void)opt.step_checked(); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 1:"));
+    CHECK(contains(msg, "lr x wd >= 1"));
+    CHECK(bitwise_equal(a, a_before));   // group 0 did not step either
+    CHECK(opt.info(a).steps == 1);
 }
