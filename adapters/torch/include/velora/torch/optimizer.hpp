@@ -484,9 +484,9 @@ private:
                 continue;
             }
             check_unchanged(g, e, o, fn);
-            // The rule of set_learning_rate (lr·wd < 1 under the torch convention), before any group steps.
-            if (e.options.config.adam.convention == adarank::adam_convention::torch && !(lr * e.options.config.adam.weight_decay < 1))
-                in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
+            // The library's rule for a learning rate (set_learning_rate's: also lr·wd < 1 under the
+            // torch convention), applied to every group before any group steps.
+            in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
             const auto& params = param_groups_[g].params();
             if (params.size() < e.params.size())
                 velora::detail::fail(fn, "param group ", g, " has ", params.size(), " parameters but ", e.params.size(),
@@ -507,14 +507,17 @@ private:
         if (registered) registered_changed();
     }
 
-    // Only lr may change after a group's first step: the first other field (the field table's
-    // order, compared as saved bytes) that differs is named as a torch option.
+    // Only lr may change after a group's first step. The configurations are compared with ==
+    // (first_different_field compares policies by their saved bytes, which allocates: only when
+    // they differ is it asked which field to name, in the field table's order, as a torch option).
     static void check_unchanged(std::size_t g, const group_engine& e, const AdaRankGradAdamWOptions& o, const char* fn) {
         detail::stored_options now = o.stored();
         now.config.adam.lr = e.options.config.adam.lr;
         std::string_view what;
-        if (const auto field = adarank::first_different_field(now.config, e.options.config)) what = detail::option_name(field->name);
-        else if (now.kind != e.options.kind) what = "kind";
+        if (!(now.config == e.options.config)) {
+            const auto field = adarank::first_different_field(now.config, e.options.config);
+            what = field ? detail::option_name(field->name) : "an option";
+        } else if (now.kind != e.options.kind) what = "kind";
         else if (now.nd != e.options.nd) what = "nd";
         if (!what.empty())
             velora::detail::fail(fn, "param group ", g, ": option ", what,
