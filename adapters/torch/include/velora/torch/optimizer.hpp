@@ -32,10 +32,12 @@
 ///   the options of every group (options_format.hpp: the library's configuration block) and each
 ///   low_rank_adamw's state blob (a uint8 tensor), nothing else of the library's. A resumed run
 ///   continues bit-identically at any thread count. Archives of format 1 still load.
+/// - Threads: every step reads at::get_num_threads() on the calling thread.
+/// - Allocation: a step between registrations and refreshes allocates no host memory of its own
+///   (tests/torch/test_torch_alloc.cpp; optimizer_engine.hpp says what libtorch may still copy).
 ///
 /// This file is the torch surface; the work is in optimizer_options.hpp (options, param state),
 /// optimizer_engine.hpp (one engine per group and dtype), options_format.hpp and archive_io.hpp.
-/// - Threads: every step reads at::get_num_threads() on the calling thread.
 #include <ATen/ATen.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
