@@ -835,3 +835,35 @@ TEST_CASE("a learning rate the group's configuration refuses (torch convention, 
     CHECK(bitwise_equal(a, a_before));   // group 0 did not step either
     CHECK(opt.info(a).steps == 1);
 }
+
+TEST_CASE("options: the library's defaults; a changed option is named as the torch option that holds it") {
+    CHECK(OptionsT().config() == adarank::optimizer_config{});
+    CHECK(OptionsT().kind() == adarank::param_kind::automatic);
+    CHECK(OptionsT().nd() == velora::torch::higher_dims::flatten);
+    torch::NoGradGuard no_grad;
+    const auto changed = [](auto change) {
+        const at::Tensor w = param({6, 5}, 1);
+        AdaRankGradAdamW opt({w}, OptionsT(1e-3));
+        w.mutable_grad() = torch::ones_like(w);
+        (void)opt.step();
+        change(static_cast<OptionsT&>(opt.param_groups()[0].options()));
+        return invalid_argument_message([&] { (void)opt.step(); });
+    };
+    CHECK(contains(changed([](OptionsT& o) { o.betas({0.9, 0.99}); }), "option betas changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.eps(1e-8); }), "option eps changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.convention(adarank::adam_convention::torch); }), "option convention changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.scale(0.5); }), "option scale changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.rank(adarank::rank_policy::fixed(2)); }), "option rank changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.refresh(adarank::refresh_policy::every(3)); }), "option refresh changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.transport(adarank::transport_policy::reset); }), "option transport changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.side(adarank::side_policy::left); }), "option side changed"));
+    CHECK(contains(changed([](OptionsT& o) {
+                       auto r = o.rsvd();
+                       r.oversampling = 3;
+                       o.rsvd(r);
+                   }),
+                   "option rsvd changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.seed(9); }), "option seed changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.kind(adarank::param_kind::dense); }), "option kind changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.nd(velora::torch::higher_dims::dense); }), "option nd changed"));
+}
