@@ -37,7 +37,8 @@
 ///   (tests/torch/test_torch_alloc.cpp; optimizer_engine.hpp says what libtorch may still copy).
 ///
 /// This file is the torch surface; the work is in optimizer_options.hpp (options, param state),
-/// optimizer_engine.hpp (one engine per group and dtype), options_format.hpp and archive_io.hpp.
+/// group_engine.hpp (a group's registration and engines, its errors), optimizer_engine.hpp (one
+/// engine per group and dtype), options_format.hpp and archive_io.hpp.
 #include <ATen/ATen.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
@@ -61,6 +62,7 @@
 #include "archive_io.hpp"
 #include "backend.hpp"
 #include "factored.hpp"
+#include "group_engine.hpp"
 #include "linear.hpp"
 #include "optimizer_engine.hpp"
 #include "optimizer_options.hpp"
@@ -79,7 +81,7 @@ public:
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::AdaRankGradAdamW";
         for (const auto& group : param_groups) add_param_group(group);   // this class's, which keeps the group's options
         // Validate every group's options now, so that a bad one fails at construction, as torch's do.
-        for (std::size_t g = 0; g < param_groups_.size(); ++g) in_group(g, fn, [&] { detail::check_options(options_of(g).stored(), fn); });
+        for (std::size_t g = 0; g < param_groups_.size(); ++g) detail::in_group(g, fn, [&] { detail::check_options(options_of(g).stored(), fn); });
     }
     explicit AdaRankGradAdamW(std::vector<at::Tensor> params, AdaRankGradAdamWOptions defaults = {})
         : AdaRankGradAdamW(std::vector<::torch::optim::OptimizerParamGroup>{::torch::optim::OptimizerParamGroup(std::move(params))}, defaults) {}
@@ -216,7 +218,7 @@ public:
                 r.is_double = params[i].scalar_type() == at::kDouble;
                 r.rows = shape.rows;
                 r.cols = shape.cols;
-                r.gradient_name = gradient_name(g, i);
+                r.gradient_name = "param group " + std::to_string(g) + " parameter " + std::to_string(i) + " gradient";
                 sum += detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
                     detail::gradient_input<T> grad;
                     if (!detail::read_gradient(grad, params[i], r, slot_of(params[i]), fn)) return 0.0;
@@ -338,7 +340,7 @@ public:
             ::torch::serialize::InputArchive opts;
             if (!group.try_read("options", opts)) detail::fail_format(fn, "param group ", g, " has no options in the archive");
             options[g].serialize(opts);   // format 2's blob, or format 1's keys
-            in_group<velora::state_format_error>(g, fn, [&] { detail::check_options(options[g].stored(), fn); });
+            detail::in_group<velora::state_format_error>(g, fn, [&] { detail::check_options(options[g].stored(), fn); });
             c10::IValue registered_group;
             if (!group.try_read("registered", registered_group) || !registered_group.isBool())
                 detail::fail_format(fn, "param group ", g, " has no 'registered' flag in the archive");
@@ -355,60 +357,15 @@ public:
     }
 
 private:
+    using group_engine = detail::group_engine;
     static constexpr std::int64_t format_version = 2;   // 2: the options as the library's configuration block (1: a key per option)
     template <class T>
     static constexpr const char* blob_key = std::is_same_v<T, float> ? "state/float32" : "state/float64";
 
-    // A group's engines (one per parameter dtype it holds), built from its options at its first step.
-    struct group_engine {
-        bool registered = false;
-        detail::stored_options options;   // as at the first step
-        std::unique_ptr<detail::dtype_engine<float>> f32;
-        std::unique_ptr<detail::dtype_engine<double>> f64;
-        std::vector<detail::registered_parameter> params;
-
-        template <class T>
-        std::unique_ptr<detail::dtype_engine<T>>& engine() {
-            if constexpr (std::is_same_v<T, float>) return f32;
-            else return f64;
-        }
-        template <class T>
-        const std::unique_ptr<detail::dtype_engine<T>>& engine() const {
-            if constexpr (std::is_same_v<T, float>) return f32;
-            else return f64;
-        }
-        template <class F>
-        void for_each_engine(F&& f) {
-            if (f32) f(*f32);
-            if (f64) f(*f64);
-        }
-        template <class F>
-        void for_each_engine(F&& f) const {
-            if (f32) f(std::as_const(*f32));
-            if (f64) f(std::as_const(*f64));
-        }
-    };
     struct attached {
         at::Tensor weight;
         std::shared_ptr<factored_weight_grad> slot;
     };
-
-    // The one path of a group's errors: a caller mistake (std::invalid_argument) that f reports is
-    // rethrown as `Error` naming fn and the group.
-    template <class Error = std::invalid_argument, class F>
-    static std::invoke_result_t<F> in_group(std::size_t g, const char* fn, F&& f) {
-        try {
-            return std::forward<F>(f)();
-        } catch (const std::invalid_argument& e) {
-            velora::detail::fail_as<Error>(fn, "param group ", g, ": ", e.what());
-        }
-    }
-
-    template <class T>
-    threads_following<T>& backend() {
-        if constexpr (std::is_same_v<T, float>) return *b32_;
-        else return *b64_;
-    }
 
     const AdaRankGradAdamWOptions& options_of(std::size_t g) const {
         const auto* o = dynamic_cast<const AdaRankGradAdamWOptions*>(&param_groups_[g].options());
@@ -417,56 +374,20 @@ private:
         return *o;
     }
 
-    static std::string gradient_name(std::size_t g, std::size_t i) {
-        return "param group " + std::to_string(g) + " parameter " + std::to_string(i) + " gradient";
-    }
-
     const factored_weight_grad* slot_of(const at::Tensor& p) const {
         const auto it = slots_.find(p.unsafeGetTensorImpl());
         return it == slots_.end() ? nullptr : it->second.slot.get();
     }
 
-    // A group's engines, built from its options, with every parameter registered in order.
-    group_engine build(std::size_t g, const AdaRankGradAdamWOptions& o, const char* fn) {
-        group_engine e;
-        e.registered = true;
-        e.options = o.stored();
-        in_group(g, fn, [&] { detail::check_options(e.options, fn); });
-        for (std::size_t i = 0; i < param_groups_[g].params().size(); ++i) register_param(e, g, i, fn);
-        return e;
+    template <class T>
+    threads_following<T>& backend() {
+        return backends().get<T>();
     }
+    detail::dtype_backends backends() { return {b32_.get(), b64_.get()}; }
 
-    void register_param(group_engine& e, std::size_t g, std::size_t i, const char* fn) {
-        const at::Tensor& p = param_groups_[g].params()[i];
-        if (!p.defined()) velora::detail::fail(fn, "param group ", g, " parameter ", i, " is an undefined tensor");
-        if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble)
-            velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", detail::describe(p),
-                                 ") must be float32 or float64 (the optimizer keeps full-precision weights)");
-        if (!p.device().is_cpu() || p.layout() != c10::kStrided)
-            velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", detail::describe(p), ") must be a dense CPU tensor");
-        detail::registered_parameter r;
-        r.key = p.unsafeGetTensorImpl();
-        r.group = static_cast<std::int64_t>(g);
-        r.index = static_cast<std::int64_t>(i);
-        r.is_double = p.scalar_type() == at::kDouble;
-        r.sizes = p.sizes().vec();
-        r.gradient_name = gradient_name(g, i);
-        const parameter_matrix s = parameter_matrix_of(p, e.options.nd);
-        r.rows = s.rows;
-        r.cols = s.cols;
-        if (s.rows * s.cols > 0) {
-            const adarank::param_kind kind = s.force_dense ? adarank::param_kind::dense : e.options.kind;
-            const factored_weight_grad* slot = slot_of(p);
-            r.id = detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
-                auto& engine = e.template engine<T>();
-                if (!engine) engine = in_group(g, fn, [&] { return std::make_unique<detail::dtype_engine<T>>(backend<T>(), e.options.config); });
-                const index_t id = engine->add(s.rows, s.cols, kind);
-                if constexpr (std::is_same_v<T, float>)
-                    if (slot != nullptr) engine->reserve_factored(slot->groups());
-                return id;
-            });
-        }
-        e.params.push_back(std::move(r));
+    // Group g's engines for options `o`, with its parameters registered in order.
+    group_engine build(std::size_t g, const AdaRankGradAdamWOptions& o, const char* fn) {
+        return group_engine::build(g, param_groups_[g].params(), o.stored(), backends(), [&](const at::Tensor& p) { return slot_of(p); }, fn);
     }
 
     // Before a step: every group registered (at its first step), its options unchanged but for
@@ -485,45 +406,18 @@ private:
                 registered = true;
                 continue;
             }
-            check_unchanged(g, e, o, fn);
+            e.check_unchanged(g, o.stored(), fn);
             // The library's rule for a learning rate (set_learning_rate's: also lr·wd < 1 under the
             // torch convention), applied to every group before any group steps.
-            in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
+            detail::in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
             const auto& params = param_groups_[g].params();
-            if (params.size() < e.params.size())
-                velora::detail::fail(fn, "param group ", g, " has ", params.size(), " parameters but ", e.params.size(),
-                                     " were registered; removing parameters from a group is not supported");
-            for (std::size_t i = 0; i < e.params.size(); ++i) {
-                const detail::registered_parameter& r = e.params[i];
-                if (params[i].unsafeGetTensorImpl() != r.key || params[i].sizes() != c10::IntArrayRef(r.sizes) ||
-                    params[i].scalar_type() != (r.is_double ? at::kDouble : at::kFloat))
-                    velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", detail::describe(params[i]),
-                                         ") is not the tensor registered at the group's first step (shape ", detail::bracketed(r.sizes), ", ",
-                                         r.is_double ? "Double" : "Float", "); replacing parameters or changing their dtype is not supported");
-            }
+            e.check_registered(g, params, fn);
             for (std::size_t i = e.params.size(); i < params.size(); ++i) {
-                register_param(e, g, i, fn);
+                e.add(params[i], g, i, backends(), slot_of(params[i]), fn);
                 registered = true;
             }
         }
         if (registered) registered_changed();
-    }
-
-    // Only lr may change after a group's first step. The configurations are compared with ==
-    // (first_different_field compares policies by their saved bytes, which allocates: only when
-    // they differ is it asked which field to name, in the field table's order, as a torch option).
-    static void check_unchanged(std::size_t g, const group_engine& e, const AdaRankGradAdamWOptions& o, const char* fn) {
-        detail::stored_options now = o.stored();
-        now.config.adam.lr = e.options.config.adam.lr;
-        std::string_view what;
-        if (!(now.config == e.options.config)) {
-            const auto field = adarank::first_different_field(now.config, e.options.config);
-            what = field ? detail::option_name(field->name) : "an option";
-        } else if (now.kind != e.options.kind) what = "kind";
-        else if (now.nd != e.options.nd) what = "nd";
-        if (!what.empty())
-            velora::detail::fail(fn, "param group ", g, ": option ", what,
-                                 " changed after the group's first step; only lr may change (the state belongs to the options it was made with)");
     }
 
     // An archive's group holds parameters of this group's shapes and dtypes.
@@ -550,7 +444,7 @@ private:
         if (blob.has_value() != (engine != nullptr))
             detail::fail_format(fn, "param group ", g, blob ? " has " : " lacks ", "'", blob_key<T>, "' in the archive but ", blob ? "has no" : "has",
                                 " parameters of that dtype here");
-        if (blob) in_group<velora::state_format_error>(g, fn, [&] { engine->optimizer().load_state(detail::bytes_of(*blob)); });
+        if (blob) detail::in_group<velora::state_format_error>(g, fn, [&] { engine->optimizer().load_state(detail::bytes_of(*blob)); });
     }
 
     std::optional<std::pair<std::size_t, std::size_t>> position_of(const at::Tensor& t) const {
