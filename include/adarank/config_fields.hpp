@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -48,7 +49,7 @@ struct config_field {
 };
 
 template <class F, class... Configs>
-void for_each_config_field(F&& f, Configs&... c) {
+constexpr void for_each_config_field(F&& f, Configs&... c) {
     f(config_field{"adam.lr", "adam hyper-parameters differ", 1, at_least(0)}, c.adam.lr...);
     f(config_field{"adam.beta1", "adam hyper-parameters differ", 1, within(0, 1, true)}, c.adam.beta1...);
     f(config_field{"adam.beta2", "adam hyper-parameters differ", 1, within(0, 1, true)}, c.adam.beta2...);
@@ -67,6 +68,15 @@ void for_each_config_field(F&& f, Configs&... c) {
     f(config_field{"rsvd.exact_fraction", "rsvd settings differ", 1, within(0, 1)}, c.rsvd.exact_fraction...);
     f(config_field{"seed", "seed differs", 1}, c.seed...);
 }
+
+/// The newest `since_version` in the table: a configuration block written by put_config is read
+/// back by get_config with this version (an adapter that stores a configuration on its own, e.g.
+/// the torch archive's options, records it next to the block).
+inline constexpr std::uint32_t config_version = [] {
+    std::uint32_t newest = 0;
+    for_each_config_field([&](const config_field& field) { newest = field.since_version > newest ? field.since_version : newest; });
+    return newest;
+}();
 
 namespace detail {
 
@@ -147,17 +157,25 @@ basic_optimizer_config<Rank, Refresh> get_config(velora::state_reader& r, std::u
     return c;
 }
 
+/// The first field (in the table's order) whose values differ as saved bytes, std::nullopt
+/// when none does.
+template <class Rank, class Refresh>
+std::optional<config_field> first_different_field(const basic_optimizer_config<Rank, Refresh>& a, const basic_optimizer_config<Rank, Refresh>& b) {
+    std::optional<config_field> first;
+    for_each_config_field(
+        [&](const config_field& field, const auto& x, const auto& y) {
+            if (!first && !detail::same_field(x, y)) first = field;
+        },
+        a, b);
+    return first;
+}
+
 /// What the first field that differs between a saved and the live configuration says ("" when
 /// none does).
 template <class Rank, class Refresh>
 std::string describe_difference(const basic_optimizer_config<Rank, Refresh>& saved, const basic_optimizer_config<Rank, Refresh>& live) {
-    std::string_view first;
-    for_each_config_field(
-        [&](const config_field& field, const auto& a, const auto& b) {
-            if (first.empty() && !detail::same_field(a, b)) first = field.differs;
-        },
-        saved, live);
-    return std::string(first);
+    const std::optional<config_field> first = first_different_field(saved, live);
+    return first ? std::string(first->differs) : std::string();
 }
 
 namespace detail {

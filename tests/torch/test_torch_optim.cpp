@@ -7,6 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -611,4 +615,283 @@ TEST_CASE("threads: each step uses at::get_num_threads() of the calling thread; 
         (void)o2.step();
     }
     CHECK(bitwise_equal(p1[0], p2[0]));
+}
+
+// ---------------------------------------------------------------- archives of format 1
+// tests/torch/data/adarankgrad_adamw_format1.pt was written by the optimizer as it was before its
+// archive kept the options as the library's configuration block (format 1: one archive key per
+// option), by the test case 'format 1 fixture' below run with VELORA_WRITE_TORCH_FIXTURE=<path>
+// at commit a802f4c (the last one with format 1; run now, it writes format 2). Everything it holds
+// is built from exact small rationals (no random numbers, no transcendental functions).
+namespace format1 {
+
+at::Tensor pattern(std::vector<std::int64_t> sizes, int salt, c10::ScalarType dtype) {
+    std::int64_t n = 1;
+    for (const auto s : sizes) n *= s;
+    at::Tensor t = torch::empty({n}, torch::TensorOptions().dtype(at::kDouble));
+    auto a = t.accessor<double, 1>();
+    for (std::int64_t i = 0; i < n; ++i) a[i] = static_cast<double>((i * 37 + salt * 11) % 23 - 11) / 16.0;
+    return t.to(dtype).reshape(sizes);
+}
+
+// A gradient of rank about 2 plus a small exact perturbation, different at every step.
+at::Tensor gradient(const at::Tensor& p, int t, int salt) {
+    const std::int64_t rows = p.dim() >= 2 ? p.size(0) : 1, cols = p.numel() / rows;
+    at::Tensor g = torch::empty({rows, cols}, torch::TensorOptions().dtype(at::kDouble));
+    auto a = g.accessor<double, 2>();
+    for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = 0; j < cols; ++j) {
+            const double u1 = static_cast<double>((i * 5 + t + salt) % 7 - 3), v1 = static_cast<double>((j * 3 + 2 * t) % 5 - 2);
+            const double u2 = static_cast<double>((i * 2 + salt) % 3 - 1), v2 = static_cast<double>((j + t * salt) % 4 - 1);
+            a[i][j] = (u1 * v1 + 0.5 * u2 * v2 + static_cast<double>((i * 13 + j * 7 + t) % 9 - 4) / 64.0) / 8.0;
+        }
+    return g.to(p.scalar_type()).reshape(p.sizes());
+}
+
+struct run {
+    std::vector<at::Tensor> params;
+    std::unique_ptr<AdaRankGradAdamW> opt;
+};
+
+OptionsT group0() {
+    return OptionsT(3e-3).weight_decay(0.01).seed(7).rank(adarank::rank_policy::adaptive(0.3, 1, 4)).refresh(adarank::refresh_policy::converged(0.6, 2, 4));
+}
+OptionsT group1() {
+    adarank::rsvd_config rsvd;
+    rsvd.oversampling = 3;
+    rsvd.warm_start = false;
+    rsvd.exact_fraction = 0.25;
+    return OptionsT(1e-2)
+        .betas({0.8, 0.95})
+        .eps(1e-7)
+        .weight_decay(0.05)
+        .convention(adarank::adam_convention::torch)
+        .scale(0.5)
+        .rank(adarank::rank_policy::fixed(2))
+        .refresh(adarank::refresh_policy::every(3))
+        .transport(adarank::transport_policy::reset)
+        .side(adarank::side_policy::left)
+        .rsvd(rsvd)
+        .kind(adarank::param_kind::low_rank);
+}
+OptionsT group2() { return OptionsT(4e-4).kind(adarank::param_kind::dense).nd(velora::torch::higher_dims::dense); }
+
+// The optimizer the fixture was written from, over fresh parameters (group 2 is added later).
+run make() {
+    run r;
+    r.params = {pattern({12, 10}, 1, at::kFloat), pattern({10}, 2, at::kFloat), pattern({4, 3, 2}, 3, at::kFloat),
+                pattern({8, 6}, 4, at::kDouble),  pattern({5, 5}, 5, at::kFloat),  pattern({3, 3}, 6, at::kFloat)};
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{r.params[0], r.params[1], r.params[2]}, std::make_unique<OptionsT>(group0()));
+    groups.emplace_back(std::vector<at::Tensor>{r.params[3], r.params[4]}, std::make_unique<OptionsT>(group1()));
+    r.opt = std::make_unique<AdaRankGradAdamW>(groups);
+    return r;
+}
+
+// Six steps (the fourth skipped for a NaN), a changed lr, then group 2 added: it is saved unregistered.
+void train(run& r) {
+    torch::NoGradGuard no_grad;
+    for (int t = 1; t <= 6; ++t) {
+        for (std::size_t i = 0; i < 5; ++i) r.params[i].mutable_grad() = gradient(r.params[i], t, static_cast<int>(i) + 1);
+        if (t == 4) r.params[1].mutable_grad()[2] = std::numeric_limits<float>::quiet_NaN();
+        const auto report = r.opt->step_checked();
+        REQUIRE(report.status == (t == 4 ? velora::status::non_finite_input : velora::status::ok));
+        if (t == 3) r.opt->param_groups()[0].options().set_lr(1.5e-3);
+    }
+    r.opt->add_param_group(torch::optim::OptimizerParamGroup({r.params[5]}, std::make_unique<OptionsT>(group2())));
+}
+
+} // namespace format1
+
+TEST_CASE("format 1 fixture: how it was written (on request only; this build writes format 2)") {
+    const char* path = std::getenv("VELORA_WRITE_TORCH_FIXTURE");
+    if (path == nullptr) return;
+    format1::run r = format1::make();
+    format1::train(r);
+    torch::save(*r.opt, path);
+    MESSAGE("wrote " << path);
+}
+
+namespace format1 {
+
+// The uint8 blob under `key` of param group g of an archive, as bytes (empty when absent).
+std::vector<std::uint8_t> blob_in(torch::serialize::InputArchive& archive, std::size_t g, const std::string& key) {
+    torch::serialize::InputArchive group;
+    REQUIRE(archive.try_read("param_groups/" + std::to_string(g), group));
+    at::Tensor t;
+    if (!group.try_read(key, t, /*is_buffer=*/true)) return {};
+    t = t.contiguous();
+    return {t.data_ptr<std::uint8_t>(), t.data_ptr<std::uint8_t>() + t.numel()};
+}
+
+// A library state blob of param group g's parameters of dtype T, loaded into a low_rank_adamw made
+// from the group's current options and saved again: the configuration block of a saved state holds
+// the lr the engine was built with (the one at the group's first step, or at the last load), the
+// rest is the state; this puts two blobs of the same state on the same footing.
+template <class T>
+std::vector<std::uint8_t> normalized(const std::vector<std::uint8_t>& blob, const OptionsT& o, const std::vector<at::Tensor>& params) {
+    velora::eigen_backend<T> backend;
+    adarank::low_rank_adamw<velora::eigen_backend<T>> opt(backend, o.config());
+    for (const at::Tensor& p : params) {
+        if (p.scalar_type() != velora::torch::dtype_of<T>()) continue;
+        const auto shape = velora::torch::parameter_matrix_of(p, o.nd());
+        opt.add_parameter(shape.rows, shape.cols, shape.force_dense ? adarank::param_kind::dense : o.kind());
+    }
+    opt.load_state(std::span<const std::byte>(reinterpret_cast<const std::byte*>(blob.data()), blob.size()));
+    const std::vector<std::byte> out = opt.save_state();
+    return {reinterpret_cast<const std::uint8_t*>(out.data()), reinterpret_cast<const std::uint8_t*>(out.data()) + out.size()};
+}
+
+} // namespace format1
+
+TEST_CASE("an archive of format 1 (a key per option) loads: the same options, the same library state, and it steps on") {
+    const std::string path = std::string(VELORA_TORCH_TEST_DATA) + "/adarankgrad_adamw_format1.pt";
+    format1::run r = format1::make();
+    r.opt->add_param_group(torch::optim::OptimizerParamGroup({r.params[5]}, std::make_unique<OptionsT>(OptionsT(1.0))));
+    torch::load(*r.opt, path);
+    const auto options = [&](std::size_t g) { return static_cast<const OptionsT&>(r.opt->param_groups()[g].options()); };
+    // The options as the run that wrote it had them (group 0's lr changed after step 3).
+    OptionsT expected0 = format1::group0();
+    expected0.lr(1.5e-3);
+    CHECK(options(0).config() == expected0.config());
+    CHECK(options(1).config() == format1::group1().config());
+    CHECK(options(1).kind() == adarank::param_kind::low_rank);
+    CHECK(options(2).config() == format1::group2().config());
+    CHECK(options(2).kind() == adarank::param_kind::dense);
+    CHECK(options(2).nd() == velora::torch::higher_dims::dense);
+    CHECK(r.opt->skipped_steps() == 1);
+    CHECK(r.opt->info(r.params[0]).steps == 5);
+    CHECK(r.opt->info(r.params[0]).low_rank);
+    CHECK(r.opt->info(r.params[3]).steps == 5);
+    CHECK(r.opt->state().size() == 5);   // group 2 was saved before its first step: registered at the next one
+
+    // Saved again (format 2), each library state blob is the one format 1 held, byte for byte.
+    std::stringstream resaved;
+    torch::save(*r.opt, resaved);
+    torch::serialize::InputArchive old_archive, new_archive;
+    old_archive.load_from(path);
+    new_archive.load_from(resaved);
+    c10::IValue format;
+    REQUIRE(new_archive.try_read("velora/format", format));
+    CHECK(format.toInt() == 2);
+    const std::vector<std::vector<at::Tensor>> group_params{{r.params[0], r.params[1], r.params[2]}, {r.params[3], r.params[4]}};
+    for (std::size_t g = 0; g < 2; ++g) {
+        for (const std::string key : {"state/float32", "state/float64"}) {
+            INFO("group " << g << " " << key);
+            const auto was = format1::blob_in(old_archive, g, key), now = format1::blob_in(new_archive, g, key);
+            REQUIRE(was.size() == now.size());
+            if (g == 1) CHECK(now == was);   // built with the lr it was saved with: the same bytes
+            if (was.empty()) continue;
+            if (key == "state/float32") CHECK(format1::normalized<float>(now, options(g), group_params[g]) == format1::normalized<float>(was, options(g), group_params[g]));
+            else CHECK(format1::normalized<double>(now, options(g), group_params[g]) == format1::normalized<double>(was, options(g), group_params[g]));
+        }
+    }
+    CHECK_FALSE(format1::blob_in(old_archive, 0, "state/float32").empty());
+    CHECK_FALSE(format1::blob_in(old_archive, 1, "state/float64").empty());
+    CHECK_FALSE(format1::blob_in(old_archive, 1, "state/float32").empty());
+
+    // It steps on, group 2 included.
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < r.params.size(); ++i) r.params[i].mutable_grad() = format1::gradient(r.params[i], 7, static_cast<int>(i) + 1);
+    const auto report = r.opt->step_checked();
+    CHECK(report.status == velora::status::ok);
+    CHECK(report.stepped == 6);
+    CHECK(r.opt->info(r.params[0]).steps == 6);
+    CHECK(r.opt->info(r.params[5]).steps == 1);
+}
+
+TEST_CASE("format 2: a group's options are one configuration blob; a blob the constructor's rules refuse is refused at load") {
+    std::vector<at::Tensor> p{param({6, 4}, 1)};
+    AdaRankGradAdamW opt(p, OptionsT(2e-3).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    std::stringstream saved;
+    torch::save(opt, saved);
+    torch::serialize::InputArchive archive;
+    archive.load_from(saved);
+    torch::serialize::InputArchive group, options;
+    REQUIRE(archive.try_read("param_groups/0", group));
+    REQUIRE(group.try_read("options", options));
+    at::Tensor blob;
+    CHECK(options.try_read("options", blob, /*is_buffer=*/true));
+    c10::IValue lr;
+    CHECK_FALSE(options.try_read("lr", lr));   // no key per option any more
+
+    // An archive written by hand whose options give lr x wd >= 1 under the torch convention: the
+    // options are read, then refused with the constructor's rule, naming the group.
+    const auto archive_with = [&](const OptionsT& o) {
+        torch::serialize::OutputArchive out, g, opts;
+        out.write("velora/format", c10::IValue(std::int64_t{2}));
+        out.write("velora/skipped_steps", c10::IValue(std::int64_t{0}));
+        out.write("param_groups/size", c10::IValue(std::int64_t{1}));
+        g.write("params/size", c10::IValue(std::int64_t{1}));
+        g.write("params/0/sizes", c10::IValue(p[0].sizes().vec()));
+        g.write("params/0/dtype", c10::IValue(static_cast<std::int64_t>(at::kFloat)));
+        o.serialize(opts);
+        g.write("options", opts);
+        g.write("registered", c10::IValue(false));
+        out.write("param_groups/0", g);
+        std::stringstream s;
+        out.save_to(s);
+        return s;
+    };
+    AdaRankGradAdamW target(p, OptionsT(1e-3));
+    std::stringstream good = archive_with(OptionsT(5e-3).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    torch::load(target, good);
+    CHECK(target.param_groups()[0].options().get_lr() == 5e-3);
+    std::stringstream bad = archive_with(OptionsT(4.0).weight_decay(0.25).convention(adarank::adam_convention::torch));
+    const std::string msg = invalid_argument_message([&] { torch::load(target, bad); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::load: param group 0:"));
+    CHECK(contains(msg, "lr x wd >= 1"));
+    CHECK(target.param_groups()[0].options().get_lr() == 5e-3);   // nothing changed
+    CHECK_THROWS_AS(torch::load(target, bad), velora::state_format_error);
+}
+
+TEST_CASE("a learning rate the group's configuration refuses (torch convention, lr x wd >= 1) throws at the step, before anything changes") {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    const at::Tensor a = param({5, 4}, 1), b = param({5, 4}, 2);
+    groups.emplace_back(std::vector<at::Tensor>{a}, std::make_unique<OptionsT>(OptionsT(1e-2).kind(adarank::param_kind::dense)));
+    groups.emplace_back(std::vector<at::Tensor>{b}, std::make_unique<OptionsT>(OptionsT(1e-2).weight_decay(0.5).convention(adarank::adam_convention::torch)));
+    AdaRankGradAdamW opt(groups);
+    a.mutable_grad() = torch::ones_like(a);
+    b.mutable_grad() = torch::ones_like(b);
+    REQUIRE(opt.step_checked().stepped == 2);
+    const at::Tensor a_before = a.detach().clone();
+    opt.param_groups()[1].options().set_lr(2.0);
+    const std::string msg = invalid_argument_message([&] { (void)opt.step_checked(); });
+    CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 1:"));
+    CHECK(contains(msg, "lr x wd >= 1"));
+    CHECK(bitwise_equal(a, a_before));   // group 0 did not step either
+    CHECK(opt.info(a).steps == 1);
+}
+
+TEST_CASE("options: the library's defaults; a changed option is named as the torch option that holds it") {
+    CHECK(OptionsT().config() == adarank::optimizer_config{});
+    CHECK(OptionsT().kind() == adarank::param_kind::automatic);
+    CHECK(OptionsT().nd() == velora::torch::higher_dims::flatten);
+    torch::NoGradGuard no_grad;
+    const auto changed = [](auto change) {
+        const at::Tensor w = param({6, 5}, 1);
+        AdaRankGradAdamW opt({w}, OptionsT(1e-3));
+        w.mutable_grad() = torch::ones_like(w);
+        (void)opt.step();
+        change(static_cast<OptionsT&>(opt.param_groups()[0].options()));
+        return invalid_argument_message([&] { (void)opt.step(); });
+    };
+    CHECK(contains(changed([](OptionsT& o) { o.betas({0.9, 0.99}); }), "option betas changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.eps(1e-8); }), "option eps changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.convention(adarank::adam_convention::torch); }), "option convention changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.scale(0.5); }), "option scale changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.rank(adarank::rank_policy::fixed(2)); }), "option rank changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.refresh(adarank::refresh_policy::every(3)); }), "option refresh changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.transport(adarank::transport_policy::reset); }), "option transport changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.side(adarank::side_policy::left); }), "option side changed"));
+    CHECK(contains(changed([](OptionsT& o) {
+                       auto r = o.rsvd();
+                       r.oversampling = 3;
+                       o.rsvd(r);
+                   }),
+                   "option rsvd changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.seed(9); }), "option seed changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.kind(adarank::param_kind::dense); }), "option kind changed"));
+    CHECK(contains(changed([](OptionsT& o) { o.nd(velora::torch::higher_dims::dense); }), "option nd changed"));
 }

@@ -29,222 +29,59 @@
 ///   matrix; zero_grad() clears them with the dense gradients; grad_norm() and
 ///   clip_grad_norm() include them.
 /// - save/load go through torch archives (torch::save(opt, path) / torch::load(opt, path)):
-///   the options of every group and each low_rank_adamw's state blob (a uint8 tensor). A
-///   resumed run continues bit-identically at any thread count.
+///   the options of every group (options_format.hpp: the library's configuration block) and each
+///   low_rank_adamw's state blob (a uint8 tensor), nothing else of the library's. A resumed run
+///   continues bit-identically at any thread count. Archives of format 1 still load.
 /// - Threads: every step reads at::get_num_threads() on the calling thread.
+/// - Allocation: a step between registrations and refreshes allocates no host memory of its own
+///   (tests/torch/test_torch_alloc.cpp; optimizer_engine.hpp says what libtorch may still copy).
+///
+/// This file is the torch surface; the work is in optimizer_options.hpp (options, param state),
+/// group_engine.hpp (a group's registration and engines, its errors), optimizer_engine.hpp (one
+/// engine per group and dtype), options_format.hpp and archive_io.hpp.
 #include <ATen/ATen.h>
-#include <torch/arg.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
-#include <bit>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <functional>
 #include <memory>
-#include <limits>
 #include <optional>
-#include <span>
 #include <sstream>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <adarank/adarank.hpp>
 #include <velora/core/error.hpp>
 
+#include "archive_io.hpp"
 #include "backend.hpp"
 #include "factored.hpp"
+#include "group_engine.hpp"
 #include "linear.hpp"
+#include "optimizer_engine.hpp"
+#include "optimizer_options.hpp"
+#include "options_format.hpp"
+#include "parameter_shape.hpp"
+#include "step_report.hpp"
 #include "view.hpp"
 
 namespace velora::torch {
-
-/// How a parameter of three or more dimensions [O, ...] is optimised. Either way it is seen as
-/// the O × (Π rest) matrix (a view of its memory); `flatten` lets it be low-rank like a 2-D
-/// weight (per the group's `kind`), `dense` always gives it dense AdamW.
-enum class higher_dims : std::uint8_t { flatten = 0, dense = 1 };
-
-struct AdaRankGradAdamWOptions : public ::torch::optim::OptimizerCloneableOptions<AdaRankGradAdamWOptions> {
-    using betas_t = std::tuple<double, double>;
-
-    AdaRankGradAdamWOptions(double lr = 1e-3) : lr_(lr) {}   // NOLINT: implicit, as torch's options
-
-    TORCH_ARG(double, lr) = 1e-3;
-    TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
-    TORCH_ARG(double, eps) = 1e-6;
-    TORCH_ARG(double, weight_decay) = 0.0;
-    /// Where ε and the weight decay enter the update: the library's default (GaLore's) or
-    /// torch.optim.AdamW's, under which dense parameters match torch::optim::AdamW to rounding.
-    TORCH_ARG(adarank::adam_convention, convention) = adarank::adam_convention::galore;
-    TORCH_ARG(double, scale) = 0.25;   ///< α, low-rank parameters only
-    TORCH_ARG(adarank::rank_policy, rank) = adarank::rank_policy::adaptive(0.05, 1, 128);
-    TORCH_ARG(adarank::refresh_policy, refresh) = adarank::refresh_policy::converged(0.5, 50, 200);
-    TORCH_ARG(adarank::transport_policy, transport) = adarank::transport_policy::squared_rotation;
-    TORCH_ARG(adarank::side_policy, side) = adarank::side_policy::standard;
-    TORCH_ARG(adarank::rsvd_config, rsvd) = {};
-    TORCH_ARG(std::uint64_t, seed) = 0x5eedULL;
-    TORCH_ARG(adarank::param_kind, kind) = adarank::param_kind::automatic;   ///< 2-D (and flattened) parameters
-    TORCH_ARG(higher_dims, nd) = higher_dims::flatten;
-
-public:
-    double get_lr() const override { return lr(); }
-    void set_lr(const double value) override { lr(value); }
-
-    /// The library configuration these options describe.
-    [[nodiscard]] adarank::optimizer_config config() const {
-        adarank::optimizer_config c;
-        c.adam.lr = lr();
-        c.adam.beta1 = std::get<0>(betas());
-        c.adam.beta2 = std::get<1>(betas());
-        c.adam.eps = eps();
-        c.adam.weight_decay = weight_decay();
-        c.adam.convention = convention();
-        c.scale = scale();
-        c.side = side();
-        c.rank = rank();
-        c.refresh = refresh();
-        c.transport = transport();
-        c.rsvd = rsvd();
-        c.seed = seed();
-        return c;
-    }
-    /// Sets every option a library configuration has (kind and nd are kept).
-    AdaRankGradAdamWOptions& config(const adarank::optimizer_config& c) {
-        lr(c.adam.lr);
-        betas(std::make_tuple(c.adam.beta1, c.adam.beta2));
-        eps(c.adam.eps);
-        weight_decay(c.adam.weight_decay);
-        convention(c.adam.convention);
-        scale(c.scale);
-        side(c.side);
-        rank(c.rank);
-        refresh(c.refresh);
-        transport(c.transport);
-        rsvd(c.rsvd);
-        seed(c.seed);
-        return *this;
-    }
-    /// GaLore as options (adarank::optimizer_config::galore).
-    static AdaRankGradAdamWOptions galore(std::int64_t rank, std::int64_t interval = 200, double scale = 0.25) {
-        AdaRankGradAdamWOptions o;
-        o.config(adarank::optimizer_config::galore(rank, interval, scale));
-        return o;
-    }
-
-    void serialize(::torch::serialize::OutputArchive& archive) const override {
-        const adarank::optimizer_config c = config();
-        put(archive, "lr", c.adam.lr);
-        put(archive, "beta1", c.adam.beta1);
-        put(archive, "beta2", c.adam.beta2);
-        put(archive, "eps", c.adam.eps);
-        put(archive, "weight_decay", c.adam.weight_decay);
-        put(archive, "convention", static_cast<std::int64_t>(c.adam.convention));
-        put(archive, "scale", c.scale);
-        put(archive, "side", static_cast<std::int64_t>(c.side));
-        put(archive, "rank/type", static_cast<std::int64_t>(c.rank.type));
-        put(archive, "rank/r_min", static_cast<std::int64_t>(c.rank.r_min));
-        put(archive, "rank/r_max", static_cast<std::int64_t>(c.rank.r_max));
-        put(archive, "rank/xi", c.rank.xi);
-        put(archive, "refresh/type", static_cast<std::int64_t>(c.refresh.type));
-        put(archive, "refresh/threshold", c.refresh.threshold);
-        put(archive, "refresh/min_interval", static_cast<std::int64_t>(c.refresh.min_interval));
-        put(archive, "refresh/max_interval", static_cast<std::int64_t>(c.refresh.max_interval));
-        put(archive, "transport", static_cast<std::int64_t>(c.transport));
-        put(archive, "rsvd/oversampling", static_cast<std::int64_t>(c.rsvd.oversampling));
-        put(archive, "rsvd/power_iterations", static_cast<std::int64_t>(c.rsvd.power_iterations));
-        put(archive, "rsvd/warm_power_iterations", static_cast<std::int64_t>(c.rsvd.warm_power_iterations));
-        put(archive, "rsvd/warm_start", static_cast<std::int64_t>(c.rsvd.warm_start));
-        put(archive, "rsvd/exact_fraction", c.rsvd.exact_fraction);
-        put(archive, "seed", std::bit_cast<std::int64_t>(c.seed));
-        put(archive, "kind", static_cast<std::int64_t>(kind()));
-        put(archive, "nd", static_cast<std::int64_t>(nd()));
-    }
-
-    void serialize(::torch::serialize::InputArchive& archive) override {
-        adarank::optimizer_config c;
-        c.adam.lr = get_double(archive, "lr");
-        c.adam.beta1 = get_double(archive, "beta1");
-        c.adam.beta2 = get_double(archive, "beta2");
-        c.adam.eps = get_double(archive, "eps");
-        c.adam.weight_decay = get_double(archive, "weight_decay");
-        c.adam.convention = static_cast<adarank::adam_convention>(get_int(archive, "convention"));
-        c.scale = get_double(archive, "scale");
-        c.side = static_cast<adarank::side_policy>(get_int(archive, "side"));
-        c.rank.type = static_cast<adarank::rank_policy::kind>(get_int(archive, "rank/type"));
-        c.rank.r_min = get_int(archive, "rank/r_min");
-        c.rank.r_max = get_int(archive, "rank/r_max");
-        c.rank.xi = get_double(archive, "rank/xi");
-        c.refresh.type = static_cast<adarank::refresh_policy::kind>(get_int(archive, "refresh/type"));
-        c.refresh.threshold = get_double(archive, "refresh/threshold");
-        c.refresh.min_interval = get_int(archive, "refresh/min_interval");
-        c.refresh.max_interval = get_int(archive, "refresh/max_interval");
-        c.transport = static_cast<adarank::transport_policy>(get_int(archive, "transport"));
-        c.rsvd.oversampling = get_int(archive, "rsvd/oversampling");
-        c.rsvd.power_iterations = static_cast<int>(get_int(archive, "rsvd/power_iterations"));
-        c.rsvd.warm_power_iterations = static_cast<int>(get_int(archive, "rsvd/warm_power_iterations"));
-        c.rsvd.warm_start = get_int(archive, "rsvd/warm_start") != 0;
-        c.rsvd.exact_fraction = get_double(archive, "rsvd/exact_fraction");
-        c.seed = std::bit_cast<std::uint64_t>(get_int(archive, "seed"));
-        const auto k = get_int(archive, "kind"), n = get_int(archive, "nd");
-        velora::detail::require(k >= 0 && k <= 2 && n >= 0 && n <= 1, "velora::torch::AdaRankGradAdamWOptions::serialize",
-                                "the archive has the invalid kind ", k, " or nd ", n);
-        // The library validates the rest when the optimizer is built from these options.
-        config(c);
-        kind(static_cast<adarank::param_kind>(k));
-        nd(static_cast<higher_dims>(n));
-    }
-
-private:
-    static void put(::torch::serialize::OutputArchive& a, const std::string& key, double x) { a.write(key, c10::IValue(x)); }
-    static void put(::torch::serialize::OutputArchive& a, const std::string& key, std::int64_t x) { a.write(key, c10::IValue(x)); }
-    static c10::IValue get(::torch::serialize::InputArchive& a, const std::string& key, bool want_double) {
-        c10::IValue v;
-        const bool found = a.try_read(key, v);
-        if (!found || (want_double ? !v.isDouble() : !v.isInt()))
-            velora::detail::fail_as<velora::state_format_error>("velora::torch::AdaRankGradAdamWOptions::serialize", "the archive has no ",
-                                                                want_double ? "double" : "integer", " option '", key, "'");
-        return v;
-    }
-    static double get_double(::torch::serialize::InputArchive& a, const std::string& key) { return get(a, key, true).toDouble(); }
-    static std::int64_t get_int(::torch::serialize::InputArchive& a, const std::string& key) { return get(a, key, false).toInt(); }
-};
-
-/// What torch's state() holds for a registered parameter (a description; the moments and the
-/// basis live in the group's low_rank_adamw and are reported by info()).
-struct AdaRankGradAdamWParamState : public ::torch::optim::OptimizerCloneableParamState<AdaRankGradAdamWParamState> {
-    TORCH_ARG(std::int64_t, group) = 0;
-    TORCH_ARG(std::int64_t, index) = 0;   ///< position in the group
-    TORCH_ARG(std::int64_t, rows) = 0;
-    TORCH_ARG(std::int64_t, cols) = 0;
-    TORCH_ARG(bool, low_rank) = false;
-};
-
-/// The outcome of one step.
-struct step_report {
-    /// ok; degenerate_input (some parameter had an all-zero gradient where a subspace was due, it
-    /// stepped with the documented fallback); non_finite_input (a gradient held NaN/Inf: the whole
-    /// step was skipped, nothing changed); overflow (some parameters were left unchanged, see events).
-    velora::status status = velora::status::ok;
-    bool skipped = false;
-    std::int64_t stepped = 0;   ///< parameters updated
-    struct event {
-        std::int64_t group = 0, index = 0;
-        velora::status status = velora::status::ok;
-    };
-    std::vector<event> events;   ///< every parameter whose status was not ok
-};
 
 class AdaRankGradAdamW : public ::torch::optim::Optimizer {
 public:
     explicit AdaRankGradAdamW(std::vector<::torch::optim::OptimizerParamGroup> param_groups, AdaRankGradAdamWOptions defaults = {})
         : Optimizer(std::vector<::torch::optim::OptimizerParamGroup>{}, std::make_unique<AdaRankGradAdamWOptions>(defaults)),
           b32_(std::make_unique<threads_following<float>>()), b64_(std::make_unique<threads_following<double>>()) {
+        constexpr const char* fn = "velora::torch::AdaRankGradAdamW::AdaRankGradAdamW";
         for (const auto& group : param_groups) add_param_group(group);   // this class's, which keeps the group's options
         // Validate every group's options now, so that a bad one fails at construction, as torch's do.
-        for (std::size_t g = 0; g < param_groups_.size(); ++g) checked_config(g, "velora::torch::AdaRankGradAdamW::AdaRankGradAdamW");
+        for (std::size_t g = 0; g < param_groups_.size(); ++g) detail::in_group(g, fn, [&] { detail::check_options(options_of(g).stored(), fn); });
     }
     explicit AdaRankGradAdamW(std::vector<at::Tensor> params, AdaRankGradAdamWOptions defaults = {})
         : AdaRankGradAdamW(std::vector<::torch::optim::OptimizerParamGroup>{::torch::optim::OptimizerParamGroup(std::move(params))}, defaults) {}
@@ -281,57 +118,49 @@ public:
 
     /// One step, returning its report (also kept as last_step()). Throws std::invalid_argument,
     /// changing nothing, for a caller mistake: an option changed after the group's first step, a
-    /// negative or non-finite lr, a parameter replaced or of an unsupported dtype, a gradient of
-    /// the wrong shape or on another device.
+    /// learning rate the group's configuration refuses, a parameter replaced or of an unsupported
+    /// dtype, a gradient of the wrong shape or on another device. Between registrations a step
+    /// allocates no host memory of its own (optimizer_engine.hpp says what libtorch may).
     step_report step_checked() {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::step";
         ::torch::NoGradGuard no_grad;
         prepare(fn);
-        auto& b32 = b32_->get();
-        auto& b64 = b64_->get();
-        std::vector<work> items;
+        for (auto& e : engines_) e.for_each_engine([](auto& engine) { engine.clear(); });
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             const auto& params = param_groups_[g].params();
+            group_engine& e = engines_[g];
             for (std::size_t i = 0; i < params.size(); ++i) {
-                const param_entry& r = engines_[g].params[i];
+                const detail::registered_parameter& r = e.params[i];
                 if (r.id < 0) continue;   // empty parameter
-                work w;
-                if (gather(params[i], r, w, fn)) items.push_back(std::move(w));
+                detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) { e.template engine<T>()->queue(params[i], r, slot_of(params[i]), fn); });
             }
         }
-        step_report report;
+        step_report& report = last_;   // reused: its events keep their capacity
+        report.status = velora::status::ok;
+        report.skipped = false;
+        report.stepped = 0;
+        report.events.clear();
         // The whole-step check: every gradient, before anything changes.
-        for (const work& w : items) {
-            const bool finite = w.r->is_double ? finite_gradient(b64, w) : finite_gradient(b32, w);
-            if (!finite) report.events.push_back({w.r->group, w.r->index, velora::status::non_finite_input});
-        }
+        for (auto& e : engines_) e.for_each_engine([&](auto& engine) { engine.check_finite(report.events); });
         if (!report.events.empty()) {
+            for (auto& e : engines_) e.for_each_engine([](auto& engine) { engine.clear(); });
+            in_parameter_order(report.events);
             report.status = velora::status::non_finite_input;
             report.skipped = true;
             ++skipped_;
-            last_ = report;
             return report;
         }
         for (std::size_t g = 0; g < engines_.size(); ++g) {
             const double lr = param_groups_[g].options().get_lr();
-            if (engines_[g].f32) engines_[g].f32->set_learning_rate(lr);
-            if (engines_[g].f64) engines_[g].f64->set_learning_rate(lr);
+            engines_[g].for_each_engine([&](auto& engine) { engine.step_queued(lr, report); });
         }
+        in_parameter_order(report.events);
         bool degenerate = false, overflow = false;
-        for (work& w : items) {
-            const velora::status s = w.r->is_double ? apply(b64, *engines_[static_cast<std::size_t>(w.r->group)].f64, w)
-                                                    : apply(b32, *engines_[static_cast<std::size_t>(w.r->group)].f32, w);
-            if (s == velora::status::ok || s == velora::status::degenerate_input) {
-                ++report.stepped;
-                if (w.weight_copy.defined()) w.param.copy_(w.weight_copy.view(w.param.sizes()));   // copy_ bumps the version
-                else bump_version(w.param);
-            }
-            if (s != velora::status::ok) report.events.push_back({w.r->group, w.r->index, s});
-            degenerate = degenerate || s == velora::status::degenerate_input;
-            overflow = overflow || s == velora::status::overflow || s == velora::status::non_finite_input;
+        for (const auto& event : report.events) {
+            degenerate = degenerate || event.status == velora::status::degenerate_input;
+            overflow = overflow || event.status == velora::status::overflow || event.status == velora::status::non_finite_input;
         }
         report.status = overflow ? velora::status::overflow : degenerate ? velora::status::degenerate_input : velora::status::ok;
-        last_ = report;
         return report;
     }
 
@@ -346,12 +175,11 @@ public:
     void attach(const at::Tensor& weight, std::shared_ptr<factored_weight_grad> slot) {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::attach";
         velora::detail::require(slot != nullptr, fn, "argument 'slot' is null");
-        velora::detail::require(weight.defined() && weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.size(0) == slot->rows() &&
-                                    weight.size(1) == slot->features(),
-                                fn, "argument 'weight' (", detail::describe(weight), ") must be the float32 ", slot->rows(), "x", slot->features(),
-                                " weight of the layer");
-        velora::detail::require(position_of(weight).has_value(), fn, "argument 'weight' (", detail::describe(weight),
-                                ") is not a parameter of this optimizer");
+        if (!(weight.defined() && weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.size(0) == slot->rows() &&
+              weight.size(1) == slot->features()))
+            velora::detail::fail(fn, "argument 'weight' (", detail::describe(weight), ") must be the float32 ", slot->rows(), "x", slot->features(),
+                                 " weight of the layer");
+        if (!position_of(weight)) velora::detail::fail(fn, "argument 'weight' (", detail::describe(weight), ") is not a parameter of this optimizer");
         auto [it, inserted] = slots_.try_emplace(weight.unsafeGetTensorImpl(), attached{weight, slot});
         if (!inserted) {
             if (it->second.slot == slot) return;
@@ -359,6 +187,9 @@ public:
             it->second = attached{weight, slot};
         }
         slot->attach();
+        // A weight registered already: size the workspace its factored steps use now.
+        if (const detail::registered_parameter* r = find(weight); r != nullptr && r->id >= 0)
+            engines_[static_cast<std::size_t>(r->group)].f32->reserve_factored(slot->groups());
     }
 
     /// Zeroes the parameters' gradients (as Optimizer::zero_grad) and clears the attached layers'
@@ -375,23 +206,24 @@ public:
     double grad_norm() {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::grad_norm";
         ::torch::NoGradGuard no_grad;
-        auto& b32 = b32_->get();
-        auto& b64 = b64_->get();
         double sum = 0;
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             const auto& params = param_groups_[g].params();
             for (std::size_t i = 0; i < params.size(); ++i) {
-                const auto shape = shape_of(params[i], options_of(g));
+                const auto shape = parameter_matrix_of(params[i], options_of(g).nd());
                 if (shape.rows * shape.cols == 0) continue;
-                param_entry r;
+                detail::registered_parameter r;
                 r.group = static_cast<std::int64_t>(g);
                 r.index = static_cast<std::int64_t>(i);
                 r.is_double = params[i].scalar_type() == at::kDouble;
                 r.rows = shape.rows;
                 r.cols = shape.cols;
-                work w;
-                if (!gather(params[i], r, w, fn)) continue;
-                sum += r.is_double ? norm2(b64, w) : norm2(b32, w);
+                r.gradient_name = "param group " + std::to_string(g) + " parameter " + std::to_string(i) + " gradient";
+                sum += detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
+                    detail::gradient_input<T> grad;
+                    if (!detail::read_gradient(grad, params[i], r, slot_of(params[i]), fn)) return 0.0;
+                    return detail::dtype_engine<T>::norm2(backend<T>().get(), grad);
+                });
             }
         }
         return std::sqrt(sum);
@@ -426,25 +258,20 @@ public:
     /// tensor that is not a registered parameter (a group registers its parameters at its first step).
     [[nodiscard]] adarank::layer_info info(const at::Tensor& param) const {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::info";
-        const param_entry* r = find(param);
-        velora::detail::require(r != nullptr, fn, "argument 'param' (", detail::describe(param),
-                                ") is not a registered parameter (a group registers its parameters when it first steps)");
-        if (r->id < 0) {
-            adarank::layer_info empty;
-            return empty;
-        }
-        const auto& e = engines_[static_cast<std::size_t>(r->group)];
-        return r->is_double ? e.f64->info(r->id) : e.f32->info(r->id);
+        const detail::registered_parameter* r = find(param);
+        if (r == nullptr)
+            velora::detail::fail(fn, "argument 'param' (", detail::describe(param),
+                                 ") is not a registered parameter (a group registers its parameters when it first steps)");
+        if (r->id < 0) return adarank::layer_info{};
+        const group_engine& e = engines_[static_cast<std::size_t>(r->group)];
+        return detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().info(r->id); });
     }
 
     /// Bytes of optimizer state held (bases and moments of every group), and what torch AdamW
     /// would hold for the same registered parameters (two moments each).
     [[nodiscard]] std::size_t state_bytes() const {
         std::size_t sum = 0;
-        for (const auto& e : engines_) {
-            if (e.f32) sum += e.f32->state_bytes();
-            if (e.f64) sum += e.f64->state_bytes();
-        }
+        for (const auto& e : engines_) e.for_each_engine([&](const auto& engine) { sum += engine.optimizer().state_bytes(); });
         return sum;
     }
     [[nodiscard]] std::size_t adamw_state_bytes() const {
@@ -453,8 +280,17 @@ public:
             for (const auto& r : e.params) sum += static_cast<std::size_t>(2 * r.rows * r.cols) * (r.is_double ? 8 : 4);
         return sum;
     }
+    /// Bytes of the library's workspaces over every group and dtype (what they hold now; a step
+    /// between refreshes does not grow them).
+    [[nodiscard]] std::size_t workspace_bytes() const {
+        std::size_t sum = 0;
+        for (const auto& e : engines_) e.for_each_engine([&](const auto& engine) { sum += engine.optimizer().workspace_bytes(); });
+        return sum;
+    }
 
     // ------------------------------------------------------------------ serialization
+    /// Format 2: per group its parameters' shapes and dtypes, its options (options_format.hpp),
+    /// whether it was registered, and each dtype engine's library state blob.
     void save(::torch::serialize::OutputArchive& archive) const override {
         archive.write("velora/format", c10::IValue(std::int64_t{format_version}));
         archive.write("velora/skipped_steps", c10::IValue(static_cast<std::int64_t>(skipped_)));
@@ -473,331 +309,142 @@ public:
             const bool registered_group = g < engines_.size() && engines_[g].registered;
             group.write("registered", c10::IValue(registered_group));
             if (registered_group) {
-                if (engines_[g].f32) group.write("state/float32", blob_tensor(engines_[g].f32->save_state()), /*is_buffer=*/true);
-                if (engines_[g].f64) group.write("state/float64", blob_tensor(engines_[g].f64->save_state()), /*is_buffer=*/true);
+                const group_engine& e = engines_[g];
+                if (e.f32) detail::write_blob(group, blob_key<float>, e.f32->optimizer().save_state());
+                if (e.f64) detail::write_blob(group, blob_key<double>, e.f64->optimizer().save_state());
             }
             archive.write("param_groups/" + std::to_string(g), group);
         }
     }
 
-    /// Restores a state saved by save() into an optimizer whose groups hold parameters of the
-    /// same shapes and dtypes in the same order. Restores every group's options (lr included)
-    /// and each parameter's state. Throws velora::state_format_error (a std::invalid_argument)
-    /// naming the group, the parameter and the field, and changes nothing, when the archive does
-    /// not fit.
+    /// Restores a state saved by save() (format 2, or format 1 of earlier versions) into an
+    /// optimizer whose groups hold parameters of the same shapes and dtypes in the same order.
+    /// Restores every group's options (lr included) and each parameter's state. Throws
+    /// velora::state_format_error (a std::invalid_argument) naming the group, the parameter and
+    /// the field, and changes nothing, when the archive does not fit or holds options the
+    /// constructor would refuse.
     void load(::torch::serialize::InputArchive& archive) override {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::load";
-        const std::int64_t format = read_int(archive, "velora/format", fn);
-        if (format != format_version) fail_format(fn, "the archive has format ", format, "; this build reads ", format_version);
-        const std::int64_t skipped = read_int(archive, "velora/skipped_steps", fn);
-        const std::int64_t groups = read_int(archive, "param_groups/size", fn);
+        const std::int64_t format = detail::read_int(archive, "velora/format", fn);
+        if (format < 1 || format > format_version) detail::fail_format(fn, "the archive has format ", format, "; this build reads 1..", format_version);
+        const std::int64_t skipped = detail::read_int(archive, "velora/skipped_steps", fn);
+        const std::int64_t groups = detail::read_int(archive, "param_groups/size", fn);
         if (groups != static_cast<std::int64_t>(param_groups_.size()))
-            fail_format(fn, "the archive has ", groups, " param groups but this optimizer has ", param_groups_.size());
+            detail::fail_format(fn, "the archive has ", groups, " param groups but this optimizer has ", param_groups_.size());
         std::vector<group_engine> engines(param_groups_.size());
         std::vector<AdaRankGradAdamWOptions> options(param_groups_.size());
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             ::torch::serialize::InputArchive group;
-            if (!archive.try_read("param_groups/" + std::to_string(g), group)) fail_format(fn, "the archive has no param group ", g);
-            const auto& params = param_groups_[g].params();
-            const std::int64_t count = read_int(group, "params/size", fn);
-            if (count != static_cast<std::int64_t>(params.size()))
-                fail_format(fn, "param group ", g, " has ", count, " parameters in the archive but ", params.size(), " here");
-            for (std::size_t i = 0; i < params.size(); ++i) {
-                c10::IValue sizes;
-                if (!group.try_read("params/" + std::to_string(i) + "/sizes", sizes) || !sizes.isIntList())
-                    fail_format(fn, "param group ", g, " parameter ", i, " has no sizes in the archive");
-                const std::vector<std::int64_t> saved = sizes.toIntVector();
-                const auto dtype = static_cast<c10::ScalarType>(read_int(group, "params/" + std::to_string(i) + "/dtype", fn));
-                if (saved != params[i].sizes().vec() || dtype != params[i].scalar_type())
-                    fail_format(fn, "param group ", g, " parameter ", i, " was saved with shape ", detail::bracketed(saved), " and dtype ", dtype,
-                                " but is ", detail::describe(params[i]));
-            }
+            if (!archive.try_read("param_groups/" + std::to_string(g), group)) detail::fail_format(fn, "the archive has no param group ", g);
+            check_saved_parameters(group, g, fn);
             ::torch::serialize::InputArchive opts;
-            if (!group.try_read("options", opts)) fail_format(fn, "param group ", g, " has no options in the archive");
-            options[g].serialize(opts);
+            if (!group.try_read("options", opts)) detail::fail_format(fn, "param group ", g, " has no options in the archive");
+            options[g].serialize(opts);   // format 2's blob, or format 1's keys
+            detail::in_group<velora::state_format_error>(g, fn, [&] { detail::check_options(options[g].stored(), fn); });
             c10::IValue registered_group;
             if (!group.try_read("registered", registered_group) || !registered_group.isBool())
-                fail_format(fn, "param group ", g, " has no 'registered' flag in the archive");
+                detail::fail_format(fn, "param group ", g, " has no 'registered' flag in the archive");
             if (!registered_group.toBool()) continue;
             engines[g] = build(g, options[g], fn);
-            load_blob(group, "state/float32", engines[g].f32.get(), g, fn);
-            load_blob(group, "state/float64", engines[g].f64.get(), g, fn);
+            load_blob(group, engines[g].f32.get(), g, fn);
+            load_blob(group, engines[g].f64.get(), g, fn);
         }
         // Commit: nothing above changed this optimizer.
         engines_ = std::move(engines);
         for (std::size_t g = 0; g < param_groups_.size(); ++g) param_groups_[g].set_options(static_cast<const ::torch::optim::OptimizerOptions&>(options[g]).clone());
-        rebuild_state_map();
+        registered_changed();
         skipped_ = static_cast<std::uint64_t>(skipped);
     }
 
 private:
-    static constexpr std::int64_t format_version = 1;
+    using group_engine = detail::group_engine;
+    static constexpr std::int64_t format_version = 2;   // 2: the options as the library's configuration block (1: a key per option)
     template <class T>
-    using inner = adarank::low_rank_adamw<eigen_backend<T>>;
+    static constexpr const char* blob_key = std::is_same_v<T, float> ? "state/float32" : "state/float64";
 
-    struct param_entry {
-        at::TensorImpl* key = nullptr;
-        std::int64_t group = 0, index = 0;
-        bool is_double = false;
-        index_t id = -1;   // -1: empty parameter, nothing to optimise
-        index_t rows = 0, cols = 0;
-        std::vector<std::int64_t> sizes;
-    };
-    struct group_engine {
-        bool registered = false;
-        adarank::optimizer_config config;
-        adarank::param_kind kind = adarank::param_kind::automatic;
-        higher_dims nd = higher_dims::flatten;
-        std::unique_ptr<inner<float>> f32;
-        std::unique_ptr<inner<double>> f64;
-        std::vector<param_entry> params;
-    };
     struct attached {
         at::Tensor weight;
         std::shared_ptr<factored_weight_grad> slot;
     };
-    // One parameter's step: its weight as a matrix (a view, or a contiguous copy written back)
-    // and its gradient (a dense matrix, or a factored one).
-    struct work {
-        const param_entry* r = nullptr;
-        at::Tensor param, weight_copy;
-        std::optional<matrix_input<float>> g32;
-        std::optional<matrix_input<double>> g64;
-        factored_weight_grad::contents factored;
-        index_t factored_subtoken = 0;
-    };
-    struct matrix_shape {
-        index_t rows = 0, cols = 0;
-        bool force_dense = false;
-    };
 
     const AdaRankGradAdamWOptions& options_of(std::size_t g) const {
         const auto* o = dynamic_cast<const AdaRankGradAdamWOptions*>(&param_groups_[g].options());
-        velora::detail::require(o != nullptr, "velora::torch::AdaRankGradAdamW", "param group ", g,
-                                " has options of another optimizer; pass AdaRankGradAdamWOptions");
+        if (o == nullptr)
+            velora::detail::fail("velora::torch::AdaRankGradAdamW", "param group ", g, " has options of another optimizer; pass AdaRankGradAdamWOptions");
         return *o;
     }
 
-    adarank::optimizer_config checked_config(std::size_t g, const char* fn) const {
-        const AdaRankGradAdamWOptions& o = options_of(g);
-        const adarank::optimizer_config c = o.config();
-        try {
-            adarank::validate(c, fn);
-            velora::detail::require(static_cast<unsigned>(o.kind()) <= 2 && static_cast<unsigned>(o.nd()) <= 1, fn, "option kind or nd is invalid");
-        } catch (const std::invalid_argument& e) {
-            velora::detail::fail(fn, "param group ", g, ": ", e.what());
-        }
-        return c;
-    }
-
-    static matrix_shape shape_of(const at::Tensor& p, const AdaRankGradAdamWOptions& o) {
-        matrix_shape s;
-        if (p.dim() <= 1) {   // a scalar is 1x1, a vector 1xn: dense
-            s.rows = 1;
-            s.cols = p.numel();
-            s.force_dense = true;
-            return s;
-        }
-        s.rows = p.size(0);
-        s.cols = s.rows == 0 ? 0 : p.numel() / s.rows;
-        s.force_dense = p.dim() > 2 && o.nd() == higher_dims::dense;
-        return s;
+    const factored_weight_grad* slot_of(const at::Tensor& p) const {
+        const auto it = slots_.find(p.unsafeGetTensorImpl());
+        return it == slots_.end() ? nullptr : it->second.slot.get();
     }
 
     template <class T>
-    static std::unique_ptr<inner<T>> make_inner(threads_following<T>& b, const adarank::optimizer_config& c, std::size_t g, const char* fn) {
-        try {
-            return std::make_unique<inner<T>>(b.current(), c);
-        } catch (const std::invalid_argument& e) {
-            velora::detail::fail(fn, "param group ", g, ": ", e.what());
-        }
+    threads_following<T>& backend() {
+        return backends().get<T>();
     }
+    detail::dtype_backends backends() { return {b32_.get(), b64_.get()}; }
 
-    // A group's engines, built from its options, with every parameter registered in order.
+    // Group g's engines for options `o`, with its parameters registered in order.
     group_engine build(std::size_t g, const AdaRankGradAdamWOptions& o, const char* fn) {
-        group_engine e;
-        e.registered = true;
-        e.config = o.config();
-        e.kind = o.kind();
-        e.nd = o.nd();
-        try {
-            adarank::validate(e.config, fn);
-        } catch (const std::invalid_argument& err) {
-            velora::detail::fail(fn, "param group ", g, ": ", err.what());
-        }
-        for (std::size_t i = 0; i < param_groups_[g].params().size(); ++i) register_param(e, g, i, o, fn);
-        return e;
-    }
-
-    void register_param(group_engine& e, std::size_t g, std::size_t i, const AdaRankGradAdamWOptions& o, const char* fn) {
-        const at::Tensor& p = param_groups_[g].params()[i];
-        velora::detail::require(p.defined(), fn, "param group ", g, " parameter ", i, " is an undefined tensor");
-        velora::detail::require(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, fn, "param group ", g, " parameter ", i, " (",
-                                detail::describe(p), ") must be float32 or float64 (the optimizer keeps full-precision weights)");
-        velora::detail::require(p.device().is_cpu() && p.layout() == c10::kStrided, fn, "param group ", g, " parameter ", i, " (",
-                                detail::describe(p), ") must be a dense CPU tensor");
-        param_entry r;
-        r.key = p.unsafeGetTensorImpl();
-        r.group = static_cast<std::int64_t>(g);
-        r.index = static_cast<std::int64_t>(i);
-        r.is_double = p.scalar_type() == at::kDouble;
-        r.sizes = p.sizes().vec();
-        const matrix_shape s = shape_of(p, o);
-        r.rows = s.rows;
-        r.cols = s.cols;
-        if (s.rows * s.cols > 0) {
-            const adarank::param_kind kind = s.force_dense ? adarank::param_kind::dense : o.kind();
-            if (r.is_double) {
-                if (!e.f64) e.f64 = make_inner(*b64_, e.config, g, fn);
-                r.id = e.f64->add_parameter(s.rows, s.cols, kind);
-            } else {
-                if (!e.f32) e.f32 = make_inner(*b32_, e.config, g, fn);
-                r.id = e.f32->add_parameter(s.rows, s.cols, kind);
-            }
-        }
-        e.params.push_back(std::move(r));
+        return group_engine::build(g, param_groups_[g].params(), o.stored(), backends(), [&](const at::Tensor& p) { return slot_of(p); }, fn);
     }
 
     // Before a step: every group registered (at its first step), its options unchanged but for
-    // lr, its parameters the ones registered. Throws before anything changes.
+    // lr, its learning rate one its configuration accepts, its parameters the ones registered.
+    // Throws before anything changes.
     void prepare(const char* fn) {
+        bool registered = false;
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             const AdaRankGradAdamWOptions& o = options_of(g);
             const double lr = o.get_lr();
-            velora::detail::require(std::isfinite(lr) && lr >= 0, fn, "param group ", g, " has lr = ", lr, "; it must be finite and >= 0");
+            if (!(std::isfinite(lr) && lr >= 0)) velora::detail::fail(fn, "param group ", g, " has lr = ", lr, "; it must be finite and >= 0");
             if (g >= engines_.size()) engines_.resize(g + 1);
             group_engine& e = engines_[g];
             if (!e.registered) {
                 e = build(g, o, fn);
-                rebuild_state_map();
+                registered = true;
                 continue;
             }
-            check_unchanged(g, e, o, fn);
+            e.check_unchanged(g, o.stored(), fn);
+            // The library's rule for a learning rate (set_learning_rate's: also lr·wd < 1 under the
+            // torch convention), applied to every group before any group steps.
+            detail::in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
             const auto& params = param_groups_[g].params();
-            velora::detail::require(params.size() >= e.params.size(), fn, "param group ", g, " has ", params.size(), " parameters but ",
-                                    e.params.size(), " were registered; removing parameters from a group is not supported");
-            for (std::size_t i = 0; i < e.params.size(); ++i) {
-                const param_entry& r = e.params[i];
-                velora::detail::require(params[i].unsafeGetTensorImpl() == r.key && params[i].sizes().vec() == r.sizes &&
-                                            params[i].scalar_type() == (r.is_double ? at::kDouble : at::kFloat),
-                                        fn, "param group ", g, " parameter ", i, " (", detail::describe(params[i]),
-                                        ") is not the tensor registered at the group's first step (shape ", detail::bracketed(r.sizes), ", ",
-                                        r.is_double ? "Double" : "Float", "); replacing parameters or changing their dtype is not supported");
-            }
-            if (params.size() > e.params.size()) {
-                for (std::size_t i = e.params.size(); i < params.size(); ++i) register_param(e, g, i, o, fn);
-                rebuild_state_map();
+            e.check_registered(g, params, fn);
+            for (std::size_t i = e.params.size(); i < params.size(); ++i) {
+                e.add(params[i], g, i, backends(), slot_of(params[i]), fn);
+                registered = true;
             }
         }
+        if (registered) registered_changed();
     }
 
-    static void check_unchanged(std::size_t g, const group_engine& e, const AdaRankGradAdamWOptions& o, const char* fn) {
-        adarank::optimizer_config now = o.config();
-        now.adam.lr = e.config.adam.lr;
-        const char* what = nullptr;
-        const adarank::optimizer_config& was = e.config;
-        if (now.adam.beta1 != was.adam.beta1 || now.adam.beta2 != was.adam.beta2) what = "betas";
-        else if (now.adam.eps != was.adam.eps) what = "eps";
-        else if (now.adam.weight_decay != was.adam.weight_decay) what = "weight_decay";
-        else if (now.adam.convention != was.adam.convention) what = "convention";
-        else if (now.scale != was.scale) what = "scale";
-        else if (!(now.rank == was.rank)) what = "rank";
-        else if (!(now.refresh == was.refresh)) what = "refresh";
-        else if (now.transport != was.transport) what = "transport";
-        else if (now.side != was.side) what = "side";
-        else if (!(now.rsvd == was.rsvd)) what = "rsvd";
-        else if (now.seed != was.seed) what = "seed";
-        else if (!(now == was)) what = "an option";
-        else if (o.kind() != e.kind) what = "kind";
-        else if (o.nd() != e.nd) what = "nd";
-        if (what)
-            velora::detail::fail(fn, "param group ", g, ": option ", what,
-                                 " changed after the group's first step; only lr may change (the state belongs to the options it was made with)");
-    }
-
-    // The parameter's gradient, checked; false when it has none (no dense grad, nothing factored).
-    bool gather(const at::Tensor& p, const param_entry& r, work& w, const char* fn) {
-        const at::Tensor& grad = p.grad();
-        factored_weight_grad::contents c;
-        const auto slot = slots_.find(p.unsafeGetTensorImpl());
-        if (slot != slots_.end()) c = slot->second.slot->get();
-        if (!grad.defined() && c.empty()) return false;
-        w.r = &r;
-        w.param = p;
-        const std::string where = "param group " + std::to_string(r.group) + " parameter " + std::to_string(r.index);
-        if (grad.defined())
-            velora::detail::require(grad.sizes() == p.sizes(), fn, where, ": its gradient (", detail::describe(grad),
-                                    ") does not have the parameter's shape ", detail::bracketed(p.sizes()));
-        at::Tensor dense;
-        if (c.a.defined() && !grad.defined()) {
-            w.factored = c;
-            w.factored_subtoken = slot->second.slot->subtoken_size();
-        } else {
-            dense = grad;
-            if (c.a.defined() || c.dense.defined()) {   // a weight used by the layer and elsewhere too (tying)
-                const at::Tensor extra = c.dense.defined() ? c.dense : slot->second.slot->expand(c.a, c.v, c.scale);
-                dense = grad.defined() ? grad.to(at::kFloat) + extra : extra;
-            }
-            const std::string name = where + " gradient";
-            if (r.is_double) w.g64.emplace(dense, name, flatten::outputs_first, fn);
-            else w.g32.emplace(dense, name, flatten::outputs_first, fn);
+    // An archive's group holds parameters of this group's shapes and dtypes.
+    void check_saved_parameters(::torch::serialize::InputArchive& group, std::size_t g, const char* fn) const {
+        const auto& params = param_groups_[g].params();
+        const std::int64_t count = detail::read_int(group, "params/size", fn);
+        if (count != static_cast<std::int64_t>(params.size()))
+            detail::fail_format(fn, "param group ", g, " has ", count, " parameters in the archive but ", params.size(), " here");
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            c10::IValue sizes;
+            if (!group.try_read("params/" + std::to_string(i) + "/sizes", sizes) || !sizes.isIntList())
+                detail::fail_format(fn, "param group ", g, " parameter ", i, " has no sizes in the archive");
+            const std::vector<std::int64_t> saved = sizes.toIntVector();
+            const auto dtype = static_cast<c10::ScalarType>(detail::read_int(group, "params/" + std::to_string(i) + "/dtype", fn));
+            if (saved != params[i].sizes().vec() || dtype != params[i].scalar_type())
+                detail::fail_format(fn, "param group ", g, " parameter ", i, " was saved with shape ", detail::bracketed(saved), " and dtype ", dtype,
+                                    " but is ", detail::describe(params[i]));
         }
-        return true;
     }
 
     template <class T>
-    bool finite_gradient(eigen_backend<T>& b, const work& w) {
-        if (w.factored.a.defined()) {
-            if constexpr (std::is_same_v<T, float>) return adarank::all_finite(b, factored_of(w));
-            return false;
-        }
-        return adarank::all_finite(b, dense_of<T>(w));
-    }
-
-    template <class T>
-    double norm2(eigen_backend<T>& b, const work& w) {
-        if (w.factored.a.defined()) {
-            if constexpr (std::is_same_v<T, float>) {
-                typename eigen_backend<float>::template buffer<float> scratch;   // norm2 does not use it
-                return adarank::factored_gradient_op<eigen_backend<float>>(b, factored_of(w), scratch).norm2();
-            }
-            return std::numeric_limits<double>::quiet_NaN();
-        }
-        return b.sum_of_squares(dense_of<T>(w));
-    }
-
-    template <class T>
-    static const_matrix_view<T> dense_of(const work& w) {
-        if constexpr (std::is_same_v<T, float>) return w.g32->view();
-        else return w.g64->view();
-    }
-
-    static velora::factored_gradient<float> factored_of(const work& w) {
-        const auto& c = w.factored;
-        velora::factored_gradient<float> f;
-        f.a = view_of<float>(c.a, "factored gradient A");
-        f.v = c.v.data_ptr<float>();
-        f.subtoken_size = w.factored_subtoken;
-        f.features = w.r->cols;
-        f.scale = static_cast<float>(c.scale);
-        return f;
-    }
-
-    template <class T>
-    velora::status apply(eigen_backend<T>&, inner<T>& opt, work& w) {
-        matrix_view<T> weight;
-        const detail::matrix_layout layout = detail::layout_of(w.param, flatten::outputs_first);
-        if (layout.ld && !w.param.is_neg()) {
-            weight = mutable_view_of<T>(w.param, "parameter", flatten::outputs_first);
-        } else {   // a parameter whose memory is not a row-major matrix: step a copy, then write it back
-            w.weight_copy = w.param.contiguous();
-            weight = mutable_view_of<T>(w.weight_copy, "parameter", flatten::outputs_first);
-        }
-        if (w.factored.a.defined()) {
-            if constexpr (std::is_same_v<T, float>) return opt.step(w.r->id, weight, factored_of(w));
-            else velora::detail::fail("velora::torch::AdaRankGradAdamW::step", "a factored gradient for a float64 parameter");
-        }
-        return opt.step(w.r->id, weight, dense_of<T>(w));
+    static void load_blob(::torch::serialize::InputArchive& group, detail::dtype_engine<T>* engine, std::size_t g, const char* fn) {
+        const std::optional<at::Tensor> blob = detail::read_blob(group, blob_key<T>, fn);
+        if (blob.has_value() != (engine != nullptr))
+            detail::fail_format(fn, "param group ", g, blob ? " has " : " lacks ", "'", blob_key<T>, "' in the archive but ", blob ? "has no" : "has",
+                                " parameters of that dtype here");
+        if (blob) detail::in_group<velora::state_format_error>(g, fn, [&] { engine->optimizer().load_state(detail::bytes_of(*blob)); });
     }
 
     std::optional<std::pair<std::size_t, std::size_t>> position_of(const at::Tensor& t) const {
@@ -809,7 +456,7 @@ private:
         return std::nullopt;
     }
 
-    const param_entry* find(const at::Tensor& t) const {
+    const detail::registered_parameter* find(const at::Tensor& t) const {
         if (!t.defined()) return nullptr;
         for (const auto& e : engines_)
             for (const auto& r : e.params)
@@ -828,52 +475,30 @@ private:
         }
     }
 
-    // torch's state(): one entry per registered parameter, keyed as torch keys it.
-    void rebuild_state_map() {
+    // After parameters were registered: torch's state() (one entry per registered parameter, keyed
+    // as torch keys it) and the report's room for an event per parameter (a step then does not
+    // allocate for its events).
+    void registered_changed() {
         state_.clear();
+        std::size_t count = 0;
         for (const auto& e : engines_) {
             for (const auto& r : e.params) {
                 auto s = std::make_unique<AdaRankGradAdamWParamState>();
                 s->group(r.group).index(r.index).rows(r.rows).cols(r.cols);
-                if (r.id >= 0) s->low_rank(r.is_double ? e.f64->info(r.id).low_rank : e.f32->info(r.id).low_rank);
+                if (r.id >= 0)
+                    s->low_rank(detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().info(r.id).low_rank; }));
                 state_[state_key_of(r.key)] = std::move(s);
+                ++count;
             }
         }
+        last_.events.reserve(count);
     }
 
-    static at::Tensor blob_tensor(const std::vector<std::byte>& blob) {
-        at::Tensor t = at::empty({static_cast<std::int64_t>(blob.size())}, at::kByte);
-        std::memcpy(t.data_ptr(), blob.data(), blob.size());
-        return t;
-    }
-
-    template <class T>
-    static void load_blob(::torch::serialize::InputArchive& group, const std::string& key, inner<T>* opt, std::size_t g, const char* fn) {
-        at::Tensor blob;
-        const bool found = group.try_read(key, blob, /*is_buffer=*/true);
-        if (found != (opt != nullptr))
-            fail_format(fn, "param group ", g, found ? " has " : " lacks ", "'", key, "' in the archive but ", found ? "has no" : "has",
-                        " parameters of that dtype here");
-        if (!found) return;
-        if (blob.scalar_type() != at::kByte || blob.dim() != 1) fail_format(fn, "param group ", g, " '", key, "' is not a byte tensor");
-        blob = blob.contiguous();
-        const auto* p = static_cast<const std::byte*>(blob.data_ptr());
-        try {
-            opt->load_state(std::span<const std::byte>(p, static_cast<std::size_t>(blob.numel())));
-        } catch (const std::invalid_argument& e) {
-            fail_format(fn, "param group ", g, " '", key, "': ", e.what());
-        }
-    }
-
-    static std::int64_t read_int(::torch::serialize::InputArchive& a, const std::string& key, const char* fn) {
-        c10::IValue v;
-        if (!a.try_read(key, v) || !v.isInt()) fail_format(fn, "the archive has no integer '", key, "' (not an AdaRankGradAdamW state?)");
-        return v.toInt();
-    }
-
-    template <class... Parts>
-    [[noreturn]] static void fail_format(const char* fn, const Parts&... parts) {
-        velora::detail::fail_as<velora::state_format_error>(fn, parts...);
+    // Events in parameter order (each engine reports its own parameters in order).
+    static void in_parameter_order(std::vector<step_report::event>& events) {
+        std::sort(events.begin(), events.end(), [](const step_report::event& a, const step_report::event& b) {
+            return a.group != b.group ? a.group < b.group : a.index < b.index;
+        });
     }
 
     std::unique_ptr<threads_following<float>> b32_;

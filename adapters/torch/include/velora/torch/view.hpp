@@ -140,12 +140,16 @@ inline matrix_layout layout_of(const at::Tensor& t, flatten f) {
     return m;
 }
 
+// The checks are written as `if (!ok) fail(...)`, not require(ok, ...): require's arguments, the
+// tensor's description among them, would be formatted (allocated) on every call, also when the
+// check passes, and an optimizer step calls this for every parameter.
 inline void check_device_and_layout(const at::Tensor& t, std::string_view fn, std::string_view name) {
-    velora::detail::require(t.defined(), fn, "argument '", name, "' is an undefined tensor");
-    velora::detail::require(t.layout() == c10::kStrided, fn, "argument '", name, "' (", describe(t),
-                            ") is not a dense (strided) tensor; sparse and other layouts are not supported");
-    velora::detail::require(t.device().is_cpu(), fn, "argument '", name, "' (", describe(t),
-                            ") is not on the CPU; velora::torch works on CPU tensors (the CUDA backend is velora::cuda)");
+    if (!t.defined()) velora::detail::fail(fn, "argument '", name, "' is an undefined tensor");
+    if (t.layout() != c10::kStrided)
+        velora::detail::fail(fn, "argument '", name, "' (", describe(t), ") is not a dense (strided) tensor; sparse and other layouts are not supported");
+    if (!t.device().is_cpu())
+        velora::detail::fail(fn, "argument '", name, "' (", describe(t),
+                             ") is not on the CPU; velora::torch works on CPU tensors (the CUDA backend is velora::cuda)");
 }
 
 template <class T>
@@ -158,8 +162,9 @@ matrix_view<T> view_impl(const at::Tensor& t, std::string_view fn, std::string_v
                              floating ? "; velora::torch::matrix_input casts floating-point tensors (a copy)"
                                       : "; integer, bool and complex tensors have no meaning here");
     }
-    velora::detail::require(!t.is_neg() && !t.is_conj(), fn, "argument '", name, "' (", describe(t),
-                            ") is a lazily negated or conjugated view whose memory does not hold its values; call resolve_neg() first");
+    if (t.is_neg() || t.is_conj())
+        velora::detail::fail(fn, "argument '", name, "' (", describe(t),
+                             ") is a lazily negated or conjugated view whose memory does not hold its values; call resolve_neg() first");
     const matrix_layout m = layout_of(t, f);
     if (!m.ld) {
         velora::detail::fail(fn, "argument '", name, "' (", describe(t), ") is not a row-major matrix of ", m.rows, "x", m.cols,
@@ -210,8 +215,9 @@ public:
                  std::string_view function = "velora::torch::matrix_input") {
         detail::check_device_and_layout(t, function, name);
         const c10::ScalarType st = t.scalar_type();
-        velora::detail::require(at::isFloatingType(st), function, "argument '", name, "' (", detail::describe(t),
-                                ") is not a floating-point tensor; integer, bool and complex tensors have no meaning here");
+        if (!at::isFloatingType(st))
+            velora::detail::fail(function, "argument '", name, "' (", detail::describe(t),
+                                 ") is not a floating-point tensor; integer, bool and complex tensors have no meaning here");
         held_ = t;
         if (st != dtype_of<T>()) {
             // A cast copies anyway: into a contiguous tensor, so that no second copy is needed below.

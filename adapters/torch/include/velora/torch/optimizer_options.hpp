@@ -1,0 +1,122 @@
+#pragma once
+/// \file
+/// `AdaRankGradAdamWOptions`, a param group's options (the library's `optimizer_config`, whose
+/// defaults they take, plus `kind` and `nd`), and `AdaRankGradAdamWParamState`, what torch's
+/// state() holds per parameter. An archive stores the options as options_format.hpp describes.
+#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/archive.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include <adarank/parameter.hpp>
+#include <adarank/policies.hpp>
+
+#include "archive_io.hpp"
+#include "options_format.hpp"
+#include "parameter_shape.hpp"
+
+namespace velora::torch {
+
+struct AdaRankGradAdamWOptions : public ::torch::optim::OptimizerCloneableOptions<AdaRankGradAdamWOptions> {
+    using betas_t = std::tuple<double, double>;
+
+private:
+    // The library's defaults, taken from its configuration so that they are written once.
+    static constexpr adarank::optimizer_config library_defaults{};
+
+public:
+    AdaRankGradAdamWOptions(double lr = library_defaults.adam.lr) : lr_(lr) {}   // NOLINT: implicit, as torch's options
+
+    TORCH_ARG(double, lr) = library_defaults.adam.lr;
+    TORCH_ARG(betas_t, betas) = std::make_tuple(library_defaults.adam.beta1, library_defaults.adam.beta2);
+    TORCH_ARG(double, eps) = library_defaults.adam.eps;
+    TORCH_ARG(double, weight_decay) = library_defaults.adam.weight_decay;
+    /// Where ε and the weight decay enter the update: the library's default (GaLore's) or
+    /// torch.optim.AdamW's, under which dense parameters match torch::optim::AdamW to rounding.
+    TORCH_ARG(adarank::adam_convention, convention) = library_defaults.adam.convention;
+    TORCH_ARG(double, scale) = library_defaults.scale;   ///< α, low-rank parameters only
+    TORCH_ARG(adarank::rank_policy, rank) = library_defaults.rank;
+    TORCH_ARG(adarank::refresh_policy, refresh) = library_defaults.refresh;
+    TORCH_ARG(adarank::transport_policy, transport) = library_defaults.transport;
+    TORCH_ARG(adarank::side_policy, side) = library_defaults.side;
+    TORCH_ARG(adarank::rsvd_config, rsvd) = library_defaults.rsvd;
+    TORCH_ARG(std::uint64_t, seed) = library_defaults.seed;
+    TORCH_ARG(adarank::param_kind, kind) = adarank::param_kind::automatic;   ///< 2-D (and flattened) parameters
+    TORCH_ARG(higher_dims, nd) = higher_dims::flatten;
+
+public:
+    double get_lr() const override { return lr(); }
+    void set_lr(const double value) override { lr(value); }
+
+    /// The library configuration these options describe.
+    [[nodiscard]] adarank::optimizer_config config() const {
+        adarank::optimizer_config c;
+        c.adam = {lr(), std::get<0>(betas()), std::get<1>(betas()), eps(), weight_decay(), convention()};
+        c.scale = scale();
+        c.side = side();
+        c.rank = rank();
+        c.refresh = refresh();
+        c.transport = transport();
+        c.rsvd = rsvd();
+        c.seed = seed();
+        return c;
+    }
+    /// Sets every option a library configuration has (kind and nd are kept).
+    AdaRankGradAdamWOptions& config(const adarank::optimizer_config& c) {
+        lr(c.adam.lr);
+        betas(std::make_tuple(c.adam.beta1, c.adam.beta2));
+        eps(c.adam.eps);
+        weight_decay(c.adam.weight_decay);
+        convention(c.adam.convention);
+        scale(c.scale);
+        side(c.side);
+        rank(c.rank);
+        refresh(c.refresh);
+        transport(c.transport);
+        rsvd(c.rsvd);
+        seed(c.seed);
+        return *this;
+    }
+    /// GaLore as options (adarank::optimizer_config::galore).
+    static AdaRankGradAdamWOptions galore(std::int64_t rank, std::int64_t interval = 200, double scale = 0.25) {
+        AdaRankGradAdamWOptions o;
+        o.config(adarank::optimizer_config::galore(rank, interval, scale));
+        return o;
+    }
+
+    /// Every option, as options_format.hpp stores them: one blob under the key "options".
+    void serialize(::torch::serialize::OutputArchive& archive) const override {
+        detail::write_blob(archive, "options", detail::save_options(stored()));
+    }
+    /// Reads what serialize wrote, or an archive of format 1 (one key per option). Throws
+    /// velora::state_format_error for a malformed archive; the options are checked when the
+    /// optimizer uses them.
+    void serialize(::torch::serialize::InputArchive& archive) override {
+        constexpr const char* fn = "velora::torch::AdaRankGradAdamWOptions::serialize";
+        const std::optional<at::Tensor> blob = detail::read_blob(archive, "options", fn);
+        stored(blob ? detail::load_options(detail::bytes_of(*blob), fn) : detail::read_format1_options(archive));
+    }
+
+    /// The options as one value (what an archive stores, what the optimizer checks).
+    [[nodiscard]] detail::stored_options stored() const { return {config(), kind(), nd()}; }
+    AdaRankGradAdamWOptions& stored(const detail::stored_options& o) {
+        config(o.config);
+        kind(o.kind);
+        nd(o.nd);
+        return *this;
+    }
+};
+
+/// What torch's state() holds for a registered parameter (a description; the moments and the
+/// basis live in the group's low_rank_adamw and are reported by info()).
+struct AdaRankGradAdamWParamState : public ::torch::optim::OptimizerCloneableParamState<AdaRankGradAdamWParamState> {
+    TORCH_ARG(std::int64_t, group) = 0;
+    TORCH_ARG(std::int64_t, index) = 0;   ///< position in the group
+    TORCH_ARG(std::int64_t, rows) = 0;
+    TORCH_ARG(std::int64_t, cols) = 0;
+    TORCH_ARG(bool, low_rank) = false;
+};
+
+} // namespace velora::torch
