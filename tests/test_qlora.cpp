@@ -112,7 +112,7 @@ bool same_bits(velora::const_matrix_view<T> a, velora::const_matrix_view<T> b) {
 
 // The kinds of frozen base under test.
 enum class base_kind { nf4, nf4_double, bf16 };
-const char* name(base_kind k) { return k == base_kind::nf4 ? "nf4" : k == base_kind::nf4_double ? "nf4+double-quant" : "bf16"; }
+std::string name(base_kind k) { return k == base_kind::nf4 ? "nf4" : k == base_kind::nf4_double ? "nf4+double-quant" : "bf16"; }
 
 // A float weight W (O×D) quantised as `kind`, and Ŵ: what the quantised base stands for, in T
 // (exact: every NF4 value is a float product and every bf16 value a float).
