@@ -9,6 +9,10 @@
 //   BM_QLoRA           lora_linear over an NF4 W (blocks of 64, the default tile)
 //   BM_VeLoRA_QLoRA    both
 //   BM_LoRA_BF16       lora_linear over a bf16 W (information)
+//   BM_QLoRA_tile<V>   BM_QLoRA with tiles of about V dequantised values (information: the
+//                      default tile's cost against larger ones)
+//   BM_DequantizeNF4   the NF4 base's whole W dequantised tile by tile, no GEMM (information:
+//                      the dequantisation's share of BM_QLoRA, which does it twice)
 // Each reports `kept_bytes` (what backward needs kept from forward: x for the dense layer,
 // layer.kept_bytes(T) for the LoRA layers), `weight_bytes` (W as stored) and `workspace_bytes`
 // (the layer's own scratch) as counters, and its rate in FLOP/s.
@@ -31,6 +35,7 @@
 #include <velora/quant/nf4.hpp>
 #include <velora/quant/nf4_frozen_weight.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -202,6 +207,25 @@ void lora(benchmark::State& state, shape s, velora::lora_keep keep, MakeBase&& m
     });
 }
 
+// The dequantisation alone: every default tile of W once (what forward and input_grad each do).
+void dequantize_nf4(benchmark::State& state, shape s) {
+    guarded(state, [&] {
+        fixture& f = shared(s);
+        const nf4_base base(f.backend, f.w_nf4);
+        std::vector<T> ws(base.workspace_elements());
+        for (auto _ : state) {
+            for (index_t r0 = 0; r0 < s.o; r0 += base.tile_rows()) {
+                const index_t h = std::min(base.tile_rows(), s.o - r0);
+                f.backend.dequantize_nf4(base.blocks(), r0, velora::matrix_view<T>(ws.data(), h, s.d));
+            }
+            benchmark::ClobberMemory();
+        }
+        // Read the packed weight, write O·D floats.
+        state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(base.stored_bytes() + fixture::n(s.o, s.d) * sizeof(T)));
+        state.counters["tile_rows"] = static_cast<double>(base.tile_rows());
+    });
+}
+
 void register_all() {
     using velora::lora_keep;
     for (const shape& s : kShapes) {
@@ -218,6 +242,14 @@ void register_all() {
         reg("BM_QLoRA", [s, nf4](benchmark::State& st) { lora<nf4_base>(st, s, lora_keep::input_view, nf4); });
         reg("BM_VeLoRA_QLoRA", [s, nf4](benchmark::State& st) { lora<nf4_base>(st, s, lora_keep::velora, nf4); });
         reg("BM_LoRA_BF16", [s, bf16](benchmark::State& st) { lora<bf16_base>(st, s, lora_keep::input_view, bf16); });
+        reg("BM_DequantizeNF4", [s](benchmark::State& st) { dequantize_nf4(st, s); });
+        for (int log2_values : {20, 22, 23}) {
+            auto tiled = [log2_values](fixture& f) {
+                const index_t rows = std::clamp<index_t>((index_t{1} << log2_values) / f.s.d, 1, f.s.o);
+                return nf4_base(f.backend, f.w_nf4, rows);
+            };
+            reg("BM_QLoRA_tile2^" + std::to_string(log2_values), [s, tiled](benchmark::State& st) { lora<nf4_base>(st, s, lora_keep::input_view, tiled); });
+        }
     }
 }
 
@@ -264,6 +296,12 @@ void print_ratios(const bench::ratio_reporter& rep) {
         bench::print_row(label("QLoRA (NF4) / LoRA (float)"), ratio(t("BM_QLoRA"), t("BM_LoRA")), goal::at_most, 1.25, "%.3f", "");
         bench::print_row(label("VeLoRA_QLoRA / QLoRA"), ratio(t("BM_VeLoRA_QLoRA"), t("BM_QLoRA")), goal::info, 0, "%.3f", "");
         bench::print_row(label("LoRA_BF16 / LoRA (float)"), ratio(t("BM_LoRA_BF16"), t("BM_LoRA")), goal::info, 0, "%.3f", "");
+        bench::print_row(label("2 x DequantizeNF4 / LoRA (float)"), ratio(t("BM_DequantizeNF4"), t("BM_LoRA")) ? std::optional<double>(2 * *ratio(t("BM_DequantizeNF4"), t("BM_LoRA"))) : std::nullopt,
+                         goal::info, 0, "%.3f", "the dequantisation's share");
+        for (const char* tile : {"BM_QLoRA_tile2^20", "BM_QLoRA_tile2^22", "BM_QLoRA_tile2^23"}) {
+            const std::string text = std::string(tile + 3) + " / LoRA (float)";
+            bench::print_row(label(text.c_str()), ratio(t(tile), t("BM_LoRA")), goal::info, 0, "%.3f", "");
+        }
         const auto it = torch.find(std::string("lora_fwd_bwd_") + s.name);
         if (it != torch.end()) {
             const std::optional<double> torch_s = it->second * 1e-3;

@@ -183,6 +183,29 @@ double worst_ratio(const Mat& a, const Mat& b, const Mat& bound) {
 
 } // namespace
 
+// ================================================================================ dequantisation
+// The backend's dequantize_nf4 (an AVX-512 table look-up in -march=native builds on such a
+// machine, cpu/nf4_dequantize.hpp) gives the bits of the host's scalar nf4_weight::dequantize_rows
+// (nf4_layout.hpp), for block sizes on the vector path (32, 64, 128) and off it (16), plain and
+// double-quantised, any row range.
+TEST_CASE_TEMPLATE("the backend's NF4 dequantisation equals the host's, bit for bit", T, float, double) {
+    backend_t<T> be;
+    for (index_t block : {index_t{16}, index_t{32}, index_t{64}, index_t{128}})
+        for (bool dq : {false, true}) {
+            CAPTURE(block);
+            CAPTURE(dq);
+            const index_t o = 37, d = 384;
+            RowMatT<float> w = filled<float>(o, d, 41 + static_cast<std::uint64_t>(block), 0.3);
+            for (index_t j = 0; j < block; ++j) w(3, j) = 0.0f;   // an all-zero block
+            const auto q = velora::nf4_weight::quantize(velora::make_view<const float>(w.data(), o, d), {.block_size = block, .double_quant = dq});
+            RowMatT<T> host(o, d), dev(o - 5, d);
+            q.dequantize_rows(0, mv(host));
+            const nf4_t<T> frozen(be, q);
+            be.dequantize_nf4(frozen.blocks(), 5, mv(dev));
+            CHECK(std::memcmp(dev.data(), host.data() + 5 * d, sizeof(T) * static_cast<std::size_t>(dev.size())) == 0);
+        }
+}
+
 // ================================================================================ equivalence
 // Both layers share A, B, bias, x, x_a and dY; only the base differs (quantised, or dense Ŵ).
 // - H = x_a·Aᵀ, P = s·dY·B, dB = s·dYᵀ·H, dA = Pᵀ·x_a (or A_f = Pᵀ·Z, Z from the same x_a with the
