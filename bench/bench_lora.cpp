@@ -9,8 +9,8 @@
 //   BM_QLoRA           lora_linear over an NF4 W (blocks of 64, the default tile)
 //   BM_VeLoRA_QLoRA    both
 //   BM_LoRA_BF16       lora_linear over a bf16 W (information)
-//   BM_QLoRA_tile<V>   BM_QLoRA with tiles of about V dequantised values (information: the
-//                      default tile's cost against larger ones)
+//   BM_QLoRA_tile2^k   BM_QLoRA with tiles of about 2^k dequantised values (information: the
+//                      default, 2^22, against smaller and larger tiles; 2^18 was the first default)
 //   BM_DequantizeNF4   the NF4 base's whole W dequantised tile by tile, no GEMM (information:
 //                      the dequantisation's share of BM_QLoRA, which does it twice)
 // Each reports `kept_bytes` (what backward needs kept from forward: x for the dense layer,
@@ -243,7 +243,7 @@ void register_all() {
         reg("BM_VeLoRA_QLoRA", [s, nf4](benchmark::State& st) { lora<nf4_base>(st, s, lora_keep::velora, nf4); });
         reg("BM_LoRA_BF16", [s, bf16](benchmark::State& st) { lora<bf16_base>(st, s, lora_keep::input_view, bf16); });
         reg("BM_DequantizeNF4", [s](benchmark::State& st) { dequantize_nf4(st, s); });
-        for (int log2_values : {20, 22, 23}) {
+        for (int log2_values : {18, 20, 21, 23}) {
             auto tiled = [log2_values](fixture& f) {
                 const index_t rows = std::clamp<index_t>((index_t{1} << log2_values) / f.s.d, 1, f.s.o);
                 return nf4_base(f.backend, f.w_nf4, rows);
@@ -298,7 +298,7 @@ void print_ratios(const bench::ratio_reporter& rep) {
         bench::print_row(label("LoRA_BF16 / LoRA (float)"), ratio(t("BM_LoRA_BF16"), t("BM_LoRA")), goal::info, 0, "%.3f", "");
         bench::print_row(label("2 x DequantizeNF4 / LoRA (float)"), ratio(t("BM_DequantizeNF4"), t("BM_LoRA")) ? std::optional<double>(2 * *ratio(t("BM_DequantizeNF4"), t("BM_LoRA"))) : std::nullopt,
                          goal::info, 0, "%.3f", "the dequantisation's share");
-        for (const char* tile : {"BM_QLoRA_tile2^20", "BM_QLoRA_tile2^22", "BM_QLoRA_tile2^23"}) {
+        for (const char* tile : {"BM_QLoRA_tile2^18", "BM_QLoRA_tile2^20", "BM_QLoRA_tile2^21", "BM_QLoRA_tile2^23"}) {
             const std::string text = std::string(tile + 3) + " / LoRA (float)";
             bench::print_row(label(text.c_str()), ratio(t(tile), t("BM_LoRA")), goal::info, 0, "%.3f", "");
         }

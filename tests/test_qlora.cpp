@@ -343,7 +343,7 @@ TEST_CASE_TEMPLATE("bytes kept for backward and weight bytes per configuration: 
                 CAPTURE(name(kind));
                 const quantised<T> q(kind, w);
                 const std::size_t wb = weight_formula(kind, o, d, sizeof(T));
-                // The default tile: clamp(2^18 / D, 1, O) rows = all 48 here; 5 rows when asked.
+                // The default tile: clamp(2^22 / D, 1, O) rows = all 48 here; 5 rows when asked.
                 for (index_t tile : {index_t{0}, index_t{5}}) {
                     const std::size_t ws = static_cast<std::size_t>(tile == 0 ? o : tile) * static_cast<std::size_t>(d);
                     if (kind == base_kind::bf16) {
