@@ -18,9 +18,9 @@
 /// and writes all of dX (input_grad), so the cost beyond the dense product grows with the number
 /// of tiles, ceil(O / tile_rows). With 2^18-value tiles (1 MiB, the first default) a LLaMA-7B
 /// layer at T = 4096 took 64 (v_proj) and 179 (down_proj) tiles and its LoRA forward + backward
-/// ran 1.8–2.6× slower than over a float W; with 2^22 values it is 4 and 11 tiles and within
-/// the noise of the float W (docs/performance.md, bench_lora). That is still 1/4 of a 4096×4096
-/// float W and 1/11 of a 4096×11008 one.
+/// over NF4 ran 1.29× and 2.0× the time over a float W; with 2^22 values it is 4 and 11 tiles
+/// and 1.02–1.08× (docs/performance.md, "Fine-tuning layers"). The workspace is still 1/4 of a
+/// 4096×4096 float W and 1/11 of a 4096×11008 one.
 #include <algorithm>
 #include <cstddef>
 #include <initializer_list>
