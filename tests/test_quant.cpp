@@ -393,9 +393,10 @@ TEST_CASE("stored bytes and bits per weight follow the formula") {
 
 TEST_CASE("the workspace is one tile, bounded and independent of the number of rows") {
     velora::eigen_backend<float> b;
-    const index_t cols = 128;
+    // Wide enough rows that a weight of a few hundred rows spans several default tiles.
+    const index_t cols = 16384;
     std::size_t first = 0;
-    for (index_t rows : {index_t{3000}, index_t{6000}}) {
+    for (index_t rows : {index_t{2} * velora::frozen_tile_values / cols + 3, index_t{4} * velora::frozen_tile_values / cols}) {
         const auto w = test::data<float>(static_cast<std::size_t>(rows * cols), 1);
         const auto q = velora::nf4_weight::quantize(velora::make_view(w.data(), rows, cols));
         const velora::nf4_frozen_weight<velora::eigen_backend<float>> f(b, q);
@@ -405,11 +406,12 @@ TEST_CASE("the workspace is one tile, bounded and independent of the number of r
         CHECK(f.workspace_elements() == first);
     }
     // A row longer than the default tile: one row per tile.
-    const auto w = test::data<float>(static_cast<std::size_t>(2 * 300032), 1);
-    const auto q = velora::nf4_weight::quantize(velora::make_view(w.data(), 2, 300032));
+    const index_t long_row = velora::frozen_tile_values + 64;
+    const auto w = test::data<float>(static_cast<std::size_t>(2 * long_row), 1);
+    const auto q = velora::nf4_weight::quantize(velora::make_view(w.data(), 2, long_row));
     const velora::nf4_frozen_weight<velora::eigen_backend<float>> f(b, q);
     CHECK(f.tile_rows() == 1);
-    CHECK(f.workspace_elements() == 300032u);
+    CHECK(f.workspace_elements() == static_cast<std::size_t>(long_row));
     // Small weights: the tile is the whole weight.
     const auto s = velora::nf4_weight::quantize(velora::make_view(w.data(), 4, 64));
     CHECK(velora::nf4_frozen_weight<velora::eigen_backend<float>>(b, s).workspace_elements() == 256u);

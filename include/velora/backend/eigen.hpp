@@ -9,6 +9,7 @@
 /// - subtokens.hpp, subtokens_avx512.hpp: VeLoRA's sub-token kernels (generic and AVX-512).
 /// - reductions.hpp, lanes.hpp: reductions and fixed-lane sums with thread-count-independent bits.
 /// - adam.hpp: the element-wise Adam(W) kernels.
+/// - nf4_dequantize.hpp: an NF4 weight's rows as values (AVX-512 table look-ups where available).
 /// - linalg.hpp: refresh-time linear algebra (CholeskyQR2, Gram-matrix SVD, in double).
 /// This class composes them behind the backend interface (concepts.hpp) and owns their scratch.
 /// The rules shared with the CUDA backend (GEMM argument checks, CholeskyQR2's acceptance,
@@ -37,6 +38,7 @@
 #include "../quant/nf4_layout.hpp"
 #include "cpu/adam.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/nf4_dequantize.hpp"
 #include "cpu/lanes.hpp"
 #include "cpu/linalg.hpp"
 #include "cpu/reductions.hpp"
@@ -76,13 +78,14 @@ public:
 
     // ---------------------------------------------------------------- frozen weights
     /// out = rows first_row .. first_row + out.rows of the NF4 weight `w` (host memory), with
-    /// the arithmetic of quant/nf4_layout.hpp (exact values: same bits at any thread count).
+    /// the arithmetic of quant/nf4_layout.hpp (exact values: same bits at any thread count; an
+    /// AVX-512 look-up where the build has it, cpu/nf4_dequantize.hpp).
     void dequantize_nf4(const nf4_blocks& w, index_t first_row, matrix_view<T> out) {
         detail::require(out.cols == w.cols && first_row >= 0 && out.rows >= 0 && first_row <= w.rows && out.rows <= w.rows - first_row,
                         "velora::eigen_backend::dequantize_nf4", "rows [", first_row, ", ", first_row, " + ", out.rows, ") x ", out.cols,
                         " columns are not within the ", w.rows, "x", w.cols, " weight");
         cpu::for_each_row(threads_, out.size(), out.rows,
-                          [&](index_t r) { nf4_dequantize_rows_host(w, first_row + r, 1, out.row(r), out.ld); });
+                          [&](index_t r) { cpu::nf4_dequantize_row(w, first_row + r, out.row(r)); });
     }
 
     // ---------------------------------------------------------------- GEMM

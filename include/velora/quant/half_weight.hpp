@@ -100,7 +100,7 @@ public:
     using backend_type = B;
     using value_type = typename B::value_type;
 
-    /// Copies the weight into B's memory. `tile_rows` = 0 chooses clamp(2^18 / D, 1, O);
+    /// Copies the weight into B's memory. `tile_rows` = 0 chooses clamp(2^22 / D, 1, O);
     /// otherwise 1..O. Throws std::invalid_argument for an empty weight or tile_rows out of range.
     half_frozen_weight(B& b, const half_weight<U>& w, index_t tile_rows = 0) : rows_(w.rows()), cols_(w.cols()) {
         constexpr const char* fn = "velora::half_frozen_weight::half_frozen_weight";

@@ -28,7 +28,7 @@ public:
     using backend_type = B;
     using value_type = typename B::value_type;
 
-    /// Copies the packed weight into B's memory. `tile_rows` = 0 chooses clamp(2^18 / D, 1, O)
+    /// Copies the packed weight into B's memory. `tile_rows` = 0 chooses clamp(2^22 / D, 1, O)
     /// rows per tile (tiled_products.hpp); otherwise 1..O. Throws std::invalid_argument for an
     /// empty weight or a tile_rows out of range.
     nf4_frozen_weight(B& b, const nf4_weight& w, index_t tile_rows = 0) {

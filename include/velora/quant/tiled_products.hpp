@@ -13,8 +13,14 @@
 ///   (one more rounding per tile than a single GEMM; the same bits at any thread count, since
 ///   the cut depends on the shape and tile_rows only).
 /// Tile size: tile_rows = clamp(frozen_tile_values / D, 1, O) unless the caller chooses it, so
-/// the workspace is tile_rows·D ≤ max(frozen_tile_values, D) values (1 MiB in float at the
-/// default), whatever O is.
+/// the workspace is tile_rows·D ≤ max(frozen_tile_values, D) values (16 MiB in float at the
+/// default), whatever O is. Why that large: each tile's GEMM reads all of x (forward) or reads
+/// and writes all of dX (input_grad), so the cost beyond the dense product grows with the number
+/// of tiles, ceil(O / tile_rows). With 2^18-value tiles (1 MiB, the first default) a LLaMA-7B
+/// layer at T = 4096 took 64 (v_proj) and 179 (down_proj) tiles and its LoRA forward + backward
+/// over NF4 ran 1.29× and 2.0× the time over a float W; with 2^22 values it is 4 and 11 tiles
+/// and 1.02–1.08× (docs/performance.md, "Fine-tuning layers"). The workspace is still 1/4 of a
+/// 4096×4096 float W and 1/11 of a 4096×11008 one.
 #include <algorithm>
 #include <cstddef>
 #include <initializer_list>
@@ -27,8 +33,8 @@
 
 namespace velora {
 
-/// Default values per tile of a dequantised frozen weight (2^18: 1 MiB in float, 2 MiB in double).
-inline constexpr index_t frozen_tile_values = index_t{1} << 18;
+/// Default values per tile of a dequantised frozen weight (2^22: 16 MiB in float, 32 MiB in double).
+inline constexpr index_t frozen_tile_values = index_t{1} << 22;
 
 namespace detail {
 
