@@ -178,8 +178,10 @@ TEST_CASE_TEMPLATE("adamw_update in torch's order: torch::optim::AdamW's sequenc
             const std::size_t i = static_cast<std::size_t>(r * ld + c);
             volatile T decayed = w_ref[i] * terms.decay;   // p.mul_(1 - lr*wd): its own pass, rounded (volatile: not fused into the add below)
             T wi = decayed;
-            const T mi = std::fma(g[i], terms.c1, m_ref[i] * terms.beta1);   // exp_avg.mul_(b1).add_(g, 1 - b1)
-            const T vi = std::fma(terms.c2 * g[i], g[i], v_ref[i] * terms.beta2);   // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+            // velora::cpu::fused: a·b + c rounded once where the machine has an FMA instruction (as
+            // torch's vectorised kernels then do), twice where it has none (the sanitizer build).
+            const T mi = velora::cpu::fused(g[i], terms.c1, m_ref[i] * terms.beta1);   // exp_avg.mul_(b1).add_(g, 1 - b1)
+            const T vi = velora::cpu::fused(terms.c2 * g[i], g[i], v_ref[i] * terms.beta2);   // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
             const T denom = std::sqrt(vi) / terms.bias2_sqrt + terms.eps;
             wi = wi + (-terms.step * mi) / denom;                      // p.addcdiv_(m, denom, -lr/bc1)
             m_ref[i] = mi;
