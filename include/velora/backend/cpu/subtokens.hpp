@@ -89,7 +89,7 @@ bool project(int threads, const_matrix_view<T> x, const T* v, index_t s, matrix_
 /// out[r, g·s + j] = scale · A[r, g] · v[j] for every column g·s + j < out.cols (columns of A
 /// that cover only padding are not read).
 template <class T, class U>
-void expand(int threads, const_matrix_view<U> a, const T* v, index_t s, T scale, matrix_view<T> out) {
+void expand([[maybe_unused]] int threads, const_matrix_view<U> a, const T* v, index_t s, T scale, matrix_view<T> out) {
     const index_t d = out.cols;
     const index_t full = d / s;
     const index_t tail = d - full * s;
