@@ -27,16 +27,15 @@
 
 #include "galore_reference.hpp"
 #include "spectra.hpp"
-#include "test_util.hpp"
+#include "eigen_test_util.hpp"
 
 using velora::index_t;
 using velora::status;
 using adarank::param_kind;
 using adarank::projection_side;
 using adarank::side_policy;
-using Mat = Eigen::MatrixXd;
-template <class T>
-using RowMatT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using test::Mat;
+using test::RowMatT;
 using RowMat = RowMatT<double>;
 template <class T>
 using backend_t = velora::eigen_backend<T>;
@@ -49,45 +48,11 @@ using test::gaussian_matrix;
 using test::random_orthonormal;
 using test::with_spectrum;
 
-template <class T>
-velora::matrix_view<T> mv(RowMatT<T>& a) { return velora::make_view(a.data(), a.rows(), a.cols()); }
-template <class T>
-velora::const_matrix_view<T> cv(const RowMatT<T>& a) { return velora::make_view<const T>(a.data(), a.rows(), a.cols()); }
-
-template <class T>
-Mat to_mat(velora::const_matrix_view<T> v) {
-    Mat m(v.rows, v.cols);
-    for (index_t i = 0; i < v.rows; ++i)
-        for (index_t j = 0; j < v.cols; ++j) m(i, j) = static_cast<double>(v(i, j));
-    return m;
-}
-
-template <class A, class B>
-double rel_diff(const A& a, const B& b) {
-    const Mat x = a.template cast<double>(), y = b.template cast<double>();
-    return (x - y).norm() / std::max(y.norm(), 1e-300);
-}
-
-template <class T>
-bool same_bytes(const RowMatT<T>& a, const RowMatT<T>& b) {
-    return a.rows() == b.rows() && a.cols() == b.cols() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
-}
-
-template <class T>
-bool same_bytes(velora::const_matrix_view<T> a, velora::const_matrix_view<T> b) {
-    if (a.rows != b.rows || a.cols != b.cols) return false;
-    for (index_t i = 0; i < a.rows; ++i)
-        if (std::memcmp(a.row(i), b.row(i), sizeof(T) * static_cast<std::size_t>(a.cols)) != 0) return false;
-    return true;
-}
-
-template <class T>
-RowMatT<T> copy_of(velora::const_matrix_view<T> v) {
-    RowMatT<T> m(v.rows, v.cols);
-    for (index_t i = 0; i < v.rows; ++i)
-        for (index_t j = 0; j < v.cols; ++j) m(i, j) = v(i, j);
-    return m;
-}
+using test::copy_of;
+using test::cv;
+using test::mv;
+using test::rel_diff;
+using test::to_mat;
 
 template <class T>
 constexpr double tol() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
@@ -226,7 +191,7 @@ TEST_CASE_TEMPLATE("full rank with an identity basis and no refresh equals dense
         CHECK(info.refreshes == 1);
         CHECK(info.steps == 8);
         CHECK(info.steps_in_subspace == 8);
-        CHECK(same_bytes(low.basis(id), cv(eye)));
+        CHECK(test::same_bits(low.basis(id), cv(eye)));
         CHECK(info.state_bytes == static_cast<std::size_t>(r * len + 2 * r * other) * sizeof(T));
         CHECK(dense.info(did).state_bytes == static_cast<std::size_t>(2 * c.m * c.n) * sizeof(T));
     }
@@ -521,7 +486,7 @@ TEST_CASE("bad configurations and arguments throw std::invalid_argument naming t
         broken.v = nullptr;
         broken.features = 6;
         contains(invalid_argument_message([&] { (void)opt.step(id, mv(w), broken); }), {fn, "inconsistent", "v is null"});
-        CHECK(same_bytes(w, w_before));
+        CHECK(test::same_bits(w, w_before));
     }
     SUBCASE("set_basis, info, set_learning_rate") {
         const char* fn = "adarank::low_rank_adamw::set_basis";
@@ -714,7 +679,7 @@ TEST_CASE_TEMPLATE("a NaN or Inf gradient (dense or factored) returns non_finite
                     const status st = factored ? opt.step(id, mv(w), f) : opt.step(id, mv(w), cv(dense_bad));
                     CHECK(st == status::non_finite_input);
                     CHECK(opt.save_state() == blob);
-                    CHECK(same_bytes(w, w_before));
+                    CHECK(test::same_bits(w, w_before));
                     CHECK(opt.info(id).steps == info_before.steps);
                     CHECK(opt.info(id).refreshes == info_before.refreshes);
                     // The next good step is the one that was due (a refresh at phase 0 and 3).
@@ -755,7 +720,7 @@ TEST_CASE_TEMPLATE("an all-zero gradient on a refresh step returns degenerate_in
         const auto after = opt.info(id);
         CHECK(after.rank == before.rank);
         CHECK(after.refreshes == before.refreshes);
-        CHECK(same_bytes(opt.basis(id), cv(basis_before)));
+        CHECK(test::same_bits(opt.basis(id), cv(basis_before)));
         CHECK(after.steps == before.steps + 1);   // Adam still steps with the momentum it has
         CHECK(w.allFinite());
         // The refresh is still due and happens with the next usable gradient.
@@ -811,14 +776,14 @@ TEST_CASE("identical runs are bit-identical; another seed gives another randomiz
     CHECK_FALSE(r1.exact);   // the randomized path
     CHECK(r1.warm);
     CHECK(r1.rank == 8);
-    CHECK(same_bytes(w1, w2));
-    CHECK(same_bytes(b1, b2));
+    CHECK(test::same_bits(w1, w2));
+    CHECK(test::same_bits(b1, b2));
     CHECK(s1 == s2);
     run(8, w3, b3, r3);
     CHECK_FALSE(r3.exact);
     REQUIRE(b3.rows() == b1.rows());
     CHECK(rel_diff(b3, b1) > 1e-2);
-    CHECK_FALSE(same_bytes(w1, w3));
+    CHECK_FALSE(test::same_bits(w1, w3));
 }
 
 // ================================================================================ 9. state
@@ -868,13 +833,13 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         CHECK(b.learning_rate() == cfg.adam.lr);
         RowMatT<float> wb = w_saved, bb = bias_saved;
         continue_run(b, wb, bb);
-        CHECK(same_bytes(wb, w));
-        CHECK(same_bytes(bb, bias));
+        CHECK(test::same_bits(wb, w));
+        CHECK(test::same_bits(bb, bias));
         // (The blobs differ only in the configured learning rate they record.)
-        CHECK(same_bytes(b.basis(0), a.basis(0)));
-        CHECK(same_bytes(b.first_moment(0), a.first_moment(0)));
-        CHECK(same_bytes(b.second_moment(0), a.second_moment(0)));
-        CHECK(same_bytes(b.second_moment(1), a.second_moment(1)));
+        CHECK(test::same_bits(b.basis(0), a.basis(0)));
+        CHECK(test::same_bits(b.first_moment(0), a.first_moment(0)));
+        CHECK(test::same_bits(b.second_moment(0), a.second_moment(0)));
+        CHECK(test::same_bits(b.second_moment(1), a.second_moment(1)));
         CHECK(b.info(0).rank == a.info(0).rank);
         CHECK(b.info(0).refreshes == a.info(0).refreshes);
         CHECK(b.info(0).steps == a.info(0).steps);
@@ -886,8 +851,8 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         CHECK(a.save_state() == blob);
         RowMatT<float> wb = w_saved, bb = bias_saved;
         continue_run(a, wb, bb);
-        CHECK(same_bytes(wb, w_after));
-        CHECK(same_bytes(bb, bias_after));
+        CHECK(test::same_bits(wb, w_after));
+        CHECK(test::same_bits(bb, bias_after));
         CHECK(a.save_state() == after);
     }
     SUBCASE("through a file") {
@@ -898,8 +863,8 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         std::remove(path.c_str());
         RowMatT<float> wb = w_saved, bb = bias_saved;
         continue_run(b, wb, bb);
-        CHECK(same_bytes(wb, w));
-        CHECK(same_bytes(bb, bias));
+        CHECK(test::same_bits(wb, w));
+        CHECK(test::same_bits(bb, bias));
         CHECK(b.save_state() == a.save_state());
     }
     SUBCASE("bad blobs") {
@@ -1014,7 +979,7 @@ TEST_CASE("state: a VeLoRA compressor + low-rank optimizer run resumes bit-ident
     ob.load_state(opt_blob);
     RowMatT<T> wb = w_saved;
     run(lb, ob, wb, 3, 8);
-    CHECK(same_bytes(wa, wb));
+    CHECK(test::same_bits(wa, wb));
     CHECK(ob.save_state() == oa.save_state());
     CHECK(lb.comp.save_state() == la.comp.save_state());
     CHECK(oa.info(0).refreshes == 4);   // steps 1, 3, 5, 7
@@ -1271,7 +1236,7 @@ TEST_CASE("a NaN in an all-padding group of a factored gradient never corrupts t
             CAPTURE(velora::to_string(st));
             if (st == status::non_finite_input) {
                 CHECK(opt.save_state() == blob);
-                CHECK(same_bytes(w, w_before));
+                CHECK(test::same_bits(w, w_before));
             } else {
                 CHECK(w.allFinite());
                 CHECK(to_mat(opt.basis(id)).allFinite());
@@ -1521,7 +1486,7 @@ TEST_CASE_TEMPLATE("a finite gradient too large for the value type returns overf
                     const status st = factored ? opt.step(id, mv(w), f) : opt.step(id, mv(w), cv(g));
                     CHECK(velora::to_string(st) == velora::to_string(status::overflow));
                     CHECK(opt.save_state() == blob);
-                    CHECK(same_bytes(w, w_before));
+                    CHECK(test::same_bits(w, w_before));
                     // A usable gradient afterwards steps normally.
                     CHECK(opt.step(id, mv(w), layer.next(800)) == status::ok);
                     CHECK(w.allFinite());
@@ -1548,7 +1513,7 @@ TEST_CASE_TEMPLATE("a finite gradient too large for the value type returns overf
                 } else {
                     CHECK(st == status::overflow);
                     CHECK(opt.save_state() == blob);
-                    CHECK(same_bytes(w, w_before));
+                    CHECK(test::same_bits(w, w_before));
                 }
             }
         }
@@ -1590,7 +1555,7 @@ TEST_CASE("a loaded state with finite but huge moments never makes a step return
                             CHECK(to_mat(opt.second_moment(p)).allFinite());
                         } else {
                             CHECK(st == status::overflow);
-                            CHECK(same_bytes(w, w_before));
+                            CHECK(test::same_bits(w, w_before));
                             CHECK(opt.save_state() == before);
                         }
                     }
@@ -1627,7 +1592,7 @@ TEST_CASE("load_state rejects a step counter that cannot be incremented; a step 
         const RowMatT<T> w_before = w;
         CHECK(opt.step(index_t(p), mv(w), cv(run.grad(index_t(p), 3))) == status::overflow);
         CHECK(opt.save_state() == loaded);
-        CHECK(same_bytes(w, w_before));
+        CHECK(test::same_bits(w, w_before));
     }
 }
 
@@ -1829,7 +1794,7 @@ TEST_CASE("set_basis returns overflow and changes nothing when the transported m
     CHECK(opt.save_state() == before);
     // With ordinary moments the same basis is installed.
     CHECK(run.opt.set_basis(0, cv(rotated)) == status::ok);
-    CHECK(same_bytes(run.opt.basis(0), cv(rotated)));
+    CHECK(test::same_bits(run.opt.basis(0), cv(rotated)));
 }
 
 TEST_CASE("when the overflow certificate is inconclusive the exact path commits the step it computes") {
@@ -1865,7 +1830,7 @@ TEST_CASE("when the overflow certificate is inconclusive the exact path commits 
         const RowMatT<T> w0 = w;
         REQUIRE(opt.step(0, mv(w), cv(run.grad(0, 3))) == status::ok);
         CHECK(w.allFinite());
-        CHECK_FALSE(same_bytes(w, w0));
+        CHECK_FALSE(test::same_bits(w, w0));
         const Mat v = to_mat(opt.second_moment(0));
         CHECK(v.allFinite());
         CHECK(v.minCoeff() >= 0.99 * 2e38 * 0.999);   // β₂·2e38 plus a small (1−β₂)Ĝ²

@@ -29,7 +29,7 @@
 #include <string>
 #include <vector>
 
-#include "test_util.hpp"
+#include "eigen_test_util.hpp"
 
 #include "allocation_counter.hpp"   // every allocation counted (the no-allocation-after-reserve test)
 using test::allocations;
@@ -37,9 +37,8 @@ using test::allocations;
 using velora::index_t;
 using velora::lora_keep;
 using velora::status;
-using Mat = Eigen::MatrixXd;
-template <class T>
-using RowMatT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using test::Mat;
+using test::RowMatT;
 template <class T>
 using backend_t = velora::eigen_backend<T>;
 template <class T>
@@ -54,40 +53,11 @@ static_assert(velora::frozen_weight<nf4_t<double>> && velora::frozen_weight<bf16
 
 namespace {
 
-template <class T>
-velora::matrix_view<T> mv(RowMatT<T>& a) { return velora::make_view(a.data(), a.rows(), a.cols()); }
-template <class T>
-velora::const_matrix_view<T> cv(const RowMatT<T>& a) { return velora::make_view<const T>(a.data(), a.rows(), a.cols()); }
-
-template <class T>
-Mat to_mat(const RowMatT<T>& a) { return a.template cast<double>(); }
-template <class T>
-Mat to_mat(velora::const_matrix_view<T> v) {
-    Mat m(v.rows, v.cols);
-    for (index_t i = 0; i < v.rows; ++i)
-        for (index_t j = 0; j < v.cols; ++j) m(i, j) = static_cast<double>(v(i, j));
-    return m;
-}
-
-template <class T>
-RowMatT<T> filled(index_t rows, index_t cols, std::uint64_t seed, double amplitude = 1.0) {
-    const auto v = test::data<double>(static_cast<std::size_t>(rows * cols), seed);
-    RowMatT<T> m(rows, cols);
-    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(amplitude * v[static_cast<std::size_t>(i)]);
-    return m;
-}
-
-template <class T>
-bool same_bits(const RowMatT<T>& a, const RowMatT<T>& b) {
-    return a.rows() == b.rows() && a.cols() == b.cols() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
-}
-template <class T>
-bool same_bits(velora::const_matrix_view<T> a, velora::const_matrix_view<T> b) {
-    if (a.rows != b.rows || a.cols != b.cols) return false;
-    for (index_t i = 0; i < a.rows; ++i)
-        if (std::memcmp(a.row(i), b.row(i), sizeof(T) * static_cast<std::size_t>(a.cols)) != 0) return false;
-    return true;
-}
+using test::cv;
+using test::filled;
+using test::mv;
+using test::same_bits;
+using test::to_mat;
 
 // The kinds of frozen base under test.
 enum class base_kind { nf4, nf4_double, bf16 };
