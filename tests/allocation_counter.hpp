@@ -23,6 +23,15 @@ void* operator new(std::size_t n) { return test::counted_allocation(n, 0); }
 void* operator new[](std::size_t n) { return test::counted_allocation(n, 0); }
 void* operator new(std::size_t n, std::align_val_t a) { return test::counted_allocation(n, static_cast<std::size_t>(a)); }
 void* operator new[](std::size_t n, std::align_val_t a) { return test::counted_allocation(n, static_cast<std::size_t>(a)); }
+// The nothrow forms count too (libtorch's allocator uses them): an allocation is one whatever it does on failure.
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+    try {
+        return test::counted_allocation(n, 0);
+    } catch (const std::bad_alloc&) {
+        return nullptr;
+    }
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
