@@ -130,10 +130,12 @@ public:
     /// Allocates the workspace for up to `max_tokens` tokens now. Together with
     /// reserve(max_tokens, record) for every record it writes, compress, weight_grad,
     /// expand_weight_grad, reconstruct, ssf_weight_grad and factored allocate nothing for
-    /// batches of up to `max_tokens` tokens (as far as the backend's own kernels do not).
+    /// batches of up to `max_tokens` tokens; it also sizes the backend's reduction scratch for
+    /// this compressor's widths (D), where the backend keeps one (concept reduction_reserving).
     void reserve(index_t max_tokens) {
         grow(z_next_, z_bytes(max_tokens, "velora::compressor::reserve"));
         products_.reserve(max_tokens, config_.groups, config_.z_storage);
+        reserve_reductions_for(*backend_, features_);
     }
     /// Gives `record` the memory of a compress of up to `max_tokens` tokens. A record that must
     /// grow forgets its content (as clear()); call it before the record's first compress.

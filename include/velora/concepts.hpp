@@ -76,6 +76,22 @@ void project_subtokens_unchecked(B& b, const_matrix_view<typename B::value_type>
         (void)b.project_subtokens(x, v, s, z);
 }
 
+/// A backend whose reductions keep scratch sized on first use (the CPU backend's, per thread
+/// part) and that can size it ahead: reserve_reductions(width) makes every column sum up to
+/// `width` wide allocation-free. Optional; reserve_reductions_for() calls it where present.
+template <class B>
+concept reduction_reserving = backend<B> && requires(B& b, index_t width) {
+    b.reserve_reductions(width);
+    { B::reduction_workspace_bytes(width) } -> std::same_as<std::size_t>;
+};
+
+/// What a reserve() of the library calls for its backend: sizes the reductions' scratch where
+/// the backend has one (nothing otherwise).
+template <backend B>
+void reserve_reductions_for(B& b, index_t width) {
+    if constexpr (reduction_reserving<B>) b.reserve_reductions(width);
+}
+
 } // namespace velora
 
 namespace velora {

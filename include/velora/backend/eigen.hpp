@@ -126,6 +126,13 @@ public:
         cpu::subtokens::weighted_column_sums(threads_, reduce_, dy, z, v, s, scale, out);
     }
 
+    /// Sizes the scratch of the column sums above (sum_subtokens, weighted_subtoken_column_sums,
+    /// column_sums) for widths up to `width`: afterwards none of them allocates, from its first
+    /// call on (reductions.hpp). Optional for a backend (concept reduction_reserving); the
+    /// compressor's and the layers' reserve call it when the backend has it.
+    void reserve_reductions(index_t width) { reduce_.reserve(width); }
+    [[nodiscard]] static std::size_t reduction_workspace_bytes(index_t width) { return cpu::reducer<T>::workspace_bytes(width); }
+
     /// out[j] = Σ_t X[t, j] (the bias gradient of a linear or SSF layer).
     void column_sums(const_matrix_view<T> x, T* out) {
         reduce_.column_sums(threads_, x.rows, x.cols, x.size(), out,

@@ -20,6 +20,19 @@ class reducer {
 public:
     reducer() : scratch_(max_parts), partials_(max_parts) {}
 
+    /// Sizes every part's scratch for column sums up to `width` wide, so that no later
+    /// column_sums of that width or less allocates (the first one otherwise would, per part).
+    void reserve(index_t width) {
+        for (scratch& s : scratch_) {
+            if (s.block.capacity() < static_cast<std::size_t>(width)) s.block.resize(static_cast<std::size_t>(width));
+            if (s.total.capacity() < static_cast<std::size_t>(width)) s.total.resize(static_cast<std::size_t>(width));
+        }
+    }
+    /// Bytes reserve(width) holds.
+    [[nodiscard]] static std::size_t workspace_bytes(index_t width) {
+        return static_cast<std::size_t>(max_parts) * static_cast<std::size_t>(width) * (sizeof(T) + sizeof(double));
+    }
+
     /// out[j] = Σ_rows of what add_row(t, acc) adds into a width-long accumulator row: rows are
     /// folded in T, a block of 64 rows at a time, into a double accumulator per part.
     template <class RowFn>
