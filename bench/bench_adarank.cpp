@@ -34,19 +34,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <iostream>
 #include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -509,16 +502,6 @@ int main(int argc, char** argv) {
                                                     std::to_string(kOutputs) + " G=" + std::to_string(kGroups));
     benchmark::AddCustomContext("adam", describe_hyper());
     benchmark::AddCustomContext("gemm_blas", velora::cpu::blas_name());
-#if defined(_OPENMP)
-    benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
-#else
-    benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
-#endif
-    const bool color = ::isatty(STDOUT_FILENO) != 0;
-    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-    std::cout.flush();
-    print_ratios(reporter);
-    benchmark::Shutdown();
-    return 0;
+    bench::add_thread_context();
+    return bench::run_and_print_ratios(print_ratios);
 }

@@ -19,13 +19,10 @@
 
 #include <cmath>
 #include <cstdio>
-#include <iostream>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
 
 #include "../tests/cuda/gpu_gate.hpp"
 #include "common.hpp"
@@ -496,11 +493,5 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) benchmark::AddCustomContext("gpu", prop.name);
     benchmark::AddCustomContext("peak_GBps", std::to_string(peak_bandwidth() / 1e9));
-    const bool color = ::isatty(STDOUT_FILENO) != 0;
-    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-    std::cout.flush();
-    print_ratios(reporter);
-    benchmark::Shutdown();
-    return 0;
+    return bench::run_and_print_ratios(print_ratios);
 }

@@ -19,15 +19,8 @@
 #include <velora/velora.hpp>
 
 #include <cstdio>
-#include <iostream>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -138,14 +131,6 @@ int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::AddCustomContext("gemm_blas", velora::cpu::blas_name());
-#if defined(_OPENMP)
-    benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
-#endif
-    const bool color = ::isatty(STDOUT_FILENO) != 0;
-    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-    std::cout.flush();
-    print_table(reporter);
-    benchmark::Shutdown();
-    return 0;
+    bench::add_thread_context();
+    return bench::run_and_print_ratios(print_table);
 }

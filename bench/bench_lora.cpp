@@ -41,7 +41,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <iostream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -49,12 +48,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -331,16 +324,6 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("gemm_blas", velora::cpu::blas_name());
     benchmark::AddCustomContext("shape", "T=" + std::to_string(kTokens) + " r=" + std::to_string(kRank) + " G=" + std::to_string(kGroups) +
                                              " float; vproj D=O=4096, down D=11008 O=4096");
-#if defined(_OPENMP)
-    benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
-#else
-    benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
-#endif
-    const bool color = ::isatty(STDOUT_FILENO) != 0;
-    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-    std::cout.flush();
-    print_ratios(reporter);
-    benchmark::Shutdown();
-    return 0;
+    bench::add_thread_context();
+    return bench::run_and_print_ratios(print_ratios);
 }

@@ -14,10 +14,17 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <iostream>
 #include <map>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace bench {
 
@@ -134,6 +141,28 @@ inline void print_row(const char* label, std::optional<double> value, goal g, do
 inline std::optional<double> ratio(std::optional<double> num, std::optional<double> den) {
     if (!num || !den || *den <= 0) return std::nullopt;
     return *num / *den;
+}
+
+/// The "omp_threads" line of the benchmark context: how many threads the library's parts use.
+inline void add_thread_context() {
+#if defined(_OPENMP)
+    benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
+#else
+    benchmark::AddCustomContext("omp_threads", "none (built without OpenMP)");
+#endif
+}
+
+/// Every program's epilogue: runs the selected benchmarks through a ratio_reporter (coloured on a
+/// terminal), then prints the program's "Ratios (same run)" table from it; returns main's status.
+template <class PrintRatios>
+int run_and_print_ratios(PrintRatios&& print_ratios) {
+    const bool color = ::isatty(STDOUT_FILENO) != 0;
+    ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    std::cout.flush();
+    print_ratios(reporter);
+    benchmark::Shutdown();
+    return 0;
 }
 
 } // namespace bench
