@@ -256,10 +256,7 @@ public:
         const double* partial = column_reduce(fn, dy.rows, d, [=] __device__(kernels::index t, kernels::index c) {
             return static_cast<double>(yd[t * ldy + c]) * static_cast<double>(to_arithmetic<T>(zd[t * ldz + c / s]));
         });
-        const index_t chunks = chunk_count(dy.rows);
-        for_each_1d(fn, d, [=] __device__(kernels::index c) {
-            double sum = 0;
-            for (kernels::index k = 0; k < chunks; ++k) sum += partial[k * d + c];
+        finish_column_sums(fn, dy.rows, d, partial, [=] __device__(kernels::index c, double sum) {
             out[c] = static_cast<T>(sum * static_cast<double>(scale) * static_cast<double>(v[c % s]));
         });
     }
@@ -271,12 +268,7 @@ public:
         const index_t ld = x.ld;
         const index_t d = x.cols;
         const double* partial = column_reduce(fn, x.rows, d, [=] __device__(kernels::index t, kernels::index c) { return xd[t * ld + c]; });
-        const index_t chunks = chunk_count(x.rows);
-        for_each_1d(fn, d, [=] __device__(kernels::index c) {
-            double sum = 0;
-            for (kernels::index k = 0; k < chunks; ++k) sum += partial[k * d + c];
-            out[c] = static_cast<T>(sum);
-        });
+        finish_column_sums(fn, x.rows, d, partial, [=] __device__(kernels::index c, double sum) { out[c] = static_cast<T>(sum); });
     }
 
     /// out[t, j] = in[t, j] · w[j] + b[j]; null w means 1, null b means 0; out may alias in.
@@ -595,6 +587,18 @@ public:
         kernels::column_partials<<<grid, dim3(kernels::kBlockX, kernels::kBlockY), 0, ctx_.stream>>>(rows, width, chunk_rows, value, partial);
         check_launch(fn);
         return partial;
+    }
+
+    /// The tail of a column reduction: for each column c, the sum of its chunk partials (from
+    /// column_reduce, in chunk order: the same bits at any launch) handed to write(c, sum).
+    template <class Write>
+    void finish_column_sums(const char* fn, index_t rows, index_t width, const double* partial, Write write) {
+        const index_t chunks = chunk_count(rows);
+        for_each_1d(fn, width, [=] __device__(kernels::index c) {
+            double sum = 0;
+            for (kernels::index k = 0; k < chunks; ++k) sum += partial[k * width + c];
+            write(c, sum);
+        });
     }
 
     /// Queues the projection kernel; `bad` (device memory or null) is set when a stored value is
