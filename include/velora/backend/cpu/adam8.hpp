@@ -10,13 +10,14 @@
 /// Three bodies, the same bits: AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and scalar; each does
 /// whole packets from the block's first element and the scalar code the tail. They agree because
 /// every step is exactly rounded and the same in all three: table reads, one product for decoding,
-/// the rule's explicit fma/product, a correctly rounded division |x|/absmax for encoding, and a
+/// the rule's explicit fma/product, one product |x|·(1/absmax) for encoding (the reciprocal
+/// rounded once per block), and a
 /// maximum (order-free). A body is compiled when the target has its instructions (-march=native on
 /// an AVX-512 machine compiles all three); `adam8_block` takes the widest.
 ///
 /// A block whose new m, v or out is not finite returns false; the caller must then discard what
-/// the call wrote (dense_step8.hpp runs such a step on copies). An all-zero block stores absmax 0
-/// and zero bytes (code 0 is 0 in both codes).
+/// the call wrote. An all-zero block, or one whose largest value is below the smallest normal
+/// float, stores absmax 0 and zero bytes (code 0 is 0 in both codes).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -52,6 +53,11 @@ namespace adam8_detail {
 // (a plain product could be, differently in each body).
 inline float decoded(const rules::dynamic_code& code, std::uint8_t q, float absmax) noexcept { return scalar_ops::product(code.value[q], absmax); }
 
+// A block whose largest value is below the smallest normal float (its reciprocal would overflow)
+// is stored as zeros: such moments are invisible next to ε, which is at least that large
+// (adamw_rule.hpp: check_eps_representable).
+inline float stored_absmax(float largest) noexcept { return largest >= std::numeric_limits<float>::min() ? largest : 0.0f; }
+
 inline bool finite_value(float x) noexcept { return std::fabs(x) <= std::numeric_limits<float>::max(); }
 
 // The scalar element of pass 1: decode, update, and return the new moments through m, v.
@@ -66,7 +72,8 @@ inline void encode_scalar(const rules::dynamic_code& code, const float* x, std::
         for (; j < n; ++j) q[j] = 0;
         return;
     }
-    for (; j < n; ++j) q[j] = code.encode(x[j], absmax);
+    const float inv = rules::dynamic_code::reciprocal(absmax);
+    for (; j < n; ++j) q[j] = code.encode(x[j], inv);
 }
 
 } // namespace adam8_detail
@@ -92,6 +99,8 @@ bool adam8_block_scalar(const float* g, float* out, adam8_block_state s, index_t
         max_v = std::max(max_v, std::fabs(v));
     }
     if (!finite) return false;
+    max_m = adam8_detail::stored_absmax(max_m);
+    max_v = adam8_detail::stored_absmax(max_v);
     adam8_detail::encode_scalar(cm, nm, s.qm, 0, n, max_m);
     adam8_detail::encode_scalar(cv, nv, s.qv, 0, n, max_v);
     *s.absmax_m = max_m;
@@ -108,14 +117,14 @@ inline __m512 decode16(const rules::dynamic_code& code, const std::uint8_t* q, _
     return V16::product(_mm512_i32gather_ps(idx, code.value.data(), 4), absmax);   // never contracted into the update
 }
 
-inline void encode16(const rules::dynamic_code& code, __m512 x, __m512 absmax, std::uint8_t* q) noexcept {
-    const __m512 y = _mm512_div_ps(_mm512_abs_ps(x), absmax);
+inline void encode16(const rules::dynamic_code& code, __m512 x, __m512 inv, std::uint8_t* q) noexcept {
+    const __m512 y = V16::product(_mm512_abs_ps(x), inv);
     const __m512i first = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::first_cell));
     const __m512i last = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::last_cell));
     const __m512i cell = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), rules::dynamic_code::cell_shift), first), last), first);
-    const __m512i k = _mm512_and_si512(_mm512_i32gather_epi32(cell, code.start.data(), 1), _mm512_set1_epi32(0xFF));
-    const __m512 mid = _mm512_i32gather_ps(k, code.mid.data(), 4);
-    __m512i byte = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, mid, _CMP_GT_OQ), k, _mm512_set1_epi32(1));
+    const __m512i entry = _mm512_i32gather_epi32(cell, code.cell.data(), 4);
+    const __m512i k = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
+    __m512i byte = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, _mm512_castsi512_ps(entry), _CMP_GT_OQ), k, _mm512_set1_epi32(1));
     if (code.sign == rules::code_sign::signed_code) {
         const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) & _mm512_test_epi32_mask(byte, byte);
         byte = _mm512_mask_or_epi32(byte, negative, byte, _mm512_set1_epi32(0x80));
@@ -175,11 +184,13 @@ bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t
         mv = std::max(mv, std::fabs(v));
     }
     if (!finite) return false;
+    mm = stored_absmax(mm);
+    mv = stored_absmax(mv);
     const auto encode = [&](const rules::dynamic_code& code, const float* x, std::uint8_t* q, float absmax) {
         index_t i = 0;
         if (absmax != 0.0f) {
-            const R a = V16::set1(absmax);
-            for (; i + 16 <= n; i += 16) encode16(code, _mm512_load_ps(x + i), a, q + i);
+            const R inv = V16::set1(rules::dynamic_code::reciprocal(absmax));
+            for (; i + 16 <= n; i += 16) encode16(code, _mm512_load_ps(x + i), inv, q + i);
         }
         encode_scalar(code, x, q, i, n, absmax);
     };
@@ -210,14 +221,14 @@ inline __m256 decode8(const rules::dynamic_code& code, const std::uint8_t* q, __
     return avx2::product(_mm256_i32gather_ps(code.value.data(), idx, 4), absmax);   // never contracted into the update
 }
 
-inline void encode8(const rules::dynamic_code& code, __m256 x, __m256 absmax, std::uint8_t* q) noexcept {
-    const __m256 y = _mm256_div_ps(avx2::abs(x), absmax);
+inline void encode8(const rules::dynamic_code& code, __m256 x, __m256 inv, std::uint8_t* q) noexcept {
+    const __m256 y = avx2::product(avx2::abs(x), inv);
     const __m256i first = _mm256_set1_epi32(static_cast<int>(rules::dynamic_code::first_cell));
     const __m256i last = _mm256_set1_epi32(static_cast<int>(rules::dynamic_code::last_cell));
     const __m256i cell = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(y), rules::dynamic_code::cell_shift), first), last), first);
-    const __m256i k = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(code.start.data()), cell, 1), _mm256_set1_epi32(0xFF));
-    const __m256 mid = _mm256_i32gather_ps(code.mid.data(), k, 4);
-    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(y, mid, _CMP_GT_OQ));   // −1 where y > mid
+    const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(code.cell.data()), cell, 4);
+    const __m256i k = _mm256_and_si256(entry, _mm256_set1_epi32(0xFF));
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_castsi256_ps(entry), _CMP_GT_OQ));   // −1 where y > mid
     __m256i byte = _mm256_sub_epi32(k, up);
     if (code.sign == rules::code_sign::signed_code) {
         const __m256i negative = _mm256_andnot_si256(_mm256_cmpeq_epi32(byte, _mm256_setzero_si256()),
@@ -280,11 +291,13 @@ bool adam8_block_avx2(const float* g, float* out, adam8_block_state s, index_t n
         mv = std::max(mv, std::fabs(v));
     }
     if (!finite) return false;
+    mm = stored_absmax(mm);
+    mv = stored_absmax(mv);
     const auto encode = [&](const rules::dynamic_code& code, const float* x, std::uint8_t* q, float absmax) {
         index_t i = 0;
         if (absmax != 0.0f) {
-            const R a = V::set1(absmax);
-            for (; i + 8 <= n; i += 8) encode8(code, _mm256_load_ps(x + i), a, q + i);
+            const R inv = V::set1(rules::dynamic_code::reciprocal(absmax));
+            for (; i + 8 <= n; i += 8) encode8(code, _mm256_load_ps(x + i), inv, q + i);
         }
         encode_scalar(code, x, q, i, n, absmax);
     };

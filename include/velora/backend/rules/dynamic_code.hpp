@@ -15,15 +15,18 @@
 ///    magnitude (decade 6's last midpoint, 0.99297) is replaced by 1, so the block's absmax element
 ///    is exact on both signs. bitsandbytes' signed map instead keeps 0.99297 and adds +1 only (its
 ///    −1 is not representable); byte 0x80 (−0) is never produced and decodes to −0.
-/// Rounding is to the nearest code: y goes up from code k to k+1 when y > mid[k] = (c_k + c_{k+1})/2
-/// (computed in double, rounded to float; a tie goes down). Codes and midpoints are floats.
+/// Rounding is to the nearest code: y = |x|·(1/absmax) (the reciprocal rounded once per block) goes
+/// up from magnitude k to k+1 when y > mid[k], where mid[k] is (c_k + c_{k+1})/2 rounded to float
+/// with its low 8 mantissa bits replaced by k (so a cell's table entry carries both; the threshold
+/// moves by less than 2^-15 of itself, far below the code's resolution). A tie goes down.
 ///
 /// Nearest without a search: y's float bits, shifted right by 16 (exponent and the top 7 bits of
 /// the mantissa), name a cell of width 2^e/128 inside y's binade. The construction checks that no
 /// cell holds more than one midpoint (the closest code spacing, 0.9/128 in the top unsigned decade,
-/// is wider than the widest cell of (0.5, 1), 1/256), so `start[cell]` (the code of the cell's
-/// first value) and one comparison, y > mid[start], give the nearest code exactly: two table reads
-/// per element, the same in every body. Values below 2^−24 share cell 0 (they all round to 0).
+/// is wider than the widest cell of (0.5, 1), 1/256), so one 32-bit entry per cell gives the
+/// nearest code with one table read and one comparison: the bits of mid[k] when the cell holds
+/// mid[k] (k = its low byte), otherwise +inf/NaN bits with k in the low byte (the comparison is
+/// false). The same in every body. Values below 2^−24 share cell 0 (they all round to 0).
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -46,8 +49,11 @@ struct dynamic_code {
     code_sign sign{};
     int magnitudes = 0;                      ///< 256 unsigned, 128 signed (index = the byte's low 7 bits)
     std::array<float, 256> value{};          ///< decode[byte]: the code's value in [−1, 1]
-    std::array<float, 256> mid{};            ///< mid[k]: between magnitudes k and k+1 (+inf for the last)
-    std::array<std::uint8_t, cells + 3> start{};   ///< start[cell] (3 bytes of padding: SIMD reads 4 at a time)
+    std::array<float, 256> mid{};            ///< mid[k]: between magnitudes k and k+1, k in its low byte (+inf for the last)
+    alignas(64) std::array<std::uint32_t, cells> cell{};   ///< cell[c]: mid[k]'s bits or +inf/NaN bits, k in the low byte
+
+    /// The reciprocal every body multiplies by: 1/absmax rounded once (absmax > 0).
+    [[nodiscard]] static float reciprocal(float absmax) noexcept { return 1.0f / absmax; }
 
     /// The magnitude index of y ∈ [0, 1] (y > 1 is treated as 1): the reference the bodies match.
     [[nodiscard]] std::uint32_t nearest_magnitude(float y) const noexcept {
@@ -55,13 +61,16 @@ struct dynamic_code {
         std::memcpy(&bits, &y, sizeof bits);
         std::uint32_t c = bits >> cell_shift;
         c = c < first_cell ? first_cell : (c > last_cell ? last_cell : c);
-        const std::uint32_t k = start[c - first_cell];
-        return k + (y > mid[k] ? 1u : 0u);
+        const std::uint32_t entry = cell[c - first_cell];
+        float threshold;
+        std::memcpy(&threshold, &entry, sizeof threshold);
+        return (entry & 0xFFu) + (y > threshold ? 1u : 0u);
     }
 
-    /// The byte of x with its block's absmax a > 0 (finite): y = |x|/a rounded to the nearest code.
-    [[nodiscard]] std::uint8_t encode(float x, float absmax) const noexcept {
-        const float y = std::fabs(x) / absmax;
+    /// The byte of x in a block whose absmax has the reciprocal `inv` (reciprocal(absmax)):
+    /// y = |x|·inv rounded to the nearest code.
+    [[nodiscard]] std::uint8_t encode(float x, float inv) const noexcept {
+        const float y = std::fma(std::fabs(x), inv, -0.0f);   // one rounding, as the packets' product
         const std::uint32_t k = nearest_magnitude(y);
         const bool negative = sign == code_sign::signed_code && x < 0 && k != 0;
         return static_cast<std::uint8_t>(k | (negative ? 0x80u : 0u));
@@ -102,10 +111,19 @@ struct dynamic_code {
         for (int k = 0; k < n; ++k) d.value[static_cast<std::size_t>(k)] = static_cast<float>(mag[static_cast<std::size_t>(k)]);
         if (is_signed)
             for (int k = 0; k < 128; ++k) d.value[static_cast<std::size_t>(128 + k)] = -d.value[static_cast<std::size_t>(k)];
-        for (int k = 0; k < 256; ++k)
-            d.mid[static_cast<std::size_t>(k)] = k + 1 < n ? static_cast<float>((mag[static_cast<std::size_t>(k)] + mag[static_cast<std::size_t>(k + 1)]) / 2.0)
-                                                            : std::numeric_limits<float>::infinity();
-        // start[cell]: the code of the cell's first value (cell 0 also holds everything below 2^-24).
+        for (int k = 0; k < 256; ++k) {
+            float m = std::numeric_limits<float>::infinity();
+            if (k + 1 < n) {
+                m = static_cast<float>((mag[static_cast<std::size_t>(k)] + mag[static_cast<std::size_t>(k + 1)]) / 2.0);
+                std::uint32_t bits;
+                std::memcpy(&bits, &m, sizeof bits);
+                bits = (bits & ~0xFFu) | static_cast<std::uint32_t>(k);
+                std::memcpy(&m, &bits, sizeof m);
+            }
+            d.mid[static_cast<std::size_t>(k)] = m;
+        }
+        // cell[c]: k = the code of the cell's first value (cell 0 also holds everything below 2^-24)
+        // and the midpoint above it when it lies in the cell.
         for (std::uint32_t c = first_cell; c <= last_cell; ++c) {
             const std::uint32_t lo_bits = c == first_cell ? 0u : c << cell_shift, hi_bits = c == last_cell ? 0x3F800000u : ((c + 1) << cell_shift) - 1;
             float lo, hi;
@@ -115,7 +133,9 @@ struct dynamic_code {
             while (k_lo + 1 < n && lo > d.mid[static_cast<std::size_t>(k_lo)]) ++k_lo;
             while (k_hi + 1 < n && hi > d.mid[static_cast<std::size_t>(k_hi)]) ++k_hi;
             if (k_hi - k_lo > 1) throw std::logic_error("velora::rules::dynamic_code::make: a cell holds two midpoints");
-            d.start[c - first_cell] = static_cast<std::uint8_t>(k_lo);
+            std::uint32_t entry = 0x7F800000u | static_cast<std::uint32_t>(k_lo);   // no midpoint: +inf (k = 0) or NaN bits
+            if (k_hi > k_lo) std::memcpy(&entry, &d.mid[static_cast<std::size_t>(k_lo)], sizeof entry);
+            d.cell[c - first_cell] = entry;
         }
         return d;
     }

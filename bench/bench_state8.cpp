@@ -1,0 +1,175 @@
+// 8-bit blockwise Adam moments against float moments, measured in the same run: the dense AdamW
+// pass over 4M floats (the backend's float adamw_update against cpu/adam8.hpp's blocks, at each
+// supported block size), and the subspace Adam of a low-rank step (r × n moments, n written in
+// place of the projected gradient). Both use the same threads (OMP_NUM_THREADS).
+#include <velora/backend/cpu/adam8.hpp>
+#include <velora/backend/eigen.hpp>
+
+#include "common.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <unistd.h>
+
+#include <cstdint>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using velora::index_t;
+using velora::cpu::adam_row_kind;
+
+constexpr index_t kRows = 2048, kCols = 2048;            // 4M floats
+constexpr index_t kRank = 128, kSubspaceCols = 4096;      // a 1024×4096 weight's right-side subspace at r = 128
+
+velora::rules::adamw_terms<float> terms() {
+    velora::rules::adamw_terms<float> c;
+    c.beta1 = 0.9f;
+    c.beta2 = 0.999f;
+    c.c1 = 1.0f - c.beta1;
+    c.c2 = 1.0f - c.beta2;
+    c.eps = 1e-8f;
+    c.step = 1e-3f;
+    c.decay = 1.0f - 1e-5f;
+    return c;
+}
+
+int threads() {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+struct dense_data {
+    index_t n;
+    std::vector<float> w, g, m, v;
+    std::vector<std::uint8_t> qm, qv;
+    std::vector<float> am, av;
+    explicit dense_data(index_t count) : n(count), w(count), g(count), m(count, 0.0f), v(count, 0.0f), qm(count, 0), qv(count, 0) {
+        bench::fill_gaussian(w.data(), n, 1, 0.02);
+        bench::fill_gaussian(g.data(), n, 2, 1e-3);
+    }
+    velora::cpu::adam8_tensor_state state8(index_t block) {
+        am.assign(static_cast<std::size_t>((n + block - 1) / block), 0.0f);
+        av.assign(am.size(), 0.0f);
+        std::fill(qm.begin(), qm.end(), std::uint8_t{0});
+        std::fill(qv.begin(), qv.end(), std::uint8_t{0});
+        return {qm.data(), qv.data(), am.data(), av.data(), n, block};
+    }
+};
+
+dense_data& dense() {
+    static dense_data d(kRows * kCols);
+    return d;
+}
+
+velora::eigen_backend<float>& backend() {
+    static velora::eigen_backend<float> b(threads());
+    return b;
+}
+
+void BM_AdamWFloat(benchmark::State& state) {
+    auto& d = dense();
+    const auto c = terms();
+    for (auto _ : state) {
+        backend().adamw_update(velora::matrix_view<float>(d.w.data(), kRows, kCols), velora::const_matrix_view<float>(d.g.data(), kRows, kCols),
+                               velora::matrix_view<float>(d.m.data(), kRows, kCols), velora::matrix_view<float>(d.v.data(), kRows, kCols), c);
+        benchmark::ClobberMemory();
+    }
+    state.counters["state_bytes"] = 2.0 * static_cast<double>(d.n) * sizeof(float);
+    state.SetBytesProcessed(state.iterations() * 7 * d.n * static_cast<std::int64_t>(sizeof(float)));
+}
+BENCHMARK(BM_AdamWFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void BM_AdamW8bit(benchmark::State& state) {
+    bench::guarded(state, [&] {
+        auto& d = dense();
+        const index_t block = state.range(0);
+        const auto s = d.state8(block);
+        const auto c = terms();
+        for (auto _ : state) {
+            if (!velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(threads(), d.g.data(), d.w.data(), s, c))
+                return state.SkipWithError("a block was not finite");
+            benchmark::ClobberMemory();
+        }
+        state.counters["state_bytes"] = static_cast<double>(2 * d.n) + 2.0 * sizeof(float) * static_cast<double>(s.blocks());
+    });
+}
+BENCHMARK(BM_AdamW8bit)->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// The subspace Adam of a low-rank step: n = m/(√v+ε) overwrites the projected gradient.
+struct subspace_data {
+    dense_data d{kRank * kSubspaceCols};
+    std::vector<float> r0 = d.g, r = d.g;
+};
+subspace_data& subspace() {
+    static subspace_data s;
+    return s;
+}
+
+void BM_SubspaceAdamFloat(benchmark::State& state) {
+    auto& s = subspace();
+    const auto c = terms();
+    for (auto _ : state) {
+        state.PauseTiming();
+        s.r = s.r0;
+        state.ResumeTiming();
+        backend().adam_moments(velora::const_matrix_view<float>(s.r.data(), kRank, kSubspaceCols), velora::matrix_view<float>(s.d.m.data(), kRank, kSubspaceCols),
+                               velora::matrix_view<float>(s.d.v.data(), kRank, kSubspaceCols), c.beta1, c.beta2, c.eps,
+                               velora::matrix_view<float>(s.r.data(), kRank, kSubspaceCols));
+        benchmark::ClobberMemory();
+    }
+}
+BENCHMARK(BM_SubspaceAdamFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void BM_SubspaceAdam8bit(benchmark::State& state) {
+    bench::guarded(state, [&] {
+        auto& s = subspace();
+        const auto q = s.d.state8(state.range(0));
+        const auto c = terms();
+        for (auto _ : state) {
+            state.PauseTiming();
+            s.r = s.r0;
+            state.ResumeTiming();
+            if (!velora::cpu::adam8_tensor<adam_row_kind::moments>(threads(), s.r.data(), s.r.data(), q, c)) return state.SkipWithError("not finite");
+            benchmark::ClobberMemory();
+        }
+    });
+}
+BENCHMARK(BM_SubspaceAdam8bit)->Arg(256)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void print_ratios(const bench::ratio_reporter& rep) {
+    using bench::goal;
+    using bench::ratio;
+    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)",
+                        "dense: 4M floats; subspace: 128 x 4096; speed-up = float time / 8-bit time");
+    for (const char* block : {"64", "128", "256", "512", "1024", "2048", "4096"}) {
+        const std::string name = std::string("BM_AdamW8bit/") + block, label = "AdamWFloat / AdamW8bit block " + std::string(block);
+        print_row(label.c_str(), ratio(rep.seconds("BM_AdamWFloat"), rep.seconds(name)), goal::at_least, 1.4, "%.3f", "speed-up");
+    }
+    for (const char* block : {"256", "2048"}) {
+        const std::string name = std::string("BM_SubspaceAdam8bit/") + block, label = "SubspaceAdam8bit block " + std::string(block) + " / float";
+        print_row(label.c_str(), ratio(rep.seconds(name), rep.seconds("BM_SubspaceAdamFloat")), goal::info, 0, "%.3f", "time ratio");
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    benchmark::AddCustomContext("omp_threads", std::to_string(threads()));
+    benchmark::AddCustomContext("adam8_body", velora::cpu::adam8_has_avx512 ? "avx512" : velora::cpu::adam8_has_avx2 ? "avx2" : "scalar");
+    const bool color = ::isatty(STDOUT_FILENO) != 0;
+    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    std::cout.flush();
+    print_ratios(reporter);
+    benchmark::Shutdown();
+    return 0;
+}
