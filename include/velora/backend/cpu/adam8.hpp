@@ -9,7 +9,8 @@
 ///
 /// Three bodies, the same bits: AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and scalar; each does
 /// whole packets from the block's first element and the scalar code the tail. They agree because
-/// every step is exactly rounded and the same in all three: table reads, one product for decoding,
+/// every step is exactly rounded and the same in all three: table reads (permutes in the AVX-512
+/// body, gathers in the AVX2 one, loads in the scalar one), one product for decoding,
 /// the rule's explicit fma/product, one product |x|·(1/absmax) for encoding (the reciprocal
 /// rounded once per block), and a
 /// maximum (order-free). A body is compiled when the target has its instructions (-march=native on
@@ -112,20 +113,54 @@ bool adam8_block_scalar(const float* g, float* out, adam8_block_state s, index_t
 namespace adam8_detail {
 using V16 = simd::avx512<float>;
 
-inline __m512 decode16(const rules::dynamic_code& code, const std::uint8_t* q, __m512 absmax) noexcept {
+// A code's tables in registers: decoding by permutes over the value table (no gathers: they cost
+// as much as the rest of the update on the machines measured), encoding by dynamic_code's
+// arithmetic with its small tables permuted by binade and group.
+struct code16 {
+    __m512 value[16];                    // value[16·r + l]; a signed code uses the first 8 (magnitudes)
+    __m512i binade_group[2];
+    __m512 binade_boundary[2], cells_per_unit, cell_shift;
+    __m512i offset, last;
+    bool is_signed;
+    explicit code16(const rules::dynamic_code& c) noexcept : is_signed(c.sign == rules::code_sign::signed_code) {
+        for (int r = 0; r < 16; ++r) value[r] = _mm512_load_ps(c.value.data() + 16 * r);
+        for (int r = 0; r < 2; ++r) {
+            binade_group[r] = _mm512_load_si512(c.binade_group.data() + 16 * r);
+            binade_boundary[r] = _mm512_load_ps(c.binade_boundary.data() + 16 * r);
+        }
+        cells_per_unit = _mm512_load_ps(c.cells_per_unit.data());
+        cell_shift = _mm512_load_ps(c.cell_shift.data());
+        offset = _mm512_load_si512(c.offset.data());
+        last = _mm512_load_si512(c.last.data());
+    }
+};
+
+inline __m512 decode16(const code16& code, const std::uint8_t* q, __m512 absmax) noexcept {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    return V16::product(_mm512_i32gather_ps(idx, code.value.data(), 4), absmax);   // never contracted into the update
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)),
+                    b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    const auto quarter = [&](int r) {   // entries 64·r/2 … : two 32-entry permutes chosen by bit 5
+        return _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(code.value[r], idx, code.value[r + 1]),
+                                    _mm512_permutex2var_ps(code.value[r + 2], idx, code.value[r + 3]));
+    };
+    __m512 v = _mm512_mask_blend_ps(b6, quarter(0), quarter(4));   // magnitudes 0 … 127
+    if (code.is_signed) v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(_mm512_castps_si512(v), b7, _mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+    else v = _mm512_mask_blend_ps(b7, v, _mm512_mask_blend_ps(b6, quarter(8), quarter(12)));
+    return V16::product(v, absmax);   // never contracted into the update
 }
 
-inline void encode16(const rules::dynamic_code& code, __m512 x, __m512 inv, std::uint8_t* q) noexcept {
+inline void encode16(const code16& code, __m512 x, __m512 inv, std::uint8_t* q) noexcept {
     const __m512 y = V16::product(_mm512_abs_ps(x), inv);
-    const __m512i first = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::first_cell));
-    const __m512i last = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::last_cell));
-    const __m512i cell = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), rules::dynamic_code::cell_shift), first), last), first);
-    const __m512i entry = _mm512_i32gather_epi32(cell, code.cell.data(), 4);
-    const __m512i k = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
-    __m512i byte = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, _mm512_castsi512_ps(entry), _CMP_GT_OQ), k, _mm512_set1_epi32(1));
-    if (code.sign == rules::code_sign::signed_code) {
+    const __m512i first = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::first_binade));
+    const __m512i e = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), 23), first), _mm512_set1_epi32(127)), first);
+    __m512i g = _mm512_permutex2var_epi32(code.binade_group[0], e, code.binade_group[1]);
+    const __m512 boundary = _mm512_permutex2var_ps(code.binade_boundary[0], e, code.binade_boundary[1]);
+    g = _mm512_mask_add_epi32(g, _mm512_cmp_ps_mask(y, boundary, _CMP_GT_OQ), g, _mm512_set1_epi32(1));
+    const __m512 cell = V16::fma(y, _mm512_permutexvar_ps(g, code.cells_per_unit), _mm512_permutexvar_ps(g, code.cell_shift));
+    __m512i j = _mm512_max_epi32(_mm512_cvttps_epi32(cell), _mm512_setzero_si512());
+    j = _mm512_min_epi32(j, _mm512_permutexvar_epi32(g, code.last));
+    __m512i byte = _mm512_add_epi32(j, _mm512_permutexvar_epi32(g, code.offset));
+    if (code.is_signed) {
         const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) & _mm512_test_epi32_mask(byte, byte);
         byte = _mm512_mask_or_epi32(byte, negative, byte, _mm512_set1_epi32(0x80));
     }
@@ -153,6 +188,7 @@ bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t
     using R = __m512;
     const auto& cm = rules::signed_dynamic_code();
     const auto& cv = rules::unsigned_dynamic_code();
+    const code16 pm(cm), pv(cv);
     alignas(64) float nm[adam8_max_block], nv[adam8_max_block];
     const float am = *s.absmax_m, av = *s.absmax_v, minus_step_s = -c.step;
     const bool decays = c.decay != 1.0f;
@@ -162,7 +198,7 @@ bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t
     __mmask16 bad = 0;
     index_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        R m = decode16(cm, s.qm + j, am_r), v = decode16(cv, s.qv + j, av_r), o = K == adam_row_kind::moments ? R{} : V16::load(out + j);
+        R m = decode16(pm, s.qm + j, am_r), v = decode16(pv, s.qv + j, av_r), o = K == adam_row_kind::moments ? R{} : V16::load(out + j);
         adam_element<K, V16>(V16::load(g + j), m, v, o, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
         V16::store(out + j, o);
         _mm512_store_ps(nm + j, m);
@@ -186,16 +222,16 @@ bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t
     if (!finite) return false;
     mm = stored_absmax(mm);
     mv = stored_absmax(mv);
-    const auto encode = [&](const rules::dynamic_code& code, const float* x, std::uint8_t* q, float absmax) {
+    const auto encode = [&](const rules::dynamic_code& code, const code16& packed, const float* x, std::uint8_t* q, float absmax) {
         index_t i = 0;
         if (absmax != 0.0f) {
             const R inv = V16::set1(rules::dynamic_code::reciprocal(absmax));
-            for (; i + 16 <= n; i += 16) encode16(code, _mm512_load_ps(x + i), inv, q + i);
+            for (; i + 16 <= n; i += 16) encode16(packed, _mm512_load_ps(x + i), inv, q + i);
         }
         encode_scalar(code, x, q, i, n, absmax);
     };
-    encode(cm, nm, s.qm, mm);
-    encode(cv, nv, s.qv, mv);
+    encode(cm, pm, nm, s.qm, mm);
+    encode(cv, pv, nv, s.qv, mv);
     *s.absmax_m = mm;
     *s.absmax_v = mv;
     return true;
@@ -221,15 +257,19 @@ inline __m256 decode8(const rules::dynamic_code& code, const std::uint8_t* q, __
     return avx2::product(_mm256_i32gather_ps(code.value.data(), idx, 4), absmax);   // never contracted into the update
 }
 
+// dynamic_code's arithmetic with its tables read by gathers (the AVX2 body serves machines
+// without AVX-512; it matches the others bit for bit, its speed is not a target).
 inline void encode8(const rules::dynamic_code& code, __m256 x, __m256 inv, std::uint8_t* q) noexcept {
     const __m256 y = avx2::product(avx2::abs(x), inv);
-    const __m256i first = _mm256_set1_epi32(static_cast<int>(rules::dynamic_code::first_cell));
-    const __m256i last = _mm256_set1_epi32(static_cast<int>(rules::dynamic_code::last_cell));
-    const __m256i cell = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(y), rules::dynamic_code::cell_shift), first), last), first);
-    const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(code.cell.data()), cell, 4);
-    const __m256i k = _mm256_and_si256(entry, _mm256_set1_epi32(0xFF));
-    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_castsi256_ps(entry), _CMP_GT_OQ));   // −1 where y > mid
-    __m256i byte = _mm256_sub_epi32(k, up);
+    const __m256i first = _mm256_set1_epi32(static_cast<int>(rules::dynamic_code::first_binade));
+    const __m256i e = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(y), 23), first), _mm256_set1_epi32(127)), first);
+    __m256i g = _mm256_i32gather_epi32(code.binade_group.data(), e, 4);
+    const __m256 boundary = _mm256_i32gather_ps(code.binade_boundary.data(), e, 4);
+    g = _mm256_sub_epi32(g, _mm256_castps_si256(_mm256_cmp_ps(y, boundary, _CMP_GT_OQ)));   // −1 where y > boundary
+    const __m256 cell = avx2::fma(y, _mm256_i32gather_ps(code.cells_per_unit.data(), g, 4), _mm256_i32gather_ps(code.cell_shift.data(), g, 4));
+    __m256i j = _mm256_max_epi32(_mm256_cvttps_epi32(cell), _mm256_setzero_si256());
+    j = _mm256_min_epi32(j, _mm256_i32gather_epi32(code.last.data(), g, 4));
+    __m256i byte = _mm256_add_epi32(j, _mm256_i32gather_epi32(code.offset.data(), g, 4));
     if (code.sign == rules::code_sign::signed_code) {
         const __m256i negative = _mm256_andnot_si256(_mm256_cmpeq_epi32(byte, _mm256_setzero_si256()),
                                                      _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)));
