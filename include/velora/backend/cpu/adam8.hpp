@@ -379,6 +379,15 @@ bool adam8_block(const float* g, float* out, adam8_block_state s, index_t n, con
     return adam8_block_scalar<K>(g, out, s, n, c);
 }
 
+/// Encodes n floats (finite) as one block: absmax = their largest |x| (0 below the smallest
+/// normal float), then the bytes; the bits every body's encoding gives.
+inline void adam8_encode_block(const rules::dynamic_code& code, const float* x, std::uint8_t* q, index_t n, float& absmax) noexcept {
+    float largest = 0;
+    for (index_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(x[i]));
+    absmax = adam8_detail::stored_absmax(largest);
+    adam8_detail::encode_scalar(code, x, q, 0, n, absmax);
+}
+
 /// A tensor's 8-bit moments: `count` elements in blocks of `block` (the last one may be shorter),
 /// bytes qm, qv (count each) and absmax per block (ceil(count / block) each).
 struct adam8_tensor_state {
