@@ -1,7 +1,10 @@
 // 8-bit blockwise Adam moments against float moments, measured in the same run: the dense AdamW
 // pass over 4M floats (the backend's float adamw_update against cpu/adam8.hpp's blocks, at each
-// supported block size), and the subspace Adam of a low-rank step (r × n moments, n written in
-// place of the projected gradient). Both use the same threads (OMP_NUM_THREADS).
+// supported block size), the subspace Adam of a low-rank step (r × n moments, n written in place
+// of the projected gradient), and whole optimizer steps (low_rank_adamw, state = float32 against
+// int8_blockwise): a dense 2048×2048 parameter, and a low-rank 1024×4096 one at rank 128 without
+// refreshes (bench_adarank's BM_LowRankAdamStep). All use the same threads (OMP_NUM_THREADS).
+#include <adarank/adarank.hpp>
 #include <velora/backend/cpu/adam8.hpp>
 #include <velora/backend/eigen.hpp>
 
@@ -14,6 +17,7 @@
 
 #include <cstdint>
 #include <iostream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -153,6 +157,50 @@ void register_blocks() {
         benchmark::RegisterBenchmark(("BM_SubspaceAdam8bit_" + std::to_string(b)).c_str(), BM_SubspaceAdam8bit)->Arg(b)->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
+// ---------------------------------------------------------------- whole optimizer steps
+constexpr index_t kStepRows = 1024, kStepCols = 4096;
+
+struct step_fixture {
+    adarank::low_rank_adamw<velora::eigen_backend<float>> opt;
+    index_t rows, cols;
+    std::vector<float> w, g;
+    index_t id;
+    step_fixture(adarank::state_format format, adarank::param_kind kind, index_t r, index_t c)
+        : opt(backend(), config(format)), rows(r), cols(c), w(static_cast<std::size_t>(r * c)), g(static_cast<std::size_t>(r * c)),
+          id(opt.add_parameter(r, c, kind)) {
+        bench::fill_gaussian(w.data(), r * c, 3, 0.02);
+        bench::fill_gaussian(g.data(), r * c, 4, 1e-3);
+        if (step() != velora::status::ok) throw std::runtime_error("warm-up step did not return status::ok");
+    }
+    static adarank::optimizer_config config(adarank::state_format format) {
+        adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);
+        c.adam.lr = 1e-3;
+        c.adam.eps = 1e-6;
+        c.state = format;
+        return c;
+    }
+    velora::status step() { return opt.step(id, velora::matrix_view<float>(w.data(), rows, cols), velora::const_matrix_view<float>(g.data(), rows, cols)); }
+};
+
+void step_benchmark(benchmark::State& state, adarank::state_format format, adarank::param_kind kind, index_t r, index_t c) {
+    bench::guarded(state, [&] {
+        step_fixture f(format, kind, r, c);
+        for (auto _ : state) {
+            if (f.step() != velora::status::ok) return state.SkipWithError("step did not return status::ok");
+            benchmark::ClobberMemory();
+        }
+        state.counters["state_bytes"] = static_cast<double>(f.opt.state_bytes());
+    });
+}
+void BM_DenseStepFloat(benchmark::State& s) { step_benchmark(s, adarank::state_format::float32, adarank::param_kind::dense, kRows, kCols); }
+void BM_DenseStep8bit(benchmark::State& s) { step_benchmark(s, adarank::state_format::int8_blockwise, adarank::param_kind::dense, kRows, kCols); }
+void BM_LowRankStepFloat(benchmark::State& s) { step_benchmark(s, adarank::state_format::float32, adarank::param_kind::low_rank, kStepRows, kStepCols); }
+void BM_LowRankStep8bit(benchmark::State& s) { step_benchmark(s, adarank::state_format::int8_blockwise, adarank::param_kind::low_rank, kStepRows, kStepCols); }
+BENCHMARK(BM_DenseStepFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DenseStep8bit)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LowRankStepFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LowRankStep8bit)->UseRealTime()->Unit(benchmark::kMillisecond);
+
 void print_ratios(const bench::ratio_reporter& rep) {
     using bench::goal;
     using bench::ratio;
@@ -166,6 +214,15 @@ void print_ratios(const bench::ratio_reporter& rep) {
         const std::string block = std::to_string(b), label = "SubspaceAdam8bit block " + block + " / float";
         print_row(label.c_str(), ratio(rep.seconds("BM_SubspaceAdam8bit_" + block), rep.seconds("BM_SubspaceAdamFloat")), goal::info, 0, "%.3f", "time ratio");
     }
+    print_row("DenseStepFloat / DenseStep8bit (optimizer)", ratio(rep.seconds("BM_DenseStepFloat"), rep.seconds("BM_DenseStep8bit")), goal::at_least, 1.4,
+              "%.3f", "speed-up, block 256");
+    print_row("LowRankStep8bit / LowRankStepFloat (optimizer)", ratio(rep.seconds("BM_LowRankStep8bit"), rep.seconds("BM_LowRankStepFloat")), goal::at_most,
+              1.05, "%.3f", "time ratio, block 256");
+    print_row("DenseStep state bytes 8-bit / float", ratio(rep.counter("BM_DenseStep8bit", "state_bytes"), rep.counter("BM_DenseStepFloat", "state_bytes")),
+              goal::info, 0, "%.4f", "");
+    print_row("LowRankStep state bytes 8-bit / float",
+              ratio(rep.counter("BM_LowRankStep8bit", "state_bytes"), rep.counter("BM_LowRankStepFloat", "state_bytes")), goal::info, 0, "%.4f",
+              "basis stays float");
 }
 
 } // namespace
