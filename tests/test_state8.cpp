@@ -242,26 +242,27 @@ TEST_CASE("adam8: the same bits at 1 and 2 threads") {
     CHECK(std::memcmp(w1.data(), w2.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
 }
 
-TEST_CASE("adam8: close to the float update (the moments' quantisation error only)") {
-    const index_t n = 64 * 256, block = 256;
-    state8 s(n, block);
-    std::vector<float> w8 = gradient(n, 5), w32 = w8, m(n, 0.0f), v(n, 0.0f);
-    for (int t = 1; t <= 10; ++t) {
-        const auto g = gradient(n, 200 + static_cast<std::uint64_t>(t));
-        const auto c = galore_terms(t);
-        REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w8.data(), s.view(), c));
-        velora::cpu::adam_row<adam_row_kind::galore_weight>(g.data(), m.data(), v.data(), w32.data(), n, c);
+TEST_CASE("adam8: close to the float update (the moments' quantisation error only), per block size") {
+    // gradients whose scale varies over three decades from element to element
+    const index_t n = 64 * 2048;
+    for (const index_t block : {index_t{64}, index_t{256}, index_t{2048}, index_t{4096}}) {
+        state8 s(n, block);
+        std::vector<float> w8 = gradient(n, 5), w32 = w8, m(n, 0.0f), v(n, 0.0f);
+        const std::vector<float> w0 = w8;
+        for (int t = 1; t <= 10; ++t) {
+            const auto g = gradient(n, 200 + static_cast<std::uint64_t>(t));
+            const auto c = galore_terms(t);
+            REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w8.data(), s.view(), c));
+            velora::cpu::adam_row<adam_row_kind::galore_weight>(g.data(), m.data(), v.data(), w32.data(), n, c);
+        }
+        double diff = 0, moved = 0;
+        for (index_t i = 0; i < n; ++i) {
+            diff += std::fabs(static_cast<double>(w8[i]) - w32[i]);
+            moved += std::fabs(static_cast<double>(w32[i]) - w0[i]);
+        }
+        MESSAGE("block " << block << ", after 10 steps: mean |w8 - w32| / mean |w32 - w0| = " << diff / moved);
+        CHECK(diff / moved < 0.035);   // measured 0.020 (64) to 0.028 (4096)
     }
-    // every weight moved by at most 10·lr; the 8-bit update may differ by a fraction of that
-    double worst = 0, mean = 0;
-    for (index_t i = 0; i < n; ++i) {
-        const double d = std::fabs(static_cast<double>(w8[i]) - w32[i]);
-        worst = std::max(worst, d);
-        mean += d / n;
-    }
-    MESSAGE("after 10 steps: mean |w8 - w32| = " << mean << ", worst " << worst << " (lr = 1e-3)");
-    CHECK(mean < 1e-4);   // < 1% of the 10·lr the weights moved
-    CHECK(worst < 5e-3);
 }
 
 TEST_CASE("adam8: a non-finite result is reported (the caller discards what was written)") {
