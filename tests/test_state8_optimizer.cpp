@@ -199,3 +199,32 @@ TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits;
     g.add_parameter(48, 40, adarank::param_kind::dense);
     CHECK_THROWS_WITH_AS(g.load_state(blob), doctest::Contains("block size differs"), velora::state_format_error);
 }
+
+TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float moments) still steps") {
+    B backend(1);
+    optimizer o(backend, config8(64));
+    const auto id = o.add_parameter(64, 96, adarank::param_kind::low_rank);
+    auto w = gaussian(64 * 96, 1, 0.5);
+    for (int t = 0; t < 3; ++t) {
+        const auto g = gaussian(64 * 96, 50 + static_cast<std::uint64_t>(t), 1.0);
+        REQUIRE(o.step(id, velora::make_view(w.data(), 64, 96), velora::make_view(g.data(), 64, 96)) == velora::status::ok);
+    }
+    // the first 6 unit vectors as the new basis (rows of length 64: the left side)
+    std::vector<float> basis(6 * 64, 0.0f);
+    for (int i = 0; i < 6; ++i) basis[static_cast<std::size_t>(i * 64 + i)] = 1.0f;
+    REQUIRE(o.set_basis(id, velora::make_view(basis.data(), 6, 64)) == velora::status::ok);
+    CHECK(o.info(id).rank == 6);
+    CHECK(o.info(id).state_bytes == 6 * 64 * sizeof(float) + 2 * 6 * 96 + 2 * 4 * 9);
+    const auto g = gaussian(64 * 96, 99, 1.0);
+    CHECK(o.step(id, velora::make_view(w.data(), 64, 96), velora::make_view(g.data(), 64, 96)) == velora::status::ok);
+    for (const float x : w) CHECK(std::isfinite(x));
+
+    velora::eigen_backend<double> dbackend(1);
+    adarank::low_rank_adamw<velora::eigen_backend<double>> d(dbackend, adarank::optimizer_config::galore(4, 2));
+    d.add_parameter(16, 24, adarank::param_kind::low_rank);
+    d.add_parameter(8, 8, adarank::param_kind::dense);
+    std::vector<double> w1(16 * 24, 0.5), g1(16 * 24), w2(64, 0.5), g2(64, 0.25);
+    for (std::size_t i = 0; i < g1.size(); ++i) g1[i] = velora::gaussian_at(3, i);
+    CHECK(d.step(0, velora::make_view(w1.data(), 16, 24), velora::make_view(g1.data(), 16, 24)) == velora::status::ok);
+    CHECK(d.step(1, velora::make_view(w2.data(), 8, 8), velora::make_view(g2.data(), 8, 8)) == velora::status::ok);
+}
