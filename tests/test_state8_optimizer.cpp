@@ -7,6 +7,7 @@
 #include <adarank/adarank.hpp>
 #include <velora/backend/eigen.hpp>
 
+#include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
 #include "test_util.hpp"
 
 #include <cmath>
@@ -227,4 +228,26 @@ TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float
     for (std::size_t i = 0; i < g1.size(); ++i) g1[i] = velora::gaussian_at(3, i);
     CHECK(d.step(0, velora::make_view(w1.data(), 16, 24), velora::make_view(g1.data(), 16, 24)) == velora::status::ok);
     CHECK(d.step(1, velora::make_view(w2.data(), 8, 8), velora::make_view(g2.data(), 8, 8)) == velora::status::ok);
+}
+
+TEST_CASE("state8: a steady-state step allocates nothing (dense and low-rank, 1 and 2 threads)") {
+    for (const int threads : {1, 2}) {
+        B backend(threads);
+        auto c = config8(64);
+        c.refresh = adarank::refresh_policy::every(1000);
+        optimizer o(backend, c);
+        const auto dense = o.add_parameter(48, 40, adarank::param_kind::dense);
+        const auto low = o.add_parameter(64, 96, adarank::param_kind::low_rank);
+        auto wd = gaussian(48 * 40, 1, 0.5), wl = gaussian(64 * 96, 2, 0.5);
+        const auto gd = gaussian(48 * 40, 3, 1.0), gl = gaussian(64 * 96, 4, 1.0);
+        const auto step = [&] {
+            REQUIRE(o.step(dense, velora::make_view(wd.data(), 48, 40), velora::make_view(gd.data(), 48, 40)) == velora::status::ok);
+            REQUIRE(o.step(low, velora::make_view(wl.data(), 64, 96), velora::make_view(gl.data(), 64, 96)) == velora::status::ok);
+        };
+        step();   // the first step finds the subspace
+        step();
+        const long before = test::allocations.load();
+        for (int t = 0; t < 3; ++t) step();
+        CHECK(test::allocations.load() - before == 0);
+    }
 }

@@ -380,7 +380,7 @@ public:
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = optimizer_state_io<B, Rank, Refresh>::kind;
-    static constexpr std::uint32_t state_version = optimizer_state_io<B, Rank, Refresh>::version;   // 2: adds the Adam convention (version 1 states load as galore)
+    static constexpr std::uint32_t state_version = optimizer_state_io<B, Rank, Refresh>::version;   // 2: adds the Adam convention (version 1 states load as galore); 3: the moment state format
 
     /// Everything a resumed run needs to continue bit-identically: the configuration it belongs
     /// to, the learning rate, and per parameter its shape, side, rank, step counters, random
