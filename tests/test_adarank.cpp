@@ -1266,7 +1266,8 @@ struct state_fields {
         double rep_energy = 0, rep_captured = 0;
         std::vector<T> basis, m, v;
     };
-    static constexpr std::size_t config_bytes = 134;   // put_config: 9 doubles, 6 int64, 2 int32, 6 bytes, 1 uint64
+    static constexpr std::size_t config_bytes = 143;   // put_config: 134 bytes up to version 2, then one byte and one int64
+    // Version 3 added the moment state format (a byte) and its block size (an int64) at the end.
 
     std::uint8_t width = 0;
     std::vector<std::byte> config;
@@ -1314,7 +1315,7 @@ struct state_fields {
         velora::state_writer w(optimizer_t<T>::state_kind, version);
         w.put(width);
         for (std::size_t i = 0; i < config.size(); ++i)
-            if (version >= 2 || i != convention_offset) w.put(config[i]);
+            if ((version >= 2 || i != convention_offset) && (version >= 3 || i < config_bytes - 9)) w.put(config[i]);
         w.put(lr);
         w.put(static_cast<std::uint64_t>(layers.size()));
         for (const layer& l : layers) {
@@ -1905,7 +1906,11 @@ TEST_CASE("the Adam convention is validated, saved, and version-1 states load as
     REQUIRE(s.config[state_fields<float>::convention_offset] == std::byte{0});
     optimizer_t<float> reloaded = run.fresh();
     reloaded.load_state(s.seal(1));
-    CHECK(reloaded.save_state() == v2);   // re-saved as version 2, otherwise the same bytes
+    CHECK(reloaded.save_state() == v2);   // re-saved as the current version, otherwise the same bytes
+    // Version 2 (before the moment state format): loads as float moments.
+    optimizer_t<float> reloaded2 = run.fresh();
+    reloaded2.load_state(s.seal(2));
+    CHECK(reloaded2.save_state() == v2);
 }
 
 TEST_CASE("load_state applies the constructor's and set_learning_rate's learning-rate rule: torch with lr x wd >= 1 is refused, nothing changed") {

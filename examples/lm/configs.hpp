@@ -11,7 +11,7 @@
 //                    steps), moments transported (squared rotation), randomized SVD
 //   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
 //
-// Keys (every one but lr and warmup only for the low-rank names galore, adarank, velora+adarank):
+// Keys (every one but lr, warmup and state only for the low-rank names galore, adarank, velora+adarank):
 //   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank otherwise)
 //   warmup=N         the learning rate rises linearly over the first N steps, then stays (default 0:
 //                    constant from the first step)
@@ -25,6 +25,7 @@
 //   transport=rotation|clamped|none|reset   what the moments become on a refresh
 //   svd=exact|randomized           the refresh's decomposition
 //   scale=X          α, the update's scale (default 0.25)
+//   state=8bit|float the Adam moments: 8-bit blockwise (blocks of 256; docs/adarankgrad.md) or float (default)
 //
 // One key changes one ingredient, so an ablation is spelt as the configuration it starts from and
 // the ingredient it changes: `galore:rank=adaptive` is GaLore with AdaRankGrad's rank rule and
@@ -125,7 +126,7 @@ inline config parse(const std::string& name, const defaults& d) {
             const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
             if (std::find(seen.begin(), seen.end(), key) != seen.end()) detail::bad(name, "key '" + key + "' given twice");
             seen.push_back(key);
-            if (key != "lr" && key != "warmup" && !c.low_rank)
+            if (key != "lr" && key != "warmup" && key != "state" && !c.low_rank)
                 detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
             auto choose = [&](std::initializer_list<const char*> options) {
                 std::string list;
@@ -157,7 +158,9 @@ inline config parse(const std::string& name, const defaults& d) {
                     c.optimizer.rsvd.exact_fraction = 0.0;
                 }
             } else if (key == "scale") c.optimizer.scale = detail::number(name, key, value, 0, 100, true);
-            else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, refresh, interval, eps, transport, svd, scale)");
+            else if (key == "state")
+                c.optimizer.state = choose({"8bit", "float"}) == "8bit" ? adarank::state_format::int8_blockwise : adarank::state_format::float32;
+            else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, refresh, interval, eps, transport, svd, scale, state)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {

@@ -25,7 +25,7 @@ inline void print_estimate(const options& o) {
     std::vector<mem::footprint> fps;
     std::uint64_t biggest = 0;
     for (const auto& name : o.configs) {
-        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T)));
+        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T), state_block_for(name, o)));
         biggest = std::max(biggest, fps.back().total().v);
     }
     const bool gib = biggest >= (std::uint64_t{10} << 30);
@@ -79,7 +79,7 @@ inline void write_estimate_json(const options& o) {
         out << "{\"settings\":" << settings_json(o, nullptr, 1) << ",\"estimates\":[";
         for (std::size_t i = 0; i < o.configs.size(); ++i) {
             const std::string& name = o.configs[i];
-            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T));
+            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T), state_block_for(name, o));
             out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
                 << (!uses_low_rank(name, o) ? "dense" : config_of(name, o).fixed_rank ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
                 << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v

@@ -125,14 +125,25 @@ inline count state_elements(const parameter_shape& p, index_t rank) {
     return count(std::min(rank, shorter)) * (count(shorter) + count(2) * longer);
 }
 
+/// Optimizer-state bytes of one parameter: state_elements in value_size bytes, or with 8-bit
+/// moments (`state_block` > 0, the configuration key state=8bit) the basis in value_size and each
+/// moment element in one byte plus one float absmax per block of state_block, per moment.
+inline count state_bytes(const parameter_shape& p, index_t rank, std::size_t value_size, index_t state_block = 0) {
+    if (state_block <= 0) return state_elements(p, rank) * value_size;
+    const bool low = rank > 0 && p.projection;
+    const index_t shorter = std::min(p.rows, p.cols), longer = std::max(p.rows, p.cols), r = std::min(rank, shorter);
+    const count moment = low ? count(r) * longer : count(p.rows) * p.cols, basis = low ? count(r) * shorter : count(0);
+    return basis * value_size + count(2) * moment + count(2 * sizeof(float)) * count((moment.v + static_cast<std::uint64_t>(state_block) - 1) / static_cast<std::uint64_t>(state_block));
+}
+
 /// Optimizer-state bytes of the whole model: dense AdamW everywhere (`rank` <= 0), or every
 /// projection low-rank at `rank` (GaLore's fixed rank; AdaRankGrad's cap, which bounds its
-/// data-dependent ranks from above).
-inline count optimizer_state_bytes(const model_config& c, index_t rank, std::size_t value_size) {
-    count layer, outer = state_elements(final_norm_parameter(c), 0);
-    for (const auto& p : layer_parameters(c)) layer += state_elements(p, rank);
-    for (const auto& p : embedding_parameters(c)) outer += state_elements(p, 0);
-    return (outer + count(c.layers) * layer) * value_size;
+/// data-dependent ranks from above); `state_block` as for state_bytes.
+inline count optimizer_state_bytes(const model_config& c, index_t rank, std::size_t value_size, index_t state_block = 0) {
+    count layer, outer = state_bytes(final_norm_parameter(c), 0, value_size, state_block);
+    for (const auto& p : layer_parameters(c)) layer += state_bytes(p, rank, value_size, state_block);
+    for (const auto& p : embedding_parameters(c)) outer += state_bytes(p, 0, value_size, state_block);
+    return outer + count(c.layers) * layer;
 }
 
 // ------------------------------------------------------------------------------ activations
@@ -274,14 +285,14 @@ struct footprint {
     /// optimizer's refresh workspace, the SVD), the corpus, the loss curve, code and libraries.
     [[nodiscard]] count total() const { return weights + gradients + optimizer + activations + other; }
 };
-/// `rank` as for optimizer_state_bytes (<= 0: dense AdamW).
-inline footprint estimate(const model_config& c, const velora_config& v, index_t batch, index_t rank, std::size_t value_size) {
+/// `rank` and `state_block` as for optimizer_state_bytes (<= 0: dense AdamW; float moments).
+inline footprint estimate(const model_config& c, const velora_config& v, index_t batch, index_t rank, std::size_t value_size, index_t state_block = 0) {
     const model_buffers m = buffers(c, v, batch);
     const count N = count(batch) * c.context, L = c.layers;
     footprint fp;
     fp.weights = m.parameters * value_size;
     fp.gradients = m.gradients * value_size;
-    fp.optimizer = optimizer_state_bytes(c, rank, value_size);
+    fp.optimizer = optimizer_state_bytes(c, rank, value_size, state_block);
     fp.by_kind = activations(c, v, batch, value_size);
     fp.activations = fp.by_kind.total();
     // The model's other buffers, and each compressor's spare Z (velora::compressor projects into it

@@ -94,7 +94,9 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         for (std::size_t i = 0; i < params.size(); ++i) {
             const auto& info = opt.info(ids[i]);
             const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
-            counted += lm::memory::state_elements(shape, info.low_rank ? info.rank : 0) * sizeof(T);
+            const auto& oc = opt.config();
+            counted += lm::memory::state_bytes(shape, info.low_rank ? info.rank : 0, sizeof(T),
+                                               oc.state == adarank::state_format::int8_blockwise ? oc.state_block : 0);
         }
         if (counted.v != opt.state_bytes())
             throw agreed_error("internal error: examples/lm/memory.hpp counts " + std::to_string(counted.v) +

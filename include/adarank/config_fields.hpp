@@ -67,6 +67,9 @@ constexpr void for_each_config_field(F&& f, Configs&... c) {
     f(config_field{"rsvd.warm_start", "rsvd settings differ", 1}, c.rsvd.warm_start...);
     f(config_field{"rsvd.exact_fraction", "rsvd settings differ", 1, within(0, 1)}, c.rsvd.exact_fraction...);
     f(config_field{"seed", "seed differs", 1}, c.seed...);
+    f(config_field{"state", "moment state format differs", 3, enumeration(1)}, c.state...);
+    f(config_field{"state_block", "moment state block size differs", 3, within(static_cast<double>(min_state_block), static_cast<double>(max_state_block))},
+      c.state_block...);
 }
 
 /// The newest `since_version` in the table: a configuration block written by put_config is read
@@ -210,11 +213,13 @@ void check_field(const config_field& f, const V& v, std::string_view function) {
 
 /// Throws std::invalid_argument naming `function`, the field and its value for an invalid
 /// configuration: every field against its row of the table (the rank estimator and the refresh
-/// rule validate themselves), then the one rule across fields, the learning rate's under the
-/// torch convention (check_learning_rate, policies.hpp).
+/// rule validate themselves), then the 8-bit block size (a power of two, state_format.hpp) and the
+/// one rule across fields, the learning rate's under the torch convention (check_learning_rate,
+/// policies.hpp).
 template <class Rank, class Refresh>
 void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
     for_each_config_field([&](const config_field& f, const auto& v) { detail::check_field(f, v, function); }, c);
+    check_state_block(c.state_block, function);
     check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
 }
 

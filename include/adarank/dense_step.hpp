@@ -7,6 +7,7 @@
 
 #include <velora/core/error.hpp>
 
+#include "dense_step8.hpp"
 #include "gradient.hpp"
 #include "overflow_certificate.hpp"
 #include "parameter.hpp"
@@ -119,6 +120,19 @@ template <optimizer_backend B, class Config, class Op>
 status dense_step_of(step_context<B, Config>& ctx, parameter_state<B>& l, matrix_view<typename B::value_type> weight, const Op& grad) {
     // An expansion of finite inputs that overflowed is an overflow, not a non-finite input.
     const auto trouble = [&] { return grad.finite() ? status::overflow : status::non_finite_input; };
+    if constexpr (blockwise_state_backend<B>) {
+        if (l.quantized) {   // 8-bit moments (dense_step8.hpp)
+            if constexpr (std::is_same_v<Op, dense_gradient<B>>) {
+                return dense_step8(ctx, l, weight, grad.view(), trouble);
+            } else {
+                auto& ws = ctx.workspace;
+                ws.grow(ws.dense_gradient, l.rows * l.cols);
+                const matrix_view<float> dense = ws.view(ws.dense_gradient, l.rows, l.cols);
+                grad.row_block(0, dense);
+                return dense_step8(ctx, l, weight, dense, trouble);
+            }
+        }
+    }
     if constexpr (std::is_same_v<Op, dense_gradient<B>>) {
         return dense_step(ctx, l, weight, grad.view(), trouble);
     } else {

@@ -41,8 +41,12 @@ velora::status install_given_basis(step_context<B, Config>& ctx, parameter_state
     subspace_report rep;
     rep.rank = basis.rows;
     install_subspace(b, l, next, rep, l.counter, check.norm);
-    b.copy(m_next.data, l.m.data(), basis.rows * l.other);
-    b.copy(v_next.data, l.v.data(), basis.rows * l.other);
+    if (l.quantized) {   // 8-bit moments: encoded from the transported floats
+        if constexpr (blockwise_state_backend<B>) l.q8.quantize(m_next.data, v_next.data);
+    } else {
+        b.copy(m_next.data, l.m.data(), basis.rows * l.other);
+        b.copy(v_next.data, l.v.data(), basis.rows * l.other);
+    }
     l.m_bound = m.max_abs;
     l.v_bound = v.max_abs;
     return velora::status::ok;

@@ -41,7 +41,15 @@ void transport_into_workspace(step_context<B, Config>& ctx, parameter_state<B>& 
     const index_t r_new = next.rows;
     auto m_next = ws.view(ws.m_next, r_new, l.other);
     auto v_next = ws.view(ws.v_next, r_new, l.other);
-    if (l.rank > 0) {
+    if (l.rank > 0 && l.quantized) {   // 8-bit moments: transported as floats
+        if constexpr (blockwise_state_backend<B>) {
+            const auto m_old = ws.view(ws.m_old, l.rank, l.other), v_old = ws.view(ws.v_old, l.rank, l.other);
+            l.q8.dequantize(m_old.data, v_old.data);
+            transport_moments(ctx.backend, ctx.config.transport, next, l.basis_view(), const_matrix_view<typename B::value_type>(m_old),
+                              const_matrix_view<typename B::value_type>(v_old), m_next, v_next, ws.view(ws.rotation, r_new, l.rank),
+                              ws.view(ws.rotation_squared, r_new, l.rank));
+        }
+    } else if (l.rank > 0) {
         transport_moments(ctx.backend, ctx.config.transport, next, l.basis_view(), l.moment_view(std::as_const(l.m)), l.moment_view(std::as_const(l.v)),
                           m_next, v_next, ws.view(ws.rotation, r_new, l.rank), ws.view(ws.rotation_squared, r_new, l.rank));
     } else {
@@ -161,8 +169,22 @@ private:
         const auto n = projection(rank_);
         auto& ws = ctx_.workspace;
         if (fresh_) b_.adam_moments(n, ws.view(ws.m_next, rank_, l_.other), ws.view(ws.v_next, rank_, l_.other), coef.beta1, coef.beta2, terms_.eps, n);
+        else if (l_.quantized) quantized_moments_in_place(n);
         else b_.adam_moments(n, l_.moment_view(l_.m), l_.moment_view(l_.v), coef.beta1, coef.beta2, terms_.eps, n);
         return true;
+    }
+
+    // The steady state on 8-bit moments: each block decoded, updated and encoded in one pass, n
+    // written over the projection (the certificate vouches that every result is finite).
+    void quantized_moments_in_place(matrix_view<T> n) {
+        if constexpr (blockwise_state_backend<B>) {
+            const auto& coef = ctx_.rule.coefficients();
+            velora::rules::adamw_terms<T> c;
+            c.c1 = T(1) - coef.beta1;
+            c.c2 = T(1) - coef.beta2;
+            c.eps = terms_.eps;
+            [[maybe_unused]] const bool finite = b_.adam8_update(velora::cpu::adam_row_kind::moments, n.data, n.data, l_.q8.view(), c);
+        }
     }
 
     // Phase 4. The update on a copy in the workspace, read back on the host.
@@ -170,7 +192,9 @@ private:
         auto& ws = ctx_.workspace;
         const auto n = projection(rank_);
         const auto m_work = ws.view(ws.m_next, rank_, l_.other), v_work = ws.view(ws.v_next, rank_, l_.other);
-        if (!fresh_) {
+        if (!fresh_ && l_.quantized) {
+            if constexpr (blockwise_state_backend<B>) l_.q8.dequantize(m_work.data, v_work.data);   // the bits the fused 8-bit pass decodes
+        } else if (!fresh_) {
             b_.copy(l_.m.data(), m_work.data, rank_ * l_.other);
             b_.copy(l_.v.data(), v_work.data, rank_ * l_.other);
         }
@@ -188,7 +212,9 @@ private:
     status commit() {
         auto& ws = ctx_.workspace;
         if (fresh_) install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_);
-        if (fresh_ || !certified_) {
+        if ((fresh_ || !certified_) && l_.quantized) {
+            if constexpr (blockwise_state_backend<B>) l_.q8.quantize(ws.m_next.data(), ws.v_next.data());   // the bits the fused 8-bit pass encodes
+        } else if (fresh_ || !certified_) {
             b_.copy(ws.m_next.data(), l_.m.data(), rank_ * l_.other);
             b_.copy(ws.v_next.data(), l_.v.data(), rank_ * l_.other);
         }

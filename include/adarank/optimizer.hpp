@@ -106,9 +106,14 @@ public:
     param_id add_parameter(index_t rows, index_t cols, param_kind kind = param_kind::automatic) {
         constexpr const char* fn = "adarank::low_rank_adamw::add_parameter";
         layer l = layer::plan(rows, cols, kind, config_.side, config_.rank.max_rank(), config_.seed, layers_.size(), fn);
+        l.quantized = config_.state == state_format::int8_blockwise;
+        if (l.quantized) l.q8.assign_zero(0, config_.state_block);
         if (l.low_rank) {
             ws_.reserve_low_rank(l.len, l.other, l.r_cap);
             finder_.reserve(l.len, l.other, l.r_cap);
+            if (l.quantized) ws_.reserve_dequantized(l.r_cap * l.other);
+        } else if (l.quantized) {
+            l.q8.assign_zero(rows * cols, config_.state_block);
         } else {
             l.m.resize(static_cast<std::size_t>(rows * cols));
             l.v.resize(static_cast<std::size_t>(rows * cols));
@@ -375,7 +380,7 @@ public:
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = optimizer_state_io<B, Rank, Refresh>::kind;
-    static constexpr std::uint32_t state_version = optimizer_state_io<B, Rank, Refresh>::version;   // 2: adds the Adam convention (version 1 states load as galore)
+    static constexpr std::uint32_t state_version = optimizer_state_io<B, Rank, Refresh>::version;   // 2: adds the Adam convention (version 1 states load as galore); 3: the moment state format
 
     /// Everything a resumed run needs to continue bit-identically: the configuration it belongs
     /// to, the learning rate, and per parameter its shape, side, rank, step counters, random
@@ -398,6 +403,10 @@ private:
         constexpr const char* fn = "adarank::low_rank_adamw::low_rank_adamw";
         validate(c, fn);
         check_eps_representable<T>(c.adam, fn);
+        velora::detail::require(c.state == state_format::float32 || blockwise_state_backend<B>, fn,
+                                "config.state = int8_blockwise needs a backend with adam8_update in float (the CPU backend, eigen_backend<float>); this "
+                                "backend's value type has ",
+                                sizeof(T), "-byte values");
         return c;
     }
 

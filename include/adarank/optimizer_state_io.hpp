@@ -1,9 +1,12 @@
 #pragma once
 /// \file
-/// The state format of `low_rank_adamw` (kind "adarank.low_rank_adamw", version 2): what
+/// The state format of `low_rank_adamw` (kind "adarank.low_rank_adamw", version 3): what
 /// save_state writes and load_state reads and checks, field by field (a struct's padding bytes
 /// are never part of it), and the fingerprint data-parallel registration compares across ranks.
-/// Version 2 added the Adam convention (version 1 states load as galore).
+/// Version 2 added the Adam convention (version 1 states load as galore); version 3 the moment
+/// state format and block size (older states load as float moments) and, for 8-bit moments, the
+/// packed arrays in place of m and v: the bytes of m and of v (one per element) and the absmax
+/// of m's and of v's blocks (one float per block each).
 ///
 /// A valid state (what load_state accepts; every state the optimizer writes is valid):
 /// - the envelope is intact (kind, version, checksum, length);
@@ -18,7 +21,9 @@
 ///   cols), 0 <= power iterations <= 64, and finite energies >= 0;
 /// - the basis (rank×len) is finite with orthonormal rows: max |B·Bᵀ − I| <=
 ///   orthonormality_tolerance<T>; both moments are finite and the second one is >= 0 (their
-///   size is not bounded: a step whose result would overflow returns status::overflow).
+///   size is not bounded: a step whose result would overflow returns status::overflow);
+///   8-bit moments: every absmax finite and either 0 or at least the smallest normal float (what
+///   the encoder stores); the bytes may hold any value (every byte decodes to a finite value).
 /// The refresh count and the random-stream position may hold any value.
 #include <bit>
 #include <cmath>
@@ -58,7 +63,7 @@ struct optimizer_state_io {
     using cert = overflow_certificate<T>;
 
     static constexpr std::string_view kind = "adarank.low_rank_adamw";
-    static constexpr std::uint32_t version = 2;   // 2: adds the Adam convention (version 1 states load as galore)
+    static constexpr std::uint32_t version = 3;   // 2: adds the Adam convention; 3: the moment state format (8-bit moments packed)
 
     /// save_state's work: the envelope, the value width, the configuration, the learning rate,
     /// then per parameter its shape, kind, side, progress, basis and moments.
@@ -77,6 +82,13 @@ struct optimizer_state_io {
             put_progress(w, l);
             const index_t moment_size = l.low_rank ? l.rank * l.other : l.rows * l.cols;
             put_buffer(b, w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
+            if (l.quantized) {
+                w.put_array(std::span<const std::uint8_t>(l.q8.m_bytes()));
+                w.put_array(std::span<const std::uint8_t>(l.q8.v_bytes()));
+                w.put_array(std::span<const float>(l.q8.m_absmax()));
+                w.put_array(std::span<const float>(l.q8.v_absmax()));
+                continue;
+            }
             put_buffer(b, w, l.m, moment_size, host);
             put_buffer(b, w, l.v, moment_size, host);
         }
@@ -113,8 +125,12 @@ struct optimizer_state_io {
             check_progress(r, i, l, s);
             const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
             s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
-            s.m = r.get_array<T>(moment_size);
-            s.v = r.get_array<T>(moment_size);
+            if (l.quantized) {
+                get_quantized(r, i, l, moment_size, s);
+            } else {
+                s.m = r.get_array<T>(moment_size);
+                s.v = r.get_array<T>(moment_size);
+            }
             if (s.rank > 0) {
                 const auto check = cert::check_basis(s.basis, s.rank, l.len);
                 if (check.bad_row >= 0) r.bad("parameter ", i, " has a basis entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
@@ -123,6 +139,7 @@ struct optimizer_state_io {
                           orthonormality_tolerance<T>);
                 s.basis_norm = check.norm;
             }
+            if (l.quantized) continue;   // bounds set by get_quantized
             const auto m = cert::summarize(s.m), v = cert::summarize(s.v);
             if (!m.finite) r.bad("parameter ", i, ": the first moment has a non-finite entry");
             if (!v.finite || v.negative) r.bad("parameter ", i, ": the second moment has a non-finite or negative entry");
@@ -145,7 +162,12 @@ struct optimizer_state_io {
             for (int which = 0; which < 3; ++which)
                 if (live(i, which).size() != loaded_part(i, which).size()) fresh[3 * i + static_cast<std::size_t>(which)].resize(loaded_part(i, which).size());
         for (std::size_t i = 0; i < layers.size(); ++i) {
+            if (layers[i].quantized) {
+                const index_t n = static_cast<index_t>(loaded[i].qm.size());
+                layers[i].q8.adopt(n, config.state_block, std::move(loaded[i].qm), std::move(loaded[i].qv), std::move(loaded[i].am), std::move(loaded[i].av));
+            }
             for (int which = 0; which < 3; ++which) {
+                if (which > 0 && layers[i].quantized) continue;
                 buffer& target = live(i, which);
                 const std::vector<T>& source = loaded_part(i, which);
                 if (target.size() != source.size()) target = std::move(fresh[3 * i + static_cast<std::size_t>(which)]);
@@ -172,6 +194,25 @@ struct optimizer_state_io {
         w.put(static_cast<std::uint8_t>(l.side));
         const std::vector<std::byte> blob = std::move(w).finish();
         return velora::fnv1a64(blob) | 1;
+    }
+
+    // 8-bit moments: n bytes of m and of v, then the absmax of their blocks (see load_state for the rules).
+    static void get_quantized(velora::state_reader& r, std::size_t i, const parameter_state<B>& l, index_t n, loaded_parameter<T>& s) {
+        const index_t block = l.q8.block(), blocks = (n + block - 1) / block;
+        s.qm = r.get_array<std::uint8_t>(n);
+        s.qv = r.get_array<std::uint8_t>(n);
+        s.am = r.get_array<float>(blocks);
+        s.av = r.get_array<float>(blocks);
+        double m_bound = 0, v_bound = 0;
+        for (int which = 0; which < 2; ++which)
+            for (const float a : which == 0 ? s.am : s.av) {
+                if (!(std::isfinite(a) && (a == 0.0f || a >= std::numeric_limits<float>::min())))
+                    r.bad("parameter ", i, ": an 8-bit block of the ", which == 0 ? "first" : "second", " moment has the absmax ", a,
+                          " (finite and 0 or at least ", std::numeric_limits<float>::min(), " expected)");
+                (which == 0 ? m_bound : v_bound) = std::max(which == 0 ? m_bound : v_bound, static_cast<double>(a));
+            }
+        s.m_bound = m_bound;
+        s.v_bound = v_bound;
     }
 
     static void put_buffer(B& b, velora::state_writer& w, const buffer& buf, index_t n, std::vector<T>& host) {

@@ -33,6 +33,7 @@ struct optimizer_workspace {
     buffer fused;                                    ///< a factored gradient's products
     buffer dense_gradient;                           ///< a dense parameter's expanded gradient
     buffer reduce, bucket;                           ///< data-parallel: energy pass, all_reduce_mean
+    buffer m_old, v_old;                             ///< 8-bit low-rank moments dequantised for the transport and the exact path
 
     /// Sizes the low-rank buffers for a parameter whose basis rows are `len` long, moments `other`
     /// wide, of rank at most r_cap (grows only).
@@ -43,6 +44,12 @@ struct optimizer_workspace {
         grow(basis_next, r_cap * len);
         grow(rotation, r_cap * r_cap);
         grow(rotation_squared, r_cap * r_cap);
+    }
+
+    /// Sizes the buffers that hold a low-rank parameter's 8-bit moments as floats (n = r_cap·other).
+    void reserve_dequantized(index_t n) {
+        grow(m_old, n);
+        grow(v_old, n);
     }
 
     /// Element counts of the buffers a plan needs for parameters of the given shapes: the rows of
@@ -95,7 +102,8 @@ struct optimizer_workspace {
     /// Bytes held (capacities).
     [[nodiscard]] std::size_t bytes() const noexcept {
         return (projection.capacity() + m_next.capacity() + v_next.capacity() + basis_next.capacity() + rotation.capacity() +
-                rotation_squared.capacity() + fused.capacity() + dense_gradient.capacity() + reduce.capacity() + bucket.capacity()) *
+                rotation_squared.capacity() + fused.capacity() + dense_gradient.capacity() + reduce.capacity() + bucket.capacity() + m_old.capacity() +
+                v_old.capacity()) *
                sizeof(T);
     }
 

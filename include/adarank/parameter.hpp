@@ -16,6 +16,7 @@
 #include <velora/core/rng.hpp>
 
 #include "backend.hpp"
+#include "blockwise_moments.hpp"
 #include "gradient.hpp"
 #include "policies.hpp"
 #include "rsvd.hpp"
@@ -77,6 +78,10 @@ struct parameter_state : parameter_progress, certificate_bounds {
     index_t len = 0, other = 0, r_cap = 0;   ///< low-rank: basis rows are len long, moments other wide, rank <= r_cap
     std::uint64_t seed = 0;                  ///< of this parameter's Gaussian stream
     buffer basis, m, v;
+    /// The moments in the 8-bit format instead of m and v (state_format::int8_blockwise; m and v
+    /// then stay empty).
+    bool quantized = false;
+    blockwise_moments q8;
     /// Data-parallel bookkeeping (not state): bytes reduced by all_reduce_mean since the last
     /// step, and bytes of the last step (see layer_info::communicated_bytes).
     std::uint64_t pending_bytes = 0, communicated = 0;
@@ -130,8 +135,11 @@ struct parameter_state : parameter_progress, certificate_bounds {
     [[nodiscard]] const_matrix_view<T> moment_view(const buffer& b) const { return {b.data(), rank, other, other}; }
     [[nodiscard]] matrix_view<T> dense_view(buffer& b) const { return {b.data(), rows, cols, cols}; }
 
-    /// Basis + moments held: (r·len + 2·r·other)·sizeof(T) low-rank, 2·rows·cols·sizeof(T) dense.
+    /// Basis + moments held: (r·len + 2·r·other)·sizeof(T) low-rank, 2·rows·cols·sizeof(T) dense;
+    /// 8-bit moments count their bytes and absmax (blockwise_moments::bytes) instead.
     [[nodiscard]] std::size_t state_bytes() const noexcept {
+        const index_t basis_elements = low_rank ? rank * len : 0;
+        if (quantized) return static_cast<std::size_t>(basis_elements) * sizeof(T) + q8.bytes();
         const index_t elements = low_rank ? rank * (len + 2 * other) : 2 * rows * cols;
         return static_cast<std::size_t>(elements) * sizeof(T);
     }
@@ -150,6 +158,13 @@ struct parameter_state : parameter_progress, certificate_bounds {
         if (r == rank && basis.size() == static_cast<std::size_t>(r * len)) return;
         buffer b, mm, vv;
         b.resize(static_cast<std::size_t>(r * len));
+        if (quantized) {
+            blockwise_moments q;
+            q.assign_zero(r * other, q8.block());
+            basis = std::move(b);
+            q8 = std::move(q);
+            return;
+        }
         mm.resize(static_cast<std::size_t>(r * other));
         vv.resize(static_cast<std::size_t>(r * other));
         basis = std::move(b);
@@ -180,6 +195,8 @@ struct parameter_state : parameter_progress, certificate_bounds {
 template <class T>
 struct loaded_parameter : parameter_progress, certificate_bounds {
     std::vector<T> basis, m, v;
+    std::vector<std::uint8_t> qm, qv;   ///< 8-bit moments: bytes and block absmax
+    std::vector<float> am, av;
 };
 
 } // namespace adarank

@@ -20,6 +20,8 @@
 #include <velora/core/serialize.hpp>
 #include <velora/core/view.hpp>
 
+#include "state_format.hpp"
+
 namespace adarank {
 
 using velora::index_t;
@@ -315,6 +317,8 @@ struct basic_optimizer_config {
     transport_policy transport = transport_policy::squared_rotation;
     rsvd_config rsvd{};
     std::uint64_t seed = 0x5eedULL;   ///< of the Gaussian sketches (each parameter draws from its own stream)
+    state_format state = state_format::float32;   ///< how the moments are stored (state_format.hpp)
+    index_t state_block = default_state_block;    ///< elements per absmax block of the 8-bit format
 
     /// GaLore (Zhao et al. 2024) as a configuration: fixed rank, refresh every `interval`
     /// steps by an exact SVD, moments reused unchanged.

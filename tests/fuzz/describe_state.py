@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints the fields of a velora state blob (optimizer format version 1 or 2, compressor 1), to read
+"""Prints the fields of a velora state blob (optimizer format version 1 to 3, compressor 1), to read
 a fuzzer finding: `describe_state.py BLOB [SEED]` lists every field with its byte offset and,
 given a second blob, marks the fields that differ from it (e.g. the seed it was mutated from).
 With --repair the blob's envelope is first rewritten as the "_repair" harnesses do."""
@@ -89,6 +89,10 @@ def config(r):
     r.get("config.rsvd.warm_start", "B")
     r.get("config.rsvd.exact_fraction", "d")
     r.get("config.seed", "Q")
+    r.state8 = False
+    if r.version >= 3:
+        r.state8 = r.get("config.state", "B") == 1
+        r.get("config.state_block", "q")
 
 
 def optimizer(r):
@@ -114,8 +118,15 @@ def optimizer(r):
         r.get(p + "last.warm", "B")
         r.get(p + "last.energy", "d")
         r.get(p + "last.captured", "d")
-        for n in ("basis", "m", "v"):
-            r.array(p + n, "f")
+        r.array(p + "basis", "f")
+        if r.state8:   # 8-bit moments: bytes of m and v, absmax of their blocks
+            r.array(p + "m_bytes", "B")
+            r.array(p + "v_bytes", "B")
+            r.array(p + "m_absmax", "f")
+            r.array(p + "v_absmax", "f")
+        else:
+            for n in ("m", "v"):
+                r.array(p + n, "f")
 
 
 def compressor(r):

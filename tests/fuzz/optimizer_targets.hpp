@@ -57,6 +57,16 @@ inline std::vector<optimizer_target> optimizer_targets() {
         c.seed = 77;
         t.push_back({"energy", c, {{10, 16, param_kind::low_rank}, {16, 10, param_kind::low_rank}, {3, 3, param_kind::dense}}, 5});
     }
+    {   // 8-bit blockwise moments (blocks of 64: several blocks and a short last one in the dense
+        // 12x20 matrix), low-rank and dense parameters, refresh every 2 steps (moments transported
+        // through their dequantised values).
+        auto c = adarank::optimizer_config::galore(3, 2, 0.25);
+        c.adam.lr = 1e-2;
+        c.transport = adarank::transport_policy::squared_rotation;
+        c.state = adarank::state_format::int8_blockwise;
+        c.state_block = 64;
+        t.push_back({"state8", c, {{12, 20, param_kind::low_rank}, {20, 12, param_kind::low_rank}, {12, 20, param_kind::dense}, {1, 12, param_kind::automatic}}, 3});
+    }
     return t;
 }
 

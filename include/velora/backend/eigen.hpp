@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <concepts>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -37,6 +38,7 @@
 #include "../core/view.hpp"
 #include "../quant/nf4_layout.hpp"
 #include "cpu/adam.hpp"
+#include "cpu/adam8.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/nf4_dequantize.hpp"
 #include "cpu/lanes.hpp"
@@ -233,6 +235,20 @@ public:
             cpu::for_each_row(threads_, w.size(), w.rows, [&](index_t r) {
                 cpu::adam_row<cpu::adam_row_kind::galore_weight>(g.row(r), m.row(r), v.row(r), w.row(r), w.cols, terms);
             });
+    }
+
+    /// Adam(W) on 8-bit blockwise moments (float only), contiguous g and out (w, or n for
+    /// adam_row_kind::moments), every block in one pass: cpu/adam8.hpp. False when some result was
+    /// not finite (what was written must then be discarded).
+    bool adam8_update(cpu::adam_row_kind kind, const T* g, T* out, const cpu::adam8_tensor_state& s, const rules::adamw_terms<T>& terms)
+        requires std::same_as<T, float>
+    {
+        switch (kind) {
+        case cpu::adam_row_kind::moments: return cpu::adam8_tensor<cpu::adam_row_kind::moments>(threads_, g, out, s, terms);
+        case cpu::adam_row_kind::galore_weight: return cpu::adam8_tensor<cpu::adam_row_kind::galore_weight>(threads_, g, out, s, terms);
+        case cpu::adam_row_kind::torch_weight: return cpu::adam8_tensor<cpu::adam_row_kind::torch_weight>(threads_, g, out, s, terms);
+        }
+        return false;
     }
 
     /// out = in ∘ in.

@@ -43,6 +43,10 @@ public:
     TORCH_ARG(adarank::side_policy, side) = library_defaults.side;
     TORCH_ARG(adarank::rsvd_config, rsvd) = library_defaults.rsvd;
     TORCH_ARG(std::uint64_t, seed) = library_defaults.seed;
+    /// How the moments are stored: float, or 8-bit blockwise (float parameters on the CPU;
+    /// adarank/state_format.hpp), in blocks of state_block elements.
+    TORCH_ARG(adarank::state_format, state) = library_defaults.state;
+    TORCH_ARG(std::int64_t, state_block) = library_defaults.state_block;
     TORCH_ARG(adarank::param_kind, kind) = adarank::param_kind::automatic;   ///< 2-D (and flattened) parameters
     TORCH_ARG(higher_dims, nd) = higher_dims::flatten;
 
@@ -61,6 +65,8 @@ public:
         c.transport = transport();
         c.rsvd = rsvd();
         c.seed = seed();
+        c.state = state();
+        c.state_block = state_block();
         return c;
     }
     /// Sets every option a library configuration has (kind and nd are kept).
@@ -77,6 +83,8 @@ public:
         transport(c.transport);
         rsvd(c.rsvd);
         seed(c.seed);
+        state(c.state);
+        state_block(c.state_block);
         return *this;
     }
     /// GaLore as options (adarank::optimizer_config::galore).

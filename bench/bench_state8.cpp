@@ -1,0 +1,243 @@
+// 8-bit blockwise Adam moments against float moments, measured in the same run: the dense AdamW
+// pass over 4M floats (the backend's float adamw_update against cpu/adam8.hpp's blocks, at each
+// supported block size), the subspace Adam of a low-rank step (r × n moments, n written in place
+// of the projected gradient), and whole optimizer steps (low_rank_adamw, state = float32 against
+// int8_blockwise): a dense 2048×2048 parameter, and a low-rank 1024×4096 one at rank 128 without
+// refreshes (bench_adarank's BM_LowRankAdamStep). All use the same threads (OMP_NUM_THREADS).
+#include <adarank/adarank.hpp>
+#include <velora/backend/cpu/adam8.hpp>
+#include <velora/backend/eigen.hpp>
+
+#include "common.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <unistd.h>
+
+#include <cstdint>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using velora::index_t;
+using velora::cpu::adam_row_kind;
+
+constexpr index_t kRows = 2048, kCols = 2048;            // 4M floats
+constexpr index_t kRank = 128, kSubspaceCols = 4096;      // a 1024×4096 weight's right-side subspace at r = 128
+
+velora::rules::adamw_terms<float> terms() {
+    velora::rules::adamw_terms<float> c;
+    c.beta1 = 0.9f;
+    c.beta2 = 0.999f;
+    c.c1 = 1.0f - c.beta1;
+    c.c2 = 1.0f - c.beta2;
+    c.eps = 1e-8f;
+    c.step = 1e-3f;
+    c.decay = 1.0f - 1e-5f;
+    return c;
+}
+
+int threads() {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+struct dense_data {
+    index_t n;
+    std::vector<float> w, g, m, v;
+    std::vector<std::uint8_t> qm, qv;
+    std::vector<float> am, av;
+    explicit dense_data(index_t count) : n(count), w(count), g(count), m(count, 0.0f), v(count, 0.0f), qm(count, 0), qv(count, 0) {
+        bench::fill_gaussian(w.data(), n, 1, 0.02);
+        bench::fill_gaussian(g.data(), n, 2, 1e-3);
+    }
+    velora::cpu::adam8_tensor_state state8(index_t block) {
+        am.assign(static_cast<std::size_t>((n + block - 1) / block), 0.0f);
+        av.assign(am.size(), 0.0f);
+        std::fill(qm.begin(), qm.end(), std::uint8_t{0});
+        std::fill(qv.begin(), qv.end(), std::uint8_t{0});
+        return {qm.data(), qv.data(), am.data(), av.data(), n, block};
+    }
+};
+
+dense_data& dense() {
+    static dense_data d(kRows * kCols);
+    return d;
+}
+
+velora::eigen_backend<float>& backend() {
+    static velora::eigen_backend<float> b(threads());
+    return b;
+}
+
+void BM_AdamWFloat(benchmark::State& state) {
+    auto& d = dense();
+    const auto c = terms();
+    for (auto _ : state) {
+        backend().adamw_update(velora::matrix_view<float>(d.w.data(), kRows, kCols), velora::const_matrix_view<float>(d.g.data(), kRows, kCols),
+                               velora::matrix_view<float>(d.m.data(), kRows, kCols), velora::matrix_view<float>(d.v.data(), kRows, kCols), c);
+        benchmark::ClobberMemory();
+    }
+    state.counters["state_bytes"] = 2.0 * static_cast<double>(d.n) * sizeof(float);
+    state.SetBytesProcessed(state.iterations() * 7 * d.n * static_cast<std::int64_t>(sizeof(float)));
+}
+BENCHMARK(BM_AdamWFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void BM_AdamW8bit(benchmark::State& state) {
+    bench::guarded(state, [&] {
+        auto& d = dense();
+        const index_t block = state.range(0);
+        const auto s = d.state8(block);
+        const auto c = terms();
+        for (auto _ : state) {
+            if (!velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(threads(), d.g.data(), d.w.data(), s, c))
+                return state.SkipWithError("a block was not finite");
+            benchmark::ClobberMemory();
+        }
+        state.counters["state_bytes"] = static_cast<double>(2 * d.n) + 2.0 * sizeof(float) * static_cast<double>(s.blocks());
+    });
+}
+// Registered in main as BM_AdamW8bit_<block> (the ratio table keys on function names).
+
+// The subspace Adam of a low-rank step: n = m/(√v+ε) overwrites the projected gradient.
+struct subspace_data {
+    dense_data d{kRank * kSubspaceCols};
+    std::vector<float> r0 = d.g, r = d.g;
+};
+subspace_data& subspace() {
+    static subspace_data s;
+    return s;
+}
+
+void BM_SubspaceAdamFloat(benchmark::State& state) {
+    auto& s = subspace();
+    const auto c = terms();
+    for (auto _ : state) {
+        state.PauseTiming();
+        s.r = s.r0;
+        state.ResumeTiming();
+        backend().adam_moments(velora::const_matrix_view<float>(s.r.data(), kRank, kSubspaceCols), velora::matrix_view<float>(s.d.m.data(), kRank, kSubspaceCols),
+                               velora::matrix_view<float>(s.d.v.data(), kRank, kSubspaceCols), c.beta1, c.beta2, c.eps,
+                               velora::matrix_view<float>(s.r.data(), kRank, kSubspaceCols));
+        benchmark::ClobberMemory();
+    }
+}
+BENCHMARK(BM_SubspaceAdamFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void BM_SubspaceAdam8bit(benchmark::State& state) {
+    bench::guarded(state, [&] {
+        auto& s = subspace();
+        const auto q = s.d.state8(state.range(0));
+        const auto c = terms();
+        for (auto _ : state) {
+            state.PauseTiming();
+            s.r = s.r0;
+            state.ResumeTiming();
+            if (!velora::cpu::adam8_tensor<adam_row_kind::moments>(threads(), s.r.data(), s.r.data(), q, c)) return state.SkipWithError("not finite");
+            benchmark::ClobberMemory();
+        }
+    });
+}
+// Registered in main as BM_SubspaceAdam8bit_<block>.
+
+constexpr index_t kBlocks[] = {64, 128, 256, 512, 1024, 2048, 4096};
+constexpr index_t kSubspaceBlocks[] = {256, 2048};
+
+void register_blocks() {
+    for (const index_t b : kBlocks)
+        benchmark::RegisterBenchmark(("BM_AdamW8bit_" + std::to_string(b)).c_str(), BM_AdamW8bit)->Arg(b)->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (const index_t b : kSubspaceBlocks)
+        benchmark::RegisterBenchmark(("BM_SubspaceAdam8bit_" + std::to_string(b)).c_str(), BM_SubspaceAdam8bit)->Arg(b)->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+// ---------------------------------------------------------------- whole optimizer steps
+constexpr index_t kStepRows = 1024, kStepCols = 4096;
+
+struct step_fixture {
+    adarank::low_rank_adamw<velora::eigen_backend<float>> opt;
+    index_t rows, cols;
+    std::vector<float> w, g;
+    index_t id;
+    step_fixture(adarank::state_format format, adarank::param_kind kind, index_t r, index_t c)
+        : opt(backend(), config(format)), rows(r), cols(c), w(static_cast<std::size_t>(r * c)), g(static_cast<std::size_t>(r * c)),
+          id(opt.add_parameter(r, c, kind)) {
+        bench::fill_gaussian(w.data(), r * c, 3, 0.02);
+        bench::fill_gaussian(g.data(), r * c, 4, 1e-3);
+        if (step() != velora::status::ok) throw std::runtime_error("warm-up step did not return status::ok");
+    }
+    static adarank::optimizer_config config(adarank::state_format format) {
+        adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);
+        c.adam.lr = 1e-3;
+        c.adam.eps = 1e-6;
+        c.state = format;
+        return c;
+    }
+    velora::status step() { return opt.step(id, velora::matrix_view<float>(w.data(), rows, cols), velora::const_matrix_view<float>(g.data(), rows, cols)); }
+};
+
+void step_benchmark(benchmark::State& state, adarank::state_format format, adarank::param_kind kind, index_t r, index_t c) {
+    bench::guarded(state, [&] {
+        step_fixture f(format, kind, r, c);
+        for (auto _ : state) {
+            if (f.step() != velora::status::ok) return state.SkipWithError("step did not return status::ok");
+            benchmark::ClobberMemory();
+        }
+        state.counters["state_bytes"] = static_cast<double>(f.opt.state_bytes());
+    });
+}
+void BM_DenseStepFloat(benchmark::State& s) { step_benchmark(s, adarank::state_format::float32, adarank::param_kind::dense, kRows, kCols); }
+void BM_DenseStep8bit(benchmark::State& s) { step_benchmark(s, adarank::state_format::int8_blockwise, adarank::param_kind::dense, kRows, kCols); }
+void BM_LowRankStepFloat(benchmark::State& s) { step_benchmark(s, adarank::state_format::float32, adarank::param_kind::low_rank, kStepRows, kStepCols); }
+void BM_LowRankStep8bit(benchmark::State& s) { step_benchmark(s, adarank::state_format::int8_blockwise, adarank::param_kind::low_rank, kStepRows, kStepCols); }
+BENCHMARK(BM_DenseStepFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DenseStep8bit)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LowRankStepFloat)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LowRankStep8bit)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void print_ratios(const bench::ratio_reporter& rep) {
+    using bench::goal;
+    using bench::ratio;
+    bench::print_header("Ratios (same run; real time per iteration, the median when repetitions were given)",
+                        "dense: 4M floats; subspace: 128 x 4096; speed-up = float time / 8-bit time");
+    for (const index_t b : kBlocks) {
+        const std::string block = std::to_string(b), label = "AdamWFloat / AdamW8bit block " + block;
+        print_row(label.c_str(), ratio(rep.seconds("BM_AdamWFloat"), rep.seconds("BM_AdamW8bit_" + block)), goal::at_least, 1.4, "%.3f", "speed-up");
+    }
+    for (const index_t b : kSubspaceBlocks) {
+        const std::string block = std::to_string(b), label = "SubspaceAdam8bit block " + block + " / float";
+        print_row(label.c_str(), ratio(rep.seconds("BM_SubspaceAdam8bit_" + block), rep.seconds("BM_SubspaceAdamFloat")), goal::info, 0, "%.3f", "time ratio");
+    }
+    print_row("DenseStepFloat / DenseStep8bit (optimizer)", ratio(rep.seconds("BM_DenseStepFloat"), rep.seconds("BM_DenseStep8bit")), goal::at_least, 1.4,
+              "%.3f", "speed-up, block 256");
+    print_row("LowRankStep8bit / LowRankStepFloat (optimizer)", ratio(rep.seconds("BM_LowRankStep8bit"), rep.seconds("BM_LowRankStepFloat")), goal::at_most,
+              1.05, "%.3f", "time ratio, block 256");
+    print_row("DenseStep state bytes 8-bit / float", ratio(rep.counter("BM_DenseStep8bit", "state_bytes"), rep.counter("BM_DenseStepFloat", "state_bytes")),
+              goal::info, 0, "%.4f", "");
+    print_row("LowRankStep state bytes 8-bit / float",
+              ratio(rep.counter("BM_LowRankStep8bit", "state_bytes"), rep.counter("BM_LowRankStepFloat", "state_bytes")), goal::info, 0, "%.4f",
+              "basis stays float");
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    register_blocks();
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    benchmark::AddCustomContext("omp_threads", std::to_string(threads()));
+    benchmark::AddCustomContext("adam8_body", velora::cpu::adam8_has_avx512 ? "avx512" : velora::cpu::adam8_has_avx2 ? "avx2" : "scalar");
+    const bool color = ::isatty(STDOUT_FILENO) != 0;
+    bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    std::cout.flush();
+    print_ratios(reporter);
+    benchmark::Shutdown();
+    return 0;
+}

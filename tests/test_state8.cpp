@@ -1,0 +1,287 @@
+// 8-bit blockwise Adam moments: the dynamic codes (velora/backend/rules/dynamic_code.hpp) and the
+// CPU block kernel's three bodies (velora/backend/cpu/adam8.hpp).
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <velora/backend/cpu/adam8.hpp>
+#include <velora/core/rng.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+using velora::index_t;
+using velora::cpu::adam_row_kind;
+using velora::rules::dynamic_code;
+
+float from_bits(std::uint32_t b) {
+    float f;
+    std::memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+// bitsandbytes' create_dynamic_map, written out from its definition: decade i holds the midpoints
+// of k_i equal cells of [0.1, 1] scaled by 10^(i-6).
+std::vector<double> reference_magnitudes(bool is_signed) {
+    std::vector<double> r{0.0};
+    for (int i = 0; i < 7; ++i) {
+        const int k = is_signed ? (1 << i) : (1 << (i + 1));
+        for (int j = 0; j < k; ++j) r.push_back(std::pow(10.0, i - 6) * (0.1 + 0.9 * (j + 0.5) / k));
+    }
+    if (is_signed) r.back() = 1.0;
+    else r.push_back(1.0);
+    return r;
+}
+
+velora::rules::adamw_terms<float> galore_terms(int t) {
+    velora::rules::adamw_terms<float> c;
+    const double b1 = 0.9, b2 = 0.999, lr = 1e-3;
+    c.beta1 = 0.9f;
+    c.beta2 = 0.999f;
+    c.c1 = 1.0f - c.beta1;
+    c.c2 = 1.0f - c.beta2;
+    c.eps = 1e-8f;
+    c.step = static_cast<float>(lr * std::sqrt(1 - std::pow(b2, t)) / (1 - std::pow(b1, t)));
+    c.decay = static_cast<float>(1 - lr * 0.01);
+    return c;
+}
+
+velora::rules::adamw_terms<float> torch_terms(int t) {
+    auto c = galore_terms(t);
+    c.order = velora::rules::adamw_order::torch;
+    c.step = static_cast<float>(1e-3 / (1 - std::pow(0.9, t)));
+    c.bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(0.999, t)));
+    return c;
+}
+
+// A tensor of 8-bit moments with its arrays.
+struct state8 {
+    std::vector<std::uint8_t> qm, qv;
+    std::vector<float> am, av;
+    index_t count, block;
+    state8(index_t n, index_t b) : qm(n), qv(n), am((n + b - 1) / b), av((n + b - 1) / b), count(n), block(b) {}
+    velora::cpu::adam8_tensor_state view() { return {qm.data(), qv.data(), am.data(), av.data(), count, block}; }
+    bool operator==(const state8&) const = default;
+};
+
+// Gradients over a wide dynamic range, with a block of zeros at [zero_first, zero_first + zero_n).
+std::vector<float> gradient(index_t n, std::uint64_t seed, index_t zero_first = 0, index_t zero_n = 0) {
+    std::vector<float> g(n);
+    for (index_t i = 0; i < n; ++i) {
+        const double scale = std::pow(10.0, -3.0 + 3.0 * (0.5 + 0.5 * std::erf(velora::gaussian_at(seed + 1, static_cast<std::uint64_t>(i)) / std::sqrt(2.0))));
+        g[i] = static_cast<float>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
+    }
+    for (index_t i = zero_first; i < zero_first + zero_n && i < n; ++i) g[i] = 0;
+    return g;
+}
+
+template <adam_row_kind K>
+void run_steps(velora::cpu::adam8_body body, int threads, int steps, index_t n, index_t block, state8& s, std::vector<float>& out,
+               bool torch = false) {
+    for (int t = 1; t <= steps; ++t) {
+        // the block [block, 2·block) stays all zero: its moments stay 0
+        std::vector<float> g = gradient(n, 100 + static_cast<std::uint64_t>(t), block, block);
+        const auto c = torch ? torch_terms(t) : galore_terms(t);
+        REQUIRE(velora::cpu::adam8_tensor<K>(threads, g.data(), out.data(), s.view(), c, body));
+    }
+}
+
+} // namespace
+
+TEST_CASE("dynamic codes: bitsandbytes' construction, sorted, 0 and 1 exact") {
+    for (const bool is_signed : {true, false}) {
+        const auto& code = is_signed ? velora::rules::signed_dynamic_code() : velora::rules::unsigned_dynamic_code();
+        const auto ref = reference_magnitudes(is_signed);
+        REQUIRE(code.magnitudes == static_cast<int>(ref.size()));
+        CHECK(code.magnitudes == (is_signed ? 128 : 256));
+        for (int k = 0; k < code.magnitudes; ++k) CHECK(code.value[static_cast<std::size_t>(k)] == static_cast<float>(ref[static_cast<std::size_t>(k)]));
+        for (int k = 0; k + 1 < code.magnitudes; ++k) CHECK(code.value[static_cast<std::size_t>(k)] < code.value[static_cast<std::size_t>(k + 1)]);
+        CHECK(code.value[0] == 0.0f);
+        CHECK(code.value[static_cast<std::size_t>(code.magnitudes - 1)] == 1.0f);
+        if (is_signed)
+            for (int k = 0; k < 128; ++k) CHECK(code.value[static_cast<std::size_t>(128 + k)] == -code.value[static_cast<std::size_t>(k)]);
+    }
+    // bitsandbytes' unsigned map's smallest non-zero value: 10^-6·(0.1 + 0.9/4) = 3.25e-7
+    CHECK(velora::rules::unsigned_dynamic_code().value[1] == doctest::Approx(3.25e-7).epsilon(1e-6));
+}
+
+TEST_CASE("dynamic codes: the arithmetic encoder gives the nearest code for every sampled float in [0, 1]") {
+    for (const bool is_signed : {true, false}) {
+        const auto& code = is_signed ? velora::rules::signed_dynamic_code() : velora::rules::unsigned_dynamic_code();
+        CHECK(code.groups == 9);
+        std::uint64_t not_nearest = 0, checked = 0;
+        for (std::uint32_t bits = 0; bits <= 0x3F800000u; bits += (bits < 0x3F000000u ? 61u : 1u)) {
+            const float y = from_bits(bits);
+            const auto k = code.nearest_magnitude(y);
+            REQUIRE(k < static_cast<std::uint32_t>(code.magnitudes));
+            // nearest in exact arithmetic, up to the rounding of the cell index (a fused multiply-add)
+            const double d = std::fabs(static_cast<double>(y) - code.value[k]);
+            const double slack = 1e-6 * static_cast<double>(y) + 1e-45;
+            if (k > 0 && std::fabs(static_cast<double>(y) - code.value[k - 1]) + slack < d) ++not_nearest;
+            if (static_cast<int>(k) + 1 < code.magnitudes && std::fabs(static_cast<double>(y) - code.value[k + 1]) + slack < d) ++not_nearest;
+            ++checked;
+        }
+        CHECK(checked > 8000000);
+        CHECK(not_nearest == 0);
+        // every code is its own nearest
+        for (int k = 0; k < code.magnitudes; ++k) CHECK(code.nearest_magnitude(code.value[static_cast<std::size_t>(k)]) == static_cast<std::uint32_t>(k));
+    }
+}
+
+TEST_CASE("dynamic codes: the dequantisation error of a block stays within its bound") {
+    const index_t block = 256;
+    const auto g = gradient(64 * block, 7);
+    for (const bool is_signed : {true, false}) {
+        const auto& code = is_signed ? velora::rules::signed_dynamic_code() : velora::rules::unsigned_dynamic_code();
+        double worst_ratio = 0;
+        for (index_t b = 0; b < 64; ++b) {
+            float absmax = 0;
+            std::vector<float> x(g.begin() + b * block, g.begin() + (b + 1) * block);
+            if (!is_signed)
+                for (float& e : x) e = e * e;
+            for (float e : x) absmax = std::max(absmax, std::fabs(e));
+            for (float e : x) {
+                const std::uint8_t q = code.encode(e, dynamic_code::reciprocal(absmax));
+                const double err = std::fabs(static_cast<double>(code.decode(q, absmax)) - e);
+                // the gap around |e|/absmax, halved; plus the roundings of y and of the product
+                const double y = std::fabs(static_cast<double>(e)) / absmax;
+                int k = 0;
+                while (k + 2 < code.magnitudes && code.value[static_cast<std::size_t>(k + 1)] <= y) ++k;
+                const double gap = static_cast<double>(code.value[static_cast<std::size_t>(k + 1)]) - code.value[static_cast<std::size_t>(k)];
+                // (y = |e|·(1/absmax) and the cell index are rounded: a few units of 2^-24·y)
+                const double bound = absmax * (gap / 2 + 1e-6 * y) + 1e-45;
+                CHECK(err <= bound);
+                worst_ratio = std::max(worst_ratio, err / bound);
+                // and the block-wide bound: half the largest gap
+                CHECK(err <= absmax * (code.largest_gap() / 2 + 1e-6));
+            }
+            // the absmax element is exact
+            for (float e : x)
+                if (std::fabs(e) == absmax) CHECK(code.decode(code.encode(e, dynamic_code::reciprocal(absmax)), absmax) == e);
+        }
+        MESSAGE(std::string(is_signed ? "signed" : "unsigned") << " code: worst error / bound = " << worst_ratio << ", largest gap " << code.largest_gap());
+    }
+}
+
+TEST_CASE("dynamic codes: an absmax near the largest float encodes without overflow") {
+    const auto& code = velora::rules::signed_dynamic_code();
+    const float big = std::numeric_limits<float>::max(), inv = dynamic_code::reciprocal(big);
+    CHECK(inv > 0.0f);   // subnormal, not zero
+    CHECK(code.encode(big, inv) == 127);
+    CHECK(code.encode(-big, inv) == 255);
+    CHECK(code.decode(255, big) == -big);
+    CHECK(code.encode(big / 2, inv) == code.nearest_magnitude(0.5f));
+    CHECK(code.encode(0.0f, 1.0f) == 0);
+    CHECK(code.encode(-0.0f, 1.0f) == 0);    // no negative zero byte
+    CHECK(code.encode(-1e-9f, 1.0f) == 0);   // below the smallest magnitude's midpoint
+}
+
+TEST_CASE("adam8: huge and subnormal moments (absmax overflow and underflow)") {
+    const index_t n = 64;
+    for (const auto body : {velora::cpu::adam8_body::scalar, velora::cpu::adam8_body::avx2, velora::cpu::adam8_body::avx512}) {
+        state8 s(n, n);
+        std::vector<float> w(n, 0.0f), g(n, 1e19f);   // v = (1 - β₂)·g² = 1e35: finite, its reciprocal is normal
+        g[3] = -1.8e19f;
+        auto c = galore_terms(1);
+        c.c1 = 1.0f;   // m = g exactly
+        c.decay = 1.0f;
+        REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w.data(), s.view(), c, body));
+        CHECK(s.am[0] == 1.8e19f);
+        CHECK(s.qm[3] == 255);   // −absmax, exact
+        CHECK(velora::rules::signed_dynamic_code().decode(s.qm[0], s.am[0]) == doctest::Approx(1e19).epsilon(0.01));
+        // moments below the smallest normal float: the block is stored as zeros
+        state8 t(n, n);
+        std::vector<float> tiny(n, 1e-39f);
+        REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::moments>(1, tiny.data(), w.data(), t.view(), c, body));
+        CHECK(t.am[0] == 0.0f);
+        CHECK(t.av[0] == 0.0f);
+        for (index_t i = 0; i < n; ++i) CHECK((t.qm[i] | t.qv[i]) == 0);
+    }
+}
+
+TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bits", Kind, std::integral_constant<int, 0>, std::integral_constant<int, 1>,
+                   std::integral_constant<int, 2>) {
+    using velora::cpu::adam8_body;
+    constexpr adam_row_kind K = Kind::value == 0 ? adam_row_kind::galore_weight : Kind::value == 1 ? adam_row_kind::torch_weight : adam_row_kind::moments;
+    MESSAGE("bodies compiled: avx512 " << velora::cpu::adam8_has_avx512 << ", avx2 " << velora::cpu::adam8_has_avx2);
+    for (const index_t block : {index_t{64}, index_t{256}, index_t{2048}}) {
+        const index_t n = 5 * block + 37;   // a short last block with a scalar tail
+        const auto w0 = gradient(n, 3);
+        state8 ref(n, block);
+        std::vector<float> w_ref = w0;
+        run_steps<K>(adam8_body::scalar, 1, 4, n, block, ref, w_ref, K == adam_row_kind::torch_weight);
+        for (const adam8_body body : {adam8_body::avx2, adam8_body::avx512}) {
+            if (body == adam8_body::avx2 && !velora::cpu::adam8_has_avx2) continue;
+            if (body == adam8_body::avx512 && !velora::cpu::adam8_has_avx512) continue;
+            state8 s(n, block);
+            std::vector<float> w = w0;
+            run_steps<K>(body, 1, 4, n, block, s, w, K == adam_row_kind::torch_weight);
+            CHECK(s == ref);
+            CHECK(std::memcmp(w.data(), w_ref.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
+        }
+        // the all-zero block kept absmax 0 and zero bytes
+        CHECK(ref.am[1] == 0.0f);
+        CHECK(ref.av[1] == 0.0f);
+        for (index_t i = block; i < 2 * block; ++i) CHECK((ref.qm[i] | ref.qv[i]) == 0);
+        CHECK(ref.am[0] > 0.0f);
+    }
+}
+
+TEST_CASE("adam8: the same bits at 1 and 2 threads") {
+    const index_t n = (index_t{1} << 17) + 5, block = 256;
+    state8 one(n, block), two(n, block);
+    std::vector<float> w1 = gradient(n, 4), w2 = w1;
+    run_steps<adam_row_kind::galore_weight>(velora::cpu::adam8_body::avx512, 1, 3, n, block, one, w1);
+    run_steps<adam_row_kind::galore_weight>(velora::cpu::adam8_body::avx512, 2, 3, n, block, two, w2);
+    CHECK(one == two);
+    CHECK(std::memcmp(w1.data(), w2.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
+}
+
+TEST_CASE("adam8: close to the float update (the moments' quantisation error only), per block size") {
+    // gradients whose scale varies over three decades from element to element
+    const index_t n = 64 * 2048;
+    for (const index_t block : {index_t{64}, index_t{256}, index_t{2048}, index_t{4096}}) {
+        state8 s(n, block);
+        std::vector<float> w8 = gradient(n, 5), w32 = w8, m(n, 0.0f), v(n, 0.0f);
+        const std::vector<float> w0 = w8;
+        for (int t = 1; t <= 10; ++t) {
+            const auto g = gradient(n, 200 + static_cast<std::uint64_t>(t));
+            const auto c = galore_terms(t);
+            REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w8.data(), s.view(), c));
+            velora::cpu::adam_row<adam_row_kind::galore_weight>(g.data(), m.data(), v.data(), w32.data(), n, c);
+        }
+        double diff = 0, moved = 0;
+        for (index_t i = 0; i < n; ++i) {
+            diff += std::fabs(static_cast<double>(w8[i]) - w32[i]);
+            moved += std::fabs(static_cast<double>(w32[i]) - w0[i]);
+        }
+        MESSAGE("block " << block << ", after 10 steps: mean |w8 - w32| / mean |w32 - w0| = " << diff / moved);
+        CHECK(diff / moved < 0.035);   // measured 0.020 (64) to 0.028 (4096)
+    }
+}
+
+TEST_CASE("adam8: a non-finite result is reported (the caller discards what was written)") {
+    const index_t n = 300, block = 64;
+    state8 s(n, block);
+    std::vector<float> w(n, 1.0f), g(n, 0.5f);
+    const auto c = galore_terms(1);
+    REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w.data(), s.view(), c));
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), 3e19f /* g² overflows */}) {
+        for (const auto body : {velora::cpu::adam8_body::scalar, velora::cpu::adam8_body::avx2, velora::cpu::adam8_body::avx512}) {
+            std::vector<float> gb = g, wb = w;
+            state8 sb = s;
+            gb[70] = bad;   // a packet element
+            CHECK_FALSE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, gb.data(), wb.data(), sb.view(), c, body));
+            gb[70] = 0.5f;
+            gb[299] = bad;   // a tail element
+            wb = w;
+            sb = s;
+            CHECK_FALSE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, gb.data(), wb.data(), sb.view(), c, body));
+        }
+    }
+}
