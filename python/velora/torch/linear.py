@@ -93,8 +93,9 @@ class VeloraLinear(nn.Module):
         self.scale = scale
         self._core = _C.LinearCore(in_features, out_features, groups, v, ema_decay, seed, z_storage, scale)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+        else:
             self.register_parameter("bias", None)
         self.register_buffer("v", self._core.v())
         self.register_buffer("velora_state", self._core.save_state())
