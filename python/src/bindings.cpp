@@ -207,6 +207,60 @@ void refuse_cuda(const std::vector<at::Tensor>& params, const char* fn) {
                                 " is not on the CPU; the Python package takes CPU tensors (the CUDA backend is not wired to torch yet)");
 }
 
+// The library's communicator over torch.distributed: every collective is the torch.distributed
+// call on a tensor that views the library's buffer (torch::from_blob: no copy), on `group` (any
+// ProcessGroup: Gloo on CPU). Called from a step that runs without the GIL: each collective takes
+// it. Gloo's and NCCL's ring all-reduce leave the same bits on every rank (each chunk is summed
+// once, then copied), as the concept requires.
+class process_group_communicator final : public vt::dynamic_communicator {
+public:
+    explicit process_group_communicator(py::object group) : group_(std::move(group)), dist_(py::module_::import("torch.distributed")) {
+        rank_ = dist_.attr("get_rank")(group_).cast<int>();
+        size_ = dist_.attr("get_world_size")(group_).cast<int>();
+        velora::detail::require(rank_ >= 0 && size_ >= 1, "velora.torch.AdaRankGradAdamW", "argument 'process_group': this process is not a member (rank ",
+                                rank_, " of ", size_, ")");
+    }
+    ~process_group_communicator() override {
+        py::gil_scoped_acquire gil;
+        group_ = py::object();
+        dist_ = py::object();
+    }
+    int rank() const override { return rank_; }
+    int size() const override { return size_; }
+    void all_reduce_sum(std::span<float> data) override { all_reduce(data.data(), data.size(), at::kFloat); }
+    void all_reduce_sum(std::span<double> data) override { all_reduce(data.data(), data.size(), at::kDouble); }
+    void broadcast(std::span<std::byte> data, int root) override {
+        if (data.empty()) return;
+        py::gil_scoped_acquire gil;
+        const at::Tensor view = at::from_blob(data.data(), {static_cast<std::int64_t>(data.size())}, at::kByte);
+        dist_.attr("broadcast")(view, py::arg("src") = global_rank(root), py::arg("group") = group_);
+    }
+    bool any(bool flag) override {
+        py::gil_scoped_acquire gil;
+        const at::Tensor t = at::full({1}, flag ? 1 : 0, at::kInt);
+        dist_.attr("all_reduce")(t, py::arg("group") = group_);
+        return t.item<int>() > 0;
+    }
+
+private:
+    void all_reduce(void* data, std::size_t n, at::ScalarType type) {
+        if (n == 0) return;
+        py::gil_scoped_acquire gil;
+        const at::Tensor view = at::from_blob(data, {static_cast<std::int64_t>(n)}, type);
+        dist_.attr("all_reduce")(view, py::arg("group") = group_);
+    }
+    // torch.distributed.broadcast takes the root's global rank.
+    py::object global_rank(int root) {
+        if (group_.is_none()) return py::int_(root);
+        py::object c10d = dist_.attr("distributed_c10d");
+        if (py::hasattr(dist_, "get_global_rank")) return dist_.attr("get_global_rank")(group_, root);
+        return c10d.attr("_get_global_rank")(group_, root);
+    }
+
+    py::object group_, dist_;
+    int rank_ = 0, size_ = 1;
+};
+
 // The C++ optimizer over the Python optimizer's parameter tensors (the same TensorImpls: steps
 // write the Python parameters in place).
 class optimizer_core {
@@ -285,6 +339,9 @@ public:
         d["state_bytes"] = i.state_bytes;
         return d;
     }
+    // Data-parallel steps over torch.distributed's `group` (None: the default group).
+    void set_process_group(py::object group) { opt_->set_communicator(std::make_shared<process_group_communicator>(std::move(group))); }
+    void clear_process_group() { opt_->set_communicator(nullptr); }
     std::uint64_t skipped_steps() const { return opt_->skipped_steps(); }
     std::size_t state_bytes() const { return opt_->state_bytes(); }
     std::size_t adamw_state_bytes() const { return opt_->adamw_state_bytes(); }
@@ -319,6 +376,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("load", &optimizer_core::load)
         .def("group_hyper", &optimizer_core::group_hyper)
         .def("info", &optimizer_core::info)
+        .def("set_process_group", &optimizer_core::set_process_group)
+        .def("clear_process_group", &optimizer_core::clear_process_group)
         .def("skipped_steps", &optimizer_core::skipped_steps)
         .def("state_bytes", &optimizer_core::state_bytes)
         .def("adamw_state_bytes", &optimizer_core::adamw_state_bytes);

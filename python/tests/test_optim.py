@@ -126,6 +126,23 @@ def test_option_errors_are_value_errors_with_the_library_message():
         vt.AdaRankGradAdamW(model.parameters(), betas=(1.5, 0.999))
 
 
+def test_beta_and_weight_decay_schedules_match_torch_adamw():
+    ref, mine = _model(), _model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = vt.AdaRankGradAdamW(mine.parameters(), lr=1e-2, eps=1e-8, weight_decay=1e-2, convention="torch")
+    g = torch.Generator().manual_seed(1)
+    for t in range(10):
+        for o in (opt, opt_ref):
+            o.param_groups[0]["betas"] = (0.85 + 0.01 * t, 0.999)
+            o.param_groups[0]["weight_decay"] = 0.01 * (1 + t % 3)
+        x = torch.randn(8, 16, generator=g)
+        for m, o in ((mine, opt), (ref, opt_ref)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert _max_rel(mine, ref) <= 1e-6
+
+
 def test_changing_an_option_after_the_first_step():
     model = _model()
     opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, kind="auto")

@@ -50,11 +50,17 @@ class AdaRankGradAdamW(Optimizer):
     - ``nonfinite``: "skip" (default, GradScaler's rule: a step whose gradients hold NaN/Inf
       changes nothing and is reported in ``last_step``) or "raise" (the same, then
       velora.NumericalError).
+    - ``process_group``: data-parallel training over torch.distributed (any ProcessGroup, e.g.
+      ``torch.distributed.group.WORLD`` with the Gloo backend). Each rank computes the gradients
+      of its own share of the batch; every step then uses the mean over the ranks: a low-rank
+      parameter all-reduces its projected gradient (rank × other values) and, at a refresh, the
+      subspace search's products; a dense one its gradient. Do not average the gradients elsewhere
+      too (no DDP). Every rank builds the same optimizer and ends each step with the same bits.
     - CPU tensors only (ValueError otherwise).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
-                 no_deprecation_warning=False, convention="galore", nonfinite="skip", **library_defaults):
+                 no_deprecation_warning=False, convention="galore", nonfinite="skip", process_group=None, **library_defaults):
         fn = "velora.torch.AdaRankGradAdamW"
         if not correct_bias:
             raise ValueError(f"{fn}: argument 'correct_bias' is False; the library always corrects the moments' bias")
@@ -72,6 +78,8 @@ class AdaRankGradAdamW(Optimizer):
                 require_cpu(p, fn, "params")
         # Every group's options checked now (ValueError naming the option), as torch's optimizers do.
         self._engine()
+        if process_group is not None:
+            self._core.set_process_group(process_group)
 
     # ---------------------------------------------------------------- torch's surface
     @torch.no_grad()
