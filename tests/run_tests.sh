@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs what it needs, builds the test suite and runs it twice,
-# once optimised and once under AddressSanitizer + UndefinedBehaviorSanitizer, then fuzzes the
-# state loaders for a bounded time (tests/fuzz, docs/fuzzing.md).
+# once optimised and once under AddressSanitizer + UndefinedBehaviorSanitizer, installs and tests
+# the Python package (tests/python_package.sh), then fuzzes the state loaders for a bounded time
+# (tests/fuzz, docs/fuzzing.md).
 #
 # Environment:
 #   VELORA_FUZZ_SECONDS   seconds per fuzz harness and mode (8 runs, nproc at a time; default 60,
@@ -31,6 +32,9 @@ cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="-march=na
       -DVELORA_BLAS=ON -DBLA_VENDOR=OpenBLAS >/dev/null
 cmake --build build/test -j"$jobs"
 ctest --test-dir build/test --output-on-failure -j"$jobs"
+
+echo "== Python package (python/, velora.torch): pip install into a venv over Debian's python3-torch, then pytest"
+bash tests/python_package.sh build/python-venv
 
 echo "== BLIS build: GEMM correctness and thread-count determinism with a second BLAS"
 cmake -S . -B build/blis -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="-march=native" -DVELORA_BUILD_BENCHMARKS=OFF -DVELORA_BUILD_EXAMPLES=OFF \

@@ -10,7 +10,8 @@
 //     (hashes compared through the communicator);
 //   - a steady-state low-rank step communicates rank×other values, not rows×cols;
 //   - a NaN on one rank makes every rank return non_finite_input with nothing changed;
-//   - a checkpoint written by rank 0 and broadcast resumes bit-identically on every rank;
+//   - a checkpoint written by rank 0 and broadcast resumes bit-identically on every rank, and
+//     with VeLoRA it must hold the compressor's state too (without it the resumed v differs);
 //   - mismatched registrations (shape, order) throw on every rank instead of hanging;
 //   - share_first_batch_v gives every rank the v of the global first batch, and reports a finite
 //     batch whose reduced sum overflows as overflow, a NaN on one rank as non_finite_input;
@@ -389,6 +390,69 @@ TEST_CASE("a checkpoint written by rank 0 resumes bit-identically on every rank"
         CHECK(velora::same_on_all_ranks(comm, resumed.weights_hash()));
     }
     CHECK(opt2.save_state() == opt.save_state());
+}
+
+TEST_CASE("a VeLoRA checkpoint holds the compressor's state too: with it the resumed run is bit-identical, without it v differs") {
+    // docs/distributed.md's recipe: rank 0 saves the optimizer's and the compressor's states, every
+    // rank loads rank 0's bytes. Each rank compresses its share of every batch (v shared from the
+    // ranks' first batches) and steps the low-rank weight with its factored gradient.
+    auto& comm = world();
+    using B = backend_t<float>;
+    B backend;
+    const index_t tokens = global_batch, features = 24, outputs = 16, per_rank = share();
+    velora::compressor_config cc;
+    cc.groups = 6;
+    adarank::optimizer_config oc = test_config();
+    struct run {
+        velora::compressor<B> comp;
+        optimizer_t<float> opt;
+        std::vector<float> w;
+        index_t id;
+    };
+    const auto make = [&](std::vector<float> w) {
+        run r{velora::compressor<B>(backend, features, cc), optimizer_t<float>(backend, oc), std::move(w), 0};
+        r.id = r.opt.add_parameter(outputs, features, param_kind::low_rank, comm);
+        r.opt.reserve(adarank::workspace_plan{.factored_groups = cc.groups});
+        return r;
+    };
+    const auto step = [&](run& r, std::uint64_t t) {
+        const std::vector<float> x = test::data<float>(static_cast<std::size_t>(tokens * features), 300 + t, 0.5);
+        const std::vector<float> dy = test::data<float>(static_cast<std::size_t>(tokens * outputs), 400 + t, 0.5);
+        const velora::const_matrix_view<float> xs{x.data() + first_sample() * features, per_rank, features, features};
+        const velora::const_matrix_view<float> dys{dy.data() + first_sample() * outputs, per_rank, outputs, outputs};
+        if (!r.comp.initialised()) REQUIRE(velora::share_first_batch_v(backend, r.comp, xs, comm) == status::ok);
+        typename velora::compressor<B>::record_type record;
+        REQUIRE(r.comp.compress(xs, record) == status::ok);
+        std::vector<float> a(static_cast<std::size_t>(outputs * cc.groups));
+        const velora::matrix_view<float> av{a.data(), outputs, cc.groups, cc.groups};
+        r.comp.weight_grad(record, dys, av);
+        return r.opt.step(r.id, velora::matrix_view<float>{r.w.data(), outputs, features, features}, r.comp.factored(record, av), comm);
+    };
+    run whole = make(test::data<float>(static_cast<std::size_t>(outputs * features), 500, 0.3));
+    for (std::uint64_t t = 0; t < 6; ++t) REQUIRE(step(whole, t) == status::ok);
+    std::vector<std::byte> opt_blob = comm.rank() == 0 ? whole.opt.save_state() : std::vector<std::byte>{};
+    std::vector<std::byte> comp_blob = comm.rank() == 0 ? whole.comp.save_state() : std::vector<std::byte>{};
+    std::vector<float> w = whole.w;
+    velora::broadcast_blob(comm, opt_blob, 0);
+    velora::broadcast_blob(comm, comp_blob, 0);
+    comm.broadcast(std::as_writable_bytes(std::span<float>(w)), 0);
+
+    run resumed = make(w);
+    resumed.opt.load_state(opt_blob);
+    resumed.comp.load_state(comp_blob);
+    run without = make(w);   // the recipe before this correction: the optimizer's state only
+    without.opt.load_state(opt_blob);
+    for (std::uint64_t t = 6; t < 12; ++t) {
+        REQUIRE(step(whole, t) == status::ok);
+        REQUIRE(step(resumed, t) == status::ok);
+        REQUIRE(step(without, t) == status::ok);
+        CHECK(resumed.w == whole.w);
+        CHECK(velora::same_on_all_ranks(comm, hash_of(resumed.w)));
+    }
+    CHECK(resumed.opt.save_state() == whole.opt.save_state());
+    const std::vector<float> v_whole(whole.comp.v().begin(), whole.comp.v().end()), v_without(without.comp.v().begin(), without.comp.v().end());
+    CHECK(v_without != v_whole);   // a new v, from the batch after the checkpoint
+    CHECK(without.w != whole.w);   // and so another run
 }
 
 TEST_CASE("registrations that differ across ranks throw on every rank instead of hanging") {

@@ -99,6 +99,26 @@ public:
     }
     [[nodiscard]] double learning_rate() const noexcept { return lr_; }
 
+    /// β₁, β₂, ε and the weight decay of the next steps: torch's optimizers read them from the
+    /// param group at every step, so schedules of β or of the decay exist. Bias corrections use
+    /// the current β (1 − βᵗ), as torch's do; the moments carry on. The convention is fixed.
+    /// Throws std::invalid_argument, changing nothing, for values the constructor would refuse
+    /// (with the current learning rate in the lr·wd rule of the torch convention).
+    void set_adam_hyper(double beta1, double beta2, double eps, double weight_decay) {
+        constexpr const char* fn = "adarank::low_rank_adamw::set_adam_hyper";
+        config_type c = config_;
+        c.adam.beta1 = beta1;
+        c.adam.beta2 = beta2;
+        c.adam.eps = eps;
+        c.adam.weight_decay = weight_decay;
+        c.adam.lr = lr_;
+        validate(c, fn);
+        check_eps_representable<T>(c.adam, fn);
+        c.adam.lr = config_.adam.lr;
+        rule_ = adamw_rule<T>(c.adam);
+        config_ = c;
+    }
+
     /// Registers a rows×cols parameter (a vector is 1×n) and sizes every buffer its steps need.
     /// Throws std::invalid_argument, registering nothing, for a non-positive shape, an invalid
     /// kind, or sizes whose products (rows·cols, the state at the largest rank, in bytes of T) do

@@ -70,7 +70,12 @@ struct optimizer_state_io {
     static std::vector<std::byte> save(B& b, const config_type& config, double lr, const std::vector<parameter_state<B>>& layers) {
         velora::state_writer w(kind, version);
         w.put(static_cast<std::uint8_t>(sizeof(T)));
-        put_config(w, config);
+        // The configuration's learning rate is written as the live one: a state's bytes then do
+        // not depend on the rate the optimizer was constructed with (a run resumed from a state
+        // saves the same bytes as the run that saved it; load ignores this field).
+        config_type written = config;
+        written.adam.lr = lr;
+        put_config(w, written);
         w.put(lr);
         w.put(static_cast<std::uint64_t>(layers.size()));
         std::vector<T> host;

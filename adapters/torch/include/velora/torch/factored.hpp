@@ -11,6 +11,12 @@
 /// form, so the accumulated gradient is then expanded to a dense O×D tensor and later terms
 /// are added to it densely.
 ///
+/// A term an optimizer step consumed stays until zero_grad; one added on top of it (a backward
+/// pass after the step, with no zero_grad in between) makes the gradient stale, and the next
+/// step refuses it (AdaRankGradAdamW::step throws std::invalid_argument). That is the trap of a
+/// training loop holding a torch::optim::Optimizer&: Optimizer::zero_grad is not virtual and
+/// clears only the dense gradients, so the factored ones would otherwise accumulate silently.
+///
 /// Thread-safe: backward passes on several threads may add concurrently.
 #include <ATen/ATen.h>
 
@@ -49,6 +55,7 @@ public:
                                 rows_, "x", groups_, " and ", subtoken_, " for a ", rows_, "x", features_, " weight with G = ", groups_, ", s = ",
                                 subtoken_);
         std::lock_guard<std::mutex> lock(mutex_);
+        if (consumed_) stale_ = true;
         if (c_.empty()) {
             c_.a = std::move(a);
             c_.v = v;
@@ -71,6 +78,7 @@ public:
                                 "velora::torch::factored_weight_grad::add_dense", "argument 'dw' (", detail::describe(dw), ") must be float32 ",
                                 rows_, "x", features_);
         std::lock_guard<std::mutex> lock(mutex_);
+        if (consumed_) stale_ = true;
         if (c_.a.defined()) {
             c_.dense = expand(c_.a, c_.v, c_.scale);
             c_.a = at::Tensor();
@@ -93,6 +101,19 @@ public:
     void clear() {
         std::lock_guard<std::mutex> lock(mutex_);
         c_ = contents{};
+        consumed_ = false;
+        stale_ = false;
+    }
+    /// Called by an optimizer after a step that read a non-empty gradient: a term added later
+    /// without clear() makes it stale().
+    void mark_consumed() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!c_.empty()) consumed_ = true;
+    }
+    /// Whether the gradient holds a term an earlier step consumed plus terms added since.
+    [[nodiscard]] bool stale() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return stale_;
     }
     /// Multiplies the accumulated gradient by `factor` (gradient clipping).
     void scale_by(double factor) {
@@ -137,6 +158,8 @@ public:
 private:
     mutable std::mutex mutex_;
     contents c_;
+    bool consumed_ = false;   // a step read c_ and no clear() followed
+    bool stale_ = false;      // a term was added while consumed_
     int consumers_ = 0;
     std::int64_t rows_, features_, groups_, subtoken_;
 };

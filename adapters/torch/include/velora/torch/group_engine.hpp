@@ -128,6 +128,11 @@ struct group_engine {
     /// they differ is it asked which field to name, in the field table's order, as a torch option).
     void check_unchanged(std::size_t g, stored_options now, std::string_view fn) const {
         now.config.adam.lr = options.config.adam.lr;
+        // β, ε and the weight decay may follow a schedule (with_adam_hyper applies them).
+        now.config.adam.beta1 = options.config.adam.beta1;
+        now.config.adam.beta2 = options.config.adam.beta2;
+        now.config.adam.eps = options.config.adam.eps;
+        now.config.adam.weight_decay = options.config.adam.weight_decay;
         std::string_view what;
         if (!(now.config == options.config)) {
             const auto field = adarank::first_different_field(now.config, options.config);
@@ -139,7 +144,37 @@ struct group_engine {
         }
         if (!what.empty())
             velora::detail::fail(fn, "param group ", g, ": option ", what,
-                                 " changed after the group's first step; only lr may change (the state belongs to the options it was made with)");
+                                 " changed after the group's first step; only lr, betas, eps and weight_decay may change (the state belongs to "
+                                 "the options it was made with)");
+    }
+
+    /// Whether `now`'s β, ε or weight decay differ from the engines' (a schedule changed them).
+    [[nodiscard]] bool adam_hyper_changed(const stored_options& now) const noexcept {
+        const auto &a = now.config.adam, &b = options.config.adam;
+        return a.beta1 != b.beta1 || a.beta2 != b.beta2 || a.eps != b.eps || a.weight_decay != b.weight_decay;
+    }
+    /// Checks `now`'s β, ε and weight decay at learning rate `lr` as the engines would, changing nothing.
+    void check_adam_hyper(std::size_t g, const stored_options& now, double lr, const char* fn) const {
+        auto c = options.config;
+        c.adam.beta1 = now.config.adam.beta1;
+        c.adam.beta2 = now.config.adam.beta2;
+        c.adam.eps = now.config.adam.eps;
+        c.adam.weight_decay = now.config.adam.weight_decay;
+        c.adam.lr = lr;
+        in_group(g, fn, [&] {
+            adarank::validate(c, fn);
+            if (f32) adarank::check_eps_representable<float>(c.adam, fn);
+            if (f64) adarank::check_eps_representable<double>(c.adam, fn);
+        });
+    }
+    /// Gives the engines `now`'s β, ε and weight decay (checked by check_adam_hyper first).
+    void apply_adam_hyper(const stored_options& now) {
+        const auto& a = now.config.adam;
+        for_each_engine([&](auto& engine) { engine.optimizer().set_adam_hyper(a.beta1, a.beta2, a.eps, a.weight_decay); });
+        options.config.adam.beta1 = a.beta1;
+        options.config.adam.beta2 = a.beta2;
+        options.config.adam.eps = a.eps;
+        options.config.adam.weight_decay = a.weight_decay;
     }
 
     /// The group's first params.size() tensors are the ones registered (same tensor, shape and

@@ -16,7 +16,8 @@
 ///   as compressor::set_v).
 /// - Parameters are float32, on the CPU. x may be float32, float16 or bfloat16: half-precision
 ///   inputs are cast to float32 for the products (a transient copy, never kept) and y and dX are
-///   returned in x's dtype. x is [..., D]; an empty batch gives an empty y, an empty dX and a zero
+///   returned in x's dtype; float64 (any other dtype) throws, as torch::nn::Linear does. x is
+///   [..., D]; an empty batch gives an empty y, an empty dX and a zero
 ///   dW and db, like torch::nn::Linear.
 /// - A record is made only when a weight gradient can be asked for (grad mode on and the weight
 ///   requires grad); v is therefore fixed by the first *training* batch, and evaluation under
@@ -297,6 +298,12 @@ public:
                                 detail::describe(x), ") must be [..., ", options.in_features(), "]");
         velora::detail::require(weight.scalar_type() == at::kFloat, fn, "the weight (", detail::describe(weight),
                                 ") must be float32; VeloraLinear keeps float32 parameters (half-precision inputs are cast)");
+        // float64 is refused as torch::nn::Linear refuses an input of another dtype than its
+        // weight: computing it in float32 would silently lose its precision (other dtypes are
+        // refused by matrix_input below).
+        velora::detail::require(x.scalar_type() != at::kDouble, fn, "argument 'x' (", detail::describe(x),
+                                ") is float64, but the layer computes in float32 and would silently drop its precision; pass float32, "
+                                "float16 or bfloat16");
         const bool record = ::torch::GradMode::is_enabled() && weight.requires_grad();
         std::lock_guard<std::mutex> lock(state_->mutex);
         if (record) read_buffers();

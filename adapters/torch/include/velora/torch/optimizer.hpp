@@ -7,8 +7,9 @@
 ///   transport policies, scale α, side, randomized-SVD settings, seed, parameter kind, and what
 ///   happens to >2-D parameters). Each group runs its own low_rank_adamw per parameter dtype
 ///   (float32, float64), built from the group's options when the group first steps; the
-///   learning rate is read from the group at every step (so torch's LR schedulers work), every
-///   other option is fixed from then on (changing one throws at the next step, naming it).
+///   learning rate, betas, eps and weight decay are read from the group at every step (so torch's
+///   LR schedulers and β or weight-decay schedules work), every other option is fixed from then
+///   on (changing one throws at the next step, naming it).
 /// - State is keyed by the parameter tensor (its TensorImpl, as torch's optimizers key
 ///   state()): each registered parameter has an entry in state() and info(param) reports its
 ///   rank, refreshes and state bytes. Registration is positional within a group, so a resumed
@@ -61,6 +62,7 @@
 
 #include "archive_io.hpp"
 #include "backend.hpp"
+#include "communicator.hpp"
 #include "factored.hpp"
 #include "group_engine.hpp"
 #include "linear.hpp"
@@ -125,6 +127,13 @@ public:
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::step";
         ::torch::NoGradGuard no_grad;
         prepare(fn);
+        for (const auto& [key, a] : slots_)
+            if (a.slot->stale())
+                velora::detail::fail(fn, "the factored gradient of the VeloraLinear weight ", detail::describe(a.weight),
+                                     " still holds the term an earlier step consumed, with new terms added on top: zero_grad was not called "
+                                     "on this AdaRankGradAdamW (or the layer) since that step. torch::optim::Optimizer::zero_grad is not "
+                                     "virtual: through a base-class reference it clears only the dense gradients; call zero_grad on the "
+                                     "AdaRankGradAdamW itself");
         for (auto& e : engines_) e.for_each_engine([](auto& engine) { engine.clear(); });
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             const auto& params = param_groups_[g].params();
@@ -140,9 +149,11 @@ public:
         report.skipped = false;
         report.stepped = 0;
         report.events.clear();
-        // The whole-step check: every gradient, before anything changes.
+        // The whole-step check: every gradient, before anything changes (on every rank: one
+        // rank's NaN skips the step everywhere).
         for (auto& e : engines_) e.for_each_engine([&](auto& engine) { engine.check_finite(report.events); });
-        if (!report.events.empty()) {
+        const bool non_finite = comm_ ? comm_->any(!report.events.empty()) : !report.events.empty();
+        if (non_finite) {
             for (auto& e : engines_) e.for_each_engine([](auto& engine) { engine.clear(); });
             in_parameter_order(report.events);
             report.status = velora::status::non_finite_input;
@@ -152,8 +163,9 @@ public:
         }
         for (std::size_t g = 0; g < engines_.size(); ++g) {
             const double lr = param_groups_[g].options().get_lr();
-            engines_[g].for_each_engine([&](auto& engine) { engine.step_queued(lr, report); });
+            engines_[g].for_each_engine([&](auto& engine) { engine.step_queued(lr, report, comm_.get()); });
         }
+        for (auto& [key, a] : slots_) a.slot->mark_consumed();
         in_parameter_order(report.events);
         bool degenerate = false, overflow = false;
         for (const auto& event : report.events) {
@@ -163,6 +175,16 @@ public:
         report.status = overflow ? velora::status::overflow : degenerate ? velora::status::degenerate_input : velora::status::ok;
         return report;
     }
+
+    /// Data-parallel training: from the next step on, every step uses the mean of the ranks'
+    /// gradients through `comm` (the library's data-parallel step, docs/distributed.md; null: one
+    /// process again). Every rank must build the same optimizer (groups, options, parameters in the
+    /// same order) and step together; the whole-step finiteness check then skips a step on every
+    /// rank when one rank's gradients are not finite. Dense gradients must not be averaged
+    /// elsewhere as well (no DDP gradient hook). The refresh rule captured_energy is refused with
+    /// more than one rank (it needs the full gradient's norm at every step).
+    void set_communicator(std::shared_ptr<dynamic_communicator> comm) { comm_ = std::move(comm); }
+    [[nodiscard]] const std::shared_ptr<dynamic_communicator>& communicator() const noexcept { return comm_; }
 
     [[nodiscard]] const step_report& last_step() const noexcept { return last_; }
     /// Steps skipped by the whole-step finiteness check.
@@ -394,7 +416,7 @@ private:
     // lr, its learning rate one its configuration accepts, its parameters the ones registered.
     // Throws before anything changes.
     void prepare(const char* fn) {
-        bool registered = false;
+        bool registered = false, hyper_changed = false;
         for (std::size_t g = 0; g < param_groups_.size(); ++g) {
             const AdaRankGradAdamWOptions& o = options_of(g);
             const double lr = o.get_lr();
@@ -406,10 +428,16 @@ private:
                 registered = true;
                 continue;
             }
-            e.check_unchanged(g, o.stored(), fn);
+            const detail::stored_options now = o.stored();
+            e.check_unchanged(g, now, fn);
+            // A β, ε or weight-decay schedule: checked now, applied once every group passed.
+            if (e.adam_hyper_changed(now)) {
+                e.check_adam_hyper(g, now, lr, fn);
+                hyper_changed = true;
+            }
             // The library's rule for a learning rate (set_learning_rate's: also lr·wd < 1 under the
             // torch convention), applied to every group before any group steps.
-            detail::in_group(g, fn, [&] { adarank::check_learning_rate(lr, e.options.config.adam, fn, "option lr"); });
+            detail::in_group(g, fn, [&] { adarank::check_learning_rate(lr, now.config.adam, fn, "option lr"); });
             const auto& params = param_groups_[g].params();
             e.check_registered(g, params, fn);
             for (std::size_t i = e.params.size(); i < params.size(); ++i) {
@@ -417,6 +445,11 @@ private:
                 registered = true;
             }
         }
+        if (hyper_changed)
+            for (std::size_t g = 0; g < engines_.size(); ++g) {
+                const detail::stored_options now = options_of(g).stored();
+                if (engines_[g].registered && engines_[g].adam_hyper_changed(now)) engines_[g].apply_adam_hyper(now);
+            }
         if (registered) registered_changed();
     }
 
@@ -505,6 +538,7 @@ private:
     std::unique_ptr<threads_following<double>> b64_;
     std::vector<group_engine> engines_;
     std::unordered_map<at::TensorImpl*, attached> slots_;
+    std::shared_ptr<dynamic_communicator> comm_;
     step_report last_;
     std::uint64_t skipped_ = 0;
 };

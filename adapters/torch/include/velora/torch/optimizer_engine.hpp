@@ -27,6 +27,7 @@
 #include <velora/core/error.hpp>
 
 #include "backend.hpp"
+#include "communicator.hpp"
 #include "factored.hpp"
 #include "step_report.hpp"
 #include "view.hpp"
@@ -148,11 +149,14 @@ public:
     /// Pass 3: steps every queued parameter at learning rate `lr`, in place (bumping its version
     /// counter when it changed), counting it in `report` and adding an event when its status is
     /// not ok. Empties the queue.
-    void step_queued(double lr, step_report& report) {
+    /// With `comm` (AdaRankGradAdamW::set_communicator) each step uses the mean of the ranks'
+    /// gradients (the library's data-parallel step: every rank steps the same parameters in the
+    /// same order and ends with the same bits).
+    void step_queued(double lr, step_report& report, dynamic_communicator* comm = nullptr) {
         opt_.set_learning_rate(lr);
         for (gradient_input<T>& g : pending_) {
             at::Tensor copy;
-            const velora::status s = step_one(g, copy);
+            const velora::status s = step_one(g, copy, comm);
             if (s == velora::status::ok || s == velora::status::degenerate_input) {
                 ++report.stepped;
                 if (copy.defined()) g.param.copy_(copy.view(g.param.sizes()));   // copy_ bumps the version
@@ -186,7 +190,7 @@ private:
 
     // The weight as a matrix: a view of its memory, or (memory that is not a row-major matrix) a
     // contiguous copy in `copy`, which the caller writes back.
-    velora::status step_one(gradient_input<T>& g, at::Tensor& copy) {
+    velora::status step_one(gradient_input<T>& g, at::Tensor& copy, dynamic_communicator* comm) {
         matrix_view<T> weight;
         const matrix_layout layout = layout_of(g.param, flatten::outputs_first);
         if (layout.ld && !g.param.is_neg()) {
@@ -196,9 +200,14 @@ private:
             weight = mutable_view_of<T>(copy, "parameter", flatten::outputs_first);
         }
         if (g.is_factored()) {
-            if constexpr (std::is_same_v<T, float>) return opt_.step(g.r->id, weight, g.factored_view());
-            else velora::detail::fail("velora::torch::AdaRankGradAdamW::step", "a factored gradient for a float64 parameter");
+            if constexpr (std::is_same_v<T, float>) {
+                if (comm != nullptr) return opt_.step(g.r->id, weight, g.factored_view(), *comm);
+                return opt_.step(g.r->id, weight, g.factored_view());
+            } else {
+                velora::detail::fail("velora::torch::AdaRankGradAdamW::step", "a factored gradient for a float64 parameter");
+            }
         }
+        if (comm != nullptr) return opt_.step(g.r->id, weight, g.dense->view(), *comm);
         return opt_.step(g.r->id, weight, g.dense->view());
     }
 

@@ -87,6 +87,15 @@ public:
         state_block(c.state_block);
         return *this;
     }
+    /// torch::optim::AdamW's defaults (betas (0.9, 0.999), ε 1e-8, weight decay 1e-2, the torch
+    /// convention), for a program that swaps torch::optim::AdamW for this optimizer: the
+    /// library's own defaults (ε 1e-6, weight decay 0, GaLore's convention) are GaLore's, and a
+    /// plain swap would silently change them. The low-rank options keep the library's defaults.
+    static AdaRankGradAdamWOptions adamw_defaults(double lr = 1e-3) {
+        AdaRankGradAdamWOptions o(lr);
+        o.eps(1e-8).weight_decay(1e-2).convention(adarank::adam_convention::torch);
+        return o;
+    }
     /// GaLore as options (adarank::optimizer_config::galore).
     static AdaRankGradAdamWOptions galore(std::int64_t rank, std::int64_t interval = 200, double scale = 0.25) {
         AdaRankGradAdamWOptions o;

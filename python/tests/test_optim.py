@@ -1,0 +1,152 @@
+"""AdaRankGradAdamW against torch.optim.AdamW, its state_dict round trip, schedulers and errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import velora
+import velora.torch as vt
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def _train(model, opt, steps, seed=1, scheduler=None):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=g)
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _max_rel(a, b):
+    return max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_dense_groups_match_torch_adamw():
+    ref, mine = _model(), _model()
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), **kw)
+    opt = vt.AdaRankGradAdamW(mine.parameters(), convention="torch", **kw)
+    s_ref = torch.optim.lr_scheduler.StepLR(opt_ref, step_size=4, gamma=0.5)
+    s = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    _train(ref, opt_ref, 12, scheduler=s_ref)
+    _train(mine, opt, 12, scheduler=s)
+    assert opt.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+    assert _max_rel(mine, ref) <= 1e-6
+    assert all(not opt.info(p)["low_rank"] for p in mine.parameters())
+
+
+def test_galore_keys_make_low_rank_groups():
+    model = _model()
+    weights = [model[0].weight, model[2].weight]
+    rest = [model[0].bias, model[2].bias]
+    opt = vt.AdaRankGradAdamW([{"params": rest}, {"params": weights, "rank": 2, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}], lr=1e-2)
+    _train(model, opt, 7)
+    info = opt.info(model[0].weight)
+    assert info["low_rank"] and info["rank"] == 2 and info["refreshes"] == 3   # steps 1, 4 and 7
+    assert not opt.info(model[0].bias)["low_rank"]
+    held, adamw = opt.state_bytes()
+    assert held < adamw
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    model = _model()
+    opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, kind="auto", adaptive_rank=(0.05, 1, 4))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    _train(model, opt, 5, scheduler=sched)
+    # a checkpoint: model, optimizer and scheduler (the scheduler's position is its own state_dict)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+
+    resumed = _model(seed=9)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = vt.AdaRankGradAdamW(resumed.parameters(), lr=0.5, kind="auto", adaptive_rank=(0.05, 1, 4))
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(opt2, gamma=0.9)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    again = opt2.state_dict()
+    assert torch.equal(again["velora"], ckpt["opt"]["velora"])
+    assert again["param_groups"] == ckpt["opt"]["param_groups"]
+    _train(model, opt, 4, seed=2, scheduler=sched)
+    _train(resumed, opt2, 4, seed=2, scheduler=sched2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    assert torch.equal(opt.state_dict()["velora"], opt2.state_dict()["velora"])
+
+
+def test_load_state_dict_refuses_another_model():
+    opt = vt.AdaRankGradAdamW(_model().parameters(), lr=1e-2)
+    other = vt.AdaRankGradAdamW(nn.Linear(3, 3).parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="param group 0 has 4 parameters in the archive but 2 here"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_zero_grad_set_to_none():
+    model = _model()
+    opt = vt.AdaRankGradAdamW(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_finite_gradient_skips_or_raises():
+    model = _model()
+    opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 16)).sum().backward()
+    model[2].bias.grad[0] = float("inf")
+    opt.step()
+    assert opt.last_step.skipped and opt.last_step.status == "non_finite_input"
+    assert opt.last_step.events == [(0, 3, "non_finite_input")] and opt.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    strict = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, nonfinite="raise")
+    with pytest.raises(velora.NumericalError) as info:
+        strict.step()
+    assert info.value.status == "non_finite_input" and isinstance(info.value, ArithmeticError)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_option_errors_are_value_errors_with_the_library_message():
+    model = _model()
+    with pytest.raises(ValueError, match="option 'proj_type' is 'full'"):
+        vt.AdaRankGradAdamW([{"params": model.parameters(), "rank": 2, "proj_type": "full"}])
+    with pytest.raises(ValueError, match="correct_bias"):
+        vt.AdaRankGradAdamW(model.parameters(), correct_bias=False)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        vt.AdaRankGradAdamW([nn.Parameter(torch.empty(3, 3, device="meta"))])
+    with pytest.raises(ValueError, match="param group 0"):
+        vt.AdaRankGradAdamW(model.parameters(), betas=(1.5, 0.999))
+
+
+def test_beta_and_weight_decay_schedules_match_torch_adamw():
+    ref, mine = _model(), _model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = vt.AdaRankGradAdamW(mine.parameters(), lr=1e-2, eps=1e-8, weight_decay=1e-2, convention="torch")
+    g = torch.Generator().manual_seed(1)
+    for t in range(10):
+        for o in (opt, opt_ref):
+            o.param_groups[0]["betas"] = (0.85 + 0.01 * t, 0.999)
+            o.param_groups[0]["weight_decay"] = 0.01 * (1 + t % 3)
+        x = torch.randn(8, 16, generator=g)
+        for m, o in ((mine, opt), (ref, opt_ref)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert _max_rel(mine, ref) <= 1e-6
+
+
+def test_changing_an_option_after_the_first_step():
+    model = _model()
+    opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, kind="auto")
+    _train(model, opt, 1)
+    opt.param_groups[0]["seed"] = 7
+    with pytest.raises(ValueError, match="option seed changed after the group's first step"):
+        opt.step()
