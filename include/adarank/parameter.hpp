@@ -77,6 +77,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
     index_t len = 0, other = 0, r_cap = 0;   ///< low-rank: basis rows are len long, moments other wide, rank <= r_cap
     std::uint64_t seed = 0;                  ///< of this parameter's Gaussian stream
     buffer basis, m, v;
+    /// The budget rank rule only (rank_budget.hpp): σ of the sketch of the latest refresh, r_cap
+    /// values (capacity reserved at registration), empty before one or after set_basis. Host memory.
+    std::vector<double> spectrum;
     /// Data-parallel bookkeeping (not state): bytes reduced by all_reduce_mean since the last
     /// step, and bytes of the last step (see layer_info::communicated_bytes).
     std::uint64_t pending_bytes = 0, communicated = 0;
@@ -136,6 +139,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
         return static_cast<std::size_t>(elements) * sizeof(T);
     }
 
+    /// Dense AdamW's two moments, 2·rows·cols·sizeof(T) (what a dense parameter holds).
+    [[nodiscard]] std::size_t state_bytes_dense() const noexcept { return static_cast<std::size_t>(2 * rows * cols) * sizeof(T); }
+
     /// The refresh rules take the steps in the subspace as an index; a count beyond its range
     /// (only a loaded state can have one) saturates rather than turning negative.
     [[nodiscard]] index_t steps_in_subspace() const noexcept {
@@ -180,6 +186,7 @@ struct parameter_state : parameter_progress, certificate_bounds {
 template <class T>
 struct loaded_parameter : parameter_progress, certificate_bounds {
     std::vector<T> basis, m, v;
+    std::vector<double> spectrum;   ///< the budget rank rule only
 };
 
 } // namespace adarank
