@@ -182,6 +182,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
     try {
         o = parse(argc, argv);
         if (!o.study.empty()) throw std::invalid_argument("--study runs in one process (start it without mpirun)");
+        if (o.grad_rank_every > 0) throw std::invalid_argument("--grad-rank-every runs in one process (start it without mpirun)");
         if (!o.help && !o.estimate) {
             if (o.batch % comm.size() != 0)
                 throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is not divisible by the " + std::to_string(comm.size()) +
