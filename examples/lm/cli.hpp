@@ -70,9 +70,9 @@ inline void print_help() {
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
-                "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
-                "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale; see\n"
-                "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
+                "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive|budget, xi, budget=BYTES|rN,\n"
+                "                     refresh=every|converged, interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized,\n"
+                "                     scale; see examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
                 join(lm::configs::names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");

@@ -154,7 +154,6 @@ inline config parse(const std::string& name, const defaults& d) {
                 c.fixed_rank = rule == "fixed";
                 budget = rule == "budget";
             } else if (key == "budget") {
-                budget = true;
                 if (!value.empty() && value[0] == 'r') {
                     c.budget_rank = detail::count(name, key, value.substr(1));
                 } else {
@@ -189,9 +188,13 @@ inline config parse(const std::string& name, const defaults& d) {
             c.fixed_rank = false;
         }
         if (refresh_every && given("eps")) detail::bad(name, "eps is for refresh=converged");
+        if (given("budget")) {
+            if (given("rank") && !budget) detail::bad(name, "budget is for rank=budget");
+            budget = true;
+        } else if (budget) {
+            detail::bad(name, "rank=budget needs budget=BYTES or budget=rN");
+        }
         if (budget && given("xi")) detail::bad(name, "xi is for rank=adaptive, not rank=budget");
-        if (given("rank") && budget && !given("budget")) detail::bad(name, "rank=budget needs budget=BYTES or budget=rN");
-        if (budget && given("rank") && c.fixed_rank) detail::bad(name, "budget is for rank=budget");
         if (budget) c.fixed_rank = false;
     }
     if (c.low_rank) {
