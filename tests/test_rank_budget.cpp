@@ -31,11 +31,11 @@ namespace {
 double energy_of(std::span<const budget_item> items, std::span<const index_t> ranks) {
     double e = 0;
     for (std::size_t i = 0; i < items.size(); ++i)
-        for (index_t k = 0; k < ranks[i]; ++k) e += items[i].sigma[static_cast<std::size_t>(k)] * items[i].sigma[static_cast<std::size_t>(k)];
+        for (index_t k = 0; k < ranks[i]; ++k) e += items[i].energy[static_cast<std::size_t>(k)];
     return e;
 }
 
-// The best energy over every rank vector with lo <= r <= min(hi, |σ|) within the budget.
+// The best energy over every rank vector with lo <= r <= min(hi, |energy|) within the budget.
 double exhaustive_best(std::span<const budget_item> items, std::uint64_t budget) {
     std::vector<index_t> r(items.size());
     double best = -1;
@@ -44,14 +44,14 @@ double exhaustive_best(std::span<const budget_item> items, std::uint64_t budget)
             if (adarank::budget_bytes_of(items, r) <= budget) best = std::max(best, energy_of(items, r));
             return;
         }
-        const index_t top = std::max(items[i].lo, std::min<index_t>(items[i].hi, static_cast<index_t>(items[i].sigma.size())));
+        const index_t top = std::max(items[i].lo, std::min<index_t>(items[i].hi, static_cast<index_t>(items[i].energy.size())));
         for (r[i] = items[i].lo; r[i] <= top; ++r[i]) visit(i + 1);
     };
     visit(0);
     return best;
 }
 
-// Descending spectrum of n values from the counter-based stream.
+// Non-increasing unit energies, n values from the counter-based stream.
 std::vector<double> random_spectrum(std::size_t n, std::uint64_t seed) {
     std::vector<double> s(n);
     for (std::size_t i = 0; i < n; ++i) s[i] = 0.05 + std::abs(velora::gaussian_at(seed, i));
@@ -73,7 +73,7 @@ TEST_CASE("allocate_rank_budget: equal unit costs give the exhaustive optimum; u
             const index_t lo = static_cast<index_t>((trial + i) % 2), hi = 2 + static_cast<index_t>((trial / 3 + i) % 3);
             const std::uint64_t unit = equal_costs ? 100 : 60 + 37 * ((trial + 3 * i) % 4);
             items.push_back({spectra[i], lo, hi, unit});
-            largest_unit = std::max(largest_unit, spectra[i][0] * spectra[i][0]);
+            largest_unit = std::max(largest_unit, spectra[i][0]);
         }
         std::vector<index_t> floor(n);
         for (std::size_t i = 0; i < n; ++i) floor[i] = items[i].lo;
@@ -91,7 +91,7 @@ TEST_CASE("allocate_rank_budget: equal unit costs give the exhaustive optimum; u
 }
 
 TEST_CASE("allocate_rank_budget: a tie goes to the smaller index, a unit of zero energy is never bought, an infeasible floor stays at lo") {
-    const std::vector<double> same{3, 2, 1};
+    const std::vector<double> same{3, 2, 1};   // the energy of each rank unit
     std::vector<budget_item> items{{same, 1, 3, 10}, {same, 1, 3, 10}};
     std::vector<index_t> ranks(2);
     adarank::allocate_rank_budget(items, 30, ranks);   // one unit beyond the floors: both offer σ₂² = 4
@@ -175,8 +175,15 @@ TEST_CASE("budget rule in the optimizer: within the budget at every step, and th
     auto w = initial_weights<double>(shapes);
     run(o, shapes, w, 4, false, budget);
 
+    // The rule compares each matrix's energy fractions σ_i²/‖G‖_F².
+    std::vector<std::vector<double>> fractions(3);
     std::vector<budget_item> items;
-    for (int p = 0; p < 3; ++p) items.push_back({shapes[static_cast<std::size_t>(p)].sigma, 1, 6, units[p]});
+    for (std::size_t p = 0; p < 3; ++p) {
+        double total = 0;
+        for (double s : shapes[p].sigma) total += s * s;
+        for (double s : shapes[p].sigma) fractions[p].push_back(s * s / total);
+        items.push_back({fractions[p], 1, 6, units[p]});
+    }
     std::vector<index_t> expected(3);
     adarank::allocate_rank_budget(items, budget - dense, expected);
     for (int p = 0; p < 3; ++p) CHECK(o.info(p).rank == expected[static_cast<std::size_t>(p)]);

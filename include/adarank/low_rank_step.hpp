@@ -205,10 +205,8 @@ private:
         auto& ws = ctx_.workspace;
         if (fresh_) {
             install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_);
-            if (ctx_.budget) {   // the budget rule reads it at the other parameters' refreshes (capacity reserved at registration)
-                const auto sigma = ctx_.finder.singular_values();
-                l_.spectrum.assign(sigma.begin(), sigma.begin() + std::min<std::ptrdiff_t>(static_cast<std::ptrdiff_t>(sigma.size()), l_.r_cap));
-            }
+            if (ctx_.budget)   // the budget rule reads it at the other parameters' refreshes (capacity reserved at registration)
+                energy_fractions(ctx_.finder.singular_values(), rep_.energy, l_.r_cap, l_.spectrum);
         }
         if (fresh_ || !certified_) {
             b_.copy(ws.m_next.data(), l_.m.data(), rank_ * l_.other);

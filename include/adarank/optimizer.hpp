@@ -120,7 +120,7 @@ public:
         layers_.push_back(std::move(l));
         if (uses_rank_budget(config_.rank)) {
             layers_.back().spectrum.reserve(static_cast<std::size_t>(layers_.back().r_cap));
-            budget_.reserve(layers_.size());
+            budget_.reserve(layers_.size(), std::max<index_t>(config_.rank.max_rank(), 1));
         }
         return size() - 1;
     }

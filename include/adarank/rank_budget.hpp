@@ -5,10 +5,19 @@
 /// the optimizer state. Two pieces:
 ///
 /// - `allocate_rank_budget`: greedy water-filling on spectra. Each extra rank unit of item q
-///   costs `unit_bytes` (its basis row and two moment rows) and buys σ_{q,r+1}² of energy; the
-///   unit with the most energy per byte that still fits is bought next (ties: the smallest item
-///   index), until nothing that fits buys energy. A pure function of integers and doubles
-///   compared by `>` on a division: the same bits on every machine, thread count and rank.
+///   costs `unit_bytes` (its basis row and two moment rows) and buys `energy[r]`, the share of
+///   q's gradient energy its next singular direction holds; the unit with the most energy per
+///   byte that still fits is bought next (ties: the smallest item index), until nothing that fits
+///   buys energy. A pure function of integers and doubles compared by `>` on a division: the
+///   same bits on every machine, thread count and rank.
+///
+///   The energy of a unit is relative, σ_{r+1}²/‖G‖_F² (`energy_fractions`): the rule keeps the
+///   most of Σ_q (the fraction of q's gradient energy its subspace holds), the budget analogue of
+///   ξ, which bounds each matrix's relative residual. Absolute σ² would not do: the spectra of
+///   parameters refreshed at different steps would be compared, and gradient norms fall by
+///   orders of magnitude over training, so a stale spectrum from early steps would outbid every
+///   fresh one (measured on the demo: ranks fell to a third of the budget after the first
+///   round of refreshes).
 ///
 /// - `budget_rank`: the rank a refreshing parameter p gets (docs/adarankgrad.md, "A global
 ///   memory budget"). Refreshes happen per parameter at different steps, so the rule is:
@@ -48,10 +57,10 @@ constexpr std::uint64_t add_units(std::uint64_t a, index_t r, std::uint64_t u) n
 }
 } // namespace detail
 
-/// One parameter as the allocator sees it: its spectrum (σ descending; empty = held fixed at
-/// `lo`), its rank bounds and the bytes one rank unit costs.
+/// One parameter as the allocator sees it: the energy each rank unit buys (non-increasing;
+/// empty = held fixed at `lo`), its rank bounds and the bytes one rank unit costs.
 struct budget_item {
-    std::span<const double> sigma;
+    std::span<const double> energy;
     index_t lo = 1, hi = 1;
     std::uint64_t unit_bytes = 1;
 };
@@ -64,7 +73,7 @@ inline std::uint64_t budget_bytes_of(std::span<const budget_item> items, std::sp
 }
 
 /// Greedy water-filling: writes into `ranks` (one per item) lo + the units bought within
-/// `budget` bytes. An item buys at most min(hi, sigma.size()) units in all, and never a unit of
+/// `budget` bytes. An item buys at most min(hi, energy.size()) units in all, and never a unit of
 /// zero energy. When Σ lo·unit_bytes exceeds the budget every item stays at lo (the callers'
 /// rules make that impossible; the allocation still ends). Throws std::invalid_argument for
 /// items with lo > hi, lo < 0, unit_bytes = 0, or `ranks` of another size.
@@ -85,9 +94,8 @@ inline void allocate_rank_budget(std::span<const budget_item> items, std::uint64
         for (std::size_t i = 0; i < items.size(); ++i) {
             const budget_item& it = items[i];
             const index_t r = ranks[i];
-            if (r >= it.hi || r >= static_cast<index_t>(it.sigma.size()) || it.unit_bytes > remaining) continue;
-            const double s = it.sigma[static_cast<std::size_t>(r)];
-            const double gain = (s * s) / static_cast<double>(it.unit_bytes);
+            if (r >= it.hi || r >= static_cast<index_t>(it.energy.size()) || it.unit_bytes > remaining) continue;
+            const double gain = it.energy[static_cast<std::size_t>(r)] / static_cast<double>(it.unit_bytes);
             if (gain > best_gain) {   // strict: the smallest index wins a tie
                 best = i;
                 best_gain = gain;
@@ -102,7 +110,7 @@ inline void allocate_rank_budget(std::span<const budget_item> items, std::uint64
 /// What `budget_rank` reads of the optimizer's low-rank parameters, in registration order
 /// (dense ones are fixed bytes, `dense_bytes`).
 struct budget_parameter {
-    std::span<const double> spectrum;   ///< σ of the latest refresh (r_cap values), empty if none
+    std::span<const double> spectrum;   ///< energy fractions of the latest refresh (r_cap values), empty if none
     index_t rank = 0;                   ///< current rank (0: no subspace yet)
     index_t r_cap = 1;                  ///< the largest rank (min(r_max, rows, cols))
     std::uint64_t unit_bytes = 1;       ///< (len + 2·other)·sizeof(T)
@@ -141,10 +149,11 @@ inline std::uint64_t budget_held_bytes(const rank_policy& policy, std::span<cons
     return sum;
 }
 
-/// The rank parameter `p` gets at a refresh whose sketch found `sigma` (descending), by the rule
-/// in this file's header. `items` and `ranks` are scratch space of params.size() entries.
+/// The rank parameter `p` gets at a refresh whose sketch found the energy fractions `fractions`
+/// (energy_fractions), by the rule in this file's header. `items` and `ranks` are scratch space
+/// of params.size() entries.
 inline index_t budget_rank(const rank_policy& policy, std::span<const budget_parameter> params, std::uint64_t dense_bytes, std::size_t p,
-                           std::span<const double> sigma, std::span<budget_item> items, std::span<index_t> ranks) {
+                           std::span<const double> fractions, std::span<budget_item> items, std::span<index_t> ranks) {
     const index_t uniform = uniform_budget_rank(policy, params, dense_bytes);
     for (std::size_t q = 0; q < params.size(); ++q) {
         const budget_parameter& b = params[q];
@@ -153,13 +162,13 @@ inline index_t budget_rank(const rank_policy& policy, std::span<const budget_par
         it.unit_bytes = b.unit_bytes;
         it.hi = b.r_cap;
         if (q == p) {
-            it.sigma = sigma.first(std::min(sigma.size(), static_cast<std::size_t>(b.r_cap)));
+            it.energy = fractions.first(std::min(fractions.size(), static_cast<std::size_t>(b.r_cap)));
             it.lo = lo;
         } else if (!b.spectrum.empty()) {
-            it.sigma = b.spectrum;
+            it.energy = b.spectrum;
             it.lo = lo;
         } else {
-            it.sigma = {};
+            it.energy = {};
             it.lo = std::clamp<index_t>(b.rank > 0 ? b.rank : uniform, lo, b.r_cap);
             it.hi = it.lo;
         }
@@ -181,12 +190,23 @@ struct rank_budget_scratch {
     std::vector<budget_parameter> params;
     std::vector<budget_item> items;
     std::vector<index_t> ranks;
-    void reserve(std::size_t n) {
+    std::vector<double> fractions;   ///< the refreshing parameter's (up to the largest r_cap)
+    void reserve(std::size_t n, index_t r_cap) {
         params.reserve(n);
         items.resize(n);
         ranks.resize(n);
+        fractions.reserve(static_cast<std::size_t>(r_cap));
     }
 };
+
+/// σ_i²/‖G‖_F² for the first min(|σ|, r_cap) singular values `sigma` of a sketch of G (energy =
+/// ‖G‖_F² > 0), into `out` (cleared first; within its capacity it does not allocate). What the
+/// budget rule compares, and what the state keeps per parameter.
+inline void energy_fractions(std::span<const double> sigma, double energy, index_t r_cap, std::vector<double>& out) {
+    out.clear();
+    const std::size_t n = std::min(sigma.size(), static_cast<std::size_t>(std::max<index_t>(r_cap, 0)));
+    for (std::size_t i = 0; i < n; ++i) out.push_back(sigma[i] * sigma[i] / energy);
+}
 
 /// Whether a configuration's rank estimator is the library's policy in budget mode.
 template <class Rank>
@@ -228,7 +248,7 @@ std::uint64_t budget_held_bytes(const rank_policy& policy, std::span<const param
 }
 
 /// The budget rule as a rank_estimator for the refresh of `refreshing` (one of `layers`): the
-/// subspace finder hands it the new sketch's σ.
+/// subspace finder hands it the new sketch's σ and ‖G‖_F².
 template <optimizer_backend B>
 struct budget_estimator {
     const rank_policy& policy;
@@ -237,12 +257,14 @@ struct budget_estimator {
     rank_budget_scratch& scratch;
 
     [[nodiscard]] index_t max_rank() const noexcept { return policy.r_max; }
-    [[nodiscard]] index_t estimate(std::span<const double> sigma, double /*energy*/, index_t cap) const {
+    [[nodiscard]] index_t estimate(std::span<const double> sigma, double energy, index_t cap) const {
         std::size_t p = 0;
         const std::uint64_t dense = collect_budget_parameters(layers, scratch, &refreshing, &p);
         const std::span<const budget_parameter> params(scratch.params);
-        if (scratch.items.size() < params.size()) scratch.reserve(params.size());
-        return std::min(cap, budget_rank(policy, params, dense, p, sigma, std::span<budget_item>(scratch.items), std::span<index_t>(scratch.ranks)));
+        if (scratch.items.size() < params.size()) scratch.reserve(params.size(), refreshing.r_cap);
+        energy_fractions(sigma, energy, refreshing.r_cap, scratch.fractions);
+        return std::min(cap, budget_rank(policy, params, dense, p, std::span<const double>(scratch.fractions), std::span<budget_item>(scratch.items),
+                                         std::span<index_t>(scratch.ranks)));
     }
 };
 
