@@ -117,6 +117,10 @@ public:
             layers = std::max(layers, layer + 1);
             if (!s.steps.empty()) last_step = std::max(last_step, s.steps.back());
         }
+        // The model's order: attention (q, k, v, o), then the MLP (gate, up, down).
+        const std::vector<std::string> order = {"wq", "wk", "wv", "wo", "w1", "w3", "w2"};
+        const auto rank_of = [&order](const std::string& k) { return std::find(order.begin(), order.end(), k) - order.begin(); };
+        std::stable_sort(kinds.begin(), kinds.end(), [&rank_of](const std::string& a, const std::string& b) { return rank_of(a) < rank_of(b); });
         const double cell_w = 230, cell_h = 170, pad_l = 40, pad_t = 40, gap = 30;
         const int columns = 4;
         const int rows_of_cells = static_cast<int>((kinds.size() + columns - 1) / columns);
