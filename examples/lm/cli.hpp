@@ -94,7 +94,7 @@ inline void print_help() {
                 "                     each kind of matrix in every layer (default: none)\n");
     std::printf("  --grad-rank-every N  every N steps (and at step 1) record each projection matrix's xi-energy rank (xi = 0.05,\n"
                 "                     0.1, 0.2) of its full gradient by an exact SVD; one configuration, one process (default: off)\n"
-                "  --grad-rank-out PATH   the ranks as JSON (needed with --grad-rank-every)\n"
+                "  --grad-rank-out PATH  the ranks as JSON, needed with --grad-rank-every (default: none)\n"
                 "  --grad-rank-plot PATH  the ranks as SVG small multiples per matrix kind (default: none)\n");
     std::printf("  -h, --help         print this help and exit\n\n");
     std::printf("Sizes: the model, optimizer and activations of one training process must fit in physical memory (%s here).\n"

@@ -141,7 +141,7 @@ int main_one_process(int argc, char** argv) {
         }
         check_sizes(o);
         install_stop_handlers();
-        for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
+        for (const std::string* path : {&o.json, &o.plot, &o.grad_rank_out, &o.grad_rank_plot}) check_output(*path);
         const corpus data = load_checked_corpus(o);
         print_header(o, data, 1);
         if (!o.study.empty()) return run_study(o, data);
