@@ -9,8 +9,9 @@
 ///
 /// Three bodies, the same bits: AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and scalar; each does
 /// whole packets from the block's first element and the scalar code the tail. They agree because
-/// every step is exactly rounded and the same in all three: table reads (permutes in the AVX-512
-/// body, gathers in the AVX2 one, loads in the scalar one), one product for decoding,
+/// every step is exactly rounded and the same in all three: table reads (byte-plane or float
+/// permutes in the AVX-512 body, gathers in the AVX2 one, loads in the scalar one; a table entry
+/// is exact whichever way it is read), one product for decoding,
 /// the rule's explicit fma/product, one product |x|·(1/absmax) for encoding (the reciprocal
 /// rounded once per block), and a
 /// maximum (order-free). A body is compiled when the target has its instructions (-march=native on
