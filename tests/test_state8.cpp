@@ -212,7 +212,7 @@ TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bit
     MESSAGE("bodies compiled: avx512 " << velora::cpu::adam8_has_avx512 << ", avx2 " << velora::cpu::adam8_has_avx2);
     // last blocks of 37 (two packets and a scalar tail) and 100 (a 64-element chunk, two packets
     // and a tail: every path of the AVX-512 body's decode and encode)
-    for (const auto [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 37}, {256, 100}, {2048, 37}, {2048, 100}}) {
+    for (const auto& [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 37}, {256, 100}, {2048, 37}, {2048, 100}}) {
         const index_t n = 5 * block + tail;
         const auto w0 = gradient(n, 3);
         state8 ref(n, block);
