@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -209,8 +210,10 @@ TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bit
     using velora::cpu::adam8_body;
     constexpr adam_row_kind K = Kind::value == 0 ? adam_row_kind::galore_weight : Kind::value == 1 ? adam_row_kind::torch_weight : adam_row_kind::moments;
     MESSAGE("bodies compiled: avx512 " << velora::cpu::adam8_has_avx512 << ", avx2 " << velora::cpu::adam8_has_avx2);
-    for (const index_t block : {index_t{64}, index_t{256}, index_t{2048}}) {
-        const index_t n = 5 * block + 37;   // a short last block with a scalar tail
+    // last blocks of 37 (two packets and a scalar tail) and 100 (a 64-element chunk, two packets
+    // and a tail: every path of the AVX-512 body's decode and encode)
+    for (const auto& [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 37}, {256, 100}, {2048, 37}, {2048, 100}}) {
+        const index_t n = 5 * block + tail;
         const auto w0 = gradient(n, 3);
         state8 ref(n, block);
         std::vector<float> w_ref = w0;

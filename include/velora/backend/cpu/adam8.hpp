@@ -9,8 +9,9 @@
 ///
 /// Three bodies, the same bits: AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and scalar; each does
 /// whole packets from the block's first element and the scalar code the tail. They agree because
-/// every step is exactly rounded and the same in all three: table reads (permutes in the AVX-512
-/// body, gathers in the AVX2 one, loads in the scalar one), one product for decoding,
+/// every step is exactly rounded and the same in all three: table reads (byte-plane or float
+/// permutes in the AVX-512 body, gathers in the AVX2 one, loads in the scalar one; a table entry
+/// is exact whichever way it is read), one product for decoding,
 /// the rule's explicit fma/product, one product |x|·(1/absmax) for encoding (the reciprocal
 /// rounded once per block), and a
 /// maximum (order-free). A body is compiled when the target has its instructions (-march=native on
@@ -135,6 +136,8 @@ struct code16 {
     }
 };
 
+// 16 bytes to 16 values·absmax by 32-entry float permutes (the packets after the 64-byte chunks,
+// and every packet where the target lacks AVX512-VBMI).
 inline __m512 decode16(const code16& code, const std::uint8_t* q, __m512 absmax) noexcept {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
     const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)),
@@ -149,10 +152,85 @@ inline __m512 decode16(const code16& code, const std::uint8_t* q, __m512 absmax)
     return V16::product(v, absmax);   // never contracted into the update
 }
 
-inline void encode16(const code16& code, __m512 x, __m512 inv, std::uint8_t* q) noexcept {
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// 64 bytes at a time by byte permutes: the value table split into its four byte planes (plane p
+// holds byte p of every value), each looked up for 64 bytes by one (signed: 128 magnitudes) or two
+// (unsigned: 256 values) 128-entry vpermi2b, the planes then interleaved back into floats. This
+// does 64 elements in ~20 instructions where decode16 needs ~15-20 per 16. The interleave
+// (bytes, then words, within 128-bit lanes) leaves packet j's lane k holding input bytes
+// 16k + 4j … 16k + 4j + 3, so the input is first permuted (byte 16k + 4j + i ← 16j + 4k + i) to
+// make the four packets come out in order. Table values are exact, so the bits are decode16's.
+struct planes64 {
+    __m512i plane[4][4];   // plane[p][t]: byte p of value[64·t … 64·t + 63]; a signed code uses t < 2
+    bool is_signed;
+    explicit planes64(const rules::dynamic_code& c) noexcept : is_signed(c.sign == rules::code_sign::signed_code) {
+        alignas(64) std::uint8_t bytes[4][256];
+        for (int k = 0; k < 256; ++k) {
+            std::uint32_t b;
+            std::memcpy(&b, &c.value[static_cast<std::size_t>(k)], sizeof b);
+            for (int p = 0; p < 4; ++p) bytes[p][k] = static_cast<std::uint8_t>(b >> (8 * p));
+        }
+        for (int p = 0; p < 4; ++p)
+            for (int t = 0; t < 4; ++t) plane[p][t] = _mm512_load_si512(bytes[p] + 64 * t);
+    }
+};
+
+inline __m512i decode64_order() noexcept {
+    alignas(64) std::uint8_t idx[64];
+    for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 4; ++i) idx[16 * k + 4 * j + i] = static_cast<std::uint8_t>(16 * j + 4 * k + i);
+    return _mm512_load_si512(idx);
+}
+
+inline void decode64(const planes64& t, __m512i order, const std::uint8_t* q, __m512 absmax, float* dst) noexcept {
+    const __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(q));
+    __m512i b[4];
+    if (t.is_signed) {
+        for (int p = 0; p < 4; ++p) b[p] = _mm512_permutex2var_epi8(t.plane[p][0], x, t.plane[p][1]);   // |value| by the low 7 bits
+        b[3] = _mm512_ternarylogic_epi32(b[3], x, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);     // b3 | (x & 0x80): the sign
+    } else {
+        const __mmask64 high = _mm512_movepi8_mask(x);   // bit 7: entries 128 … 255
+        for (int p = 0; p < 4; ++p)
+            b[p] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t.plane[p][0], x, t.plane[p][1]),
+                                          _mm512_permutex2var_epi8(t.plane[p][2], x, t.plane[p][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    _mm512_storeu_ps(dst, V16::product(_mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)), absmax));
+    _mm512_storeu_ps(dst + 16, V16::product(_mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)), absmax));
+    _mm512_storeu_ps(dst + 32, V16::product(_mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)), absmax));
+    _mm512_storeu_ps(dst + 48, V16::product(_mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23)), absmax));
+}
+#endif
+
+// The bytes of one block's moment, decoded into dst (values·absmax).
+inline void decode_block(const rules::dynamic_code& code, const std::uint8_t* q, float absmax, float* dst, index_t n) noexcept {
+    index_t j = 0;
+    const __m512 a = V16::set1(absmax);
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    {
+        static const planes64 signed_planes(rules::signed_dynamic_code()), unsigned_planes(rules::unsigned_dynamic_code());
+        const planes64& t = code.sign == rules::code_sign::signed_code ? signed_planes : unsigned_planes;
+        const __m512i order = decode64_order();
+        for (; j + 64 <= n; j += 64) decode64(t, order, q + j, a, dst + j);
+    }
+#endif
+    if (j + 16 <= n) {
+        const code16 packed(code);
+        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, decode16(packed, q + j, a));
+    }
+    for (; j < n; ++j) dst[j] = decoded(code, q[j], absmax);
+}
+
+// The dword bytes of 16 values: dynamic_code::encode's arithmetic. The binade is y's biased
+// exponent clamped below at first_binade and used directly as the permute index (its low 5 bits:
+// 96 … 127 → 0 … 31); the reference's clamp above at 127 never acts, as y = |x|·RN(1/absmax) < 2
+// for |x| <= absmax.
+inline __m512i encode16(const code16& code, __m512 x, __m512 inv) noexcept {
+    static_assert(rules::dynamic_code::first_binade % 32 == 0 && rules::dynamic_code::binades == 32);
     const __m512 y = V16::product(_mm512_abs_ps(x), inv);
-    const __m512i first = _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::first_binade));
-    const __m512i e = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), 23), first), _mm512_set1_epi32(127)), first);
+    const __m512i e = _mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), 23), _mm512_set1_epi32(static_cast<int>(rules::dynamic_code::first_binade)));
     __m512i g = _mm512_permutex2var_epi32(code.binade_group[0], e, code.binade_group[1]);
     const __m512 boundary = _mm512_permutex2var_ps(code.binade_boundary[0], e, code.binade_boundary[1]);
     g = _mm512_mask_add_epi32(g, _mm512_cmp_ps_mask(y, boundary, _CMP_GT_OQ), g, _mm512_set1_epi32(1));
@@ -160,11 +238,34 @@ inline void encode16(const code16& code, __m512 x, __m512 inv, std::uint8_t* q) 
     __m512i j = _mm512_max_epi32(_mm512_cvttps_epi32(cell), _mm512_setzero_si512());
     j = _mm512_min_epi32(j, _mm512_permutexvar_epi32(g, code.last));
     __m512i byte = _mm512_add_epi32(j, _mm512_permutexvar_epi32(g, code.offset));
-    if (code.is_signed) {
-        const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) & _mm512_test_epi32_mask(byte, byte);
+    if (code.is_signed) {   // the sign bit where x < 0 and the magnitude is not 0
+        const __mmask16 negative = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(byte, byte), x, _mm512_setzero_ps(), _CMP_LT_OQ);
         byte = _mm512_mask_or_epi32(byte, negative, byte, _mm512_set1_epi32(0x80));
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(byte));
+    return byte;
+}
+
+// One block's moment, encoded from x: 64 values at a time packed to bytes by two saturating packs
+// (values are 0 … 255) and one dword permute that undoes the packs' lane interleave (dword 4k + j
+// holds packet j's bytes 4k … 4k + 3), 16 at a time by vpmovdb, then the scalar tail.
+inline void encode_block(const rules::dynamic_code& code, const float* x, std::uint8_t* q, index_t n, float absmax) noexcept {
+    index_t i = 0;
+    if (absmax != 0.0f && n >= 16) {
+        const code16 packed(code);
+        const __m512 inv = V16::set1(rules::dynamic_code::reciprocal(absmax));
+        alignas(64) std::int32_t order[16];
+        for (int k = 0; k < 4; ++k)
+            for (int j = 0; j < 4; ++j) order[4 * j + k] = 4 * k + j;
+        const __m512i o = _mm512_load_si512(order);
+        for (; i + 64 <= n; i += 64) {
+            const __m512i b0 = encode16(packed, _mm512_loadu_ps(x + i), inv), b1 = encode16(packed, _mm512_loadu_ps(x + i + 16), inv);
+            const __m512i b2 = encode16(packed, _mm512_loadu_ps(x + i + 32), inv), b3 = encode16(packed, _mm512_loadu_ps(x + i + 48), inv);
+            const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(b0, b1), _mm512_packus_epi32(b2, b3));
+            _mm512_storeu_si512(q + i, _mm512_permutexvar_epi32(o, bytes));
+        }
+        for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(encode16(packed, _mm512_loadu_ps(x + i), inv)));
+    }
+    encode_scalar(code, x, q, i, n, absmax);
 }
 
 // The largest lane (through memory: _mm512_reduce_max_ps trips GCC 12's -Wuninitialized).
@@ -176,41 +277,48 @@ inline float max16(__m512 x) noexcept {
     return r;
 }
 
-inline __mmask16 not_finite16(__m512 x) noexcept {
-    return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
-}
+// Whether a lane of the sentinel is NaN: it accumulates x·0 + sentinel, which stays +0 while every
+// x is finite and becomes NaN for an infinite or NaN x (one fused multiply-add per value, no mask).
+inline bool sentinel_bad(__m512 s) noexcept { return _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) != 0; }
 } // namespace adam8_detail
 
-/// The AVX-512 body.
+/// The AVX-512 body, in three passes over the block while it sits in L1 (a block of 256 is 1 KiB
+/// of floats per moment): decode both moments into stack buffers, update them there (the row
+/// `out` written, the absmax and finiteness gathered), encode them. The passes after the first
+/// read the buffers, not memory.
 template <adam_row_kind K>
 bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t n, const rules::adamw_terms<float>& c) noexcept {
     using namespace adam8_detail;
     using R = __m512;
     const auto& cm = rules::signed_dynamic_code();
     const auto& cv = rules::unsigned_dynamic_code();
-    const code16 pm(cm), pv(cv);
     alignas(64) float nm[adam8_max_block], nv[adam8_max_block];
-    const float am = *s.absmax_m, av = *s.absmax_v, minus_step_s = -c.step;
+    const float minus_step_s = -c.step;
     const bool decays = c.decay != 1.0f;
+    decode_block(cm, s.qm, *s.absmax_m, nm, n);
+    decode_block(cv, s.qv, *s.absmax_v, nv, n);
     const R beta1 = V16::set1(c.beta1), c1 = V16::set1(c.c1), beta2 = V16::set1(c.beta2), c2 = V16::set1(c.c2), bias2_sqrt = V16::set1(c.bias2_sqrt),
-            eps = V16::set1(c.eps), minus_step = V16::set1(minus_step_s), decay = V16::set1(c.decay), am_r = V16::set1(am), av_r = V16::set1(av);
-    R max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
-    __mmask16 bad = 0;
+            eps = V16::set1(c.eps), minus_step = V16::set1(minus_step_s), decay = V16::set1(c.decay), zero = _mm512_setzero_ps();
+    R max_m = zero, max_v = zero, sent_m = zero, sent_v = zero, sent_o = zero;
     index_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        R m = decode16(pm, s.qm + j, am_r), v = decode16(pv, s.qv + j, av_r), o = K == adam_row_kind::moments ? R{} : V16::load(out + j);
+        prefetch_ahead(g + j);
+        if constexpr (K != adam_row_kind::moments) prefetch_ahead(out + j);
+        R m = _mm512_load_ps(nm + j), v = _mm512_load_ps(nv + j), o = K == adam_row_kind::moments ? R{} : V16::load(out + j);
         adam_element<K, V16>(V16::load(g + j), m, v, o, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
         V16::store(out + j, o);
         _mm512_store_ps(nm + j, m);
         _mm512_store_ps(nv + j, v);
-        bad |= not_finite16(m) | not_finite16(v) | not_finite16(o);
+        sent_m = _mm512_fmadd_ps(m, zero, sent_m);
+        sent_v = _mm512_fmadd_ps(v, zero, sent_v);
+        sent_o = _mm512_fmadd_ps(o, zero, sent_o);
         max_m = _mm512_max_ps(max_m, _mm512_abs_ps(m));
         max_v = _mm512_max_ps(max_v, _mm512_abs_ps(v));
     }
     float mm = max16(max_m), mv = max16(max_v);
-    bool finite = bad == 0;
+    bool finite = !sentinel_bad(sent_m) && !sentinel_bad(sent_v) && !sentinel_bad(sent_o);
     for (; j < n; ++j) {
-        float m = adam8_detail::decoded(cm, s.qm[j], am), v = adam8_detail::decoded(cv, s.qv[j], av), o = K == adam_row_kind::moments ? 0.0f : out[j];
+        float m = nm[j], v = nv[j], o = K == adam_row_kind::moments ? 0.0f : out[j];
         update_scalar<K>(g[j], m, v, o, c, minus_step_s, decays);
         out[j] = o;
         nm[j] = m;
@@ -222,16 +330,8 @@ bool adam8_block_avx512(const float* g, float* out, adam8_block_state s, index_t
     if (!finite) return false;
     mm = stored_absmax(mm);
     mv = stored_absmax(mv);
-    const auto encode = [&](const rules::dynamic_code& code, const code16& packed, const float* x, std::uint8_t* q, float absmax) {
-        index_t i = 0;
-        if (absmax != 0.0f) {
-            const R inv = V16::set1(rules::dynamic_code::reciprocal(absmax));
-            for (; i + 16 <= n; i += 16) encode16(packed, _mm512_load_ps(x + i), inv, q + i);
-        }
-        encode_scalar(code, x, q, i, n, absmax);
-    };
-    encode(cm, pm, nm, s.qm, mm);
-    encode(cv, pv, nv, s.qv, mv);
+    encode_block(cm, nm, s.qm, n, mm);
+    encode_block(cv, nv, s.qv, n, mv);
     *s.absmax_m = mm;
     *s.absmax_v = mv;
     return true;
