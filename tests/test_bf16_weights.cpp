@@ -151,6 +151,41 @@ TEST_CASE("bf16 weights: a step equals the float step on the widened weight foll
     }
 }
 
+TEST_CASE("bf16 weights: a VeLoRA factored gradient, low-rank and dense, also equals the float step and the rounding") {
+    constexpr index_t out = 64, features = 96, groups = 8, sub = features / groups;
+    B backend(1);
+    optimizer a(backend, galore_config(1e-2)), f(backend, galore_config(1e-2));
+    const adarank::param_kind kinds2[2] = {adarank::param_kind::low_rank, adarank::param_kind::dense};
+    std::vector<std::vector<bf16>> wa;
+    std::vector<std::vector<float>> wf;
+    for (int p = 0; p < 2; ++p) {
+        a.add_parameter(out, features, kinds2[p]);
+        f.add_parameter(out, features, kinds2[p]);
+        wa.push_back(to_bf16(gaussian(out * features, 80 + static_cast<std::uint64_t>(p), 0.5)));
+        wf.push_back(widen(wa.back()));
+    }
+    a.reserve({.factored_groups = groups});
+    f.reserve({.factored_groups = groups});
+    std::vector<float> v = gaussian(sub, 90, 1.0);
+    double norm = 0;
+    for (const float x : v) norm += static_cast<double>(x) * x;
+    for (float& x : v) x = static_cast<float>(x / std::sqrt(norm));
+    for (int t = 1; t <= 6; ++t)
+        for (int p = 0; p < 2; ++p) {
+            const auto am = gaussian(out * groups, 100 + 10 * static_cast<std::uint64_t>(t) + static_cast<std::uint64_t>(p), 1.0);
+            const velora::factored_gradient<float> g{velora::make_view(am.data(), out, groups), v.data(), sub, features, 0.5f};
+            REQUIRE(a.step(p, view(wa[static_cast<std::size_t>(p)], out, features), g) == velora::status::ok);
+            REQUIRE(f.step(p, velora::make_view(wf[static_cast<std::size_t>(p)].data(), out, features), g) == velora::status::ok);
+            auto& w = wf[static_cast<std::size_t>(p)];
+            std::vector<bf16> rounded(w.size());
+            const std::uint64_t key = adarank::weight_rounding_key(a.config().seed, static_cast<std::uint64_t>(p), static_cast<std::uint64_t>(t));
+            for (std::size_t i = 0; i < w.size(); ++i) rounded[i] = velora::round_to_bfloat16(w[i], bf16_rounding::stochastic, key, i);
+            REQUIRE(same_bits(rounded, wa[static_cast<std::size_t>(p)]));
+            w = widen(rounded);
+        }
+    CHECK(a.save_state() == f.save_state());
+}
+
 TEST_CASE("bf16 weights: the same bits at any thread count") {
     const auto run = [](int threads) {
         B backend(threads);
