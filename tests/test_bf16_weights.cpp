@@ -10,12 +10,14 @@
 #include <velora/backend/eigen.hpp>
 #include <velora/core/stochastic_rounding.hpp>
 
+#include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
 #include "test_util.hpp"
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -186,6 +188,29 @@ TEST_CASE("bf16 weights: a VeLoRA factored gradient, low-rank and dense, also eq
     CHECK(a.save_state() == f.save_state());
 }
 
+TEST_CASE("bf16 weights: after the first step of the largest parameter, steps allocate nothing") {
+    B backend(1);
+    optimizer o(backend, galore_config(1e-2));   // refresh every 4 steps, fixed rank: a refresh keeps its buffers
+    std::vector<std::vector<bf16>> w;
+    std::vector<std::vector<float>> g;
+    for (int p = 0; p < 3; ++p) {
+        o.add_parameter(shapes[p][0], shapes[p][1], kinds[p]);
+        w.push_back(to_bf16(gaussian(shapes[p][0] * shapes[p][1], 110 + static_cast<std::uint64_t>(p), 0.5)));
+        g.push_back(gaussian(shapes[p][0] * shapes[p][1], 120 + static_cast<std::uint64_t>(p), 1.0));
+    }
+    const auto step_all = [&] {
+        for (int p = 0; p < 3; ++p) {
+            const auto sp = static_cast<std::size_t>(p);
+            REQUIRE(o.step(p, view(w[sp], shapes[p][0], shapes[p][1]), velora::make_view(g[sp].data(), shapes[p][0], shapes[p][1])) == velora::status::ok);
+        }
+    };
+    step_all();   // the first subspace, the workspace
+    const long before = test::allocations.load();
+    for (int t = 0; t < 3; ++t) step_all();   // steady state, no refresh
+    CHECK(test::allocations.load() - before == 0);
+    CHECK(o.bf16_workspace_bytes() == 64 * 96 * sizeof(float));
+}
+
 TEST_CASE("bf16 weights: the same bits at any thread count") {
     const auto run = [](int threads) {
         B backend(threads);
@@ -208,6 +233,55 @@ TEST_CASE("bf16 weights: the same bits at any thread count") {
     for (std::size_t p = 0; p < one.size(); ++p) {
         CHECK(same_bits(one[p], two[p]));
         CHECK(same_bits(one[p], four[p]));
+    }
+}
+
+namespace {
+
+// Two ranks with the same gradients, as rank `r` sees them: a sum over the ranks is twice the
+// value (so the mean is the value itself, exactly). The bf16 steps take the data-parallel path.
+struct mirrored_pair {
+    int r = 0;
+    [[nodiscard]] int rank() const noexcept { return r; }
+    [[nodiscard]] static int size() noexcept { return 2; }
+    static void all_reduce_sum(std::span<float> x) noexcept {
+        for (float& e : x) e *= 2;
+    }
+    static void all_reduce_sum(std::span<double> x) noexcept {
+        for (double& e : x) e *= 2;
+    }
+    static void broadcast(std::span<std::byte>, int) noexcept {}
+    [[nodiscard]] static bool any(bool flag) noexcept { return flag; }
+};
+static_assert(velora::communicator<mirrored_pair>);
+
+} // namespace
+
+TEST_CASE("bf16 weights: every data-parallel rank rounds to the same bits, those of one process with the mean gradient") {
+    const auto run = [](int rank) {   // rank < 0: one process
+        B backend(1);
+        optimizer o(backend, galore_config(1e-2));
+        std::vector<std::vector<bf16>> w;
+        for (int p = 0; p < 3; ++p) {
+            o.add_parameter(shapes[p][0], shapes[p][1], kinds[p]);
+            w.push_back(to_bf16(gaussian(shapes[p][0] * shapes[p][1], 130 + static_cast<std::uint64_t>(p), 0.5)));
+        }
+        o.reserve({.data_parallel = true});
+        mirrored_pair comm{rank};
+        for (int t = 0; t < 6; ++t)
+            for (int p = 0; p < 3; ++p) {
+                const auto sp = static_cast<std::size_t>(p);
+                const auto g = gaussian(shapes[p][0] * shapes[p][1], 140 + 10 * static_cast<std::uint64_t>(t) + sp, 1.0);
+                const auto gv = velora::make_view(g.data(), shapes[p][0], shapes[p][1]);
+                const auto s = rank < 0 ? o.step(p, view(w[sp], shapes[p][0], shapes[p][1]), gv) : o.step(p, view(w[sp], shapes[p][0], shapes[p][1]), gv, comm);
+                REQUIRE(s == velora::status::ok);
+            }
+        return w;
+    };
+    const auto single = run(-1), rank0 = run(0), rank1 = run(1);
+    for (std::size_t p = 0; p < single.size(); ++p) {
+        CHECK(same_bits(rank0[p], rank1[p]));
+        CHECK(same_bits(rank0[p], single[p]));
     }
 }
 

@@ -138,7 +138,8 @@ inline config parse(const std::string& name, const defaults& d) {
                 std::string list;
                 for (const char* o : options) {
                     if (value == o) return value;
-                    list += (list.empty() ? "" : "|") + std::string(o);
+                    if (!list.empty()) list += '|';   // (not "|" + std::string: GCC 12 warns -Wrestrict on that, a false positive)
+                    list += o;
                 }
                 detail::bad(name, key + "=" + value + ": expected " + list);
             };
