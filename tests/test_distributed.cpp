@@ -341,6 +341,33 @@ TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
     CHECK(opt.info(0).refreshes == 3);
 }
 
+TEST_CASE("the budget rank rule data-parallel: the same ranks and bits on every rank as one process, within the budget") {
+    auto& comm = world();
+    backend_t<double> backend;
+    model<double> dp, ref;
+    // Dense state 2·(96 + 256 + 16)·8 = 5888 bytes; rank units of 2048, 2048 and 1920 bytes: room
+    // for rank 4 each on average, spent where the spectra have energy.
+    const std::uint64_t budget = 5888 + 4 * 2048 + 4 * 2048 + 4 * 1920;
+    auto config = test_config();
+    config.rank = adarank::rank_policy::budget(budget, 1, 8);
+    adarank::low_rank_adamw<backend_t<double>> opt(backend, config), ref_opt(backend, config);
+    register_all(dp, opt, &comm);
+    register_all(ref, ref_opt, static_cast<velora::mpi_communicator*>(nullptr));
+    std::set<index_t> ranks_seen;
+    for (std::uint64_t t = 0; t < 40; ++t) {
+        CHECK(train_step(dp, opt, t, first_sample(), share(), &comm) == train_step(ref, ref_opt, t, 0, global_batch, static_cast<velora::mpi_communicator*>(nullptr)));
+        CHECK(velora::same_on_all_ranks(comm, dp.weights_hash()));
+        CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(opt.save_state())));
+        CHECK(opt.state_bytes() <= budget);
+        for (index_t p = 0; p < 3; ++p) {
+            CHECK(opt.info(p).rank == ref_opt.info(p).rank);
+            ranks_seen.insert(opt.info(p).rank);
+        }
+    }
+    CHECK(max_relative_difference(dp, ref) <= 1e-10);
+    CHECK(ranks_seen.size() >= 2);
+}
+
 TEST_CASE("a NaN on one rank makes every rank skip the step with the same status") {
     auto& comm = world();
     backend_t<float> backend;

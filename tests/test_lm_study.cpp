@@ -154,3 +154,25 @@ TEST_CASE("a learning rate is appended to a configuration's spelling") {
     for (const auto& p : lm::study::find_plan("iso-memory")->points)
         for (double lr : p.lrs) CHECK_NOTHROW((void)parse(lm::study::with_lr(p.config, lr), flags));
 }
+
+TEST_CASE("rank=budget and budget=BYTES|rN spell the library's budget rank rule") {
+    const auto bytes = parse("adarank:budget=4096", flags);
+    CHECK(bytes.optimizer.rank == adarank::rank_policy::budget(4096, 1, 32));
+    CHECK(bytes.budget_rank == 0);
+    CHECK_FALSE(bytes.fixed_rank);
+    const auto at_rank = parse("galore:r=64,rank=budget,budget=r16", flags);
+    CHECK(at_rank.budget_rank == 16);
+    CHECK(at_rank.optimizer.rank.is_budget());
+    CHECK(at_rank.optimizer.rank.r_max == 64);
+    CHECK(throws_with("adarank:rank=budget", "rank=budget needs budget=BYTES or budget=rN"));
+    CHECK(throws_with("adarank:xi=0.1,budget=r8", "xi is for rank=adaptive"));
+    CHECK(throws_with("adarank:budget=1.5", "not a whole number of bytes"));
+    CHECK(throws_with("adarank:rank=fixed,budget=100", "budget is for rank=budget"));
+    CHECK(throws_with("adarank:budget=100,rank=adaptive", "budget is for rank=budget"));
+    CHECK(throws_with("adamw:budget=100", "for the low-rank configurations"));
+    // budget=rN is GaLore's state at rank N: (r·(len + 2·other)) per matrix, dense moments 2·rows·cols.
+    const std::vector<std::tuple<velora::index_t, velora::index_t, bool>> shapes{{128, 344, true}, {344, 128, true}, {1, 128, false}};
+    CHECK(lm::configs::budget_bytes_at_rank(at_rank, 16, shapes, 4) == (16 * (128 + 2 * 344) * 2 + 2 * 128) * 4);
+    for (const auto& p : lm::study::find_plan("budget")->points)
+        for (double lr : p.lrs) CHECK_NOTHROW((void)parse(lm::study::with_lr(p.config, lr), flags));
+}

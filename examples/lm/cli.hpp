@@ -70,9 +70,9 @@ inline void print_help() {
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
-                "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
-                "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale, state=8bit|float;\n"
-                "                     see examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
+                "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive|budget, xi, budget=BYTES|rN,\n"
+                "                     refresh=every|converged, interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized,\n"
+                "                     scale, state=8bit|float; see examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
                 join(lm::configs::names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
@@ -92,6 +92,10 @@ inline void print_help() {
                 "                     with --estimate, the estimates (default: none)\n");
     std::printf("  --plot PATH        write an SVG plot of the validation loss and, per low-rank configuration, the ranks of\n"
                 "                     each kind of matrix in every layer (default: none)\n");
+    std::printf("  --grad-rank-every N  every N steps (and at step 1) record each projection matrix's xi-energy rank (xi = 0.05,\n"
+                "                     0.1, 0.2) of its full gradient by an exact SVD; one configuration, one process (default: off)\n"
+                "  --grad-rank-out PATH  the ranks as JSON, needed with --grad-rank-every (default: none)\n"
+                "  --grad-rank-plot PATH  the ranks as SVG small multiples per matrix kind (default: none)\n");
     std::printf("  -h, --help         print this help and exit\n\n");
     std::printf("Sizes: the model, optimizer and activations of one training process must fit in physical memory (%s here).\n"
                 "Output: --json and --plot are written when the run ends, into PATH.tmp-<pid> renamed onto PATH; an existing file\n"
@@ -156,6 +160,9 @@ inline options parse(int argc, char** argv) {
         else if (flag == "--json") o.json = next();
         else if (flag == "--share-qkv") o.share_qkv = true;
         else if (flag == "--plot") o.plot = next();
+        else if (flag == "--grad-rank-every") o.grad_rank_every = static_cast<int>(positive(flag, next()));
+        else if (flag == "--grad-rank-out") o.grad_rank_out = next();
+        else if (flag == "--grad-rank-plot") o.grad_rank_plot = next();
         else if (flag == "--lr" || flag == "--lr-low-rank") {
             const char* text = next();
             char* end = nullptr;
@@ -230,6 +237,11 @@ inline options parse(int argc, char** argv) {
     if (o.vocab_given && !o.estimate)
         usage_error("flag --vocab is for --estimate only: the trainer reads bytes (vocabulary 256)");
     if (o.estimate && !o.plot.empty()) usage_error("flag --plot has nothing to draw with --estimate (nothing is trained)");
+    if ((o.grad_rank_every > 0) != !o.grad_rank_out.empty())
+        usage_error("flags --grad-rank-every and --grad-rank-out go together");
+    if (!o.grad_rank_plot.empty() && o.grad_rank_every == 0) usage_error("flag --grad-rank-plot needs --grad-rank-every and --grad-rank-out");
+    if (o.grad_rank_every > 0 && (o.configs.size() != 1 || !o.study.empty() || o.estimate))
+        usage_error("flag --grad-rank-every measures one configuration (--configs NAME), not a study or an estimate");
     return o;
 }
 

@@ -19,6 +19,11 @@
 //   rank=fixed|adaptive            the rank rule (fixed: r; adaptive: the smallest rank that keeps
 //                                  all but ξ² of the gradient's energy, at most r)
 //   xi=X             ξ of the adaptive rule (default: the library's, 0.05); implies rank=adaptive
+//   rank=budget      the library's global memory budget (rank_policy::budget): the ranks of all
+//                    matrices chosen together, at most r each, to keep the most gradient energy
+//                    with the optimizer state never above `budget`
+//   budget=BYTES|rN  the budget in bytes, or rN: the bytes GaLore's uniform rank N holds on this
+//                    model (resolved when the model's shapes are known); implies rank=budget
 //   refresh=every|converged        refresh every `interval` steps, or when ‖Ĝ‖ fell to eps·‖Ĝ at the
 //                                  first step in the subspace‖ (after 50 steps, at the latest after `interval`)
 //   interval=N       (default 200)   eps=X   the convergence threshold (default 0.5)
@@ -38,11 +43,14 @@
 #include <adarank/adarank.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model.hpp"
@@ -62,6 +70,7 @@ struct config {
     index_t rank = 0;          ///< GaLore's rank, AdaRankGrad's cap; 0 for the full-rank names
     index_t warmup = 0;        ///< steps of linear learning-rate warm-up (lr_at)
     std::optional<velora::bf16_rounding> bf16_weights;   ///< weights=bf16|bf16-nearest: how each step's weights are rounded to bf16
+    index_t budget_rank = 0;   ///< rank=budget with budget=rN: the budget is GaLore's state at rank N (budget_bytes_at_rank)
     adarank::optimizer_config optimizer{};
 };
 
@@ -116,6 +125,8 @@ inline config parse(const std::string& name, const defaults& d) {
     double xi = rank_policy{}.xi, eps = 0.5;
     index_t interval = 200;
     bool refresh_every = c.base == "galore";
+    bool budget = false;
+    std::uint64_t budget_bytes = 0;
     if (c.base == "galore") c.optimizer = optimizer_config::galore(d.rank, interval, 0.25);
     c.optimizer.adam.lr = c.low_rank ? d.lr_low_rank : d.lr;
     c.optimizer.adam.weight_decay = 0.0;
@@ -146,7 +157,19 @@ inline config parse(const std::string& name, const defaults& d) {
             if (key == "lr") c.optimizer.adam.lr = detail::number(name, key, value, 0, 10, true);
             else if (key == "warmup") c.warmup = value == "0" ? 0 : detail::count(name, key, value);
             else if (key == "r") c.rank = detail::count(name, key, value);
-            else if (key == "rank") c.fixed_rank = choose({"fixed", "adaptive"}) == "fixed";
+            else if (key == "rank") {
+                const std::string rule = choose({"fixed", "adaptive", "budget"});
+                c.fixed_rank = rule == "fixed";
+                budget = rule == "budget";
+            } else if (key == "budget") {
+                if (!value.empty() && value[0] == 'r') {
+                    c.budget_rank = detail::count(name, key, value.substr(1));
+                } else {
+                    const double bytes = detail::number(name, key, value, 1, 1e15, false);
+                    if (bytes != std::floor(bytes)) detail::bad(name, key + "=" + value + " is not a whole number of bytes");
+                    budget_bytes = static_cast<std::uint64_t>(bytes);
+                }
+            }
             else if (key == "xi") xi = detail::number(name, key, value, 0, 0.999999, false);
             else if (key == "refresh") refresh_every = choose({"every", "converged"}) == "every";
             else if (key == "interval") interval = detail::count(name, key, value);
@@ -171,7 +194,7 @@ inline config parse(const std::string& name, const defaults& d) {
                 const std::string w = choose({"bf16", "bf16-nearest", "float"});
                 if (w == "float") c.bf16_weights.reset();
                 else c.bf16_weights = w == "bf16" ? velora::bf16_rounding::stochastic : velora::bf16_rounding::nearest;
-            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, refresh, interval, eps, transport, svd, scale, state, weights)");
+            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, weights)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {
@@ -179,9 +202,20 @@ inline config parse(const std::string& name, const defaults& d) {
             c.fixed_rank = false;
         }
         if (refresh_every && given("eps")) detail::bad(name, "eps is for refresh=converged");
+        if (given("budget")) {
+            if (given("rank") && !budget) detail::bad(name, "budget is for rank=budget");
+            budget = true;
+        } else if (budget) {
+            detail::bad(name, "rank=budget needs budget=BYTES or budget=rN");
+        }
+        if (budget && given("xi")) detail::bad(name, "xi is for rank=adaptive, not rank=budget");
+        if (budget) c.fixed_rank = false;
     }
     if (c.low_rank) {
-        c.optimizer.rank = c.fixed_rank ? rank_policy::fixed(c.rank) : rank_policy::adaptive(xi, 1, c.rank);
+        // budget=rN: a placeholder of 1 byte until the trainer knows the shapes (budget_bytes_at_rank).
+        c.optimizer.rank = budget            ? rank_policy::budget(c.budget_rank > 0 ? 1 : budget_bytes, 1, c.rank)
+                           : c.fixed_rank ? rank_policy::fixed(c.rank)
+                                          : rank_policy::adaptive(xi, 1, c.rank);
         c.optimizer.refresh = refresh_every ? refresh_policy::every(interval) : refresh_policy::converged(eps, std::min<index_t>(50, interval), interval);
     }
     try {
@@ -190,6 +224,24 @@ inline config parse(const std::string& name, const defaults& d) {
         detail::bad(name, e.what());
     }
     return c;
+}
+
+// The optimizer-state bytes of GaLore's uniform rank `rank` over `shapes` (rows, cols, low-rank?)
+// under the configuration's side rule, in values of `value_bytes`: what budget=rN means.
+inline std::uint64_t budget_bytes_at_rank(const config& c, index_t rank, const std::vector<std::tuple<index_t, index_t, bool>>& shapes,
+                                          std::size_t value_bytes) {
+    std::uint64_t sum = 0;
+    for (const auto& [rows, cols, low_rank] : shapes) {
+        if (!low_rank) {
+            sum += 2 * static_cast<std::uint64_t>(rows * cols) * value_bytes;
+            continue;
+        }
+        const bool left = adarank::choose_side(c.optimizer.side, rows, cols) == adarank::projection_side::left;
+        const index_t len = left ? rows : cols, other = left ? cols : rows;
+        const index_t r = std::min({rank, c.rank, rows, cols});
+        sum += static_cast<std::uint64_t>(r * (len + 2 * other)) * value_bytes;
+    }
+    return sum;
 }
 
 // The learning rate of step `step` (0-based): the configuration's, ramped over its warm-up.

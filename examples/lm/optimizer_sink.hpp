@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "data_parallel.hpp"
+#include "gradient_rank.hpp"
 #include "model.hpp"
 #include "options.hpp"
 
@@ -46,7 +47,14 @@ public:
         : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm), bf16_(bf16) {
         for (const param_id id : ids_) low_rank_.push_back(opt_.info(id).low_rank);
     }
+    // With a recorder, the projection matrices' gradients of the steps it says are due are
+    // measured before they are stepped (gradient_rank.hpp; one process).
+    void observe_ranks(lm::gradient_rank::recorder* recorder, int step) {
+        recorder_ = recorder;
+        step_ = step;
+    }
     void dense(std::size_t i, velora::const_matrix_view<T> grad) override {
+        if (recorder_ && params_[i].projection && recorder_->due(step_)) recorder_->observe(params_[i].name, step_, grad);
         if constexpr (one_process<C>) {
             if (measure_ && !low_rank_[i]) energy_ += backend_.sum_of_squares(grad);
             stepped(i, opt_.step(ids_[i], weight(i), grad));
@@ -58,6 +66,11 @@ public:
         }
     }
     void factored(std::size_t i, const velora::factored_gradient<T>& grad) override {
+        if (recorder_ && params_[i].projection && recorder_->due(step_)) {
+            // The model never writes a VeLoRA projection's gradient buffer: free to hold the expansion.
+            adarank::factored_gradient_op<B>(backend_, grad, scratch_).row_block(0, gradient(i));
+            recorder_->observe(params_[i].name, step_, velora::const_matrix_view<T>(gradient(i)));
+        }
         if constexpr (one_process<C>) {
             if (measure_ && !low_rank_[i]) energy_ += adarank::factored_gradient_op<B>(backend_, grad, scratch_).norm2();
             stepped(i, opt_.step(ids_[i], weight(i), grad));
@@ -155,6 +168,8 @@ private:
     std::uint64_t bytes_ = 0;
     bool measure_ = false;
     double energy_ = 0;
+    lm::gradient_rank::recorder* recorder_ = nullptr;
+    int step_ = 0;
 };
 
 } // namespace lm::trainer

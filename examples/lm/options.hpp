@@ -46,6 +46,8 @@ struct options {
     std::vector<std::uint64_t> seeds = {1, 2, 3};   // --seeds: the study's seeds
     std::uint64_t seed = 1;
     std::string json, plot;
+    int grad_rank_every = 0;                   // --grad-rank-every N: measure the gradients' ξ-energy ranks (gradient_rank.hpp)
+    std::string grad_rank_out, grad_rank_plot; // --grad-rank-out FILE.json, --grad-rank-plot FILE.svg
     bool help = false;   // --help or -h: print the help and exit 0 (nothing after it is parsed)
 };
 

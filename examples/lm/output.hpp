@@ -87,7 +87,8 @@ inline std::string settings_json(const options& o, const corpus* data, int ranks
        << ",\"configs\":[" << join(configs, ",") << "],\"share-qkv\":" << (o.share_qkv ? "true" : "false") << ",\"seed\":" << o.seed
        << ",\"split\":" << text(o.split) << ",\"valid-batches\":" << o.valid_batches << ",\"study\":" << path(o.study) << ",\"seeds\":[";
     for (std::size_t i = 0; i < o.seeds.size(); ++i) os << (i ? "," : "") << o.seeds[i];
-    os << "],\"json\":" << path(o.json) << ",\"plot\":" << path(o.plot) << "}";
+    os << "],\"json\":" << path(o.json) << ",\"plot\":" << path(o.plot) << ",\"grad-rank-every\":" << o.grad_rank_every
+       << ",\"grad-rank-out\":" << path(o.grad_rank_out) << ",\"grad-rank-plot\":" << path(o.grad_rank_plot) << "}";
     os << ",\"model\":{\"vocab\":" << m.vocab << ",\"d_model\":" << m.d_model << ",\"heads\":" << m.heads << ",\"d_head\":" << m.d_model / m.heads
        << ",\"layers\":" << m.layers << ",\"ffn\":" << m.ffn << ",\"context\":" << m.context << ",\"parameters\":" << lm::memory::parameter_count(m).v << "}";
     if (data)

@@ -75,7 +75,13 @@ inline const std::vector<plan>& plans() {
         for (int r : {16, 32, 64})
             warm.points.push_back({"galore:r=" + std::to_string(r) + ",warmup=100", "GaLore", "r=" + std::to_string(r), low});
         warm.points.push_back({"adarank:r=64,xi=0.05,warmup=100", "AdaRankGrad", "\u03be=0.05", low});
-        return std::vector<plan>{iso, warm};
+        // The library's global budget rank rule (rank_policy::budget) at GaLore r = 32's state
+        // (budget=r32, each matrix's rank capped at 64) between GaLore r = 16 and r = 32: is the
+        // energy-per-byte allocation across matrices better than one rank for all?
+        plan budget{"budget", "GaLore at ranks 16 and 32, and the budget rank rule with GaLore r=32's bytes (cap 64)", {}};
+        for (int r : {16, 32}) budget.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
+        budget.points.push_back({"adarank:r=64,rank=budget,budget=r32", "AdaRankGrad", "budget = GaLore r=32 bytes", low});
+        return std::vector<plan>{iso, warm, budget};
     }();
     return all;
 }

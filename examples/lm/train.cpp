@@ -141,7 +141,7 @@ int main_one_process(int argc, char** argv) {
         }
         check_sizes(o);
         install_stop_handlers();
-        for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
+        for (const std::string* path : {&o.json, &o.plot, &o.grad_rank_out, &o.grad_rank_plot}) check_output(*path);
         const corpus data = load_checked_corpus(o);
         print_header(o, data, 1);
         if (!o.study.empty()) return run_study(o, data);
@@ -182,6 +182,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
     try {
         o = parse(argc, argv);
         if (!o.study.empty()) throw std::invalid_argument("--study runs in one process (start it without mpirun)");
+        if (o.grad_rank_every > 0) throw std::invalid_argument("--grad-rank-every runs in one process (start it without mpirun)");
         if (!o.help && !o.estimate) {
             if (o.batch % comm.size() != 0)
                 throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is not divisible by the " + std::to_string(comm.size()) +

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -22,6 +23,7 @@
 #include "configs.hpp"
 #include "corpus.hpp"
 #include "data_parallel.hpp"
+#include "gradient_rank.hpp"
 #include "memory.hpp"
 #include "model.hpp"
 #include "optimizer_sink.hpp"
@@ -54,7 +56,13 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     }
     auto& params = model.parameters();
     const lm::configs::config config = config_of(name, o);
-    adarank::low_rank_adamw<B> opt(backend, config.optimizer);
+    adarank::optimizer_config optimizer_config = config.optimizer;
+    if (config.budget_rank > 0) {   // budget=rN: GaLore's state at rank N on these shapes
+        std::vector<std::tuple<velora::index_t, velora::index_t, bool>> shapes;
+        for (const auto& p : params) shapes.emplace_back(p.rows, p.cols, uses_low_rank(name, o) && p.projection);
+        optimizer_config.rank.budget_bytes = lm::configs::budget_bytes_at_rank(config, config.budget_rank, shapes, sizeof(T));
+    }
+    adarank::low_rank_adamw<B> opt(backend, optimizer_config);
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
         const auto kind = uses_low_rank(name, o) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
@@ -66,6 +74,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         for (auto& p : params)
             for (index_t k = 0; k < p.rows * p.cols; ++k) p.data[k] = velora::to_arithmetic<T>(velora::storage_cast<velora::bfloat16>::from(p.data[k]));
     optimizer_sink<C> sink(backend, opt, params, ids, comm, config.bf16_weights);
+    lm::gradient_rank::recorder grad_ranks(o.grad_rank_every);
     std::vector<int> tokens, valid_tokens;
     auto validation_loss = [&] {
         double sum = 0;
@@ -120,12 +129,18 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         r.peak_rss_bytes = static_cast<std::size_t>(max_over_ranks(comm, static_cast<double>(report::peak_rss_bytes())));
         r.communicated_bytes = sink.communicated_bytes();
         r.interrupted = stop_agreed(comm);
+        if (o.grad_rank_every > 0 && root) {
+            report::write_replacing(o.grad_rank_out, "--grad-rank-out", [&](std::ostream& out) { grad_ranks.write_json(out, name); });
+            if (!o.grad_rank_plot.empty())
+                report::write_replacing(o.grad_rank_plot, "--grad-rank-plot", [&](std::ostream& out) { grad_ranks.write_svg(out, name); });
+        }
     };
     try {
         for (int step = 0; step < o.steps && !stop_agreed(comm); ++step) {
             make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);   // the global batch
             const bool evaluate = step % o.eval_every == 0 || step + 1 == o.steps;
             sink.measure(evaluate);
+            if (o.grad_rank_every > 0) sink.observe_ranks(&grad_ranks, step);   // one process only (train.cpp refuses mpirun)
             if (config.warmup > 0) opt.set_learning_rate(lm::configs::lr_at(config, step));
             const auto t0 = std::chrono::steady_clock::now();
             const double own = model.train_step(tokens.data() + first, share, sink);   // this rank's share

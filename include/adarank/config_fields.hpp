@@ -214,13 +214,19 @@ void check_field(const config_field& f, const V& v, std::string_view function) {
 /// Throws std::invalid_argument naming `function`, the field and its value for an invalid
 /// configuration: every field against its row of the table (the rank estimator and the refresh
 /// rule validate themselves), then the 8-bit block size (a power of two, state_format.hpp) and the
-/// one rule across fields, the learning rate's under the torch convention (check_learning_rate,
-/// policies.hpp).
+/// rules across fields: the learning rate's under the torch convention (check_learning_rate,
+/// policies.hpp), and the budget rank rule only with float moments.
 template <class Rank, class Refresh>
 void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
     for_each_config_field([&](const config_field& f, const auto& v) { detail::check_field(f, v, function); }, c);
     check_state_block(c.state_block, function);
     check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
+    // The budget rule prices a rank unit at a basis row and two moment rows in the value type
+    // (rank_budget.hpp); with 8-bit moments it would spend a budget it does not count correctly.
+    if constexpr (std::is_same_v<Rank, rank_policy>)
+        if (c.rank.is_budget() && c.state != state_format::float32)
+            velora::detail::fail(function, "config.rank is the budget rule (", c.rank.budget_bytes, " bytes), which counts moments in the value type; "
+                                 "config.state must then be float32, got int8_blockwise");
 }
 
 } // namespace adarank

@@ -17,8 +17,11 @@
 /// Nothing of the parameter changes before phase 5, so a step that returns early (NaN/Inf in the
 /// gradient, an overflow, a degenerate gradient with no subspace yet) changes nothing but what
 /// that status documents. The same functions change a subspace for set_basis.
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <optional>
+#include <type_traits>
 
 #include <velora/core/error.hpp>
 
@@ -27,6 +30,7 @@
 #include "overflow_certificate.hpp"
 #include "parameter.hpp"
 #include "policies.hpp"
+#include "rank_budget.hpp"
 #include "step_context.hpp"
 #include "transport.hpp"
 
@@ -140,7 +144,7 @@ private:
         auto& ws = ctx_.workspace;
         auto next = ws.view(ws.basis_next, l_.r_cap, l_.len);
         const auto warm = l_.rank > 0 ? l_.basis_view() : const_matrix_view<T>{};
-        rep_ = ctx_.finder.find(m_, ctx_.config.rank, energy_, warm, l_.seed, counter_, next);
+        rep_ = find_subspace(warm, next);
         if (!std::isfinite(rep_.captured)) return trouble();
         rank_ = rep_.rank;
         basis_ = next.row_block(0, rank_);
@@ -153,6 +157,18 @@ private:
         v_bound_ = l_.rank > 0 ? norm_bound(b_, ws.view(ws.v_next, rank_, l_.other)) : 0.0;
         fresh_ = true;
         return std::nullopt;
+    }
+
+    // The search of phase 2, by the configured rank estimator or, under the budget rule, by the
+    // allocation across all parameters (rank_budget.hpp).
+    subspace_report find_subspace(const_matrix_view<T> warm, matrix_view<T> next) {
+        if constexpr (std::is_same_v<typename Config::rank_type, rank_policy>) {
+            if (ctx_.budget) {
+                const budget_estimator<B> budget{ctx_.config.rank, ctx_.layers, l_, *ctx_.budget};
+                return ctx_.finder.find(m_, budget, energy_, warm, l_.seed, counter_, next);
+            }
+        }
+        return ctx_.finder.find(m_, ctx_.config.rank, energy_, warm, l_.seed, counter_, next);
     }
 
     // Phase 3. n = m/(√v+ε) overwrites the projected gradient; Adam in the subspace runs in place
@@ -211,7 +227,11 @@ private:
     // Phase 5. Only a new rank's state allocates, and it does so before changing anything.
     status commit() {
         auto& ws = ctx_.workspace;
-        if (fresh_) install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_);
+        if (fresh_) {
+            install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_);
+            if (ctx_.budget)   // the budget rule reads it at the other parameters' refreshes (capacity reserved at registration)
+                energy_fractions(ctx_.finder.singular_values(), rep_.energy, l_.r_cap, l_.spectrum);
+        }
         if ((fresh_ || !certified_) && l_.quantized) {
             if constexpr (blockwise_state_backend<B>) l_.q8.quantize(ws.m_next.data(), ws.v_next.data());   // the bits the fused 8-bit pass encodes
         } else if (fresh_ || !certified_) {

@@ -56,6 +56,7 @@
 #include "overflow_certificate.hpp"
 #include "parameter.hpp"
 #include "policies.hpp"
+#include "rank_budget.hpp"
 #include "rsvd.hpp"
 #include "step_context.hpp"
 
@@ -129,6 +130,7 @@ public:
         layer l = layer::plan(rows, cols, kind, config_.side, config_.rank.max_rank(), config_.seed, layers_.size(), fn);
         l.quantized = config_.state == state_format::int8_blockwise;
         if (l.quantized) l.q8.assign_zero(0, config_.state_block);
+        if (uses_rank_budget(config_.rank)) check_budget_admits(l, fn);
         if (l.low_rank) {
             ws_.reserve_low_rank(l.len, l.other, l.r_cap);
             finder_.reserve(l.len, l.other, l.r_cap);
@@ -142,6 +144,10 @@ public:
             b_->fill(l.dense_view(l.v), T(0));
         }
         layers_.push_back(std::move(l));
+        if (uses_rank_budget(config_.rank)) {
+            layers_.back().spectrum.reserve(static_cast<std::size_t>(layers_.back().r_cap));
+            budget_.reserve(layers_.size(), std::max<index_t>(config_.rank.max_rank(), 1));
+        }
         return size() - 1;
     }
 
@@ -390,8 +396,12 @@ public:
     /// otherwise. Reads the basis on the host (allocates).
     status set_basis(param_id id, const_matrix_view<T> basis) {
         constexpr const char* fn = "adarank::low_rank_adamw::set_basis";
+        layer& l = checked_layer(id, fn);
+        if (uses_rank_budget(config_.rank) && l.low_rank && basis.rows >= 0 && basis.rows <= l.r_cap) check_budget_admits_rank(l, basis.rows, fn);
         auto ctx = context();
-        return install_given_basis(ctx, checked_layer(id, fn), id, basis, orthonormality_tolerance, fn);
+        const status s = install_given_basis(ctx, l, id, basis, orthonormality_tolerance, fn);
+        if (s == status::ok) l.spectrum.clear();   // a given subspace has no sketched spectrum: the budget rule holds it fixed
+        return s;
     }
 
     [[nodiscard]] layer_info info(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::info").info(); }
@@ -442,7 +452,7 @@ public:
     /// The blob must be intact and describe a state this optimizer can be in (the exact rules:
     /// optimizer_state_io.hpp, "a valid state"); anything else throws velora::state_format_error
     /// naming the parameter and the field, and changes nothing.
-    void load_state(std::span<const std::byte> blob) { io::load(*b_, config_, lr_, layers_, blob); }
+    void load_state(std::span<const std::byte> blob) { io::load(*b_, config_, lr_, layers_, blob, budget_); }
 
 private:
     using layer = parameter_state<B>;
@@ -460,6 +470,32 @@ private:
         return c;
     }
 
+    // The budget rule's admission: a new parameter must fit beside the others at its floor rank
+    // (r_min; dense: its AdamW moments), so that every parameter can always get r_min.
+    void check_budget_admits(const layer& candidate, const char* fn) {
+        if constexpr (std::is_same_v<Rank, rank_policy>) {
+            const std::uint64_t others = budget_held_bytes(config_.rank, std::span<const layer>(layers_), budget_);
+            const std::uint64_t own = candidate.low_rank ? static_cast<std::uint64_t>(budget_floor(config_.rank, candidate.r_cap)) * budget_unit_bytes(candidate)
+                                                         : static_cast<std::uint64_t>(candidate.state_bytes_dense());
+            velora::detail::require(own <= config_.rank.budget_bytes && others <= config_.rank.budget_bytes - own, fn, "parameter ", layers_.size(), " (",
+                                    candidate.rows, "x", candidate.cols, candidate.low_rank ? ", low-rank" : ", dense", ") needs ", own,
+                                    " bytes of state at least, and the parameters registered before it hold ", others,
+                                    ": over config.rank.budget_bytes = ", config_.rank.budget_bytes);
+        }
+    }
+    // set_basis under the budget rule: the given rank must fit beside the others as they are.
+    void check_budget_admits_rank(const layer& l, index_t rank, const char* fn) {
+        if constexpr (std::is_same_v<Rank, rank_policy>) {
+            std::size_t p = 0;
+            const std::uint64_t dense = collect_budget_parameters(std::span<const layer>(layers_), budget_, &l, &p);
+            const std::uint64_t others = budget_held_bytes(config_.rank, std::span<const budget_parameter>(budget_.params), dense, static_cast<std::ptrdiff_t>(p));
+            const std::uint64_t own = static_cast<std::uint64_t>(rank) * budget_unit_bytes(l);
+            velora::detail::require(own <= config_.rank.budget_bytes && others <= config_.rank.budget_bytes - own, fn, "a basis of rank ", rank,
+                                    " needs ", own, " bytes of state beside the others' ", others, ": over config.rank.budget_bytes = ",
+                                    config_.rank.budget_bytes);
+        }
+    }
+
     layer& checked_layer(param_id id, const char* fn) {
         velora::detail::require(id >= 0 && id < size(), fn, "argument 'id' is ", id, " but ", size(), " parameters are registered");
         return layers_[static_cast<std::size_t>(id)];
@@ -473,7 +509,9 @@ private:
     }
 
     // What a step works with besides its parameter (step_context.hpp).
-    step_context<B, config_type> context() { return {*b_, config_, rule_, lr_, ws_, finder_}; }
+    step_context<B, config_type> context() {
+        return {*b_, config_, rule_, lr_, ws_, finder_, std::span<const layer>(layers_), uses_rank_budget(config_.rank) ? &budget_ : nullptr};
+    }
 
     // A step of `l` with gradient operator `local`: in one process directly; with P > 1 ranks
     // through mean_over_ranks, so that every quantity the step reads is the ranks' mean.
@@ -523,6 +561,7 @@ private:
     std::vector<layer> layers_;
     typename B::template buffer<T> widened_;   // bf16-weight steps: the weight in float (host memory: host_float_backend)
     optimizer_workspace<B> ws_;   // shared by all parameters, sized at registration for the largest (data-parallel and factored parts on first use)
+    rank_budget_scratch budget_;  // the budget rank rule's scratch, sized at registration
 };
 
 /// A low-rank optimizer as a host drives it: register shapes, step one parameter at a time.

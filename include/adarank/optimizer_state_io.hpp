@@ -24,6 +24,10 @@
 ///   size is not bounded: a step whose result would overflow returns status::overflow);
 ///   8-bit moments: every absmax finite and either 0 or at least the smallest normal float (what
 ///   the encoder stores); the bytes may hold any value (every byte decodes to a finite value).
+/// - under the budget rank rule (rank_policy::budget), each parameter's latest sketched spectrum
+///   follows its moments: 0 values, or r_cap values finite, >= 0 and non-increasing (0 without a
+///   subspace); and the ranks fit the budget (rank_budget.hpp's count). Fixed and adaptive rank
+///   rules save no spectrum.
 /// The refresh count and the random-stream position may hold any value.
 #include <bit>
 #include <cmath>
@@ -42,6 +46,7 @@
 #include "overflow_certificate.hpp"
 #include "parameter.hpp"
 #include "policies.hpp"
+#include "rank_budget.hpp"
 
 namespace adarank {
 
@@ -96,13 +101,15 @@ struct optimizer_state_io {
             }
             put_buffer(b, w, l.m, moment_size, host);
             put_buffer(b, w, l.v, moment_size, host);
+            if (uses_rank_budget(config.rank)) w.put_array(std::span<const double>(l.spectrum));
         }
         return std::move(w).finish();
     }
 
     /// load_state's work (its documentation lists what a valid state is): every check before
     /// anything changes, then the commit; the saved learning rate goes to `live_lr`.
-    static void load(B& b, const config_type& config, double& live_lr, std::vector<parameter_state<B>>& layers, std::span<const std::byte> blob) {
+    static void load(B& b, const config_type& config, double& live_lr, std::vector<parameter_state<B>>& layers, std::span<const std::byte> blob,
+                     rank_budget_scratch& budget) {
         constexpr const char* fn = "adarank::low_rank_adamw::load_state";
         velora::state_reader r(blob, kind, version, fn);
         const auto width = r.get<std::uint8_t>();
@@ -150,8 +157,10 @@ struct optimizer_state_io {
             if (!v.finite || v.negative) r.bad("parameter ", i, ": the second moment has a non-finite or negative entry");
             s.m_bound = m.max_abs;
             s.v_bound = v.max_abs;
+            if (uses_rank_budget(config.rank)) get_spectrum(r, i, l, s);
         }
         r.expect_end();
+        if (uses_rank_budget(config.rank)) check_budget(r, config, layers, loaded, budget);
         // The rule of the constructor and set_learning_rate: a learning rate neither accepts cannot be loaded either.
         check_learning_rate<velora::state_format_error>(lr, config.adam, fn, "the saved learning rate");
         // Allocate every buffer whose size changes before changing anything (buffers of the right
@@ -183,6 +192,7 @@ struct optimizer_state_io {
             layers[i].m_bound = loaded[i].m_bound;
             layers[i].v_bound = loaded[i].v_bound;
             layers[i].basis_norm = loaded[i].basis_norm;
+            if (uses_rank_budget(config.rank)) layers[i].spectrum.assign(loaded[i].spectrum.begin(), loaded[i].spectrum.end());
         }
         live_lr = lr;
     }
@@ -270,6 +280,45 @@ struct optimizer_state_io {
         if (!(std::isfinite(rep.energy) && rep.energy >= 0)) r.bad("parameter ", i, " has the report energy ", rep.energy, ", not finite and >= 0");
         if (!(std::isfinite(rep.captured) && rep.captured >= 0))
             r.bad("parameter ", i, " has the report captured energy ", rep.captured, ", not finite and >= 0");
+    }
+
+    // The budget rule's spectrum of a parameter (saved only under that rule): none, or r_cap
+    // values, finite, >= 0 and non-increasing (as the sketch's SVD gives them), none without a
+    // subspace.
+    static void get_spectrum(velora::state_reader& r, std::size_t i, const parameter_state<B>& l, loaded_parameter<T>& s) {
+        s.spectrum = r.get_array<double>();
+        const std::size_t count = s.spectrum.size();
+        if (count != 0 && count != static_cast<std::size_t>(l.r_cap))
+            r.bad("parameter ", i, " has a spectrum of ", count, " values (0 or ", l.r_cap, " expected)");
+        if (count != 0 && s.rank == 0) r.bad("parameter ", i, " has a spectrum but no subspace");
+        for (std::size_t k = 0; k < s.spectrum.size(); ++k) {
+            const double x = s.spectrum[k];
+            if (!(std::isfinite(x) && x >= 0)) r.bad("parameter ", i, " has the spectrum value ", x, " at ", k, ", not finite and >= 0");
+            if (k > 0 && x > s.spectrum[k - 1]) r.bad("parameter ", i, "'s spectrum increases at ", k, ": ", s.spectrum[k - 1], " then ", x);
+        }
+    }
+
+    // Under the budget rule the loaded ranks must fit the budget (a state the optimizer can be in).
+    static void check_budget(const velora::state_reader& r, const config_type& config, const std::vector<parameter_state<B>>& layers,
+                             const std::vector<loaded_parameter<T>>& loaded, rank_budget_scratch& budget) {
+        if constexpr (std::is_same_v<Rank, rank_policy>) {
+            std::vector<parameter_state<B>> shapes;   // the loaded ranks on the registered shapes (no buffers)
+            shapes.reserve(layers.size());
+            for (std::size_t i = 0; i < layers.size(); ++i) {
+                parameter_state<B> c;
+                c.rows = layers[i].rows;
+                c.cols = layers[i].cols;
+                c.low_rank = layers[i].low_rank;
+                c.len = layers[i].len;
+                c.other = layers[i].other;
+                c.r_cap = layers[i].r_cap;
+                c.rank = loaded[i].rank;
+                shapes.push_back(std::move(c));
+            }
+            const std::uint64_t held = budget_held_bytes(config.rank, std::span<const parameter_state<B>>(shapes), budget);
+            if (held > config.rank.budget_bytes)
+                r.bad("the state's ranks hold ", held, " bytes of optimizer state, over config.rank.budget_bytes = ", config.rank.budget_bytes);
+        }
     }
 
     static void put_report(velora::state_writer& w, const subspace_report& rep) {

@@ -82,6 +82,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
     /// then stay empty).
     bool quantized = false;
     blockwise_moments q8;
+    /// The budget rank rule only (rank_budget.hpp): σ of the sketch of the latest refresh, r_cap
+    /// values (capacity reserved at registration), empty before one or after set_basis. Host memory.
+    std::vector<double> spectrum;
     /// Data-parallel bookkeeping (not state): bytes reduced by all_reduce_mean since the last
     /// step, and bytes of the last step (see layer_info::communicated_bytes).
     std::uint64_t pending_bytes = 0, communicated = 0;
@@ -144,6 +147,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
         return static_cast<std::size_t>(elements) * sizeof(T);
     }
 
+    /// Dense AdamW's two moments, 2·rows·cols·sizeof(T) (what a dense parameter holds).
+    [[nodiscard]] std::size_t state_bytes_dense() const noexcept { return static_cast<std::size_t>(2 * rows * cols) * sizeof(T); }
+
     /// The refresh rules take the steps in the subspace as an index; a count beyond its range
     /// (only a loaded state can have one) saturates rather than turning negative.
     [[nodiscard]] index_t steps_in_subspace() const noexcept {
@@ -197,6 +203,7 @@ struct loaded_parameter : parameter_progress, certificate_bounds {
     std::vector<T> basis, m, v;
     std::vector<std::uint8_t> qm, qv;   ///< 8-bit moments: bytes and block absmax
     std::vector<float> am, av;
+    std::vector<double> spectrum;   ///< the budget rank rule only
 };
 
 } // namespace adarank

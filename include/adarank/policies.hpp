@@ -82,16 +82,18 @@ concept rank_estimator = requires(const E& e, std::span<const double> sigma, dou
     { e.max_rank() } -> std::convertible_to<index_t>;
 };
 
-/// The library's rank estimator: fixed (GaLore) or adaptive (AdaRankGrad).
+/// The library's rank estimator: fixed (GaLore), adaptive (AdaRankGrad) or a global memory
+/// budget shared by all parameters of one optimizer (this library's).
 struct rank_policy {
-    enum class kind : std::uint8_t { fixed = 0, adaptive = 1 };
+    enum class kind : std::uint8_t { fixed = 0, adaptive = 1, budget = 2 };
     kind type = kind::adaptive;
     index_t r_min = 1;
     index_t r_max = 128;
     double xi = 0.05;   ///< adaptive: allowed relative Frobenius residual (ξ² of the energy may be dropped)
+    std::uint64_t budget_bytes = 0;   ///< budget: the bound on the optimizer's state_bytes() (0 otherwise)
 
     /// Always rank r.
-    static constexpr rank_policy fixed(index_t r) noexcept { return {kind::fixed, r, r, 0.0}; }
+    static constexpr rank_policy fixed(index_t r) noexcept { return {kind::fixed, r, r, 0.0, 0}; }
     /// The smallest r in [r_min, r_max] with ‖G‖_F² − Σ_{i≤r} σ_i² ≤ ξ²‖G‖_F²; r_max if none.
     /// OPEN: the paper's exact threshold is not public. The default ξ = 0.05 (99.75% of the
     /// energy kept) comes from the demo's iso-memory study (docs/results.md, "Which optimizer for
@@ -99,15 +101,26 @@ struct rank_policy {
     /// a public re-implementation's value, this library's default until 2026-12-02) lose
     /// 0.06-0.16 nats.
     static constexpr rank_policy adaptive(double xi, index_t r_min, index_t r_max) noexcept {
-        return {kind::adaptive, r_min, r_max, xi};
+        return {kind::adaptive, r_min, r_max, xi, 0};
+    }
+
+    /// Ranks in [r_min, r_max] for all low-rank parameters of one optimizer, chosen together at
+    /// each refresh to keep the most gradient energy (Σ σ_i² of the sketches) with the optimizer's
+    /// state_bytes() (dense parameters' AdamW moments included) never above `bytes`: greedy
+    /// water-filling on the latest sketched spectra, deterministic (rank_budget.hpp has the exact
+    /// rule; docs/adarankgrad.md, "A global memory budget"). The optimizer applies it; `estimate`
+    /// alone, which sees one parameter only, answers the largest rank allowed.
+    static constexpr rank_policy budget(std::uint64_t bytes, index_t r_min, index_t r_max) noexcept {
+        return {kind::budget, r_min, r_max, 0.0, bytes};
     }
 
     [[nodiscard]] constexpr index_t max_rank() const noexcept { return r_max; }
+    [[nodiscard]] constexpr bool is_budget() const noexcept { return type == kind::budget; }
 
     [[nodiscard]] index_t estimate(std::span<const double> sigma, double energy, index_t cap) const noexcept {
         const index_t hi = std::max<index_t>(1, std::min(r_max, cap));
         const index_t lo = std::min(r_min, hi);
-        if (type == kind::fixed) return hi;
+        if (type != kind::adaptive) return hi;
         const double allowed = xi * xi * energy;
         double kept = 0;
         for (index_t r = 1; r <= hi; ++r) {
@@ -119,16 +132,22 @@ struct rank_policy {
 
     void validate(std::string_view function) const {
         using velora::detail::require;
-        require(static_cast<unsigned>(type) <= 1, function, "config.rank has the invalid kind ", static_cast<int>(type));
+        require(static_cast<unsigned>(type) <= 2, function, "config.rank has the invalid kind ", static_cast<int>(type));
         require(r_min >= 1, function, "config.rank.r_min must be >= 1, got ", r_min);
         require(r_min <= r_max, function, "config.rank needs r_min <= r_max, got r_min = ", r_min, " > r_max = ", r_max);
-        require(type == kind::fixed || (std::isfinite(xi) && xi >= 0 && xi < 1), function, "config.rank.xi must be in [0, 1), got ", xi);
+        require(type != kind::adaptive || (std::isfinite(xi) && xi >= 0 && xi < 1), function, "config.rank.xi must be in [0, 1), got ", xi);
+        require(type != kind::budget || budget_bytes > 0, function, "config.rank.budget_bytes must be > 0 for the budget rank rule, got ", budget_bytes);
+        require(type == kind::budget || budget_bytes == 0, function, "config.rank.budget_bytes = ", budget_bytes,
+                " is set but the rank rule is not the budget one (kind ", static_cast<int>(type), ")");
     }
+    /// The budget (kind 2) is written after ξ only for the budget rule, so that fixed and
+    /// adaptive policies save the bytes they always did (states of earlier versions still load).
     void save(velora::state_writer& w) const {
         w.put(static_cast<std::uint8_t>(type));
         w.put(static_cast<std::int64_t>(r_min));
         w.put(static_cast<std::int64_t>(r_max));
         w.put(xi);
+        if (type == kind::budget) w.put(budget_bytes);
     }
     static rank_policy load(velora::state_reader& r) {
         rank_policy p;
@@ -136,6 +155,7 @@ struct rank_policy {
         p.r_min = static_cast<index_t>(r.get<std::int64_t>());
         p.r_max = static_cast<index_t>(r.get<std::int64_t>());
         p.xi = r.get<double>();
+        if (p.type == kind::budget) p.budget_bytes = r.get<std::uint64_t>();
         return p;
     }
 

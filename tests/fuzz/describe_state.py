@@ -74,10 +74,12 @@ def config(r):
         r.get("config.adam.convention", "B")
     r.get("config.scale", "d")
     r.get("config.side", "B")
-    r.get("config.rank.type", "B")
+    rank_type = r.get("config.rank.type", "B")
     r.get("config.rank.r_min", "q")
     r.get("config.rank.r_max", "q")
     r.get("config.rank.xi", "d")
+    if rank_type == 2:  # the budget rule: its budget follows, and each parameter's spectrum its moments
+        r.get("config.rank.budget_bytes", "Q")
     r.get("config.refresh.type", "B")
     r.get("config.refresh.threshold", "d")
     r.get("config.refresh.min_interval", "q")
@@ -93,11 +95,12 @@ def config(r):
     if r.version >= 3:
         r.state8 = r.get("config.state", "B") == 1
         r.get("config.state_block", "q")
+    return rank_type == 2
 
 
 def optimizer(r):
     r.get("value_bytes", "B")
-    config(r)
+    budget = config(r)
     r.get("lr", "d")
     count = r.get("parameters", "Q")
     for i in range(min(count, 1000)):
@@ -127,6 +130,8 @@ def optimizer(r):
         else:
             for n in ("m", "v"):
                 r.array(p + n, "f")
+        if budget:
+            r.array(p + "spectrum", "d")
 
 
 def compressor(r):

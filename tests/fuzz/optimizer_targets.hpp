@@ -67,6 +67,16 @@ inline std::vector<optimizer_target> optimizer_targets() {
         c.state_block = 64;
         t.push_back({"state8", c, {{12, 20, param_kind::low_rank}, {20, 12, param_kind::low_rank}, {12, 20, param_kind::dense}, {1, 12, param_kind::automatic}}, 3});
     }
+    {   // The global memory-budget rank rule: ranks in [1, 4] for the two low-rank parameters within
+        // 1200 bytes of state (the bias's 160 + five rank units of 208 bytes), spectra in the state.
+        adarank::optimizer_config c;
+        c.adam.lr = 1e-2;
+        c.rank = adarank::rank_policy::budget(1200, 1, 4);
+        c.refresh = adarank::refresh_policy::converged(0.5, 2, 3);
+        c.rsvd.oversampling = 1;
+        c.seed = 91;
+        t.push_back({"budget", c, {{12, 20, param_kind::low_rank}, {20, 12, param_kind::low_rank}, {1, 20, param_kind::automatic}}, 4});
+    }
     return t;
 }
 

@@ -772,7 +772,9 @@ TEST_CASE("an archive of format 1 (a key per option) loads: the same options, th
     CHECK(r.opt->info(r.params[3]).steps == 5);
     CHECK(r.opt->state().size() == 5);   // group 2 was saved before its first step: registered at the next one
 
-    // Saved again (format 2), each library state blob is the one format 1 held, byte for byte.
+    // Saved again (format 2), each library state blob is the one format 1 held, loaded and saved
+    // again by the library (at its current state version: the blob inside a format-1 archive is
+    // of an older version, which still loads).
     std::stringstream resaved;
     torch::save(*r.opt, resaved);
     torch::serialize::InputArchive old_archive, new_archive;
@@ -786,9 +788,12 @@ TEST_CASE("an archive of format 1 (a key per option) loads: the same options, th
         for (const std::string key : {"state/float32", "state/float64"}) {
             INFO("group " << g << " " << key);
             const auto was = format1::blob_in(old_archive, g, key), now = format1::blob_in(new_archive, g, key);
-            REQUIRE(was.size() == now.size());
-            if (g == 1) CHECK(now == was);   // built with the lr it was saved with: the same bytes
+            REQUIRE(was.empty() == now.empty());
             if (was.empty()) continue;
+            if (g == 1) {   // built with the lr it was saved with: the old blob re-saved, byte for byte
+                if (key == "state/float32") CHECK(now == format1::normalized<float>(was, options(g), group_params[g]));
+                else CHECK(now == format1::normalized<double>(was, options(g), group_params[g]));
+            }
             if (key == "state/float32") CHECK(format1::normalized<float>(now, options(g), group_params[g]) == format1::normalized<float>(was, options(g), group_params[g]));
             else CHECK(format1::normalized<double>(now, options(g), group_params[g]) == format1::normalized<double>(was, options(g), group_params[g]));
         }
