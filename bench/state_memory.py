@@ -93,5 +93,29 @@ def main():
     print(f"\nMiB of optimizer state; 8-bit blocks of {BLOCK}.")
 
 
+def weights_table():
+    """--weights: the weights' own bytes at the presets: float32, bf16 with a float32 master copy
+    (mixed precision), and bf16 alone (low_rank_adamw's bf16 steps) with the float workspace those
+    steps share: one float copy of the largest parameter (the 32000 x d embedding or head)."""
+    rows = []
+    for name, d, layers, ffn, _ in PRESETS:
+        projected, dense = shapes(d, layers, ffn)
+        params = sum(m * n for m, n in projected + dense)
+        largest = max(m * n for m, n in projected + dense)
+        rows.append((name, params, {
+            "float32 weights (4 B/param)": 4 * params,
+            "bf16 + float32 master copy (6 B/param)": 6 * params,
+            "bf16 only (2 B/param)": 2 * params,
+            "  + bf16 steps' float workspace (4 B x largest parameter)": 4 * largest,
+            "bf16 only, with the workspace": 2 * params + 4 * largest,
+        }))
+    print("| weights | " + " | ".join(f"{n} ({p / 1e6:.1f}M params)" for n, p, _ in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for c in rows[0][2]:
+        print(f"| {c} | " + " | ".join(f"{conf[c] / MIB:,.1f}" for _, _, conf in rows) + " |")
+    print("\nMiB of weights (no optimizer state, gradients or activations).")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    weights_table() if sys.argv[1:] == ["--weights"] else main()

@@ -11,7 +11,7 @@
 //                    steps), moments transported (squared rotation), randomized SVD
 //   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
 //
-// Keys (every one but lr, warmup and state only for the low-rank names galore, adarank, velora+adarank):
+// Keys (every one but lr, warmup, state and weights only for the low-rank names galore, adarank, velora+adarank):
 //   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank otherwise)
 //   warmup=N         the learning rate rises linearly over the first N steps, then stays (default 0:
 //                    constant from the first step)
@@ -31,6 +31,10 @@
 //   svd=exact|randomized           the refresh's decomposition
 //   scale=X          α, the update's scale (default 0.25)
 //   state=8bit|float the Adam moments: 8-bit blockwise (blocks of 256; docs/adarankgrad.md) or float (default)
+//   weights=bf16|bf16-nearest|float  the weights as a host keeping only bf16 would have them: after
+//                    every step each weight is rounded to bf16, stochastically (bf16) or to nearest, with
+//                    the library's rounding and keys (docs/adarankgrad.md "bf16 weights"); the demo keeps
+//                    its float buffers, holding bf16 values, so the run is the bf16 host's bit for bit
 //
 // One key changes one ingredient, so an ablation is spelt as the configuration it starts from and
 // the ingredient it changes: `galore:rank=adaptive` is GaLore with AdaRankGrad's rank rule and
@@ -43,6 +47,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -64,6 +69,7 @@ struct config {
     bool fixed_rank = false;   ///< GaLore-like: the optimizer state is known before training (memory.hpp)
     index_t rank = 0;          ///< GaLore's rank, AdaRankGrad's cap; 0 for the full-rank names
     index_t warmup = 0;        ///< steps of linear learning-rate warm-up (lr_at)
+    std::optional<velora::bf16_rounding> bf16_weights;   ///< weights=bf16|bf16-nearest: how each step's weights are rounded to bf16
     index_t budget_rank = 0;   ///< rank=budget with budget=rN: the budget is GaLore's state at rank N (budget_bytes_at_rank)
     adarank::optimizer_config optimizer{};
 };
@@ -137,13 +143,14 @@ inline config parse(const std::string& name, const defaults& d) {
             const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
             if (std::find(seen.begin(), seen.end(), key) != seen.end()) detail::bad(name, "key '" + key + "' given twice");
             seen.push_back(key);
-            if (key != "lr" && key != "warmup" && key != "state" && !c.low_rank)
+            if (key != "lr" && key != "warmup" && key != "state" && key != "weights" && !c.low_rank)
                 detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
             auto choose = [&](std::initializer_list<const char*> options) {
                 std::string list;
                 for (const char* o : options) {
                     if (value == o) return value;
-                    list += (list.empty() ? "" : "|") + std::string(o);
+                    if (!list.empty()) list += '|';   // (not "|" + std::string: GCC 12 warns -Wrestrict on that, a false positive)
+                    list += o;
                 }
                 detail::bad(name, key + "=" + value + ": expected " + list);
             };
@@ -183,7 +190,11 @@ inline config parse(const std::string& name, const defaults& d) {
             } else if (key == "scale") c.optimizer.scale = detail::number(name, key, value, 0, 100, true);
             else if (key == "state")
                 c.optimizer.state = choose({"8bit", "float"}) == "8bit" ? adarank::state_format::int8_blockwise : adarank::state_format::float32;
-            else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state)");
+            else if (key == "weights") {
+                const std::string w = choose({"bf16", "bf16-nearest", "float"});
+                if (w == "float") c.bf16_weights.reset();
+                else c.bf16_weights = w == "bf16" ? velora::bf16_rounding::stochastic : velora::bf16_rounding::nearest;
+            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, weights)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {

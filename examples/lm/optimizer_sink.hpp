@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -40,8 +41,10 @@ template <velora::communicator C>
 class optimizer_sink final : public lm::gradient_sink<T> {
 public:
     using param_id = adarank::low_rank_adamw<B>::param_id;
-    optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm)
-        : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm) {
+    // `bf16`: the configuration's weights=bf16 key (nullopt: float weights).
+    optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm,
+                   std::optional<velora::bf16_rounding> bf16 = std::nullopt)
+        : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm), bf16_(bf16) {
         for (const param_id id : ids_) low_rank_.push_back(opt_.info(id).low_rank);
     }
     // With a recorder, the projection matrices' gradients of the steps it says are due are
@@ -139,12 +142,24 @@ private:
         if (s != velora::status::ok && s != velora::status::degenerate_input)
             throw agreed_error("optimizer step for " + params_[i].name + " returned status " + std::string(velora::to_string(s)) +
                                ": training diverged");
+        if (bf16_) round_to_bf16(i);
+    }
+    // weights=bf16: the float weight, bf16 values before the step, rounded as the optimizer's bf16
+    // step rounds (adarank/bf16_weights.hpp: same rounding, same key), so the buffer holds what a
+    // host keeping only bf16 weights would hold. (A bf16 host passes its bf16 view to step instead.)
+    void round_to_bf16(std::size_t i) {
+        const std::uint64_t key = adarank::weight_rounding_key(opt_.config().seed, static_cast<std::uint64_t>(ids_[i]), opt_.info(ids_[i]).steps);
+        T* w = params_[i].data;
+        const std::size_t count = static_cast<std::size_t>(params_[i].rows * params_[i].cols);
+        for (std::size_t k = 0; k < count; ++k)
+            w[k] = velora::detail::bfloat16_bits_to_float(velora::round_to_bfloat16(w[k], *bf16_, key, k).bits);
     }
     B& backend_;
     adarank::low_rank_adamw<B>& opt_;
     std::vector<lm::param_ref<T>>& params_;
     std::vector<param_id>& ids_;
     C& comm_;
+    std::optional<velora::bf16_rounding> bf16_;
     std::vector<bool> low_rank_;
     std::vector<std::size_t> deferred_;   // parameter indices whose gradients wait for flush()
     std::vector<param_id> deferred_ids_;

@@ -70,7 +70,10 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
         if (kind == adarank::param_kind::low_rank) r.rank_names.push_back(p.name);
     }
-    optimizer_sink<C> sink(backend, opt, params, ids, comm);
+    if (config.bf16_weights)   // weights=bf16: the initial weights as a bf16 host would hold them (rounded to nearest)
+        for (auto& p : params)
+            for (index_t k = 0; k < p.rows * p.cols; ++k) p.data[k] = velora::to_arithmetic<T>(velora::storage_cast<velora::bfloat16>::from(p.data[k]));
+    optimizer_sink<C> sink(backend, opt, params, ids, comm, config.bf16_weights);
     lm::gradient_rank::recorder grad_ranks(o.grad_rank_every);
     std::vector<int> tokens, valid_tokens;
     auto validation_loss = [&] {

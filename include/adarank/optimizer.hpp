@@ -44,6 +44,7 @@
 
 #include "adamw_rule.hpp"
 #include "backend.hpp"
+#include "bf16_weights.hpp"
 #include "data_parallel.hpp"
 #include "dense_step.hpp"
 #include "given_basis.hpp"
@@ -236,6 +237,35 @@ public:
         check_distributable(l, config_.refresh, comm, fn);
         return step_with(l, weight, grad, comm);
     }
+
+    // ------------------------------------------------------------------ bf16 weights
+    // The same three steps for a host that stores the weight only in bf16 (no float master copy;
+    // bf16_weights.hpp, docs/adarankgrad.md "bf16 weights"): the weight is widened to float (exact)
+    // into a workspace of rows·cols floats shared by all parameters (grows on the first such step
+    // of a larger parameter), stepped exactly as a float weight would be, and rounded back to bf16
+    // (stochastically by default, the noise a function of (config.seed, id, step count, element)).
+    // Statuses as above; non_finite_input and overflow leave the bf16 weight untouched too. Under
+    // the precondition above the stepped floats stay below 3/4 of float's largest, which bf16
+    // holds, so an `ok` step never rounds a weight to Inf. CPU backend in float only.
+
+    template <velora::communicator C = velora::single_process>
+        requires host_float_backend<B>
+    status step(param_id id, bf16_weight_view weight, const_matrix_view<T> grad, C&& comm = C{}) {
+        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
+    }
+    template <velora::communicator C = velora::single_process>
+        requires host_float_backend<B>
+    status step(param_id id, bf16_weight_view weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
+        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
+    }
+    template <gradient_operator Op, velora::communicator C = velora::single_process>
+        requires host_float_backend<B>
+    status step(param_id id, bf16_weight_view weight, const Op& grad, C&& comm = C{}) {
+        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
+    }
+
+    /// Bytes of the float workspace bf16-weight steps use (0 before the first one).
+    [[nodiscard]] std::size_t bf16_workspace_bytes() const noexcept { return widened_.size() * sizeof(T); }
 
     // ------------------------------------------------------------------ the step in phases
     // For a data-parallel host that runs the steady-state collective itself, e.g. started as soon
@@ -505,12 +535,31 @@ private:
         }
     }
 
+    // A bf16 weight's step: widen, `float_step` on the widened copy, round back when it was taken.
+    template <class FloatStep>
+    status step_bf16(param_id id, const bf16_weight_view& weight, FloatStep&& float_step) {
+        constexpr const char* fn = "adarank::low_rank_adamw::step";
+        const layer& l = checked_layer(id, fn);
+        velora::check_shape(weight.values, l.rows, l.cols, fn, "weight");
+        velora::detail::require(weight.rounding == bf16_rounding::stochastic || weight.rounding == bf16_rounding::nearest, fn,
+                                "argument 'weight.rounding' has the invalid value ", static_cast<int>(weight.rounding));
+        const std::size_t count = static_cast<std::size_t>(l.rows * l.cols);
+        if (widened_.size() < count) widened_.resize(count);
+        widen_bf16(b_->threads(), weight.values, widened_.data());
+        const matrix_view<T> w(widened_.data(), l.rows, l.cols, l.cols);
+        const status s = float_step(w);
+        if (s == status::ok || s == status::degenerate_input)
+            narrow_to_bf16(b_->threads(), widened_.data(), weight.values, weight.rounding, weight_rounding_key(config_.seed, static_cast<std::uint64_t>(id), l.t));
+        return s;
+    }
+
     B* b_;
     config_type config_;
     adamw_rule<T> rule_;
     double lr_;
     subspace_finder<B> finder_;
     std::vector<layer> layers_;
+    typename B::template buffer<T> widened_;   // bf16-weight steps: the weight in float (host memory: host_float_backend)
     optimizer_workspace<B> ws_;   // shared by all parameters, sized at registration for the largest (data-parallel and factored parts on first use)
     rank_budget_scratch budget_;  // the budget rank rule's scratch, sized at registration
 };
