@@ -38,14 +38,16 @@ inline void print_help() {
     const options d;
     const auto l = [](index_t v) { return static_cast<long>(v); };
     std::printf("usage: lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]\n"
-                "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]\n"
-                "                [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
-                "                [--json PATH] [--plot PATH]\n"
+                "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--lr-lora LR]\n"
+                "                [--eval-every N] [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
+                "                [--init PATH] [--save-model PATH] [--json PATH] [--plot PATH]\n"
                 "       lm_train --study NAME [--seeds S,S,...] [size, step and validation flags] [--json PATH] [--plot PATH]\n"
                 "       lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
-                "process) and prints a table of validation loss, memory and speed. With --estimate, prints the memory each\n"
-                "configuration would take instead (docs/memory.md).\n\n");
+                "process) and prints a table of validation loss, memory and speed. With --init, fine-tunes a saved model\n"
+                "instead (e.g. --init base.model --corpus %s --configs %s).\n"
+                "With --estimate, prints the memory each configuration would take instead (docs/memory.md).\n\n",
+                target_corpus, join(lm::configs::finetune_names, ",").c_str());
     std::printf("  --preset NAME      the LLaMA shape of a paper: %s (GaLore's d_model, heads,\n"
                 "                     layers and SwiGLU width; context 256; --rank of GaLore's runs for that size); size flags\n"
                 "                     given as well win over it (default: none, the sizes below)\n", preset_names().c_str());
@@ -68,15 +70,26 @@ inline void print_help() {
     std::printf("  --lr LR            learning rate of the full-rank runs: adamw, velora (default %g)\n", d.lr);
     std::printf("  --lr-low-rank LR   learning rate of the low-rank runs, with scale 0.25: galore, adarank, velora+adarank\n"
                 "                     (default %g)\n", d.lr_low_rank);
+    std::printf("  --lr-lora LR       learning rate of the LoRA runs (AdamW on the adapters): lora, velora+lora, qlora,\n"
+                "                     velora+qlora (default %g)\n", d.lr_lora);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
                 "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
                 "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale; see\n"
-                "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
-                join(lm::configs::names, ", ").c_str());
+                "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config).\n"
+                "                     Fine-tuning (--init): %s; LoRA keys r, alpha, dropout,\n"
+                "                     velora_scale (e.g. lora:r=16,dropout=0.1); the LoRA ones need --init\n",
+                join(lm::configs::names, ", ").c_str(), join(lm::configs::finetune_names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
-    std::printf("  --seed S           seed of the initial weights and of the batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
+    std::printf("  --seed S           seed of the initial weights (with --init: of the adapters and dropout) and of the\n"
+                "                     batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
+    std::printf("  --init PATH        start from the model in PATH (written by --save-model; the size flags must give its\n"
+                "                     shape): fine-tuning. Its loss on the validation text is measured before the first step\n"
+                "                     (default: none, the seeded initialisation)\n");
+    std::printf("  --save-model PATH  after training, write the model to PATH (one configuration; with LoRA the merged\n"
+                "                     weights W + (alpha/r) B A), a versioned and checksummed file replaced only by a\n"
+                "                     complete one (default: none)\n");
     std::printf("  --split S          valid: validate on the held-out 10%%; tune: train on the first 90%% of the rest and validate\n"
                 "                     on its last 10%% (the tuning split, for choosing hyper-parameters) (default %s)\n", d.split.c_str());
     std::printf("  --valid-batches N  batches of %ld sequences the validation loss is the mean over (always the same ones)\n"
@@ -156,12 +169,14 @@ inline options parse(int argc, char** argv) {
         else if (flag == "--json") o.json = next();
         else if (flag == "--share-qkv") o.share_qkv = true;
         else if (flag == "--plot") o.plot = next();
-        else if (flag == "--lr" || flag == "--lr-low-rank") {
+        else if (flag == "--init") o.init = next();
+        else if (flag == "--save-model") o.save_model = next();
+        else if (flag == "--lr" || flag == "--lr-low-rank" || flag == "--lr-lora") {
             const char* text = next();
             char* end = nullptr;
             const double lr = std::strtod(text, &end);
             if (*end != '\0' || !(lr > 0) || !std::isfinite(lr)) usage_error("flag " + flag + " needs a positive number, got '" + text + "'");
-            (flag == "--lr" ? o.lr : o.lr_low_rank) = lr;
+            (flag == "--lr" ? o.lr : flag == "--lr-low-rank" ? o.lr_low_rank : o.lr_lora) = lr;
         } else if (flag == "--configs") {
             // Split at commas; an item key=value continues the configuration before it
             // (`galore:r=16,svd=randomized,adamw` is two configurations). Checked below, when
@@ -215,9 +230,12 @@ inline options parse(int argc, char** argv) {
             usage_error("flag --configs: " + std::string(e.what()));
         }
     if (!o.study.empty()) {
+        if (lm::study::find_plan(o.study)->fine_tuning && o.init.empty())
+            usage_error("--study " + o.study + " fine-tunes a pretrained model: give --init PATH (a model written by --save-model) and --corpus DIR, "
+                        "the target text (e.g. " + std::string(target_corpus) + ")");
         o.configs.clear();
         for (const auto& p : lm::study::find_plan(o.study)->points) o.configs.push_back(p.config);
-        for (const char* flag : {"--configs", "--seed", "--split", "--estimate", "--lr", "--lr-low-rank", "--rank"})
+        for (const char* flag : {"--configs", "--seed", "--split", "--estimate", "--lr", "--lr-low-rank", "--lr-lora", "--rank", "--save-model"})
             if (std::find(given.begin(), given.end(), flag) != given.end())
                 usage_error(std::string("flag ") + flag +
                             " does not go with --study (the study chooses its configurations, ranks, learning rates, seeds and splits)");
@@ -230,6 +248,18 @@ inline options parse(int argc, char** argv) {
     if (o.vocab_given && !o.estimate)
         usage_error("flag --vocab is for --estimate only: the trainer reads bytes (vocabulary 256)");
     if (o.estimate && !o.plot.empty()) usage_error("flag --plot has nothing to draw with --estimate (nothing is trained)");
+    if (o.estimate && !o.init.empty()) usage_error("flag --init is not for --estimate (it counts the shapes of the flags)");
+    if (o.estimate && !o.save_model.empty()) usage_error("flag --save-model is not for --estimate (nothing is trained)");
+    if (!o.save_model.empty() && o.configs.size() != 1)
+        usage_error("flag --save-model saves one model: give one configuration (--configs has " + std::to_string(o.configs.size()) + ")");
+    if (!o.estimate)
+        for (const auto& name : o.configs) {
+            const auto c = config_of(name, o);
+            if (c.lora && o.init.empty())
+                usage_error("configuration '" + name + "' fine-tunes a pretrained model: give --init PATH (a model written by --save-model)");
+            if (c.lora && o.share_qkv)
+                usage_error("flag --share-qkv is not for configuration '" + name + "' (its VeLoRA records are the adapter inputs of v and down)");
+        }
     return o;
 }
 

@@ -41,7 +41,7 @@ public:
     using param_id = adarank::low_rank_adamw<B>::param_id;
     optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm)
         : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm) {
-        for (const param_id id : ids_) low_rank_.push_back(opt_.info(id).low_rank);
+        for (const param_id id : ids_) low_rank_.push_back(id >= 0 && opt_.info(id).low_rank);   // -1: frozen (LoRA), never delivered
     }
     void dense(std::size_t i, velora::const_matrix_view<T> grad) override {
         if constexpr (one_process<C>) {

@@ -23,6 +23,13 @@ using T = float;
 using B = velora::eigen_backend<T>;
 using velora::index_t;
 
+// The fine-tuning target: Debian's fortunes-es (Spanish fortune cookies, 25 files, 936,470 bytes
+// in fortunes-es 1.36), another language's text for a model pretrained on the English `fortunes`
+// (examples/run_demo.sh installs it). Its files live in their own folder, so the pretraining
+// corpus does not change when it is installed (fortunes-it, by contrast, links its files into
+// /usr/share/games/fortunes itself).
+inline constexpr const char* target_corpus = "/usr/share/games/fortunes/es";
+
 struct options {
     std::string preset;          // --preset NAME: a paper model shape (presets below); empty: none
     bool estimate = false;       // --estimate: print the memory table instead of training
@@ -37,6 +44,9 @@ struct options {
     // rank 32 and AdaRankGrad at ξ = 0.05 (docs/results.md); until 2026-12-02 they were 1e-3 and 1e-2.
     double lr = 5e-4;            // full-rank runs (adamw, velora)
     double lr_low_rank = 2e-2;   // low-rank runs (galore, adarank, velora+adarank), with α = 0.25: GaLore's protocol
+    double lr_lora = 2e-3;       // LoRA runs (lora, velora+lora, qlora, velora+qlora): AdamW on the adapters
+    std::string init;            // --init PATH: start from this model file (fine-tuning)
+    std::string save_model;      // --save-model PATH: write the trained model (one configuration)
     int eval_every = 50;
     bool share_qkv = false;
     std::vector<std::string> configs = lm::configs::names;   // configs.hpp: a name, optionally with changes
@@ -81,7 +91,10 @@ inline const preset* find_preset(const std::string& name) {
 }
 
 // What configuration `name` (configs.hpp) means with these flags.
-inline lm::configs::config config_of(const std::string& name, const options& o) { return lm::configs::parse(name, {o.rank, o.lr, o.lr_low_rank}); }
+inline lm::configs::config config_of(const std::string& name, const options& o) {
+    return lm::configs::parse(name, {o.rank, o.lr, o.lr_low_rank, o.lr_lora});
+}
+inline lm::adapter_config adapters_for(const std::string& name, const options& o) { return config_of(name, o).adapters; }
 inline bool uses_low_rank(const std::string& name, const options& o) { return config_of(name, o).low_rank; }
 inline lm::velora_config velora_for(const std::string& name, const options& o) { return lm::configs::velora_of(config_of(name, o), o.groups, o.share_qkv); }
 
