@@ -42,7 +42,7 @@ inline void print_help() {
                 "                [--eval-every N] [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
                 "                [--init PATH] [--save-model PATH] [--json PATH] [--plot PATH]\n"
                 "       lm_train --study NAME [--seeds S,S,...] [size, step and validation flags] [--json PATH] [--plot PATH]\n"
-                "       lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]\n"
+                "       lm_train --estimate [--preset NAME] [--vocab V] [--value-bytes 2|4] [size flags] [--configs ...] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
                 "process) and prints a table of validation loss, memory and speed. With --init, fine-tunes a saved model\n"
                 "instead (e.g. --init base.model --corpus %s --configs %s).\n"
@@ -54,6 +54,8 @@ inline void print_help() {
     std::printf("  --estimate         print each configuration's weights, gradients, optimizer state (AdaRankGrad at its --rank\n"
                 "                     cap) and activations by kind for these sizes and --batch, from the accounting the trainer\n"
                 "                     counts with, and exit without training (default: off)\n");
+    std::printf("  --value-bytes B    bytes per value, --estimate only: 4 (float32, what the trainer computes in) or 2 (bf16,\n"
+                "                     the papers' precision; NF4 weights stay packed) (default %ld)\n", l(d.value_bytes));
     std::printf("  --vocab V          vocabulary size, --estimate only (the trainer reads bytes: 256); 32000 is the papers'\n"
                 "                     tokenizer (default %ld)\n", l(d.model.vocab));
     std::printf("  --corpus DIR       text to train on: every plain file of DIR (not *.dat, *.u8) in name order, the last 10%%\n"
@@ -151,6 +153,11 @@ inline options parse(int argc, char** argv) {
         if (flag == "--corpus") o.corpus = next();
         else if (flag == "--preset") preset_name = next();
         else if (flag == "--estimate") o.estimate = true;
+        else if (flag == "--value-bytes") {
+            const std::string text = next();
+            if (text != "2" && text != "4") usage_error("flag --value-bytes needs 2 (bf16) or 4 (float32), got '" + text + "'");
+            o.value_bytes = text == "2" ? 2 : 4;
+        }
         else if (flag == "--vocab") {
             o.model.vocab = positive(flag, next());
             o.vocab_given = true;
@@ -249,6 +256,8 @@ inline options parse(int argc, char** argv) {
         usage_error("flag --vocab is for --estimate only: the trainer reads bytes (vocabulary 256)");
     if (o.estimate && !o.plot.empty()) usage_error("flag --plot has nothing to draw with --estimate (nothing is trained)");
     if (o.estimate && !o.init.empty()) usage_error("flag --init is not for --estimate (it counts the shapes of the flags)");
+    if (!o.estimate && std::find(given.begin(), given.end(), "--value-bytes") != given.end())
+        usage_error("flag --value-bytes is for --estimate only: the trainer computes in float32");
     if (o.estimate && !o.save_model.empty()) usage_error("flag --save-model is not for --estimate (nothing is trained)");
     if (!o.save_model.empty() && o.configs.size() != 1)
         usage_error("flag --save-model saves one model: give one configuration (--configs has " + std::to_string(o.configs.size()) + ")");

@@ -86,7 +86,7 @@ struct config {
 struct defaults {
     index_t rank = 32;
     double lr = 5e-4, lr_low_rank = 2e-2;   // the trainer's --lr and --lr-low-rank defaults
-    double lr_lora = 2e-3;                   // its --lr-lora default
+    double lr_lora = 4e-3;                   // its --lr-lora default
 };
 
 namespace detail {

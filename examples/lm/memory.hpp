@@ -442,5 +442,30 @@ inline footprint estimate(const model_config& c, const velora_config& v, index_t
     return fp;
 }
 
+/// The two kinds of layer the VeLoRA paper's fine-tuning wraps, v and down, on their own: their
+/// weights as stored (with LoRA the frozen W, float or NF4, and the two adapters) and what they
+/// keep for backward (their inputs, exactly or as VeLoRA records, and LoRA's H), over all layers.
+/// The paper's memory estimates for LLaMA-7B and 13B (LoRA bf16, QLoRA, +VeLoRA) are of this
+/// scope as far as their figures show (docs/memory.md).
+struct scope_bytes {
+    count weights, kept;
+    [[nodiscard]] count total() const { return weights + kept; }
+};
+inline scope_bytes velora_scope(const model_config& c, const velora_config& v, index_t batch, std::size_t value_size, const adapter_config& ad = {}) {
+    const count N = count(batch) * c.context, d = c.d_model, f = c.ffn, L = c.layers;
+    const layer_records r = records(c, v, batch, value_size);
+    scope_bytes s;
+    if (ad.on && ad.nf4) {
+        s.weights = count(velora::nf4_weight::stored_bytes_for(c.d_model, c.d_model, nf4_options_for(c.d_model))) +
+                    count(velora::nf4_weight::stored_bytes_for(c.d_model, c.ffn, nf4_options_for(c.ffn)));
+    } else {
+        s.weights = (d * d + d * f) * value_size;
+    }
+    if (ad.on) s.weights += count(ad.rank) * (d + d + f + d) * value_size;   // A and B of v (d×d) and of down (d×ffn)
+    s.kept = (records_h1(v) ? r.h1 : N * d * value_size) + (records_s(v) ? r.s : N * f * value_size);
+    if (ad.on) s.kept += count(2) * N * ad.rank * value_size;
+    return {L * s.weights, L * s.kept};
+}
+
 } // namespace memory
 } // namespace lm

@@ -34,6 +34,7 @@ struct options {
     std::string preset;          // --preset NAME: a paper model shape (presets below); empty: none
     bool estimate = false;       // --estimate: print the memory table instead of training
     bool vocab_given = false;    // --vocab V (estimate only: the trainer reads bytes)
+    index_t value_bytes = 4;     // --value-bytes 2|4 (estimate only): bytes per value counted; the trainer computes in float32
     std::string corpus = "/usr/share/games/fortunes";
     int steps = 1000;
     index_t batch = 16;
@@ -44,7 +45,7 @@ struct options {
     // rank 32 and AdaRankGrad at ξ = 0.05 (docs/results.md); until 2026-12-02 they were 1e-3 and 1e-2.
     double lr = 5e-4;            // full-rank runs (adamw, velora)
     double lr_low_rank = 2e-2;   // low-rank runs (galore, adarank, velora+adarank), with α = 0.25: GaLore's protocol
-    double lr_lora = 2e-3;       // LoRA runs (lora, velora+lora, qlora, velora+qlora): AdamW on the adapters
+    double lr_lora = 4e-3;       // LoRA runs (lora, velora+lora, qlora, velora+qlora): AdamW on the adapters (the fine-tuning study's choice)
     std::string init;            // --init PATH: start from this model file (fine-tuning)
     std::string save_model;      // --save-model PATH: write the trained model (one configuration)
     int eval_every = 50;
@@ -76,6 +77,10 @@ inline const preset presets[] = {
     {"llama130m", {.vocab = 256, .d_model = 768, .heads = 12, .layers = 12, .ffn = 2048, .context = 256}, 256},
     {"llama1b", {.vocab = 256, .d_model = 2048, .heads = 32, .layers = 24, .ffn = 5461, .context = 256}, 1024},
     {"llama7b", {.vocab = 256, .d_model = 4096, .heads = 32, .layers = 32, .ffn = 11008, .context = 256}, 1024},
+    // LLaMA-13B (the VeLoRA paper's other fine-tuning size; GaLore has no 13B config): the shape of
+    // Touvron et al. 2023 (d 5120, 40 heads, 40 layers; SwiGLU width 13824 as in its released
+    // config), GaLore's 7B rank.
+    {"llama13b", {.vocab = 256, .d_model = 5120, .heads = 40, .layers = 40, .ffn = 13824, .context = 256}, 1024},
 };
 
 inline std::string preset_names() {

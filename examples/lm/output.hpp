@@ -82,6 +82,7 @@ inline std::string settings_json(const options& o, const corpus* data, int ranks
     for (const auto& c : o.configs) configs.push_back(text(c));
     const auto& m = o.model;
     os << "{\"flags\":{\"preset\":" << path(o.preset) << ",\"estimate\":" << (o.estimate ? "true" : "false") << ",\"vocab\":" << o.model.vocab
+       << ",\"value-bytes\":" << o.value_bytes
        << ",\"corpus\":" << text(o.corpus) << ",\"steps\":" << o.steps << ",\"batch\":" << o.batch << ",\"context\":" << m.context
        << ",\"d-model\":" << m.d_model << ",\"layers\":" << m.layers << ",\"heads\":" << m.heads << ",\"ffn\":" << m.ffn << ",\"rank\":" << o.rank
        << ",\"groups\":" << o.groups << ",\"lr\":" << o.lr << ",\"lr-low-rank\":" << o.lr_low_rank << ",\"lr-lora\":" << o.lr_lora

@@ -97,7 +97,9 @@ inline const std::vector<plan>& plans() {
                  {"velora+adarank", "adarank"}},
                 1,
                 true};
-        const std::vector<double> ft_full = {2.5e-4, 5e-4, 1e-3}, ft_lora = {2e-3, 4e-3, 8e-3}, ft_low = {5e-3, 1e-2, 2e-2};
+        // The grids are centred on a first sweep's bests at 200 steps (full 5e-4, LoRA 4e-3; GaLore and AdaRankGrad at
+        // 2.5e-3, the lowest of {2.5e-3, 5e-3, 1e-2, 2e-2}: fine-tuning wants a tenth of pretraining's 2e-2).
+        const std::vector<double> ft_full = {2.5e-4, 5e-4, 1e-3}, ft_lora = {2e-3, 4e-3, 8e-3}, ft_low = {1.25e-3, 2.5e-3, 5e-3};
         ft.points.push_back({"full", "full rank", "full", ft_full});
         ft.points.push_back({"lora", "LoRA", "LoRA", ft_lora});
         ft.points.push_back({"velora+lora", "LoRA", "VeLoRA+LoRA", ft_lora});
