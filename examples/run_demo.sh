@@ -11,8 +11,9 @@
 # `fortunes-es` (Spanish fortune cookies: the target text), pretrains the base model once
 # (AdamW, 3000 steps on the English fortunes, kept in build/demo/base.model; delete it to
 # pretrain again) and fine-tunes it on the Spanish text with full, lora, velora+lora, qlora,
-# velora+qlora, galore, adarank and velora+adarank for 200 steps each, printing the loss before
-# and after and what each configuration trains and holds.
+# velora+qlora, galore, adarank and velora+adarank for 160 steps each at the learning rates the
+# fine-tuning study chose (docs/results.md), printing the loss before and after and what each
+# configuration trains and holds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/deps.sh
@@ -38,4 +39,4 @@ if [ ! -f "$base" ]; then
   echo
 fi
 exec "$trainer" --init "$base" --corpus /usr/share/games/fortunes/es --configs full,lora,velora+lora,qlora,velora+qlora,galore,adarank,velora+adarank \
-     --steps 200 --eval-every 50 "$@"
+     --steps 160 --eval-every 40 --lr 5e-4 --lr-lora 4e-3 --lr-low-rank 2.5e-3 "$@"

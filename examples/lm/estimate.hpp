@@ -65,7 +65,8 @@ inline void print_estimate(const options& o) {
     if (any_cap)
         std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
                     static_cast<long>(o.rank));
-    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest;\n"
+    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest,\n"
+                " or with LoRA the adapters' moments (gradients: the adapters' too; weights: the frozen base as stored and the adapters);\n"
                 " gradients: one dense buffer per weight, as lm::transformer allocates them; other: backward scratch, VeLoRA's A\n"
                 " buffers and transient inputs, the compressors' spare Z. Not counted: the library's scratch (GEMM, the optimizer's\n"
                 " refresh workspace, SVD), code and libraries, the corpus)\n");

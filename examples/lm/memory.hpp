@@ -10,9 +10,11 @@
 /// Everything is counted for one training process of lm::transformer<T> (value size
 /// sizeof(T), 4 for the demo's float) at `batch` sequences of `context` tokens, N = batch·context:
 ///   parameters   the model's weights (token embedding, which is also the tied output head;
-///                position embedding; per layer two RMSNorm gains and seven projections; final gain)
-///   gradients    one dense gradient buffer per parameter (the model allocates them all, even
-///                though the trainer's fused step reads one at a time; VeLoRA projections leave theirs unused)
+///                position embedding; per layer two RMSNorm gains and seven projections; final gain),
+///                with LoRA (adapter_config) the adapters too and the projections possibly NF4
+///   gradients    one dense gradient buffer per trainable parameter (the model allocates them all, even
+///                though the trainer's fused step reads one at a time; VeLoRA projections leave theirs unused;
+///                with LoRA only the adapters are trainable)
 ///   optimizer    adarank::low_rank_adamw::state_bytes(): 2·rows·cols per densely optimised parameter,
 ///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r
 ///   activations  what one forward pass keeps for backward (below, by kind)

@@ -66,7 +66,7 @@ inline const std::vector<plan>& plans() {
                  "GaLore at ranks 8-64 and AdaRankGrad over its rank threshold xi (cap 64) against their optimizer state; "
                  "ablations that add one AdaRankGrad ingredient to GaLore at rank 32 (exact SVD; xi 0.2), all three, and "
                  "AdaRankGrad with xi 0.2, cap 32 and its randomized SVD; full-rank AdamW",
-                 {}};
+                 {}, {}, 2, false};
         iso.points.push_back({"adamw", "full rank", "AdamW", full});
         for (int r : {8, 16, 32, 64}) iso.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
         for (const char* xi : {"0.35", "0.2", "0.1", "0.05"})
@@ -81,7 +81,7 @@ inline const std::vector<plan>& plans() {
         // Does the ordering survive a learning-rate warm-up (which both papers use and the
         // iso-memory plan does not)? GaLore's three ranks around AdaRankGrad's bytes, AdaRankGrad
         // at the threshold closest to them, and AdamW, each warmed up over 100 steps.
-        plan warm{"warmup", "AdamW, GaLore at ranks 16-64 and AdaRankGrad (xi 0.05, cap 64), each with a 100-step linear warm-up", {}};
+        plan warm{"warmup", "AdamW, GaLore at ranks 16-64 and AdaRankGrad (xi 0.05, cap 64), each with a 100-step linear warm-up", {}, {}, 2, false};
         warm.points.push_back({"adamw:warmup=100", "full rank", "AdamW", full});
         for (int r : {16, 32, 64})
             warm.points.push_back({"galore:r=" + std::to_string(r) + ",warmup=100", "GaLore", "r=" + std::to_string(r), low});
@@ -98,7 +98,7 @@ inline const std::vector<plan>& plans() {
                 1,
                 true};
         // The grids are centred on a first sweep's bests at 200 steps (full 5e-4, LoRA 4e-3; GaLore and AdaRankGrad at
-        // 2.5e-3, the lowest of {2.5e-3, 5e-3, 1e-2, 2e-2}: fine-tuning wants a tenth of pretraining's 2e-2).
+        // 2.5e-3, the lowest of {2.5e-3, 5e-3, 1e-2, 2e-2}: fine-tuning wants an eighth of pretraining's 2e-2).
         const std::vector<double> ft_full = {2.5e-4, 5e-4, 1e-3}, ft_lora = {2e-3, 4e-3, 8e-3}, ft_low = {1.25e-3, 2.5e-3, 5e-3};
         ft.points.push_back({"full", "full rank", "full", ft_full});
         ft.points.push_back({"lora", "LoRA", "LoRA", ft_lora});
