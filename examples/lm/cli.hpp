@@ -45,9 +45,9 @@ inline void print_help() {
                 "       lm_train --estimate [--preset NAME] [--vocab V] [--value-bytes 2|4] [size flags] [--configs ...] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
                 "process) and prints a table of validation loss, memory and speed. With --init, fine-tunes a saved model\n"
-                "instead (e.g. --init base.model --corpus %s --configs %s).\n"
-                "With --estimate, prints the memory each configuration would take instead (docs/memory.md).\n\n",
-                target_corpus, join(lm::configs::finetune_names, ",").c_str());
+                "instead (e.g. --init base.model --corpus %s --configs full,lora,qlora). With\n"
+                "--estimate, prints the memory each configuration would take instead (docs/memory.md).\n\n",
+                target_corpus);
     std::printf("  --preset NAME      the LLaMA shape of a paper: %s (GaLore's d_model, heads,\n"
                 "                     layers and SwiGLU width; context 256; --rank of GaLore's runs for that size); size flags\n"
                 "                     given as well win over it (default: none, the sizes below)\n", preset_names().c_str());
@@ -69,7 +69,7 @@ inline void print_help() {
     std::printf("  --ffn F            hidden width of the MLP (default %ld)\n", l(d.model.ffn));
     std::printf("  --rank R           GaLore's rank and AdaRankGrad's largest rank (default %ld)\n", l(d.rank));
     std::printf("  --groups G         VeLoRA sub-tokens per token (each input uses min(G, its width)) (default %ld)\n", l(d.groups));
-    std::printf("  --lr LR            learning rate of the full-rank runs: adamw, velora (default %g)\n", d.lr);
+    std::printf("  --lr LR            learning rate of the full-rank runs: adamw, velora, full (default %g)\n", d.lr);
     std::printf("  --lr-low-rank LR   learning rate of the low-rank runs, with scale 0.25: galore, adarank, velora+adarank\n"
                 "                     (default %g)\n", d.lr_low_rank);
     std::printf("  --lr-lora LR       learning rate of the LoRA runs (AdamW on the adapters): lora, velora+lora, qlora,\n"
@@ -79,9 +79,10 @@ inline void print_help() {
                 "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive, xi, refresh=every|converged,\n"
                 "                     interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized, scale; see\n"
                 "                     examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config).\n"
-                "                     Fine-tuning (--init): %s; LoRA keys r, alpha, dropout,\n"
-                "                     velora_scale (e.g. lora:r=16,dropout=0.1); the LoRA ones need --init\n",
-                join(lm::configs::names, ", ").c_str(), join(lm::configs::finetune_names, ", ").c_str());
+                "                     For fine-tuning a model of --init: full (AdamW on every weight), lora, velora+lora, qlora,\n"
+                "                     velora+qlora (the LoRA ones, which need --init; keys r, alpha, dropout, velora_scale,\n"
+                "                     e.g. lora:r=16,dropout=0.1), and galore, adarank, velora+adarank as full fine-tuning\n",
+                join(lm::configs::names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
     std::printf("  --seed S           seed of the initial weights (with --init: of the adapters and dropout) and of the\n"
@@ -98,7 +99,9 @@ inline void print_help() {
                 "                     (default %d)\n", l(d.batch), d.valid_batches);
     std::printf("  --study NAME       run a study instead of --configs: %s (examples/lm/study.hpp, docs/results.md):\n"
                 "                     every configuration's lr swept on the tuning split, then trained once per seed; prints\n"
-                "                     loss against optimizer state and the comparison with GaLore at equal state (default: none)\n",
+                "                     loss against optimizer state and the comparison with GaLore at equal state; finetune\n"
+                "                     fine-tunes the model of --init on --corpus (another text than its own) and compares the\n"
+                "                     configurations in pairs (default: none)\n",
                 lm::study::plan_names().c_str());
     std::string seeds;
     for (auto s : d.seeds) seeds += (seeds.empty() ? "" : ",") + std::to_string(s);
