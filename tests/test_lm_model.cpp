@@ -332,3 +332,202 @@ TEST_CASE("bad batch and token ids throw std::invalid_argument") {
     CHECK_THROWS_AS(lm::transformer<double>(b, small, {}, 1, 0), std::invalid_argument);
     CHECK_THROWS_AS(lm::transformer<double>(b, small, {.value = true, .groups = 0}, 1), std::invalid_argument);
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA fine-tuning (adapter_config::on): the library's lora_linear on every projection, over a
+// float or an NF4 base, with dropout on the adapter path and VeLoRA records of v's and down's
+// adapter inputs.
+
+namespace {
+
+struct null_sink final : lm::gradient_sink<double> {
+    void dense(std::size_t, velora::const_matrix_view<double>) override {}
+    void factored(std::size_t, const velora::factored_gradient<double>&) override {}
+};
+
+lm::adapter_config lora(double dropout, bool nf4 = false, double velora_scale = 0.1) {
+    lm::adapter_config a;
+    a.on = true;
+    a.nf4 = nf4;
+    a.rank = 3;
+    a.alpha = 6;
+    a.dropout = dropout;
+    a.velora_scale = velora_scale;
+    return a;
+}
+
+// Central differences of the training loss (the same dropout masks: set_dropout_step) on 6
+// entries of every adapter; only adapters reach the sink, once each.
+double lora_fd_check(const lm::adapter_config& ad, const lm::velora_config& vc) {
+    backend b;
+    lm::transformer<double> model(b, small, vc, 42, 4, ad);
+    auto& params = model.parameters();
+    const std::size_t base = model.base_parameter_count();
+    REQUIRE(params.size() == base + 2u * 7u * static_cast<std::size_t>(small.layers));
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        CHECK(params[i].trainable == (i >= base));
+        CHECK((params[i].grad != nullptr) == (i >= base));
+        CHECK((params[i].data == nullptr) == (ad.nf4 && params[i].projection));
+    }
+    for (std::size_t i = base; i < params.size(); ++i)   // B = 0 at initialisation would leave dA = 0
+        for (index_t k = 0; k < params[i].rows * params[i].cols; ++k) params[i].data[k] = 0.35 * velora::gaussian_at(100 + i, static_cast<std::uint64_t>(k));
+    const auto tokens = make_tokens(small, batch, 3);
+    capture_sink<double> sink(b, params);
+    model.set_dropout_step(3);
+    const double loss = model.train_step(tokens.data(), batch, sink);
+    CHECK(std::isfinite(loss));
+    REQUIRE(sink.order.size() == params.size() - base);
+    std::vector<std::size_t> sorted = sink.order;
+    std::sort(sorted.begin(), sorted.end());
+    for (std::size_t k = 0; k < sorted.size(); ++k) CHECK(sorted[k] == base + k);
+    null_sink none;
+    auto training_loss = [&] {
+        model.set_dropout_step(3);
+        return model.train_step(tokens.data(), batch, none);
+    };
+    CHECK(training_loss() == loss);
+    double worst = 0;
+    // 1e-6, not 1e-5: with dropout the loss bends more along some adapter entries (the
+    // central difference's error, checked to fall as eps², is 5e-5 relative at 1e-5).
+    const double eps = 1e-6;
+    for (std::size_t i = base; i < params.size(); ++i) {
+        auto& p = params[i];
+        CHECK(sink.factored_kind[i] == model.is_factored(i));
+        const index_t count = p.rows * p.cols;
+        double num2 = 0, fd2 = 0, an2 = 0;
+        for (int s = 0; s < 6; ++s) {
+            const index_t k = static_cast<index_t>((static_cast<std::uint64_t>(s) * 2654435761u + i * 97u) % static_cast<std::uint64_t>(count));
+            const double saved = p.data[k];
+            p.data[k] = saved + eps;
+            const double up = training_loss();
+            p.data[k] = saved - eps;
+            const double down = training_loss();
+            p.data[k] = saved;
+            const double fd = (up - down) / (2 * eps);
+            const double an = sink.grads[i][static_cast<std::size_t>(k)];
+            num2 += (fd - an) * (fd - an);
+            fd2 += fd * fd;
+            an2 += an * an;
+        }
+        const double rel = std::sqrt(num2) / std::max({std::sqrt(fd2), std::sqrt(an2), 1e-12});
+        INFO(p.name << ": relative error " << rel << " (|fd| = " << std::sqrt(fd2) << ")");
+        CHECK(rel < 1e-5);
+        CHECK(std::sqrt(fd2) > 1e-8);
+        worst = std::max(worst, rel);
+    }
+    std::size_t factored = 0;
+    for (std::size_t i = base; i < params.size(); ++i) factored += sink.factored_kind[i] ? 1 : 0;
+    CHECK(factored == static_cast<std::size_t>(small.layers) * ((vc.value ? 1u : 0u) + (vc.down ? 1u : 0u)));   // A of v and of down
+    if (ad.dropout == 0) CHECK(model.evaluate(tokens.data(), batch) == doctest::Approx(loss).epsilon(1e-12));   // evaluation: the same products
+    return worst;
+}
+
+} // namespace
+
+TEST_CASE("LoRA: finite differences of every adapter; base, embeddings and gains frozen") {
+    // Exact VeLoRA: G = the input width (s = 1) and scale 1, so that A's factored gradient is the gradient.
+    const lm::velora_config none{}, exact{.value = true, .down = true, .groups = 12, .z_storage = velora::storage::f64};
+    for (const bool nf4 : {false, true})
+        for (const double dropout : {0.0, 0.3})
+            for (const auto& vc : {none, exact}) {
+                CAPTURE(nf4);
+                CAPTURE(dropout);
+                CAPTURE(vc.value);
+                const double worst = lora_fd_check(lora(dropout, nf4, 1.0), vc);
+                std::printf("LoRA FD worst relative error (nf4 %d, dropout %.1f, velora %d): %.3g\n", nf4, dropout, vc.value, worst);
+            }
+}
+
+TEST_CASE("LoRA: memory.hpp counts the model's buffers and activations; the base stays as it was") {
+    const auto tokens = make_tokens(small, batch, 3);
+    for (const bool nf4 : {false, true})
+        for (const double dropout : {0.0, 0.05})
+            for (const lm::velora_config vc : {lm::velora_config{}, lm::velora_config{.value = true, .groups = 2},
+                                               lm::velora_config{.down = true, .groups = 3}, lm::velora_config{.value = true, .down = true, .groups = 4}}) {
+                CAPTURE(nf4);
+                CAPTURE(dropout);
+                CAPTURE(vc.value);
+                CAPTURE(vc.down);
+                const lm::adapter_config ad = lora(dropout, nf4);
+                backend b;
+                const index_t max_batch = 3;
+                lm::transformer<double> model(b, small, vc, 2, max_batch, ad);
+                const lm::memory::model_buffers got = model.buffer_elements(), want = lm::memory::buffers(small, vc, max_batch, ad);
+                CHECK(got.parameters.v == want.parameters.v);
+                CHECK(got.gradients.v == want.gradients.v);
+                CHECK(got.kept.v == want.kept.v);
+                CHECK(got.transient.v == want.transient.v);
+                CHECK(got.a_buffers.v == want.a_buffers.v);
+                CHECK(got.scratch.v == want.scratch.v);
+                CHECK(model.weight_bytes() == lm::memory::weight_bytes(small, ad, sizeof(double)).v);
+                CHECK(model.trainable_elements() == lm::memory::adapter_count(small, ad).v);
+                std::vector<std::vector<double>> before;
+                for (std::size_t i = 0; i < model.base_parameter_count(); ++i) {
+                    const auto& p = model.parameters()[i];
+                    before.emplace_back(p.data ? std::vector<double>(p.data, p.data + p.rows * p.cols) : std::vector<double>{});
+                }
+                capture_sink<double> sink(b, model.parameters());
+                sink.bump = 0.01;   // an update of every adapter inside the callback
+                for (int step = 0; step < 2; ++step) model.train_step(tokens.data(), batch, sink);
+                const auto& by_kind = model.activation_breakdown();
+                const auto want_kinds = lm::memory::activations(small, vc, batch, sizeof(double), ad);
+                for (std::size_t k = 0; k < lm::memory::kinds; ++k) {
+                    INFO(lm::memory::kind_keys[k]);
+                    CHECK(by_kind.by_kind[k].v == want_kinds.by_kind[k].v);
+                }
+                CHECK(model.activation_bytes() == want_kinds.total().v);
+                for (std::size_t i = 0; i < model.base_parameter_count(); ++i) {
+                    const auto& p = model.parameters()[i];
+                    if (p.data) CHECK(std::equal(before[i].begin(), before[i].end(), p.data));
+                }
+                // By hand (N = 10, d 8, ffn 12, r 3, 2 layers): H of 7 adapters; with dropout the x_a of q, k, (v), o, gate, up, (down).
+                const std::uint64_t N = 10;
+                CHECK(by_kind[lm::memory::kind::adapter_h].v == 2 * 7 * N * 3 * sizeof(double));
+                const std::uint64_t xa = dropout > 0 ? N * 8 * (vc.value ? 5 : 6) + (vc.down ? 0 : N * 12) : N * 8 * 3 + (vc.down ? 0 : N * 12);
+                CHECK(by_kind[lm::memory::kind::linear_inputs].v == 2 * xa * sizeof(double));   // (no head input: the embedding is frozen)
+            }
+}
+
+TEST_CASE("LoRA: starts equal to its base; export_weights merges W + (alpha/r) B A (NF4: dequantised W)") {
+    const auto tokens = make_tokens(small, batch, 5);
+    for (const bool nf4 : {false, true}) {
+        CAPTURE(nf4);
+        backend b;
+        lm::transformer<double> dense(b, small, {}, 9, 4);
+        capture_sink<double> ignore(b, dense.parameters());
+        dense.train_step(tokens.data(), batch, ignore);   // weights that are not the seeded initialisation
+        const lm::initial_weights base = dense.export_weights();
+        lm::transformer<double> plain(b, small, {}, 1, 4, {}, &base);
+        const double base_loss = plain.evaluate(tokens.data(), batch);
+        CHECK(base_loss == doctest::Approx(dense.evaluate(tokens.data(), batch)).epsilon(1e-6));   // exported in float
+        lm::transformer<double> adapted(b, small, {.value = true, .down = true, .groups = 4}, 3, 4, lora(0.05, nf4), &base);
+        if (!nf4) CHECK(adapted.evaluate(tokens.data(), batch) == doctest::Approx(base_loss).epsilon(1e-12));   // B = 0
+        else CHECK(std::fabs(adapted.evaluate(tokens.data(), batch) - base_loss) < 0.05);                      // NF4's rounding only
+        struct adam_like final : lm::gradient_sink<double> {
+            std::vector<lm::param_ref<double>>& p;
+            backend& bk;
+            std::vector<double> scratch;
+            adam_like(std::vector<lm::param_ref<double>>& params, backend& bb) : p(params), bk(bb) {}
+            void dense(std::size_t i, velora::const_matrix_view<double> g) override {
+                for (index_t k = 0; k < g.rows * g.cols; ++k) p[i].data[k] -= 0.05 * g.data[k];
+            }
+            void factored(std::size_t i, const velora::factored_gradient<double>& f) override {
+                scratch.resize(static_cast<std::size_t>(p[i].rows * p[i].cols));
+                bk.expand_subtokens(f.a, f.v, f.subtoken_size, f.scale, velora::make_view(scratch.data(), p[i].rows, p[i].cols));
+                for (std::size_t k = 0; k < scratch.size(); ++k) p[i].data[k] -= 0.05 * scratch[k];
+            }
+        } sgd(adapted.parameters(), b);
+        const double first = adapted.train_step(tokens.data(), batch, sgd);
+        double last = first;
+        for (int s = 0; s < 20; ++s) last = adapted.train_step(tokens.data(), batch, sgd);
+        CHECK(last < first);
+        const lm::initial_weights merged = adapted.export_weights();
+        lm::transformer<double> from_merged(b, small, {}, 1, 4, {}, &merged);
+        CHECK(from_merged.evaluate(tokens.data(), batch) == doctest::Approx(adapted.evaluate(tokens.data(), batch)).epsilon(1e-10));
+    }
+    backend b;
+    lm::initial_weights wrong;
+    wrong.values.resize(3);
+    CHECK_THROWS_AS(lm::transformer<double>(b, small, {}, 1, 2, {}, &wrong), std::invalid_argument);
+    CHECK_THROWS_AS(lm::transformer<double>(b, small, {.share_qkv = true}, 1, 2, lora(0.0)), std::invalid_argument);
+}

@@ -7,6 +7,7 @@
 #include <lm/configs.hpp>
 #include <lm/study.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -175,4 +176,63 @@ TEST_CASE("rank=budget and budget=BYTES|rN spell the library's budget rank rule"
     CHECK(lm::configs::budget_bytes_at_rank(at_rank, 16, shapes, 4) == (16 * (128 + 2 * 344) * 2 + 2 * 128) * 4);
     for (const auto& p : lm::study::find_plan("budget")->points)
         for (double lr : p.lrs) CHECK_NOTHROW((void)parse(lm::study::with_lr(p.config, lr), flags));
+}
+
+TEST_CASE("the fine-tuning names: LoRA's adapters, what they train, their keys and errors") {
+    const lm::configs::defaults d{.rank = 32, .lr = 1e-3, .lr_low_rank = 1e-2, .lr_lora = 4e-3};
+    const auto lora = parse("lora", d);
+    CHECK(lora.lora);
+    CHECK(lora.adapters.on);
+    CHECK(!lora.adapters.nf4);
+    CHECK(!lora.velora);
+    CHECK(!lora.low_rank);
+    CHECK(lora.adapters.rank == 8);
+    CHECK(lora.adapters.alpha == 16);
+    CHECK(lora.adapters.dropout == 0.05);
+    CHECK(lora.adapters.velora_scale == 0.1);
+    CHECK(lora.optimizer.adam.lr == 4e-3);
+    const auto vq = parse("velora+qlora:r=16,alpha=32,dropout=0.1,velora_scale=0.2,lr=1e-3", d);
+    CHECK((vq.lora && vq.velora && vq.adapters.nf4));
+    CHECK(vq.adapters.rank == 16);
+    CHECK(vq.adapters.alpha == 32);
+    CHECK(vq.adapters.dropout == 0.1);
+    CHECK(vq.adapters.velora_scale == 0.2);
+    CHECK(vq.optimizer.adam.lr == 1e-3);
+    const auto vc = lm::configs::velora_of(vq, 32, true);   // share_qkv never applies to LoRA
+    CHECK((vc.value && vc.down && !vc.share_qkv));
+    const auto full = parse("full", d);
+    CHECK((!full.lora && !full.low_rank && !full.velora && full.optimizer.adam.lr == 1e-3));
+    CHECK(parse("qlora", d).adapters.nf4);
+    CHECK(!parse("velora+lora", d).adapters.nf4);
+    CHECK(throws_with("lora:xi=0.1", "key 'xi' is not a LoRA key"));
+    CHECK(throws_with("lora:velora_scale=0.1", "key 'velora_scale' is for velora+lora and velora+qlora"));
+    CHECK(throws_with("adamw:alpha=2", "is for the low-rank configurations (galore, adarank, velora+adarank) and the LoRA ones"));
+    CHECK(throws_with("lora:dropout=1", "dropout=1 is not a number"));
+    CHECK(throws_with("lora:r=0", "r=0 is not a number"));
+    CHECK(throws_with("loraa", "unknown configuration 'loraa'"));
+    for (const auto& p : lm::study::find_plan("finetune")->points)
+        for (double lr : p.lrs) CHECK_NOTHROW((void)parse(lm::study::with_lr(p.config, lr), d));
+}
+
+TEST_CASE("a plan's pairs compare two configurations seed by seed") {
+    std::vector<lm::study::point_result> rs = {result("lora", "LoRA", 100, {2.00, 2.10, 2.20}), result("velora+lora", "LoRA", 100, {2.010, 2.112, 2.211}),
+                                               result("qlora", "LoRA", 100, {2.05, 2.05, 2.25})};
+    const auto worse = lm::study::compare_pair(rs, {"velora+lora", "lora"});
+    CHECK(worse.c.seeds == 3);
+    CHECK(worse.c.mean == doctest::Approx(0.011));
+    CHECK(worse.c.verdict == "higher");
+    CHECK(lm::study::compare_pair(rs, {"lora", "velora+lora"}).c.verdict == "lower");
+    CHECK(lm::study::compare_pair(rs, {"qlora", "lora"}).c.verdict == "tie");   // +0.05, -0.05, +0.05
+    CHECK(lm::study::compare_pair(rs, {"adarank", "lora"}).c.verdict == "not run");
+    rs[1].seeds = {7, 8, 9};
+    CHECK(lm::study::compare_pair(rs, {"velora+lora", "lora"}).c.verdict == "no common seed");
+    const auto* ft = lm::study::find_plan("finetune");
+    REQUIRE(ft);
+    CHECK(ft->fine_tuning);
+    CHECK(ft->points.size() == 9);
+    CHECK(ft->pairs.size() == 7);
+    for (const auto& pair : ft->pairs) {   // every pair names two points of the plan
+        CHECK(std::any_of(ft->points.begin(), ft->points.end(), [&](const auto& p) { return p.config == pair.a; }));
+        CHECK(std::any_of(ft->points.begin(), ft->points.end(), [&](const auto& p) { return p.config == pair.b; }));
+    }
 }

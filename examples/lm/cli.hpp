@@ -38,20 +38,24 @@ inline void print_help() {
     const options d;
     const auto l = [](index_t v) { return static_cast<long>(v); };
     std::printf("usage: lm_train [--preset NAME] [--corpus DIR] [--steps N] [--batch B] [--context L] [--d-model D] [--layers N]\n"
-                "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--eval-every N]\n"
-                "                [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
-                "                [--json PATH] [--plot PATH]\n"
+                "                [--heads H] [--ffn F] [--rank R] [--groups G] [--lr LR] [--lr-low-rank LR] [--lr-lora LR]\n"
+                "                [--eval-every N] [--configs a,b,...] [--share-qkv] [--seed S] [--split valid|tune] [--valid-batches N]\n"
+                "                [--init PATH] [--save-model PATH] [--json PATH] [--plot PATH]\n"
                 "       lm_train --study NAME [--seeds S,S,...] [size, step and validation flags] [--json PATH] [--plot PATH]\n"
-                "       lm_train --estimate [--preset NAME] [--vocab V] [size flags] [--json PATH]\n"
+                "       lm_train --estimate [--preset NAME] [--vocab V] [--value-bytes 2|4] [size flags] [--configs ...] [--json PATH]\n"
                 "Trains a byte-level transformer LM once per configuration (same seed, data and schedule; each in its own\n"
-                "process) and prints a table of validation loss, memory and speed. With --estimate, prints the memory each\n"
-                "configuration would take instead (docs/memory.md).\n\n");
+                "process) and prints a table of validation loss, memory and speed. With --init, fine-tunes a saved model\n"
+                "instead (e.g. --init base.model --corpus %s --configs full,lora,qlora). With\n"
+                "--estimate, prints the memory each configuration would take instead (docs/memory.md).\n\n",
+                target_corpus);
     std::printf("  --preset NAME      the LLaMA shape of a paper: %s (GaLore's d_model, heads,\n"
                 "                     layers and SwiGLU width; context 256; --rank of GaLore's runs for that size); size flags\n"
                 "                     given as well win over it (default: none, the sizes below)\n", preset_names().c_str());
     std::printf("  --estimate         print each configuration's weights, gradients, optimizer state (AdaRankGrad at its --rank\n"
                 "                     cap) and activations by kind for these sizes and --batch, from the accounting the trainer\n"
                 "                     counts with, and exit without training (default: off)\n");
+    std::printf("  --value-bytes B    bytes per value, --estimate only: 4 (float32, what the trainer computes in) or 2 (bf16,\n"
+                "                     the papers' precision; NF4 weights stay packed) (default %ld)\n", l(d.value_bytes));
     std::printf("  --vocab V          vocabulary size, --estimate only (the trainer reads bytes: 256); 32000 is the papers'\n"
                 "                     tokenizer (default %ld)\n", l(d.model.vocab));
     std::printf("  --corpus DIR       text to train on: every plain file of DIR (not *.dat, *.u8) in name order, the last 10%%\n"
@@ -65,25 +69,40 @@ inline void print_help() {
     std::printf("  --ffn F            hidden width of the MLP (default %ld)\n", l(d.model.ffn));
     std::printf("  --rank R           GaLore's rank and AdaRankGrad's largest rank (default %ld)\n", l(d.rank));
     std::printf("  --groups G         VeLoRA sub-tokens per token (each input uses min(G, its width)) (default %ld)\n", l(d.groups));
-    std::printf("  --lr LR            learning rate of the full-rank runs: adamw, velora (default %g)\n", d.lr);
+    std::printf("  --lr LR            learning rate of the full-rank runs: adamw, velora, full (default %g)\n", d.lr);
     std::printf("  --lr-low-rank LR   learning rate of the low-rank runs, with scale 0.25: galore, adarank, velora+adarank\n"
                 "                     (default %g)\n", d.lr_low_rank);
+    std::printf("  --lr-lora LR       learning rate of the LoRA runs (AdamW on the adapters): lora, velora+lora, qlora,\n"
+                "                     velora+qlora (default %g)\n", d.lr_lora);
     std::printf("  --eval-every N     validation loss every N steps and after the last one (default %d)\n", d.eval_every);
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
                 "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive|budget, xi, budget=BYTES|rN,\n"
                 "                     refresh=every|converged, interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized,\n"
-                "                     scale, state=8bit|float; see examples/lm/configs.hpp), e.g. galore:r=16,adamw (default: the five; also spelt --config)\n",
+                "                     scale, state=8bit|float, weights=bf16|bf16-nearest|float; see examples/lm/configs.hpp), e.g. galore:r=16,adamw\n"
+                "                     (default: the five; also spelt --config).\n"
+                "                     For fine-tuning a model of --init: full (AdamW on every weight), lora, velora+lora, qlora,\n"
+                "                     velora+qlora (the LoRA ones, which need --init; keys r, alpha, dropout, velora_scale,\n"
+                "                     e.g. lora:r=16,dropout=0.1), and galore, adarank, velora+adarank as full fine-tuning\n",
                 join(lm::configs::names, ", ").c_str());
     std::printf("  --share-qkv        q, k and v read one VeLoRA record of their common input (default off: only v's input is\n"
                 "                     recorded, q and k keep it)\n");
-    std::printf("  --seed S           seed of the initial weights and of the batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
+    std::printf("  --seed S           seed of the initial weights (with --init: of the adapters and dropout) and of the\n"
+                "                     batches (default %llu)\n", static_cast<unsigned long long>(d.seed));
+    std::printf("  --init PATH        start from the model in PATH (written by --save-model; the size flags must give its\n"
+                "                     shape): fine-tuning. Its loss on the validation text is measured before the first step\n"
+                "                     (default: none, the seeded initialisation)\n");
+    std::printf("  --save-model PATH  after training, write the model to PATH (one configuration; with LoRA the merged\n"
+                "                     weights W + (alpha/r) B A), a versioned and checksummed file replaced only by a\n"
+                "                     complete one (default: none)\n");
     std::printf("  --split S          valid: validate on the held-out 10%%; tune: train on the first 90%% of the rest and validate\n"
                 "                     on its last 10%% (the tuning split, for choosing hyper-parameters) (default %s)\n", d.split.c_str());
     std::printf("  --valid-batches N  batches of %ld sequences the validation loss is the mean over (always the same ones)\n"
                 "                     (default %d)\n", l(d.batch), d.valid_batches);
     std::printf("  --study NAME       run a study instead of --configs: %s (examples/lm/study.hpp, docs/results.md):\n"
                 "                     every configuration's lr swept on the tuning split, then trained once per seed; prints\n"
-                "                     loss against optimizer state and the comparison with GaLore at equal state (default: none)\n",
+                "                     loss against optimizer state and the comparison with GaLore at equal state; finetune\n"
+                "                     fine-tunes the model of --init on --corpus (another text than its own) and compares the\n"
+                "                     configurations in pairs (default: none)\n",
                 lm::study::plan_names().c_str());
     std::string seeds;
     for (auto s : d.seeds) seeds += (seeds.empty() ? "" : ",") + std::to_string(s);
@@ -142,6 +161,11 @@ inline options parse(int argc, char** argv) {
         if (flag == "--corpus") o.corpus = next();
         else if (flag == "--preset") preset_name = next();
         else if (flag == "--estimate") o.estimate = true;
+        else if (flag == "--value-bytes") {
+            const std::string text = next();
+            if (text != "2" && text != "4") usage_error("flag --value-bytes needs 2 (bf16) or 4 (float32), got '" + text + "'");
+            o.value_bytes = text == "2" ? 2 : 4;
+        }
         else if (flag == "--vocab") {
             o.model.vocab = positive(flag, next());
             o.vocab_given = true;
@@ -163,12 +187,14 @@ inline options parse(int argc, char** argv) {
         else if (flag == "--grad-rank-every") o.grad_rank_every = static_cast<int>(positive(flag, next()));
         else if (flag == "--grad-rank-out") o.grad_rank_out = next();
         else if (flag == "--grad-rank-plot") o.grad_rank_plot = next();
-        else if (flag == "--lr" || flag == "--lr-low-rank") {
+        else if (flag == "--init") o.init = next();
+        else if (flag == "--save-model") o.save_model = next();
+        else if (flag == "--lr" || flag == "--lr-low-rank" || flag == "--lr-lora") {
             const char* text = next();
             char* end = nullptr;
             const double lr = std::strtod(text, &end);
             if (*end != '\0' || !(lr > 0) || !std::isfinite(lr)) usage_error("flag " + flag + " needs a positive number, got '" + text + "'");
-            (flag == "--lr" ? o.lr : o.lr_low_rank) = lr;
+            (flag == "--lr" ? o.lr : flag == "--lr-low-rank" ? o.lr_low_rank : o.lr_lora) = lr;
         } else if (flag == "--configs") {
             // Split at commas; an item key=value continues the configuration before it
             // (`galore:r=16,svd=randomized,adamw` is two configurations). Checked below, when
@@ -222,9 +248,12 @@ inline options parse(int argc, char** argv) {
             usage_error("flag --configs: " + std::string(e.what()));
         }
     if (!o.study.empty()) {
+        if (lm::study::find_plan(o.study)->fine_tuning && o.init.empty())
+            usage_error("--study " + o.study + " fine-tunes a pretrained model: give --init PATH (a model written by --save-model) and --corpus DIR, "
+                        "the target text (e.g. " + std::string(target_corpus) + ")");
         o.configs.clear();
         for (const auto& p : lm::study::find_plan(o.study)->points) o.configs.push_back(p.config);
-        for (const char* flag : {"--configs", "--seed", "--split", "--estimate", "--lr", "--lr-low-rank", "--rank"})
+        for (const char* flag : {"--configs", "--seed", "--split", "--estimate", "--lr", "--lr-low-rank", "--lr-lora", "--rank", "--save-model"})
             if (std::find(given.begin(), given.end(), flag) != given.end())
                 usage_error(std::string("flag ") + flag +
                             " does not go with --study (the study chooses its configurations, ranks, learning rates, seeds and splits)");
@@ -242,6 +271,20 @@ inline options parse(int argc, char** argv) {
     if (!o.grad_rank_plot.empty() && o.grad_rank_every == 0) usage_error("flag --grad-rank-plot needs --grad-rank-every and --grad-rank-out");
     if (o.grad_rank_every > 0 && (o.configs.size() != 1 || !o.study.empty() || o.estimate))
         usage_error("flag --grad-rank-every measures one configuration (--configs NAME), not a study or an estimate");
+    if (o.estimate && !o.init.empty()) usage_error("flag --init is not for --estimate (it counts the shapes of the flags)");
+    if (!o.estimate && std::find(given.begin(), given.end(), "--value-bytes") != given.end())
+        usage_error("flag --value-bytes is for --estimate only: the trainer computes in float32");
+    if (o.estimate && !o.save_model.empty()) usage_error("flag --save-model is not for --estimate (nothing is trained)");
+    if (!o.save_model.empty() && o.configs.size() != 1)
+        usage_error("flag --save-model saves one model: give one configuration (--configs has " + std::to_string(o.configs.size()) + ")");
+    if (!o.estimate)
+        for (const auto& name : o.configs) {
+            const auto c = config_of(name, o);
+            if (c.lora && o.init.empty())
+                usage_error("configuration '" + name + "' fine-tunes a pretrained model: give --init PATH (a model written by --save-model)");
+            if (c.lora && o.share_qkv)
+                usage_error("flag --share-qkv is not for configuration '" + name + "' (its VeLoRA records are the adapter inputs of v and down)");
+        }
     return o;
 }
 

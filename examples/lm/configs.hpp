@@ -10,9 +10,21 @@
 //   adarank          AdaRankGrad: the library's defaults (adaptive rank, ξ = 0.05), refresh on convergence (ε = 0.5, 50-200
 //                    steps), moments transported (squared rotation), randomized SVD
 //   velora+adarank   both; the optimizer consumes VeLoRA's factored gradients (no dense dW)
+// and for fine-tuning a model given with --init (galore, adarank and velora+adarank are then
+// full fine-tuning with projected moments):
+//   full             dense AdamW on every weight (adamw under the name the fine-tuning papers use)
+//   lora             LoRA (PEFT): every projection q, k, v, o, gate, up, down frozen with adapters
+//                    r = 8, α = 16, dropout 0.05 on the adapter input (the official VeLoRA
+//                    fine-tuning script's defaults; its 7B run uses r = 32, dropout 0.1); AdamW on
+//                    the adapters only: the embeddings (and the tied head) and the RMSNorm gains stay frozen
+//   velora+lora      lora with the adapter inputs of v and down kept as VeLoRA records (G = --groups,
+//                    VeLoRA scale 0.1 on A's gradient: the paper's fine-tuning)
+//   qlora            lora over NF4 projections (double quantisation; embeddings and gains in float)
+//   velora+qlora     both
 //
 // Keys (every one but lr, warmup, state and weights only for the low-rank names galore, adarank, velora+adarank):
-//   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank otherwise)
+//   lr=X             learning rate (default: --lr for the full-rank names, --lr-low-rank for the low-rank ones,
+//                    --lr-lora for the LoRA ones)
 //   warmup=N         the learning rate rises linearly over the first N steps, then stays (default 0:
 //                    constant from the first step)
 //   r=N              GaLore's rank, AdaRankGrad's rank cap (default --rank)
@@ -35,6 +47,11 @@
 //                    every step each weight is rounded to bf16, stochastically (bf16) or to nearest, with
 //                    the library's rounding and keys (docs/adarankgrad.md "bf16 weights"); the demo keeps
 //                    its float buffers, holding bf16 values, so the run is the bf16 host's bit for bit
+// and for the LoRA names (lora, velora+lora, qlora, velora+qlora), with lr and warmup:
+//   r=N              the adapters' rank (default 8)      alpha=X   α, the scaling α/r (default 16)
+//   dropout=X        on the adapter input, in [0, 1) (default 0.05)
+//   velora_scale=X   VeLoRA's scale on A's compressed gradient (velora+ names only; default 0.1)
+// (A later key rank=budget, a global byte budget for the low-rank ranks, would join `rank`.)
 //
 // One key changes one ingredient, so an ablation is spelt as the configuration it starts from and
 // the ingredient it changes: `galore:rank=adaptive` is GaLore with AdaRankGrad's rank rule and
@@ -60,12 +77,19 @@ namespace lm::configs {
 using velora::index_t;
 
 inline const std::vector<std::string> names = {"adamw", "galore", "velora", "adarank", "velora+adarank"};
+/// The fine-tuning configurations (a model given with --init), in the order of their table.
+inline const std::vector<std::string> finetune_names = {"full", "lora", "velora+lora", "qlora", "velora+qlora", "galore", "adarank", "velora+adarank"};
+/// Every name parse() knows.
+inline const std::vector<std::string> known_names = {"adamw", "galore", "velora", "adarank", "velora+adarank", "full", "lora", "velora+lora",
+                                                     "qlora", "velora+qlora"};
 
 // What a configuration is; `parse` builds it from a name and the trainer's defaults.
 struct config {
     std::string name;   ///< as written (the key of the results)
     std::string base;   ///< one of `names`
     bool velora = false, low_rank = false;
+    bool lora = false;         ///< lora, velora+lora, qlora, velora+qlora: adapters on frozen projections (adapters below)
+    lm::adapter_config adapters{};
     bool fixed_rank = false;   ///< GaLore-like: the optimizer state is known before training (memory.hpp)
     index_t rank = 0;          ///< GaLore's rank, AdaRankGrad's cap; 0 for the full-rank names
     index_t warmup = 0;        ///< steps of linear learning-rate warm-up (lr_at)
@@ -78,6 +102,7 @@ struct config {
 struct defaults {
     index_t rank = 32;
     double lr = 5e-4, lr_low_rank = 2e-2;   // the trainer's --lr and --lr-low-rank defaults
+    double lr_lora = 4e-3;                   // its --lr-lora default
 };
 
 namespace detail {
@@ -113,12 +138,17 @@ inline config parse(const std::string& name, const defaults& d) {
     c.name = name;
     const auto colon = name.find(':');
     c.base = name.substr(0, colon);
-    if (std::find(names.begin(), names.end(), c.base) == names.end()) {
+    if (std::find(known_names.begin(), known_names.end(), c.base) == known_names.end()) {
         std::string known;
-        for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
+        for (const auto& n : known_names) known += (known.empty() ? "" : ", ") + n;
         detail::bad(name, "unknown configuration '" + c.base + "' (known: " + known + ")");
     }
-    c.velora = c.base == "velora" || c.base == "velora+adarank";
+    c.velora = c.base == "velora" || c.base == "velora+adarank" || c.base == "velora+lora" || c.base == "velora+qlora";
+    c.lora = c.base == "lora" || c.base == "velora+lora" || c.base == "qlora" || c.base == "velora+qlora";
+    if (c.lora) {
+        c.adapters.on = true;
+        c.adapters.nf4 = c.base == "qlora" || c.base == "velora+qlora";
+    }
     c.low_rank = c.base == "galore" || c.base == "adarank" || c.base == "velora+adarank";
     c.rank = c.low_rank ? d.rank : 0;
     c.fixed_rank = c.base == "galore";
@@ -128,7 +158,7 @@ inline config parse(const std::string& name, const defaults& d) {
     bool budget = false;
     std::uint64_t budget_bytes = 0;
     if (c.base == "galore") c.optimizer = optimizer_config::galore(d.rank, interval, 0.25);
-    c.optimizer.adam.lr = c.low_rank ? d.lr_low_rank : d.lr;
+    c.optimizer.adam.lr = c.low_rank ? d.lr_low_rank : c.lora ? d.lr_lora : d.lr;
     c.optimizer.adam.weight_decay = 0.0;
     if (colon != std::string::npos) {
         const std::string changes = name.substr(colon + 1);
@@ -143,8 +173,13 @@ inline config parse(const std::string& name, const defaults& d) {
             const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
             if (std::find(seen.begin(), seen.end(), key) != seen.end()) detail::bad(name, "key '" + key + "' given twice");
             seen.push_back(key);
-            if (key != "lr" && key != "warmup" && key != "state" && key != "weights" && !c.low_rank)
-                detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)");
+            const bool lora_key = key == "r" || key == "alpha" || key == "dropout" || key == "velora_scale";
+            if (c.lora && key != "lr" && key != "warmup" && !lora_key)
+                detail::bad(name, "key '" + key + "' is not a LoRA key (lr, warmup, r, alpha, dropout" + std::string(c.velora ? ", velora_scale" : "") + ")");
+            if (c.lora && key == "velora_scale" && !c.velora) detail::bad(name, "key 'velora_scale' is for velora+lora and velora+qlora");
+            if (key != "lr" && key != "warmup" && key != "state" && key != "weights" && !c.low_rank && !c.lora)
+                detail::bad(name, "key '" + key + "' is for the low-rank configurations (galore, adarank, velora+adarank)" +
+                                      std::string(lora_key ? " and the LoRA ones (lora, velora+lora, qlora, velora+qlora)" : ""));
             auto choose = [&](std::initializer_list<const char*> options) {
                 std::string list;
                 for (const char* o : options) {
@@ -156,6 +191,10 @@ inline config parse(const std::string& name, const defaults& d) {
             };
             if (key == "lr") c.optimizer.adam.lr = detail::number(name, key, value, 0, 10, true);
             else if (key == "warmup") c.warmup = value == "0" ? 0 : detail::count(name, key, value);
+            else if (key == "r" && c.lora) c.adapters.rank = detail::count(name, key, value);
+            else if (key == "alpha") c.adapters.alpha = detail::number(name, key, value, 0, 1e6, true);
+            else if (key == "dropout") c.adapters.dropout = detail::number(name, key, value, 0, 0.99, false);
+            else if (key == "velora_scale") c.adapters.velora_scale = detail::number(name, key, value, 0, 100, true);
             else if (key == "r") c.rank = detail::count(name, key, value);
             else if (key == "rank") {
                 const std::string rule = choose({"fixed", "adaptive", "budget"});
@@ -194,7 +233,7 @@ inline config parse(const std::string& name, const defaults& d) {
                 const std::string w = choose({"bf16", "bf16-nearest", "float"});
                 if (w == "float") c.bf16_weights.reset();
                 else c.bf16_weights = w == "bf16" ? velora::bf16_rounding::stochastic : velora::bf16_rounding::nearest;
-            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, weights)");
+            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, weights; LoRA: alpha, dropout, velora_scale)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {
@@ -251,11 +290,12 @@ inline double lr_at(const config& c, long step) {
 }
 
 // What the model records with VeLoRA (the value and MLP-down inputs, the VeLoRA paper's choice
-// for LLaMA; with share_qkv q, k and v share the value input's record).
+// for LLaMA; with share_qkv q, k and v share the value input's record; for the LoRA names the
+// adapter inputs of v and down, share_qkv not applying).
 inline lm::velora_config velora_of(const config& c, index_t groups, bool share_qkv) {
     lm::velora_config vc;
     vc.value = vc.down = c.velora;
-    vc.share_qkv = c.velora && share_qkv;
+    vc.share_qkv = c.velora && share_qkv && !c.lora;
     vc.groups = groups;
     return vc;
 }

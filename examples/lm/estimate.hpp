@@ -25,7 +25,8 @@ inline void print_estimate(const options& o) {
     std::vector<mem::footprint> fps;
     std::uint64_t biggest = 0;
     for (const auto& name : o.configs) {
-        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T), state_block_for(name, o)));
+        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), adapters_for(name, o),
+                                    state_block_for(name, o)));
         biggest = std::max(biggest, fps.back().total().v);
     }
     const bool gib = biggest >= (std::uint64_t{10} << 30);
@@ -33,11 +34,11 @@ inline void print_estimate(const options& o) {
     const char* unit_name = gib ? "GiB" : "MiB";
     const auto& m = o.model;
     std::printf("Memory estimate, nothing trained%s%s: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld, vocabulary %ld\n"
-                "(%llu parameters); batch %ld (%ld tokens); float32 values; rank %ld (GaLore's, AdaRankGrad's cap); VeLoRA G = %ld%s\n",
+                "(%llu parameters); batch %ld (%ld tokens); %s values; rank %ld (GaLore's, AdaRankGrad's cap); VeLoRA G = %ld%s\n",
                 o.preset.empty() ? "" : " for --preset ", o.preset.c_str(), static_cast<long>(m.d_model), static_cast<long>(m.layers),
                 static_cast<long>(m.heads), static_cast<long>(m.ffn), static_cast<long>(m.context), static_cast<long>(m.vocab),
                 static_cast<unsigned long long>(mem::parameter_count(m).v), static_cast<long>(o.batch), static_cast<long>(o.batch * m.context),
-                static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+                o.value_bytes == 2 ? "bf16" : "float32", static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
     std::printf("\n%-16s %11s %11s %11s %11s %11s %11s   (%s)\n", "configuration", "weights", "gradients", "optimizer", "activations", "other",
                 "total", unit_name);
     auto saturated = [](mem::count c) { return c.v == UINT64_MAX; };
@@ -65,11 +66,27 @@ inline void print_estimate(const options& o) {
     if (any_cap)
         std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
                     static_cast<long>(o.rank));
-    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest;\n"
+    std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest,\n"
+                " or with LoRA the adapters' moments (gradients: the adapters' too; weights: the frozen base as stored and the adapters);\n"
                 " gradients: one dense buffer per weight, as lm::transformer allocates them; other: backward scratch, VeLoRA's A\n"
                 " buffers and transient inputs, the compressors' spare Z. Not counted: the library's scratch (GEMM, the optimizer's\n"
                 " refresh workspace, SVD), code and libraries, the corpus)\n");
     report::print_activation_kinds(kinds, (std::string("\nActivations kept for backward by kind (") + unit_name + ")").c_str(), unit);
+    const bool lora = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) { return config_of(name, o).lora; });
+    if (!lora) return;
+    std::printf("\nFine-tuning: what each configuration trains, and the layers VeLoRA wraps (v and down of every layer) on their own\n"
+                "(the scope of the VeLoRA paper's estimates, docs/memory.md), in GB (10^9 bytes):\n");
+    std::printf("%-16s %14s %12s %12s %12s\n", "configuration", "trainable", "v+down W", "v+down kept", "v+down total");
+    for (const auto& name : o.configs) {
+        const auto c = config_of(name, o);
+        const mem::scope_bytes s = mem::velora_scope(o.model, velora_for(name, o), o.batch, static_cast<std::size_t>(o.value_bytes), c.adapters);
+        const std::uint64_t trainable = c.lora ? mem::adapter_count(o.model, c.adapters).v : mem::parameter_count(o.model).v;
+        std::printf("%-16s %14llu %12.3f %12.3f %12.3f\n", name.c_str(), static_cast<unsigned long long>(trainable), static_cast<double>(s.weights.v) / 1e9,
+                    static_cast<double>(s.kept.v) / 1e9, static_cast<double>(s.total().v) / 1e9);
+    }
+    std::printf("(LoRA: the projections frozen, adapters r = 8 on q, k, v, o, gate, up, down, AdamW on them only; embeddings and\n"
+                " gains frozen; QLoRA's projections NF4 with double quantisation. v+down W: their weights as stored and their\n"
+                " adapters; kept: their inputs (or VeLoRA records) and LoRA's H at --batch x --context tokens)\n");
 }
 
 // The --json of --estimate: the settings and, per configuration, the bytes print_estimate shows.
@@ -79,13 +96,18 @@ inline void write_estimate_json(const options& o) {
         out << "{\"settings\":" << settings_json(o, nullptr, 1) << ",\"estimates\":[";
         for (std::size_t i = 0; i < o.configs.size(); ++i) {
             const std::string& name = o.configs[i];
-            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), sizeof(T), state_block_for(name, o));
+            const auto ad = adapters_for(name, o);
+            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), ad,
+                                                    state_block_for(name, o));
+            const mem::scope_bytes scope = mem::velora_scope(o.model, velora_for(name, o), o.batch, static_cast<std::size_t>(o.value_bytes), ad);
             out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
                 << (!uses_low_rank(name, o) ? "dense" : config_of(name, o).fixed_rank ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
                 << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v
                 << ",\"activation_bytes_by_kind\":{";
             for (std::size_t k = 0; k < mem::kinds; ++k) out << (k ? "," : "") << '"' << mem::kind_keys[k] << "\":" << fp.by_kind.by_kind[k].v;
-            out << "},\"other_bytes\":" << fp.other.v << ",\"total_bytes\":" << fp.total().v << "}";
+            out << "},\"other_bytes\":" << fp.other.v << ",\"total_bytes\":" << fp.total().v << ",\"trainable_params\":"
+                << (ad.on ? mem::adapter_count(o.model, ad).v : mem::parameter_count(o.model).v) << ",\"velora_scope\":{\"weights_bytes\":" << scope.weights.v
+                << ",\"kept_bytes\":" << scope.kept.v << ",\"total_bytes\":" << scope.total().v << "}}";
         }
         out << "]}\n";
     });

@@ -45,7 +45,7 @@ public:
     optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm,
                    std::optional<velora::bf16_rounding> bf16 = std::nullopt)
         : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm), bf16_(bf16) {
-        for (const param_id id : ids_) low_rank_.push_back(opt_.info(id).low_rank);
+        for (const param_id id : ids_) low_rank_.push_back(id >= 0 && opt_.info(id).low_rank);   // -1: frozen (LoRA), never delivered
     }
     // With a recorder, the projection matrices' gradients of the steps it says are due are
     // measured before they are stepped (gradient_rank.hpp; one process).

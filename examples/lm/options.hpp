@@ -23,10 +23,18 @@ using T = float;
 using B = velora::eigen_backend<T>;
 using velora::index_t;
 
+// The fine-tuning target: Debian's fortunes-es (Spanish fortune cookies, 25 files, 936,470 bytes
+// in fortunes-es 1.36), another language's text for a model pretrained on the English `fortunes`
+// (examples/run_demo.sh installs it). Its files live in their own folder, so the pretraining
+// corpus does not change when it is installed (fortunes-it, by contrast, links its files into
+// /usr/share/games/fortunes itself).
+inline constexpr const char* target_corpus = "/usr/share/games/fortunes/es";
+
 struct options {
     std::string preset;          // --preset NAME: a paper model shape (presets below); empty: none
     bool estimate = false;       // --estimate: print the memory table instead of training
     bool vocab_given = false;    // --vocab V (estimate only: the trainer reads bytes)
+    index_t value_bytes = 4;     // --value-bytes 2|4 (estimate only): bytes per value counted; the trainer computes in float32
     std::string corpus = "/usr/share/games/fortunes";
     int steps = 1000;
     index_t batch = 16;
@@ -37,6 +45,9 @@ struct options {
     // rank 32 and AdaRankGrad at ξ = 0.05 (docs/results.md); until 2026-12-02 they were 1e-3 and 1e-2.
     double lr = 5e-4;            // full-rank runs (adamw, velora)
     double lr_low_rank = 2e-2;   // low-rank runs (galore, adarank, velora+adarank), with α = 0.25: GaLore's protocol
+    double lr_lora = 4e-3;       // LoRA runs (lora, velora+lora, qlora, velora+qlora): AdamW on the adapters (the fine-tuning study's choice)
+    std::string init;            // --init PATH: start from this model file (fine-tuning)
+    std::string save_model;      // --save-model PATH: write the trained model (one configuration)
     int eval_every = 50;
     bool share_qkv = false;
     std::vector<std::string> configs = lm::configs::names;   // configs.hpp: a name, optionally with changes
@@ -68,6 +79,10 @@ inline const preset presets[] = {
     {"llama130m", {.vocab = 256, .d_model = 768, .heads = 12, .layers = 12, .ffn = 2048, .context = 256}, 256},
     {"llama1b", {.vocab = 256, .d_model = 2048, .heads = 32, .layers = 24, .ffn = 5461, .context = 256}, 1024},
     {"llama7b", {.vocab = 256, .d_model = 4096, .heads = 32, .layers = 32, .ffn = 11008, .context = 256}, 1024},
+    // LLaMA-13B (the VeLoRA paper's other fine-tuning size; GaLore has no 13B config): the shape of
+    // Touvron et al. 2023 (d 5120, 40 heads, 40 layers; SwiGLU width 13824 as in its released
+    // config), GaLore's 7B rank.
+    {"llama13b", {.vocab = 256, .d_model = 5120, .heads = 40, .layers = 40, .ffn = 13824, .context = 256}, 1024},
 };
 
 inline std::string preset_names() {
@@ -83,7 +98,10 @@ inline const preset* find_preset(const std::string& name) {
 }
 
 // What configuration `name` (configs.hpp) means with these flags.
-inline lm::configs::config config_of(const std::string& name, const options& o) { return lm::configs::parse(name, {o.rank, o.lr, o.lr_low_rank}); }
+inline lm::configs::config config_of(const std::string& name, const options& o) {
+    return lm::configs::parse(name, {o.rank, o.lr, o.lr_low_rank, o.lr_lora});
+}
+inline lm::adapter_config adapters_for(const std::string& name, const options& o) { return config_of(name, o).adapters; }
 inline bool uses_low_rank(const std::string& name, const options& o) { return config_of(name, o).low_rank; }
 inline lm::velora_config velora_for(const std::string& name, const options& o) { return lm::configs::velora_of(config_of(name, o), o.groups, o.share_qkv); }
 

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -81,9 +82,11 @@ inline std::string settings_json(const options& o, const corpus* data, int ranks
     for (const auto& c : o.configs) configs.push_back(text(c));
     const auto& m = o.model;
     os << "{\"flags\":{\"preset\":" << path(o.preset) << ",\"estimate\":" << (o.estimate ? "true" : "false") << ",\"vocab\":" << o.model.vocab
+       << ",\"value-bytes\":" << o.value_bytes
        << ",\"corpus\":" << text(o.corpus) << ",\"steps\":" << o.steps << ",\"batch\":" << o.batch << ",\"context\":" << m.context
        << ",\"d-model\":" << m.d_model << ",\"layers\":" << m.layers << ",\"heads\":" << m.heads << ",\"ffn\":" << m.ffn << ",\"rank\":" << o.rank
-       << ",\"groups\":" << o.groups << ",\"lr\":" << o.lr << ",\"lr-low-rank\":" << o.lr_low_rank << ",\"eval-every\":" << o.eval_every
+       << ",\"groups\":" << o.groups << ",\"lr\":" << o.lr << ",\"lr-low-rank\":" << o.lr_low_rank << ",\"lr-lora\":" << o.lr_lora
+       << ",\"init\":" << path(o.init) << ",\"save-model\":" << path(o.save_model) << ",\"eval-every\":" << o.eval_every
        << ",\"configs\":[" << join(configs, ",") << "],\"share-qkv\":" << (o.share_qkv ? "true" : "false") << ",\"seed\":" << o.seed
        << ",\"split\":" << text(o.split) << ",\"valid-batches\":" << o.valid_batches << ",\"study\":" << path(o.study) << ",\"seeds\":[";
     for (std::size_t i = 0; i < o.seeds.size(); ++i) os << (i ? "," : "") << o.seeds[i];
@@ -106,12 +109,15 @@ inline std::string validation_note(const options& o) {
 inline void print_header(const options& o, const corpus& data, int ranks) {
     std::printf("Byte-level LM on %zu fortune files from %s: %zu train / %zu validation bytes\n", data.files, o.corpus.c_str(), data.train.size(),
                 data.valid.size());
+    const bool lora = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) { return config_of(name, o).lora; });
+    char lora_lr[48] = "";
+    if (lora) std::snprintf(lora_lr, sizeof lora_lr, ", %g (LoRA runs)", o.lr_lora);
     std::printf("model%s%s: d_model %ld, %ld layers, %ld heads, ffn %ld, context %ld (%llu parameters); batch %ld, %d steps; lr %g (full-rank "
-                "runs), %g with scale 0.25 (low-rank runs); rank <= %ld, VeLoRA G = %ld%s\n",
+                "runs), %g with scale 0.25 (low-rank runs)%s; rank <= %ld, VeLoRA G = %ld%s\n",
                 o.preset.empty() ? "" : " ", o.preset.c_str(), static_cast<long>(o.model.d_model), static_cast<long>(o.model.layers),
                 static_cast<long>(o.model.heads), static_cast<long>(o.model.ffn), static_cast<long>(o.model.context),
                 static_cast<unsigned long long>(lm::memory::parameter_count(o.model).v), static_cast<long>(o.batch), o.steps, o.lr, o.lr_low_rank,
-                static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
+                lora_lr, static_cast<long>(o.rank), static_cast<long>(o.groups), o.share_qkv ? " (q, k, v share one record)" : "");
     if (ranks > 1)
         std::printf("data-parallel: %d MPI ranks, %ld sequences of each batch per rank\n", ranks, static_cast<long>(o.batch / ranks));
 }

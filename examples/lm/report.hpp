@@ -36,7 +36,9 @@ struct run {
     std::vector<std::vector<double>> ranks;   // [record][low-rank parameter]; each holds until the next record
     std::size_t activation_bytes = 0;         // kept for backward by one step's forward pass (counted by the model)
     std::array<std::size_t, lm::memory::kinds> activation_kinds{};   // the same by kind (lm::memory::kind)
-    std::size_t weights_bytes = 0;            // the model's parameters
+    std::size_t weights_bytes = 0;            // the model's parameters as stored (NF4 packed)
+    std::size_t trainable_params = 0;         // elements of the trainable ones (LoRA: the adapters)
+    double valid_before = NAN;                // with --init: the validation loss before the first step
     std::size_t optimizer_bytes = 0;          // optimizer state (low_rank_adamw::state_bytes) at the end
     std::size_t peak_optimizer_bytes = 0;     // its largest value after any step (AdaRankGrad's ranks change)
     double mean_optimizer_bytes = 0;          // its mean over the steps
@@ -89,6 +91,7 @@ inline std::string serialize(const run& r) {
        << r.weights_bytes << ' ' << r.optimizer_workspace_bytes << ' ' << r.peak_optimizer_bytes << ' ' << r.mean_optimizer_bytes << '\n';
     list("activation_kinds", r.activation_kinds);
     os << "speed " << r.mean_step_ms << ' ' << r.tokens_per_second << '\n';
+    os << "finetune " << r.trainable_params << ' ' << r.valid_before << '\n';
     list("train_loss", r.train_loss);
     list("valid_steps", r.valid_steps);
     list("valid_loss", r.valid_loss);
@@ -125,6 +128,14 @@ inline run deserialize(const std::string& text) {
                 r.mean_optimizer_bytes;
         else if (key == "activation_kinds") for (auto& x : r.activation_kinds) ls >> x;
         else if (key == "speed") ls >> r.mean_step_ms >> r.tokens_per_second;
+        else if (key == "finetune") {
+            std::vector<double> x;
+            read_numbers(ls, x);
+            if (x.size() == 2) {
+                r.trainable_params = static_cast<std::size_t>(x[0]);
+                r.valid_before = x[1];
+            }
+        }
         else if (key == "train_loss") read_numbers(ls, r.train_loss);
         else if (key == "valid_steps") for (int x; ls >> x;) r.valid_steps.push_back(x);
         else if (key == "valid_loss") read_numbers(ls, r.valid_loss);
@@ -147,18 +158,49 @@ inline double mib(std::size_t bytes) { return static_cast<double>(bytes) / 10485
 inline void print_activation_kinds(const std::vector<run>& runs, const char* title, double unit) {
     int width = 16;
     for (const auto& r : runs) width = std::max(width, static_cast<int>(r.name.size()));
+    // LoRA's H only where a run has adapters (the pretraining tables keep their seven columns).
+    const std::size_t h = static_cast<std::size_t>(lm::memory::kind::adapter_h);
+    const bool lora = std::any_of(runs.begin(), runs.end(), [&](const run& r) { return r.activation_kinds[h] > 0; });
     std::printf("%s:\n%-*s", title, width, "configuration");
-    for (const char* head : lm::memory::kind_heads) std::printf(" %11s", head);
+    for (std::size_t k = 0; k < lm::memory::kinds; ++k)
+        if (k != h || lora) std::printf(" %11s", lm::memory::kind_heads[k]);
     std::printf(" %11s\n", "total");
     for (const auto& r : runs) {
         if (r.steps == 0) continue;
         std::printf("%-*s", width, r.name.c_str());
-        for (std::size_t x : r.activation_kinds) std::printf(" %11.3f", static_cast<double>(x) / unit);
+        for (std::size_t k = 0; k < lm::memory::kinds; ++k)
+            if (k != h || lora) std::printf(" %11.3f", static_cast<double>(r.activation_kinds[k]) / unit);
         std::printf(" %11.3f\n", static_cast<double>(r.activation_bytes) / unit);
     }
     std::printf("(norm in: the residual stream kept for each RMSNorm's backward; linear in: exact inputs of the projections (q/k/v,\n"
                 " o, MLP up/gate/down, head), what VeLoRA can replace; records: VeLoRA's; q,k,v and attn probs: what attention's\n"
-                " backward reads; SwiGLU a,b: the two MLP branches; out softmax: tokens x vocabulary)\n");
+                " backward reads; SwiGLU a,b: the two MLP branches; out softmax: tokens x vocabulary%s)\n",
+                lora ? ";\n LoRA: linear in are the adapters' inputs x_a (with dropout one per adapter; the frozen W needs none), records\n"
+                       " replace those of v and down, LoRA H = x_a A^T of each adapter" : "");
+}
+
+// The fine-tuning table (runs from --init): the target's validation loss before and after,
+// what is trained, and the memory beside it.
+inline void print_finetune_table(const std::vector<run>& runs, long tokens_per_step, const std::string& validation) {
+    int width = 16;
+    for (const auto& r : runs) width = std::max(width, static_cast<int>(r.name.size()));
+    std::printf("\n%-*s %6s %8s %8s %11s %11s %11s %11s %10s %9s\n", width, "configuration", "steps", "before", "after", "trainable",
+                "weights MiB", "activ. MiB", "optim. MiB", "peak RSS", "ms/step");
+    for (const auto& r : runs) {
+        if (r.steps == 0) {
+            std::printf("%-*s %s\n", width, r.name.c_str(), r.error.empty() ? "no step taken" : ("failed: " + r.error).c_str());
+            continue;
+        }
+        std::printf("%-*s %6d %8.4f %8.4f %11zu %11.3f %11.3f %11.3f %8.1f M %9.1f%s\n", width, r.name.c_str(), r.steps, r.valid_before, final_valid(r),
+                    r.trainable_params, mib(r.weights_bytes), mib(r.activation_bytes), mib(r.optimizer_bytes), mib(r.peak_rss_bytes), r.mean_step_ms,
+                    !r.error.empty() ? "  (failed)" : r.interrupted ? "  (interrupted)" : "");
+    }
+    std::printf("(before / after: validation loss on %s, nats per byte, before the first step and after the\n"
+                " last (qlora's \"before\" is its NF4 base's); trainable: weights the optimizer steps (LoRA: the adapters; the\n"
+                " embeddings, the tied head and the RMSNorm gains are frozen); weights: all of them as stored, NF4 packed; activations:\n"
+                " what one forward pass keeps for backward, counted by the model; optimizer: its state at the end; %ld tokens per step)\n",
+                validation.c_str(), tokens_per_step);
+    print_activation_kinds(runs, "\nActivations kept for backward by kind (MiB)", 1048576.0);
 }
 
 // `validation`: what the validation loss was measured on, for the note under the table.
@@ -250,7 +292,8 @@ inline void write_json(std::ostream& out, const std::vector<run>& runs, const st
         number(final_valid(r)) << ",\"valid_perplexity\":";
         number(std::exp(final_valid(r))) << ",\"activation_bytes\":" << r.activation_bytes << ",\"activation_bytes_by_kind\":{";
         for (std::size_t k = 0; k < lm::memory::kinds; ++k) out << (k ? "," : "") << '"' << lm::memory::kind_keys[k] << "\":" << r.activation_kinds[k];
-        out << "},\"weights_bytes\":" << r.weights_bytes << ",\"optimizer_bytes\":" << r.optimizer_bytes
+        out << "},\"weights_bytes\":" << r.weights_bytes << ",\"trainable_params\":" << r.trainable_params << ",\"valid_loss_before\":";
+        number(r.valid_before) << ",\"optimizer_bytes\":" << r.optimizer_bytes
             << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
             << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes << ",\"mean_step_ms\":" << r.mean_step_ms
             << ",\"tokens_per_second\":" << r.tokens_per_second << ",\"communicated_bytes\":" << r.communicated_bytes << ",\"valid_curve\":{\"steps\":";

@@ -16,6 +16,9 @@
 // The bytes are the optimizer state's peak over training: what a user must have, as AdaRankGrad's
 // ranks (and with them its state) change during training.
 //
+// A plan may also list pairs of its configurations to compare directly, paired by seed (the
+// fine-tuning study: velora+lora against lora, qlora against lora, ...), with the same test.
+//
 // The trainer supplies how to train one configuration (a callable, below): this file knows the
 // plans and the statistics, not the model.
 #include <algorithm>
@@ -43,9 +46,17 @@ struct point {
     std::vector<double> lrs;   ///< the learning-rate grid of the sweep
 };
 
+// Two configurations of a plan compared seed by seed: loss of `a` minus loss of `b`.
+struct pair_spec {
+    std::string a, b;
+};
+
 struct plan {
     std::string name, description;
     std::vector<point> points;
+    std::vector<pair_spec> pairs;   ///< direct comparisons, printed after the table
+    int extensions = 2;             ///< how often the lr grid may grow past an edge
+    bool fine_tuning = false;       ///< the points fine-tune the model of --init on another text
 };
 
 inline const std::vector<plan>& plans() {
@@ -55,7 +66,7 @@ inline const std::vector<plan>& plans() {
                  "GaLore at ranks 8-64 and AdaRankGrad over its rank threshold xi (cap 64) against their optimizer state; "
                  "ablations that add one AdaRankGrad ingredient to GaLore at rank 32 (exact SVD; xi 0.2), all three, and "
                  "AdaRankGrad with xi 0.2, cap 32 and its randomized SVD; full-rank AdamW",
-                 {}};
+                 {}, {}, 2, false};
         iso.points.push_back({"adamw", "full rank", "AdamW", full});
         for (int r : {8, 16, 32, 64}) iso.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
         for (const char* xi : {"0.35", "0.2", "0.1", "0.05"})
@@ -70,7 +81,7 @@ inline const std::vector<plan>& plans() {
         // Does the ordering survive a learning-rate warm-up (which both papers use and the
         // iso-memory plan does not)? GaLore's three ranks around AdaRankGrad's bytes, AdaRankGrad
         // at the threshold closest to them, and AdamW, each warmed up over 100 steps.
-        plan warm{"warmup", "AdamW, GaLore at ranks 16-64 and AdaRankGrad (xi 0.05, cap 64), each with a 100-step linear warm-up", {}};
+        plan warm{"warmup", "AdamW, GaLore at ranks 16-64 and AdaRankGrad (xi 0.05, cap 64), each with a 100-step linear warm-up", {}, {}, 2, false};
         warm.points.push_back({"adamw:warmup=100", "full rank", "AdamW", full});
         for (int r : {16, 32, 64})
             warm.points.push_back({"galore:r=" + std::to_string(r) + ",warmup=100", "GaLore", "r=" + std::to_string(r), low});
@@ -81,7 +92,30 @@ inline const std::vector<plan>& plans() {
         plan budget{"budget", "GaLore at ranks 16 and 32, and the budget rank rule with GaLore r=32's bytes (cap 64)", {}};
         for (int r : {16, 32}) budget.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
         budget.points.push_back({"adarank:r=64,rank=budget,budget=r32", "AdaRankGrad", "budget = GaLore r=32 bytes", low});
-        return std::vector<plan>{iso, warm, budget};
+        // Fine-tuning (needs --init and a target --corpus): every configuration of the issue
+        // at its own lr, LoRA's family at r = 8, α = 16, dropout 0.05 (VeLoRA scale 0.1); GaLore
+        // at two ranks to put AdaRankGrad (cap 32, ξ = 0.05) beside it at equal bytes.
+        plan ft{"finetune",
+                "fine-tuning the model of --init on the text of --corpus: full AdamW, LoRA, VeLoRA+LoRA, QLoRA, VeLoRA+QLoRA (r 8), "
+                "GaLore at ranks 8 and 32, AdaRankGrad and VeLoRA+AdaRankGrad (cap 32)",
+                {},
+                {{"velora+lora", "lora"}, {"velora+qlora", "qlora"}, {"qlora", "lora"}, {"adarank", "lora"}, {"adarank", "full"}, {"lora", "full"},
+                 {"velora+adarank", "adarank"}},
+                1,
+                true};
+        // The grids are centred on a first sweep's bests at 200 steps (full 5e-4, LoRA 4e-3; GaLore and AdaRankGrad at
+        // 2.5e-3, the lowest of {2.5e-3, 5e-3, 1e-2, 2e-2}: fine-tuning wants an eighth of pretraining's 2e-2).
+        const std::vector<double> ft_full = {2.5e-4, 5e-4, 1e-3}, ft_lora = {2e-3, 4e-3, 8e-3}, ft_low = {1.25e-3, 2.5e-3, 5e-3};
+        ft.points.push_back({"full", "full rank", "full", ft_full});
+        ft.points.push_back({"lora", "LoRA", "LoRA", ft_lora});
+        ft.points.push_back({"velora+lora", "LoRA", "VeLoRA+LoRA", ft_lora});
+        ft.points.push_back({"qlora", "LoRA", "QLoRA", ft_lora});
+        ft.points.push_back({"velora+qlora", "LoRA", "VeLoRA+QLoRA", ft_lora});
+        ft.points.push_back({"galore:r=8", "GaLore", "GaLore r=8", ft_low});
+        ft.points.push_back({"galore:r=32", "GaLore", "GaLore r=32", ft_low});
+        ft.points.push_back({"adarank", "AdaRankGrad", "AdaRankGrad", ft_low});
+        ft.points.push_back({"velora+adarank", "AdaRankGrad", "VeLoRA+AdaRankGrad", ft_low});
+        return std::vector<plan>{iso, warm, budget, ft};
     }();
     return all;
 }
@@ -203,7 +237,7 @@ inline double galore_at(const std::vector<point_result>& results, std::uint64_t 
 
 inline comparison compare_with_galore(const std::vector<point_result>& results, const point_result& pr) {
     comparison c;
-    if (pr.p.series == "GaLore" || pr.p.series == "full rank") return c;
+    if (pr.p.series != "AdaRankGrad" && pr.p.series != "ablation") return c;
     std::vector<double> d;
     for (std::size_t i = 0; i < pr.runs.size() && i < pr.seeds.size(); ++i) {
         if (!usable(pr.runs[i])) continue;
@@ -219,6 +253,41 @@ inline comparison compare_with_galore(const std::vector<point_result>& results, 
     const double half_width = t_critical(d.size() - 1) * c.sd / std::sqrt(static_cast<double>(d.size()));
     c.verdict = c.mean + half_width < 0 ? "lower" : c.mean - half_width > 0 ? "higher" : "tie";
     return c;
+}
+
+// The points of `results` by configuration (null when absent).
+inline const point_result* find_point(const std::vector<point_result>& results, const std::string& config) {
+    for (const auto& pr : results)
+        if (pr.p.config == config) return &pr;
+    return nullptr;
+}
+
+// `a` against `b`, paired by seed: the differences of their final validation losses.
+struct pair_result {
+    pair_spec spec;
+    comparison c;
+};
+inline pair_result compare_pair(const std::vector<point_result>& results, const pair_spec& spec) {
+    pair_result out{spec, {}};
+    const point_result *a = find_point(results, spec.a), *b = find_point(results, spec.b);
+    if (!a || !b) {
+        out.c.verdict = "not run";
+        return out;
+    }
+    std::vector<double> d;
+    for (std::size_t i = 0; i < a->runs.size() && i < a->seeds.size(); ++i)
+        for (std::size_t j = 0; j < b->runs.size() && j < b->seeds.size(); ++j)
+            if (a->seeds[i] == b->seeds[j] && usable(a->runs[i]) && usable(b->runs[j]))
+                d.push_back(report::final_valid(a->runs[i]) - report::final_valid(b->runs[j]));
+    out.c.seeds = d.size();
+    if (d.size() < 2) {
+        out.c.verdict = d.empty() ? "no common seed" : "one seed: no test";
+        return out;
+    }
+    std::tie(out.c.mean, out.c.sd) = mean_sd(d);
+    const double half_width = t_critical(d.size() - 1) * out.c.sd / std::sqrt(static_cast<double>(d.size()));
+    out.c.verdict = out.c.mean + half_width < 0 ? "lower" : out.c.mean - half_width > 0 ? "higher" : "tie";
+    return out;
 }
 
 // Runs the plan. `train(config, seed, tuning)` trains one configuration (configs.hpp spelling,
@@ -248,12 +317,12 @@ inline std::vector<point_result> run(const plan& pl, const std::vector<std::uint
         auto best = [&] {
             return std::min_element(pr.tuning.begin(), pr.tuning.end(), [](const tuning_run& a, const tuning_run& b) { return a.loss < b.loss; });
         };
-        for (int extension = 0; extension <= 2 && !stopped() && !pr.tuning.empty(); ++extension) {
+        for (int extension = 0; extension <= pl.extensions && !stopped() && !pr.tuning.empty(); ++extension) {
             const auto [lo, hi] = std::minmax_element(pr.tuning.begin(), pr.tuning.end(), [](const tuning_run& a, const tuning_run& b) { return a.lr < b.lr; });
             const double chosen = best()->lr;
             const bool edge = std::isfinite(best()->loss) && (chosen == hi->lr || chosen == lo->lr);
             pr.lr_at_edge = edge;
-            if (!edge || extension == 2) break;
+            if (!edge || extension == pl.extensions) break;
             tune(chosen == hi->lr ? 2 * chosen : chosen / 2);
         }
         if (pr.tuning.empty() || stopped()) break;
@@ -293,11 +362,53 @@ inline void print(const std::vector<point_result>& results) {
         std::printf("%-*s %-11s %8.3g%s %24s %12.3f %12.3f   %s\n", width, pr.p.config.c_str(), pr.p.series.c_str(), pr.lr, pr.lr_at_edge ? "*" : " ", loss,
                     s.peak_bytes / 1048576.0, s.mean_bytes / 1048576.0, versus);
     }
-    std::printf("(lr: the best of the sweep on the tuning split; * the best is still on an edge of the grid after two extensions.\n"
+    std::printf("(lr: the best of the sweep on the tuning split; * the best is still on an edge of the grid after its extensions.\n"
                 " val loss: final validation loss on the held-out 10%%, over the seeds. state: optimizer state, its peak during\n"
                 " training and its mean over the steps, mean over the seeds. vs GaLore: loss minus GaLore's at the same peak state\n"
                 " (interpolated between its ranks in log bytes, same seed), mean +- sd of the differences; lower/higher: the 95%%\n"
                 " t-interval excludes 0, tie: it does not)\n");
+}
+
+// The fine-tuning view of a plan's results: the loss on the target before fine-tuning and after
+// it, what each configuration trains and holds (means over the seeds), then the plan's pairs.
+inline void print_fine_tuning(const std::vector<point_result>& results, const plan& pl) {
+    int width = 16;
+    for (const auto& pr : results) width = std::max(width, static_cast<int>(pr.p.config.size()));
+    std::printf("\n%-*s %8s %8s %20s %10s %9s %9s %9s %9s %8s\n", width, "configuration", "lr", "before", "after: mean +- sd", "trainable",
+                "weights", "activ.", "optim.", "peak RSS", "ms/step");
+    auto mean_of = [](const point_result& pr, auto field) {
+        double sum = 0;
+        int n = 0;
+        for (const auto& r : pr.runs)
+            if (usable(r)) sum += static_cast<double>(field(r)), ++n;
+        return n ? sum / n : NAN;
+    };
+    for (const auto& pr : results) {
+        const summary s = summarise(pr);
+        char after[48];
+        std::snprintf(after, sizeof after, "%.4f +- %.4f", s.mean, s.sd);
+        std::printf("%-*s %8.3g %8.4f %20s %10.0f %9.3f %9.3f %9.3f %9.1f %8.1f\n", width, pr.p.config.c_str(), pr.lr,
+                    mean_of(pr, [](const report::run& r) { return r.valid_before; }), after,
+                    mean_of(pr, [](const report::run& r) { return r.trainable_params; }),
+                    mean_of(pr, [](const report::run& r) { return r.weights_bytes; }) / 1048576.0,
+                    mean_of(pr, [](const report::run& r) { return r.activation_bytes; }) / 1048576.0,
+                    mean_of(pr, [](const report::run& r) { return r.peak_optimizer_bytes; }) / 1048576.0,
+                    mean_of(pr, [](const report::run& r) { return r.peak_rss_bytes; }) / 1048576.0,
+                    mean_of(pr, [](const report::run& r) { return r.mean_step_ms; }));
+    }
+    std::printf("(before: the starting model's validation loss on the target (QLoRA's: its NF4 base's); after: at the end, over\n"
+                " the seeds; trainable: weights stepped; weights: all of them as stored (NF4 packed), activations kept for backward,\n"
+                " optimizer state at its peak, peak RSS of the training process (MiB) and time per step: means over the seeds)\n");
+    if (pl.pairs.empty()) return;
+    std::printf("\nPaired comparisons (loss of the first minus loss of the second, seed by seed):\n");
+    for (const auto& spec : pl.pairs) {
+        const pair_result pr = compare_pair(results, spec);
+        std::string name = spec.a + " - " + spec.b;
+        if (std::isfinite(pr.c.mean))
+            std::printf("  %-28s %+.4f +- %.4f over %zu seeds: %s\n", name.c_str(), pr.c.mean, pr.c.sd, pr.c.seeds, pr.c.verdict.c_str());
+        else std::printf("  %-28s %s\n", name.c_str(), pr.c.verdict.c_str());
+    }
+    std::printf("(lower: the first is better, the 95%% t-interval of the mean difference excludes 0; higher: worse; tie: it does not)\n");
 }
 
 inline void write_json(std::ostream& out, const std::vector<point_result>& results, const std::string& plan_name, const std::string& settings) {
@@ -321,7 +432,10 @@ inline void write_json(std::ostream& out, const std::vector<point_result>& resul
             out << (i ? "," : "") << "{\"seed\":" << pr.seeds[i] << ",\"error\":\"" << report::json_escape(r.error) << "\",\"interrupted\":" << (r.interrupted ? "true" : "false")
                 << ",\"steps\":" << r.steps
                 << ",\"valid_loss\":";
-            number(report::final_valid(r)) << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
+            number(report::final_valid(r)) << ",\"valid_loss_before\":";
+            number(r.valid_before) << ",\"trainable_params\":" << r.trainable_params << ",\"weights_bytes\":" << r.weights_bytes
+                                   << ",\"activation_bytes\":" << r.activation_bytes << ",\"peak_rss_bytes\":" << r.peak_rss_bytes
+                                   << ",\"mean_step_ms\":" << r.mean_step_ms << ",\"optimizer_bytes\":" << r.optimizer_bytes << ",\"peak_optimizer_bytes\":" << r.peak_optimizer_bytes
                                            << ",\"mean_optimizer_bytes\":" << r.mean_optimizer_bytes
                                            << ",\"optimizer_workspace_bytes\":" << r.optimizer_workspace_bytes << ",\"valid_curve\":{\"steps\":[";
             for (std::size_t j = 0; j < r.valid_steps.size(); ++j) out << (j ? "," : "") << r.valid_steps[j];
@@ -342,6 +456,15 @@ inline void write_json(std::ostream& out, const std::vector<point_result>& resul
         number(c.mean) << ",\"sd\":";
         number(c.sd) << ",\"verdict\":\"" << report::json_escape(c.verdict) << "\"}}";
     }
+    out << "],\"pairs\":[";
+    if (const plan* pl = find_plan(plan_name))
+        for (std::size_t k = 0; k < pl->pairs.size(); ++k) {
+            const pair_result pr = compare_pair(results, pl->pairs[k]);
+            out << (k ? "," : "") << "{\"a\":\"" << report::json_escape(pr.spec.a) << "\",\"b\":\"" << report::json_escape(pr.spec.b)
+                << "\",\"seeds\":" << pr.c.seeds << ",\"mean\":";
+            number(pr.c.mean) << ",\"sd\":";
+            number(pr.c.sd) << ",\"verdict\":\"" << report::json_escape(pr.c.verdict) << "\"}";
+        }
     out << "]}\n";
 }
 
@@ -367,7 +490,7 @@ inline void write_svg(std::ostream& out, const std::vector<point_result>& result
     auto px = [&](double bytes) { return left + pw * (std::log(bytes) - std::log(xlo)) / (std::log(xhi) - std::log(xlo)); };
     auto py = [&](double loss) { return top + ph * (1 - (loss - ylo) / (yhi - ylo)); };
     const char* ablation_colours[] = {"#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
-    std::map<std::string, std::string> colour_of = {{"full rank", "#1f77b4"}, {"GaLore", "#ff7f0e"}, {"AdaRankGrad", "#d62728"}};
+    std::map<std::string, std::string> colour_of = {{"full rank", "#1f77b4"}, {"GaLore", "#ff7f0e"}, {"AdaRankGrad", "#d62728"}, {"LoRA", "#2ca02c"}};
     std::size_t ablations = 0;
     auto colour = [&](const point_result& pr) {
         if (pr.p.series != "ablation") return colour_of[pr.p.series];

@@ -79,6 +79,7 @@
 #include "cli.hpp"
 #include "corpus.hpp"
 #include "estimate.hpp"
+#include "model_file.hpp"
 #include "options.hpp"
 #include "output.hpp"
 #include "report.hpp"
@@ -90,6 +91,32 @@
 namespace {
 
 using namespace lm::trainer;
+
+// --init: the model file, read and checked (envelope, shapes, values) against the flags' model
+// before anything trains; every training process starts from it (initial_model).
+void load_initial_model(const options& o, const corpus& data) {
+    if (o.init.empty()) return;
+    initial_model = read_model_file(o.init);
+    check_model_shape(initial_model, o.model);
+    if (!o.study.empty() && initial_model.corpus_fingerprint == corpus_fingerprint(data.train, data.valid) &&
+        initial_model.corpus_bytes == data.train.size() + data.valid.size())
+        throw std::runtime_error("--study " + o.study + " fine-tunes on another text than the model was trained on, but " + o.corpus +
+                                 " is the text of model file '" + o.init + "' (give --corpus the target, e.g. " + target_corpus + ")");
+}
+
+// Under the header: the model fine-tuning starts from.
+void print_initial_model(const options& o, const corpus& data) {
+    if (o.init.empty()) return;
+    const bool same = initial_model.corpus_fingerprint == corpus_fingerprint(data.train, data.valid);
+    std::printf("fine-tuning from %s: %s%s\n", o.init.c_str(), initial_model.made_by.c_str(),
+                same ? "\n(note: --corpus is the text this model was trained on: this continues its training, it is no fine-tuning task)" : "");
+}
+
+// The table: the fine-tuning one (loss before and after, what is trained) with --init.
+void print_results(const std::vector<report::run>& runs, const options& o) {
+    if (o.init.empty()) report::print_table(runs, o.batch * o.model.context, validation_note(o));
+    else report::print_finetune_table(runs, o.batch * o.model.context, validation_note(o));
+}
 
 // --study: every run of the plan in a forked process of its own (run_isolated), the tuning runs
 // on the tuning split. The files are rewritten after every finished point.
@@ -115,6 +142,7 @@ int run_study(const options& o, const corpus& data) {
     };
     const auto results = lm::study::run(plan, o.seeds, train, [] { return interrupted != 0; }, write);
     lm::study::print(results);
+    if (plan.fine_tuning) lm::study::print_fine_tuning(results, plan);
     if (!results.empty()) write(results);
     if (interrupted) {
         std::fprintf(stderr, "lm_train: interrupted by signal %d (%s); the table shows the finished points\n", static_cast<int>(interrupted),
@@ -141,9 +169,11 @@ int main_one_process(int argc, char** argv) {
         }
         check_sizes(o);
         install_stop_handlers();
-        for (const std::string* path : {&o.json, &o.plot, &o.grad_rank_out, &o.grad_rank_plot}) check_output(*path);
+        for (const std::string* path : {&o.json, &o.plot, &o.grad_rank_out, &o.grad_rank_plot, &o.save_model}) check_output(*path);
         const corpus data = load_checked_corpus(o);
+        load_initial_model(o, data);
         print_header(o, data, 1);
+        print_initial_model(o, data);
         if (!o.study.empty()) return run_study(o, data);
         std::vector<report::run> runs;
         for (const auto& name : o.configs) {
@@ -151,7 +181,7 @@ int main_one_process(int argc, char** argv) {
             runs.push_back(run_isolated(name, o, data));
             if (!runs.back().error.empty()) std::fprintf(stderr, "%s: %s\n", name.c_str(), runs.back().error.c_str());
         }
-        report::print_table(runs, o.batch * o.model.context, validation_note(o));
+        print_results(runs, o);
         if (!runs.empty()) {   // stopped before the first configuration: nothing to replace an older result with
             if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, 1));
             if (!o.plot.empty()) report::write_svg(o.plot, runs);
@@ -190,8 +220,9 @@ int main_data_parallel(int argc, char** argv, C& comm) {
                                             "its sequences)");
             check_sizes(o, comm.size());
             if (root)   // only rank 0 writes them
-                for (const std::string* path : {&o.json, &o.plot}) check_output(*path);
+                for (const std::string* path : {&o.json, &o.plot, &o.save_model}) check_output(*path);
             data = load_checked_corpus(o);
+            load_initial_model(o, data);
         }
     } catch (const std::exception& e) {
         error = e.what();
@@ -222,7 +253,10 @@ int main_data_parallel(int argc, char** argv, C& comm) {
     }
     try {
         install_stop_handlers();
-        if (root) print_header(o, data, comm.size());
+        if (root) {
+            print_header(o, data, comm.size());
+            print_initial_model(o, data);
+        }
         std::fflush(stdout);
         std::vector<report::run> runs;
         bool rss_reset = true;
@@ -233,7 +267,7 @@ int main_data_parallel(int argc, char** argv, C& comm) {
         }
         const int stopped_by = stop_agreed(comm) ? static_cast<int>(interrupted) : 0;   // the same on every rank
         if (root) {
-            report::print_table(runs, o.batch * o.model.context, validation_note(o));
+            print_results(runs, o);
             print_dp_notes(runs, o, comm.size(), rss_reset);
             if (!runs.empty()) {
                 if (!o.json.empty()) report::write_json(o.json, runs, settings_json(o, &data, comm.size()));

@@ -26,11 +26,26 @@
 #include "gradient_rank.hpp"
 #include "memory.hpp"
 #include "model.hpp"
+#include "model_file.hpp"
 #include "optimizer_sink.hpp"
 #include "options.hpp"
 #include "report.hpp"
 
 namespace lm::trainer {
+
+// The model of --init, read and checked by main before any training process starts (each
+// process starts from it); empty weights without --init.
+inline model_file initial_model;
+
+// How a saved model was made, for its file: the configuration, the run, the corpus and the loss.
+inline std::string made_by(const std::string& name, const options& o, const corpus& data, const report::run& r) {
+    char loss[64];
+    std::snprintf(loss, sizeof loss, "%.4f", r.valid_loss.empty() ? NAN : r.valid_loss.back());
+    std::string text = "lm_train --configs " + name + " --steps " + std::to_string(r.steps) + " --seed " + std::to_string(o.seed) + " --batch " +
+                       std::to_string(o.batch) + " on " + o.corpus + " (" + std::to_string(data.train.size()) + " training bytes): validation loss " + loss;
+    if (!o.init.empty()) text += "; started from " + o.init + " (" + initial_model.made_by + ")";
+    return text;
+}
 
 // Trains one configuration; fills `r`. In one process (C = single_process) it runs in a child
 // process (run_isolated); data-parallel in each rank's own process (run_in_process), where every
@@ -41,7 +56,8 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     const std::size_t first = static_cast<std::size_t>(comm.rank() * share * (o.model.context + 1));   // its first token
     const bool root = comm.rank() == 0;
     B backend;
-    lm::transformer<T> model(backend, o.model, velora_for(name, o), o.seed, share);
+    const lm::initial_weights* init = o.init.empty() ? nullptr : &initial_model.weights;
+    lm::transformer<T> model(backend, o.model, velora_for(name, o), o.seed, share, adapters_for(name, o), init);
     if constexpr (!one_process<C>) {
         // Every rank projects onto the v of the global first batch (what one process computes).
         model.set_first_compress_hook([&](lm::transformer<T>::compressor_type& comp, velora::const_matrix_view<T> x) {
@@ -65,6 +81,10 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     adarank::low_rank_adamw<B> opt(backend, optimizer_config);
     std::vector<adarank::low_rank_adamw<B>::param_id> ids;
     for (const auto& p : params) {
+        if (!p.trainable) {   // frozen (LoRA): never registered, never stepped
+            ids.push_back(-1);
+            continue;
+        }
         const auto kind = uses_low_rank(name, o) && p.projection ? adarank::param_kind::low_rank : adarank::param_kind::dense;
         if constexpr (one_process<C>) ids.push_back(opt.add_parameter(p.rows, p.cols, kind));
         else ids.push_back(opt.add_parameter(p.rows, p.cols, kind, comm));   // checks that every rank registers the same
@@ -90,7 +110,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     auto record_ranks = [&](int step, bool always) {
         std::vector<double> ranks;
         for (std::size_t i = 0; i < params.size(); ++i)
-            if (opt.info(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.info(ids[i]).rank));
+            if (ids[i] >= 0 && opt.info(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.info(ids[i]).rank));
         if (ranks.empty() || (!always && !r.ranks.empty() && ranks == r.ranks.back())) return;
         if (!r.rank_steps.empty() && r.rank_steps.back() == step) return;   // the last step was also a change
         r.rank_steps.push_back(step);
@@ -98,12 +118,14 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     };
     // What the table reports beside the activations: the weights (from the model's parameters)
     // and, for the --json breakdown, the activations by kind (counted by the model).
-    for (const auto& p : params) r.weights_bytes += static_cast<std::size_t>(p.rows * p.cols) * sizeof(T);
+    r.weights_bytes = model.weight_bytes();
+    r.trainable_params = model.trainable_elements();
     // memory.hpp's optimizer state at the ranks the optimizer holds: it must be what the optimizer
     // reports, or the estimator (--estimate) would print state no run holds.
     auto check_state_formula = [&] {
         lm::memory::count counted;
         for (std::size_t i = 0; i < params.size(); ++i) {
+            if (!params[i].trainable) continue;
             const auto& info = opt.info(ids[i]);
             const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
             const auto& oc = opt.config();
@@ -136,6 +158,10 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         }
     };
     try {
+        if (!o.init.empty()) {   // the starting model's loss (with QLoRA: its NF4 base's)
+            r.valid_before = validation_loss();
+            if (root) std::fprintf(stderr, "%-15s before training: validation loss %.4f\n", name.c_str(), r.valid_before);
+        }
         for (int step = 0; step < o.steps && !stop_agreed(comm); ++step) {
             make_batch(data.train, o.batch, o.model.context, o.seed, static_cast<std::uint64_t>(step), tokens);   // the global batch
             const bool evaluate = step % o.eval_every == 0 || step + 1 == o.steps;
@@ -168,6 +194,11 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             if (root) report::progress(name, step + 1, o.steps, loss, tokens_per_step * (step + 1) / seconds);
         }
         if (r.steps > 0) check_state_formula();
+        if (!o.save_model.empty() && !stop_agreed(comm) && r.steps == o.steps && root) {
+            const lm::initial_weights weights = model.export_weights();
+            write_model_file(o.save_model, o.model, weights, corpus_fingerprint(data.train, data.valid), data.train.size() + data.valid.size(),
+                             made_by(name, o, data, r));
+        }
     } catch (const agreed_error&) {
         finish();
         throw;
