@@ -337,8 +337,11 @@ public:
         d["rank"] = i.rank;
         d["refreshes"] = i.refreshes;
         d["state_bytes"] = i.state_bytes;
+        d["side"] = i.side == adarank::projection_side::left ? "left" : "right";
         return d;
     }
+    at::Tensor basis(const at::Tensor& p) const { return opt_->basis(p); }
+    std::string set_basis(const at::Tensor& p, const at::Tensor& basis) { return std::string(velora::to_string(opt_->set_basis(p, basis))); }
     // Data-parallel steps over torch.distributed's `group` (None: the default group).
     void set_process_group(py::object group) { opt_->set_communicator(std::make_shared<process_group_communicator>(std::move(group))); }
     void clear_process_group() { opt_->set_communicator(nullptr); }
@@ -376,6 +379,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("load", &optimizer_core::load)
         .def("group_hyper", &optimizer_core::group_hyper)
         .def("info", &optimizer_core::info)
+        .def("basis", &optimizer_core::basis)
+        .def("set_basis", &optimizer_core::set_basis)
         .def("set_process_group", &optimizer_core::set_process_group)
         .def("clear_process_group", &optimizer_core::clear_process_group)
         .def("skipped_steps", &optimizer_core::skipped_steps)

@@ -56,6 +56,30 @@ def test_galore_keys_make_low_rank_groups():
     assert held < adamw
 
 
+def test_basis_and_set_basis():
+    model = _model()
+    w = model[0].weight   # 12 x 16: the left side (len 12)
+    opt = vt.AdaRankGradAdamW([{"params": [model[0].bias, model[2].bias, model[2].weight]}, {"params": [w], "rank": 3, "update_proj_gap": 100}], lr=1e-2)
+    q, _ = torch.linalg.qr(torch.randn(12, 3, generator=torch.Generator().manual_seed(2)))
+    given = q.t().contiguous()
+    # before the first step: the groups are registered, the first step keeps this basis
+    assert opt.set_basis(w, given) == "ok"
+    w0 = w.detach().clone()
+    _train(model, opt, 2)
+    info = opt.info(w)
+    assert info["side"] == "left" and info["rank"] == 3 and info["refreshes"] == 1
+    assert torch.equal(opt.basis(w), given)
+    moved = w.detach() - w0   # in the given subspace: (I - QQᵀ)·(W - W0) = 0
+    assert (moved - q @ (q.t() @ moved)).abs().max() <= 1e-5 * moved.abs().max()   # float rounding of W0 + ΔW
+    with pytest.raises(ValueError, match="optimised densely"):
+        opt.basis(model[0].bias)
+    with pytest.raises(ValueError, match="orthonormal"):
+        opt.set_basis(w, 2 * given)
+    with pytest.raises(ValueError, match="dtype"):
+        opt.set_basis(w, given.double())
+    assert torch.equal(opt.basis(w), given)   # nothing changed
+
+
 def test_state_dict_round_trip_is_bit_identical():
     model = _model()
     opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, kind="auto", adaptive_rank=(0.05, 1, 4))

@@ -127,6 +127,25 @@ class AdaRankGradAdamW(Optimizer):
         """The library's report on a registered parameter: low_rank, rank, refreshes, state_bytes."""
         return self._engine().info(param)
 
+    def basis(self, param):
+        """A copy of the subspace basis of a low-rank registered parameter: rank × len with
+        orthonormal rows (len = the weight's rows when ``info(param)["side"]`` is "left", its
+        columns when "right"). galore-torch's ``ortho_matrix`` is its transpose on the left side
+        and equals it on the right. ValueError for a dense or unregistered parameter."""
+        return self._engine().basis(param)
+
+    def set_basis(self, param, basis):
+        """Installs ``basis`` (rank × len as basis() returns it, orthonormal rows, the parameter's
+        dtype) as the subspace of a low-rank parameter, as a refresh would: the moments are
+        transported by the group's policy (they are zero before the first step, which then keeps
+        this basis) and the refresh schedule counts from here. The groups are registered first, as
+        a step would. Returns the library's status ("ok"; "overflow": the transported moments would
+        not be finite, nothing changed); ValueError (nothing changed) for a wrong shape, dtype, a
+        non-finite entry or rows that are not orthonormal."""
+        require_cpu(basis, "velora.torch.AdaRankGradAdamW.set_basis", "basis")
+        with torch.no_grad():
+            return self._engine().set_basis(param, basis)
+
     @property
     def skipped_steps(self):
         return self._engine().skipped_steps()

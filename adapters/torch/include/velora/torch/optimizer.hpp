@@ -289,6 +289,46 @@ public:
         return detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().info(r->id); });
     }
 
+    /// A copy of the subspace basis of a low-rank `param`: rank×len, orthonormal rows, in the
+    /// parameter's dtype (len = the weight's rows when info(param).side is left, its columns when
+    /// right; 0×len before its first step). Throws for a parameter that is not registered or is
+    /// optimised densely.
+    [[nodiscard]] at::Tensor basis(const at::Tensor& param) const {
+        constexpr const char* fn = "velora::torch::AdaRankGradAdamW::basis";
+        const detail::registered_parameter& r = low_rank_parameter(param, fn);
+        const group_engine& e = engines_[static_cast<std::size_t>(r.group)];
+        return detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
+            const const_matrix_view<T> b = e.template engine<T>()->optimizer().basis(r.id);
+            at::Tensor out = at::empty({b.rows, b.cols}, param.options().dtype(c10::CppTypeToScalarType<T>::value).requires_grad(false));
+            T* dst = out.data_ptr<T>();
+            for (index_t i = 0; i < b.rows; ++i) std::copy_n(b.row(i), b.cols, dst + i * b.cols);
+            return out;
+        });
+    }
+
+    /// Installs `basis` (rank×len as basis() returns it, orthonormal rows, the parameter's dtype,
+    /// on the CPU) as the subspace of a low-rank `param`: the library's set_basis, the moments
+    /// transported by the group's policy as a refresh would (they are zero before the first step),
+    /// the refresh schedule counting from here. Registers the groups first, as a step would, so it
+    /// may precede the first step (which then keeps this basis). Throws std::invalid_argument,
+    /// nothing changed, for a wrong shape, dtype or device, a non-finite entry or rows that are not
+    /// orthonormal; returns status::overflow (nothing changed) when the transported moments would
+    /// not be finite.
+    velora::status set_basis(const at::Tensor& param, const at::Tensor& basis) {
+        constexpr const char* fn = "velora::torch::AdaRankGradAdamW::set_basis";
+        ::torch::NoGradGuard no_grad;
+        prepare(fn);
+        const detail::registered_parameter& r = low_rank_parameter(param, fn);
+        if (!basis.defined() || basis.dim() != 2 || basis.scalar_type() != param.scalar_type() || !basis.device().is_cpu())
+            velora::detail::fail(fn, "argument 'basis' (", detail::describe(basis), ") must be a 2-D CPU tensor of the parameter's dtype");
+        group_engine& e = engines_[static_cast<std::size_t>(r.group)];
+        const at::Tensor dense = basis.contiguous();
+        return detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
+            const const_matrix_view<T> b(dense.data_ptr<T>(), dense.size(0), dense.size(1));
+            return e.template engine<T>()->optimizer().set_basis(r.id, b);
+        });
+    }
+
     /// Bytes of optimizer state held (bases and moments of every group), and what torch AdamW
     /// would hold for the same registered parameters (two moments each).
     [[nodiscard]] std::size_t state_bytes() const {
@@ -487,6 +527,18 @@ private:
                 if (params[i].unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return std::make_pair(g, i);
         }
         return std::nullopt;
+    }
+
+    const detail::registered_parameter& low_rank_parameter(const at::Tensor& param, const char* fn) const {
+        const detail::registered_parameter* r = find(param);
+        if (r == nullptr)
+            velora::detail::fail(fn, "argument 'param' (", detail::describe(param),
+                                 ") is not a registered parameter (a group registers its parameters when it first steps)");
+        const bool low_rank = r->id >= 0 && detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) {
+            return engines_[static_cast<std::size_t>(r->group)].template engine<T>()->optimizer().info(r->id).low_rank;
+        });
+        if (!low_rank) velora::detail::fail(fn, "argument 'param' (", detail::describe(param), ") is optimised densely; it has no basis");
+        return *r;
     }
 
     const detail::registered_parameter* find(const at::Tensor& t) const {

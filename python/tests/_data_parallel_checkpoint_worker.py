@@ -1,0 +1,76 @@
+"""One rank of test_distributed.py's checkpoint test: VeloraLinear layers trained over Gloo, a
+checkpoint after CUT steps, and two resumed runs from it. Saves what the test compares.
+Run as: python _data_parallel_checkpoint_worker.py RANK WORLD RENDEZVOUS_FILE OUT_FILE."""
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import velora.torch as vt
+from _data_parallel_model import batches, optimizer_for, STEPS
+
+CUT = 3
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(vt.VeloraLinear(16, 24, groups=4), nn.Tanh(), vt.VeloraLinear(24, 8, groups=6))
+
+
+def train(model, opt, data, rank, world):
+    for x, y in data:
+        share = x.shape[0] // world
+        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        assert opt.last_step.status == "ok", opt.last_step
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def main():
+    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    data = batches(STEPS)
+
+    model = build()
+    opt = optimizer_for(model, process_group=dist.group.WORLD)
+    train(model, opt, data[:CUT], rank, world)
+    # The checkpoint: this rank's module state (Parameters and the compressors' v and velora_state
+    # buffers, which are this rank's own: v is the mean of its own share of the first batch) and
+    # the optimizer's state_dict (the same bytes on every rank).
+    module_state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    train(model, opt, data[CUT:], rank, world)
+    uninterrupted = params(model)
+
+    # Resumed as documented: fresh modules and optimizer, both states loaded.
+    model = build()
+    opt = optimizer_for(model, process_group=dist.group.WORLD)
+    model.load_state_dict(module_state)
+    opt.load_state_dict(opt_state)
+    train(model, opt, data[CUT:], rank, world)
+    resumed = params(model)
+
+    # Resumed from the Parameters alone (the compressors' buffers left out): each VeloraLinear
+    # takes a new v from its next batch.
+    model = build()
+    opt = optimizer_for(model, process_group=dist.group.WORLD)
+    model.load_state_dict({k: v for k, v in module_state.items() if not k.endswith((".v", ".velora_state"))}, strict=False)
+    opt.load_state_dict(opt_state)
+    train(model, opt, data[CUT:], rank, world)
+    without_compressor = params(model)
+
+    torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "without_compressor": without_compressor,
+                "v": module_state["0.v"], "velora_state": opt_state["velora"]}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
