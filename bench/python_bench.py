@@ -7,11 +7,11 @@ Run it with an interpreter that imports both the installed package (docs/python.
 galore-torch, e.g. a throwaway venv outside the repository (Debian's python3, so that the venv
 sees Debian's torch):
 
-    /usr/bin/python3 -m venv --system-site-packages /tmp/velora-bench-venv
-    /tmp/velora-bench-venv/bin/pip install "scikit-build-core>=0.8"
-    /tmp/velora-bench-venv/bin/pip install --no-build-isolation ./python
-    /tmp/velora-bench-venv/bin/pip install --no-deps galore-torch==1.0
-    /tmp/velora-bench-venv/bin/python bench/python_bench.py [--threads 2] [--reps 5] [--check] [--official DIR]
+    /usr/bin/python3 -m venv --system-site-packages VENV
+    VENV/bin/pip install "scikit-build-core>=0.8"
+    VENV/bin/pip install --no-build-isolation ./python
+    VENV/bin/pip install --no-deps galore-torch==1.0
+    VENV/bin/python bench/python_bench.py [--threads 2] [--reps 5] [--check] [--official DIR]
 
 galore_torch/__init__.py imports its 8-bit optimizer (bitsandbytes) and, in adamw.py,
 transformers' require_version (a torch version check). Neither is needed for GaLoreAdamW on the
