@@ -367,7 +367,7 @@ def refresh_check(GaLoreAdamW, steps=25, gap=5):
         entry = dict(step=step + 1, agree=int((cross > 0).sum()), aligned=float(cross.abs().min()))
         if prev:
             cm, ct = (bm * prev["m"]).sum(0), (bt * prev["t"]).sum(0)
-            entry.update(kept_mine=int((cm > 0).sum()), kept_theirs=int((ct > 0).sum()), overlap=float(cm.abs().min()))
+            entry.update(kept_mine=int((cm > 0).sum()), kept_theirs=int((ct > 0).sum()), overlap=float(min(cm.abs().min(), ct.abs().min())))
         prev["m"], prev["t"] = bm.clone(), bt.clone()
         rows_out.append(entry)
 
@@ -492,9 +492,9 @@ def main():
               f" first step {c['first']:.3g}")
         rows, plain, canon, none = refresh_check(GaLoreAdamW)
         print("refresh every 5 steps (least squares of (a), 25 steps): per refresh, columns of the r=32 basis")
-        print(f"  {'step':>4s} {'same sign velora/galore':>24s} {'kept sign velora':>17s} {'kept sign galore':>17s} {'min |cos| old/new':>18s}")
+        print(f"  {'step':>4s} {'same sign velora/galore':>24s} {'kept sign velora':>17s} {'kept sign galore':>17s} {'min |cos| old/new (both)':>25s}")
         for e in rows:
-            print(f"  {e['step']:4d} {e['agree']:24d} {e.get('kept_mine', '-'):>17} {e.get('kept_theirs', '-'):>17} {e.get('overlap', float('nan')):18.6f}")
+            print(f"  {e['step']:4d} {e['agree']:24d} {e.get('kept_mine', '-'):>17} {e.get('kept_theirs', '-'):>17} {e.get('overlap', float('nan')):25.6f}")
         print(f"  weights after 25 steps: {plain['weights']:.3g} (moved {plain['moved']:.3g}); with galore-torch's signs canonicalised"
               f" as the library's: {canon['weights']:.3g}; the same run without a refresh: {none['weights']:.3g}")
         print(f"  loss {plain['loss0']:.6g} at the start; after 25 steps velora {plain['loss_mine']:.6g}, galore-torch {plain['loss_theirs']:.6g}")
