@@ -31,6 +31,7 @@ past refreshes every 5 steps (basis signs, weights); with --official, VeloraLine
 gradients against the official function. docs/python.md has the figures.
 """
 import argparse
+import math
 import importlib.util
 import os
 import statistics
@@ -77,7 +78,9 @@ def timed(fn, reps, min_s=0.2):
     while time.perf_counter() - t0 < min_s / 4:
         fn()
         n += 1
-    n = max(1, n * 4)
+    # calls per repetition so that one repetition takes about min_s (one call when a call alone
+    # takes longer: galore-torch's refresh step is tens of seconds)
+    n = max(1, math.ceil(n * min_s / (time.perf_counter() - t0)))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
