@@ -15,6 +15,9 @@ Layouts (bytes of optimizer state only; weights and gradients excluded):
                      min_8bit_size: the norm gains stay float32); the basis in float32
   Q-GaLore           as GaLore-8bit with the basis in INT4 (0.5 byte per element; its per-group
                      scales are not counted)
+  this library, quantised basis (basis = int8 | int4, block B): each of the r basis rows of
+                     length min(m, n) in len (int8) or ceil(len/2) (int4) bytes + a float scale per
+                     block of B within the row; with 8-bit moments as above
   APOLLO             Adam moments of the rank-r random projection, 2*r*max(m, n), and the
                      projection matrix r*min(m, n), float32; everything else dense AdamW
   APOLLO-Mini        APOLLO at rank 1
@@ -56,6 +59,13 @@ def low_rank(m, n, r, basis_bytes, moments):
     return basis_bytes * r * min(m, n) + moments(r * max(m, n))
 
 
+def low_rank_quantised(m, n, r, bits, moments, block=BLOCK):   # this library's int8/int4 basis
+    r = min(r, m, n)
+    length = min(m, n)
+    row = (length if bits == 8 else math.ceil(length / 2)) + 4 * math.ceil(length / block)
+    return r * row + moments(r * max(m, n))
+
+
 def table():
     rows = []
     for name, d, layers, ffn, rank in PRESETS:
@@ -69,6 +79,8 @@ def table():
             "GaLore, rank r (float32; this library's galore)": dense_f + sum(low_rank(m, n, rank, 4, f32) for m, n in projected),
             "GaLore, rank r, 8-bit moments (this library)": sum(q8(m * n) for m, n in dense) + sum(low_rank(m, n, rank, 4, q8) for m, n in projected),
             "GaLore-8bit, rank r (galore-torch)": sum(bnb8(m * n) for m, n in dense) + sum(low_rank(m, n, rank, 4, q8) for m, n in projected),
+            "GaLore, rank r, int8 basis + 8-bit moments (this library)": sum(q8(m * n) for m, n in dense) + sum(low_rank_quantised(m, n, rank, 8, q8) for m, n in projected),
+            "GaLore, rank r, int4 basis + 8-bit moments (this library)": sum(q8(m * n) for m, n in dense) + sum(low_rank_quantised(m, n, rank, 4, q8) for m, n in projected),
             "Q-GaLore, rank r (INT4 basis)": sum(bnb8(m * n) for m, n in dense) + sum(low_rank(m, n, rank, 0.5, q8) for m, n in projected),
             "APOLLO, rank r": dense_f + sum(low_rank(m, n, rank, 4, f32) for m, n in projected),
             "APOLLO-Mini (r=1)": dense_f + sum(low_rank(m, n, 1, 4, f32) for m, n in projected),
@@ -90,7 +102,7 @@ def main():
         for _, _, conf in rows:
             cells.append(f"{conf[c] / MIB:,.1f}" if c in conf else "")
         print(f"| {c} | " + " | ".join(cells) + " |")
-    print(f"\nMiB of optimizer state; 8-bit blocks of {BLOCK}.")
+    print(f"\nMiB of optimizer state; 8-bit and basis blocks of {BLOCK}.")
 
 
 def weights_table():

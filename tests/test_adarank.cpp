@@ -1266,8 +1266,9 @@ struct state_fields {
         double rep_energy = 0, rep_captured = 0;
         std::vector<T> basis, m, v;
     };
-    static constexpr std::size_t config_bytes = 143;   // put_config: 134 bytes up to version 2, then one byte and one int64
-    // Version 3 added the moment state format (a byte) and its block size (an int64) at the end.
+    static constexpr std::size_t config_bytes = 152;   // put_config: 134 bytes up to version 2, then twice one byte and one int64
+    // Version 3 added the moment state format (a byte) and its block size (an int64) at the end,
+    // version 4 the basis format (a byte) and its block size (an int64) after them.
 
     std::uint8_t width = 0;
     std::vector<std::byte> config;
@@ -1315,7 +1316,8 @@ struct state_fields {
         velora::state_writer w(optimizer_t<T>::state_kind, version);
         w.put(width);
         for (std::size_t i = 0; i < config.size(); ++i)
-            if ((version >= 2 || i != convention_offset) && (version >= 3 || i < config_bytes - 9)) w.put(config[i]);
+            if ((version >= 2 || i != convention_offset) && (version >= 3 || i < config_bytes - 18) && (version >= 4 || i < config_bytes - 9))
+                w.put(config[i]);
         w.put(lr);
         w.put(static_cast<std::uint64_t>(layers.size()));
         for (const layer& l : layers) {
@@ -1911,6 +1913,10 @@ TEST_CASE("the Adam convention is validated, saved, and version-1 states load as
     optimizer_t<float> reloaded2 = run.fresh();
     reloaded2.load_state(s.seal(2));
     CHECK(reloaded2.save_state() == v2);
+    // Version 3 (before the basis format): loads as float bases.
+    optimizer_t<float> reloaded3 = run.fresh();
+    reloaded3.load_state(s.seal(3));
+    CHECK(reloaded3.save_state() == v2);
 }
 
 TEST_CASE("load_state applies the constructor's and set_learning_rate's learning-rate rule: torch with lr x wd >= 1 is refused, nothing changed") {

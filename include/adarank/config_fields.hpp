@@ -70,6 +70,9 @@ constexpr void for_each_config_field(F&& f, Configs&... c) {
     f(config_field{"state", "moment state format differs", 3, enumeration(1)}, c.state...);
     f(config_field{"state_block", "moment state block size differs", 3, within(static_cast<double>(min_state_block), static_cast<double>(max_state_block))},
       c.state_block...);
+    f(config_field{"basis", "basis format differs", 4, enumeration(2)}, c.basis...);
+    f(config_field{"basis_block", "basis block size differs", 4, within(static_cast<double>(min_basis_block), static_cast<double>(max_basis_block))},
+      c.basis_block...);
 }
 
 /// The newest `since_version` in the table: a configuration block written by put_config is read
@@ -213,13 +216,15 @@ void check_field(const config_field& f, const V& v, std::string_view function) {
 
 /// Throws std::invalid_argument naming `function`, the field and its value for an invalid
 /// configuration: every field against its row of the table (the rank estimator and the refresh
-/// rule validate themselves), then the 8-bit block size (a power of two, state_format.hpp) and the
-/// rules across fields: the learning rate's under the torch convention (check_learning_rate,
-/// policies.hpp), and the budget rank rule only with float moments.
+/// rule validate themselves), then the 8-bit moments' and the quantised basis' block sizes (powers
+/// of two, state_format.hpp, basis_format.hpp) and the rules across fields: the learning rate's
+/// under the torch convention (check_learning_rate, policies.hpp), and the budget rank rule only
+/// with float moments and float bases.
 template <class Rank, class Refresh>
 void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view function) {
     for_each_config_field([&](const config_field& f, const auto& v) { detail::check_field(f, v, function); }, c);
     check_state_block(c.state_block, function);
+    check_basis_block(c.basis_block, function);
     check_learning_rate(c.adam.lr, c.adam, function, "config.adam.lr");
     // The budget rule prices a rank unit at a basis row and two moment rows in the value type
     // (rank_budget.hpp); with 8-bit moments it would spend a budget it does not count correctly.
@@ -227,6 +232,11 @@ void validate(const basic_optimizer_config<Rank, Refresh>& c, std::string_view f
         if (c.rank.is_budget() && c.state != state_format::float32)
             velora::detail::fail(function, "config.rank is the budget rule (", c.rank.budget_bytes, " bytes), which counts moments in the value type; "
                                  "config.state must then be float32, got int8_blockwise");
+    // The same for a quantised basis: the budget would count its rows at sizeof(T) per element.
+    if constexpr (std::is_same_v<Rank, rank_policy>)
+        if (c.rank.is_budget() && c.basis != basis_format::float32)
+            velora::detail::fail(function, "config.rank is the budget rule (", c.rank.budget_bytes, " bytes), which counts bases in the value type; "
+                                 "config.basis must then be float32, got ", c.basis == basis_format::int8 ? "int8" : "int4");
 }
 
 } // namespace adarank

@@ -2,7 +2,8 @@
 /// \file
 /// A subspace given by the host (low_rank_adamw::set_basis): checked on the host (shape, finite,
 /// orthonormal rows within the tolerance), then installed as a refresh would install a found
-/// one, with the moments transported by the configured policy. Nothing changes unless it is
+/// one (quantised first when the basis format is, the check applying to the given float rows),
+/// with the moments transported by the configured policy. Nothing changes unless it is
 /// accepted and the transported moments are finite.
 #include <velora/core/error.hpp>
 
@@ -34,13 +35,18 @@ velora::status install_given_basis(step_context<B, Config>& ctx, parameter_state
     velora::detail::require(check.deviation <= tolerance, fn, "argument 'basis' (", basis.rows, "x", basis.cols,
                             ") does not have orthonormal rows: the deviation max |B·Bᵀ − I| = ", check.deviation, " exceeds the tolerance ",
                             tolerance);
+    double norm = check.norm;
+    if (l.qbasis.quantized()) {   // the subspace is the quantised Q of the given basis, as after a refresh
+        quantize_next_basis(ws, l, next);
+        norm = cert::check_basis(host_copy(b, next), basis.rows, l.len).norm;
+    }
     const auto m_next = ws.view(ws.m_next, basis.rows, l.other), v_next = ws.view(ws.v_next, basis.rows, l.other);
     transport_into_workspace(ctx, l, next);
     const auto m = summarize(b, m_next), v = summarize(b, v_next);
     if (!m.finite || !v.finite) return velora::status::overflow;
     subspace_report rep;
     rep.rank = basis.rows;
-    install_subspace(b, l, next, rep, l.counter, check.norm);
+    install_subspace(b, l, next, rep, l.counter, norm, ws.basis_codes_next);
     if (l.quantized) {   // 8-bit moments: encoded from the transported floats
         if constexpr (blockwise_state_backend<B>) l.q8.quantize(m_next.data, v_next.data);
     } else {

@@ -36,11 +36,35 @@
 
 namespace adarank {
 
+/// The basis l's steps run in (rank×len): its float buffer, or a quantised basis decoded into the
+/// workspace's basis_now (Q = code·scale; valid until the next decode, i.e. the next step or
+/// projection of any parameter with a quantised basis).
+template <optimizer_backend B>
+const_matrix_view<typename B::value_type> current_basis(optimizer_workspace<B>& ws, const parameter_state<B>& l) {
+    if (!l.qbasis.quantized() || l.rank == 0) return l.basis_view();
+    if constexpr (blockwise_state_backend<B>) l.qbasis.decode(ws.basis_now.data(), l.len);   // host memory: the CPU backend
+    return {ws.basis_now.data(), l.rank, l.len, l.len};
+}
+
+/// A new basis (rows of `next`, workspace, float) encoded in l's quantised format into the
+/// workspace's basis_codes_next and replaced by its decoded values, so that the step that finds it
+/// already projects and updates with the Q later steps decode (nothing of l changes).
+template <optimizer_backend B>
+void quantize_next_basis(optimizer_workspace<B>& ws, const parameter_state<B>& l, matrix_view<typename B::value_type> next) {
+    if constexpr (blockwise_state_backend<B>) {
+        auto& codes = ws.basis_codes_next;
+        codes.configure(l.qbasis.format(), l.len, l.qbasis.block());
+        codes.encode(next.data, next.rows, next.ld);
+        codes.decode(next.data, next.ld);
+    }
+}
+
 /// Writes l's moments, carried over into the subspace `next` (r×len) by the configured policy,
 /// into the workspace's m_next and v_next (r×other); zeros when l has no subspace yet. Changes
 /// nothing of l.
 template <optimizer_backend B, class Config>
 void transport_into_workspace(step_context<B, Config>& ctx, parameter_state<B>& l, const_matrix_view<typename B::value_type> next) {
+    const auto old_basis = current_basis(ctx.workspace, l);
     auto& ws = ctx.workspace;
     const index_t r_new = next.rows;
     auto m_next = ws.view(ws.m_next, r_new, l.other);
@@ -49,12 +73,12 @@ void transport_into_workspace(step_context<B, Config>& ctx, parameter_state<B>& 
         if constexpr (blockwise_state_backend<B>) {
             const auto m_old = ws.view(ws.m_old, l.rank, l.other), v_old = ws.view(ws.v_old, l.rank, l.other);
             l.q8.dequantize(m_old.data, v_old.data);
-            transport_moments(ctx.backend, ctx.config.transport, next, l.basis_view(), const_matrix_view<typename B::value_type>(m_old),
+            transport_moments(ctx.backend, ctx.config.transport, next, old_basis, const_matrix_view<typename B::value_type>(m_old),
                               const_matrix_view<typename B::value_type>(v_old), m_next, v_next, ws.view(ws.rotation, r_new, l.rank),
                               ws.view(ws.rotation_squared, r_new, l.rank));
         }
     } else if (l.rank > 0) {
-        transport_moments(ctx.backend, ctx.config.transport, next, l.basis_view(), l.moment_view(std::as_const(l.m)), l.moment_view(std::as_const(l.v)),
+        transport_moments(ctx.backend, ctx.config.transport, next, old_basis, l.moment_view(std::as_const(l.m)), l.moment_view(std::as_const(l.v)),
                           m_next, v_next, ws.view(ws.rotation, r_new, l.rank), ws.view(ws.rotation_squared, r_new, l.rank));
     } else {
         ctx.backend.fill(m_next, typename B::value_type(0));
@@ -63,13 +87,15 @@ void transport_into_workspace(step_context<B, Config>& ctx, parameter_state<B>& 
 }
 
 /// Makes `basis` (r×len, workspace) the subspace of `l`: sizes its state for rank r and copies the
-/// basis; the caller copies the moments. The refresh rules count from here.
+/// basis (a quantised one: the codes quantize_next_basis left in `codes`); the caller copies the
+/// moments. The refresh rules count from here.
 template <optimizer_backend B>
 void install_subspace(B& b, parameter_state<B>& l, const_matrix_view<typename B::value_type> basis, const subspace_report& rep,
-                      std::uint64_t counter, double basis_norm) {
+                      std::uint64_t counter, double basis_norm, const quantized_basis& codes) {
     const index_t r_new = basis.rows;
     l.resize_state(r_new);
-    b.copy(basis.data, l.basis.data(), r_new * l.len);
+    if (l.qbasis.quantized()) l.qbasis.assign(codes);
+    else b.copy(basis.data, l.basis.data(), r_new * l.len);
     l.rank = r_new;
     l.since = 0;
     l.anchor2 = -1;   // set from the first projected gradient in the new subspace
@@ -89,7 +115,9 @@ public:
     /// host (step_projected).
     low_rank_step(step_context<B, Config>& ctx, parameter_state<B>& l, matrix_view<T> weight, const Grad& grad, const_matrix_view<T> projected)
         : ctx_(ctx), b_(ctx.backend), l_(l), weight_(weight), m_(grad, l.side), projected_(projected), rank_(l.rank), basis_(l.basis_view()),
-          basis_norm_(l.basis_norm), m_bound_(l.m_bound), v_bound_(l.v_bound), counter_(l.counter) {}
+          basis_norm_(l.basis_norm), m_bound_(l.m_bound), v_bound_(l.v_bound), counter_(l.counter) {
+        if (l.qbasis.quantized()) basis_ = current_basis(ctx.workspace, l);   // decoded once per step
+    }
 
     status run() {
         if (const auto early = decide()) return *early;
@@ -110,7 +138,7 @@ private:
         refresh_ = l_.rank == 0 || ctx_.config.refresh.due_by_count(l_.steps_in_subspace());
         if (refresh_) return std::nullopt;
         const auto proj = projection(l_.rank);
-        if (projected_.empty()) m_.mul(l_.basis_view(), proj);
+        if (projected_.empty()) m_.mul(basis_, proj);
         else for (index_t i = 0; i < l_.rank; ++i) b_.copy(projected_.row(i), proj.row(i), l_.other);
         projected2_ = b_.sum_of_squares(proj);
         if (!std::isfinite(projected2_)) return trouble();
@@ -143,10 +171,11 @@ private:
         if (!(energy_ <= cert::half_max)) return trouble();
         auto& ws = ctx_.workspace;
         auto next = ws.view(ws.basis_next, l_.r_cap, l_.len);
-        const auto warm = l_.rank > 0 ? l_.basis_view() : const_matrix_view<T>{};
+        const auto warm = l_.rank > 0 ? basis_ : const_matrix_view<T>{};
         rep_ = find_subspace(warm, next);
         if (!std::isfinite(rep_.captured)) return trouble();
         rank_ = rep_.rank;
+        if (l_.qbasis.quantized()) quantize_next_basis(ws, l_, next.row_block(0, rank_));   // this step already runs in Q
         basis_ = next.row_block(0, rank_);
         m_.mul(basis_, projection(rank_));
         projected2_ = b_.sum_of_squares(projection(rank_));
@@ -228,7 +257,7 @@ private:
     status commit() {
         auto& ws = ctx_.workspace;
         if (fresh_) {
-            install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_);
+            install_subspace(b_, l_, basis_, rep_, counter_, basis_norm_, ws.basis_codes_next);
             if (ctx_.budget)   // the budget rule reads it at the other parameters' refreshes (capacity reserved at registration)
                 energy_fractions(ctx_.finder.singular_values(), rep_.energy, l_.r_cap, l_.spectrum);
         }
@@ -246,8 +275,9 @@ private:
         l_.v_bound = next_.v;
         // W = decay·W − decay·step·α·ΔW with ΔW = Bᵀ·N (left) or (Bᵀ·N)ᵀ = Nᵀ·B (right).
         const auto n = projection(rank_);
-        if (l_.side == projection_side::left) b_.gemm(velora::op::transpose, velora::op::none, alpha_, l_.basis_view(), n, decay_, weight_);
-        else b_.gemm(velora::op::transpose, velora::op::none, alpha_, n, l_.basis_view(), decay_, weight_);
+        const auto basis = l_.qbasis.quantized() ? basis_ : l_.basis_view();   // Q: decoded in the workspace
+        if (l_.side == projection_side::left) b_.gemm(velora::op::transpose, velora::op::none, alpha_, basis, n, decay_, weight_);
+        else b_.gemm(velora::op::transpose, velora::op::none, alpha_, n, basis, decay_, weight_);
         return result_;
     }
 

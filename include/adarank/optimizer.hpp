@@ -131,6 +131,10 @@ public:
         l.quantized = config_.state == state_format::int8_blockwise;
         if (l.quantized) l.q8.assign_zero(0, config_.state_block);
         if (uses_rank_budget(config_.rank)) check_budget_admits(l, fn);
+        if (l.low_rank && config_.basis != basis_format::float32) {   // a quantised basis (basis_format.hpp)
+            l.qbasis.configure(config_.basis, l.len, config_.basis_block);
+            ws_.reserve_quantized_basis(config_.basis, l.len, l.r_cap, config_.basis_block);
+        }
         if (l.low_rank) {
             ws_.reserve_low_rank(l.len, l.other, l.r_cap);
             finder_.reserve(l.len, l.other, l.r_cap);
@@ -306,7 +310,7 @@ public:
         const auto shape = projection_to_reduce(id);
         velora::detail::require(shape.has_value(), fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
         velora::check_shape(out, shape->first, shape->second, fn, "out");
-        side_matrix<Op>(grad, l.side).mul(l.basis_view(), out);
+        side_matrix<Op>(grad, l.side).mul(current_basis(ws_, l), out);
     }
     void project_gradient(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
@@ -408,8 +412,19 @@ public:
 
     /// Basis (rank×len) and moments (rank×other, or rows×cols for a dense parameter) of a
     /// parameter, as views of backend memory (valid until its next step or set_basis).
+    /// Throws std::invalid_argument for a quantised basis (config.basis int8/int4: no float basis
+    /// is held; basis_values gives its decoded Q).
     [[nodiscard]] const_matrix_view<T> basis(param_id id) const {
-        return checked_layer(id, "adarank::low_rank_adamw::basis").basis_view();
+        const layer& l = checked_layer(id, "adarank::low_rank_adamw::basis");
+        velora::detail::require(!l.qbasis.quantized(), "adarank::low_rank_adamw::basis", "parameter ", id,
+                                "'s basis is stored quantised (config.basis); basis_values returns its values");
+        return l.basis_view();
+    }
+    /// The basis the steps use (rank×len, row-major, host memory): a float basis copied, a quantised
+    /// one decoded (Q = code·scale). Allocates.
+    [[nodiscard]] std::vector<T> basis_values(param_id id) {
+        layer& l = checked_layer(id, "adarank::low_rank_adamw::basis_values");
+        return host_copy(*b_, current_basis(ws_, l));
     }
     [[nodiscard]] const_matrix_view<T> first_moment(param_id id) const { return moment(id, &layer::m); }
     [[nodiscard]] const_matrix_view<T> second_moment(param_id id) const { return moment(id, &layer::v); }
@@ -465,6 +480,10 @@ private:
         check_eps_representable<T>(c.adam, fn);
         velora::detail::require(c.state == state_format::float32 || blockwise_state_backend<B>, fn,
                                 "config.state = int8_blockwise needs a backend with adam8_update in float (the CPU backend, eigen_backend<float>); this "
+                                "backend's value type has ",
+                                sizeof(T), "-byte values");
+        velora::detail::require(c.basis == basis_format::float32 || blockwise_state_backend<B>, fn,
+                                "config.basis = int8/int4 needs the CPU backend in float (eigen_backend<float>), which decodes the basis in host memory; this "
                                 "backend's value type has ",
                                 sizeof(T), "-byte values");
         return c;

@@ -1,12 +1,14 @@
 #pragma once
 /// \file
-/// The state format of `low_rank_adamw` (kind "adarank.low_rank_adamw", version 3): what
+/// The state format of `low_rank_adamw` (kind "adarank.low_rank_adamw", version 4): what
 /// save_state writes and load_state reads and checks, field by field (a struct's padding bytes
 /// are never part of it), and the fingerprint data-parallel registration compares across ranks.
 /// Version 2 added the Adam convention (version 1 states load as galore); version 3 the moment
 /// state format and block size (older states load as float moments) and, for 8-bit moments, the
 /// packed arrays in place of m and v: the bytes of m and of v (one per element) and the absmax
-/// of m's and of v's blocks (one float per block each).
+/// of m's and of v's blocks (one float per block each). Version 4 the basis format and block size
+/// (older states load as float bases) and, for a quantised basis, its codes (rank × row bytes)
+/// and block scales (rank × blocks per row, floats) in place of the float basis.
 ///
 /// A valid state (what load_state accepts; every state the optimizer writes is valid):
 /// - the envelope is intact (kind, version, checksum, length);
@@ -24,6 +26,11 @@
 ///   size is not bounded: a step whose result would overflow returns status::overflow);
 ///   8-bit moments: every absmax finite and either 0 or at least the smallest normal float (what
 ///   the encoder stores); the bytes may hold any value (every byte decodes to a finite value).
+///   A quantised basis: every code one the encoder writes (quantized_basis::valid_code_byte),
+///   every scale finite, >= 0 and <= (1 + τ)/qmax (a row accepted as orthonormal has no entry
+///   beyond 1 + τ; τ = orthonormality_tolerance<T>), and the decoded Q within the quantisation's
+///   bound of orthonormal: max |Q·Qᵀ − I| <= 2δ·sqrt(1 + τ) + δ² + τ, δ the largest row's
+///   ½·sqrt(Σ_b n_b·s_b²) (quantized_basis::deviation_bound).
 /// - under the budget rank rule (rank_policy::budget), each parameter's latest sketched spectrum
 ///   follows its moments: 0 values, or r_cap values finite, >= 0 and non-increasing (0 without a
 ///   subspace); and the ranks fit the budget (rank_budget.hpp's count). Fixed and adaptive rank
@@ -68,7 +75,8 @@ struct optimizer_state_io {
     using cert = overflow_certificate<T>;
 
     static constexpr std::string_view kind = "adarank.low_rank_adamw";
-    static constexpr std::uint32_t version = 3;   // 2: adds the Adam convention; 3: the moment state format (8-bit moments packed)
+    // 2: adds the Adam convention; 3: the moment state format (8-bit moments packed); 4: the basis format (quantised bases packed)
+    static constexpr std::uint32_t version = 4;
 
     /// save_state's work: the envelope, the value width, the configuration, the learning rate,
     /// then per parameter its shape, kind, side, progress, basis and moments.
@@ -91,7 +99,12 @@ struct optimizer_state_io {
             w.put(static_cast<std::uint8_t>(l.side));
             put_progress(w, l);
             const index_t moment_size = l.low_rank ? l.rank * l.other : l.rows * l.cols;
-            put_buffer(b, w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
+            if (l.qbasis.quantized()) {
+                w.put_array(std::span<const std::uint8_t>(l.qbasis.codes()));
+                w.put_array(std::span<const float>(l.qbasis.scales()));
+            } else {
+                put_buffer(b, w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
+            }
             if (l.quantized) {
                 w.put_array(std::span<const std::uint8_t>(l.q8.m_bytes()));
                 w.put_array(std::span<const std::uint8_t>(l.q8.v_bytes()));
@@ -136,14 +149,17 @@ struct optimizer_state_io {
             static_cast<parameter_progress&>(s) = get_progress(r, i);
             check_progress(r, i, l, s);
             const index_t moment_size = l.low_rank ? s.rank * l.other : l.rows * l.cols;
-            s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
+            if (l.qbasis.quantized()) get_quantized_basis(r, i, l, s);
+            else s.basis = r.get_array<T>(l.low_rank ? s.rank * l.len : 0);
             if (l.quantized) {
                 get_quantized(r, i, l, moment_size, s);
             } else {
                 s.m = r.get_array<T>(moment_size);
                 s.v = r.get_array<T>(moment_size);
             }
-            if (s.rank > 0) {
+            if (s.rank > 0 && l.qbasis.quantized()) {
+                s.basis_norm = checked_quantized_basis(r, i, l, s);
+            } else if (s.rank > 0) {
                 const auto check = cert::check_basis(s.basis, s.rank, l.len);
                 if (check.bad_row >= 0) r.bad("parameter ", i, " has a basis entry that is not finite at (", check.bad_row, ", ", check.bad_col, ")");
                 if (!(check.deviation <= orthonormality_tolerance<T>))
@@ -176,6 +192,7 @@ struct optimizer_state_io {
             for (int which = 0; which < 3; ++which)
                 if (live(i, which).size() != loaded_part(i, which).size()) fresh[3 * i + static_cast<std::size_t>(which)].resize(loaded_part(i, which).size());
         for (std::size_t i = 0; i < layers.size(); ++i) {
+            if (layers[i].qbasis.quantized()) layers[i].qbasis.adopt(loaded[i].rank, std::move(loaded[i].basis_codes), std::move(loaded[i].basis_scales));
             if (layers[i].quantized) {
                 const index_t n = static_cast<index_t>(loaded[i].qm.size());
                 layers[i].q8.adopt(n, config.state_block, std::move(loaded[i].qm), std::move(loaded[i].qv), std::move(loaded[i].am), std::move(loaded[i].av));
@@ -228,6 +245,46 @@ struct optimizer_state_io {
             }
         s.m_bound = m_bound;
         s.v_bound = v_bound;
+    }
+
+    // A quantised basis: rank × row bytes of codes, then rank × blocks per row scales (see load_state for the rules).
+    static void get_quantized_basis(velora::state_reader& r, std::size_t i, const parameter_state<B>& l, loaded_parameter<T>& s) {
+        const quantized_basis& shape = l.qbasis;
+        const basis_format f = shape.format();
+        s.basis_codes = r.get_array<std::uint8_t>(s.rank * shape.row_bytes());
+        s.basis_scales = r.get_array<float>(s.rank * shape.blocks_per_row());
+        const bool odd = f == basis_format::int4 && shape.len() % 2 != 0;
+        for (std::size_t k = 0; k < s.basis_codes.size(); ++k) {
+            const bool half = odd && (k + 1) % static_cast<std::size_t>(shape.row_bytes()) == 0;   // an odd row's last byte
+            if (!quantized_basis::valid_code_byte(f, s.basis_codes[k], half))
+                r.bad("parameter ", i, ": the quantised basis has the code byte ", int(s.basis_codes[k]), " at ", k, ", which the encoder never writes");
+        }
+        // Entries of a row accepted as orthonormal (|P·Pᵀ − I| <= the tolerance) are at most
+        // sqrt(1 + tolerance) <= 1 + tolerance in magnitude, and the scale is absmax/qmax.
+        const double most = (1.0 + orthonormality_tolerance<T>) / basis_qmax(f);
+        for (const float x : s.basis_scales)
+            if (!(std::isfinite(x) && x >= 0 && x <= most))
+                r.bad("parameter ", i, ": the quantised basis has the block scale ", x, " (finite, >= 0 and <= (1 + ", orthonormality_tolerance<T>,
+                      ")/", basis_qmax(f), " expected)");
+    }
+
+    // Q decoded and checked against the quantisation's bound of orthonormal; returns ‖Q‖_F's bound.
+    static double checked_quantized_basis(const velora::state_reader& r, std::size_t i, const parameter_state<B>& l, const loaded_parameter<T>& s) {
+        if constexpr (std::is_same_v<T, float>) {
+            quantized_basis q;
+            q.configure(l.qbasis.format(), l.len, l.qbasis.block());
+            q.adopt(s.rank, s.basis_codes, s.basis_scales);
+            std::vector<float> values(static_cast<std::size_t>(s.rank * l.len));
+            q.decode(values.data(), l.len);
+            const auto check = cert::check_basis(values, s.rank, l.len);
+            const double tolerance = q.deviation_bound(orthonormality_tolerance<T>);
+            if (!(check.deviation <= tolerance))
+                r.bad("parameter ", i, ": the quantised basis is not within its quantisation of orthonormal rows: max |Q·Qᵀ − I| = ", check.deviation,
+                      " exceeds ", tolerance);
+            return check.norm;
+        } else {
+            r.bad("parameter ", i, ": a quantised basis needs float values");   // the constructor refuses the configuration
+        }
     }
 
     static void put_buffer(B& b, velora::state_writer& w, const buffer& buf, index_t n, std::vector<T>& host) {

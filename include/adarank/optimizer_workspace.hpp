@@ -12,6 +12,7 @@
 #include <cstddef>
 
 #include "backend.hpp"
+#include "basis_format.hpp"
 
 namespace adarank {
 
@@ -34,6 +35,11 @@ struct optimizer_workspace {
     buffer dense_gradient;                           ///< a dense parameter's expanded gradient
     buffer reduce, bucket;                           ///< data-parallel: energy pass, all_reduce_mean
     buffer m_old, v_old;                             ///< 8-bit low-rank moments dequantised for the transport and the exact path
+    /// A quantised basis decoded for the step that runs in it (r×len: one basis, the largest, for
+    /// all parameters; decoded again at every step, O(r·len) beside the projection's O(r·len·other)),
+    /// and a refresh's new basis encoded before it is committed (host memory).
+    buffer basis_now;
+    quantized_basis basis_codes_next;
 
     /// Sizes the low-rank buffers for a parameter whose basis rows are `len` long, moments `other`
     /// wide, of rank at most r_cap (grows only).
@@ -50,6 +56,14 @@ struct optimizer_workspace {
     void reserve_dequantized(index_t n) {
         grow(m_old, n);
         grow(v_old, n);
+    }
+
+    /// Sizes the buffers of a quantised basis of rows `len` long and rank at most r_cap (grows only).
+    void reserve_quantized_basis(basis_format format, index_t len, index_t r_cap, index_t block) {
+        grow(basis_now, r_cap * len);
+        quantized_basis sizing;
+        sizing.configure(format, len, block);
+        basis_codes_next.reserve_bytes(static_cast<std::size_t>(r_cap * sizing.row_bytes()), static_cast<std::size_t>(r_cap * sizing.blocks_per_row()));
     }
 
     /// Element counts of the buffers a plan needs for parameters of the given shapes: the rows of
@@ -103,8 +117,9 @@ struct optimizer_workspace {
     [[nodiscard]] std::size_t bytes() const noexcept {
         return (projection.capacity() + m_next.capacity() + v_next.capacity() + basis_next.capacity() + rotation.capacity() +
                 rotation_squared.capacity() + fused.capacity() + dense_gradient.capacity() + reduce.capacity() + bucket.capacity() + m_old.capacity() +
-                v_old.capacity()) *
-               sizeof(T);
+                v_old.capacity() + basis_now.capacity()) *
+                   sizeof(T) +
+               basis_codes_next.reserved_bytes();
     }
 
     /// Grows `buf` to at least n elements (never shrinks; contents are not kept on growth).

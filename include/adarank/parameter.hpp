@@ -16,6 +16,7 @@
 #include <velora/core/rng.hpp>
 
 #include "backend.hpp"
+#include "basis_format.hpp"
 #include "blockwise_moments.hpp"
 #include "gradient.hpp"
 #include "policies.hpp"
@@ -82,6 +83,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
     /// then stay empty).
     bool quantized = false;
     blockwise_moments q8;
+    /// The basis in a quantised format instead of `basis` (basis_format::int8 / int4; `basis` then
+    /// stays empty and the steps decode it into the workspace: current_basis, low_rank_step.hpp).
+    quantized_basis qbasis;
     /// The budget rank rule only (rank_budget.hpp): σ of the sketch of the latest refresh, r_cap
     /// values (capacity reserved at registration), empty before one or after set_basis. Host memory.
     std::vector<double> spectrum;
@@ -139,12 +143,13 @@ struct parameter_state : parameter_progress, certificate_bounds {
     [[nodiscard]] matrix_view<T> dense_view(buffer& b) const { return {b.data(), rows, cols, cols}; }
 
     /// Basis + moments held: (r·len + 2·r·other)·sizeof(T) low-rank, 2·rows·cols·sizeof(T) dense;
-    /// 8-bit moments count their bytes and absmax (blockwise_moments::bytes) instead.
+    /// 8-bit moments count their bytes and absmax (blockwise_moments::bytes) instead, a quantised
+    /// basis its codes and scales (quantized_basis::bytes_at).
     [[nodiscard]] std::size_t state_bytes() const noexcept {
-        const index_t basis_elements = low_rank ? rank * len : 0;
-        if (quantized) return static_cast<std::size_t>(basis_elements) * sizeof(T) + q8.bytes();
-        const index_t elements = low_rank ? rank * (len + 2 * other) : 2 * rows * cols;
-        return static_cast<std::size_t>(elements) * sizeof(T);
+        const std::size_t basis_bytes = !low_rank ? 0 : qbasis.quantized() ? qbasis.bytes_at(rank) : static_cast<std::size_t>(rank * len) * sizeof(T);
+        if (quantized) return basis_bytes + q8.bytes();
+        const index_t moments = low_rank ? 2 * rank * other : 2 * rows * cols;
+        return basis_bytes + static_cast<std::size_t>(moments) * sizeof(T);
     }
 
     /// Dense AdamW's two moments, 2·rows·cols·sizeof(T) (what a dense parameter holds).
@@ -161,9 +166,10 @@ struct parameter_state : parameter_progress, certificate_bounds {
     /// when the rank changes, everything allocated before anything is replaced (a failed
     /// allocation leaves the parameter as it was).
     void resize_state(index_t r) {
-        if (r == rank && basis.size() == static_cast<std::size_t>(r * len)) return;
+        const std::size_t basis_size = qbasis.quantized() ? 0 : static_cast<std::size_t>(r * len);   // a quantised basis: install_subspace
+        if (r == rank && basis.size() == basis_size) return;
         buffer b, mm, vv;
-        b.resize(static_cast<std::size_t>(r * len));
+        b.resize(basis_size);
         if (quantized) {
             blockwise_moments q;
             q.assign_zero(r * other, q8.block());
@@ -203,6 +209,8 @@ struct loaded_parameter : parameter_progress, certificate_bounds {
     std::vector<T> basis, m, v;
     std::vector<std::uint8_t> qm, qv;   ///< 8-bit moments: bytes and block absmax
     std::vector<float> am, av;
+    std::vector<std::uint8_t> basis_codes;   ///< a quantised basis: codes and block scales
+    std::vector<float> basis_scales;
     std::vector<double> spectrum;   ///< the budget rank rule only
 };
 

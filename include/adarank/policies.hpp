@@ -20,6 +20,7 @@
 #include <velora/core/serialize.hpp>
 #include <velora/core/view.hpp>
 
+#include "basis_format.hpp"
 #include "state_format.hpp"
 
 namespace adarank {
@@ -339,6 +340,8 @@ struct basic_optimizer_config {
     std::uint64_t seed = 0x5eedULL;   ///< of the Gaussian sketches (each parameter draws from its own stream)
     state_format state = state_format::float32;   ///< how the moments are stored (state_format.hpp)
     index_t state_block = default_state_block;    ///< elements per absmax block of the 8-bit format
+    basis_format basis = basis_format::float32;   ///< how low-rank bases are stored (basis_format.hpp)
+    index_t basis_block = default_basis_block;    ///< elements per scale block (within a row) of a quantised basis
 
     /// GaLore (Zhao et al. 2024) as a configuration: fixed rank, refresh every `interval`
     /// steps by an exact SVD, moments reused unchanged.

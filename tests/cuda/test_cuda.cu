@@ -45,6 +45,9 @@ static_assert(velora::backend<cuda_backend<float>> && velora::backend<cuda_backe
 static_assert(adarank::optimizer_backend<cuda_backend<float>> && adarank::optimizer_backend<cuda_backend<double>>);
 static_assert(adarank::low_rank_optimizer<adarank::low_rank_adamw<cuda_backend<float>>>);
 static_assert(velora::activation_compressor<velora::compressor<cuda_backend<float>>>);
+// No adam8_update and device memory: the optimizer's constructor refuses 8-bit moments and
+// quantised bases on this backend (low_rank_adamw::checked; the CPU twin: test_quantized_basis).
+static_assert(!adarank::blockwise_state_backend<cuda_backend<float>>);
 
 namespace {
 
@@ -600,6 +603,17 @@ TEST_CASE_TEMPLATE("randomized SVD on the GPU: residual within 1.1x of the Eckar
             CHECK((b * b.transpose() - Eigen::MatrixXd::Identity(r, r)).cwiseAbs().maxCoeff() < 1e3 * eps);
         }
     }
+}
+
+TEST_CASE("the CUDA backend refuses quantised bases and 8-bit moments at construction, naming the option") {
+    twins<float> t(8, 8);
+    adarank::optimizer_config c;
+    c.basis = adarank::basis_format::int4;
+    const std::string msg = test::invalid_argument_message([&] { adarank::low_rank_adamw<cuda_backend<float>> o(t.gpu, c); });
+    CHECK(msg.find("config.basis") != std::string::npos);
+    c.basis = adarank::basis_format::float32;
+    c.state = adarank::state_format::int8_blockwise;
+    CHECK(test::invalid_argument_message([&] { adarank::low_rank_adamw<cuda_backend<float>> o(t.gpu, c); }).find("config.state") != std::string::npos);
 }
 
 TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints the fields of a velora state blob (optimizer format version 1 to 3, compressor 1), to read
+"""Prints the fields of a velora state blob (optimizer format version 1 to 4, compressor 1), to read
 a fuzzer finding: `describe_state.py BLOB [SEED]` lists every field with its byte offset and,
 given a second blob, marks the fields that differ from it (e.g. the seed it was mutated from).
 With --repair the blob's envelope is first rewritten as the "_repair" harnesses do."""
@@ -95,6 +95,10 @@ def config(r):
     if r.version >= 3:
         r.state8 = r.get("config.state", "B") == 1
         r.get("config.state_block", "q")
+    r.qbasis = False
+    if r.version >= 4:
+        r.qbasis = r.get("config.basis", "B") != 0
+        r.get("config.basis_block", "q")
     return rank_type == 2
 
 
@@ -107,7 +111,7 @@ def optimizer(r):
         p = f"p{i}."
         r.get(p + "rows", "q")
         r.get(p + "cols", "q")
-        r.get(p + "low_rank", "B")
+        low_rank = r.get(p + "low_rank", "B")
         r.get(p + "side", "B")
         r.get(p + "rank", "q")
         for n in ("t", "since", "refreshes", "counter"):
@@ -121,7 +125,11 @@ def optimizer(r):
         r.get(p + "last.warm", "B")
         r.get(p + "last.energy", "d")
         r.get(p + "last.captured", "d")
-        r.array(p + "basis", "f")
+        if r.qbasis and low_rank:   # a quantised basis: codes, then block scales
+            r.array(p + "basis_codes", "B")
+            r.array(p + "basis_scales", "f")
+        else:
+            r.array(p + "basis", "f")
         if r.state8:   # 8-bit moments: bytes of m and v, absmax of their blocks
             r.array(p + "m_bytes", "B")
             r.array(p + "v_bytes", "B")

@@ -81,7 +81,9 @@ void describe(const live_target& t, const fuzz::optimizer& o, const char* when) 
         const auto i = o.info(id);
         std::fprintf(stderr, "  p%zu %lldx%lld %s rank %lld t %llu since %llu refreshes %llu | max |basis| %g |m| %g |v| %g\n", p,
                      (long long)i.rows, (long long)i.cols, i.low_rank ? "low-rank" : "dense", (long long)i.rank, (unsigned long long)i.steps,
-                     (unsigned long long)i.steps_in_subspace, (unsigned long long)i.refreshes, view_max_abs(o.basis(id)),
+                     (unsigned long long)i.steps_in_subspace, (unsigned long long)i.refreshes,
+                     // a quantised basis has no float view (basis() refuses it): -1
+                     i.low_rank && o.config().basis != adarank::basis_format::float32 ? -1.0 : view_max_abs(o.basis(id)),
                      view_max_abs(o.first_moment(id)), view_max_abs(o.second_moment(id)));
     }
 }

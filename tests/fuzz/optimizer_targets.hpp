@@ -77,6 +77,26 @@ inline std::vector<optimizer_target> optimizer_targets() {
         c.seed = 91;
         t.push_back({"budget", c, {{12, 20, param_kind::low_rank}, {20, 12, param_kind::low_rank}, {1, 20, param_kind::automatic}}, 4});
     }
+    {   // Quantised bases: int4 codes in blocks of 32 (rows of 12 and 13: one block each, an even
+        // and an odd length), with 8-bit moments; int8 codes with float moments and the
+        // adaptive rank; refresh every 2 steps (moments transported between decoded bases).
+        auto c = adarank::optimizer_config::galore(3, 2, 0.25);
+        c.adam.lr = 1e-2;
+        c.transport = adarank::transport_policy::squared_rotation;
+        c.state = adarank::state_format::int8_blockwise;
+        c.state_block = 64;
+        c.basis = adarank::basis_format::int4;
+        c.basis_block = 32;
+        t.push_back({"basis4", c, {{12, 20, param_kind::low_rank}, {20, 13, param_kind::low_rank}, {12, 20, param_kind::dense}}, 3});
+        adarank::optimizer_config d;
+        d.adam.lr = 1e-2;
+        d.rank = adarank::rank_policy::adaptive(0.2, 1, 4);
+        d.refresh = adarank::refresh_policy::converged(0.5, 2, 3);
+        d.rsvd.oversampling = 1;
+        d.basis = adarank::basis_format::int8;
+        d.basis_block = 32;
+        t.push_back({"basis8", d, {{12, 40, param_kind::low_rank}, {40, 12, param_kind::low_rank}, {1, 20, param_kind::automatic}}, 4});
+    }
     return t;
 }
 
