@@ -138,6 +138,11 @@ TEST_CASE("the verdict is a paired t-test over the seeds") {
     CHECK(lm::study::compare_with_galore(rs, rs[4]).verdict == "tie");
     CHECK(lm::study::compare_with_galore(rs, rs[5]).verdict == "outside GaLore's range");
     CHECK(lm::study::compare_with_galore(rs, rs[0]).verdict.empty());   // GaLore itself
+    // The budget rank rule is compared with GaLore at its bytes too (the budget and finetune plans).
+    const auto budget = result("e", "budget", 2000, {2.40, 2.51, 2.59});
+    rs.push_back(budget);
+    CHECK(lm::study::compare_with_galore(rs, rs.back()).verdict == "lower");
+    rs.pop_back();
     const auto s = lm::study::summarise(rs[4]);
     CHECK(s.mean == doctest::Approx(2.6166666667));
     CHECK(s.min == 2.40);
@@ -229,10 +234,12 @@ TEST_CASE("a plan's pairs compare two configurations seed by seed") {
     const auto* ft = lm::study::find_plan("finetune");
     REQUIRE(ft);
     CHECK(ft->fine_tuning);
-    CHECK(ft->points.size() == 9);
-    CHECK(ft->pairs.size() == 7);
-    for (const auto& pair : ft->pairs) {   // every pair names two points of the plan
-        CHECK(std::any_of(ft->points.begin(), ft->points.end(), [&](const auto& p) { return p.config == pair.a; }));
-        CHECK(std::any_of(ft->points.begin(), ft->points.end(), [&](const auto& p) { return p.config == pair.b; }));
-    }
+    CHECK(ft->points.size() == 10);
+    CHECK(ft->pairs.size() == 9);
+    for (const auto* pl : {ft, lm::study::find_plan("budget")})
+        for (const auto& pair : pl->pairs) {   // every pair names two points of the plan
+            CHECK(std::any_of(pl->points.begin(), pl->points.end(), [&](const auto& p) { return p.config == pair.a; }));
+            CHECK(std::any_of(pl->points.begin(), pl->points.end(), [&](const auto& p) { return p.config == pair.b; }));
+        }
+    CHECK(lm::study::find_plan("budget")->pairs.size() == 3);
 }

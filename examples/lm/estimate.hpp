@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <ostream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "memory.hpp"
@@ -17,6 +18,33 @@
 
 namespace lm::trainer {
 
+// The budget of a budget-rule configuration (rank=budget) on the model of the flags: budget=BYTES
+// as given, budget=rN GaLore's state at rank N on these shapes (as the trainer resolves it,
+// training.hpp); 0 for any other rule.
+inline std::uint64_t estimated_budget(const std::string& name, const options& o) {
+    namespace mem = lm::memory;
+    const auto c = config_of(name, o);
+    if (!c.optimizer.rank.is_budget()) return 0;
+    if (c.budget_rank <= 0) return c.optimizer.rank.budget_bytes;
+    std::vector<std::tuple<index_t, index_t, bool>> shapes;
+    for (const auto& p : mem::embedding_parameters(o.model)) shapes.emplace_back(p.rows, p.cols, false);
+    for (index_t l = 0; l < o.model.layers; ++l)
+        for (const auto& p : mem::layer_parameters(o.model)) shapes.emplace_back(p.rows, p.cols, c.low_rank && p.projection);
+    shapes.emplace_back(mem::final_norm_parameter(o.model).rows, mem::final_norm_parameter(o.model).cols, false);
+    return lm::configs::budget_bytes_at_rank(c, c.budget_rank, shapes, static_cast<std::size_t>(o.value_bytes));
+}
+
+// memory.hpp's footprint of configuration `name`: the optimizer state at the rank (GaLore's) or
+// the cap (AdaRankGrad's, an upper bound), and for the budget rule at most its budget, which its
+// state never exceeds (rank_policy::budget bounds state_bytes()).
+inline lm::memory::footprint estimate_for(const std::string& name, const options& o) {
+    namespace mem = lm::memory;
+    mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), adapters_for(name, o),
+                                      state_block_for(name, o));
+    if (const std::uint64_t budget = estimated_budget(name, o); budget > 0) fp.optimizer = mem::count(std::min(fp.optimizer.v, budget));
+    return fp;
+}
+
 // --estimate: the memory of every configuration of --configs for the model of the flags at
 // --batch sequences, from memory.hpp: the accounting lm::transformer counts with and check_sizes
 // uses. Nothing is allocated or trained, so it works for shapes that would not fit (LLaMA-7B).
@@ -25,8 +53,7 @@ inline void print_estimate(const options& o) {
     std::vector<mem::footprint> fps;
     std::uint64_t biggest = 0;
     for (const auto& name : o.configs) {
-        fps.push_back(mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), adapters_for(name, o),
-                                    state_block_for(name, o)));
+        fps.push_back(estimate_for(name, o));
         biggest = std::max(biggest, fps.back().total().v);
     }
     const bool gib = biggest >= (std::uint64_t{10} << 30);
@@ -47,7 +74,7 @@ inline void print_estimate(const options& o) {
         const auto& fp = fps[i];
         const auto c = config_of(o.configs[i], o);
         const bool cap = c.low_rank && !c.fixed_rank;
-        std::printf("%-16s", (o.configs[i] + (cap ? "*" : "")).c_str());
+        std::printf("%-16s", (o.configs[i] + (c.optimizer.rank.is_budget() ? "**" : cap ? "*" : "")).c_str());
         for (mem::count c : {fp.weights, fp.gradients, fp.optimizer, fp.activations, fp.other, fp.total()})
             if (saturated(c)) std::printf(" %11s", ">16 EiB");
             else std::printf(" %11.3f", static_cast<double>(c.v) / unit);
@@ -61,11 +88,15 @@ inline void print_estimate(const options& o) {
     }
     const bool any_cap = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) {
         const auto c = config_of(name, o);
-        return c.low_rank && !c.fixed_rank;
+        return c.low_rank && !c.fixed_rank && !c.optimizer.rank.is_budget();
     });
+    const bool any_budget = std::any_of(o.configs.begin(), o.configs.end(), [&](const std::string& name) { return estimated_budget(name, o) > 0; });
     if (any_cap)
         std::printf("(* AdaRankGrad's ranks are data-dependent: its optimizer state is given at the cap --rank %ld, an upper bound)\n",
                     static_cast<long>(o.rank));
+    if (any_budget)
+        std::printf("(** the budget rank rule: its optimizer state is given at its budget, which it never exceeds (or at its rank cap\n"
+                    " where that holds less), an upper bound)\n");
     std::printf("(optimizer: AdamW moments of every weight, or bases + moments of the projections and moments of the rest,\n"
                 " or with LoRA the adapters' moments (gradients: the adapters' too; weights: the frozen base as stored and the adapters);\n"
                 " gradients: one dense buffer per weight, as lm::transformer allocates them; other: backward scratch, VeLoRA's A\n"
@@ -97,11 +128,14 @@ inline void write_estimate_json(const options& o) {
         for (std::size_t i = 0; i < o.configs.size(); ++i) {
             const std::string& name = o.configs[i];
             const auto ad = adapters_for(name, o);
-            const mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), ad,
-                                                    state_block_for(name, o));
+            const mem::footprint fp = estimate_for(name, o);
             const mem::scope_bytes scope = mem::velora_scope(o.model, velora_for(name, o), o.batch, static_cast<std::size_t>(o.value_bytes), ad);
             out << (i ? "," : "") << "{\"name\":\"" << report::json_escape(name) << "\",\"rank\":" << rank_for(name, o) << ",\"rank_is\":\""
-                << (!uses_low_rank(name, o) ? "dense" : config_of(name, o).fixed_rank ? "fixed" : "cap") << "\",\"weights_bytes\":" << fp.weights.v
+                << (!uses_low_rank(name, o)                       ? "dense"
+                    : config_of(name, o).fixed_rank                   ? "fixed"
+                    : config_of(name, o).optimizer.rank.is_budget() ? "budget"
+                                                                      : "cap")
+                << "\",\"budget_bytes\":" << estimated_budget(name, o) << ",\"weights_bytes\":" << fp.weights.v
                 << ",\"gradient_bytes\":" << fp.gradients.v << ",\"optimizer_bytes\":" << fp.optimizer.v << ",\"activation_bytes\":" << fp.activations.v
                 << ",\"activation_bytes_by_kind\":{";
             for (std::size_t k = 0; k < mem::kinds; ++k) out << (k ? "," : "") << '"' << mem::kind_keys[k] << "\":" << fp.by_kind.by_kind[k].v;

@@ -41,7 +41,7 @@ namespace lm::study {
 
 struct point {
     std::string config;        ///< configs.hpp spelling, without lr
-    std::string series;        ///< "full rank", "GaLore", "AdaRankGrad" or "ablation"
+    std::string series;        ///< "full rank", "GaLore", "AdaRankGrad", "budget" (the budget rank rule), "LoRA" or "ablation"
     std::string label;         ///< how the plot and the table call it
     std::vector<double> lrs;   ///< the learning-rate grid of the sweep
 };
@@ -89,18 +89,27 @@ inline const std::vector<plan>& plans() {
         // The library's global budget rank rule (rank_policy::budget) at GaLore r = 32's state
         // (budget=r32, each matrix's rank capped at 64) between GaLore r = 16 and r = 32: is the
         // energy-per-byte allocation across matrices better than one rank for all?
-        plan budget{"budget", "GaLore at ranks 16 and 32, and the budget rank rule with GaLore r=32's bytes (cap 64)", {}};
+        // AdaRankGrad's per-layer xi rule beside them (the default adarank: xi 0.05, cap 32, whose ranks
+        // stay near the cap, so its peak state is near GaLore r = 32's): the three rank rules at about
+        // the same bytes, compared seed by seed.
+        plan budget{"budget",
+                    "GaLore at ranks 16 and 32, the budget rank rule with GaLore r=32's bytes (cap 64), and AdaRankGrad's per-layer xi "
+                    "(xi 0.05, cap 32)",
+                    {},
+                    {{"adarank:r=64,rank=budget,budget=r32", "galore:r=32"}, {"adarank:r=64,rank=budget,budget=r32", "adarank"}, {"adarank", "galore:r=32"}}};
         for (int r : {16, 32}) budget.points.push_back({"galore:r=" + std::to_string(r), "GaLore", "r=" + std::to_string(r), low});
-        budget.points.push_back({"adarank:r=64,rank=budget,budget=r32", "AdaRankGrad", "budget = GaLore r=32 bytes", low});
+        budget.points.push_back({"adarank:r=64,rank=budget,budget=r32", "budget", "budget = GaLore r=32 bytes", low});
+        budget.points.push_back({"adarank", "AdaRankGrad", "AdaRankGrad \u03be=0.05, cap 32", low});
         // Fine-tuning (needs --init and a target --corpus): every configuration of the issue
         // at its own lr, LoRA's family at r = 8, α = 16, dropout 0.05 (VeLoRA scale 0.1); GaLore
         // at two ranks to put AdaRankGrad (cap 32, ξ = 0.05) beside it at equal bytes.
         plan ft{"finetune",
                 "fine-tuning the model of --init on the text of --corpus: full AdamW, LoRA, VeLoRA+LoRA, QLoRA, VeLoRA+QLoRA (r 8), "
-                "GaLore at ranks 8 and 32, AdaRankGrad and VeLoRA+AdaRankGrad (cap 32)",
+                "GaLore at ranks 8 and 32, AdaRankGrad and VeLoRA+AdaRankGrad (cap 32), the budget rank rule at GaLore r=32's bytes (cap 64)",
                 {},
                 {{"velora+lora", "lora"}, {"velora+qlora", "qlora"}, {"qlora", "lora"}, {"adarank", "lora"}, {"adarank", "full"}, {"lora", "full"},
-                 {"velora+adarank", "adarank"}},
+                 {"velora+adarank", "adarank"}, {"adarank:r=64,rank=budget,budget=r32", "galore:r=32"},
+                 {"adarank:r=64,rank=budget,budget=r32", "adarank"}},
                 1,
                 true};
         // The grids are centred on a first sweep's bests at 200 steps (full 5e-4, LoRA 4e-3; GaLore and AdaRankGrad at
@@ -115,6 +124,9 @@ inline const std::vector<plan>& plans() {
         ft.points.push_back({"galore:r=32", "GaLore", "GaLore r=32", ft_low});
         ft.points.push_back({"adarank", "AdaRankGrad", "AdaRankGrad", ft_low});
         ft.points.push_back({"velora+adarank", "AdaRankGrad", "VeLoRA+AdaRankGrad", ft_low});
+        // The budget rank rule (issue 23, item 7) at GaLore r = 32's bytes, each matrix capped at 64 (as the
+        // budget plan): the same grid and seeds as GaLore and AdaRankGrad.
+        ft.points.push_back({"adarank:r=64,rank=budget,budget=r32", "budget", "budget = GaLore r=32 bytes", ft_low});
         return std::vector<plan>{iso, warm, budget, ft};
     }();
     return all;
@@ -237,7 +249,7 @@ inline double galore_at(const std::vector<point_result>& results, std::uint64_t 
 
 inline comparison compare_with_galore(const std::vector<point_result>& results, const point_result& pr) {
     comparison c;
-    if (pr.p.series != "AdaRankGrad" && pr.p.series != "ablation") return c;
+    if (pr.p.series != "AdaRankGrad" && pr.p.series != "budget" && pr.p.series != "ablation") return c;
     std::vector<double> d;
     for (std::size_t i = 0; i < pr.runs.size() && i < pr.seeds.size(); ++i) {
         if (!usable(pr.runs[i])) continue;
@@ -369,6 +381,8 @@ inline void print(const std::vector<point_result>& results) {
                 " t-interval excludes 0, tie: it does not)\n");
 }
 
+inline void print_pairs(const std::vector<point_result>& results, const plan& pl);
+
 // The fine-tuning view of a plan's results: the loss on the target before fine-tuning and after
 // it, what each configuration trains and holds (means over the seeds), then the plan's pairs.
 inline void print_fine_tuning(const std::vector<point_result>& results, const plan& pl) {
@@ -399,14 +413,21 @@ inline void print_fine_tuning(const std::vector<point_result>& results, const pl
     std::printf("(before: the starting model's validation loss on the target (QLoRA's: its NF4 base's); after: at the end, over\n"
                 " the seeds; trainable: weights stepped; weights: all of them as stored (NF4 packed), activations kept for backward,\n"
                 " optimizer state at its peak, peak RSS of the training process (MiB) and time per step: means over the seeds)\n");
+    print_pairs(results, pl);
+}
+
+// A plan's pairs (none: nothing printed).
+inline void print_pairs(const std::vector<point_result>& results, const plan& pl) {
     if (pl.pairs.empty()) return;
     std::printf("\nPaired comparisons (loss of the first minus loss of the second, seed by seed):\n");
+    int width = 28;
+    for (const auto& spec : pl.pairs) width = std::max(width, static_cast<int>(spec.a.size() + spec.b.size() + 3));
     for (const auto& spec : pl.pairs) {
         const pair_result pr = compare_pair(results, spec);
         std::string name = spec.a + " - " + spec.b;
         if (std::isfinite(pr.c.mean))
-            std::printf("  %-28s %+.4f +- %.4f over %zu seeds: %s\n", name.c_str(), pr.c.mean, pr.c.sd, pr.c.seeds, pr.c.verdict.c_str());
-        else std::printf("  %-28s %s\n", name.c_str(), pr.c.verdict.c_str());
+            std::printf("  %-*s %+.4f +- %.4f over %zu seeds: %s\n", width, name.c_str(), pr.c.mean, pr.c.sd, pr.c.seeds, pr.c.verdict.c_str());
+        else std::printf("  %-*s %s\n", width, name.c_str(), pr.c.verdict.c_str());
     }
     std::printf("(lower: the first is better, the 95%% t-interval of the mean difference excludes 0; higher: worse; tie: it does not)\n");
 }
@@ -490,7 +511,7 @@ inline void write_svg(std::ostream& out, const std::vector<point_result>& result
     auto px = [&](double bytes) { return left + pw * (std::log(bytes) - std::log(xlo)) / (std::log(xhi) - std::log(xlo)); };
     auto py = [&](double loss) { return top + ph * (1 - (loss - ylo) / (yhi - ylo)); };
     const char* ablation_colours[] = {"#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
-    std::map<std::string, std::string> colour_of = {{"full rank", "#1f77b4"}, {"GaLore", "#ff7f0e"}, {"AdaRankGrad", "#d62728"}, {"LoRA", "#2ca02c"}};
+    std::map<std::string, std::string> colour_of = {{"full rank", "#1f77b4"}, {"GaLore", "#ff7f0e"}, {"AdaRankGrad", "#d62728"}, {"LoRA", "#2ca02c"}, {"budget", "#9467bd"}};
     std::size_t ablations = 0;
     auto colour = [&](const point_result& pr) {
         if (pr.p.series != "ablation") return colour_of[pr.p.series];

@@ -143,6 +143,7 @@ int run_study(const options& o, const corpus& data) {
     const auto results = lm::study::run(plan, o.seeds, train, [] { return interrupted != 0; }, write);
     lm::study::print(results);
     if (plan.fine_tuning) lm::study::print_fine_tuning(results, plan);
+    else lm::study::print_pairs(results, plan);
     if (!results.empty()) write(results);
     if (interrupted) {
         std::fprintf(stderr, "lm_train: interrupted by signal %d (%s); the table shows the finished points\n", static_cast<int>(interrupted),
