@@ -8,18 +8,17 @@
 /// (config.seed, id, step count, element)). Its own file because it is the only part of the
 /// optimizer that owns a weight copy and rounds weights; the float step is untouched by it.
 ///
-/// A CRTP base of low_rank_adamw (`Derived`), which befriends it: the float step, the parameter
-/// table and the configuration stay the optimizer's.
+/// A CRTP base of low_rank_adamw (`Derived`), which befriends it: `step` (one function for both
+/// weight forms) hands a bf16 weight to step_bf16 here; the float step, the parameter table and
+/// the configuration stay the optimizer's.
 #include <cstddef>
 #include <cstdint>
 
 #include <velora/core/checked.hpp>
 #include <velora/core/error.hpp>
-#include <velora/distributed/communicator.hpp>
 
 #include "backend.hpp"
 #include "bf16_weights.hpp"
-#include "gradient.hpp"
 
 namespace adarank {
 
@@ -28,23 +27,6 @@ class bf16_weight_steps {
 public:
     using T = typename B::value_type;
     using status = velora::status;
-
-    // The float steps' three gradient forms with a bf16 weight (CPU backend in float only).
-    template <velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(index_t id, bf16_weight_view weight, const_matrix_view<T> grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return static_cast<Derived&>(*this).step(id, w, grad, comm); });
-    }
-    template <velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(index_t id, bf16_weight_view weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return static_cast<Derived&>(*this).step(id, w, grad, comm); });
-    }
-    template <gradient_operator Op, velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(index_t id, bf16_weight_view weight, const Op& grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return static_cast<Derived&>(*this).step(id, w, grad, comm); });
-    }
 
     /// Bytes of the float workspace bf16-weight steps use (0 before the first one).
     [[nodiscard]] std::size_t bf16_workspace_bytes() const noexcept { return widened_.size() * sizeof(T); }

@@ -12,6 +12,7 @@
 #include <velora/distributed/communicator.hpp>
 
 #include "backend.hpp"
+#include "parameter.hpp"
 
 namespace adarank {
 
@@ -20,7 +21,8 @@ class deprecated_optimizer_spellings {
 public:
     using T = typename B::value_type;
 
-    // The phases' spellings before 0.x.
+    // Spellings before 0.x.
+    [[deprecated("renamed layer_state")]] [[nodiscard]] layer_info info(index_t id) const { return self().layer_state(id); }
     [[deprecated("renamed projection_to_reduce, which returns std::nullopt where this returned 0x0")]] [[nodiscard]] std::pair<index_t, index_t>
     projection_shape(index_t id) const {
         return self().projection_to_reduce(id).value_or(std::pair<index_t, index_t>{0, 0});

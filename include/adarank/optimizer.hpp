@@ -24,6 +24,7 @@
 /// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp.
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <exception>
 #include <limits>
@@ -52,6 +53,7 @@
 #include "dense_step.hpp"
 #include "given_basis.hpp"
 #include "gradient.hpp"
+#include "gradient_argument.hpp"
 #include "low_rank_step.hpp"
 #include "mean_over_ranks.hpp"
 #include "optimizer_state_io.hpp"
@@ -205,53 +207,37 @@ public:
     // with nothing changed. Precondition for the overflow guarantee: the weights satisfy
     // max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
 
-    /// A dense gradient (rows×cols, backend memory).
-    template <velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        velora::check_shape(grad, l.rows, l.cols, fn, "grad");
-        check_distributable(l, config_.refresh, comm, fn);
-        const dense_gradient<B> g(*b_, grad);
-        return step_with(l, weight, g, comm);
+    /// `weight`: the parameter (rows×cols, backend memory) as a matrix_view<T>, or as a
+    /// bf16_weight_view for a host that stores it only in bf16 (CPU backend in float only;
+    /// bf16_weight_steps.hpp: the weight is widened to float, stepped exactly as a float weight
+    /// would be, and rounded back; non_finite_input and overflow leave it untouched too, and under
+    /// the precondition above an `ok` step never rounds a weight to Inf).
+    /// `grad`: the gradient (rows×cols) in any form as_gradient_operator adapts
+    /// (gradient_argument.hpp): a dense view; a VeLoRA layer's factored gradient
+    /// (velora::compressor::factored), which a low-rank parameter never forms as rows×cols (with a
+    /// communicator its projection is formed locally from A and v, which must be the same on every
+    /// rank, see velora/distributed/shared_v.hpp, and reduced); or any gradient_operator. A dense
+    /// parameter expands a non-dense form into the workspace reserve() sizes.
+    template <class Weight = matrix_view<T>, class Grad = const_matrix_view<T>, velora::communicator C = velora::single_process>
+        requires(std::convertible_to<Weight, matrix_view<T>> || (std::convertible_to<Weight, bf16_weight_view> && host_float_backend<B>)) &&
+                gradient_argument<Grad, B>
+    status step(param_id id, Weight weight, const Grad& grad, C&& comm = C{}) {
+        if constexpr (!std::convertible_to<Weight, matrix_view<T>>) {   // a bf16 weight (a bf16_weight_view or a view of bf16 values)
+            return this->step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
+        } else {
+            constexpr const char* fn = "adarank::low_rank_adamw::step";
+            const matrix_view<T> w = weight;
+            layer& l = checked_layer(id, fn);
+            velora::check_shape(w, l.rows, l.cols, fn, "weight");
+            check_gradient_argument<B>(grad, l.rows, l.cols, id, fn);
+            check_distributable(l, config_.refresh, comm, fn);
+            // A factored gradient's finiteness is decided before any product, collectively: a
+            // rank whose A holds a NaN makes every rank return non_finite_input.
+            if constexpr (std::same_as<Grad, velora::factored_gradient<T>>)
+                if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
+            return step_with(l, w, as_gradient_operator(*b_, grad, ws_.fused), comm);
+        }
     }
-
-    /// A VeLoRA layer's gradient in factored form (velora::compressor::factored): a low-rank
-    /// parameter never forms the rows×cols gradient; a dense one expands it into the workspace
-    /// reserve() sizes. With a communicator, the projection is formed locally from A and v (which
-    /// must be the same on every rank, see velora/distributed/shared_v.hpp) and reduced.
-    template <velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_factored_gradient(grad, l.rows, l.cols, id, fn);
-        check_distributable(l, config_.refresh, comm, fn);
-        if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
-        const factored_gradient_op<B> g(*b_, grad, ws_.fused);
-        return step_with(l, weight, g, comm);
-    }
-
-    /// A gradient in any form a gradient_operator describes (rows×cols). A dense parameter
-    /// expands the operator into the workspace reserve() sizes.
-    template <gradient_operator Op, velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const Op& grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
-        check_distributable(l, config_.refresh, comm, fn);
-        return step_with(l, weight, grad, comm);
-    }
-
-    // bf16 weights: the same three steps for a host that stores the weight only in bf16
-    // (bf16_weight_steps.hpp). Statuses as above; non_finite_input and overflow leave the bf16
-    // weight untouched too. Under the precondition above the stepped floats stay below 3/4 of
-    // float's largest, which bf16 holds, so an `ok` step never rounds a weight to Inf.
-    using bf16_weight_steps<low_rank_adamw, B>::step;
 
     /// Replaces the subspace of a low-rank parameter with `basis` (r×len, orthonormal rows within
     /// orthonormality_tolerance, backend memory; len = rows on the left side, cols on the right),
@@ -270,7 +256,10 @@ public:
         return s;
     }
 
-    [[nodiscard]] layer_info info(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::info").info(); }
+    /// Parameter `id`'s state as numbers: its shape, kind, side, rank, step and refresh counters,
+    /// state bytes, the last step's ‖Ĝ‖² and bytes communicated, the last subspace search (named
+    /// info() before 0.x; that spelling is deprecated.hpp's).
+    [[nodiscard]] layer_info layer_state(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::layer_state").info(); }
 
     /// Basis (rank×len) and moments (rank×other, or rows×cols for a dense parameter) of a
     /// parameter, as views of backend memory (valid until its next step or set_basis).
@@ -391,7 +380,7 @@ concept low_rank_optimizer = requires(O& o, index_t n, typename O::param_id id, 
                                       const_matrix_view<typename O::value_type> g) {
     { o.add_parameter(n, n) } -> std::same_as<typename O::param_id>;
     { o.step(id, w, g) } -> std::same_as<status>;
-    { o.info(id) } -> std::same_as<layer_info>;
+    { o.layer_state(id) } -> std::same_as<layer_info>;
     { o.state_bytes() } -> std::convertible_to<std::size_t>;
     { o.save_state() } -> std::same_as<std::vector<std::byte>>;
 };

@@ -5,6 +5,7 @@ over the very parameter tensors of this optimizer's groups: a step updates them 
 class keeps torch's surface: param_groups (read at every step, so LR schedulers work),
 state_dict()/load_state_dict(), zero_grad(set_to_none=...), step(closure).
 """
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -123,9 +124,14 @@ class AdaRankGradAdamW(Optimizer):
         super().load_state_dict(rest)
 
     # ---------------------------------------------------------------- library reports
+    def layer_state(self, param):
+        """A registered parameter's optimizer state as numbers: low_rank, rank, refreshes, state_bytes."""
+        return self._engine().layer_state(param)
+
     def info(self, param):
-        """The library's report on a registered parameter: low_rank, rank, refreshes, state_bytes."""
-        return self._engine().info(param)
+        """Deprecated spelling of layer_state (removed in the next release)."""
+        warnings.warn("AdaRankGradAdamW.info is renamed layer_state", DeprecationWarning, stacklevel=2)
+        return self.layer_state(param)
 
     @property
     def skipped_steps(self):
