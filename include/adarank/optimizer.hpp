@@ -21,7 +21,10 @@
 ///
 /// This file is the public surface. The work lives in files of one concern each: parameter.hpp,
 /// adamw_rule.hpp, dense_step.hpp, low_rank_step.hpp (five named phases), given_basis.hpp,
-/// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp.
+/// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp,
+/// gradient_argument.hpp (the gradient forms `step` takes), rank_budget.hpp (with the budget's
+/// admission checks). Three bases carry the rest of the public surface: bf16_weight_steps.hpp,
+/// data_parallel_phases.hpp and deprecated.hpp (the old spellings).
 #include <algorithm>
 #include <cmath>
 #include <concepts>
