@@ -203,7 +203,7 @@ void BM_AdamWDense(benchmark::State& state) {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(kNeverRefresh)),
                                    adarank::param_kind::dense);
         if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
-        const adarank::layer_info info = f.opt.info(f.id);
+        const adarank::layer_info info = f.opt.layer_state(f.id);
         state.counters["state_bytes"] = static_cast<double>(info.state_bytes);
         // Read W, G, m, v; write W, m, v (plus one read of G for the finiteness check).
         state.SetBytesProcessed(state.iterations() * 8 * kRows * kCols * static_cast<std::int64_t>(sizeof(T)));
@@ -216,7 +216,7 @@ void BM_LowRankAdamStep(benchmark::State& state) {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(kNeverRefresh)),
                                    adarank::param_kind::low_rank);
         if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
-        const adarank::layer_info info = f.opt.info(f.id);
+        const adarank::layer_info info = f.opt.layer_state(f.id);
         if (info.refreshes != 1) return state.SkipWithError("a refresh happened inside the timed loop");
         state.counters["rank"] = static_cast<double>(info.rank);
         state.counters["left_side"] = info.side == adarank::projection_side::left ? 1 : 0;
@@ -229,9 +229,9 @@ void BM_LowRankAdamRefresh(benchmark::State& state) {
     guarded(state, [&] {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(1)),
                                    adarank::param_kind::low_rank);
-        const std::uint64_t refreshes_before = f.opt.info(f.id).refreshes;
+        const std::uint64_t refreshes_before = f.opt.layer_state(f.id).refreshes;
         if (!timed_steps(state, [&] { return f.step(); })) return state.SkipWithError("step did not return status::ok");
-        const adarank::layer_info info = f.opt.info(f.id);
+        const adarank::layer_info info = f.opt.layer_state(f.id);
         if (info.refreshes - refreshes_before != static_cast<std::uint64_t>(state.iterations()))
             return state.SkipWithError("not every timed step refreshed the subspace");
         state.counters["rank"] = static_cast<double>(info.rank);
@@ -428,9 +428,9 @@ velora_fixture& layer() {
 
 template <class Step>
 void run_layer_step(benchmark::State& state, optimizer_t& opt, optimizer_t::param_id id, Step step) {
-    const std::uint64_t refreshes_before = opt.info(id).refreshes;
+    const std::uint64_t refreshes_before = opt.layer_state(id).refreshes;
     if (!timed_steps(state, step)) return state.SkipWithError("step did not return status::ok");
-    const adarank::layer_info info = opt.info(id);
+    const adarank::layer_info info = opt.layer_state(id);
     if (info.refreshes != refreshes_before) return state.SkipWithError("a refresh happened inside the timed loop");
     state.counters["rank"] = static_cast<double>(info.rank);
     state.counters["state_bytes"] = static_cast<double>(info.state_bytes);

@@ -285,7 +285,7 @@ void optimizer_steps(benchmark::State& state, optimizer_fixture& f, F&& check_af
     bool ok = true;
     timed(state, [&] { ok &= f.step() == velora::status::ok; });
     if (!ok) return state.SkipWithError("step did not return ok");
-    check_after(f.opt.info(f.id));
+    check_after(f.opt.layer_state(f.id));
 }
 
 void BM_AdamWDense_Cuda(benchmark::State& state) {
@@ -312,7 +312,7 @@ BENCHMARK(BM_LowRankAdamStep_Cuda)->UseManualTime()->Unit(benchmark::kMillisecon
 void BM_LowRankAdamRefresh_Cuda(benchmark::State& state) {
     guarded(state, [&] {
         static optimizer_fixture f(make_config(adarank::rank_policy::fixed(kRank), adarank::refresh_policy::every(1)), adarank::param_kind::low_rank);
-        const std::uint64_t before = f.opt.info(f.id).refreshes;
+        const std::uint64_t before = f.opt.layer_state(f.id).refreshes;
         optimizer_steps(state, f, [&](const adarank::layer_info& i) {
             if (i.refreshes - before != static_cast<std::uint64_t>(state.iterations())) state.SkipWithError("not every step refreshed");
             state.counters["q"] = i.last_refresh.power_iterations;

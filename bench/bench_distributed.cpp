@@ -280,7 +280,7 @@ result run_one(backend_t& b, const shape& s, const method& meth, const options& 
 
     // (a) The first step finds the subspace (a cold refresh): its bytes are checked too.
     require_ok(many.step(id, view(w_many, s), g, comm), "first step");
-    const adarank::layer_info first = many.info(id);
+    const adarank::layer_info first = many.layer_state(id);
     res.first_bytes = first.communicated_bytes;
     res.first_expected = refresh_elements(first) * sizeof(T);
     res.first_ok = res.first_bytes == res.first_expected;
@@ -290,7 +290,7 @@ result run_one(backend_t& b, const shape& s, const method& meth, const options& 
     const auto shorter = static_cast<std::uint64_t>(std::min(s.m, s.n));
     const std::uint64_t steady = static_cast<std::uint64_t>(first.rank) * other * sizeof(T);
     const auto check_steady = [&] {
-        const adarank::layer_info i = many.info(id);
+        const adarank::layer_info i = many.layer_state(id);
         // Exactly min(m,n)/r: full·r == bytes·min(m,n), in integers; and no refresh happened.
         res.steady_ok = res.steady_ok && i.communicated_bytes == steady &&
                         full_bytes(s) * static_cast<std::uint64_t>(i.rank) == i.communicated_bytes * shorter && i.refreshes == first.refreshes;
@@ -323,7 +323,7 @@ result run_one(backend_t& b, const shape& s, const method& meth, const options& 
             world, 1, [&] { require_ok(local_refresh.step(id_local_refresh, view(w_local_refresh, s), g), "local refresh"); }));
         r_many.push_back(sample_together(world, 1, [&] {
             require_ok(many_refresh.step(id_refresh, view(w_many_refresh, s), g, comm), "refresh step");
-            const adarank::layer_info i = many_refresh.info(id_refresh);
+            const adarank::layer_info i = many_refresh.layer_state(id_refresh);
             res.refresh_bytes = i.communicated_bytes;
             res.refresh_expected = refresh_elements(i) * sizeof(T);
             res.refresh_ok = res.refresh_ok && res.refresh_bytes == res.refresh_expected && i.steps_in_subspace == 1;

@@ -268,7 +268,7 @@ def _run_pair(GaLoreAdamW, rows, cols, rank, gap, steps, grad_of, seed=3, inject
                 assert status == "ok", status
         mine.step()
         if step == 0:
-            assert mine.info(a)["side"] == side, (mine.info(a)["side"], side)
+            assert mine.layer_state(a)["side"] == side, (mine.layer_state(a)["side"], side)
             first = dict(g=gb, w0=w0, mine=(a.detach() - w0), theirs=(b.detach() - w0), side=side)
         if on_refresh is not None and step % gap == 0:
             on_refresh(step, mine, a, theirs, b, side)

@@ -54,7 +54,7 @@ int main() {
         s = opt.step(id, w_view, comp.factored(record, a_view));                 // or a dense gradient view
         // s == non_finite_input (NaN/Inf gradient) or overflow (a result too large for float): nothing changed.
         if (s != velora::status::ok) ++failures;
-        const adarank::layer_info info = opt.info(id);                          // rank, refreshes, state bytes
+        const adarank::layer_info info = opt.layer_state(id);                          // rank, refreshes, state bytes
         std::printf("step %d: record %zu bytes (X is %zu), low-rank %d, rank %ld, refreshes %llu, optimizer state %zu bytes\n", step,
                     record.bytes(), static_cast<std::size_t>(T * D) * sizeof(float), info.low_rank ? 1 : 0, static_cast<long>(info.rank),
                     static_cast<unsigned long long>(info.refreshes), info.state_bytes);

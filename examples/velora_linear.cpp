@@ -162,7 +162,7 @@ run_result train(const options& o, bool use_velora, bool low_rank) {
         }
     }
     result.optimizer_bytes = opt.state_bytes();
-    result.rank = opt.info(id1).rank;
+    result.rank = opt.layer_state(id1).rank;
     result.ms_per_step = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / o.steps;
     return result;
 }

@@ -158,14 +158,14 @@ TEST_CASE_TEMPLATE("full rank with an identity basis and no refresh equals dense
         optimizer_t<T> low(backend, cfg), dense(backend, cfg);
         const auto id = low.add_parameter(c.m, c.n, param_kind::low_rank);
         const auto did = dense.add_parameter(c.m, c.n, param_kind::dense);
-        REQUIRE(low.info(id).low_rank);
-        REQUIRE_FALSE(dense.info(did).low_rank);
-        const bool left = low.info(id).side == projection_side::left;
+        REQUIRE(low.layer_state(id).low_rank);
+        REQUIRE_FALSE(dense.layer_state(did).low_rank);
+        const bool left = low.layer_state(id).side == projection_side::left;
         const index_t len = left ? c.m : c.n, other = left ? c.n : c.m;
         REQUIRE(len == r);
         const RowMatT<T> eye = RowMatT<T>::Identity(r, len);
         REQUIRE(low.set_basis(id, cv(eye)) == status::ok);
-        CHECK(low.info(id).rank == r);
+        CHECK(low.layer_state(id).rank == r);
 
         RowMatT<T> wl = gaussian_matrix(c.m, c.n, 1).template cast<T>();
         RowMatT<T> wd = wl;
@@ -187,13 +187,13 @@ TEST_CASE_TEMPLATE("full rank with an identity basis and no refresh equals dense
         CHECK(rel_diff(left ? vl : Mat(vl.transpose()), oracle.v()) < tol<T>());
         CHECK(rel_diff(to_mat(dense.first_moment(did)), oracle.m()) < tol<T>());
         // No refresh happened: the basis is still the identity, the only subspace is set_basis's.
-        const auto info = low.info(id);
+        const auto info = low.layer_state(id);
         CHECK(info.refreshes == 1);
         CHECK(info.steps == 8);
         CHECK(info.steps_in_subspace == 8);
         CHECK(test::same_bits(low.basis(id), cv(eye)));
         CHECK(info.state_bytes == static_cast<std::size_t>(r * len + 2 * r * other) * sizeof(T));
-        CHECK(dense.info(did).state_bytes == static_cast<std::size_t>(2 * c.m * c.n) * sizeof(T));
+        CHECK(dense.layer_state(did).state_bytes == static_cast<std::size_t>(2 * c.m * c.n) * sizeof(T));
     }
 }
 
@@ -235,7 +235,7 @@ TEST_CASE_TEMPLATE("fused VeLoRA gradient (factored) gives the same steps as its
                     CHECK(plain.step(pid, mv(wp), cv(layer.dense)) == status::ok);
                     CHECK(fused.step(fdense, mv(wfd), f) == status::ok);
                     CHECK(plain.step(pdense, mv(wpd), cv(layer.dense)) == status::ok);
-                    const auto fi = fused.info(fid), pi = plain.info(pid);
+                    const auto fi = fused.layer_state(fid), pi = plain.layer_state(pid);
                     REQUIRE(fi.rank == pi.rank);
                     CHECK(fi.refreshes == pi.refreshes);
                     CHECK(fi.last_refresh.exact == pi.last_refresh.exact);
@@ -245,8 +245,8 @@ TEST_CASE_TEMPLATE("fused VeLoRA gradient (factored) gives the same steps as its
                     CHECK(rel_diff(wf, wp) < (sizeof(T) == 8 ? 1e-11 : 1e-4));
                     CHECK(rel_diff(wfd, wpd) < tol<T>());
                 }
-                CHECK(fused.info(fid).refreshes == 3);   // steps 1, 4, 7
-                if (!exact) CHECK_FALSE(fused.info(fid).last_refresh.exact);
+                CHECK(fused.layer_state(fid).refreshes == 3);   // steps 1, 4, 7
+                if (!exact) CHECK_FALSE(fused.layer_state(fid).last_refresh.exact);
             }
         }
     }
@@ -269,7 +269,7 @@ TEST_CASE("GaLore configuration matches the dense GaLore AdamW oracle step by st
         optimizer_t<double> opt(backend, cfg);
         const auto id = opt.add_parameter(c.m, c.n, param_kind::low_rank);
         ref::galore_adamw oracle(c.m, c.n, c.rank, as_ref(cfg.adam), 3, 0.25);
-        const bool left = opt.info(id).side == projection_side::left;
+        const bool left = opt.layer_state(id).side == projection_side::left;
         CHECK(left == oracle.left());
         RowMat w = gaussian_matrix(c.m, c.n, 9);
         Mat wr = w;
@@ -288,8 +288,8 @@ TEST_CASE("GaLore configuration matches the dense GaLore AdamW oracle step by st
             const Mat m = to_mat(opt.first_moment(id)), v = to_mat(opt.second_moment(id));
             CHECK(rel_diff(left ? m : Mat(m.transpose()), oracle.m()) < 1e-9);
             CHECK(rel_diff(left ? v : Mat(v.transpose()), oracle.v()) < 1e-9);
-            CHECK(opt.info(id).refreshes == static_cast<std::uint64_t>(oracle.refreshes()));
-            CHECK(opt.info(id).rank == c.rank);
+            CHECK(opt.layer_state(id).refreshes == static_cast<std::uint64_t>(oracle.refreshes()));
+            CHECK(opt.layer_state(id).rank == c.rank);
         }
         CHECK(oracle.refreshes() == 4);   // calls 1, 4, 7, 10
     }
@@ -324,9 +324,9 @@ TEST_CASE("convergence: least squares with a low-rank target, AdaRankGrad's defa
         for (int s = 0; s < steps; ++s) {
             const RowMat g = p.grad(w);
             REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
-            if (ranks && opt.info(id).steps_in_subspace == 1) ranks->push_back(opt.info(id).rank);
+            if (ranks && opt.layer_state(id).steps_in_subspace == 1) ranks->push_back(opt.layer_state(id).rank);
         }
-        if (kind == param_kind::low_rank) CHECK(opt.info(id).refreshes >= 3);
+        if (kind == param_kind::low_rank) CHECK(opt.layer_state(id).refreshes >= 3);
         return p.loss(w);
     };
     const double initial = p.loss(RowMat::Zero(d_out, d_in));
@@ -388,8 +388,8 @@ TEST_CASE("convergence: two-layer tanh MLP, low-rank hidden weights and dense bi
         optimizer_t<double> opt(backend, cfg);
         const auto i_w1 = opt.add_parameter(hidden, d_in, weights), i_b1 = opt.add_parameter(1, hidden);
         const auto i_w2 = opt.add_parameter(d_out, hidden, weights), i_b2 = opt.add_parameter(1, d_out);
-        CHECK(opt.info(i_w1).low_rank == (weights == param_kind::low_rank));
-        CHECK_FALSE(opt.info(i_b1).low_rank);   // automatic: vectors are dense
+        CHECK(opt.layer_state(i_w1).low_rank == (weights == param_kind::low_rank));
+        CHECK_FALSE(opt.layer_state(i_b1).low_rank);   // automatic: vectors are dense
         mlp net = init, g;
         for (int s = 0; s < steps; ++s) {
             mlp_loss(net, x, target, &g);
@@ -399,7 +399,7 @@ TEST_CASE("convergence: two-layer tanh MLP, low-rank hidden weights and dense bi
             REQUIRE(opt.step(i_b2, mv(net.b2), cv(g.b2)) == status::ok);
         }
         if (weights == param_kind::low_rank) {
-            CHECK(opt.info(i_w1).rank <= 4);
+            CHECK(opt.layer_state(i_w1).rank <= 4);
             CHECK(opt.state_bytes() < static_cast<std::size_t>(2 * (hidden * d_in + d_out * hidden + hidden + d_out)) * sizeof(double));
         }
         return mlp_loss(net, x, target, nullptr);
@@ -496,7 +496,7 @@ TEST_CASE("bad configurations and arguments throw std::invalid_argument naming t
         contains(invalid_argument_message([&] { (void)opt.set_basis(id, cv(b46)); }), {fn, "'basis' is 4x4", "1 <= r <= 3"});
         contains(invalid_argument_message([&] { (void)opt.set_basis(did, cv(b46)); }), {fn, "parameter 1 is optimised densely"});
         contains(invalid_argument_message([&] { (void)opt.set_basis(5, cv(b46)); }), {fn, "'id' is 5"});
-        contains(invalid_argument_message([&] { (void)opt.info(7); }), {"adarank::low_rank_adamw::info", "'id' is 7"});
+        contains(invalid_argument_message([&] { (void)opt.layer_state(7); }), {"adarank::low_rank_adamw::layer_state", "'id' is 7"});
         contains(invalid_argument_message([&] { (void)opt.basis(-3); }), {"adarank::low_rank_adamw::basis", "'id' is -3"});
         contains(invalid_argument_message([&] { opt.set_learning_rate(-1); }), {"adarank::low_rank_adamw::set_learning_rate", "'lr'", "got -1"});
         contains(invalid_argument_message([&] { opt.set_learning_rate(std::numeric_limits<double>::infinity()); }), {"'lr'", "inf"});
@@ -535,12 +535,12 @@ TEST_CASE("all_reduce_mean checks every gradient view with check_view, naming al
     // Nothing was counted as reduced: the next step reports no bytes communicated.
     RowMatT<T> w = gaussian_matrix(8, 5, 1).cast<T>();
     REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
-    CHECK(opt.info(id).communicated_bytes == 0);
+    CHECK(opt.layer_state(id).communicated_bytes == 0);
     // A valid call reduces (one process: the mean is the gradient) and is counted.
     CHECK(invalid_argument_message([&] { reduce({gb.data(), 8, 5, 5}); }) == "<no std::invalid_argument thrown>");
     CHECK(gb == std::vector<T>(40, T(2)));
     REQUIRE(opt.step(id, mv(w), velora::const_matrix_view<T>{gb.data(), 8, 5, 5}) == status::ok);
-    CHECK(opt.info(id).communicated_bytes == 40 * sizeof(T));
+    CHECK(opt.layer_state(id).communicated_bytes == 40 * sizeof(T));
 }
 
 TEST_CASE("the phases' old spellings (projection_shape, project, step_projected) still work as deprecated aliases of the new ones") {
@@ -671,7 +671,7 @@ TEST_CASE_TEMPLATE("a NaN or Inf gradient (dense or factored) returns non_finite
                     }
                     const auto blob = opt.save_state();
                     const RowMatT<T> w_before = w;
-                    const auto info_before = opt.info(id);
+                    const auto info_before = opt.layer_state(id);
                     auto f = layer.next(799);
                     RowMatT<T> dense_bad = layer.dense;
                     dense_bad(o / 2, d - 3) = bad;
@@ -680,12 +680,12 @@ TEST_CASE_TEMPLATE("a NaN or Inf gradient (dense or factored) returns non_finite
                     CHECK(st == status::non_finite_input);
                     CHECK(opt.save_state() == blob);
                     CHECK(test::same_bits(w, w_before));
-                    CHECK(opt.info(id).steps == info_before.steps);
-                    CHECK(opt.info(id).refreshes == info_before.refreshes);
+                    CHECK(opt.layer_state(id).steps == info_before.steps);
+                    CHECK(opt.layer_state(id).refreshes == info_before.refreshes);
                     // The next good step is the one that was due (a refresh at phase 0 and 3).
                     const auto good = layer.next(800);
                     CHECK(opt.step(id, mv(w), good) == status::ok);
-                    if (low_rank) CHECK(opt.info(id).refreshes == info_before.refreshes + ((phase == 0 || phase == 3) ? 1 : 0));
+                    if (low_rank) CHECK(opt.layer_state(id).refreshes == info_before.refreshes + ((phase == 0 || phase == 3) ? 1 : 0));
                     CHECK(w.allFinite());
                 }
             }
@@ -709,7 +709,7 @@ TEST_CASE_TEMPLATE("an all-zero gradient on a refresh step returns degenerate_in
         velora_layer<T> layer(backend, 24, o, d, groups);
         RowMatT<T> w = gaussian_matrix(o, d, 3).template cast<T>();
         for (int s = 0; s < 3; ++s) REQUIRE(opt.step(id, mv(w), layer.next(900 + 3 * std::uint64_t(s))) == status::ok);
-        const auto before = opt.info(id);
+        const auto before = opt.layer_state(id);
         REQUIRE(before.steps_in_subspace == 3);   // a refresh is due now
         const RowMatT<T> basis_before = copy_of(opt.basis(id));
         auto f = layer.next(950);
@@ -717,7 +717,7 @@ TEST_CASE_TEMPLATE("an all-zero gradient on a refresh step returns degenerate_in
         const RowMatT<T> zero = RowMatT<T>::Zero(o, d);
         const status st = factored ? opt.step(id, mv(w), f) : opt.step(id, mv(w), cv(zero));
         CHECK(st == status::degenerate_input);
-        const auto after = opt.info(id);
+        const auto after = opt.layer_state(id);
         CHECK(after.rank == before.rank);
         CHECK(after.refreshes == before.refreshes);
         CHECK(test::same_bits(opt.basis(id), cv(basis_before)));
@@ -725,7 +725,7 @@ TEST_CASE_TEMPLATE("an all-zero gradient on a refresh step returns degenerate_in
         CHECK(w.allFinite());
         // The refresh is still due and happens with the next usable gradient.
         CHECK(opt.step(id, mv(w), layer.next(960)) == status::ok);
-        CHECK(opt.info(id).refreshes == before.refreshes + 1);
+        CHECK(opt.layer_state(id).refreshes == before.refreshes + 1);
     }
     SUBCASE("an all-zero first gradient only decays W; the first non-zero gradient finds the subspace") {
         backend_t<T> backend;
@@ -734,13 +734,13 @@ TEST_CASE_TEMPLATE("an all-zero gradient on a refresh step returns degenerate_in
         RowMatT<T> w = gaussian_matrix(o, d, 3).template cast<T>();
         const RowMatT<T> w0 = w, zero = RowMatT<T>::Zero(o, d);
         CHECK(opt.step(id, mv(w), cv(zero)) == status::degenerate_input);
-        CHECK(opt.info(id).rank == 0);
-        CHECK(opt.info(id).refreshes == 0);
-        CHECK(opt.info(id).steps == 1);
+        CHECK(opt.layer_state(id).rank == 0);
+        CHECK(opt.layer_state(id).refreshes == 0);
+        CHECK(opt.layer_state(id).steps == 1);
         CHECK(rel_diff(w, Mat(w0.template cast<double>() * (1.0 - cfg.adam.lr * cfg.adam.weight_decay))) < tol<T>());
         velora_layer<T> layer(backend, 24, o, d, groups);
         CHECK(opt.step(id, mv(w), layer.next(961)) == status::ok);
-        CHECK(opt.info(id).refreshes == 1);
+        CHECK(opt.layer_state(id).refreshes == 1);
         const Mat b = to_mat(opt.basis(id));
         REQUIRE(b.rows() >= 1);
         CHECK((b * b.transpose() - Mat::Identity(b.rows(), b.rows())).norm() < 1e-5);
@@ -760,14 +760,14 @@ TEST_CASE("identical runs are bit-identical; another seed gives another randomiz
         backend_t<float> backend;
         optimizer_t<float> opt(backend, cfg);
         const auto id = opt.add_parameter(m, n);
-        REQUIRE(opt.info(id).low_rank);
+        REQUIRE(opt.layer_state(id).low_rank);
         w = gaussian_matrix(m, n, 1).cast<float>();
         for (std::uint64_t s = 0; s < 5; ++s) {
             const RowMatT<float> g = gaussian_matrix(m, n, 1000 + s).cast<float>();
             REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
         }
         basis = copy_of(opt.basis(id));
-        rep = opt.info(id).last_refresh;
+        rep = opt.layer_state(id).last_refresh;
         return opt.save_state();
     };
     RowMatT<float> w1, w2, w3, b1, b2, b3;
@@ -814,8 +814,8 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
     }
     const auto blob = a.save_state();
     const RowMatT<float> w_saved = w, bias_saved = bias;
-    CHECK_FALSE(a.info(0).last_refresh.exact);
-    const auto refreshes_at_save = a.info(0).refreshes;
+    CHECK_FALSE(a.layer_state(0).last_refresh.exact);
+    const auto refreshes_at_save = a.layer_state(0).refreshes;
     auto continue_run = [&](optimizer_t<float>& o, RowMatT<float>& ww, RowMatT<float>& bb) {
         for (int s = k; s < k + more; ++s) {
             REQUIRE(o.step(0, mv(ww), cv(grads(std::uint64_t(s)))) == status::ok);
@@ -823,7 +823,7 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         }
     };
     continue_run(a, w, bias);
-    CHECK(a.info(0).refreshes > refreshes_at_save);   // the continuation crossed a randomized refresh
+    CHECK(a.layer_state(0).refreshes > refreshes_at_save);   // the continuation crossed a randomized refresh
 
     SUBCASE("in memory, with another learning rate configured (the saved one is restored)") {
         auto c2 = cfg;
@@ -840,9 +840,9 @@ TEST_CASE("state: save, load and continue bit-identically; damaged or foreign bl
         CHECK(test::same_bits(b.first_moment(0), a.first_moment(0)));
         CHECK(test::same_bits(b.second_moment(0), a.second_moment(0)));
         CHECK(test::same_bits(b.second_moment(1), a.second_moment(1)));
-        CHECK(b.info(0).rank == a.info(0).rank);
-        CHECK(b.info(0).refreshes == a.info(0).refreshes);
-        CHECK(b.info(0).steps == a.info(0).steps);
+        CHECK(b.layer_state(0).rank == a.layer_state(0).rank);
+        CHECK(b.layer_state(0).refreshes == a.layer_state(0).refreshes);
+        CHECK(b.layer_state(0).steps == a.layer_state(0).steps);
     }
     SUBCASE("into the optimizer that saved it, after it moved on (its rank and buffers may differ)") {
         const auto after = a.save_state();
@@ -982,7 +982,7 @@ TEST_CASE("state: a VeLoRA compressor + low-rank optimizer run resumes bit-ident
     CHECK(test::same_bits(wa, wb));
     CHECK(ob.save_state() == oa.save_state());
     CHECK(lb.comp.save_state() == la.comp.save_state());
-    CHECK(oa.info(0).refreshes == 4);   // steps 1, 3, 5, 7
+    CHECK(oa.layer_state(0).refreshes == 4);   // steps 1, 3, 5, 7
 }
 
 // ================================================================================ 10. reporting and refresh rules
@@ -998,13 +998,13 @@ TEST_CASE_TEMPLATE("reporting: rank, refreshes, state bytes, side choice", T, fl
             cfg.rsvd.exact_fraction = randomized ? 1.0 : 0.0;
             optimizer_t<T> opt(backend, cfg);
             const auto id = opt.add_parameter(30, 20, param_kind::low_rank), did = opt.add_parameter(30, 20, param_kind::dense);
-            CHECK(opt.info(id).rank == 0);
-            CHECK(opt.info(id).state_bytes == 0);
+            CHECK(opt.layer_state(id).rank == 0);
+            CHECK(opt.layer_state(id).state_bytes == 0);
             RowMatT<T> w = RowMatT<T>::Zero(30, 20), wd = w;
             const RowMatT<T> g = with_spectrum(30, 20, {5.0, 3.0, 2.0}, 21).template cast<T>();
             REQUIRE(opt.step(id, mv(w), cv(g)) == status::ok);
             REQUIRE(opt.step(did, mv(wd), cv(g)) == status::ok);
-            const auto info = opt.info(id);
+            const auto info = opt.layer_state(id);
             CHECK(info.rows == 30);
             CHECK(info.cols == 20);
             CHECK(info.low_rank);
@@ -1017,8 +1017,8 @@ TEST_CASE_TEMPLATE("reporting: rank, refreshes, state bytes, side choice", T, fl
             CHECK(info.last_refresh.energy == doctest::Approx(38.0).epsilon(1e-4));
             CHECK(info.projected_norm2 == doctest::Approx(38.0).epsilon(1e-4));
             CHECK(info.state_bytes == static_cast<std::size_t>(3 * 20 + 2 * 3 * 30) * sizeof(T));
-            CHECK(opt.info(did).state_bytes == static_cast<std::size_t>(2 * 30 * 20) * sizeof(T));
-            CHECK(opt.state_bytes() == info.state_bytes + opt.info(did).state_bytes);
+            CHECK(opt.layer_state(did).state_bytes == static_cast<std::size_t>(2 * 30 * 20) * sizeof(T));
+            CHECK(opt.state_bytes() == info.state_bytes + opt.layer_state(did).state_bytes);
             CHECK(opt.basis(id).rows == 3);
             CHECK(opt.first_moment(id).rows == 3);
             CHECK(opt.first_moment(id).cols == 30);
@@ -1046,25 +1046,25 @@ TEST_CASE_TEMPLATE("reporting: rank, refreshes, state bytes, side choice", T, fl
             cfg.rank = adarank::rank_policy::fixed(2);
             optimizer_t<T> opt(backend, cfg);
             const auto id = opt.add_parameter(c.m, c.n, param_kind::low_rank);
-            CHECK(opt.info(id).side == c.expect);
+            CHECK(opt.layer_state(id).side == c.expect);
             RowMatT<T> w = RowMatT<T>::Zero(c.m, c.n);
             REQUIRE(opt.step(id, mv(w), cv(RowMatT<T>(gaussian_matrix(c.m, c.n, 31).template cast<T>()))) == status::ok);
             const index_t len = c.expect == projection_side::left ? c.m : c.n, other = c.m + c.n - len;
             CHECK(opt.basis(id).cols == len);
             CHECK(opt.first_moment(id).cols == other);
-            CHECK(opt.info(id).state_bytes == static_cast<std::size_t>(2 * len + 4 * other) * sizeof(T));
+            CHECK(opt.layer_state(id).state_bytes == static_cast<std::size_t>(2 * len + 4 * other) * sizeof(T));
             if (c.m != c.n && c.policy == side_policy::reverse_standard)   // reverse_std holds the moments on the short side: less memory
-                CHECK(opt.info(id).state_bytes < static_cast<std::size_t>(2 * std::min(c.m, c.n) + 4 * std::max(c.m, c.n)) * sizeof(T));
+                CHECK(opt.layer_state(id).state_bytes < static_cast<std::size_t>(2 * std::min(c.m, c.n) + 4 * std::max(c.m, c.n)) * sizeof(T));
         }
     }
     SUBCASE("automatic kind: vectors and small matrices dense, large matrices with a small rank low-rank") {
         adarank::optimizer_config cfg;
         cfg.rank = adarank::rank_policy::adaptive(0.2, 1, 4);
         optimizer_t<T> opt(backend, cfg);
-        CHECK_FALSE(opt.info(opt.add_parameter(1, 64)).low_rank);
-        CHECK_FALSE(opt.info(opt.add_parameter(64, 1)).low_rank);
-        CHECK_FALSE(opt.info(opt.add_parameter(4, 4)).low_rank);   // 4·(4 + 8) = 48 >= 2·16
-        CHECK(opt.info(opt.add_parameter(32, 48)).low_rank);
+        CHECK_FALSE(opt.layer_state(opt.add_parameter(1, 64)).low_rank);
+        CHECK_FALSE(opt.layer_state(opt.add_parameter(64, 1)).low_rank);
+        CHECK_FALSE(opt.layer_state(opt.add_parameter(4, 4)).low_rank);   // 4·(4 + 8) = 48 >= 2·16
+        CHECK(opt.layer_state(opt.add_parameter(32, 48)).low_rank);
     }
 }
 
@@ -1090,8 +1090,8 @@ TEST_CASE("refresh rules: every(T), converged(eps) and captured_energy(tau) fire
         for (int s = 0; s < 10; ++s) {
             CAPTURE(s);
             REQUIRE(opt.step(id, mv(w), cv(RowMat(gaussian_matrix(m, n, 50 + std::uint64_t(s))))) == status::ok);
-            CHECK(opt.info(id).refreshes == expect_refreshes[s]);
-            CHECK(opt.info(id).steps_in_subspace == expect_since[s]);
+            CHECK(opt.layer_state(id).refreshes == expect_refreshes[s]);
+            CHECK(opt.layer_state(id).steps_in_subspace == expect_since[s]);
         }
     }
     SUBCASE("converged(0.5): when ‖Ĝ‖ falls to half its value at the refresh, not before min_interval, always at max_interval") {
@@ -1109,10 +1109,10 @@ TEST_CASE("refresh rules: every(T), converged(eps) and captured_energy(tau) fire
         for (int s = 0; s < 13; ++s) {
             CAPTURE(s);
             REQUIRE(opt.step(id, mv(w), cv(RowMat(c[s] * g0))) == status::ok);
-            CHECK(opt.info(id).refreshes == expect[s]);
-            CHECK(opt.info(id).rank == 2);
+            CHECK(opt.layer_state(id).refreshes == expect[s]);
+            CHECK(opt.layer_state(id).rank == 2);
         }
-        CHECK(opt.info(id).projected_norm2 == doctest::Approx(13.0).epsilon(1e-9));
+        CHECK(opt.layer_state(id).projected_norm2 == doctest::Approx(13.0).epsilon(1e-9));
     }
     SUBCASE("captured_energy(0.5): when the gradient leaves the subspace") {
         auto cfg = base();
@@ -1122,21 +1122,21 @@ TEST_CASE("refresh rules: every(T), converged(eps) and captured_energy(tau) fire
         RowMat w = RowMat::Zero(m, n);
         REQUIRE(opt.step(id, mv(w), cv(RowMat(g0))) == status::ok);
         REQUIRE(opt.step(id, mv(w), cv(RowMat(0.5 * g0))) == status::ok);   // still inside: no refresh
-        CHECK(opt.info(id).refreshes == 1);
+        CHECK(opt.layer_state(id).refreshes == 1);
         // A gradient whose column space is orthogonal to g0's: Ĝ = 0.
         const Mat p = Mat::Identity(m, m) - to_mat(opt.basis(id)).transpose() * to_mat(opt.basis(id));
         const Mat g1 = p * gaussian_matrix(m, n, 43);
         REQUIRE(opt.step(id, mv(w), cv(RowMat(g1))) == status::ok);
-        CHECK(opt.info(id).refreshes == 2);
+        CHECK(opt.layer_state(id).refreshes == 2);
         // The new subspace is g1's leading one (exact path here: k = min(4 + 10, 10) = 10): it captures
         // the top r_max = 4 singular values of g1 and is orthogonal to the old subspace.
         const Mat b = to_mat(opt.basis(id));
-        CHECK(opt.info(id).last_refresh.exact);
+        CHECK(opt.layer_state(id).last_refresh.exact);
         REQUIRE(b.rows() == 4);
         const Eigen::VectorXd sv = Eigen::JacobiSVD<Mat>(g1).singularValues();
         CHECK((b * g1).squaredNorm() == doctest::Approx(sv.head(4).squaredNorm()).epsilon(1e-9));
         CHECK((b * (Mat::Identity(m, m) - p)).norm() < 1e-9);
-        CHECK(opt.info(id).projected_norm2 == doctest::Approx((b * g1).squaredNorm()).epsilon(1e-9));
+        CHECK(opt.layer_state(id).projected_norm2 == doctest::Approx((b * g1).squaredNorm()).epsilon(1e-9));
     }
 }
 
@@ -1164,7 +1164,7 @@ TEST_CASE("converged(eps) after set_basis measures the fall of ‖Ĝ‖ from the
     const double c[] = {1.0, 0.9, 0.3, 0.3};
     for (double scale : c) REQUIRE(opt.step(id, mv(w), cv(RowMat(scale * g0))) == status::ok);
     // ‖Ĝ‖ fell to 0.3 of its value at the first step in the subspace: a refresh was due at step 3.
-    CHECK(opt.info(id).refreshes == 2);
+    CHECK(opt.layer_state(id).refreshes == 2);
 }
 
 // ================================================================================ strided views
@@ -1700,7 +1700,7 @@ TEST_CASE_TEMPLATE("load_state accepts every state the optimizer writes (refresh
                 CHECK_NOTHROW(other.load_state(blob));
                 CHECK(other.save_state() == blob);
                 for (index_t p = 0; p < index_t(shapes.size()); ++p) {
-                    if (!opt.info(p).low_rank || opt.info(p).rank == 0) continue;
+                    if (!opt.layer_state(p).low_rank || opt.layer_state(p).rank == 0) continue;
                     // The library's bases are orthonormal far inside the loader's tolerance.
                     CHECK(orthonormality_deviation(opt.basis(p)) < optimizer_t<T>::orthonormality_tolerance / 100);
                 }
@@ -1725,15 +1725,15 @@ TEST_CASE_TEMPLATE("load_state accepts every state the optimizer writes (refresh
                     CHECK((st == status::ok || st == status::degenerate_input));
                 }
                 if (s == 7) {   // a caller's basis (a permutation of coordinates) for parameter 0
-                    const index_t len = opt.info(0).side == projection_side::left ? 24 : 40;
+                    const index_t len = opt.layer_state(0).side == projection_side::left ? 24 : 40;
                     RowMatT<T> b = RowMatT<T>::Zero(3, len);
                     for (index_t i = 0; i < 3; ++i) b(i, (7 * i + 2) % len) = T(1);
                     REQUIRE(opt.set_basis(0, cv(b)) == status::ok);
                 }
-                for (index_t p : {0, 1, 3}) ranks_seen.insert(opt.info(p).rank);
+                for (index_t p : {0, 1, 3}) ranks_seen.insert(opt.layer_state(p).rank);
                 check_loads(s);
             }
-            CHECK(opt.info(0).refreshes > 3);
+            CHECK(opt.layer_state(0).refreshes > 3);
             CHECK(ranks_seen.size() > 1);   // the rank changed along the way
         }
     }
@@ -1762,7 +1762,7 @@ TEST_CASE_TEMPLATE("set_basis rejects a non-finite or non-orthonormal basis, nam
     RowMatT<T> near = eye;
     near(0, 5) = T(optimizer_t<T>::orthonormality_tolerance / 10);
     CHECK(opt.set_basis(0, cv(near)) == status::ok);
-    CHECK(opt.info(0).rank == 2);
+    CHECK(opt.layer_state(0).rank == 2);
 }
 
 TEST_CASE("an eps that is not a normal number of the value type is rejected by the constructor") {
@@ -1787,7 +1787,7 @@ TEST_CASE("set_basis returns overflow and changes nothing when the transported m
     optimizer_t<T> opt = run.fresh();
     opt.load_state(s.seal());
     const auto before = opt.save_state();
-    const index_t r = opt.info(0).rank;
+    const index_t r = opt.layer_state(0).rank;
     REQUIRE(r >= 2);
     RowMatT<T> rotated = copy_of(opt.basis(0));
     const T c = T(std::sqrt(0.5));
@@ -2058,16 +2058,16 @@ TEST_CASE("a user-defined rank estimator and refresh rule: chosen ranks, refresh
     const RowMat three = with_spectrum(30, 20, {9, 8, 7, 0.5, 0.4, 0.3, 0.2}, 2);
     const RowMat one = with_spectrum(30, 20, {9, 1, 0.9, 0.8, 0.7, 0.6, 0.5}, 3);
     for (int t = 0; t < 4; ++t) REQUIRE(opt.step(id, mv(w), cv(three)) == status::ok);
-    CHECK(opt.info(id).rank == 3);
-    CHECK(opt.info(id).refreshes == 1);
+    CHECK(opt.layer_state(id).rank == 3);
+    CHECK(opt.layer_state(id).refreshes == 1);
     REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);   // 4 steps in the subspace: due by count
-    CHECK(opt.info(id).refreshes == 2);
-    CHECK(opt.info(id).rank == 1);
+    CHECK(opt.layer_state(id).refreshes == 2);
+    CHECK(opt.layer_state(id).rank == 1);
     // The energy in the subspace collapsing refreshes early (the rule's own criterion).
     REQUIRE(opt.step(id, mv(w), cv(one)) == status::ok);
     REQUIRE(opt.step(id, mv(w), cv(RowMat(three * 1e-3))) == status::ok);
-    CHECK(opt.info(id).refreshes == 3);
-    CHECK(opt.info(id).rank == 3);
+    CHECK(opt.layer_state(id).refreshes == 3);
+    CHECK(opt.layer_state(id).rank == 3);
 
     // Save and load through the policies' own fields; a different setting is named on load.
     const std::vector<std::byte> blob = opt.save_state();

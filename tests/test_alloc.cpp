@@ -174,8 +174,8 @@ TEST_CASE_TEMPLATE("a low-rank AdamW step between refreshes makes no heap alloca
         step();   // warm-up: the first step of each parameter finds its subspace (allowed to allocate)
         step();
         CHECK(allocations_during_two(step) == 0);
-        CHECK(opt.info(dense_id).refreshes == 1);
-        CHECK(opt.info(fused_id).refreshes == 1);
+        CHECK(opt.layer_state(dense_id).refreshes == 1);
+        CHECK(opt.layer_state(fused_id).refreshes == 1);
     }
 }
 
@@ -240,7 +240,7 @@ TEST_CASE_TEMPLATE("after reserve(plan), the first factored, data-parallel and b
         CHECK(opt.step(bias_id, velora::make_view(bias.data(), 1, o), velora::make_view<const T>(bias_mean.data(), 1, o)) == velora::status::ok);
     };
     CHECK(allocations_during_two(step) == 0);
-    CHECK(opt.info(low_rank_id).refreshes == 1);
+    CHECK(opt.layer_state(low_rank_id).refreshes == 1);
 }
 
 TEST_CASE("the counter really counts") {

@@ -142,10 +142,10 @@ optimizer_run run_optimizer(int threads) {
             }
             const auto s = opt.step(p, velora::make_view(run.weights[static_cast<std::size_t>(p)].data(), m, n), velora::make_view<const float>(g.data(), m, n));
             REQUIRE(s == velora::status::ok);
-            run.ranks.push_back(opt.info(p).rank);
+            run.ranks.push_back(opt.layer_state(p).rank);
         }
     }
-    for (int p = 0; p < 3; ++p) run.refreshes += opt.info(p).refreshes;
+    for (int p = 0; p < 3; ++p) run.refreshes += opt.layer_state(p).refreshes;
     run.state = opt.save_state();
     return run;
 }

@@ -234,7 +234,7 @@ TEST_CASE_TEMPLATE("two ranks with half the batch each equal one process with th
     double worst = 0;
     for (std::uint64_t t = 0; t < 60; ++t) {
         std::vector<std::uint64_t> refreshes_before;
-        for (index_t p = 0; p < 3; ++p) refreshes_before.push_back(opt.info(p).refreshes);
+        for (index_t p = 0; p < 3; ++p) refreshes_before.push_back(opt.layer_state(p).refreshes);
         const std::vector<status> got = train_step(dp, opt, t, first_sample(), share(), &comm);
         const std::vector<status> want = train_step(ref, ref_opt, t, 0, global_batch, static_cast<velora::mpi_communicator*>(nullptr));
         CHECK(got == want);
@@ -244,7 +244,7 @@ TEST_CASE_TEMPLATE("two ranks with half the batch each equal one process with th
         CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(state)));
         worst = std::max(worst, max_relative_difference(dp, ref));
         for (index_t p = 0; p < 3; ++p) {
-            const adarank::layer_info info = opt.info(p), ref_info = ref_opt.info(p);
+            const adarank::layer_info info = opt.layer_state(p), ref_info = ref_opt.layer_state(p);
             CHECK(info.rank == ref_info.rank);
             CHECK(info.refreshes == ref_info.refreshes);
             ranks_seen.insert(info.rank);
@@ -257,14 +257,14 @@ TEST_CASE_TEMPLATE("two ranks with half the batch each equal one process with th
                 CHECK(info.communicated_bytes > static_cast<std::uint64_t>(info.rank * std::max(info.rows, info.cols)) * sizeof(T));
             }
         }
-        CHECK(opt.info(3).communicated_bytes == 96 * sizeof(T));
-        CHECK(opt.info(4).communicated_bytes == 256 * sizeof(T));
+        CHECK(opt.layer_state(3).communicated_bytes == 96 * sizeof(T));
+        CHECK(opt.layer_state(4).communicated_bytes == 256 * sizeof(T));
     }
     MESSAGE("max relative weight difference to one process over 60 steps: ", worst, " (", comm.size(), " ranks)");
     CHECK(worst <= tolerance);
     if (comm.size() == 1) CHECK(worst == 0);   // one rank through the communicator is one process, bit for bit
     CHECK(ranks_seen.size() >= 2);   // the adaptive rank changed
-    for (index_t p = 0; p < 3; ++p) CHECK(opt.info(p).refreshes >= 5);
+    for (index_t p = 0; p < 3; ++p) CHECK(opt.layer_state(p).refreshes >= 5);
     CHECK(steady_checked > 60);
 }
 
@@ -326,7 +326,7 @@ TEST_CASE("the step in phases, with the host reducing the projection, is bit for
     }
     CHECK(opt_b.save_state() == opt_a.save_state());
     CHECK(phased > 60);   // most steps went through the phases
-    CHECK(opt_a.info(0).refreshes >= 4);
+    CHECK(opt_a.layer_state(0).refreshes >= 4);
 }
 
 TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
@@ -342,7 +342,7 @@ TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
         CHECK(velora::same_on_all_ranks(comm, dp.weights_hash()));
     }
     CHECK(max_relative_difference(dp, ref) <= 1e-12);
-    CHECK(opt.info(0).refreshes == 3);
+    CHECK(opt.layer_state(0).refreshes == 3);
 }
 
 TEST_CASE("the budget rank rule data-parallel: the same ranks and bits on every rank as one process, within the budget") {
@@ -364,8 +364,8 @@ TEST_CASE("the budget rank rule data-parallel: the same ranks and bits on every 
         CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(opt.save_state())));
         CHECK(opt.state_bytes() <= budget);
         for (index_t p = 0; p < 3; ++p) {
-            CHECK(opt.info(p).rank == ref_opt.info(p).rank);
-            ranks_seen.insert(opt.info(p).rank);
+            CHECK(opt.layer_state(p).rank == ref_opt.layer_state(p).rank);
+            ranks_seen.insert(opt.layer_state(p).rank);
         }
     }
     CHECK(max_relative_difference(dp, ref) <= 1e-10);
@@ -391,7 +391,7 @@ TEST_CASE("a NaN on one rank makes every rank skip the step with the same status
         // Nothing of the bad parameter changed; the others stepped as usual, the same everywhere.
         CHECK(velora::same_on_all_ranks(comm, velora::hash_bytes(opt.save_state())));
         CHECK(velora::same_on_all_ranks(comm, m.weights_hash()));
-        CHECK(opt.info(static_cast<index_t>(bad_layer)).steps == 12);
+        CHECK(opt.layer_state(static_cast<index_t>(bad_layer)).steps == 12);
         (void)before;
     }
 }
@@ -567,7 +567,7 @@ TEST_CASE("the captured_energy refresh rule is refused with more than one rank")
     const auto call = [&] { (void)opt.step(0, m.layers[0].weight(), velora::const_matrix_view<float>{g.data(), 64, 96, 96}, comm); };
     if (comm.size() > 1) CHECK(test::invalid_argument_message(call).find("captured_energy") != std::string::npos);
     else CHECK(test::invalid_argument_message(call) == "<no std::invalid_argument thrown>");
-    CHECK(opt.info(0).steps == (comm.size() > 1 ? 0u : 1u));
+    CHECK(opt.layer_state(0).steps == (comm.size() > 1 ? 0u : 1u));
 }
 
 TEST_CASE("share_first_batch_v: every rank gets the v of the global first batch") {

@@ -333,7 +333,7 @@ TEST_CASE("quantised basis: set_basis installs the given basis' Q; NaN/Inf leave
     std::vector<float> expected(5 * 64);
     q.decode(expected.data(), 64);
     CHECK(o.basis_values(id) == expected);
-    CHECK(o.info(id).state_bytes == 5 * (32 + 4 * 2) + 4 * 2 * 5 * 96);
+    CHECK(o.layer_state(id).state_bytes == 5 * (32 + 4 * 2) + 4 * 2 * 5 * 96);
     auto bad = p;
     bad[3] *= 2;   // not orthonormal: refused before quantisation
     CHECK_THROWS_WITH_AS((void)o.set_basis(id, velora::make_view(bad.data(), 5, 64)), doctest::Contains("orthonormal"), std::invalid_argument);

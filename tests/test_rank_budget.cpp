@@ -186,7 +186,7 @@ TEST_CASE("budget rule in the optimizer: within the budget at every step, and th
     }
     std::vector<index_t> expected(3);
     adarank::allocate_rank_budget(items, budget - dense, expected);
-    for (int p = 0; p < 3; ++p) CHECK(o.info(p).rank == expected[static_cast<std::size_t>(p)]);
+    for (int p = 0; p < 3; ++p) CHECK(o.layer_state(p).rank == expected[static_cast<std::size_t>(p)]);
     // Parameter 1's flat spectrum gets more than GaLore's 2 and than parameter 2's single direction.
     CHECK(expected[1] > 2);
     CHECK(expected[1] > expected[2]);
@@ -214,7 +214,7 @@ TEST_CASE("budget rule: the same bits at 1 and 2 threads, and a saved state resu
     run(b, shapes, wb, 8, true, budget);
     CHECK(a.save_state() == b.save_state());
     CHECK(wa == wb);
-    CHECK(a.info(0).refreshes >= 3);
+    CHECK(a.layer_state(0).refreshes >= 3);
 
     // Round trip: a fresh optimizer loaded from a's state continues exactly as a does.
     auto c2 = make(one);

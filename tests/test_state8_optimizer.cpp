@@ -149,7 +149,7 @@ TEST_CASE("state8: an all-zero gradient block keeps absmax 0; steps after it sta
     std::fill(g.begin() + 64, g.begin() + 128, 0.0f);   // block 1
     for (int t = 0; t < 3; ++t) REQUIRE(o.step(id, velora::make_view(w.data(), 16, 16), velora::make_view(g.data(), 16, 16)) == velora::status::ok);
     for (const float x : w) CHECK(std::isfinite(x));
-    CHECK(o.info(id).state_bytes == 2 * 256 + 2 * 4 * 4);
+    CHECK(o.layer_state(id).state_bytes == 2 * 256 + 2 * 4 * 4);
 }
 
 TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits; a float state is refused") {
@@ -214,8 +214,8 @@ TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float
     std::vector<float> basis(6 * 64, 0.0f);
     for (int i = 0; i < 6; ++i) basis[static_cast<std::size_t>(i * 64 + i)] = 1.0f;
     REQUIRE(o.set_basis(id, velora::make_view(basis.data(), 6, 64)) == velora::status::ok);
-    CHECK(o.info(id).rank == 6);
-    CHECK(o.info(id).state_bytes == 6 * 64 * sizeof(float) + 2 * 6 * 96 + 2 * 4 * 9);
+    CHECK(o.layer_state(id).rank == 6);
+    CHECK(o.layer_state(id).state_bytes == 6 * 64 * sizeof(float) + 2 * 6 * 96 + 2 * 4 * 9);
     const auto g = gaussian(64 * 96, 99, 1.0);
     CHECK(o.step(id, velora::make_view(w.data(), 64, 96), velora::make_view(g.data(), 64, 96)) == velora::status::ok);
     for (const float x : w) CHECK(std::isfinite(x));

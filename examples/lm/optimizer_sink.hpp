@@ -45,7 +45,7 @@ public:
     optimizer_sink(B& backend, adarank::low_rank_adamw<B>& opt, std::vector<lm::param_ref<T>>& params, std::vector<param_id>& ids, C& comm,
                    std::optional<velora::bf16_rounding> bf16 = std::nullopt)
         : backend_(backend), opt_(opt), params_(params), ids_(ids), comm_(comm), bf16_(bf16) {
-        for (const param_id id : ids_) low_rank_.push_back(id >= 0 && opt_.info(id).low_rank);   // -1: frozen (LoRA), never delivered
+        for (const param_id id : ids_) low_rank_.push_back(id >= 0 && opt_.layer_state(id).low_rank);   // -1: frozen (LoRA), never delivered
     }
     // With a recorder, the projection matrices' gradients of the steps it says are due are
     // measured before they are stepped (gradient_rank.hpp; one process).
@@ -131,8 +131,8 @@ private:
     void stepped(std::size_t i, velora::status s) {
         check(s, i);
         if (!low_rank_[i]) return;   // (the dense steps of a data-parallel run are counted in flush)
-        if (measure_) energy_ += opt_.info(ids_[i]).projected_norm2;
-        bytes_ += opt_.info(ids_[i]).communicated_bytes;
+        if (measure_) energy_ += opt_.layer_state(ids_[i]).projected_norm2;
+        bytes_ += opt_.layer_state(ids_[i]).communicated_bytes;
     }
     // ok and degenerate_input (an all-zero gradient where a new subspace was due: the old one
     // is kept, the step was taken) go on; any other status means the step changed nothing
@@ -148,7 +148,7 @@ private:
     // step rounds (adarank/bf16_weights.hpp: same rounding, same key), so the buffer holds what a
     // host keeping only bf16 weights would hold. (A bf16 host passes its bf16 view to step instead.)
     void round_to_bf16(std::size_t i) {
-        const std::uint64_t key = adarank::weight_rounding_key(opt_.config().seed, static_cast<std::uint64_t>(ids_[i]), opt_.info(ids_[i]).steps);
+        const std::uint64_t key = adarank::weight_rounding_key(opt_.config().seed, static_cast<std::uint64_t>(ids_[i]), opt_.layer_state(ids_[i]).steps);
         T* w = params_[i].data;
         const std::size_t count = static_cast<std::size_t>(params_[i].rows * params_[i].cols);
         for (std::size_t k = 0; k < count; ++k)

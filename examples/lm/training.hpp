@@ -110,7 +110,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
     auto record_ranks = [&](int step, bool always) {
         std::vector<double> ranks;
         for (std::size_t i = 0; i < params.size(); ++i)
-            if (ids[i] >= 0 && opt.info(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.info(ids[i]).rank));
+            if (ids[i] >= 0 && opt.layer_state(ids[i]).low_rank) ranks.push_back(static_cast<double>(opt.layer_state(ids[i]).rank));
         if (ranks.empty() || (!always && !r.ranks.empty() && ranks == r.ranks.back())) return;
         if (!r.rank_steps.empty() && r.rank_steps.back() == step) return;   // the last step was also a change
         r.rank_steps.push_back(step);
@@ -126,7 +126,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
         lm::memory::count counted;
         for (std::size_t i = 0; i < params.size(); ++i) {
             if (!params[i].trainable) continue;
-            const auto& info = opt.info(ids[i]);
+            const auto& info = opt.layer_state(ids[i]);
             const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
             const auto& oc = opt.config();
             counted += lm::memory::state_bytes(shape, info.low_rank ? info.rank : 0, sizeof(T),

@@ -106,7 +106,7 @@ result train(bool velora, const torch::Tensor& teacher, std::int64_t steps, doub
         if (step == 0) r.first = r.last;
         if (step % 25 == 0 || step == steps - 1) {
             std::printf("  step %3lld  loss %.4f  lr %.2e", static_cast<long long>(step), r.last, opt->param_groups()[0].options().get_lr());
-            if (ada) std::printf("  ranks %lld, %lld", static_cast<long long>(ada->info(l1->weight).rank), static_cast<long long>(ada->info(l2->weight).rank));
+            if (ada) std::printf("  ranks %lld, %lld", static_cast<long long>(ada->layer_state(l1->weight).rank), static_cast<long long>(ada->layer_state(l2->weight).rank));
             std::printf("\n");
         }
     }

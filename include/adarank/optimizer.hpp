@@ -21,9 +21,13 @@
 ///
 /// This file is the public surface. The work lives in files of one concern each: parameter.hpp,
 /// adamw_rule.hpp, dense_step.hpp, low_rank_step.hpp (five named phases), given_basis.hpp,
-/// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp.
+/// overflow_certificate.hpp, optimizer_state_io.hpp, data_parallel.hpp, optimizer_workspace.hpp,
+/// gradient_argument.hpp (the gradient forms `step` takes), rank_budget.hpp (with the budget's
+/// admission checks). Three bases carry the rest of the public surface: bf16_weight_steps.hpp,
+/// data_parallel_phases.hpp and deprecated.hpp (the old spellings).
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <exception>
 #include <limits>
@@ -44,11 +48,15 @@
 
 #include "adamw_rule.hpp"
 #include "backend.hpp"
+#include "bf16_weight_steps.hpp"
 #include "bf16_weights.hpp"
 #include "data_parallel.hpp"
+#include "data_parallel_phases.hpp"
+#include "deprecated.hpp"
 #include "dense_step.hpp"
 #include "given_basis.hpp"
 #include "gradient.hpp"
+#include "gradient_argument.hpp"
 #include "low_rank_step.hpp"
 #include "mean_over_ranks.hpp"
 #include "optimizer_state_io.hpp"
@@ -69,7 +77,13 @@ using velora::status;
 /// step calls them without allocating or dispatching).
 template <optimizer_backend B, rank_estimator Rank = rank_policy, refresh_rule Refresh = refresh_policy>
     requires persistent_policy<Rank> && persistent_policy<Refresh>
-class low_rank_adamw {
+class low_rank_adamw : public bf16_weight_steps<low_rank_adamw<B, Rank, Refresh>, B>,
+                       public data_parallel_phases<low_rank_adamw<B, Rank, Refresh>, B>,
+                       public deprecated_optimizer_spellings<low_rank_adamw<B, Rank, Refresh>, B> {
+    // The bases are this class's surface in files of one concern; they reach its state through it.
+    friend class bf16_weight_steps<low_rank_adamw, B>;
+    friend class data_parallel_phases<low_rank_adamw, B>;
+
 public:
     using value_type = typename B::value_type;
     using T = value_type;
@@ -130,7 +144,7 @@ public:
         layer l = layer::plan(rows, cols, kind, config_.side, config_.rank.max_rank(), config_.seed, layers_.size(), fn);
         l.quantized = config_.state == state_format::int8_blockwise;
         if (l.quantized) l.q8.assign_zero(0, config_.state_block);
-        if (uses_rank_budget(config_.rank)) check_budget_admits(l, fn);
+        if (uses_rank_budget(config_.rank)) check_budget_admits(config_.rank, std::span<const layer>(layers_), budget_, l, fn);
         if (l.low_rank && config_.basis != basis_format::float32) {   // a quantised basis (basis_format.hpp)
             l.qbasis.configure(config_.basis, l.len, config_.basis_block);
             ws_.reserve_quantized_basis(config_.basis, l.len, l.r_cap, config_.basis_block);
@@ -200,195 +214,36 @@ public:
     // with nothing changed. Precondition for the overflow guarantee: the weights satisfy
     // max(1, |1 − lr·wd|)·|w| <= max(T)/2 (the optimizer never reads W to check it).
 
-    /// A dense gradient (rows×cols, backend memory).
-    template <velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const_matrix_view<T> grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        velora::check_shape(grad, l.rows, l.cols, fn, "grad");
-        check_distributable(l, config_.refresh, comm, fn);
-        const dense_gradient<B> g(*b_, grad);
-        return step_with(l, weight, g, comm);
-    }
-
-    /// A VeLoRA layer's gradient in factored form (velora::compressor::factored): a low-rank
-    /// parameter never forms the rows×cols gradient; a dense one expands it into the workspace
-    /// reserve() sizes. With a communicator, the projection is formed locally from A and v (which
-    /// must be the same on every rank, see velora/distributed/shared_v.hpp) and reduced.
-    template <velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_factored_gradient(grad, l.rows, l.cols, id, fn);
-        check_distributable(l, config_.refresh, comm, fn);
-        if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
-        const factored_gradient_op<B> g(*b_, grad, ws_.fused);
-        return step_with(l, weight, g, comm);
-    }
-
-    /// A gradient in any form a gradient_operator describes (rows×cols). A dense parameter
-    /// expands the operator into the workspace reserve() sizes.
-    template <gradient_operator Op, velora::communicator C = velora::single_process>
-    status step(param_id id, matrix_view<T> weight, const Op& grad, C&& comm = C{}) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
-        check_distributable(l, config_.refresh, comm, fn);
-        return step_with(l, weight, grad, comm);
-    }
-
-    // ------------------------------------------------------------------ bf16 weights
-    // The same three steps for a host that stores the weight only in bf16 (no float master copy;
-    // bf16_weights.hpp, docs/adarankgrad.md "bf16 weights"): the weight is widened to float (exact)
-    // into a workspace of rows·cols floats shared by all parameters (grows on the first such step
-    // of a larger parameter), stepped exactly as a float weight would be, and rounded back to bf16
-    // (stochastically by default, the noise a function of (config.seed, id, step count, element)).
-    // Statuses as above; non_finite_input and overflow leave the bf16 weight untouched too. Under
-    // the precondition above the stepped floats stay below 3/4 of float's largest, which bf16
-    // holds, so an `ok` step never rounds a weight to Inf. CPU backend in float only.
-
-    template <velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(param_id id, bf16_weight_view weight, const_matrix_view<T> grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
-    }
-    template <velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(param_id id, bf16_weight_view weight, const velora::factored_gradient<T>& grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
-    }
-    template <gradient_operator Op, velora::communicator C = velora::single_process>
-        requires host_float_backend<B>
-    status step(param_id id, bf16_weight_view weight, const Op& grad, C&& comm = C{}) {
-        return step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
-    }
-
-    /// Bytes of the float workspace bf16-weight steps use (0 before the first one).
-    [[nodiscard]] std::size_t bf16_workspace_bytes() const noexcept { return widened_.size() * sizeof(T); }
-
-    // ------------------------------------------------------------------ the step in phases
-    // For a data-parallel host that runs the steady-state collective itself, e.g. started as soon
-    // as a layer's gradient exists and overlapped with the rest of the backward pass:
-    //   1. projection_to_reduce(id): r×other, or std::nullopt when the next step needs the
-    //      gradient itself;
-    //   2. project_gradient(id, grad, out): out = B·M of this rank's gradient (local);
-    //   3. the host reduces `out` to the mean over ranks (same bits on every rank);
-    //   4. step_with_reduced_projection(id, weight, reduced, grad, comm): decides the refresh from
-    //      the reduced projection and updates; only a step that finds a new subspace reads `grad`
-    //      again, through `comm` (collective).
-    // The result is bit for bit that of step(id, weight, grad, comm) when the host's reduction
-    // gives the same bits as the communicator's (tests/test_distributed.cpp).
-
-    /// The shape (rank × other) of the projection `project_gradient` writes for the next step of
-    /// low-rank parameter `id`, or std::nullopt when that step searches a new subspace whatever
-    /// the gradient (the first step, or a refresh due by the step count): call step with a
-    /// communicator then.
-    [[nodiscard]] std::optional<std::pair<index_t, index_t>> projection_to_reduce(param_id id) const {
-        constexpr const char* fn = "adarank::low_rank_adamw::projection_to_reduce";
-        const layer& l = checked_layer(id, fn);
-        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
-        if (l.rank == 0 || config_.refresh.due_by_count(l.steps_in_subspace())) return std::nullopt;
-        return std::pair<index_t, index_t>{l.rank, l.other};
-    }
-
-    /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
-    /// std::invalid_argument, before anything is computed, for a view of `grad` or `out` that
-    /// check_view refuses, an `out` that shares memory with the gradient, a gradient of another
-    /// shape than the parameter's, when projection_shape(id) is 0×0, or when `out` has another shape.
-    template <gradient_operator Op>
-    void project_gradient(param_id id, const Op& grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        const layer& l = checked_layer(id, fn);
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
-        const auto shape = projection_to_reduce(id);
-        velora::detail::require(shape.has_value(), fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
-        velora::check_shape(out, shape->first, shape->second, fn, "out");
-        side_matrix<Op>(grad, l.side).mul(current_basis(ws_, l), out);
-    }
-    void project_gradient(param_id id, const_matrix_view<T> grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        velora::check_view(grad, fn, "grad");
-        velora::check_view(out, fn, "out");
-        velora::check_no_alias(out, "out", grad, "grad", fn);
-        project_gradient(id, dense_gradient<B>(*b_, grad), out);
-    }
-    void project_gradient(param_id id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        const layer& checked = checked_layer(id, fn);
-        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
-        velora::check_view(out, fn, "out");
-        velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
-        const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
-        velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
-        project_gradient(id, factored_gradient_op<B>(*b_, grad, ws_.fused), out);
-    }
-
-    /// Phases 2–5 with `reduced`, the mean over the ranks of their `project_gradient` outputs (the
-    /// same bits on every rank; in one process, the projection itself). Statuses as for step. When
-    /// projection_to_reduce(id) is std::nullopt this is step(id, weight, grad, comm) and `reduced`
-    /// is not read.
-    template <gradient_operator Op, velora::communicator C>
-    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
-        layer& l = checked_layer(id, fn);
-        velora::check_shape(weight, l.rows, l.cols, fn, "weight");
-        velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
-        check_distributable(l, config_.refresh, comm, fn);
-        const auto shape = projection_to_reduce(id);
-        if (!shape) return step_with(l, weight, grad, comm);
-        velora::check_shape(reduced, shape->first, shape->second, fn, "reduced");
-        return step_with(l, weight, grad, comm, reduced);
-    }
-    template <velora::communicator C>
-    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
-        velora::check_view(grad, "adarank::low_rank_adamw::step_with_reduced_projection", "grad");
-        return step_with_reduced_projection(id, weight, reduced, dense_gradient<B>(*b_, grad), comm);
-    }
-    template <velora::communicator C>
-    status step_with_reduced_projection(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad, C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
-        const layer& checked = checked_layer(id, fn);
-        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
-        if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;   // as step does
-        return step_with_reduced_projection(id, weight, reduced, factored_gradient_op<B>(*b_, grad, ws_.fused), comm);
-    }
-
-    // The phases' spellings before 0.x (deprecated; removed in the next release).
-    [[deprecated("renamed projection_to_reduce, which returns std::nullopt where this returned 0x0")]] [[nodiscard]] std::pair<index_t, index_t>
-    projection_shape(param_id id) const {
-        return projection_to_reduce(id).value_or(std::pair<index_t, index_t>{0, 0});
-    }
-    template <class Grad>
-    [[deprecated("renamed project_gradient")]] void project(param_id id, const Grad& grad, matrix_view<T> out) {
-        project_gradient(id, grad, out);
-    }
-    template <class Grad, velora::communicator C>
-    [[deprecated("renamed step_with_reduced_projection")]] status step_projected(param_id id, matrix_view<T> weight, const_matrix_view<T> reduced,
-                                                                             const Grad& grad, C& comm) {
-        return step_with_reduced_projection(id, weight, reduced, grad, comm);
-    }
-
-    /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by
-    /// its mean over the ranks of `comm`, in place, packing them into all-reduces of at most
-    /// `bucket_elements` values (one for a larger gradient): the data-parallel reduction for
-    /// parameters optimised densely, bucketed as DDP does, after which they are stepped without
-    /// a communicator. Every rank passes the same ids in the same order; a mismatch or an invalid
-    /// argument on any rank throws std::invalid_argument on every rank, nothing reduced (a rank
-    /// whose gradient view check_shape refuses names it, e.g. 'grads[2]'). The bucket is allocated
-    /// on first use.
-    template <velora::communicator C>
-    void all_reduce_mean(std::span<const param_id> ids, std::span<const matrix_view<T>> grads, C& comm, index_t bucket_elements = index_t{1} << 22) {
-        all_reduce_mean_bucketed(*b_, ws_, layers_, ids, grads, comm, bucket_elements);
+    /// `weight`: the parameter (rows×cols, backend memory) as a matrix_view<T>, or as a
+    /// bf16_weight_view for a host that stores it only in bf16 (CPU backend in float only;
+    /// bf16_weight_steps.hpp: the weight is widened to float, stepped exactly as a float weight
+    /// would be, and rounded back; non_finite_input and overflow leave it untouched too, and under
+    /// the precondition above an `ok` step never rounds a weight to Inf).
+    /// `grad`: the gradient (rows×cols) in any form as_gradient_operator adapts
+    /// (gradient_argument.hpp): a dense view; a VeLoRA layer's factored gradient
+    /// (velora::compressor::factored), which a low-rank parameter never forms as rows×cols (with a
+    /// communicator its projection is formed locally from A and v, which must be the same on every
+    /// rank, see velora/distributed/shared_v.hpp, and reduced); or any gradient_operator. A dense
+    /// parameter expands a non-dense form into the workspace reserve() sizes.
+    template <class Weight = matrix_view<T>, class Grad = const_matrix_view<T>, velora::communicator C = velora::single_process>
+        requires(std::convertible_to<Weight, matrix_view<T>> || (std::convertible_to<Weight, bf16_weight_view> && host_float_backend<B>)) &&
+                gradient_argument<Grad, B>
+    status step(param_id id, Weight weight, const Grad& grad, C&& comm = C{}) {
+        if constexpr (!std::convertible_to<Weight, matrix_view<T>>) {   // a bf16 weight (a bf16_weight_view or a view of bf16 values)
+            return this->step_bf16(id, weight, [&](matrix_view<T> w) { return step(id, w, grad, comm); });
+        } else {
+            constexpr const char* fn = "adarank::low_rank_adamw::step";
+            const matrix_view<T> w = weight;
+            layer& l = checked_layer(id, fn);
+            velora::check_shape(w, l.rows, l.cols, fn, "weight");
+            check_gradient_argument<B>(grad, l.rows, l.cols, id, fn);
+            check_distributable(l, config_.refresh, comm, fn);
+            // A factored gradient's finiteness is decided before any product, collectively: a
+            // rank whose A holds a NaN makes every rank return non_finite_input.
+            if constexpr (std::same_as<Grad, velora::factored_gradient<T>>)
+                if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
+            return step_with(l, w, as_gradient_operator(*b_, grad, ws_.fused), comm);
+        }
     }
 
     /// Replaces the subspace of a low-rank parameter with `basis` (r×len, orthonormal rows within
@@ -401,14 +256,17 @@ public:
     status set_basis(param_id id, const_matrix_view<T> basis) {
         constexpr const char* fn = "adarank::low_rank_adamw::set_basis";
         layer& l = checked_layer(id, fn);
-        if (uses_rank_budget(config_.rank) && l.low_rank && basis.rows >= 0 && basis.rows <= l.r_cap) check_budget_admits_rank(l, basis.rows, fn);
+        if (uses_rank_budget(config_.rank) && l.low_rank && basis.rows >= 0 && basis.rows <= l.r_cap) check_budget_admits_rank(config_.rank, std::span<const layer>(layers_), budget_, l, basis.rows, fn);
         auto ctx = context();
         const status s = install_given_basis(ctx, l, id, basis, orthonormality_tolerance, fn);
         if (s == status::ok) l.spectrum.clear();   // a given subspace has no sketched spectrum: the budget rule holds it fixed
         return s;
     }
 
-    [[nodiscard]] layer_info info(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::info").info(); }
+    /// Parameter `id`'s state as numbers: its shape, kind, side, rank, step and refresh counters,
+    /// state bytes, the last step's ‖Ĝ‖² and bytes communicated, the last subspace search (named
+    /// info() before 0.x; that spelling is deprecated.hpp's).
+    [[nodiscard]] layer_info layer_state(param_id id) const { return checked_layer(id, "adarank::low_rank_adamw::layer_state").info(); }
 
     /// Basis (rank×len) and moments (rank×other, or rows×cols for a dense parameter) of a
     /// parameter, as views of backend memory (valid until its next step or set_basis).
@@ -489,32 +347,6 @@ private:
         return c;
     }
 
-    // The budget rule's admission: a new parameter must fit beside the others at its floor rank
-    // (r_min; dense: its AdamW moments), so that every parameter can always get r_min.
-    void check_budget_admits(const layer& candidate, const char* fn) {
-        if constexpr (std::is_same_v<Rank, rank_policy>) {
-            const std::uint64_t others = budget_held_bytes(config_.rank, std::span<const layer>(layers_), budget_);
-            const std::uint64_t own = candidate.low_rank ? static_cast<std::uint64_t>(budget_floor(config_.rank, candidate.r_cap)) * budget_unit_bytes(candidate)
-                                                         : static_cast<std::uint64_t>(candidate.state_bytes_dense());
-            velora::detail::require(own <= config_.rank.budget_bytes && others <= config_.rank.budget_bytes - own, fn, "parameter ", layers_.size(), " (",
-                                    candidate.rows, "x", candidate.cols, candidate.low_rank ? ", low-rank" : ", dense", ") needs ", own,
-                                    " bytes of state at least, and the parameters registered before it hold ", others,
-                                    ": over config.rank.budget_bytes = ", config_.rank.budget_bytes);
-        }
-    }
-    // set_basis under the budget rule: the given rank must fit beside the others as they are.
-    void check_budget_admits_rank(const layer& l, index_t rank, const char* fn) {
-        if constexpr (std::is_same_v<Rank, rank_policy>) {
-            std::size_t p = 0;
-            const std::uint64_t dense = collect_budget_parameters(std::span<const layer>(layers_), budget_, &l, &p);
-            const std::uint64_t others = budget_held_bytes(config_.rank, std::span<const budget_parameter>(budget_.params), dense, static_cast<std::ptrdiff_t>(p));
-            const std::uint64_t own = static_cast<std::uint64_t>(rank) * budget_unit_bytes(l);
-            velora::detail::require(own <= config_.rank.budget_bytes && others <= config_.rank.budget_bytes - own, fn, "a basis of rank ", rank,
-                                    " needs ", own, " bytes of state beside the others' ", others, ": over config.rank.budget_bytes = ",
-                                    config_.rank.budget_bytes);
-        }
-    }
-
     layer& checked_layer(param_id id, const char* fn) {
         velora::detail::require(id >= 0 && id < size(), fn, "argument 'id' is ", id, " but ", size(), " parameters are registered");
         return layers_[static_cast<std::size_t>(id)];
@@ -554,31 +386,12 @@ private:
         }
     }
 
-    // A bf16 weight's step: widen, `float_step` on the widened copy, round back when it was taken.
-    template <class FloatStep>
-    status step_bf16(param_id id, const bf16_weight_view& weight, FloatStep&& float_step) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step";
-        const layer& l = checked_layer(id, fn);
-        velora::check_shape(weight.values, l.rows, l.cols, fn, "weight");
-        velora::detail::require(weight.rounding == bf16_rounding::stochastic || weight.rounding == bf16_rounding::nearest, fn,
-                                "argument 'weight.rounding' has the invalid value ", static_cast<int>(weight.rounding));
-        const std::size_t count = static_cast<std::size_t>(l.rows * l.cols);
-        if (widened_.size() < count) widened_.resize(count);
-        widen_bf16(b_->threads(), weight.values, widened_.data());
-        const matrix_view<T> w(widened_.data(), l.rows, l.cols, l.cols);
-        const status s = float_step(w);
-        if (s == status::ok || s == status::degenerate_input)
-            narrow_to_bf16(b_->threads(), widened_.data(), weight.values, weight.rounding, weight_rounding_key(config_.seed, static_cast<std::uint64_t>(id), l.t));
-        return s;
-    }
-
     B* b_;
     config_type config_;
     adamw_rule<T> rule_;
     double lr_;
     subspace_finder<B> finder_;
     std::vector<layer> layers_;
-    typename B::template buffer<T> widened_;   // bf16-weight steps: the weight in float (host memory: host_float_backend)
     optimizer_workspace<B> ws_;   // shared by all parameters, sized at registration for the largest (data-parallel and factored parts on first use)
     rank_budget_scratch budget_;  // the budget rank rule's scratch, sized at registration
 };
@@ -589,7 +402,7 @@ concept low_rank_optimizer = requires(O& o, index_t n, typename O::param_id id, 
                                       const_matrix_view<typename O::value_type> g) {
     { o.add_parameter(n, n) } -> std::same_as<typename O::param_id>;
     { o.step(id, w, g) } -> std::same_as<status>;
-    { o.info(id) } -> std::same_as<layer_info>;
+    { o.layer_state(id) } -> std::same_as<layer_info>;
     { o.state_bytes() } -> std::convertible_to<std::size_t>;
     { o.save_state() } -> std::same_as<std::vector<std::byte>>;
 };

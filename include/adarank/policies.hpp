@@ -331,7 +331,11 @@ struct basic_optimizer_config {
     using rank_type = Rank;
     using refresh_type = Refresh;
     adamw_hyper adam{};
-    double scale = 0.25;   ///< α: multiplies the back-projected update (low-rank parameters only)
+    /// GaLore's α: multiplies the back-projected update (low-rank parameters only). Not the
+    /// compressor's `scale` (velora::compressor_config::scale multiplies the weight gradient a
+    /// VeLoRA layer hands over); the name stays because a member alias would break aggregate
+    /// initialisation and saved states.
+    double scale = 0.25;
     side_policy side = side_policy::standard;
     Rank rank = detail::default_policy<Rank>(rank_policy::adaptive(0.05, 1, 128));
     Refresh refresh = detail::default_policy<Refresh>(refresh_policy::converged(0.5, 50, 200));

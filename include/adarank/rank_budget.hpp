@@ -268,4 +268,37 @@ struct budget_estimator {
     }
 };
 
+/// The budget rule's admission of a new parameter (registration): `candidate` must fit beside
+/// the parameters registered before it at its floor rank (r_min; dense: its AdamW moments), so
+/// that every parameter can always get r_min. Throws std::invalid_argument from `fn` otherwise.
+/// A rank estimator other than the library's policy has no budget: nothing to check.
+template <class Rank, optimizer_backend B>
+void check_budget_admits(const Rank& rank, std::span<const parameter_state<B>> layers, rank_budget_scratch& s, const parameter_state<B>& candidate,
+                         const char* fn) {
+    if constexpr (std::is_same_v<Rank, rank_policy>) {
+        const std::uint64_t others = budget_held_bytes(rank, layers, s);
+        const std::uint64_t own = candidate.low_rank ? static_cast<std::uint64_t>(budget_floor(rank, candidate.r_cap)) * budget_unit_bytes(candidate)
+                                                     : static_cast<std::uint64_t>(candidate.state_bytes_dense());
+        velora::detail::require(own <= rank.budget_bytes && others <= rank.budget_bytes - own, fn, "parameter ", layers.size(), " (", candidate.rows,
+                                "x", candidate.cols, candidate.low_rank ? ", low-rank" : ", dense", ") needs ", own,
+                                " bytes of state at least, and the parameters registered before it hold ", others,
+                                ": over config.rank.budget_bytes = ", rank.budget_bytes);
+    }
+}
+
+/// set_basis under the budget rule: a given basis of `rank_` rows for `l` (one of `layers`) must
+/// fit beside the others as they are. Throws std::invalid_argument from `fn` otherwise.
+template <class Rank, optimizer_backend B>
+void check_budget_admits_rank(const Rank& rank, std::span<const parameter_state<B>> layers, rank_budget_scratch& s, const parameter_state<B>& l,
+                              index_t rank_, const char* fn) {
+    if constexpr (std::is_same_v<Rank, rank_policy>) {
+        std::size_t p = 0;
+        const std::uint64_t dense = collect_budget_parameters(layers, s, &l, &p);
+        const std::uint64_t others = budget_held_bytes(rank, std::span<const budget_parameter>(s.params), dense, static_cast<std::ptrdiff_t>(p));
+        const std::uint64_t own = static_cast<std::uint64_t>(rank_) * budget_unit_bytes(l);
+        velora::detail::require(own <= rank.budget_bytes && others <= rank.budget_bytes - own, fn, "a basis of rank ", rank_, " needs ", own,
+                                " bytes of state beside the others' ", others, ": over config.rank.budget_bytes = ", rank.budget_bytes);
+    }
+}
+
 } // namespace adarank

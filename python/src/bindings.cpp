@@ -330,8 +330,8 @@ public:
         }
         return out;
     }
-    py::dict info(const at::Tensor& p) const {
-        const adarank::layer_info i = opt_->info(p);
+    py::dict layer_state(const at::Tensor& p) const {
+        const adarank::layer_info i = opt_->layer_state(p);
         py::dict d;
         d["low_rank"] = i.low_rank;
         d["rank"] = i.rank;
@@ -378,7 +378,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("save", &optimizer_core::save)
         .def("load", &optimizer_core::load)
         .def("group_hyper", &optimizer_core::group_hyper)
-        .def("info", &optimizer_core::info)
+        .def("layer_state", &optimizer_core::layer_state)
         .def("basis", &optimizer_core::basis)
         .def("set_basis", &optimizer_core::set_basis)
         .def("set_process_group", &optimizer_core::set_process_group)

@@ -21,7 +21,7 @@ def main():
         torch.nn.functional.mse_loss(model(xs), ys).backward()
         opt.step()
         assert opt.last_step.status == "ok", opt.last_step
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "info": opt.info(model[0].weight)}, out)
+    torch.save({"params": [p.detach().clone() for p in model.parameters()], "info": opt.layer_state(model[0].weight)}, out)
     dist.destroy_process_group()
 
 

@@ -34,7 +34,7 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path):
     # Every rank ends with the same bits (the library's data-parallel guarantee) ...
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
     assert ranks[0]["info"]["low_rank"] and ranks[0]["info"]["refreshes"] >= 2
-    assert ranks[0]["info"]["rank"] == opt.info(model[0].weight)["rank"]
+    assert ranks[0]["info"]["rank"] == opt.layer_state(model[0].weight)["rank"]
     # ... and the mean of the two halves' gradients is the whole batch's: the same training to rounding.
     for a, b in zip(ranks[0]["params"], single):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

@@ -40,7 +40,7 @@ def test_dense_groups_match_torch_adamw():
     _train(mine, opt, 12, scheduler=s)
     assert opt.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
     assert _max_rel(mine, ref) <= 1e-6
-    assert all(not opt.info(p)["low_rank"] for p in mine.parameters())
+    assert all(not opt.layer_state(p)["low_rank"] for p in mine.parameters())
 
 
 def test_galore_keys_make_low_rank_groups():
@@ -49,9 +49,9 @@ def test_galore_keys_make_low_rank_groups():
     rest = [model[0].bias, model[2].bias]
     opt = vt.AdaRankGradAdamW([{"params": rest}, {"params": weights, "rank": 2, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}], lr=1e-2)
     _train(model, opt, 7)
-    info = opt.info(model[0].weight)
+    info = opt.layer_state(model[0].weight)
     assert info["low_rank"] and info["rank"] == 2 and info["refreshes"] == 3   # steps 1, 4 and 7
-    assert not opt.info(model[0].bias)["low_rank"]
+    assert not opt.layer_state(model[0].bias)["low_rank"]
     held, adamw = opt.state_bytes()
     assert held < adamw
 
@@ -66,7 +66,7 @@ def test_basis_and_set_basis():
     assert opt.set_basis(w, given) == "ok"
     w0 = w.detach().clone()
     _train(model, opt, 2)
-    info = opt.info(w)
+    info = opt.layer_state(w)
     assert info["side"] == "left" and info["rank"] == 3 and info["refreshes"] == 1
     assert torch.equal(opt.basis(w), given)
     moved = w.detach() - w0   # in the given subspace: (I - QQᵀ)·(W - W0) = 0

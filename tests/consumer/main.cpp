@@ -19,8 +19,8 @@ int main() {
     const auto id = opt.add_parameter(o, d, adarank::param_kind::low_rank);
     const auto st = opt.step(id, velora::make_view(w.data(), o, d), c.factored(record, velora::make_view<const float>(a.data(), o, 32)));
     const bool ok = record.bytes() == t * 32 * 4 + 2 * 4 && a[0] > 11.31f && a[0] < 11.32f && st == velora::status::ok &&
-                    opt.info(id).rank == 1 && opt.info(id).state_bytes == (8 + 2 * 64) * 4;
+                    opt.layer_state(id).rank == 1 && opt.layer_state(id).state_bytes == (8 + 2 * 64) * 4;
     std::printf("consumer: record %zu bytes, A[0] = %f, optimizer rank %ld, state %zu bytes: %s\n", record.bytes(), a[0],
-                static_cast<long>(opt.info(id).rank), opt.info(id).state_bytes, ok ? "ok" : "WRONG");
+                static_cast<long>(opt.layer_state(id).rank), opt.layer_state(id).state_bytes, ok ? "ok" : "WRONG");
     return ok ? 0 : 1;
 }

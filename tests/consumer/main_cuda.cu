@@ -27,7 +27,7 @@ int main() {
     adarank::low_rank_adamw<backend> opt(b);
     const auto id = opt.add_parameter(8, 64, adarank::param_kind::low_rank);
     const auto st = opt.step(id, velora::make_view(w.data(), 8, 64), velora::make_view<const float>(g.data(), 8, 64));
-    const bool ok = st == velora::status::ok && opt.info(id).rank == 1 && b.synchronize().ok();
-    std::printf("consumer_cuda: one low-rank step on the GPU, rank %ld: %s\n", static_cast<long>(opt.info(id).rank), ok ? "ok" : "WRONG");
+    const bool ok = st == velora::status::ok && opt.layer_state(id).rank == 1 && b.synchronize().ok();
+    std::printf("consumer_cuda: one low-rank step on the GPU, rank %ld: %s\n", static_cast<long>(opt.layer_state(id).rank), ok ? "ok" : "WRONG");
     return ok ? 0 : 1;
 }

@@ -17,9 +17,9 @@ int main(int argc, char** argv) {
         std::vector<float> w(16 * 32, 0.5f), g(16 * 32);
         for (std::size_t i = 0; i < g.size(); ++i) g[i] = static_cast<float>(i % 7) - 3.0f;
         const velora::status s = opt.step(id, {w.data(), 16, 32, 32}, velora::const_matrix_view<float>{g.data(), 16, 32, 32}, comm);
-        rc = s == velora::status::ok && opt.info(id).rank == 4 ? 0 : 1;
+        rc = s == velora::status::ok && opt.layer_state(id).rank == 4 ? 0 : 1;
         std::printf("velora::mpi consumer: %d rank(s), step %s, rank %ld\n", comm.size(), s == velora::status::ok ? "ok" : "failed",
-                    static_cast<long>(opt.info(id).rank));
+                    static_cast<long>(opt.layer_state(id).rank));
     }
     MPI_Finalize();
     return rc;

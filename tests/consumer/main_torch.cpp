@@ -12,7 +12,7 @@ int main() {
     const torch::Tensor w = layer->weight.detach().clone();
     layer(torch::randn({8, 32}) + 0.5).pow(2).sum().backward();
     const velora::torch::step_report report = opt.step_checked();
-    const bool ok = report.status == velora::status::ok && !layer->weight.equal(w) && opt.info(layer->weight).rank == 4;
-    std::printf("velora::torch consumer: step %s, rank %ld\n", ok ? "ok" : "failed", static_cast<long>(opt.info(layer->weight).rank));
+    const bool ok = report.status == velora::status::ok && !layer->weight.equal(w) && opt.layer_state(layer->weight).rank == 4;
+    std::printf("velora::torch consumer: step %s, rank %ld\n", ok ? "ok" : "failed", static_cast<long>(opt.layer_state(layer->weight).rank));
     return ok ? 0 : 1;
 }

@@ -537,11 +537,11 @@ TEST_CASE("low_rank_adamw on the GPU follows the CPU run step by step (dense and
         const velora::factored_gradient<double> gf{const_matrix_view<double>{da.data(), m, g}, dv.data(), s, n, 0.5};
         const velora::factored_gradient<double> cf{const_matrix_view<double>{ha.data(), m, g}, hv.data(), s, n, 0.5};
         REQUIRE(gopt.step(gfid, matrix_view<double>{dwf.data(), m, n}, gf) == copt.step(cfid, matrix_view<double>{hwf.data(), m, n}, cf));
-        CHECK(gopt.info(gid).rank == copt.info(cid).rank);
-        CHECK(gopt.info(gfid).rank == copt.info(cfid).rank);
+        CHECK(gopt.layer_state(gid).rank == copt.layer_state(cid).rank);
+        CHECK(gopt.layer_state(gfid).rank == copt.layer_state(cfid).rank);
     }
-    CHECK(gopt.info(gid).refreshes == copt.info(cid).refreshes);
-    CHECK(gopt.info(gid).refreshes >= 3);
+    CHECK(gopt.layer_state(gid).refreshes == copt.layer_state(cid).refreshes);
+    CHECK(gopt.layer_state(gid).refreshes >= 3);
     CHECK(rel_diff(download(dw), hw) < 1e-9);
     CHECK(rel_diff(download(dwf), hwf) < 1e-9);
 
@@ -551,7 +551,7 @@ TEST_CASE("low_rank_adamw on the GPU follows the CPU run step by step (dense and
     resumed.add_parameter(m, n);
     resumed.add_parameter(m, n);
     resumed.load_state(blob);
-    CHECK(resumed.info(0).rank == gopt.info(gid).rank);
+    CHECK(resumed.layer_state(0).rank == gopt.layer_state(gid).rank);
     CHECK(resumed.save_state() == blob);
     gopt.load_state(copt.save_state());
 
@@ -631,8 +631,8 @@ TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {
         const auto id = opt.add_parameter(m, n, adarank::param_kind::low_rank);
         auto dw = upload(hw);
         for (int i = 0; i < 6; ++i) REQUIRE(opt.step(id, matrix_view<float>{dw.data(), m, n}, const_matrix_view<float>{dg.data(), m, n}) == velora::status::ok);
-        CHECK(opt.info(id).last_refresh.warm);
-        CHECK_FALSE(opt.info(id).last_refresh.exact);
+        CHECK(opt.layer_state(id).last_refresh.warm);
+        CHECK_FALSE(opt.layer_state(id).last_refresh.exact);
         return download(dw);
     };
     CHECK(run() == run());
@@ -660,7 +660,7 @@ TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {
     step();
     const std::size_t workspace = opt.workspace_bytes(), state = opt.state_bytes(), record = rec.capacity_bytes();
     for (int i = 0; i < 10; ++i) step();
-    CHECK(opt.info(id).refreshes == 1);
+    CHECK(opt.layer_state(id).refreshes == 1);
     CHECK(opt.workspace_bytes() == workspace);
     CHECK(opt.state_bytes() == state);
     CHECK(rec.capacity_bytes() == record);
@@ -885,7 +885,7 @@ TEST_CASE("a 25-step optimizer run gives the same bits while another stream runs
             const velora::factored_gradient<float> fg{const_matrix_view<float>{da.data(), m, g}, dv.data(), s, n, 0.5f};
             REQUIRE(opt.step(fid, matrix_view<float>{dwf.data(), m, n}, fg) == velora::status::ok);
         }
-        CHECK(opt.info(id).refreshes >= 4);
+        CHECK(opt.layer_state(id).refreshes >= 4);
         auto out = download(dw);
         const auto f = download(dwf);
         out.insert(out.end(), f.begin(), f.end());

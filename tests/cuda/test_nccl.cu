@@ -215,21 +215,21 @@ TEST_CASE("low_rank_adamw with the NCCL communicator on one rank: bit-identical 
             CAPTURE(i);
             const auto ranked_w = download(wr[i]);
             CHECK(same_bits(ranked_w, download(wl[i])));
-            CHECK(ranked.info(ids[i]).rank == local.info(ids[i]).rank);
-            CHECK(ranked.info(ids[i]).refreshes == local.info(ids[i]).refreshes);
-            CHECK(ranked.info(ids[i]).communicated_bytes == local.info(ids[i]).communicated_bytes);
-            CHECK(ranked.info(ids[i]).communicated_bytes > 0);
+            CHECK(ranked.layer_state(ids[i]).rank == local.layer_state(ids[i]).rank);
+            CHECK(ranked.layer_state(ids[i]).refreshes == local.layer_state(ids[i]).refreshes);
+            CHECK(ranked.layer_state(ids[i]).communicated_bytes == local.layer_state(ids[i]).communicated_bytes);
+            CHECK(ranked.layer_state(ids[i]).communicated_bytes > 0);
             // Without a communicator a factored gradient's ‖G‖² comes from A and v, with one
             // from G's expanded rows (mean_over_ranks::norm2): equal in exact arithmetic, not
             // necessarily in the last bit, so that parameter is compared with `local` only.
             if (i != 1) {
                 CHECK(same_bits(ranked_w, download(wa[i])));
-                CHECK(ranked.info(ids[i]).rank == alone.info(ids[i]).rank);
-                CHECK(ranked.info(ids[i]).refreshes == alone.info(ids[i]).refreshes);
+                CHECK(ranked.layer_state(ids[i]).rank == alone.layer_state(ids[i]).rank);
+                CHECK(ranked.layer_state(ids[i]).refreshes == alone.layer_state(ids[i]).refreshes);
             }
         }
     }
-    CHECK(ranked.info(ids[0]).refreshes >= 2);
+    CHECK(ranked.layer_state(ids[0]).refreshes >= 2);
     CHECK(ranked.save_state() == local.save_state());
 
     // The bucketed dense reduction: the mean over one rank is the gradient itself, bit for bit.

@@ -243,7 +243,7 @@ TEST_CASE("a data-parallel low_rank_adamw run over two GPUs: the same weights an
         auto& mine = weights[static_cast<std::size_t>(env.rank)];
         for (std::size_t i = 0; i < 3; ++i) {
             mine[i] = download(w[i]);
-            final_rank[static_cast<std::size_t>(env.rank)][i] = opt.info(static_cast<adarank::low_rank_adamw<cuda_backend<float>>::param_id>(i)).rank;
+            final_rank[static_cast<std::size_t>(env.rank)][i] = opt.layer_state(static_cast<adarank::low_rank_adamw<cuda_backend<float>>::param_id>(i)).rank;
         }
         states[static_cast<std::size_t>(env.rank)] = opt.save_state();
     });

@@ -78,7 +78,7 @@ void describe(const live_target& t, const fuzz::optimizer& o, const char* when) 
     std::fprintf(stderr, "[%s] %s: lr %g\n", t.spec.name, when, o.learning_rate());
     for (std::size_t p = 0; p < t.spec.params.size(); ++p) {
         const auto id = static_cast<fuzz::index_t>(p);
-        const auto i = o.info(id);
+        const auto i = o.layer_state(id);
         std::fprintf(stderr, "  p%zu %lldx%lld %s rank %lld t %llu since %llu refreshes %llu | max |basis| %g |m| %g |v| %g\n", p,
                      (long long)i.rows, (long long)i.cols, i.low_rank ? "low-rank" : "dense", (long long)i.rank, (unsigned long long)i.steps,
                      (unsigned long long)i.steps_in_subspace, (unsigned long long)i.refreshes,

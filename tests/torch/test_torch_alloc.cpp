@@ -63,9 +63,9 @@ TEST_CASE("a steady-state AdaRankGradAdamW step makes no heap allocation (dense,
         set_gradients(t);
         REQUIRE(opt.step_checked().status == velora::status::ok);
     }
-    CHECK(opt.info(ps[0]).low_rank);
-    CHECK(opt.info(ps[2]).low_rank);
-    CHECK(opt.info(ps[4]).low_rank);
+    CHECK(opt.layer_state(ps[0]).low_rank);
+    CHECK(opt.layer_state(ps[2]).low_rank);
+    CHECK(opt.layer_state(ps[4]).low_rank);
     const std::size_t workspace = opt.workspace_bytes();
     for (int t = 3; t <= 5; ++t) {
         set_gradients(t);
@@ -75,5 +75,5 @@ TEST_CASE("a steady-state AdaRankGradAdamW step makes no heap allocation (dense,
         CHECK(report.stepped == 5);
     }
     CHECK(opt.workspace_bytes() == workspace);
-    CHECK(opt.info(ps[0]).refreshes == 1);   // still in its first subspace
+    CHECK(opt.layer_state(ps[0]).refreshes == 1);   // still in its first subspace
 }

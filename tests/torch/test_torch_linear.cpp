@@ -316,10 +316,10 @@ TEST_CASE("factored gradients: delivered to an attached AdaRankGradAdamW, equal 
         CHECK(max_relative(fact->factored_grad()->dense(), dense->weight.grad()) < 1e-6);
         REQUIRE(of.step_checked().status == velora::status::ok);
         REQUIRE(od.step_checked().status == velora::status::ok);
-        CHECK(of.info(fact->weight).low_rank);
+        CHECK(of.layer_state(fact->weight).low_rank);
     }
     CHECK(max_relative(fact->weight, dense->weight) < 1e-5);
-    CHECK(of.info(fact->weight).refreshes == 2);
+    CHECK(of.layer_state(fact->weight).refreshes == 2);
     // zero_grad clears the factored gradient (the optimizer's and the module's)
     (fact(randn({4, d}, 300)).sum()).backward();
     CHECK_FALSE(fact->factored_grad()->empty());
@@ -453,5 +453,5 @@ TEST_CASE("a small MLP of VeloraLinear layers trains with AdaRankGradAdamW (fact
     }
     MESSAGE("MLP loss " << first << " -> " << last);
     CHECK(last < 0.1 * first);
-    CHECK(opt.info(model[0]->as<velora::torch::VeloraLinearImpl>()->weight).low_rank);
+    CHECK(opt.layer_state(model[0]->as<velora::torch::VeloraLinearImpl>()->weight).low_rank);
 }

@@ -123,8 +123,8 @@ TEST_CASE("dense parameters follow the library's AdamW per group (lr, betas, eps
     CHECK(max_relative(a[0], ref_w[0]) < 1e-12);
     CHECK(max_relative(a[1], ref_w[1]) < 1e-12);
     CHECK(max_relative(b[0], ref_w[2]) < 1e-12);
-    CHECK_FALSE(opt.info(a[0]).low_rank);
-    CHECK(opt.info(a[0]).steps == 30);
+    CHECK_FALSE(opt.layer_state(a[0]).low_rank);
+    CHECK(opt.layer_state(a[0]).steps == 30);
 }
 
 TEST_CASE("convention torch: dense parameters match torch::optim::AdamW over 100 steps (float and double)") {
@@ -273,7 +273,7 @@ TEST_CASE("GaLore configuration: low-rank weights follow the double-precision Ga
                 const double travel = relative_error(w - w_start[i], w_ref[i] - w_start[i]);
                 worst_travel = std::max(worst_travel, travel);
                 CHECK(travel <= 100 * tolerance);
-                const adarank::layer_info info = opt.info(params[i]);
+                const adarank::layer_info info = opt.layer_state(params[i]);
                 CHECK(info.low_rank);
                 CHECK((info.side == adarank::projection_side::left) == oracles[i].left());
                 CHECK(info.rank == oracles[i].rank());
@@ -297,20 +297,20 @@ TEST_CASE("2-D parameters go low-rank; state keyed by the parameter tensor") {
         set_gradients(ps, t);
         REQUIRE(opt.step_checked().status == velora::status::ok);
     }
-    const auto w = opt.info(ps[0]);
+    const auto w = opt.layer_state(ps[0]);
     CHECK(w.low_rank);
     CHECK(w.rows == 64);
     CHECK(w.cols == 48);
     CHECK(w.rank >= 1);
     CHECK(w.rank <= 8);
     CHECK(w.refreshes == 3);   // steps 1, 6, 11
-    CHECK_FALSE(opt.info(ps[1]).low_rank);   // a vector is dense
-    const auto k = opt.info(ps[2]);           // [16, 4, 3, 3] flattened to 16 x 36
+    CHECK_FALSE(opt.layer_state(ps[1]).low_rank);   // a vector is dense
+    const auto k = opt.layer_state(ps[2]);           // [16, 4, 3, 3] flattened to 16 x 36
     CHECK(k.rows == 16);
     CHECK(k.cols == 36);
     CHECK(k.low_rank);
-    CHECK(opt.info(ps[3]).rows == 1);          // 0-D: 1 x 1
-    CHECK(opt.info(ps[4]).steps == 0);         // empty: nothing to optimise
+    CHECK(opt.layer_state(ps[3]).rows == 1);          // 0-D: 1 x 1
+    CHECK(opt.layer_state(ps[4]).steps == 0);         // empty: nothing to optimise
     CHECK(opt.state_bytes() < opt.adamw_state_bytes());
     // torch's state(): one entry per parameter, keyed by its TensorImpl as torch's own optimizers
     // key theirs (a string in libtorch 1.x, the address in 2.x)
@@ -325,7 +325,7 @@ TEST_CASE("2-D parameters go low-rank; state keyed by the parameter tensor") {
     CHECK(s.rows() == 16);
     CHECK(s.cols() == 36);
     CHECK(s.low_rank());
-    CHECK(contains(invalid_argument_message([&] { (void)opt.info(torch::zeros({2})); }), "is not a registered parameter"));
+    CHECK(contains(invalid_argument_message([&] { (void)opt.layer_state(torch::zeros({2})); }), "is not a registered parameter"));
 }
 
 TEST_CASE(">2-D parameters: flattened (low-rank eligible) or dense, per group") {
@@ -341,9 +341,9 @@ TEST_CASE(">2-D parameters: flattened (low-rank eligible) or dense, per group") 
         b.mutable_grad() = gradient_for(b, t, 1);
         REQUIRE(opt.step_checked().status == velora::status::ok);
     }
-    CHECK(opt.info(a).low_rank);
-    CHECK(opt.info(a).rank == 2);
-    CHECK_FALSE(opt.info(b).low_rank);
+    CHECK(opt.layer_state(a).low_rank);
+    CHECK(opt.layer_state(a).rank == 2);
+    CHECK_FALSE(opt.layer_state(b).low_rank);
     CHECK_FALSE(bitwise_equal(a, b));
 }
 
@@ -397,7 +397,7 @@ TEST_CASE("save and load through torch archives: the resumed run is bit-identica
         set_gradients(all, t);
         REQUIRE(opt->step_checked().status == velora::status::ok);
     }
-    CHECK(opt->info(a[0]).refreshes >= 3);
+    CHECK(opt->layer_state(a[0]).refreshes >= 3);
 
     // Resume: fresh tensors holding the snapshot, a fresh optimizer, one intra-op thread.
     at::set_num_threads(1);
@@ -410,7 +410,7 @@ TEST_CASE("save and load through torch archives: the resumed run is bit-identica
         REQUIRE(opt2->step_checked().status == velora::status::ok);
     }
     for (std::size_t i = 0; i < all.size(); ++i) CHECK(bitwise_equal(all[i], resumed[i]));
-    CHECK(opt2->info(resumed[0]).refreshes == opt->info(a[0]).refreshes);
+    CHECK(opt2->layer_state(resumed[0]).refreshes == opt->layer_state(a[0]).refreshes);
 
     // An archive that does not fit changes nothing and says why.
     std::vector<at::Tensor> other{param({40, 25}, 1), param({24}, 2), param({6, 3, 2, 2}, 3)};
@@ -495,7 +495,7 @@ TEST_CASE("whole-step finiteness check: every gradient is checked, then the whol
         REQUIRE(ref.step_checked().status == velora::status::ok);
     }
     for (std::size_t i = 0; i < ps.size(); ++i) CHECK(bitwise_equal(ps[i], twin[i]));
-    CHECK(opt.info(ps[0]).steps == 4);
+    CHECK(opt.layer_state(ps[0]).steps == 4);
 }
 
 TEST_CASE("param groups keep their own options whole; a group without options takes the defaults") {
@@ -538,10 +538,10 @@ TEST_CASE("options: validated per group, only lr, betas, eps and weight decay ma
     (void)opt.step();
     opt.param_groups()[0].options().set_lr(5e-4);   // fine
     (void)opt.step();
-    CHECK(opt.info(w).steps == 2);
+    CHECK(opt.layer_state(w).steps == 2);
     static_cast<OptionsT&>(opt.param_groups()[0].options()).weight_decay(0.1);   // a weight-decay schedule: fine
     (void)opt.step();
-    CHECK(opt.info(w).steps == 3);
+    CHECK(opt.layer_state(w).steps == 3);
     static_cast<OptionsT&>(opt.param_groups()[0].options()).scale(0.5);
     msg = invalid_argument_message([&] { (void)opt.step(); });
     CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 0: option scale changed after the group's first step"));
@@ -551,7 +551,7 @@ TEST_CASE("options: validated per group, only lr, betas, eps and weight decay ma
     msg = invalid_argument_message([&] { (void)opt.step(); });   // a scheduled value the library refuses
     CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 0:"));
     CHECK(contains(msg, "config.adam.beta1 must be in [0, 1), got 1.5"));
-    CHECK(opt.info(w).steps == 3);   // nothing happened
+    CHECK(opt.layer_state(w).steps == 3);   // nothing happened
 }
 
 TEST_CASE("bad parameters and gradients: clear errors, nothing changed") {
@@ -599,9 +599,9 @@ TEST_CASE("parameters appended to a group and groups added after the first step 
     c.mutable_grad() = torch::ones_like(c);
     const auto report = opt.step_checked();
     CHECK(report.stepped == 3);
-    CHECK(opt.info(a).steps == 2);
-    CHECK(opt.info(b).steps == 1);
-    CHECK(opt.info(c).steps == 1);
+    CHECK(opt.layer_state(a).steps == 2);
+    CHECK(opt.layer_state(b).steps == 1);
+    CHECK(opt.layer_state(c).steps == 1);
     CHECK(opt.state().size() == 3);
     // the new group's own lr: one dense AdamW step moves every entry by about lr
     CHECK(((c - param({4, 4}, 3)).abs().max().item<double>()) == doctest::Approx(1e-2).epsilon(1e-3));
@@ -767,9 +767,9 @@ TEST_CASE("an archive of format 1 (a key per option) loads: the same options, th
     CHECK(options(2).kind() == adarank::param_kind::dense);
     CHECK(options(2).nd() == velora::torch::higher_dims::dense);
     CHECK(r.opt->skipped_steps() == 1);
-    CHECK(r.opt->info(r.params[0]).steps == 5);
-    CHECK(r.opt->info(r.params[0]).low_rank);
-    CHECK(r.opt->info(r.params[3]).steps == 5);
+    CHECK(r.opt->layer_state(r.params[0]).steps == 5);
+    CHECK(r.opt->layer_state(r.params[0]).low_rank);
+    CHECK(r.opt->layer_state(r.params[3]).steps == 5);
     CHECK(r.opt->state().size() == 5);   // group 2 was saved before its first step: registered at the next one
 
     // Saved again (format 2), each library state blob is the one format 1 held, loaded and saved
@@ -808,8 +808,8 @@ TEST_CASE("an archive of format 1 (a key per option) loads: the same options, th
     const auto report = r.opt->step_checked();
     CHECK(report.status == velora::status::ok);
     CHECK(report.stepped == 6);
-    CHECK(r.opt->info(r.params[0]).steps == 6);
-    CHECK(r.opt->info(r.params[5]).steps == 1);
+    CHECK(r.opt->layer_state(r.params[0]).steps == 6);
+    CHECK(r.opt->layer_state(r.params[5]).steps == 1);
 }
 
 TEST_CASE("format 2: a group's options are one configuration blob; a blob the constructor's rules refuse is refused at load") {
@@ -873,7 +873,7 @@ TEST_CASE("a learning rate the group's configuration refuses (torch convention, 
     CHECK(contains(msg, "velora::torch::AdaRankGradAdamW::step: param group 1:"));
     CHECK(contains(msg, "lr x wd >= 1"));
     CHECK(bitwise_equal(a, a_before));   // group 0 did not step either
-    CHECK(opt.info(a).steps == 1);
+    CHECK(opt.layer_state(a).steps == 1);
 }
 
 TEST_CASE("options: the library's defaults; a changed option is named as the torch option that holds it") {

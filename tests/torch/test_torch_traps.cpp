@@ -251,7 +251,7 @@ TEST_CASE("set_communicator: steps go through the communicator; one rank gives t
     }
     CHECK(all_equal(p, q));
     CHECK(comm->calls > 6);
-    CHECK(with.info(q[0]).refreshes == plain.info(p[0]).refreshes);
+    CHECK(with.layer_state(q[0]).refreshes == plain.layer_state(p[0]).refreshes);
     // One rank's non-finite gradient skips the step (the check goes through any()).
     set_gradients(q, 7);
     q[1].mutable_grad()[0] = std::nan("");

@@ -20,7 +20,9 @@ struct basic_compressor_config {
     index_t groups = 32;                   ///< G, sub-tokens per token; 1 <= G <= D
     Rule v{};                              ///< how v is chosen (a v_rule; default first_batch_mean)
     storage z_storage = storage::f32;      ///< element type of Z; f64 only with a double backend
-    double scale = 1.0;                    ///< multiplies the weight gradient only (never dX or db)
+    /// Multiplies the weight gradient only (never dX or db); carried in factored_gradient::scale.
+    /// Not the optimizer's `scale` (adarank::optimizer_config::scale is GaLore's α on the update).
+    double scale = 1.0;
 };
 
 /// The configuration of the library's `compressor<B>`, whose rule is a `v_mode`.

@@ -5,6 +5,7 @@ over the very parameter tensors of this optimizer's groups: a step updates them 
 class keeps torch's surface: param_groups (read at every step, so LR schedulers work),
 state_dict()/load_state_dict(), zero_grad(set_to_none=...), step(closure).
 """
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -123,13 +124,18 @@ class AdaRankGradAdamW(Optimizer):
         super().load_state_dict(rest)
 
     # ---------------------------------------------------------------- library reports
+    def layer_state(self, param):
+        """A registered parameter's optimizer state as numbers: low_rank, rank, refreshes, state_bytes."""
+        return self._engine().layer_state(param)
+
     def info(self, param):
-        """The library's report on a registered parameter: low_rank, rank, refreshes, state_bytes."""
-        return self._engine().info(param)
+        """Deprecated spelling of layer_state (removed in the next release)."""
+        warnings.warn("AdaRankGradAdamW.info is renamed layer_state", DeprecationWarning, stacklevel=2)
+        return self.layer_state(param)
 
     def basis(self, param):
         """A copy of the subspace basis of a low-rank registered parameter: rank × len with
-        orthonormal rows (len = the weight's rows when ``info(param)["side"]`` is "left", its
+        orthonormal rows (len = the weight's rows when ``layer_state(param)["side"]`` is "left", its
         columns when "right"). galore-torch's ``ortho_matrix`` is its transpose on the left side
         and equals it on the right. ValueError for a dense or unregistered parameter."""
         return self._engine().basis(param)

@@ -11,7 +11,7 @@
 ///   LR schedulers and β or weight-decay schedules work), every other option is fixed from then
 ///   on (changing one throws at the next step, naming it).
 /// - State is keyed by the parameter tensor (its TensorImpl, as torch's optimizers key
-///   state()): each registered parameter has an entry in state() and info(param) reports its
+///   state()): each registered parameter has an entry in state() and layer_state(param) reports its
 ///   rank, refreshes and state bytes. Registration is positional within a group, so a resumed
 ///   run (load) maps the saved state onto the new run's tensors in the same order, as torch does.
 /// - Shapes: a 0-D parameter is 1×1, a 1-D one 1×n (both dense); a 2-D one is rows×cols; one of
@@ -276,18 +276,20 @@ public:
     /// The key under which state() holds `param`'s entry, as torch's own optimizers key it.
     [[nodiscard]] static state_key_type state_key(const at::Tensor& param) { return state_key_of(param.unsafeGetTensorImpl()); }
 
-    /// What the library reports about `param` (rank, refreshes, state bytes, ...). Throws for a
-    /// tensor that is not a registered parameter (a group registers its parameters at its first step).
-    [[nodiscard]] adarank::layer_info info(const at::Tensor& param) const {
-        constexpr const char* fn = "velora::torch::AdaRankGradAdamW::info";
+    /// `param`'s optimizer state as numbers (adarank::low_rank_adamw::layer_state: rank, refreshes,
+    /// state bytes, ...). Throws for a tensor that is not a registered parameter (a group
+    /// registers its parameters at its first step).
+    [[nodiscard]] adarank::layer_info layer_state(const at::Tensor& param) const {
+        constexpr const char* fn = "velora::torch::AdaRankGradAdamW::layer_state";
         const detail::registered_parameter* r = find(param);
         if (r == nullptr)
             velora::detail::fail(fn, "argument 'param' (", detail::describe(param),
                                  ") is not a registered parameter (a group registers its parameters when it first steps)");
         if (r->id < 0) return adarank::layer_info{};
         const group_engine& e = engines_[static_cast<std::size_t>(r->group)];
-        return detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().info(r->id); });
+        return detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().layer_state(r->id); });
     }
+    [[deprecated("renamed layer_state")]] [[nodiscard]] adarank::layer_info info(const at::Tensor& param) const { return layer_state(param); }
 
     /// A copy of the subspace basis of a low-rank `param`: rank×len, orthonormal rows, in the
     /// parameter's dtype (len = the weight's rows when info(param).side is left, its columns when
@@ -535,7 +537,7 @@ private:
             velora::detail::fail(fn, "argument 'param' (", detail::describe(param),
                                  ") is not a registered parameter (a group registers its parameters when it first steps)");
         const bool low_rank = r->id >= 0 && detail::with_dtype(r->is_double, [&]<class T>(std::type_identity<T>) {
-            return engines_[static_cast<std::size_t>(r->group)].template engine<T>()->optimizer().info(r->id).low_rank;
+            return engines_[static_cast<std::size_t>(r->group)].template engine<T>()->optimizer().layer_state(r->id).low_rank;
         });
         if (!low_rank) velora::detail::fail(fn, "argument 'param' (", detail::describe(param), ") is optimised densely; it has no basis");
         return *r;
@@ -571,7 +573,7 @@ private:
                 auto s = std::make_unique<AdaRankGradAdamWParamState>();
                 s->group(r.group).index(r.index).rows(r.rows).cols(r.cols);
                 if (r.id >= 0)
-                    s->low_rank(detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().info(r.id).low_rank; }));
+                    s->low_rank(detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) { return e.template engine<T>()->optimizer().layer_state(r.id).low_rank; }));
                 state_[state_key_of(r.key)] = std::move(s);
                 ++count;
             }

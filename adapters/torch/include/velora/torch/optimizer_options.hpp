@@ -127,7 +127,7 @@ public:
 };
 
 /// What torch's state() holds for a registered parameter (a description; the moments and the
-/// basis live in the group's low_rank_adamw and are reported by info()).
+/// basis live in the group's low_rank_adamw and are reported by layer_state()).
 struct AdaRankGradAdamWParamState : public ::torch::optim::OptimizerCloneableParamState<AdaRankGradAdamWParamState> {
     TORCH_ARG(std::int64_t, group) = 0;
     TORCH_ARG(std::int64_t, index) = 0;   ///< position in the group
