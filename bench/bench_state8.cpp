@@ -8,6 +8,7 @@
 #include <velora/backend/cpu/adam8.hpp>
 #include <velora/backend/eigen.hpp>
 
+#include "adamw_terms.hpp"
 #include "common.hpp"
 
 #if defined(_OPENMP)
@@ -28,18 +29,6 @@ using velora::cpu::adam_row_kind;
 
 constexpr index_t kRows = 2048, kCols = 2048;            // 4M floats
 constexpr index_t kRank = 128, kSubspaceCols = 4096;      // a 1024×4096 weight's right-side subspace at r = 128
-
-velora::rules::adamw_terms<float> terms() {
-    velora::rules::adamw_terms<float> c;
-    c.beta1 = 0.9f;
-    c.beta2 = 0.999f;
-    c.c1 = 1.0f - c.beta1;
-    c.c2 = 1.0f - c.beta2;
-    c.eps = 1e-8f;
-    c.step = 1e-3f;
-    c.decay = 1.0f - 1e-5f;
-    return c;
-}
 
 int threads() {
 #if defined(_OPENMP)
@@ -79,7 +68,7 @@ velora::eigen_backend<float>& backend() {
 
 void BM_AdamWFloat(benchmark::State& state) {
     auto& d = dense();
-    const auto c = terms();
+    const auto c = bench::dense_adamw_terms();
     for (auto _ : state) {
         backend().adamw_update(velora::matrix_view<float>(d.w.data(), kRows, kCols), velora::const_matrix_view<float>(d.g.data(), kRows, kCols),
                                velora::matrix_view<float>(d.m.data(), kRows, kCols), velora::matrix_view<float>(d.v.data(), kRows, kCols), c);
@@ -95,7 +84,7 @@ void BM_AdamW8bit(benchmark::State& state) {
         auto& d = dense();
         const index_t block = state.range(0);
         const auto s = d.state8(block);
-        const auto c = terms();
+        const auto c = bench::dense_adamw_terms();
         for (auto _ : state) {
             if (!velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(threads(), d.g.data(), d.w.data(), s, c))
                 return state.SkipWithError("a block was not finite");
@@ -120,7 +109,7 @@ dense_data& cached() {
 
 void BM_AdamWFloatCached(benchmark::State& state) {
     auto& d = cached();
-    const auto c = terms();
+    const auto c = bench::dense_adamw_terms();
     for (auto _ : state) {
         velora::cpu::adam_row<adam_row_kind::galore_weight>(d.g.data(), d.m.data(), d.v.data(), d.w.data(), d.n, c);
         benchmark::ClobberMemory();
@@ -133,7 +122,7 @@ void BM_AdamW8bitCached(benchmark::State& state) {
     bench::guarded(state, [&] {
         auto& d = cached();
         const auto s = d.state8(256);
-        const auto c = terms();
+        const auto c = bench::dense_adamw_terms();
         for (auto _ : state) {
             if (!velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, d.g.data(), d.w.data(), s, c))
                 return state.SkipWithError("a block was not finite");
@@ -156,7 +145,7 @@ subspace_data& subspace() {
 
 void BM_SubspaceAdamFloat(benchmark::State& state) {
     auto& s = subspace();
-    const auto c = terms();
+    const auto c = bench::dense_adamw_terms();
     for (auto _ : state) {
         state.PauseTiming();
         s.r = s.r0;
@@ -173,7 +162,7 @@ void BM_SubspaceAdam8bit(benchmark::State& state) {
     bench::guarded(state, [&] {
         auto& s = subspace();
         const auto q = s.d.state8(state.range(0));
-        const auto c = terms();
+        const auto c = bench::dense_adamw_terms();
         for (auto _ : state) {
             state.PauseTiming();
             s.r = s.r0;

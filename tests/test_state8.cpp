@@ -1,11 +1,14 @@
-// 8-bit blockwise Adam moments: the dynamic codes (velora/backend/rules/dynamic_code.hpp) and the
-// CPU block kernel's three bodies (velora/backend/cpu/adam8.hpp).
+// 8-bit blockwise Adam moments: the dynamic codes (velora/backend/rules/dynamic_code.hpp), the
+// CPU block kernel's three bodies (velora/backend/cpu/adam8.hpp), and the block split into lanes
+// as the CUDA kernels run it (velora/backend/rules/adam8_block.hpp, cuda/adam8.cuh), on the host.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <velora/backend/cpu/adam8.hpp>
+#include <velora/backend/rules/adam8_block.hpp>
 #include <velora/core/rng.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,6 +82,43 @@ std::vector<float> gradient(index_t n, std::uint64_t seed, index_t zero_first = 
     }
     for (index_t i = zero_first; i < zero_first + zero_n && i < n; ++i) g[i] = 0;
     return g;
+}
+
+// Every block of a tensor as cuda/adam8.cuh's kernel does it, on the host: `lanes` lanes share
+// the block (lane t takes elements t, t + lanes, …), all run pass 1 into shared buffers, their
+// maxima are combined, then all encode. The functions are the kernel's (VELORA_HOST_DEVICE), with
+// the host's exactly rounded operations. False when some block was not finite (that block's bytes
+// and absmax untouched).
+template <adam_row_kind K>
+bool lanes_tensor(index_t lanes, const float* g, float* out, const velora::rules::adam8_tensor_state& s, const velora::rules::adamw_terms<float>& c) {
+    namespace a8 = velora::rules::adam8;
+    const auto& cm = velora::rules::signed_dynamic_code();
+    const auto& cv = velora::rules::unsigned_dynamic_code();
+    std::vector<float> nm(static_cast<std::size_t>(s.block)), nv(static_cast<std::size_t>(s.block));
+    bool all_finite = true;
+    for (index_t b = 0; b < s.blocks(); ++b) {
+        const index_t first = b * s.block, n = s.size_of(b);
+        const auto bs = s.at(b);
+        a8::lane_result total;
+        for (index_t t = 0; t < lanes; ++t) {
+            const auto r = a8::update_lane<K, velora::cpu::scalar_ops>(cm, cv, g + first, out + first, bs, n, c, nm.data(), nv.data(), t, lanes);
+            total.finite = total.finite && r.finite;
+            total.max_m = std::max(total.max_m, r.max_m);
+            total.max_v = std::max(total.max_v, r.max_v);
+        }
+        if (!total.finite) {
+            all_finite = false;
+            continue;
+        }
+        const float am = a8::stored_absmax(total.max_m), av = a8::stored_absmax(total.max_v);
+        for (index_t t = 0; t < lanes; ++t) {
+            a8::encode_lane(cm, nm.data(), bs.qm, t, lanes, n, am);
+            a8::encode_lane(cv, nv.data(), bs.qv, t, lanes, n, av);
+        }
+        *bs.absmax_m = am;
+        *bs.absmax_v = av;
+    }
+    return all_finite;
 }
 
 template <adam_row_kind K>
@@ -286,5 +326,70 @@ TEST_CASE("adam8: a non-finite result is reported (the caller discards what was 
             sb = s;
             CHECK_FALSE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, gb.data(), wb.data(), sb.view(), c, body));
         }
+    }
+}
+
+TEST_CASE_TEMPLATE("adam8: the block split into lanes as the CUDA kernel runs it gives the CPU bodies' bits", Kind, std::integral_constant<int, 0>,
+                   std::integral_constant<int, 1>, std::integral_constant<int, 2>) {
+    constexpr adam_row_kind K = Kind::value == 0 ? adam_row_kind::galore_weight : Kind::value == 1 ? adam_row_kind::torch_weight : adam_row_kind::moments;
+    const bool torch = K == adam_row_kind::torch_weight;
+    // a partial last block (tail), the all-zero block [block, 2·block) of run_steps' gradients
+    for (const auto& [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 100}, {4096, 1000}}) {
+        const index_t n = 5 * block + tail;
+        const auto w0 = gradient(n, 9);
+        state8 ref(n, block);
+        std::vector<float> w_ref = w0;
+        run_steps<K>(velora::cpu::adam8_body{}, 1, 4, n, block, ref, w_ref, torch);   // the widest body
+        for (const index_t lanes : {index_t{1}, index_t{3}, index_t{256}}) {
+            state8 s(n, block);
+            std::vector<float> w = w0;
+            for (int t = 1; t <= 4; ++t) {
+                const std::vector<float> g = gradient(n, 100 + static_cast<std::uint64_t>(t), block, block);
+                REQUIRE(lanes_tensor<K>(lanes, g.data(), w.data(), s.view(), torch ? torch_terms(t) : galore_terms(t)));
+            }
+            CHECK(s == ref);
+            CHECK(std::memcmp(w.data(), w_ref.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
+        }
+        CHECK(ref.am[1] == 0.0f);   // the all-zero block
+        CHECK(ref.av[1] == 0.0f);
+    }
+}
+
+TEST_CASE("adam8: lanes as the CUDA kernel runs them: absmax overflow and underflow, non-finite results") {
+    const index_t n = 600, block = 256;
+    auto c = galore_terms(1);
+    c.c1 = 1.0f;   // m = g exactly
+    c.decay = 1.0f;
+    // huge (v = 1e35, its reciprocal normal; −absmax exact) and subnormal (stored as zeros) blocks
+    std::vector<float> g(n, 1e19f);
+    g[3] = -1.8e19f;
+    for (index_t i = block; i < 2 * block; ++i) g[i] = 1e-39f;
+    state8 ref(n, block), lanes(n, block);
+    std::vector<float> w_ref(n, 0.0f), w(n, 0.0f);
+    REQUIRE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, g.data(), w_ref.data(), ref.view(), c, velora::cpu::adam8_body::scalar));
+    REQUIRE(lanes_tensor<adam_row_kind::galore_weight>(256, g.data(), w.data(), lanes.view(), c));
+    CHECK(lanes == ref);
+    CHECK(std::memcmp(w.data(), w_ref.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
+    CHECK(ref.am[0] == 1.8e19f);
+    CHECK(ref.qm[3] == 255);
+    CHECK(ref.am[1] == 0.0f);
+    // NaN, Inf, g² overflowing in one element of the last block: false, that block's bytes and
+    // absmax untouched, the other blocks updated as the scalar body updates them
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), 3e19f}) {
+        std::vector<float> gb(n, 0.5f);
+        gb[599] = bad;
+        const auto before = lanes;
+        state8 sb = lanes, sr = ref;
+        std::vector<float> wb(n, 1.0f), wr(n, 1.0f);
+        CHECK_FALSE(lanes_tensor<adam_row_kind::galore_weight>(256, gb.data(), wb.data(), sb.view(), galore_terms(2)));
+        CHECK_FALSE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, gb.data(), wr.data(), sr.view(), galore_terms(2),
+                                                                               velora::cpu::adam8_body::scalar));
+        CHECK(sb.am[2] == before.am[2]);
+        CHECK(sb.av[2] == before.av[2]);
+        CHECK(std::equal(sb.qm.begin() + 2 * block, sb.qm.end(), before.qm.begin() + 2 * block));
+        CHECK(sb.am[0] == sr.am[0]);
+        CHECK(std::equal(sb.qm.begin(), sb.qm.begin() + 2 * block, sr.qm.begin()));
+        CHECK(std::equal(sb.qv.begin(), sb.qv.begin() + 2 * block, sr.qv.begin()));
+        CHECK(std::memcmp(wb.data(), wr.data(), sizeof(float) * 2 * block) == 0);
     }
 }

@@ -13,17 +13,25 @@
 #include <vector>
 
 #include <velora/backend/cpu/adam8.hpp>
+#include <velora/core/buffer.hpp>
 
 #include "state_format.hpp"
 
 namespace adarank {
 
-/// A backend that updates 8-bit blockwise moments (the CPU backend in float).
+/// A backend that updates 8-bit blockwise moments in its own memory (velora::cpu and the CUDA
+/// backend in float: adam8_update on rules/adam8_block.hpp's layout).
 template <class B>
-concept blockwise_state_backend = std::same_as<typename B::value_type, float> &&
+concept blockwise_update_backend = std::same_as<typename B::value_type, float> &&
     requires(B& b, const float* g, float* out, velora::cpu::adam8_tensor_state s, const velora::rules::adamw_terms<float>& terms) {
         { b.adam8_update(velora::cpu::adam_row_kind::moments, g, out, s, terms) } -> std::convertible_to<bool>;
     };
+
+/// A backend the optimizer keeps 8-bit moments for: one that updates them in host memory, where
+/// blockwise_moments holds them (the CPU backend in float). The CUDA backend updates them in
+/// device memory (blockwise_update_backend) but this class does not keep them there yet.
+template <class B>
+concept blockwise_state_backend = blockwise_update_backend<B> && std::same_as<typename B::template buffer<float>, velora::host_buffer<float>>;
 
 class blockwise_moments {
 public:

@@ -337,7 +337,8 @@ private:
         validate(c, fn);
         check_eps_representable<T>(c.adam, fn);
         velora::detail::require(c.state == state_format::float32 || blockwise_state_backend<B>, fn,
-                                "config.state = int8_blockwise needs a backend with adam8_update in float (the CPU backend, eigen_backend<float>); this "
+                                "config.state = int8_blockwise needs the CPU backend in float (eigen_backend<float>): the optimizer keeps the 8-bit "
+                                "moments in host memory (the CUDA backend's adam8_update works on device memory the optimizer does not hold yet); this "
                                 "backend's value type has ",
                                 sizeof(T), "-byte values");
         velora::detail::require(c.basis == basis_format::float32 || blockwise_state_backend<B>, fn,

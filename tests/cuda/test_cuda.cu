@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -45,8 +46,10 @@ static_assert(velora::backend<cuda_backend<float>> && velora::backend<cuda_backe
 static_assert(adarank::optimizer_backend<cuda_backend<float>> && adarank::optimizer_backend<cuda_backend<double>>);
 static_assert(adarank::low_rank_optimizer<adarank::low_rank_adamw<cuda_backend<float>>>);
 static_assert(velora::activation_compressor<velora::compressor<cuda_backend<float>>>);
-// No adam8_update and device memory: the optimizer's constructor refuses 8-bit moments and
-// quantised bases on this backend (low_rank_adamw::checked; the CPU twin: test_quantized_basis).
+// adam8_update on device memory, but the optimizer keeps 8-bit moments in host memory: its
+// constructor refuses them and quantised bases on this backend (low_rank_adamw::checked; the CPU
+// twin: test_quantized_basis).
+static_assert(adarank::blockwise_update_backend<cuda_backend<float>>);
 static_assert(!adarank::blockwise_state_backend<cuda_backend<float>>);
 
 namespace {
@@ -614,6 +617,136 @@ TEST_CASE("the CUDA backend refuses quantised bases and 8-bit moments at constru
     c.basis = adarank::basis_format::float32;
     c.state = adarank::state_format::int8_blockwise;
     CHECK(test::invalid_argument_message([&] { adarank::low_rank_adamw<cuda_backend<float>> o(t.gpu, c); }).find("config.state") != std::string::npos);
+}
+
+namespace {
+
+// 8-bit moments of `count` elements in blocks of `block`, on the host and the device.
+struct moments8 {
+    index_t count, block;
+    std::vector<std::uint8_t> qm, qv;
+    std::vector<float> am, av;
+    device_buffer<std::uint8_t> dqm, dqv;
+    device_buffer<float> dam, dav;
+    moments8(index_t n, index_t b)
+        : count(n), block(b), qm(static_cast<std::size_t>(n), 0), qv(qm), am(static_cast<std::size_t>((n + b - 1) / b), 0.0f), av(am), dqm(upload(qm)),
+          dqv(upload(qv)), dam(upload(am)), dav(upload(av)) {}
+    velora::rules::adam8_tensor_state host() { return {qm.data(), qv.data(), am.data(), av.data(), count, block}; }
+    velora::rules::adam8_tensor_state device() { return {dqm.data(), dqv.data(), dam.data(), dav.data(), count, block}; }
+    // The device arrays equal the host ones, bit for bit.
+    bool same() const {
+        const auto fm = download(dam), fv = download(dav);
+        return download(dqm) == qm && download(dqv) == qv && std::memcmp(fm.data(), am.data(), am.size() * sizeof(float)) == 0 &&
+               std::memcmp(fv.data(), av.data(), av.size() * sizeof(float)) == 0;
+    }
+};
+
+// Gradients over three decades with the block [zero_first, zero_first + block) all zero.
+std::vector<float> gradient8(index_t n, std::uint64_t seed, index_t zero_first, index_t block) {
+    std::vector<float> g = values<float>(static_cast<std::size_t>(n), seed);
+    for (index_t i = 0; i < n; ++i) g[static_cast<std::size_t>(i)] *= static_cast<float>(std::pow(10.0, double(i % 7) - 3.0));
+    for (index_t i = zero_first; i < std::min(n, zero_first + block); ++i) g[static_cast<std::size_t>(i)] = 0;
+    return g;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+} // namespace
+
+TEST_CASE("adam8_update on the GPU gives the CPU backend's bits: dense weights in both orders and the low-rank moments, partial and all-zero blocks") {
+    using velora::rules::adam_row_kind;
+    twins<float> t(8, 8);
+    for (const auto kind : {adam_row_kind::galore_weight, adam_row_kind::torch_weight, adam_row_kind::moments}) {
+        for (const auto& [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 100}, {4096, 1000}}) {
+            CAPTURE(block);
+            const index_t n = 5 * block + tail;
+            moments8 s(n, block);
+            std::vector<float> w = values<float>(static_cast<std::size_t>(n), 11);
+            auto dw = upload(w);
+            const auto order = kind == adam_row_kind::torch_weight ? velora::rules::adamw_order::torch : velora::rules::adamw_order::galore;
+            const auto terms = adamw_terms_for<float>(order, 0.999f);
+            for (int step = 0; step < 4; ++step) {
+                std::vector<float> g = gradient8(n, 40 + static_cast<std::uint64_t>(step), block, block);
+                auto dg = upload(g);
+                if (kind == adam_row_kind::moments) {   // n written over the projected gradient, as the low-rank step does
+                    REQUIRE(t.cpu.adam8_update(kind, g.data(), g.data(), s.host(), terms));
+                    REQUIRE(t.gpu.adam8_update(kind, dg.data(), dg.data(), s.device(), terms));
+                    CHECK(same_bits(download(dg), g));
+                } else {
+                    REQUIRE(t.cpu.adam8_update(kind, g.data(), w.data(), s.host(), terms));
+                    REQUIRE(t.gpu.adam8_update(kind, dg.data(), dw.data(), s.device(), terms));
+                    CHECK(same_bits(download(dw), w));
+                }
+                CHECK(s.same());
+            }
+            CHECK(s.am[1] == 0.0f);   // the all-zero block
+            CHECK(s.am[0] > 0.0f);
+        }
+    }
+}
+
+TEST_CASE("adam8 on the GPU: absmax overflow and underflow as on the CPU; a non-finite result is reported and leaves its block's bytes") {
+    using velora::rules::adam_row_kind;
+    twins<float> t(8, 8);
+    const index_t n = 600, block = 256;
+    auto c = adamw_terms_for<float>(velora::rules::adamw_order::galore, 1.0f);
+    c.c1 = 1.0f;   // m = g exactly
+    std::vector<float> g(static_cast<std::size_t>(n), 1e19f), w(static_cast<std::size_t>(n), 0.0f);
+    g[3] = -1.8e19f;
+    for (index_t i = block; i < 2 * block; ++i) g[static_cast<std::size_t>(i)] = 1e-39f;   // stored as zeros
+    moments8 s(n, block);
+    auto dg = upload(g);
+    auto dw = upload(w);
+    REQUIRE(t.cpu.adam8_update(adam_row_kind::galore_weight, g.data(), w.data(), s.host(), c));
+    REQUIRE(t.gpu.adam8_update(adam_row_kind::galore_weight, dg.data(), dw.data(), s.device(), c));
+    CHECK(s.same());
+    CHECK(same_bits(download(dw), w));
+    CHECK(s.am[0] == 1.8e19f);
+    CHECK(s.am[1] == 0.0f);
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), 3e19f}) {
+        std::vector<float> gb(static_cast<std::size_t>(n), 0.5f);
+        gb[599] = bad;
+        const auto before_q = download(s.dqm);
+        const auto before_a = download(s.dam);
+        auto dgb = upload(gb);
+        CHECK_FALSE(t.gpu.adam8_update(adam_row_kind::galore_weight, dgb.data(), dw.data(), s.device(), c));
+        const auto after_q = download(s.dqm);
+        const auto after_a = download(s.dam);
+        CHECK(after_a[2] == before_a[2]);
+        CHECK(std::equal(after_q.begin() + 2 * block, after_q.end(), before_q.begin() + 2 * block));
+        s = moments8(n, block);   // the caller discards what was written
+    }
+    CHECK(test::invalid_argument_message([&] { t.gpu.adam8_update(adam_row_kind::moments, dg.data(), dg.data(), {s.dqm.data(), s.dqv.data(), s.dam.data(), s.dav.data(), n, 4097}, c); })
+              .find("block = 4097") != std::string::npos);
+}
+
+TEST_CASE("adam8_decode and adam8_encode on the GPU give the CPU's bits (moment transport at a refresh)") {
+    twins<float> t(8, 8);
+    const index_t n = 3 * 256 + 77, block = 256;
+    std::vector<float> x = gradient8(n, 5, block, block);
+    auto dx = upload(x);
+    for (const auto sign : {velora::rules::code_sign::signed_code, velora::rules::code_sign::unsigned_code}) {
+        const auto& code = sign == velora::rules::code_sign::signed_code ? velora::rules::signed_dynamic_code() : velora::rules::unsigned_dynamic_code();
+        std::vector<float> y = x;
+        if (sign == velora::rules::code_sign::unsigned_code)
+            for (float& e : y) e = std::fabs(e);
+        auto dy = upload(y);
+        std::vector<std::uint8_t> q(static_cast<std::size_t>(n));
+        std::vector<float> a(static_cast<std::size_t>((n + block - 1) / block));
+        for (index_t b = 0; b * block < n; ++b)
+            velora::rules::adam8::encode_block(code, y.data() + b * block, q.data() + b * block, std::min(block, n - b * block), a[static_cast<std::size_t>(b)]);
+        device_buffer<std::uint8_t> dq(q.size());
+        device_buffer<float> da(a.size()), dout(y.size());
+        t.gpu.adam8_encode(sign, dy.data(), n, block, dq.data(), da.data());
+        CHECK(download(dq) == q);
+        CHECK(same_bits(download(da), a));
+        t.gpu.adam8_decode(sign, dq.data(), da.data(), n, block, dout.data());
+        std::vector<float> decoded(y.size());
+        for (index_t i = 0; i < n; ++i) decoded[static_cast<std::size_t>(i)] = code.decode(q[static_cast<std::size_t>(i)], a[static_cast<std::size_t>(i / block)]);
+        CHECK(same_bits(download(dout), decoded));
+    }
 }
 
 TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {

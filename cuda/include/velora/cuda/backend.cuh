@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -40,6 +41,7 @@
 #include <Eigen/Eigenvalues>
 #pragma nv_diag_default 20012
 
+#include <velora/backend/rules/adam8_block.hpp>
 #include <velora/backend/rules/cholesky_qr2.hpp>
 #include <velora/backend/rules/gemm_arguments.hpp>
 #include <velora/backend/rules/gram_svd.hpp>
@@ -48,6 +50,7 @@
 #include <velora/core/storage.hpp>
 #include <velora/core/view.hpp>
 
+#include "adam8.cuh"
 #include "buffer.hpp"
 #include "context.hpp"
 #include "determinism.hpp"
@@ -499,6 +502,69 @@ public:
         });
     }
 
+    /// Adam(W) on 8-bit blockwise moments in device memory (float only; layout and arithmetic:
+    /// backend/rules/adam8_block.hpp, kernels: adam8.cuh), contiguous g and out (w, or n for
+    /// adam_row_kind::moments; they may be the same array), every block decoded, updated and
+    /// encoded in one pass: the CPU backend's bits. False when some result was not finite (what
+    /// was written must then be discarded; that block's bytes and absmax are unchanged). Waits for
+    /// the stream. Throws std::invalid_argument for a block outside [1, rules::adam8_max_block].
+    bool adam8_update(rules::adam_row_kind kind, const T* g, T* out, const rules::adam8_tensor_state& s, const rules::adamw_terms<T>& terms)
+        requires std::same_as<T, float>
+    {
+        constexpr const char* fn = "velora::cuda::cuda_backend::adam8_update";
+        require_state_block(fn, s.block);
+        if (s.count <= 0) return true;
+        require_workspace(fn, 0);
+        const rules::dynamic_code* codes = adam8_codes(fn);
+        int* bad = flag();
+        detail::check(cudaMemsetAsync(bad, 0, sizeof(int), ctx_.stream), fn, "cudaMemsetAsync");
+        const auto blocks = static_cast<unsigned>(s.blocks());
+        const std::size_t shared = 2 * static_cast<std::size_t>(s.block) * sizeof(float);
+        switch (kind) {
+        case rules::adam_row_kind::moments:
+            kernels::adam8_update<rules::adam_row_kind::moments><<<blocks, kernels::kAdam8Threads, shared, ctx_.stream>>>(codes, g, out, s, terms, bad);
+            break;
+        case rules::adam_row_kind::galore_weight:
+            kernels::adam8_update<rules::adam_row_kind::galore_weight><<<blocks, kernels::kAdam8Threads, shared, ctx_.stream>>>(codes, g, out, s, terms, bad);
+            break;
+        case rules::adam_row_kind::torch_weight:
+            kernels::adam8_update<rules::adam_row_kind::torch_weight><<<blocks, kernels::kAdam8Threads, shared, ctx_.stream>>>(codes, g, out, s, terms, bad);
+            break;
+        }
+        check_launch(fn);
+        int host_bad = 0;
+        detail::check(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+        return host_bad == 0;
+    }
+
+    /// out[i] = the value of byte q[i] in its block (i / block) of absmax `absmax`, in the signed
+    /// (m) or unsigned (v) code, for i < count; device memory. What moment transport at a refresh
+    /// works on (dynamic_code::decode, the CPU's bits).
+    void adam8_decode(rules::code_sign sign, const std::uint8_t* q, const float* absmax, index_t count, index_t block, T* out)
+        requires std::same_as<T, float>
+    {
+        constexpr const char* fn = "velora::cuda::cuda_backend::adam8_decode";
+        require_state_block(fn, block);
+        const rules::dynamic_code* code = adam8_codes(fn) + (sign == rules::code_sign::signed_code ? 0 : 1);
+        for_each_1d(fn, count, [=] __device__(kernels::index i) { out[i] = code->decode(q[i], absmax[i / block]); });
+    }
+
+    /// x (count finite floats, device memory) encoded in blocks of `block`: absmax[b] = the
+    /// block's largest |x| (0 below the smallest normal float), q the bytes; the CPU's bits
+    /// (rules::adam8::encode_block).
+    void adam8_encode(rules::code_sign sign, const T* x, index_t count, index_t block, std::uint8_t* q, float* absmax)
+        requires std::same_as<T, float>
+    {
+        constexpr const char* fn = "velora::cuda::cuda_backend::adam8_encode";
+        require_state_block(fn, block);
+        if (count <= 0) return;
+        const rules::dynamic_code* code = adam8_codes(fn) + (sign == rules::code_sign::signed_code ? 0 : 1);
+        kernels::adam8_encode<<<static_cast<unsigned>((count + block - 1) / block), kernels::kAdam8Threads, 0, ctx_.stream>>>(code, x, count, block, q,
+                                                                                                                          absmax);
+        check_launch(fn);
+    }
+
     /// out = in ∘ in.
     void square(const_matrix_view<T> in, matrix_view<T> out) {
         const T* id = in.data;
@@ -707,6 +773,25 @@ private:
     int* flag() const noexcept { return small<int>(kFlagOffset); }
     int* info_flag() const noexcept { return small<int>(kInfoOffset); }
 
+    static void require_state_block(const char* fn, index_t block) {
+        detail_require(block >= 1 && block <= rules::adam8_max_block, fn, "block = ", block, " must lie in [1, ", rules::adam8_max_block, "]");
+    }
+
+    // The signed and unsigned dynamic codes in device memory ([0] signed, [1] unsigned), copied
+    // on first use (the stream waits for the copy once: the host tables are read in place).
+    const rules::dynamic_code* adam8_codes(const char* fn) {
+        if (codes8_.size() == 0) {
+            device_buffer<rules::dynamic_code> codes(2);
+            const rules::dynamic_code* host[2] = {&rules::signed_dynamic_code(), &rules::unsigned_dynamic_code()};
+            for (int i = 0; i < 2; ++i)
+                detail::check(cudaMemcpyAsync(codes.data() + i, host[i], sizeof(rules::dynamic_code), cudaMemcpyHostToDevice, ctx_.stream), fn,
+                              "cudaMemcpyAsync");
+            detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+            codes8_ = std::move(codes);
+        }
+        return codes8_.data();
+    }
+
     unsigned grid_for(index_t blocks) const noexcept { return static_cast<unsigned>(std::clamp<index_t>(blocks, 1, index_t{sms_} * 32)); }
 
     // A failed launch check reports the launch's own error, or says that the error is an
@@ -783,6 +868,7 @@ private:
     Eigen::MatrixXd host_gram_;
     Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> host_eig_;
     std::vector<T> host_u_;
+    device_buffer<rules::dynamic_code> codes8_;   // adam8_codes (float only; empty until first used)
 };
 
 } // namespace velora::cuda

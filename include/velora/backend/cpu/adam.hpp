@@ -22,8 +22,8 @@
 
 namespace velora::cpu {
 
-/// Which update a row runs (see the file comment).
-enum class adam_row_kind { moments, galore_weight, torch_weight };
+/// Which update a row runs (see the file comment; defined with the rule).
+using rules::adam_row_kind;
 
 /// The scalar operations adam_element.hpp needs, on one T.
 struct scalar_ops {
@@ -37,19 +37,8 @@ struct scalar_ops {
     static T product(T a, T b) noexcept { return std::fma(a, b, T(-0.0)); }
 };
 
-/// One element of a row of kind K; `out` is n (moments) or w (the weight kinds). The
-/// coefficients come as N (a scalar, or broadcast into a packet); decays = (decay != 1).
-template <adam_row_kind K, class Ops, class N>
-inline void adam_element(N g, N& m, N& v, N& out, N beta1, N c1, N beta2, N c2, N bias2_sqrt, N eps, N minus_step, N decay,
-                         bool decays) noexcept {
-    if constexpr (K == adam_row_kind::torch_weight) {
-        out = rules::torch_adamw_element<Ops>(g, m, v, out, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
-    } else {
-        const N n = rules::adam_moments_element<Ops>(g, m, v, c1, c2, eps);
-        if constexpr (K == adam_row_kind::moments) out = n;
-        else out = rules::galore_weight_element<Ops>(out, n, minus_step, decay, decays);
-    }
-}
+/// One element of a row of kind K (rules/adam_element.hpp).
+using rules::adam_element;
 
 #if defined(__AVX512F__)
 namespace simd {

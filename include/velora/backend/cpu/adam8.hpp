@@ -17,6 +17,9 @@
 /// maximum (order-free). A body is compiled when the target has its instructions (-march=native on
 /// an AVX-512 machine compiles all three); `adam8_block` takes the widest.
 ///
+/// The scalar body is rules/adam8_block.hpp's one-lane block, the function the CUDA kernels run
+/// per thread; the vector bodies reuse its element functions for their tails.
+///
 /// A block whose new m, v or out is not finite returns false; the caller must then discard what
 /// the call wrote. An all-zero block, or one whose largest value is below the smallest normal
 /// float, stores absmax 0 and zero bytes (code 0 is 0 in both codes).
@@ -31,6 +34,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../rules/adam8_block.hpp"
 #include "../rules/adam_element.hpp"
 #include "../rules/dynamic_code.hpp"
 #include "adam.hpp"
@@ -39,28 +43,18 @@
 namespace velora::cpu {
 
 /// The largest block the CPU bodies take (their stack buffers hold two blocks of floats).
-inline constexpr index_t adam8_max_block = 4096;
+using rules::adam8_max_block;
 
 /// One block's state: n bytes of each moment and their absmax.
-struct adam8_block_state {
-    std::uint8_t* qm;
-    std::uint8_t* qv;
-    float* absmax_m;
-    float* absmax_v;
-};
+using rules::adam8_block_state;
 
 namespace adam8_detail {
 
-// value[q]·absmax as one rounded product that GCC cannot contract into the update's first add
-// (a plain product could be, differently in each body).
-inline float decoded(const rules::dynamic_code& code, std::uint8_t q, float absmax) noexcept { return scalar_ops::product(code.value[q], absmax); }
+// value[q]·absmax, rules/adam8_block.hpp's decoding with the scalar operations.
+inline float decoded(const rules::dynamic_code& code, std::uint8_t q, float absmax) noexcept { return rules::adam8::decoded<scalar_ops>(code, q, absmax); }
 
-// A block whose largest value is below the smallest normal float (its reciprocal would overflow)
-// is stored as zeros: such moments are invisible next to ε, which is at least that large
-// (adamw_rule.hpp: check_eps_representable).
-inline float stored_absmax(float largest) noexcept { return largest >= std::numeric_limits<float>::min() ? largest : 0.0f; }
-
-inline bool finite_value(float x) noexcept { return std::fabs(x) <= std::numeric_limits<float>::max(); }
+using rules::adam8::finite_value;
+using rules::adam8::stored_absmax;
 
 // The scalar element of pass 1: decode, update, and return the new moments through m, v.
 template <adam_row_kind K>
@@ -70,44 +64,16 @@ inline void update_scalar(float g, float& m, float& v, float& out, const rules::
 
 // Pass 2 for elements [j, n): the scalar encoding (the reference the packets match).
 inline void encode_scalar(const rules::dynamic_code& code, const float* x, std::uint8_t* q, index_t j, index_t n, float absmax) noexcept {
-    if (absmax == 0.0f) {
-        for (; j < n; ++j) q[j] = 0;
-        return;
-    }
-    const float inv = rules::dynamic_code::reciprocal(absmax);
-    for (; j < n; ++j) q[j] = code.encode(x[j], inv);
+    rules::adam8::encode_lane(code, x, q, j, 1, n, absmax);
 }
 
 } // namespace adam8_detail
 
-/// The scalar body: the reference.
+/// The scalar body: the reference (rules/adam8_block.hpp's block on one lane).
 template <adam_row_kind K>
 bool adam8_block_scalar(const float* g, float* out, adam8_block_state s, index_t n, const rules::adamw_terms<float>& c) noexcept {
-    const auto& cm = rules::signed_dynamic_code();
-    const auto& cv = rules::unsigned_dynamic_code();
     float nm[adam8_max_block], nv[adam8_max_block];
-    const float am = *s.absmax_m, av = *s.absmax_v, minus_step = -c.step;
-    const bool decays = c.decay != 1.0f;
-    float max_m = 0, max_v = 0;
-    bool finite = true;
-    for (index_t j = 0; j < n; ++j) {
-        float m = adam8_detail::decoded(cm, s.qm[j], am), v = adam8_detail::decoded(cv, s.qv[j], av), o = K == adam_row_kind::moments ? 0.0f : out[j];
-        adam8_detail::update_scalar<K>(g[j], m, v, o, c, minus_step, decays);
-        out[j] = o;
-        nm[j] = m;
-        nv[j] = v;
-        finite = finite && adam8_detail::finite_value(m) && adam8_detail::finite_value(v) && adam8_detail::finite_value(o);
-        max_m = std::max(max_m, std::fabs(m));
-        max_v = std::max(max_v, std::fabs(v));
-    }
-    if (!finite) return false;
-    max_m = adam8_detail::stored_absmax(max_m);
-    max_v = adam8_detail::stored_absmax(max_v);
-    adam8_detail::encode_scalar(cm, nm, s.qm, 0, n, max_m);
-    adam8_detail::encode_scalar(cv, nv, s.qv, 0, n, max_v);
-    *s.absmax_m = max_m;
-    *s.absmax_v = max_v;
-    return true;
+    return rules::adam8::block<K, scalar_ops>(rules::signed_dynamic_code(), rules::unsigned_dynamic_code(), g, out, s, n, c, nm, nv);
 }
 
 #if defined(__AVX512F__)
@@ -482,22 +448,11 @@ bool adam8_block(const float* g, float* out, adam8_block_state s, index_t n, con
 /// Encodes n floats (finite) as one block: absmax = their largest |x| (0 below the smallest
 /// normal float), then the bytes; the bits every body's encoding gives.
 inline void adam8_encode_block(const rules::dynamic_code& code, const float* x, std::uint8_t* q, index_t n, float& absmax) noexcept {
-    float largest = 0;
-    for (index_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(x[i]));
-    absmax = adam8_detail::stored_absmax(largest);
-    adam8_detail::encode_scalar(code, x, q, 0, n, absmax);
+    rules::adam8::encode_block(code, x, q, n, absmax);
 }
 
-/// A tensor's 8-bit moments: `count` elements in blocks of `block` (the last one may be shorter),
-/// bytes qm, qv (count each) and absmax per block (ceil(count / block) each).
-struct adam8_tensor_state {
-    std::uint8_t* qm;
-    std::uint8_t* qv;
-    float* absmax_m;
-    float* absmax_v;
-    index_t count, block;
-    [[nodiscard]] index_t blocks() const noexcept { return (count + block - 1) / block; }
-};
+/// A tensor's 8-bit moments (rules/adam8_block.hpp).
+using rules::adam8_tensor_state;
 
 /// Every block of a contiguous tensor (g and out: count floats each), on up to `threads` threads;
 /// blocks are independent, so the bits do not depend on the thread count. Returns false when some
@@ -507,9 +462,8 @@ bool adam8_tensor(int threads, const float* g, float* out, const adam8_tensor_st
                   adam8_body body = adam8_has_avx512 ? adam8_body::avx512 : adam8_has_avx2 ? adam8_body::avx2 : adam8_body::scalar) noexcept {
     std::atomic<bool> finite{true};
     for_each_row(threads, s.count, s.blocks(), [&](index_t b) {
-        const index_t first = b * s.block, n = std::min(s.block, s.count - first);
-        const adam8_block_state bs{s.qm + first, s.qv + first, s.absmax_m + b, s.absmax_v + b};
-        if (!adam8_block<K>(g + first, out + first, bs, n, c, body)) finite.store(false, std::memory_order_relaxed);
+        const index_t first = b * s.block;
+        if (!adam8_block<K>(g + first, out + first, s.at(b), s.size_of(b), c, body)) finite.store(false, std::memory_order_relaxed);
     });
     return finite.load();
 }

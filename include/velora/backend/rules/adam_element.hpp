@@ -28,6 +28,10 @@ namespace velora::rules {
 /// Which optimizer's order of operations an AdamW update follows (see the file comment).
 enum class adamw_order : std::uint8_t { galore, torch };
 
+/// What an update writes besides the moments: n = m/(√v+ε) (moments, the low-rank subspace's
+/// Adam), or the new weight in GaLore's or torch's order.
+enum class adam_row_kind { moments, galore_weight, torch_weight };
+
 /// Everything one dense AdamW update needs besides the arrays, each already rounded to T.
 ///  - galore: c1 = 1 − β₁ and c2 = 1 − β₂ computed in T (as adam_moments does), step =
 ///    lr·√(1−β₂ᵗ)/(1−β₁ᵗ), eps = ε; beta1, beta2 and bias2_sqrt unused;
@@ -65,6 +69,20 @@ VELORA_HOST_DEVICE inline N torch_adamw_element(N g, N& m, N& v, N w, N beta1, N
     v = Ops::fma(c2 * g, g, v * beta2);                // exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)
     const N denom = Ops::sqrt(v) / bias2_sqrt + eps;   // (exp_avg_sq.sqrt() / √(1 − β₂ᵗ)).add_(ε)
     return w + (minus_step * m) / denom;               // p.addcdiv_(exp_avg, denom, −lr/(1 − β₁ᵗ))
+}
+
+/// One element of an update of kind K; `out` is n (moments) or w (the weight kinds). The
+/// coefficients come as N (a scalar, or broadcast into a packet); decays = (decay != 1).
+template <adam_row_kind K, class Ops, class N>
+VELORA_HOST_DEVICE inline void adam_element(N g, N& m, N& v, N& out, N beta1, N c1, N beta2, N c2, N bias2_sqrt, N eps, N minus_step, N decay,
+                                            bool decays) noexcept {
+    if constexpr (K == adam_row_kind::torch_weight) {
+        out = torch_adamw_element<Ops>(g, m, v, out, beta1, c1, beta2, c2, bias2_sqrt, eps, minus_step, decay, decays);
+    } else {
+        const N n = adam_moments_element<Ops>(g, m, v, c1, c2, eps);
+        if constexpr (K == adam_row_kind::moments) out = n;
+        else out = galore_weight_element<Ops>(out, n, minus_step, decay, decays);
+    }
 }
 
 } // namespace velora::rules

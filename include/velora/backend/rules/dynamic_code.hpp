@@ -3,7 +3,8 @@
 /// The 8-bit dynamic codes of blockwise-quantised Adam moments (Dettmers et al., "8-bit
 /// Optimizers via Block-wise Quantization", ICLR 2022; bitsandbytes' `create_dynamic_map`), and
 /// the table that finds a value's nearest code without a search. Written once here; the CPU
-/// bodies (cpu/adam8.hpp) and the CUDA kernel read the same tables.
+/// bodies (cpu/adam8.hpp) and the CUDA kernels (cuda/adam8.cuh) read the same tables; what the
+/// encoding and decoding compute is VELORA_HOST_DEVICE, one definition for both sides.
 ///
 /// Construction (a "dynamic tree" code): a value y ∈ [0, 1] (|x| divided by its block's absmax)
 /// is written as 10^(i−6) · f with a decimal exponent i ∈ {0, …, 6} and a linear fraction
@@ -38,6 +39,8 @@
 #include <limits>
 #include <stdexcept>
 
+#include "../../core/host_device.hpp"
+
 namespace velora::rules {
 
 /// Signed (m) or unsigned (v) code.
@@ -60,10 +63,10 @@ struct dynamic_code {
     alignas(64) std::array<std::int32_t, 16> last{};
 
     /// The reciprocal every body multiplies by: 1/absmax rounded once (absmax > 0).
-    [[nodiscard]] static float reciprocal(float absmax) noexcept { return 1.0f / absmax; }
+    [[nodiscard]] VELORA_HOST_DEVICE static float reciprocal(float absmax) noexcept { return 1.0f / absmax; }
 
     /// The binade index of y >= 0 (y <= 1 after rounding; larger values take the last binade).
-    [[nodiscard]] static std::uint32_t binade_of(float y) noexcept {
+    [[nodiscard]] VELORA_HOST_DEVICE static std::uint32_t binade_of(float y) noexcept {
         std::uint32_t bits;
         std::memcpy(&bits, &y, sizeof bits);
         const std::uint32_t e = bits >> 23;
@@ -71,7 +74,7 @@ struct dynamic_code {
     }
 
     /// The magnitude index of y ∈ [0, 1]: the reference the vector bodies match.
-    [[nodiscard]] std::uint32_t nearest_magnitude(float y) const noexcept {
+    [[nodiscard]] VELORA_HOST_DEVICE std::uint32_t nearest_magnitude(float y) const noexcept {
         const std::uint32_t b = binade_of(y);
         const auto g = static_cast<std::size_t>(binade_group[b] + (y > binade_boundary[b] ? 1 : 0));
         const float cell = std::fma(y, cells_per_unit[g], cell_shift[g]);
@@ -82,7 +85,7 @@ struct dynamic_code {
 
     /// The byte of x in a block whose absmax has the reciprocal `inv` (reciprocal(absmax)):
     /// y = |x|·inv rounded to the nearest code; a negative x that rounds to 0 gives byte 0.
-    [[nodiscard]] std::uint8_t encode(float x, float inv) const noexcept {
+    [[nodiscard]] VELORA_HOST_DEVICE std::uint8_t encode(float x, float inv) const noexcept {
         const float y = std::fma(std::fabs(x), inv, -0.0f);   // one rounding, as the packets' product
         const std::uint32_t k = nearest_magnitude(y);
         const bool negative = sign == code_sign::signed_code && x < 0 && k != 0;
@@ -91,7 +94,7 @@ struct dynamic_code {
 
     /// The value of byte q in a block of absmax a: value[q]·a, rounded once (an FMA with −0, which
     /// no compiler contracts into a later add).
-    [[nodiscard]] float decode(std::uint8_t q, float absmax) const noexcept { return std::fma(value[q], absmax, -0.0f); }
+    [[nodiscard]] VELORA_HOST_DEVICE float decode(std::uint8_t q, float absmax) const noexcept { return std::fma(value[q], absmax, -0.0f); }
 
     /// The largest distance between neighbouring magnitudes: |decode(encode(x)) − x| <= a·(this/2)
     /// up to the roundings of y, of the cell index and of the product.
