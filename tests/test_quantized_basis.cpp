@@ -267,6 +267,50 @@ TEST_CASE("quantised basis: the same bits at 1, 2 and 3 threads (float and 8-bit
         }
 }
 
+TEST_CASE("quantised basis: current_basis decodes Q once for a parameter's step; another parameter's decode, a committed step, a refresh or a rebuilt table make it decode again") {
+    // The mark in the shared workspace (optimizer_workspace::basis_now_holds) is what lets the
+    // step_with_reduced_projection after a project_gradient run in the projection's decode. Proof
+    // that a decode is skipped: basis_now is overwritten between two calls and the second call
+    // returns what was written there, not Q; proof that it is not skipped where it must not be:
+    // Q comes back.
+    using state = adarank::parameter_state<B>;
+    adarank::optimizer_workspace<B> ws;
+    ws.reserve_quantized_basis(basis_format::int8, 96, 6, 32);
+    const auto make = [](index_t rows, index_t cols, std::size_t index, std::uint64_t seed) {
+        state l = state::plan(rows, cols, adarank::param_kind::low_rank, adarank::side_policy::left, 6, 1, index, "test");
+        l.qbasis.configure(basis_format::int8, l.len, 32);
+        const auto p = orthonormal_rows(6, l.len, seed);
+        l.qbasis.encode(p.data(), 6, l.len);
+        l.rank = 6;
+        return l;
+    };
+    state a = make(96, 40, 0, 51), b = make(64, 40, 1, 52);   // left side: rows of 96 and 64
+    const auto decoded = [](const state& l) {
+        std::vector<float> q(static_cast<std::size_t>(l.rank * l.len));
+        l.qbasis.decode(q.data(), l.len);
+        return q;
+    };
+    const std::vector<float> qa = decoded(a), qb = decoded(b);
+    const auto values = [](velora::const_matrix_view<float> v) { return std::vector<float>(v.data, v.data + v.rows * v.ld); };
+    const auto scribble = [&] { std::fill(ws.basis_now.data(), ws.basis_now.data() + ws.basis_now.size(), 7.0f); };
+    const std::vector<float> sevens_a(qa.size(), 7.0f);
+
+    CHECK(values(adarank::current_basis(ws, a)) == qa);          // decoded
+    scribble();
+    CHECK(values(adarank::current_basis(ws, a)) == sevens_a);    // the same step of the same parameter: not decoded again
+    CHECK(values(adarank::current_basis(ws, b)) == qb);          // another parameter's decode replaces the mark
+    CHECK(values(adarank::current_basis(ws, a)) == qa);          // so a's is decoded again
+    scribble();
+    ++a.t;                                                       // a step was committed
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
+    scribble();
+    ++a.refreshes;                                               // a new basis was installed
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
+    scribble();
+    ws.forget_decoded_basis();                                   // registration or load_state
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
+}
+
 TEST_CASE("quantised basis: state bytes count codes and scales; a steady-state step allocates nothing") {
     const run_result f = run(config_q(basis_format::float32, 32), 1, 5), a8 = run(config_q(basis_format::int8, 32), 1, 5),
                      a4 = run(config_q(basis_format::int4, 32), 1, 5);
