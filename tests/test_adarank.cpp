@@ -599,7 +599,7 @@ TEST_CASE("project_gradient checks its views up front, naming project_gradient a
         contains(dense({g.data(), 12, 20, index_t{1} << 61}, good_out), {fn, "argument 'grad' (12x20, ld 2305843009213693952)", "address space"});
         contains(dense({nullptr, 12, 20, 20}, good_out), {fn, "argument 'grad' has a null data pointer"});
         contains(dense({g.data(), 12, 20, 19}, good_out), {fn, "argument 'grad' has leading dimension 19 < cols 20"});
-        contains(dense({g.data(), 12, 19, 20}, good_out), {fn, "argument 'grad' is 12x19", "parameter 0 is 12x20"});
+        contains(dense({g.data(), 12, 19, 20}, good_out), {fn, "argument 'grad' is 12x19 but must be 12x20"});
         contains(dense(grad, {out.data(), 3, 20, index_t{1} << 61}), {fn, "argument 'out' (3x20, ld 2305843009213693952)", "address space"});
         contains(dense(grad, {nullptr, 3, 20, 20}), {fn, "argument 'out' has a null data pointer"});
         contains(dense(grad, {out.data(), 3, 20, 19}), {fn, "argument 'out' has leading dimension 19 < cols 20"});

@@ -16,6 +16,8 @@
 #include <new>
 #include <algorithm>
 #include <span>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "allocation_counter.hpp"   // every allocation counted (the no-allocation-after-reserve tests)
@@ -241,6 +243,61 @@ TEST_CASE_TEMPLATE("after reserve(plan), the first factored, data-parallel and b
     };
     CHECK(allocations_during_two(step) == 0);
     CHECK(opt.layer_state(low_rank_id).refreshes == 1);
+}
+
+TEST_CASE("after reserve with plan.bf16_weights, the first bf16-weight steps make no heap allocation; workspace_bytes counts the widened weight") {
+    // The widened float copy of a bf16 weight is part of the optimizer's workspace: sized by
+    // reserve for the largest parameter and reported before it is held, not grown inside the
+    // first bf16 step.
+    optimizer_inputs<float> in;
+    using B = optimizer_inputs<float>::B;
+    constexpr index_t d = optimizer_inputs<float>::d, o = optimizer_inputs<float>::o;
+    adarank::optimizer_config config;
+    config.rank = adarank::rank_policy::adaptive(0.1, 1, 24);
+    config.refresh = adarank::refresh_policy::converged(0.0, 1000, 1000);   // no refresh in the measured steps
+    adarank::low_rank_adamw<B> opt(in.backend, config);
+    const auto low_rank_id = opt.add_parameter(o, d, adarank::param_kind::low_rank);
+    const auto dense_id = opt.add_parameter(o, d, adarank::param_kind::dense);
+    const auto bias_id = opt.add_parameter(1, o);
+    // The low-rank parameter's first step finds its subspace (allowed to allocate its state).
+    REQUIRE(opt.step(low_rank_id, velora::make_view(in.w.data(), o, d), velora::make_view<const float>(in.grad.data(), o, d)) == velora::status::ok);
+    CHECK(opt.bf16_workspace_bytes() == 0);
+
+    const adarank::workspace_plan plan{.bf16_weights = true};
+    const std::size_t expected = opt.workspace_bytes(plan);
+    CHECK(expected == opt.workspace_bytes() + static_cast<std::size_t>(o * d) * sizeof(float));   // the largest weight, in float
+    opt.reserve(plan);
+    CHECK(opt.workspace_bytes() == expected);
+    CHECK(opt.bf16_workspace_bytes() == static_cast<std::size_t>(o * d) * sizeof(float));
+
+    std::vector<velora::bfloat16> w(static_cast<std::size_t>(o * d)), w2(w.size()), bias(static_cast<std::size_t>(o));
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = w2[i] = velora::bfloat16{static_cast<std::uint16_t>(0x3f80u + (i % 64))};   // 1 + i%64 / 128
+    auto step = [&] {
+        // The first bf16 steps of all three parameters (the dense one's very first step).
+        CHECK(opt.step(low_rank_id, velora::make_view(w.data(), o, d), velora::make_view<const float>(in.grad.data(), o, d)) == velora::status::ok);
+        CHECK(opt.step(dense_id, velora::make_view(w2.data(), o, d), velora::make_view<const float>(in.grad.data(), o, d)) == velora::status::ok);
+        CHECK(opt.step(bias_id, velora::make_view(bias.data(), 1, o), velora::make_view<const float>(in.bias_grad.data(), 1, o)) == velora::status::ok);
+    };
+    CHECK(allocations_during_two(step) == 0);
+    CHECK(opt.workspace_bytes() == expected);
+
+    // Only the CPU backend in float has bf16-weight steps: a plan asking for them elsewhere is refused.
+    velora::eigen_backend<double> backend_d;
+    adarank::low_rank_adamw<velora::eigen_backend<double>> opt_d(backend_d, config);
+    opt_d.add_parameter(o, d);
+    const auto refused = [&](auto&& f) {
+        try {
+            f();
+        } catch (const std::invalid_argument& e) {
+            return std::string(e.what());
+        }
+        return std::string("<no std::invalid_argument thrown>");
+    };
+    for (const std::string& msg : {refused([&] { opt_d.reserve(plan); }), refused([&] { (void)opt_d.workspace_bytes(plan); })}) {
+        CHECK(msg.find("plan.bf16_weights") != std::string::npos);
+        CHECK(msg.find("adarank::low_rank_adamw::") == 0);
+    }
+    CHECK(opt_d.workspace_bytes(adarank::workspace_plan{}) == opt_d.workspace_bytes());
 }
 
 TEST_CASE("the counter really counts") {

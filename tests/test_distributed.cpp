@@ -329,6 +329,76 @@ TEST_CASE("the step in phases, with the host reducing the projection, is bit for
     CHECK(opt_a.layer_state(0).refreshes >= 4);
 }
 
+TEST_CASE("with a quantised basis, the steps in phases decode Q once and equal the step with a communicator, also interleaved across parameters") {
+    // project_gradient leaves its decoded Q in the workspace for the step_with_reduced_projection
+    // that follows (optimizer_workspace::basis_now_holds). The workspace is shared: projecting B
+    // between A's phases, or a refresh of A between two steps, must make A's step decode again
+    // instead of running in B's or in the old Q, which would change the bits (and B's basis rows
+    // are of another length). Two orders against the step with a communicator, bit for bit.
+    auto& comm = world();
+    for (const adarank::basis_format format : {adarank::basis_format::int8, adarank::basis_format::int4}) {
+        CAPTURE(static_cast<int>(format));
+        adarank::optimizer_config c = adarank::optimizer_config::galore(6, 4, 0.25);
+        c.adam.lr = 1e-2;
+        c.basis = format;
+        c.basis_block = 32;
+        backend_t<float> backend;
+        optimizer_t<float> ref(backend, c), interleaved(backend, c), sequential(backend, c);
+        const index_t shapes[2][2] = {{64, 96}, {96, 72}};   // left side (rows of 64) and right side (rows of 72)
+        std::vector<std::vector<float>> w_ref, w_int, w_seq;
+        for (int p = 0; p < 2; ++p) {
+            for (optimizer_t<float>* o : {&ref, &interleaved, &sequential}) o->add_parameter(shapes[p][0], shapes[p][1], param_kind::low_rank, comm);
+            w_ref.push_back(test::data<float>(static_cast<std::size_t>(shapes[p][0] * shapes[p][1]), 70 + static_cast<std::uint64_t>(p)));
+        }
+        w_int = w_seq = w_ref;
+        const auto view = [&](std::vector<std::vector<float>>& w, int p) { return velora::make_view(w[static_cast<std::size_t>(p)].data(), shapes[p][0], shapes[p][1]); };
+        std::vector<std::vector<float>> out(2);
+        // Phase 1 of parameter p into out[p] and the host's reduction (same bits as the
+        // communicator's mean), or false when the next step needs the gradient itself.
+        const auto project = [&](optimizer_t<float>& o, int p, velora::const_matrix_view<float> g) {
+            const auto shape = o.projection_to_reduce(p);
+            if (!shape) return false;
+            auto& o_p = out[static_cast<std::size_t>(p)];
+            o_p.assign(static_cast<std::size_t>(shape->first * shape->second), 0.0f);
+            o.project_gradient(p, g, velora::make_view(o_p.data(), shape->first, shape->second));
+            comm.all_reduce_sum(std::span<float>(o_p));
+            if (comm.size() > 1) for (float& x : o_p) x *= 1.0f / static_cast<float>(comm.size());
+            return true;
+        };
+        const auto finish = [&](optimizer_t<float>& o, std::vector<std::vector<float>>& w, int p, bool projected, velora::const_matrix_view<float> g) {
+            const auto shape = o.projection_to_reduce(p);
+            return projected ? o.step_with_reduced_projection(p, view(w, p), velora::make_view<const float>(out[static_cast<std::size_t>(p)].data(), shape->first, shape->second), g, comm)
+                             : o.step(p, view(w, p), g, comm);
+        };
+        const auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+            return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+        };
+        int phased = 0;
+        for (std::uint64_t t = 0; t < 14; ++t) {   // refreshes at steps 0, 4, 8, 12
+            std::vector<std::vector<float>> g;
+            for (int p = 0; p < 2; ++p)
+                g.push_back(test::data<float>(static_cast<std::size_t>(shapes[p][0] * shapes[p][1]), 1000 + 10 * t + static_cast<std::uint64_t>(p) + 100 * static_cast<std::uint64_t>(comm.rank())));
+            const auto gv = [&](int p) { return velora::make_view<const float>(g[static_cast<std::size_t>(p)].data(), shapes[p][0], shapes[p][1]); };
+            for (int p = 0; p < 2; ++p) REQUIRE(ref.step(p, view(w_ref, p), gv(p), comm) == status::ok);
+            // project A, project B, step A, step B
+            const bool a = project(interleaved, 0, gv(0)), b = project(interleaved, 1, gv(1));
+            REQUIRE(finish(interleaved, w_int, 0, a, gv(0)) == status::ok);
+            REQUIRE(finish(interleaved, w_int, 1, b, gv(1)) == status::ok);
+            // project A, step A, project B, step B: each step reuses its projection's decode
+            for (int p = 0; p < 2; ++p) REQUIRE(finish(sequential, w_seq, p, project(sequential, p, gv(p)), gv(p)) == status::ok);
+            phased += a + b;
+            for (int p = 0; p < 2; ++p) {
+                CHECK(same_bits(w_int[static_cast<std::size_t>(p)], w_ref[static_cast<std::size_t>(p)]));
+                CHECK(same_bits(w_seq[static_cast<std::size_t>(p)], w_ref[static_cast<std::size_t>(p)]));
+            }
+        }
+        CHECK(interleaved.save_state() == ref.save_state());
+        CHECK(sequential.save_state() == ref.save_state());
+        CHECK(phased == 2 * 10);   // 14 steps, 4 of them refreshes due by the count
+        CHECK(ref.layer_state(0).refreshes == 4);
+    }
+}
+
 TEST_CASE("GaLore (fixed rank, exact SVD) data-parallel equals one process") {
     auto& comm = world();
     backend_t<double> backend;

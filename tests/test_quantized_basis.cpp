@@ -12,6 +12,7 @@
 #include <velora/core/hash.hpp>
 
 #include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
+#include "optimizer_run.hpp"
 #include "test_util.hpp"
 
 #include <Eigen/Dense>
@@ -32,11 +33,7 @@ using adarank::basis_format;
 
 std::string name(basis_format f) { return f == basis_format::int8 ? "int8" : f == basis_format::int4 ? "int4" : "float32"; }
 
-std::vector<float> gaussian(index_t n, std::uint64_t seed, double scale) {
-    std::vector<float> v(static_cast<std::size_t>(n));
-    for (index_t i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = static_cast<float>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
-    return v;
-}
+using test::gaussian;
 
 // An r×len matrix with orthonormal rows (row-major floats): the thin Q of a Gaussian's QR.
 std::vector<float> orthonormal_rows(index_t r, index_t len, std::uint64_t seed) {
@@ -66,33 +63,13 @@ adarank::optimizer_config config_q(basis_format f, index_t block = 64, index_t r
     return c;
 }
 
-struct run_result {
-    std::vector<std::vector<float>> weights;
-    std::vector<std::byte> state;
-    std::size_t state_bytes = 0;
-};
+using run_result = test::optimizer_run;
 
 // A 64x96 (left side, rows of 64) and a 96x72 (right side, rows of 72) low-rank parameter and a
 // 48x40 dense one, `steps` steps (refresh every 4: moments transported between decoded bases).
 run_result run(const adarank::optimizer_config& c, int threads, int steps) {
-    B backend(threads);
-    optimizer o(backend, c);
-    const index_t shapes[3][2] = {{64, 96}, {96, 72}, {48, 40}};
-    const adarank::param_kind kinds[3] = {adarank::param_kind::low_rank, adarank::param_kind::low_rank, adarank::param_kind::dense};
-    run_result r;
-    for (int p = 0; p < 3; ++p) {
-        o.add_parameter(shapes[p][0], shapes[p][1], kinds[p]);
-        r.weights.push_back(gaussian(shapes[p][0] * shapes[p][1], 10 + static_cast<std::uint64_t>(p), 0.5));
-    }
-    for (int t = 0; t < steps; ++t)
-        for (int p = 0; p < 3; ++p) {
-            const auto g = gaussian(shapes[p][0] * shapes[p][1], 1000 + 10 * static_cast<std::uint64_t>(t) + static_cast<std::uint64_t>(p), 1.0);
-            REQUIRE(o.step(p, velora::make_view(r.weights[static_cast<std::size_t>(p)].data(), shapes[p][0], shapes[p][1]),
-                           velora::make_view(g.data(), shapes[p][0], shapes[p][1])) == velora::status::ok);
-        }
-    r.state = o.save_state();
-    r.state_bytes = o.state_bytes();
-    return r;
+    static constexpr test::parameter_shape parameters[] = {{64, 96, adarank::param_kind::low_rank}, {96, 72, adarank::param_kind::low_rank}, {48, 40, adarank::param_kind::dense}};
+    return test::run_optimizer(c, threads, steps, parameters);
 }
 
 // The checksum of a blob recomputed after its payload was edited (core/serialize.hpp: FNV-1a 64
@@ -288,6 +265,50 @@ TEST_CASE("quantised basis: the same bits at 1, 2 and 3 threads (float and 8-bit
                 CHECK(std::memcmp(one.weights[p].data(), three.weights[p].data(), one.weights[p].size() * sizeof(float)) == 0);
             }
         }
+}
+
+TEST_CASE("quantised basis: current_basis decodes Q once for a parameter's step; another parameter's decode, a committed step, a refresh or a rebuilt table make it decode again") {
+    // The mark in the shared workspace (optimizer_workspace::basis_now_holds) is what lets the
+    // step_with_reduced_projection after a project_gradient run in the projection's decode. Proof
+    // that a decode is skipped: basis_now is overwritten between two calls and the second call
+    // returns what was written there, not Q; proof that it is not skipped where it must not be:
+    // Q comes back.
+    using state = adarank::parameter_state<B>;
+    adarank::optimizer_workspace<B> ws;
+    ws.reserve_quantized_basis(basis_format::int8, 96, 6, 32);
+    const auto make = [](index_t rows, index_t cols, std::size_t index, std::uint64_t seed) {
+        state l = state::plan(rows, cols, adarank::param_kind::low_rank, adarank::side_policy::left, 6, 1, index, "test");
+        l.qbasis.configure(basis_format::int8, l.len, 32);
+        const auto p = orthonormal_rows(6, l.len, seed);
+        l.qbasis.encode(p.data(), 6, l.len);
+        l.rank = 6;
+        return l;
+    };
+    state a = make(96, 40, 0, 51), b = make(64, 40, 1, 52);   // left side: rows of 96 and 64
+    const auto decoded = [](const state& l) {
+        std::vector<float> q(static_cast<std::size_t>(l.rank * l.len));
+        l.qbasis.decode(q.data(), l.len);
+        return q;
+    };
+    const std::vector<float> qa = decoded(a), qb = decoded(b);
+    const auto values = [](velora::const_matrix_view<float> v) { return std::vector<float>(v.data, v.data + v.rows * v.ld); };
+    const auto scribble = [&] { std::fill(ws.basis_now.data(), ws.basis_now.data() + ws.basis_now.size(), 7.0f); };
+    const std::vector<float> sevens_a(qa.size(), 7.0f);
+
+    CHECK(values(adarank::current_basis(ws, a)) == qa);          // decoded
+    scribble();
+    CHECK(values(adarank::current_basis(ws, a)) == sevens_a);    // the same step of the same parameter: not decoded again
+    CHECK(values(adarank::current_basis(ws, b)) == qb);          // another parameter's decode replaces the mark
+    CHECK(values(adarank::current_basis(ws, a)) == qa);          // so a's is decoded again
+    scribble();
+    ++a.t;                                                       // a step was committed
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
+    scribble();
+    ++a.refreshes;                                               // a new basis was installed
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
+    scribble();
+    ws.forget_decoded_basis();                                   // registration or load_state
+    CHECK(values(adarank::current_basis(ws, a)) == qa);
 }
 
 TEST_CASE("quantised basis: state bytes count codes and scales; a steady-state step allocates nothing") {

@@ -8,6 +8,7 @@
 #include <velora/backend/eigen.hpp>
 
 #include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
+#include "optimizer_run.hpp"
 #include "test_util.hpp"
 
 #include <cmath>
@@ -31,39 +32,14 @@ adarank::optimizer_config config8(index_t block = 256) {
     return c;
 }
 
-std::vector<float> gaussian(index_t n, std::uint64_t seed, double scale) {
-    std::vector<float> v(static_cast<std::size_t>(n));
-    for (index_t i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = static_cast<float>(scale * velora::gaussian_at(seed, static_cast<std::uint64_t>(i)));
-    return v;
-}
+using test::gaussian;
 
-struct run_result {
-    std::vector<std::vector<float>> weights;
-    std::vector<std::byte> state;
-    std::size_t state_bytes = 0;
-};
+using run_result = test::optimizer_run;
 
 // A 64x96 low-rank, a 48x40 dense and a 1x40 vector parameter, `steps` steps (refresh every 4).
-run_result run(adarank::optimizer_config c, int threads, int steps) {
-    B backend(threads);
-    optimizer o(backend, c);
-    const index_t shapes[3][2] = {{64, 96}, {48, 40}, {1, 40}};
-    const adarank::param_kind kinds[3] = {adarank::param_kind::low_rank, adarank::param_kind::dense, adarank::param_kind::automatic};
-    run_result r;
-    for (int p = 0; p < 3; ++p) {
-        o.add_parameter(shapes[p][0], shapes[p][1], kinds[p]);
-        r.weights.push_back(gaussian(shapes[p][0] * shapes[p][1], 10 + static_cast<std::uint64_t>(p), 0.5));
-    }
-    for (int t = 0; t < steps; ++t)
-        for (int p = 0; p < 3; ++p) {
-            const auto g = gaussian(shapes[p][0] * shapes[p][1], 1000 + 10 * static_cast<std::uint64_t>(t) + static_cast<std::uint64_t>(p), 1.0);
-            const auto st = o.step(p, velora::make_view(r.weights[static_cast<std::size_t>(p)].data(), shapes[p][0], shapes[p][1]),
-                                   velora::make_view(g.data(), shapes[p][0], shapes[p][1]));
-            REQUIRE(st == velora::status::ok);
-        }
-    r.state = o.save_state();
-    r.state_bytes = o.state_bytes();
-    return r;
+run_result run(const adarank::optimizer_config& c, int threads, int steps) {
+    static constexpr test::parameter_shape parameters[] = {{64, 96, adarank::param_kind::low_rank}, {48, 40, adarank::param_kind::dense}, {1, 40, adarank::param_kind::automatic}};
+    return test::run_optimizer(c, threads, steps, parameters);
 }
 
 } // namespace

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <optional>
 #include <span>
+#include <type_traits>
 #include <utility>
 
 #include <velora/compressor.hpp>
@@ -30,6 +31,7 @@
 #include "backend.hpp"
 #include "data_parallel.hpp"
 #include "gradient.hpp"
+#include "gradient_argument.hpp"
 #include "low_rank_step.hpp"   // current_basis
 
 namespace adarank {
@@ -53,79 +55,48 @@ public:
         return std::pair<index_t, index_t>{l.rank, l.other};
     }
 
-    /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory). Throws
-    /// std::invalid_argument, before anything is computed, for a view of `grad` or `out` that
-    /// check_view refuses, an `out` that shares memory with the gradient, a gradient of another
-    /// shape than the parameter's, when projection_to_reduce(id) is std::nullopt, or when `out`
-    /// has another shape.
-    template <gradient_operator Op>
-    void project_gradient(index_t id, const Op& grad, matrix_view<T> out) {
+    /// Phase 1, local: out = B·M for this rank's gradient (rank×other, backend memory), the
+    /// gradient in any form `step` takes (gradient_argument.hpp). Throws std::invalid_argument,
+    /// before anything is computed, for a gradient of another shape than the parameter's or whose
+    /// views check_view refuses, an `out` that check_view refuses or that shares memory with the
+    /// gradient, when projection_to_reduce(id) is std::nullopt, or when `out` has another shape.
+    /// With a quantised basis, the decoded Q stays in the workspace for the
+    /// step_with_reduced_projection of the same parameter that follows (current_basis).
+    template <class Grad = const_matrix_view<T>>   // the default: a braced {data, rows, cols, ld} is a dense view, as before
+        requires gradient_argument<Grad, B>
+    void project_gradient(index_t id, const Grad& grad, matrix_view<T> out) {
         constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
         Derived& self = static_cast<Derived&>(*this);
         const auto& l = self.checked_layer(id, fn);
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        check_gradient_argument<B>(grad, l.rows, l.cols, id, fn);
+        check_output_argument<B>(out, grad, fn);
         const auto shape = projection_to_reduce(id);
         velora::detail::require(shape.has_value(), fn, "parameter ", id, "'s next step searches a new subspace: call step with a communicator");
         velora::check_shape(out, shape->first, shape->second, fn, "out");
-        side_matrix<Op>(grad, l.side).mul(current_basis(self.ws_, l), out);   // a quantised basis: its decoded Q
-    }
-    void project_gradient(index_t id, const_matrix_view<T> grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        Derived& self = static_cast<Derived&>(*this);
-        velora::check_view(grad, fn, "grad");
-        velora::check_view(out, fn, "out");
-        velora::check_no_alias(out, "out", grad, "grad", fn);
-        project_gradient(id, dense_gradient<B>(*self.b_, grad), out);
-    }
-    void project_gradient(index_t id, const velora::factored_gradient<T>& grad, matrix_view<T> out) {
-        constexpr const char* fn = "adarank::low_rank_adamw::project_gradient";
-        Derived& self = static_cast<Derived&>(*this);
-        const auto& checked = self.checked_layer(id, fn);
-        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
-        velora::check_view(out, fn, "out");
-        velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
-        const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
-        velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
-        project_gradient(id, factored_gradient_op<B>(*self.b_, grad, self.ws_.fused), out);
+        const auto& op = as_gradient_operator(*self.b_, grad, self.ws_.fused);
+        side_matrix<std::remove_cvref_t<decltype(op)>>(op, l.side).mul(current_basis(self.ws_, l), out);   // a quantised basis: its decoded Q
     }
 
     /// Phases 2–5 with `reduced`, the mean over the ranks of their `project_gradient` outputs (the
-    /// same bits on every rank; in one process, the projection itself). Statuses as for step. When
-    /// projection_to_reduce(id) is std::nullopt this is step(id, weight, grad, comm) and `reduced`
-    /// is not read.
-    template <gradient_operator Op, velora::communicator C>
-    status step_with_reduced_projection(index_t id, matrix_view<T> weight, const_matrix_view<T> reduced, const Op& grad, C& comm) {
+    /// same bits on every rank; in one process, the projection itself), and the gradient in any
+    /// form `step` takes. Statuses as for step. When projection_to_reduce(id) is std::nullopt
+    /// this is step(id, weight, grad, comm) and `reduced` is not read.
+    template <class Grad = const_matrix_view<T>, velora::communicator C>
+        requires gradient_argument<Grad, B>
+    status step_with_reduced_projection(index_t id, matrix_view<T> weight, const_matrix_view<T> reduced, const Grad& grad, C& comm) {
         constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
         Derived& self = static_cast<Derived&>(*this);
         auto& l = self.checked_layer(id, fn);
         velora::check_shape(weight, l.rows, l.cols, fn, "weight");
         velora::detail::require(l.low_rank, fn, "parameter ", id, " is optimised densely");
-        check_gradient_operator<B>(grad, fn);
-        velora::detail::require(grad.rows() == l.rows && grad.cols() == l.cols, fn, "argument 'grad' is ", grad.rows(), "x", grad.cols(),
-                                " but parameter ", id, " is ", l.rows, "x", l.cols);
+        check_gradient_argument<B>(grad, l.rows, l.cols, id, fn);
         check_distributable(l, self.config_.refresh, comm, fn);
         const auto shape = projection_to_reduce(id);
-        if (!shape) return self.step_with(l, weight, grad, comm);
-        velora::check_shape(reduced, shape->first, shape->second, fn, "reduced");
-        return self.step_with(l, weight, grad, comm, reduced);
-    }
-    template <velora::communicator C>
-    status step_with_reduced_projection(index_t id, matrix_view<T> weight, const_matrix_view<T> reduced, const_matrix_view<T> grad, C& comm) {
-        Derived& self = static_cast<Derived&>(*this);
-        velora::check_view(grad, "adarank::low_rank_adamw::step_with_reduced_projection", "grad");
-        return step_with_reduced_projection(id, weight, reduced, dense_gradient<B>(*self.b_, grad), comm);
-    }
-    template <velora::communicator C>
-    status step_with_reduced_projection(index_t id, matrix_view<T> weight, const_matrix_view<T> reduced, const velora::factored_gradient<T>& grad,
-                                        C& comm) {
-        constexpr const char* fn = "adarank::low_rank_adamw::step_with_reduced_projection";
-        Derived& self = static_cast<Derived&>(*this);
-        const auto& checked = self.checked_layer(id, fn);
-        check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
-        if (comm.any(factored_has_non_finite(*self.b_, grad))) return status::non_finite_input;   // as step does
-        return step_with_reduced_projection(id, weight, reduced, factored_gradient_op<B>(*self.b_, grad, self.ws_.fused), comm);
+        if (shape) velora::check_shape(reduced, shape->first, shape->second, fn, "reduced");
+        if (non_finite_before_products(*self.b_, grad, comm)) return status::non_finite_input;   // as step does
+        const auto& op = as_gradient_operator(*self.b_, grad, self.ws_.fused);
+        if (!shape) return self.step_with(l, weight, op, comm);
+        return self.step_with(l, weight, op, comm, reduced);
     }
 
     /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by

@@ -37,12 +37,18 @@
 namespace adarank {
 
 /// The basis l's steps run in (rank×len): its float buffer, or a quantised basis decoded into the
-/// workspace's basis_now (Q = code·scale; valid until the next decode, i.e. the next step or
-/// projection of any parameter with a quantised basis).
+/// workspace's basis_now (Q = code·scale; valid until another parameter's decode, i.e. its step or
+/// projection). A decode that basis_now already holds for l at its current step and refresh
+/// counts is not repeated (optimizer_workspace::basis_now_holds): a data-parallel host's
+/// project_gradient and step_with_reduced_projection decode once per step.
 template <optimizer_backend B>
 const_matrix_view<typename B::value_type> current_basis(optimizer_workspace<B>& ws, const parameter_state<B>& l) {
     if (!l.qbasis.quantized() || l.rank == 0) return l.basis_view();
-    if constexpr (blockwise_state_backend<B>) l.qbasis.decode(ws.basis_now.data(), l.len);   // host memory: the CPU backend
+    const typename optimizer_workspace<B>::decoded_basis_mark mark{&l, l.t, l.refreshes};
+    if (ws.basis_now_holds != mark) {
+        if constexpr (blockwise_state_backend<B>) l.qbasis.decode(ws.basis_now.data(), l.len);   // host memory: the CPU backend
+        ws.basis_now_holds = mark;
+    }
     return {ws.basis_now.data(), l.rank, l.len, l.len};
 }
 

@@ -9,7 +9,7 @@
 /// keeps Adam's moments in a rank-r subspace of its gradient (r chosen per refresh by the rank
 /// policy); everything else gets plain AdamW with the same hyper-parameters. A VeLoRA layer's
 /// gradient may be passed in factored form; the m×n gradient is then never formed. Steps
-/// between refreshes allocate nothing (after reserve for factored and data-parallel steps); a
+/// between refreshes allocate nothing (after reserve for factored, data-parallel and bf16-weight steps); a
 /// refresh may allocate (the state buffers when the rank changes).
 ///
 /// Numerical trouble never corrupts the state: NaN/Inf in a gradient returns
@@ -161,6 +161,7 @@ public:
             b_->fill(l.dense_view(l.m), T(0));
             b_->fill(l.dense_view(l.v), T(0));
         }
+        ws_.forget_decoded_basis();   // the states may move
         layers_.push_back(std::move(l));
         if (uses_rank_budget(config_.rank)) {
             layers_.back().spectrum.reserve(static_cast<std::size_t>(layers_.back().r_cap));
@@ -238,10 +239,7 @@ public:
             velora::check_shape(w, l.rows, l.cols, fn, "weight");
             check_gradient_argument<B>(grad, l.rows, l.cols, id, fn);
             check_distributable(l, config_.refresh, comm, fn);
-            // A factored gradient's finiteness is decided before any product, collectively: a
-            // rank whose A holds a NaN makes every rank return non_finite_input.
-            if constexpr (std::same_as<Grad, velora::factored_gradient<T>>)
-                if (comm.any(factored_has_non_finite(*b_, grad))) return status::non_finite_input;
+            if (non_finite_before_products(*b_, grad, comm)) return status::non_finite_input;
             return step_with(l, w, as_gradient_operator(*b_, grad, ws_.fused), comm);
         }
     }
@@ -299,17 +297,18 @@ public:
 
     /// Sizes the workspace for what `plan` says the host will do with the parameters registered so
     /// far (factored gradients of up to plan.factored_groups groups, data-parallel steps,
-    /// all_reduce_mean's bucket), so that those steps do not allocate on first use: after it, only
-    /// a step that finds a subspace of a new rank allocates (that parameter's state). Registration
-    /// already sizes what plain steps use. Grows only; call it again after registering more.
+    /// all_reduce_mean's bucket, bf16 weights), so that those steps do not allocate on first use:
+    /// after it, only a step that finds a subspace of a new rank allocates (that parameter's
+    /// state). Registration already sizes what plain steps use. Grows only; call it again after
+    /// registering more. Throws std::invalid_argument for negative sizes, and for bf16 weights on
+    /// a backend that has no bf16-weight steps (host_float_backend).
     void reserve(const workspace_plan& plan) {
-        constexpr const char* fn = "adarank::low_rank_adamw::reserve";
-        velora::detail::require(plan.factored_groups >= 0 && plan.bucket_elements >= 0, fn, "plan.factored_groups = ", plan.factored_groups,
-                                " and plan.bucket_elements = ", plan.bucket_elements, " must be >= 0");
-        ws_.reserve(layers_, plan);
+        ws_.reserve(layers_, checked_plan(plan, "adarank::low_rank_adamw::reserve"));
     }
     /// What workspace_bytes() will report after reserve(plan), computed without allocating.
-    [[nodiscard]] std::size_t workspace_bytes(const workspace_plan& plan) const { return ws_.bytes_after(layers_, plan) + finder_.workspace_bytes(); }
+    [[nodiscard]] std::size_t workspace_bytes(const workspace_plan& plan) const {
+        return ws_.bytes_after(layers_, checked_plan(plan, "adarank::low_rank_adamw::workspace_bytes")) + finder_.workspace_bytes();
+    }
 
     // ------------------------------------------------------------------ state
     static constexpr std::string_view state_kind = optimizer_state_io<B, Rank, Refresh>::kind;
@@ -325,7 +324,10 @@ public:
     /// The blob must be intact and describe a state this optimizer can be in (the exact rules:
     /// optimizer_state_io.hpp, "a valid state"); anything else throws velora::state_format_error
     /// naming the parameter and the field, and changes nothing.
-    void load_state(std::span<const std::byte> blob) { io::load(*b_, config_, lr_, layers_, blob, budget_); }
+    void load_state(std::span<const std::byte> blob) {
+        io::load(*b_, config_, lr_, layers_, blob, budget_);
+        ws_.forget_decoded_basis();   // the bases were replaced (a load that throws changes nothing: the mark stays true)
+    }
 
 private:
     using layer = parameter_state<B>;
@@ -346,6 +348,14 @@ private:
                                 "backend's value type has ",
                                 sizeof(T), "-byte values");
         return c;
+    }
+
+    static const workspace_plan& checked_plan(const workspace_plan& plan, const char* fn) {
+        velora::detail::require(plan.factored_groups >= 0 && plan.bucket_elements >= 0, fn, "plan.factored_groups = ", plan.factored_groups,
+                                " and plan.bucket_elements = ", plan.bucket_elements, " must be >= 0");
+        velora::detail::require(!plan.bf16_weights || host_float_backend<B>, fn,
+                                "plan.bf16_weights = true, but this backend has no bf16-weight steps (they need host_float_backend: the CPU backend in float, eigen_backend<float>)");
+        return plan;
     }
 
     layer& checked_layer(param_id id, const char* fn) {
@@ -393,7 +403,7 @@ private:
     double lr_;
     subspace_finder<B> finder_;
     std::vector<layer> layers_;
-    optimizer_workspace<B> ws_;   // shared by all parameters, sized at registration for the largest (data-parallel and factored parts on first use)
+    optimizer_workspace<B> ws_;   // shared by all parameters, sized at registration for the largest (data-parallel, factored and bf16-weight parts by reserve, or on first use)
     rank_budget_scratch budget_;  // the budget rank rule's scratch, sized at registration
 };
 

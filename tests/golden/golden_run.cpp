@@ -56,6 +56,15 @@ std::vector<T> gradient(index_t rows, index_t cols, std::uint64_t seed, int step
     return g;
 }
 
+// Parameter `id`'s layer_info: layer_state() where the optimizer has it, info() at a base commit
+// that predates the rename (compare.sh builds this file against both), so that neither side
+// calls a deprecated name.
+template <class Opt>
+adarank::layer_info layer_state_of(const Opt& opt, index_t id) {
+    if constexpr (requires { opt.layer_state(id); }) return opt.layer_state(id);
+    else return opt.info(id);
+}
+
 template <class T>
 std::uint64_t hash_of(const std::vector<T>& v) {
     return velora::fnv1a64(std::as_bytes(std::span<const T>(v)));
@@ -120,14 +129,14 @@ void run(adarank::adam_convention convention, which w, Comm* comm, int rank, boo
             std::fprintf(stderr, "golden_run: step %d of %s returned %d\n", step, name_of(w), static_cast<int>(st));
             std::exit(1);
         }
-        if (opt.info(id).rank != last_rank && last_rank >= 0) ++rank_changes;
-        last_rank = opt.info(id).rank;
+        if (layer_state_of(opt, id).rank != last_rank && last_rank >= 0) ++rank_changes;
+        last_rank = layer_state_of(opt, id).rank;
     }
     const auto state = opt.save_state();
     if (print)
         std::printf("%s %s %s state=%016" PRIx64 " weights=%016" PRIx64 " rank=%ld refreshes=%ld rank_changes=%d\n", std::is_same_v<T, float> ? "float" : "double",
                     convention == adarank::adam_convention::torch ? "torch" : "galore", name_of(w), velora::fnv1a64(std::span<const std::byte>(state)),
-                    hash_of(weight), static_cast<long>(opt.info(id).rank), static_cast<long>(opt.info(id).refreshes), rank_changes);
+                    hash_of(weight), static_cast<long>(layer_state_of(opt, id).rank), static_cast<long>(layer_state_of(opt, id).refreshes), rank_changes);
 }
 
 template <class T, class Comm>
