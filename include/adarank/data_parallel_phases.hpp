@@ -88,7 +88,7 @@ public:
         velora::check_no_alias(out, "out", grad.a, "grad.a", fn);
         const index_t used = std::min(grad.subtoken_size, grad.features);   // the entries of v the kernels read
         velora::check_no_alias(out, "out", const_matrix_view<T>(grad.v, 1, used, used), "grad.v", fn);
-        project_gradient(id, factored_gradient_op<B>(*self.b_, grad, self.ws_.fused), out);
+        project_gradient(id, factored_gradient_operator<B>(*self.b_, grad, self.ws_.fused), out);
     }
 
     /// Phases 2–5 with `reduced`, the mean over the ranks of their `project_gradient` outputs (the
@@ -125,7 +125,7 @@ public:
         const auto& checked = self.checked_layer(id, fn);
         check_factored_gradient(grad, checked.rows, checked.cols, id, fn);
         if (comm.any(factored_has_non_finite(*self.b_, grad))) return status::non_finite_input;   // as step does
-        return step_with_reduced_projection(id, weight, reduced, factored_gradient_op<B>(*self.b_, grad, self.ws_.fused), comm);
+        return step_with_reduced_projection(id, weight, reduced, factored_gradient_operator<B>(*self.b_, grad, self.ws_.fused), comm);
     }
 
     /// Replaces each gradient grads[i] (of parameter ids[i]: its rows×cols, backend memory) by

@@ -59,6 +59,7 @@
 #include <velora/layers.hpp>
 
 #include "backend.hpp"
+#include "deprecated.hpp"
 #include "factored.hpp"
 #include "view.hpp"
 
@@ -75,7 +76,7 @@ inline c10::ScalarType dtype_of_storage(storage s) {
     velora::detail::fail("velora::torch::dtype_of_storage", "argument 's' has the invalid value ", static_cast<int>(s));
 }
 
-struct VeloraLinearOptions {
+struct VeloraLinearOptions : deprecated_linear_options_spellings<VeloraLinearOptions> {
     VeloraLinearOptions(std::int64_t in_features, std::int64_t out_features) : in_features_(in_features), out_features_(out_features) {}
     TORCH_ARG(std::int64_t, in_features);    ///< D
     TORCH_ARG(std::int64_t, out_features);   ///< O
@@ -86,7 +87,7 @@ struct VeloraLinearOptions {
     TORCH_ARG(double, scale) = 1.0;          ///< multiplies dW only
     /// Deliver dW in factored form to an AdaRankGradAdamW that attached this layer (weight.grad
     /// then stays undefined for this layer's share); without an attached optimizer dW is dense.
-    TORCH_ARG(bool, factored_weight_grad) = false;
+    TORCH_ARG(bool, factored_gradient) = false;
 };
 
 namespace detail {
@@ -100,7 +101,7 @@ struct linear_state : ::torch::CustomClassHolder {
 
     linear_state(std::int64_t in, std::int64_t out, const compressor_config& config)
         : comp(backend.current(), in, config),
-          slot(std::make_shared<factored_weight_grad>(out, in, comp.groups(), comp.subtoken_size())) {}
+          slot(std::make_shared<factored_gradient_accumulator>(out, in, comp.groups(), comp.subtoken_size())) {}
 
     std::mutex mutex;
     threads_following<float> backend;
@@ -108,8 +109,8 @@ struct linear_state : ::torch::CustomClassHolder {
     compressor_type::record_type staging;
     std::vector<std::byte> blob;      // the compressor state last read from or written to the buffers
     std::uint64_t published_updates = 0;
-    std::shared_ptr<factored_weight_grad> slot;
-    bool factored = false;            // VeloraLinearOptions::factored_weight_grad
+    std::shared_ptr<factored_gradient_accumulator> slot;
+    bool factored = false;            // VeloraLinearOptions::factored_gradient
     // reports (under the lock)
     std::size_t record_bytes = 0, input_bytes = 0;
     int forward_threads = 0, backward_threads = 0;
@@ -118,7 +119,7 @@ struct linear_state : ::torch::CustomClassHolder {
 
 /// dW's A = dYᵀZ into `a` (O×G), converting a narrow Z in chunks (as the compressor does: a
 /// half-precision record never costs a full float copy).
-inline void record_weight_grad(eigen_backend<float>& b, const_matrix_view<float> dy, const at::Tensor& z, matrix_view<float> a) {
+inline void record_gradient_factor(eigen_backend<float>& b, const_matrix_view<float> dy, const at::Tensor& z, matrix_view<float> a) {
     const index_t t = z.size(0), g = z.size(1);
     if (z.scalar_type() == c10::ScalarType::Float) {
         b.gemm(op::transpose, op::none, 1.0f, dy, const_matrix_view<float>(z.data_ptr<float>(), t, g, g), 0.0f, a);
@@ -227,7 +228,7 @@ struct linear_function : public ::torch::autograd::Function<linear_function> {
                                                                         "(the weight did not require grad when the forward ran)");
                 at::Tensor a = at::empty({o, z.size(1)}, at::kFloat);
                 const auto av = mutable_view_of<float>(a, "a");
-                record_weight_grad(b, dy, z, av);
+                record_gradient_factor(b, dy, z, av);
                 const auto scale = static_cast<float>(st.comp.config().scale);
                 if (factored) {
                     st.slot->add(std::move(a), v, scale);
@@ -269,7 +270,7 @@ public:
         config.z_storage = options.z_storage();
         config.scale = options.scale();
         state_ = c10::make_intrusive<detail::linear_state>(options.in_features(), options.out_features(), config);
-        state_->factored = options.factored_weight_grad();
+        state_->factored = options.factored_gradient();
         weight = register_parameter("weight", at::empty({options.out_features(), options.in_features()}));
         if (options.bias()) bias = register_parameter("bias", at::empty({options.out_features()}));
         else bias = register_parameter("bias", {}, /*requires_grad=*/false);
@@ -323,12 +324,12 @@ public:
     void pretty_print(std::ostream& os) const override {
         os << "velora::torch::VeloraLinear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", bias=" << (options.bias() ? "true" : "false") << ", groups=" << options.groups() << ", v=" << to_string(options.v().type)
-           << ", z_storage=" << to_string(options.z_storage()) << ", factored_weight_grad=" << (options.factored_weight_grad() ? "true" : "false")
+           << ", z_storage=" << to_string(options.z_storage()) << ", factored_gradient=" << (options.factored_gradient() ? "true" : "false")
            << ")";
     }
 
     /// Where the layer delivers factored weight gradients (AdaRankGradAdamW::attach reads it).
-    [[nodiscard]] std::shared_ptr<factored_weight_grad> factored_grad() const { return state_->slot; }
+    [[nodiscard]] std::shared_ptr<factored_gradient_accumulator> factored_grad() const { return state_->slot; }
     /// Bytes the last recorded forward saved for the backward pass (Z and v), and the bytes of its
     /// input x, which torch::nn::Linear would have saved instead.
     [[nodiscard]] std::size_t last_record_bytes() const { return locked([](const detail::linear_state& s) { return s.record_bytes; }); }

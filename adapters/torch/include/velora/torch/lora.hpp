@@ -277,7 +277,7 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
                                                                             "(lora_A did not require grad when the forward ran)");
                     at::Tensor af = at::empty({r, z.size(1)}, at::kFloat);
                     const auto afv = mutable_view_of<float>(af, "a_factor");
-                    record_weight_grad(b, view_of<float>(p, "p"), z, afv);
+                    record_gradient_factor(b, view_of<float>(p, "p"), z, afv);
                     b.expand_subtokens(const_matrix_view<float>(afv), v.data_ptr<float>(), st.comp->subtoken_size(),
                                        static_cast<float>(st.comp->config().scale), mutable_view_of<float>(da, "da"));
                 }
