@@ -1,6 +1,6 @@
 // libFuzzer harness: velora::compressor<eigen_backend<float>>::load_state on arbitrary bytes.
 //
-// For every input and each compressor target of fuzz_common.hpp (groups with and without
+// For every input and each compressor target of compressor_targets.hpp (groups with and without
 // padding, v modes first_batch_mean / ema / random / given / batch_mean, Z stored as f32, f16
 // or bf16; each warmed up by a few deterministic compress calls):
 //  1. load_state(input) on a copy of the warmed-up compressor.
@@ -16,6 +16,7 @@
 //  5. After that compress, save_state() is again accepted by a fresh copy.
 // Repair mode (fuzz_compressor_state_repair) first rewrites the envelope (fuzz_common.hpp).
 #include "compressor_targets.hpp"
+#include "state_harness.hpp"
 
 #include <exception>
 #include <memory>
@@ -34,28 +35,18 @@ struct live_target {
     std::vector<float> next_batch;
 };
 
-fuzz::B& backend() {
-    static fuzz::B b(1);
-    return b;
-}
-
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = [] {
-        std::vector<live_target> out;
-        const auto specs = fuzz::compressor_targets();
-        for (std::size_t i = 0; i < specs.size(); ++i) {
-            live_target lt{specs[i], i, nullptr, {}, fuzz::batch(i, specs[i], 1000)};
-            lt.pristine = std::make_unique<fuzz::compressor>(fuzz::make_compressor(backend(), specs[i]));
-            fuzz::compress_batches(harness_name, *lt.pristine, i, specs[i], 0, static_cast<std::uint64_t>(specs[i].warm_batches));
-            lt.pristine_state = lt.pristine->save_state();
-            out.push_back(std::move(lt));
-        }
-        return out;
-    }();
+    static std::vector<live_target> t = fuzz::make_live_targets<live_target>(fuzz::compressor_targets(), [](std::size_t i, const auto& spec) {
+        live_target lt{spec, i, std::make_unique<fuzz::compressor>(fuzz::make_compressor(fuzz::harness_backend(), spec)), {},
+                       fuzz::batch(i, spec, 1000)};
+        fuzz::compress_batches(harness_name, *lt.pristine, i, spec, 0, static_cast<std::uint64_t>(spec.warm_batches));
+        lt.pristine_state = lt.pristine->save_state();
+        return lt;
+    });
     return t;
 }
 
-std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
+std::string where(const live_target& t) { return fuzz::where(t.spec); }
 
 void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
     fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
@@ -124,10 +115,4 @@ void run_target(live_target& t, std::span<const std::byte> input) {
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    return fuzz::run_state_input(data, size, fuzz::compressor::state_kind, fuzz::compressor::state_version, [](std::span<const std::byte> input) {
-        for (auto& t : targets()) run_target(t, input);
-    });
-}
+FUZZ_STATE_HARNESS_ENTRY_POINTS(fuzz::compressor::state_kind, fuzz::compressor::state_version, targets, run_target)

@@ -1,6 +1,6 @@
 // libFuzzer harness: adarank::low_rank_adamw<eigen_backend<float>>::load_state on arbitrary bytes.
 //
-// For every input and each of the optimizer targets of fuzz_common.hpp (warmed up a few
+// For every input and each of the optimizer targets of optimizer_targets.hpp (warmed up a few
 // deterministic steps, so they hold bases, moments and refresh history):
 //  1. load_state(input) on a copy of the warmed-up optimizer.
 //  2. If it throws: the exception is a std::invalid_argument (state_format_error is one), and
@@ -15,6 +15,7 @@
 // Repair mode (fuzz_optimizer_state_repair) first rewrites the envelope (fuzz_common.hpp), so
 // mutations reach the per-field validation instead of the checksum.
 #include "optimizer_targets.hpp"
+#include "state_harness.hpp"
 
 #include <exception>
 #include <memory>
@@ -33,33 +34,21 @@ struct live_target {
     std::vector<std::vector<float>> next_grad;    // the gradient of the step after a load
 };
 
-fuzz::B& backend() {
-    static fuzz::B b(1);
-    return b;
-}
-
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = [] {
-        std::vector<live_target> out;
-        const auto specs = fuzz::optimizer_targets();
-        for (std::size_t i = 0; i < specs.size(); ++i) {
-            live_target lt{specs[i], i, nullptr, {}, {}, {}};
-            lt.pristine = std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(backend(), specs[i]));
-            for (std::size_t p = 0; p < specs[i].params.size(); ++p) {
-                lt.weights.push_back(fuzz::initial_weight(i, p, specs[i].params[p]));
-                lt.next_grad.push_back(fuzz::gradient(i, p, specs[i].params[p], 1000));
-            }
-            for (int s = 0; s < specs[i].warm_steps; ++s)
-                fuzz::step_all(harness_name, *lt.pristine, i, specs[i], lt.weights, static_cast<std::uint64_t>(s));
-            lt.pristine_state = lt.pristine->save_state();
-            out.push_back(std::move(lt));
+    static std::vector<live_target> t = fuzz::make_live_targets<live_target>(fuzz::optimizer_targets(), [](std::size_t i, const auto& spec) {
+        live_target lt{spec, i, std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(fuzz::harness_backend(), spec)), {}, {}, {}};
+        for (std::size_t p = 0; p < spec.params.size(); ++p) {
+            lt.weights.push_back(fuzz::initial_weight(i, p, spec.params[p]));
+            lt.next_grad.push_back(fuzz::gradient(i, p, spec.params[p], 1000));
         }
-        return out;
-    }();
+        for (int s = 0; s < spec.warm_steps; ++s) fuzz::step_all(harness_name, *lt.pristine, i, spec, lt.weights, static_cast<std::uint64_t>(s));
+        lt.pristine_state = lt.pristine->save_state();
+        return lt;
+    });
     return t;
 }
 
-std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
+std::string where(const live_target& t) { return fuzz::where(t.spec); }
 
 // 3 and 5: `state` (saved by an optimizer of this target) is accepted by a fresh copy and re-saves identically.
 void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
@@ -125,10 +114,4 @@ void run_target(live_target& t, std::span<const std::byte> input) {
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    return fuzz::run_state_input(data, size, fuzz::optimizer::state_kind, fuzz::optimizer::state_version, [](std::span<const std::byte> input) {
-        for (auto& t : targets()) run_target(t, input);
-    });
-}
+FUZZ_STATE_HARNESS_ENTRY_POINTS(fuzz::optimizer::state_kind, fuzz::optimizer::state_version, targets, run_target)

@@ -59,6 +59,7 @@
 #include <velora/layers.hpp>
 
 #include "backend.hpp"
+#include "compressor_buffers.hpp"
 #include "deprecated.hpp"
 #include "factored.hpp"
 #include "view.hpp"
@@ -107,8 +108,7 @@ struct linear_state : ::torch::CustomClassHolder {
     threads_following<float> backend;
     compressor_type comp;
     compressor_type::record_type staging;
-    std::vector<std::byte> blob;      // the compressor state last read from or written to the buffers
-    std::uint64_t published_updates = 0;
+    published_compressor_state published;   // what the buffers velora_state and v hold
     std::shared_ptr<factored_gradient_accumulator> slot;
     bool factored = false;            // VeloraLinearOptions::factored_gradient
     // reports (under the lock)
@@ -275,9 +275,7 @@ public:
         if (options.bias()) bias = register_parameter("bias", at::empty({options.out_features()}));
         else bias = register_parameter("bias", {}, /*requires_grad=*/false);
         v = register_buffer("v", at::zeros({state_->comp.subtoken_size()}));
-        state_->blob = state_->comp.save_state();
-        state_->published_updates = state_->comp.v_updates();
-        velora_state = register_buffer("velora_state", blob_tensor(state_->blob));
+        velora_state = register_buffer("velora_state", state_->published.initial_buffer(state_->comp));
         if (state_->comp.initialised()) write_v();   // random mode draws v at construction
         reset_parameters();
     }
@@ -311,7 +309,7 @@ public:
         c10::optional<at::Tensor> b;
         if (bias.defined()) b = bias;
         at::Tensor y = detail::linear_function::apply(x, weight, b, state_, record);
-        if (record && state_->comp.v_updates() != state_->published_updates) write_buffers();
+        if (record && state_->published.stale(state_->comp)) write_buffers();
         return y;
     }
 
@@ -356,12 +354,6 @@ private:
         return f(*state_);
     }
 
-    static at::Tensor blob_tensor(const std::vector<std::byte>& blob) {
-        at::Tensor t = at::empty({static_cast<std::int64_t>(blob.size())}, at::kByte);
-        std::memcpy(t.data_ptr(), blob.data(), blob.size());
-        return t;
-    }
-
     // The buffers, read before a recorded forward: a state blob that differs from the one last
     // seen was loaded (torch::load, load_state_dict-like copies, clone) and is restored into the
     // compressor; otherwise a v that differs from the compressor's was written by the caller and
@@ -378,15 +370,8 @@ private:
                                     ") no longer holds the bytes of a state (a conversion changed them)");
             blob = back;
         }
-        blob = blob.contiguous();
-        const auto* bytes = static_cast<const std::byte*>(blob.data_ptr());
-        const auto n = static_cast<std::size_t>(blob.numel());
         auto& st = *state_;
-        if (n != st.blob.size() || std::memcmp(bytes, st.blob.data(), n) != 0) {
-            std::vector<std::byte> loaded(bytes, bytes + n);
-            st.comp.load_state(loaded);   // state_format_error (an invalid_argument) when it is not this layer's
-            st.blob = std::move(loaded);
-            st.published_updates = st.comp.v_updates();
+        if (st.published.restore_if_loaded(st.comp, blob.contiguous())) {   // state_format_error (an invalid_argument) when it is not this layer's
             write_v();
             return;
         }
@@ -404,26 +389,9 @@ private:
     }
 
     // After v changed: the blob and v buffers describe the compressor again.
-    void write_buffers() {
-        auto& st = *state_;
-        st.blob = st.comp.save_state();
-        st.published_updates = st.comp.v_updates();
-        ::torch::NoGradGuard no_grad;
-        if (velora_state.scalar_type() != at::kByte || velora_state.numel() != static_cast<std::int64_t>(st.blob.size()))
-            velora_state.set_(blob_tensor(st.blob));
-        else std::memcpy(velora_state.data_ptr(), st.blob.data(), st.blob.size());
-        bump_version(velora_state);
-        write_v();
-    }
+    void write_buffers() { state_->published.publish(state_->comp, velora_state, v); }
 
-    void write_v() {
-        auto& st = *state_;
-        ::torch::NoGradGuard no_grad;
-        const std::span<const float> current = st.comp.v();
-        if (v.scalar_type() != at::kFloat || v.numel() != st.comp.subtoken_size()) v.set_(at::zeros({st.comp.subtoken_size()}));
-        if (current.empty()) v.zero_();
-        else v.copy_(at::from_blob(const_cast<float*>(current.data()), {static_cast<std::int64_t>(current.size())}, at::kFloat));
-    }
+    void write_v() { detail::published_compressor_state::write_v(state_->comp, v); }
 
     c10::intrusive_ptr<detail::linear_state> state_;
 };
