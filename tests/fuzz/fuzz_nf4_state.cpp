@@ -40,17 +40,15 @@ std::vector<live_target>& targets() {
     return t;
 }
 
-std::string where(const live_target& t) { return fuzz::where(t.spec); }
-
 void check_products(const live_target& t, const velora::nf4_weight& w) {
     const index_t rows = w.rows(), cols = w.cols();
     std::vector<float> host(static_cast<std::size_t>(rows * cols)), kernel(host.size());
     w.dequantize_rows(0, velora::make_view(host.data(), rows, cols));
-    FUZZ_CHECK(fuzz::all_finite(host), harness_name, where(t) + "an accepted weight dequantises to a non-finite value");
+    FUZZ_CHECK(fuzz::all_finite(host), harness_name, fuzz::where(t.spec) + "an accepted weight dequantises to a non-finite value");
     for (index_t tile : {index_t{1}, index_t{0}}) {
         const velora::nf4_frozen_weight<fuzz::B> frozen(fuzz::harness_backend(), w, tile);
         for (index_t r = 0; r < rows; ++r) fuzz::harness_backend().dequantize_nf4(frozen.blocks(), r, velora::make_view(kernel.data() + r * cols, 1, cols));
-        FUZZ_CHECK(fuzz::same_bytes(host, kernel), harness_name, where(t) + "the backend's dequantize_nf4 differs from the host loop");
+        FUZZ_CHECK(fuzz::same_bytes(host, kernel), harness_name, fuzz::where(t.spec) + "the backend's dequantize_nf4 differs from the host loop");
         std::vector<float> ws(frozen.workspace_elements()), y(static_cast<std::size_t>(tokens * rows)), dx(static_cast<std::size_t>(tokens * cols));
         const auto x = fuzz::gaussian(static_cast<std::size_t>(tokens * cols), 77);
         const auto dy = fuzz::gaussian(static_cast<std::size_t>(tokens * rows), 78);
@@ -58,21 +56,21 @@ void check_products(const live_target& t, const velora::nf4_weight& w) {
             frozen.forward(fuzz::harness_backend(), velora::make_view(x.data(), tokens, cols), velora::make_view(y.data(), tokens, rows), std::span<float>(ws));
             frozen.input_grad(fuzz::harness_backend(), velora::make_view(dy.data(), tokens, rows), velora::make_view(dx.data(), tokens, cols), std::span<float>(ws));
         } catch (const std::exception& e) {
-            fuzz::fail(harness_name, where(t) + "a product through an accepted weight threw: " + e.what());
+            fuzz::fail(harness_name, fuzz::where(t.spec) + "a product through an accepted weight threw: " + e.what());
         }
     }
 }
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     velora::nf4_weight w = t.pristine;
-    if (!fuzz::loaded(harness_name, where(t), w, t.pristine_state, input)) return;
+    if (!fuzz::loaded(harness_name, fuzz::where(t.spec), w, t.pristine_state, input)) return;
     if (fuzz::verbose)
         std::fprintf(stderr, "[%s] accepted: %lldx%lld block %lld%s\n", t.spec.name, (long long)w.rows(), (long long)w.cols(),
                      (long long)w.block_size(), w.double_quantized() ? " double-quantised" : "");
     const auto saved = w.save_state();
     FUZZ_CHECK(saved.size() == input.size() && std::equal(saved.begin(), saved.end(), input.begin()), harness_name,
-               where(t) + "an accepted state does not re-save to the same bytes");
-    fuzz::check_reloadable(harness_name, where(t), velora::nf4_weight{}, saved, "after an accepted load");
+               fuzz::where(t.spec) + "an accepted state does not re-save to the same bytes");
+    fuzz::check_reloadable(harness_name, fuzz::where(t.spec), velora::nf4_weight{}, saved, "after an accepted load");
     check_products(t, w);
 }
 

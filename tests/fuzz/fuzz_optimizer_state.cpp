@@ -25,34 +25,29 @@ namespace {
 
 constexpr const char* harness_name = "fuzz_optimizer_state";
 
-struct live_target {
-    fuzz::optimizer_target spec;
-    std::size_t index;
-    std::unique_ptr<fuzz::optimizer> pristine;    // warmed up; never loaded into
-    std::vector<std::byte> pristine_state;
+struct live_target : fuzz::warmed_target<fuzz::optimizer_target, fuzz::optimizer> {
     std::vector<std::vector<float>> weights;      // after the warm-up
     std::vector<std::vector<float>> next_grad;    // the gradient of the step after a load
 };
 
+// Steps 3 and 5 are fuzz::check_reloadable: a state saved by an optimizer of this target is
+// accepted by a fresh copy and re-saves identically.
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = fuzz::make_live_targets<live_target>(fuzz::optimizer_targets(), [](std::size_t i, const auto& spec) {
-        live_target lt{spec, i, std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(fuzz::harness_backend(), spec)), {}, {}, {}};
-        for (std::size_t p = 0; p < spec.params.size(); ++p) {
-            lt.weights.push_back(fuzz::initial_weight(i, p, spec.params[p]));
-            lt.next_grad.push_back(fuzz::gradient(i, p, spec.params[p], 1000));
-        }
-        for (int s = 0; s < spec.warm_steps; ++s) fuzz::step_all(harness_name, *lt.pristine, i, spec, lt.weights, static_cast<std::uint64_t>(s));
-        lt.pristine_state = lt.pristine->save_state();
-        return lt;
-    });
+    static std::vector<live_target> t = fuzz::warmed_targets<live_target>(
+        fuzz::optimizer_targets(),
+        [](std::size_t i, const auto& spec) {
+            live_target lt{{spec, i, std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(fuzz::harness_backend(), spec)), {}}, {}, {}};
+            for (std::size_t p = 0; p < spec.params.size(); ++p) {
+                lt.weights.push_back(fuzz::initial_weight(i, p, spec.params[p]));
+                lt.next_grad.push_back(fuzz::gradient(i, p, spec.params[p], 1000));
+            }
+            return lt;
+        },
+        [](live_target& lt) {
+            for (int s = 0; s < lt.spec.warm_steps; ++s)
+                fuzz::step_all(harness_name, *lt.pristine, lt.index, lt.spec, lt.weights, static_cast<std::uint64_t>(s));
+        });
     return t;
-}
-
-std::string where(const live_target& t) { return fuzz::where(t.spec); }
-
-// 3 and 5: `state` (saved by an optimizer of this target) is accepted by a fresh copy and re-saves identically.
-void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
-    fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
 }
 
 template <class View>
@@ -79,10 +74,10 @@ void describe(const live_target& t, const fuzz::optimizer& o, const char* when) 
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     fuzz::optimizer opt = *t.pristine;
-    if (!fuzz::loaded(harness_name, where(t), opt, t.pristine_state, input)) return;
+    if (!fuzz::loaded(harness_name, t.where(), opt, t.pristine_state, input)) return;
     const auto loaded = opt.save_state();
     if (fuzz::verbose) describe(t, opt, "accepted load");
-    check_reloadable(t, loaded, "after an accepted load");
+    fuzz::check_reloadable(harness_name, t, loaded, "after an accepted load");
 
     auto weights = t.weights;
     for (std::size_t p = 0; p < t.spec.params.size(); ++p) {
@@ -94,13 +89,13 @@ void run_target(live_target& t, std::span<const std::byte> input) {
             st = opt.step(static_cast<fuzz::index_t>(p), velora::make_view(weights[p].data(), s.rows, s.cols),
                           velora::make_view(t.next_grad[p].data(), s.rows, s.cols));
         } catch (const std::exception& e) {
-            fuzz::fail(harness_name, where(t) + "step of parameter " + std::to_string(p) + " threw after an accepted load: " + e.what());
+            fuzz::fail(harness_name, t.where() + "step of parameter " + std::to_string(p) + " threw after an accepted load: " + e.what());
         }
         if (fuzz::verbose) {
             std::fprintf(stderr, "  step of parameter %zu: %s, max |w| %g\n", p, std::string(velora::to_string(st)).c_str(), fuzz::max_abs(weights[p]));
             describe(t, opt, "after the step");
         }
-        const std::string what = where(t) + "step of parameter " + std::to_string(p) + " after an accepted load returned " +
+        const std::string what = t.where() + "step of parameter " + std::to_string(p) + " after an accepted load returned " +
                                  std::string(velora::to_string(st));
         if (st == velora::status::ok || st == velora::status::degenerate_input) {
             FUZZ_CHECK(fuzz::all_finite(weights[p]), harness_name, what + " but left non-finite weights");
@@ -109,7 +104,7 @@ void run_target(live_target& t, std::span<const std::byte> input) {
             FUZZ_CHECK(opt.save_state() == before_state, harness_name, what + " but changed the optimizer's state");
         }
     }
-    check_reloadable(t, opt.save_state(), "after the steps that followed an accepted load");
+    fuzz::check_reloadable(harness_name, t, opt.save_state(), "after the steps that followed an accepted load");
 }
 
 } // namespace

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -35,6 +36,29 @@ std::vector<Live> make_live_targets(const Specs& specs, Make&& make) {
     out.reserve(specs.size());
     for (std::size_t i = 0; i < specs.size(); ++i) out.push_back(make(i, specs[i]));
     return out;
+}
+
+// A target whose object is warmed up once (steps, compress calls) and copied for every input.
+template <class Spec, class Object>
+struct warmed_target {
+    Spec spec;
+    std::size_t index = 0;
+    std::unique_ptr<Object> pristine;   // warmed up; never loaded into
+    std::vector<std::byte> pristine_state;
+
+    [[nodiscard]] std::string where() const { return fuzz::where(spec); }
+};
+
+// The warmed targets of `specs`: make(index, spec) builds one with its object, warm(target)
+// warms the object up, and the state it then saves is the target's pristine state.
+template <class Live, class Specs, class Make, class Warm>
+std::vector<Live> warmed_targets(const Specs& specs, Make&& make, Warm&& warm) {
+    return make_live_targets<Live>(specs, [&](std::size_t i, const auto& spec) {
+        Live t = make(i, spec);
+        warm(t);
+        t.pristine_state = t.pristine->save_state();
+        return t;
+    });
 }
 
 
@@ -87,6 +111,12 @@ void check_reloadable(const char* harness, const std::string& where, Object fres
         fail(harness, where + "the state saved " + when + " is rejected by load_state: " + e.what());
     }
     FUZZ_CHECK(fresh.save_state() == state, harness, where + "the state saved " + when + " does not re-save to the same bytes");
+}
+
+// The same for a warmed target: a fresh copy of its pristine object.
+template <class Spec, class Object>
+void check_reloadable(const char* harness, const warmed_target<Spec, Object>& t, const std::vector<std::byte>& state, const char* when) {
+    check_reloadable(harness, t.where(), *t.pristine, state, when);
 }
 
 } // namespace fuzz

@@ -117,6 +117,22 @@ struct linear_state : ::torch::CustomClassHolder {
     status last_status = status::ok;
 };
 
+/// The compressor configuration of a VeLoRA module (VeloraLinear, VeloraLoRALinear) over
+/// `in_features` = D float32 features, from its options. Throws std::invalid_argument naming `fn`
+/// and the option for G outside [1, D] or Z stored as f64 (wider than the parameters).
+inline compressor_config module_compressor_config(const char* fn, std::int64_t in_features, std::int64_t groups, const velora::v_mode& v,
+                                                  storage z_storage, double scale) {
+    velora::detail::require(groups >= 1 && groups <= in_features, fn, "option groups must satisfy 1 <= G <= in_features, got G = ", groups,
+                            " with in_features = ", in_features);
+    velora::detail::require(z_storage != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
+    compressor_config config;
+    config.groups = groups;
+    config.v = v;
+    config.z_storage = z_storage;
+    config.scale = scale;
+    return config;
+}
+
 /// dW's A = dYᵀZ into `a` (O×G), converting a narrow Z in chunks (as the compressor does: a
 /// half-precision record never costs a full float copy).
 inline void record_gradient_factor(eigen_backend<float>& b, const_matrix_view<float> dy, const at::Tensor& z, matrix_view<float> a) {
@@ -260,15 +276,8 @@ public:
         constexpr const char* fn = "velora::torch::VeloraLinear";
         velora::detail::require(options.in_features() > 0 && options.out_features() > 0, fn,
                                 "in_features and out_features must be positive, got ", options.in_features(), " and ", options.out_features());
-        velora::detail::require(options.groups() >= 1 && options.groups() <= options.in_features(), fn,
-                                "option groups must satisfy 1 <= G <= in_features, got G = ", options.groups(), " with in_features = ",
-                                options.in_features());
-        velora::detail::require(options.z_storage() != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
-        compressor_config config;
-        config.groups = options.groups();
-        config.v = options.v();
-        config.z_storage = options.z_storage();
-        config.scale = options.scale();
+        const compressor_config config =
+            detail::module_compressor_config(fn, options.in_features(), options.groups(), options.v(), options.z_storage(), options.scale());
         state_ = c10::make_intrusive<detail::linear_state>(options.in_features(), options.out_features(), config);
         state_->factored = options.factored_gradient();
         weight = register_parameter("weight", at::empty({options.out_features(), options.in_features()}));

@@ -371,15 +371,8 @@ public:
         st.in = d;
         st.block_size = options.nf4_block_size();
         if (options.use_velora()) {
-            velora::detail::require(options.groups() >= 1 && options.groups() <= d, fn, "option groups must satisfy 1 <= G <= in_features, got G = ",
-                                    options.groups(), " with in_features = ", d);
-            velora::detail::require(options.z_storage() != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
-            compressor_config c;
-            c.groups = options.groups();
-            c.v = options.v();
-            c.z_storage = options.z_storage();
-            c.scale = options.velora_scale();
-            st.comp.emplace(st.backend.current(), d, c);
+            st.comp.emplace(st.backend.current(), d,
+                            detail::module_compressor_config(fn, d, options.groups(), options.v(), options.z_storage(), options.velora_scale()));
         }
 
         lora_A = register_parameter("lora_A", at::empty({r, d}));
