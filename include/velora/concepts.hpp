@@ -104,7 +104,7 @@ concept activation_compressor = requires(C& c, typename C::record_type& out, con
                                          const_matrix_view<typename C::value_type> x,
                                          matrix_view<typename C::value_type> grad) {
     { c.compress(x, out) } -> std::same_as<status>;
-    c.gradient_factor(rec, x, grad);      // the factor A = dYᵀZ of dW (weight_grad before 0.x: not accepted, see deprecated.hpp)
+    c.gradient_factor(rec, x, grad);      // the factor A = dYᵀZ of dW (the old spelling is not accepted: deprecated.hpp)
     c.expand_weight_grad(rec, x, grad);   // dense gradient dW on request
     { rec.bytes() } -> std::convertible_to<std::size_t>;
 };

@@ -8,7 +8,7 @@
 /// surface.
 ///
 /// The `activation_compressor` concept (concepts.hpp) requires the new spelling only: a host type
-/// that implements `weight_grad` and not `gradient_factor` no longer satisfies it. A concept that
+/// that implements the old one and not `gradient_factor` no longer satisfies it. A concept that
 /// accepted either spelling would oblige every generic caller to dispatch on the spelling, and no
 /// warning can be attached to a concept check, so the old spelling would live on unnoticed; a
 /// failed static_assert naming the concept is the clearer signal for a one-line rename.
