@@ -410,7 +410,7 @@ struct velora_fixture {
     velora::const_matrix_view<T> cdy() const { return {dy.data(), kTokens, kOutputs}; }
 
     velora::status fused_step() {
-        comp.weight_grad(record, cdy(), velora::matrix_view<T>(a.data(), kOutputs, kGroups));
+        comp.gradient_factor(record, cdy(), velora::matrix_view<T>(a.data(), kOutputs, kGroups));
         return opt_fused.step(id_fused, velora::matrix_view<T>(w_fused.data(), kOutputs, kFeatures),
                               comp.factored(record, velora::const_matrix_view<T>(a.data(), kOutputs, kGroups)));
     }

@@ -191,7 +191,7 @@ BENCHMARK(BM_WeightGradDense_Cuda)->UseManualTime()->Unit(benchmark::kMicrosecon
 void BM_WeightGradVelora_Cuda(benchmark::State& state) {
     guarded(state, [&] {
         layer_fixture& f = layer();
-        timed(state, [&] { f.comp.weight_grad(f.record, f.cdy(), f.va()); });
+        timed(state, [&] { f.comp.gradient_factor(f.record, f.cdy(), f.va()); });
     });
 }
 BENCHMARK(BM_WeightGradVelora_Cuda)->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -200,7 +200,7 @@ void BM_WeightGradVeloraExpanded_Cuda(benchmark::State& state) {
     guarded(state, [&] {
         layer_fixture& f = layer();
         timed(state, [&] {
-            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.gradient_factor(f.record, f.cdy(), f.va());
             f.comp.expand_weight_grad(f.record, const_matrix_view<T>(f.va()), f.vdw());
         });
     });
@@ -229,7 +229,7 @@ void BM_LinearFwdBwdVelora_Cuda(benchmark::State& state) {
             velora::linear_forward(b, f.cx(), f.cw(), nullptr, matrix_view<T>{f.y.data(), kTokens, kOutputs});
             ok &= f.comp.compress(f.cx(), f.record) == velora::status::ok;
             velora::linear_input_grad(b, f.cdy(), f.cw(), matrix_view<T>{f.dx.data(), kTokens, kFeatures});
-            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.gradient_factor(f.record, f.cdy(), f.va());
         });
         if (!ok) state.SkipWithError("compress did not return ok");
     });
@@ -476,7 +476,7 @@ struct fused_fixture {
         if (fused_step() != velora::status::ok || dense_step() != velora::status::ok) throw std::runtime_error("warm-up step did not return ok");
     }
     velora::status fused_step() {
-        l.comp.weight_grad(l.record, l.cdy(), l.va());
+        l.comp.gradient_factor(l.record, l.cdy(), l.va());
         return opt_fused.step(id_fused, matrix_view<T>{w_fused.data(), kOutputs, kFeatures}, l.comp.factored(l.record, const_matrix_view<T>(l.va())));
     }
     velora::status dense_step() {

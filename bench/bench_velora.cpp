@@ -75,7 +75,7 @@ struct fixture {
         velora::linear_forward(backend, cx(), cw(), nullptr, vy());
         velora::linear_input_grad(backend, cdy(), cw(), vdx());
         velora::dense_weight_grad(backend, cdy(), cx(), vdw());
-        comp.weight_grad(record, cdy(), va());
+        comp.gradient_factor(record, cdy(), va());
         comp.expand_weight_grad(record, ca(), vdw());
     }
 
@@ -174,7 +174,7 @@ void BM_WeightGradVelora(benchmark::State& state) {
     guarded(state, [&] {
         fixture& f = shared();
         for (auto _ : state) {
-            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.gradient_factor(f.record, f.cdy(), f.va());
             benchmark::ClobberMemory();
         }
         set_flops(state, kFactoredGemmFlops);
@@ -186,7 +186,7 @@ void BM_WeightGradVeloraExpanded(benchmark::State& state) {
     guarded(state, [&] {
         fixture& f = shared();
         for (auto _ : state) {
-            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.gradient_factor(f.record, f.cdy(), f.va());
             f.comp.expand_weight_grad(f.record, f.ca(), f.vdw());
             benchmark::ClobberMemory();
         }
@@ -218,7 +218,7 @@ void BM_LinearFwdBwdVelora(benchmark::State& state) {
             velora::linear_forward(f.backend, f.cx(), f.cw(), nullptr, f.vy());
             all_ok &= f.comp.compress(f.cx(), f.record) == velora::status::ok;
             velora::linear_input_grad(f.backend, f.cdy(), f.cw(), f.vdx());
-            f.comp.weight_grad(f.record, f.cdy(), f.va());
+            f.comp.gradient_factor(f.record, f.cdy(), f.va());
             benchmark::ClobberMemory();
         }
         if (!all_ok) {

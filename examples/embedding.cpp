@@ -48,7 +48,7 @@ int main() {
         }
         // backward: exact dX, factored dW (O×G), dense dW only if the optimizer needs it
         velora::linear_input_grad(backend, dy_view, velora::const_matrix_view<float>(w_view), dx_view);
-        comp.weight_grad(record, dy_view, a_view);                               // A = dYᵀZ
+        comp.gradient_factor(record, dy_view, a_view);                           // A = dYᵀZ
         comp.expand_weight_grad(record, a_view, dw_view);                        // scale·A·(I_G ⊗ vᵀ)
 
         s = opt.step(id, w_view, comp.factored(record, a_view));                 // or a dense gradient view

@@ -148,8 +148,8 @@ run_result train(const options& o, bool use_velora, bool low_rank) {
         velora::linear_input_grad(backend, cview(dy, t, out), cview(w2, out, h), view(dact, t, h));
         for (std::size_t i = 0; i < dact.size(); ++i) dact[i] = act[i] > 0 ? dact[i] : 0.0f;
         if (use_velora) {
-            c2.weight_grad(r2, cview(dy, t, out), view(a2, out, o.groups));
-            c1.weight_grad(r1, cview(dact, t, h), view(a1, h, o.groups));
+            c2.gradient_factor(r2, cview(dy, t, out), view(a2, out, o.groups));
+            c1.gradient_factor(r1, cview(dact, t, h), view(a1, h, o.groups));
             // The factored gradients go to the optimizer as they are: a low-rank parameter never
             // forms the dense dW, a dense one expands it in the optimizer's workspace.
             step_with(id2, w2, out, h, c2.factored(r2, cview(a2, out, o.groups)));

@@ -14,7 +14,7 @@ int main() {
     velora::compressor<B> c(backend, d, {.groups = 2});
     velora::compressor<B>::record_type rec;
     (void)c.compress(velora::make_view<const float>(x.data(), t, d), rec);
-    c.weight_grad(rec, velora::make_view<const float>(dy.data(), t, o), velora::make_view(a.data(), o, 2));
+    c.gradient_factor(rec, velora::make_view<const float>(dy.data(), t, o), velora::make_view(a.data(), o, 2));
     c.expand_weight_grad(rec, velora::make_view<const float>(a.data(), o, 2), velora::make_view(dw.data(), o, d));
     adarank::low_rank_adamw<B> opt(backend);
     const auto id = opt.add_parameter(o, d, adarank::param_kind::low_rank);

@@ -78,7 +78,7 @@ void contains(const std::string& msg, std::initializer_list<const char*> parts) 
 adarank::adamw_hyper hyper(double lr, double wd) { return {.lr = lr, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-6, .weight_decay = wd}; }
 ref::adamw_params as_ref(const adarank::adamw_hyper& h) { return {h.lr, h.beta1, h.beta2, h.eps, h.weight_decay}; }
 
-// A VeLoRA layer: one compress + weight_grad per step, gradient both factored and expanded.
+// A VeLoRA layer: one compress + gradient_factor per step, gradient both factored and expanded.
 template <class T>
 struct velora_layer {
     using B = backend_t<T>;
@@ -95,7 +95,7 @@ struct velora_layer {
         const RowMatT<T> x = (gaussian_matrix(tokens, features, seed).array() + 0.3).matrix().template cast<T>();
         const RowMatT<T> dy = gaussian_matrix(tokens, out, seed + 1000).template cast<T>();
         REQUIRE(comp.compress(cv(x), record) == status::ok);
-        comp.weight_grad(record, cv(dy), mv(a));
+        comp.gradient_factor(record, cv(dy), mv(a));
         comp.expand_weight_grad(record, cv(a), mv(dense));
         return comp.factored(record, cv(a));
     }
@@ -573,6 +573,13 @@ TEST_CASE("the phases' old spellings (projection_shape, project, step_projected)
     CHECK(wa == wb);
     CHECK(renamed.save_state() == old.save_state());
 }
+
+// The old name of the factored gradient's operator is the same type, so code naming it compiles
+// unchanged (with a warning).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+static_assert(std::is_same_v<adarank::factored_gradient_op<backend_t<float>>, adarank::factored_gradient_operator<backend_t<float>>>);
+#pragma GCC diagnostic pop
 
 TEST_CASE("project_gradient checks its views up front, naming project_gradient and 'grad'/'out', and changes nothing") {
     using T = float;

@@ -60,7 +60,7 @@ TEST_CASE_TEMPLATE("a steady-state VeLoRA layer step makes no heap allocation", 
                 const auto dyv = velora::make_view<const T>(dy.data(), t, o);
                 velora::linear_forward(backend, xv, velora::make_view<const T>(w.data(), o, d), nullptr, velora::make_view(y.data(), t, o));
                 CHECK(c.compress(xv, record) == velora::status::ok);
-                c.weight_grad(record, dyv, velora::make_view(a.data(), o, g));
+                c.gradient_factor(record, dyv, velora::make_view(a.data(), o, g));
                 c.expand_weight_grad(record, velora::make_view<const T>(a.data(), o, g), velora::make_view(dw.data(), o, d));
                 velora::linear_input_grad(backend, dyv, velora::make_view<const T>(w.data(), o, d), velora::make_view(dx.data(), t, d));
                 velora::bias_grad(backend, dyv, db.data());
@@ -86,7 +86,7 @@ TEST_CASE_TEMPLATE("after reserve(max_tokens), the compressor allocates nothing 
     for (std::size_t i = 0; i < dy_ssf.size(); ++i) dy_ssf[i] = static_cast<T>(velora::gaussian_at(3, i));
     auto products = [&](auto& c, const auto& record, index_t t) {
         const auto dyv = velora::make_view<const T>(dy.data(), t, o);
-        c.weight_grad(record, dyv, velora::make_view(a.data(), o, g));
+        c.gradient_factor(record, dyv, velora::make_view(a.data(), o, g));
         (void)c.factored(record, velora::make_view<const T>(a.data(), o, g));
         c.expand_weight_grad(record, velora::make_view<const T>(a.data(), o, g), velora::make_view(dw.data(), o, d));
         c.reconstruct(record, velora::make_view(xhat.data(), t, d));
@@ -139,7 +139,7 @@ struct optimizer_inputs {
 
     optimizer_inputs() {
         REQUIRE(c.compress(velora::make_view<const T>(x.data(), t, d), record) == velora::status::ok);
-        c.weight_grad(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
+        c.gradient_factor(record, velora::make_view<const T>(dy.data(), t, o), velora::make_view(a.data(), o, g));
         factored = c.factored(record, velora::make_view<const T>(a.data(), o, g));
     }
     static std::vector<T> values(index_t n, std::uint64_t seed, double shift) {

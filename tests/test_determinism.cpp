@@ -190,7 +190,7 @@ TEST_CASE("a compressor run gives the same bits at 1, 2, 3 and 4 threads") {
             const auto x = test::data<float>(static_cast<std::size_t>(tokens * features), 10 + static_cast<std::uint64_t>(step), 0.5);
             const auto dy = pattern<float>(tokens * out, 20 + static_cast<std::uint64_t>(step));
             REQUIRE(comp.compress(velora::make_view(x.data(), tokens, features), record) == velora::status::ok);
-            comp.weight_grad(record, velora::make_view(dy.data(), tokens, out), velora::make_view(a.data(), out, 24));
+            comp.gradient_factor(record, velora::make_view(dy.data(), tokens, out), velora::make_view(a.data(), out, 24));
             const auto* bytes = reinterpret_cast<const std::byte*>(a.data());
             result.insert(result.end(), bytes, bytes + a.size() * sizeof(float));
         }

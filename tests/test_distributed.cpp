@@ -526,7 +526,7 @@ TEST_CASE("a VeLoRA checkpoint holds the compressor's state too: with it the res
         REQUIRE(r.comp.compress(xs, record) == status::ok);
         std::vector<float> a(static_cast<std::size_t>(outputs * cc.groups));
         const velora::matrix_view<float> av{a.data(), outputs, cc.groups, cc.groups};
-        r.comp.weight_grad(record, dys, av);
+        r.comp.gradient_factor(record, dys, av);
         return r.opt.step(r.id, velora::matrix_view<float>{r.w.data(), outputs, features, features}, r.comp.factored(record, av), comm);
     };
     run whole = make(test::data<float>(static_cast<std::size_t>(outputs * features), 500, 0.3));

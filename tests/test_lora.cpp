@@ -621,7 +621,7 @@ TEST_CASE_TEMPLATE("base and adapters trained together: W by AdaRankGrad from a 
         last = reg.loss(y, &dy);
         if (step == 0) first = last;
         REQUIRE(layer.backward(rec, cv(dy), {.dx = mv(dx), .da = mv(da), .db = mv(db)}) == status::ok);
-        wcomp.weight_grad(xrec, cv(dy), mv(wf));
+        wcomp.gradient_factor(xrec, cv(dy), mv(wf));
         REQUIRE(opt.step(id_w, mv(p.w), wcomp.factored(xrec, cv(wf))) == status::ok);
         REQUIRE(opt.step(id_a, mv(p.a), cv(da)) == status::ok);
         REQUIRE(opt.step(id_b, mv(p.b), cv(db)) == status::ok);

@@ -384,7 +384,7 @@ TEST_CASE_TEMPLATE("a factored VeLoRA gradient gives the same products and norm 
         std::vector<T> dense(static_cast<std::size_t>(o * d));
         b.expand_subtokens(f.a, v.data(), s, f.scale, velora::make_view(dense.data(), o, d));
         typename B::template buffer<T> scratch;
-        const adarank::factored_gradient_op<B> fg(b, f, scratch);
+        const adarank::factored_gradient_operator<B> fg(b, f, scratch);
         const adarank::dense_gradient<B> dg(b, velora::make_view<const T>(dense.data(), o, d));
         CHECK(fg.norm2() == doctest::Approx(dg.norm2()).epsilon(1e-5));
         const auto sl = test::data<T>(static_cast<std::size_t>(k * o), 3), sr = test::data<T>(static_cast<std::size_t>(k * d), 4);

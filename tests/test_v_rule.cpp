@@ -101,7 +101,7 @@ products<C> all_products(C& c, const typename C::record_type& r, const std::vect
     p.dw.resize(static_cast<std::size_t>(o * d));
     p.xhat.resize(static_cast<std::size_t>(t * d));
     p.ssf.resize(static_cast<std::size_t>(d));
-    c.weight_grad(r, cview(dy, t, o), mview(p.a, o, g));
+    c.gradient_factor(r, cview(dy, t, o), mview(p.a, o, g));
     c.expand_weight_grad(r, cview(p.a, o, g), mview(p.dw, o, d));
     c.reconstruct(r, mview(p.xhat, t, d));
     c.ssf_weight_grad(r, cview(dy_ssf, t, d), p.ssf.data());

@@ -42,7 +42,7 @@ template <class T>
 std::vector<T> velora_dw(velora::compressor<velora::eigen_backend<T>>& c, const velora::activation_record<velora::eigen_backend<T>>& r,
                          const std::vector<T>& dy, index_t o) {
     std::vector<T> a(static_cast<std::size_t>(o * c.groups())), dw(static_cast<std::size_t>(o * c.features()));
-    c.weight_grad(r, cview(dy, r.tokens(), o), mview(a, o, c.groups()));
+    c.gradient_factor(r, cview(dy, r.tokens(), o), mview(a, o, c.groups()));
     c.expand_weight_grad(r, cview(a, o, c.groups()), mview(dw, o, c.features()));
     return dw;
 }
@@ -142,11 +142,44 @@ struct compress_only {
     velora::status compress(velora::const_matrix_view<float>, record_type&) { return velora::status::ok; }
 };
 
+// A host compressor written against the spelling before 0.x (weight_grad, no gradient_factor):
+// the concept requires the new name (the decision is documented in velora/deprecated.hpp).
+struct old_spelling_only {
+    using value_type = float;
+    struct record_type { std::size_t bytes() const { return 0; } };
+    velora::status compress(velora::const_matrix_view<float>, record_type&) { return velora::status::ok; }
+    void weight_grad(const record_type&, velora::const_matrix_view<float>, velora::matrix_view<float>) {}
+    void expand_weight_grad(const record_type&, velora::const_matrix_view<float>, velora::matrix_view<float>) {}
+};
+
 } // namespace
 
+static_assert(!velora::activation_compressor<old_spelling_only>);
 static_assert(velora::activation_compressor<velora::compressor<velora::eigen_backend<float>>>);
 static_assert(velora::activation_compressor<velora::compressor<velora::eigen_backend<double>>>);
 static_assert(!velora::activation_compressor<compress_only>);
+
+TEST_CASE("the old spelling weight_grad still works as a deprecated alias of gradient_factor, with the same bits and errors") {
+    using T = float;
+    velora::eigen_backend<T> backend;
+    const index_t t = 9, d = 12, o = 5, g = 3;
+    velora::compressor<velora::eigen_backend<T>> c(backend, d, {.groups = g});
+    std::vector<T> x(t * d), dy(t * o);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.7 * double(i)));
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = T(std::cos(0.3 * double(i)));
+    velora::activation_record<velora::eigen_backend<T>> r;
+    REQUIRE(c.compress(cview(x, t, d), r) == velora::status::ok);
+    std::vector<T> renamed(o * g, T(-1)), old(o * g, T(-2));
+    c.gradient_factor(r, cview(dy, t, o), mview(renamed, o, g));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    c.weight_grad(r, cview(dy, t, o), mview(old, o, g));
+    CHECK(old == renamed);
+    // The errors name the new function: the alias forwards, it does not check on its own.
+    CHECK(invalid_argument_message([&] { c.weight_grad(r, cview(dy, t - 1, o), mview(old, o, g)); }).find("velora::compressor::gradient_factor") !=
+          std::string::npos);
+#pragma GCC diagnostic pop
+}
 
 TEST_CASE_TEMPLATE("closed form: dW_velora = scale · dW_exact · (I_G ⊗ v vᵀ) on random shapes", T, float, double) {
     using B = velora::eigen_backend<T>;
@@ -186,7 +219,7 @@ TEST_CASE_TEMPLATE("closed form: dW_velora = scale · dW_exact · (I_G ⊗ v v�
             CHECK(ref::rel_error(xhat, expect_xhat) < 3e-5);
             // The factored view carries everything a low-rank optimizer needs.
             std::vector<T> a(static_cast<std::size_t>(p.o * p.g));
-            c.weight_grad(r, cview(dy, p.t, p.o), mview(a, p.o, p.g));
+            c.gradient_factor(r, cview(dy, p.t, p.o), mview(a, p.o, p.g));
             const auto f = c.factored(r, cview(a, p.o, p.g));
             CHECK(f.features == p.d);
             CHECK(f.subtoken_size == c.subtoken_size());
@@ -484,13 +517,13 @@ TEST_CASE("bad input throws std::invalid_argument naming the function and values
         CHECK(record.tokens() == t);   // a rejected call leaves the record as it was
     }
     SUBCASE("backward") {
-        contains(invalid_argument_message([&] { c.weight_grad(record, cview(dy, t - 1, o), mview(a, o, g)); }),
-                 {"velora::compressor::weight_grad", "'dy' has 7 rows", "T = 8"});
-        contains(invalid_argument_message([&] { c.weight_grad(record, cview(dy, t, o), mview(a, o, g - 1)); }), {"'a' is 5x2 but must be 5x3"});
+        contains(invalid_argument_message([&] { c.gradient_factor(record, cview(dy, t - 1, o), mview(a, o, g)); }),
+                 {"velora::compressor::gradient_factor", "'dy' has 7 rows", "T = 8"});
+        contains(invalid_argument_message([&] { c.gradient_factor(record, cview(dy, t, o), mview(a, o, g - 1)); }), {"'a' is 5x2 but must be 5x3"});
         contains(invalid_argument_message([&] { c.expand_weight_grad(record, cview(a, o, g), mview(dw, o, d - 1)); }),
                  {"velora::compressor::expand_weight_grad", "'dw' is 5x11 but must be 5x12"});
         velora::compressor<B>::record_type empty;
-        contains(invalid_argument_message([&] { c.weight_grad(empty, cview(dy, t, o), mview(a, o, g)); }), {"'record' is empty"});
+        contains(invalid_argument_message([&] { c.gradient_factor(empty, cview(dy, t, o), mview(a, o, g)); }), {"'record' is empty"});
         contains(invalid_argument_message([&] { (void)record.z<velora::half>(); }), {"velora::activation_record::z", "holds f32"});
         CHECK(c.save_state() == before);
     }
@@ -965,9 +998,9 @@ TEST_CASE("outputs that overlap an input are rejected naming both; exact in-plac
         velora::compressor<B>::record_type r;
         REQUIRE(c.compress(cview(x, t, d), r) == velora::status::ok);
         std::vector<double> a(static_cast<std::size_t>(o * g));
-        rejects([&] { c.weight_grad(r, cview(dy, t, o), velora::make_view(dy.data() + o, o, g)); },
-                {"velora::compressor::weight_grad", "'a'", "'dy'"});
-        c.weight_grad(r, cview(dy, t, o), mview(a, o, g));
+        rejects([&] { c.gradient_factor(r, cview(dy, t, o), velora::make_view(dy.data() + o, o, g)); },
+                {"velora::compressor::gradient_factor", "'a'", "'dy'"});
+        c.gradient_factor(r, cview(dy, t, o), mview(a, o, g));
         rejects([&] { c.expand_weight_grad(r, cview(a, o, g), mview(a, o, d)); }, {"velora::compressor::expand_weight_grad", "'dw'", "'a'"});
         rejects([&] { c.ssf_weight_grad(r, cview(dy, t, d), dy.data() + 4); }, {"velora::compressor::ssf_weight_grad", "'dw'", "'dy'"});
         CHECK(dy == dy_copy);

@@ -850,7 +850,7 @@ private:
                             const record_type* rec, aligned_vector<T>* a_buf) {
         if (comp) {
             const view a{a_buf->data(), dy.cols, rec->groups(), rec->groups()};
-            comp->weight_grad(*rec, dy, a);
+            comp->gradient_factor(*rec, dy, a);
             sink.factored(index, comp->factored(*rec, cview(a)));
         } else {
             velora::dense_weight_grad(*b_, dy, cview{x, dy.rows, x_cols, x_cols}, gview(index));

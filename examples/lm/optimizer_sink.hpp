@@ -68,17 +68,17 @@ public:
     void factored(std::size_t i, const velora::factored_gradient<T>& grad) override {
         if (recorder_ && params_[i].projection && recorder_->due(step_)) {
             // The model never writes a VeLoRA projection's gradient buffer: free to hold the expansion.
-            adarank::factored_gradient_op<B>(backend_, grad, scratch_).row_block(0, gradient(i));
+            adarank::factored_gradient_operator<B>(backend_, grad, scratch_).row_block(0, gradient(i));
             recorder_->observe(params_[i].name, step_, velora::const_matrix_view<T>(gradient(i)));
         }
         if constexpr (one_process<C>) {
-            if (measure_ && !low_rank_[i]) energy_ += adarank::factored_gradient_op<B>(backend_, grad, scratch_).norm2();
+            if (measure_ && !low_rank_[i]) energy_ += adarank::factored_gradient_operator<B>(backend_, grad, scratch_).norm2();
             stepped(i, opt_.step(ids_[i], weight(i), grad));
         } else if (low_rank_[i]) {
             stepped(i, opt_.step(ids_[i], weight(i), grad, comm_));
         } else {
             // The model never writes a VeLoRA projection's gradient buffer: free to hold the expansion.
-            adarank::factored_gradient_op<B>(backend_, grad, scratch_).row_block(0, gradient(i));
+            adarank::factored_gradient_operator<B>(backend_, grad, scratch_).row_block(0, gradient(i));
             defer(i);
         }
     }
@@ -164,7 +164,7 @@ private:
     std::vector<std::size_t> deferred_;   // parameter indices whose gradients wait for flush()
     std::vector<param_id> deferred_ids_;
     std::vector<velora::matrix_view<T>> deferred_grads_;
-    B::template buffer<T> scratch_;   // factored_gradient_op's (its row_block and norm2 do not use it)
+    B::template buffer<T> scratch_;   // factored_gradient_operator's (its row_block and norm2 do not use it)
     std::uint64_t bytes_ = 0;
     bool measure_ = false;
     double energy_ = 0;

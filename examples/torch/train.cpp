@@ -60,8 +60,8 @@ result train(bool velora, const torch::Tensor& teacher, std::int64_t steps, doub
         // task), and so does the small head. Built in the same order as the torch run's layers,
         // so that both start from the same weights (VeloraLinear initialises as nn::Linear).
         torch::nn::Linear first(in, hidden);
-        l1 = VeloraLinear(VeloraLinearOptions(hidden, hidden).groups(32).factored_weight_grad(true));
-        l2 = VeloraLinear(VeloraLinearOptions(hidden, hidden).groups(32).factored_weight_grad(true));
+        l1 = VeloraLinear(VeloraLinearOptions(hidden, hidden).groups(32).factored_gradient(true));
+        l2 = VeloraLinear(VeloraLinearOptions(hidden, hidden).groups(32).factored_gradient(true));
         model = torch::nn::Sequential(first, torch::nn::GELU(), l1, torch::nn::GELU(), l2, torch::nn::GELU(), torch::nn::Linear(hidden, classes));
         // Two param groups: the VeloraLinear weights low-rank (adaptive rank up to 32), everything
         // else (the first layer, the head, the biases) dense AdamW, as torch::optim::AdamW would.

@@ -12,9 +12,15 @@
 #include <velora/distributed/communicator.hpp>
 
 #include "backend.hpp"
+#include "gradient.hpp"
 #include "parameter.hpp"
 
 namespace adarank {
+
+/// Renamed factored_gradient_operator: the gradient_operator over a velora::factored_gradient
+/// (the `_op` suffix read like velora::op, the transposition flag).
+template <optimizer_backend B>
+using factored_gradient_op [[deprecated("renamed factored_gradient_operator")]] = factored_gradient_operator<B>;
 
 template <class Derived, optimizer_backend B>
 class deprecated_optimizer_spellings {

@@ -66,7 +66,7 @@ template <optimizer_backend B>
 /// What the optimizer needs of a weight gradient G (m×n), whatever form it is held in: its
 /// shape, ‖G‖_F², whether its inputs are finite (failure paths only), the two products with a
 /// block of row vectors, and a block of its rows (to expand G where it is needed densely).
-/// `dense_gradient` and `factored_gradient_op` are the library's; `mean_over_ranks` turns any
+/// `dense_gradient` and `factored_gradient_operator` are the library's; `mean_over_ranks` turns any
 /// of them into the mean of the ranks' gradients (data-parallel training, see
 /// docs/distributed.md). A host can implement its own (a sharded G, a custom collective).
 template <class G>
@@ -109,11 +109,11 @@ private:
 /// A VeLoRA gradient c·A·(I_g ⊗ vᵀ) (m×n with n = features). `scratch` holds the k×g
 /// intermediate and grows on first use to the largest k×g seen.
 template <optimizer_backend B>
-class factored_gradient_op {
+class factored_gradient_operator {
 public:
     using T = typename B::value_type;
     using buffer = typename B::template buffer<T>;
-    factored_gradient_op(B& b, const velora::factored_gradient<T>& f, buffer& scratch) : b_(&b), f_(f), scratch_(&scratch) {}
+    factored_gradient_operator(B& b, const velora::factored_gradient<T>& f, buffer& scratch) : b_(&b), f_(f), scratch_(&scratch) {}
 
     [[nodiscard]] index_t rows() const noexcept { return f_.a.rows; }
     [[nodiscard]] index_t cols() const noexcept { return f_.features; }

@@ -2,7 +2,7 @@
 /// \file
 /// The forms in which a host may hand `low_rank_adamw::step` a weight gradient, and the one
 /// adaptation that turns each into a gradient_operator (gradient.hpp): a dense view (a
-/// dense_gradient), a VeLoRA layer's factored gradient (a factored_gradient_op over the
+/// dense_gradient), a VeLoRA layer's factored gradient (a factored_gradient_operator over the
 /// optimizer's workspace), or any gradient_operator (itself); and each form's argument checks.
 /// Its own file so that `step` and the data-parallel phases are each one function over gradient
 /// operators and a new form is one overload per function here, not another `step`.
@@ -26,9 +26,9 @@ dense_gradient<B> as_gradient_operator(B& b, const_matrix_view<typename B::value
 }
 /// A VeLoRA factored gradient c·A·(I_g ⊗ vᵀ) as an operator; `scratch` holds its k×g products.
 template <optimizer_backend B>
-factored_gradient_op<B> as_gradient_operator(B& b, const velora::factored_gradient<typename B::value_type>& grad,
+factored_gradient_operator<B> as_gradient_operator(B& b, const velora::factored_gradient<typename B::value_type>& grad,
                                              typename B::template buffer<typename B::value_type>& scratch) {
-    return factored_gradient_op<B>(b, grad, scratch);
+    return factored_gradient_operator<B>(b, grad, scratch);
 }
 /// A gradient operator is already one.
 template <optimizer_backend B, gradient_operator Op>

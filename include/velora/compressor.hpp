@@ -17,8 +17,9 @@
 /// record.hpp (activation_record, factored_gradient), v_rule.hpp (the v_rule concept and the
 /// library's five rules), v_mode.hpp (the run-time choice among them, the default rule),
 /// config.hpp (compressor_config), state.hpp (v and its flags, their saved form),
-/// gradient_products.hpp (the backward products of a record). This file holds `compressor`
-/// itself: construction, set_v, compress, workspaces and the state blob.
+/// gradient_products.hpp (the backward products of a record); deprecated.hpp holds the old
+/// spellings. This file holds `compressor` itself: construction, set_v, compress, workspaces and
+/// the state blob.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +41,7 @@
 #include "core/serialize.hpp"
 #include "core/storage.hpp"
 #include "core/view.hpp"
+#include "deprecated.hpp"
 
 namespace velora {
 
@@ -47,7 +49,7 @@ namespace velora {
 /// the library's five rules at run time; any type that models `v_rule<Rule, value_type>`
 /// (v_rule.hpp) can replace it, with no virtual call or allocation added to compress.
 template <backend B, class Rule = v_mode>
-class compressor {
+class compressor : public deprecated_compressor_spellings<compressor<B, Rule>, activation_record<B>, typename B::value_type> {
     static_assert(v_rule<Rule, typename B::value_type>,
                   "velora::compressor<B, Rule>: Rule must model velora::v_rule<Rule, B::value_type> (see velora/compression/v_rule.hpp)");
 
@@ -128,7 +130,7 @@ public:
         return z_bytes(max_tokens, "velora::compressor::record_bytes") + static_cast<std::size_t>(subtoken_) * sizeof(T);
     }
     /// Allocates the workspace for up to `max_tokens` tokens now. Together with
-    /// reserve(max_tokens, record) for every record it writes, compress, weight_grad,
+    /// reserve(max_tokens, record) for every record it writes, compress, gradient_factor,
     /// expand_weight_grad, reconstruct, ssf_weight_grad and factored allocate nothing for
     /// batches of up to `max_tokens` tokens; it also sizes the backend's reduction scratch for
     /// this compressor's widths (D), where the backend keeps one (concept reduction_reserving).
@@ -244,8 +246,9 @@ public:
     }
 
     // ------------------------------------------------------------------ gradient products
-    // See gradient_products.hpp for what each computes.
-    void weight_grad(const record_type& record, const_matrix_view<T> dy, matrix_view<T> a) { products_.weight_grad(record, dy, a); }
+    // See gradient_products.hpp for what each computes. gradient_factor writes A = dYᵀZ, the
+    // factor of dW; expand_weight_grad turns A into dW itself.
+    void gradient_factor(const record_type& record, const_matrix_view<T> dy, matrix_view<T> a) { products_.gradient_factor(record, dy, a); }
     [[nodiscard]] factored_gradient<T> factored(const record_type& record, const_matrix_view<T> a) const {
         return products_.factored(record, a);
     }

@@ -104,8 +104,8 @@ concept activation_compressor = requires(C& c, typename C::record_type& out, con
                                          const_matrix_view<typename C::value_type> x,
                                          matrix_view<typename C::value_type> grad) {
     { c.compress(x, out) } -> std::same_as<status>;
-    c.weight_grad(rec, x, grad);          // factored gradient A = dYᵀZ
-    c.expand_weight_grad(rec, x, grad);   // dense gradient on request
+    c.gradient_factor(rec, x, grad);      // the factor A = dYᵀZ of dW (the old spelling is not accepted: deprecated.hpp)
+    c.expand_weight_grad(rec, x, grad);   // dense gradient dW on request
     { rec.bytes() } -> std::convertible_to<std::size_t>;
 };
 

@@ -53,7 +53,7 @@ public:
 
     // dW = scale · dYᵀZ · (I_G ⊗ vᵀ) for dY [T, O] float32 (read in place when its rows are evenly
     // spaced; a stride-0 gradient is copied once).
-    at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& v) {
+    at::Tensor gradient_factor(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& v) {
         constexpr const char* fn = "velora.torch.VeloraLinear.backward";
         std::lock_guard<std::mutex> lock(state_.mutex);
         const vt::matrix_input<float> dyin(dy, "grad_output", vt::flatten::features_last, fn);
@@ -65,7 +65,7 @@ public:
         auto& b = state_.backend.get();
         at::Tensor a = at::empty({out_, z.size(1)}, at::kFloat);
         const auto av = vt::mutable_view_of<float>(a, "a");
-        vt::detail::record_weight_grad(b, dyv, z, av);
+        vt::detail::record_gradient_factor(b, dyv, z, av);
         at::Tensor dw = at::empty({out_, state_.comp.features()}, at::kFloat);
         b.expand_subtokens(velora::const_matrix_view<float>(av), v.data_ptr<float>(), state_.comp.subtoken_size(),
                            static_cast<float>(state_.comp.config().scale), vt::mutable_view_of<float>(dw, "dw"));
@@ -362,7 +362,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              py::arg("in_features"), py::arg("out_features"), py::arg("groups"), py::arg("v"), py::arg("ema_decay"), py::arg("seed"),
              py::arg("z_storage"), py::arg("scale"))
         .def("compress", &linear_core::compress, py::call_guard<py::gil_scoped_release>())
-        .def("weight_grad", &linear_core::weight_grad, py::call_guard<py::gil_scoped_release>())
+        .def("gradient_factor", &linear_core::gradient_factor, py::call_guard<py::gil_scoped_release>())
         .def("save_state", &linear_core::save_state)
         .def("load_state", &linear_core::load_state)
         .def("v", &linear_core::v)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import velora.torch as vt
-from _data_parallel_model import batches, optimizer_for, STEPS
+from _data_parallel_model import batches, join, optimizer_for, params, train, STEPS
 
 CUT = 3
 
@@ -19,24 +19,8 @@ def build():
     return nn.Sequential(vt.VeloraLinear(16, 24, groups=4), nn.Tanh(), vt.VeloraLinear(24, 8, groups=6))
 
 
-def train(model, opt, data, rank, world):
-    for x, y in data:
-        share = x.shape[0] // world
-        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
-        assert opt.last_step.status == "ok", opt.last_step
-
-
-def params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def main():
-    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    rank, world, out = join(sys.argv)
     data = batches(STEPS)
 
     model = build()

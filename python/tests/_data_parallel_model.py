@@ -1,5 +1,7 @@
-"""The model, data and optimizer shared by test_distributed.py and its worker processes."""
+"""The model, data, optimizer and training loop shared by test_distributed.py and its worker
+processes (_data_parallel_worker.py, _data_parallel_checkpoint_worker.py)."""
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import velora.torch as vt
@@ -23,3 +25,29 @@ def optimizer_for(model, process_group=None):
     return vt.AdaRankGradAdamW([{"params": biases},
                                 {"params": weights, "kind": "low_rank", "adaptive_rank": (0.1, 1, 4), "refresh": ("converged", 0.5, 2, 3)}],
                                lr=1e-2, process_group=process_group)
+
+
+def join(argv):
+    """A worker's start: argv is [script, RANK, WORLD, RENDEZVOUS_FILE, OUT_FILE]; joins the Gloo
+    group with one thread per rank (the ranks share the test machine's cores). Returns (rank,
+    world, out)."""
+    rank, world, rendezvous, out = int(argv[1]), int(argv[2]), argv[3], argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    return rank, world, out
+
+
+def train(model, opt, data, rank, world):
+    """One step per batch on this rank's contiguous share of its rows; every step must be ok."""
+    for x, y in data:
+        share = x.shape[0] // world
+        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        assert opt.last_step.status == "ok", opt.last_step
+
+
+def params(model):
+    """Copies of the model's parameters, for the test to compare."""
+    return [p.detach().clone() for p in model.parameters()]

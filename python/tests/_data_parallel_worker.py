@@ -5,23 +5,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from _data_parallel_model import batches, build, optimizer_for, STEPS
+from _data_parallel_model import batches, build, join, optimizer_for, params, train, STEPS
 
 
 def main():
-    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    rank, world, out = join(sys.argv)
     model = build()
     opt = optimizer_for(model, process_group=dist.group.WORLD)
-    for x, y in batches(STEPS):
-        share = x.shape[0] // world
-        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
-        assert opt.last_step.status == "ok", opt.last_step
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "info": opt.layer_state(model[0].weight)}, out)
+    train(model, opt, batches(STEPS), rank, world)
+    torch.save({"params": params(model), "info": opt.layer_state(model[0].weight)}, out)
     dist.destroy_process_group()
 
 

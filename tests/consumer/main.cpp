@@ -10,7 +10,7 @@ int main() {
     std::vector<float> x(t * d, 1.0f), dy(t * o, 0.5f), a(o * 32);
     velora::compressor<velora::eigen_backend<float>> c(backend, d);
     const auto record = c.compress(velora::make_view<const float>(x.data(), t, d));
-    c.weight_grad(record, velora::make_view<const float>(dy.data(), t, o), velora::make_view(a.data(), o, 32));
+    c.gradient_factor(record, velora::make_view<const float>(dy.data(), t, o), velora::make_view(a.data(), o, 32));
     // X = all ones, v = 1/sqrt(2): Z = sqrt(2), A = T · 0.5 · sqrt(2).
     // One AdaRankGrad step on the factored gradient of an 8×64 weight: A has rank 1 (all rows
     // equal), so the adaptive rank is 1 and the state is 1·8 + 2·1·64 floats (left side).

@@ -6,7 +6,7 @@
 #include <cstdio>
 
 int main() {
-    velora::torch::VeloraLinear layer(velora::torch::VeloraLinearOptions(32, 16).groups(4).factored_weight_grad(true));
+    velora::torch::VeloraLinear layer(velora::torch::VeloraLinearOptions(32, 16).groups(4).factored_gradient(true));
     velora::torch::AdaRankGradAdamW opt(layer->parameters(), velora::torch::AdaRankGradAdamWOptions().rank(adarank::rank_policy::fixed(4)));
     opt.attach(layer);
     const torch::Tensor w = layer->weight.detach().clone();

@@ -471,8 +471,8 @@ TEST_CASE("compressor on the GPU: v, Z, the factored and expanded weight gradien
 
     std::vector<double> ca(static_cast<std::size_t>(o * cfg.groups));
     device_buffer<double> da(ca.size());
-    gc.weight_grad(grec, const_matrix_view<double>{ddy.data(), tokens, o}, matrix_view<double>{da.data(), o, cfg.groups});
-    cc.weight_grad(crec, const_matrix_view<double>{hdy.data(), tokens, o}, matrix_view<double>{ca.data(), o, cfg.groups});
+    gc.gradient_factor(grec, const_matrix_view<double>{ddy.data(), tokens, o}, matrix_view<double>{da.data(), o, cfg.groups});
+    cc.gradient_factor(crec, const_matrix_view<double>{hdy.data(), tokens, o}, matrix_view<double>{ca.data(), o, cfg.groups});
     CHECK(rel_diff(download(da), ca) < 1e-12);
 
     std::vector<double> cdw(static_cast<std::size_t>(o * d));
@@ -784,7 +784,7 @@ TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {
     device_buffer<float> a(static_cast<std::size_t>(m * 16));
     auto step = [&] {
         REQUIRE(comp.compress(const_matrix_view<float>{dg.data(), m, n}, rec) == velora::status::ok);
-        comp.weight_grad(rec, const_matrix_view<float>{dg.data(), m, m}, matrix_view<float>{a.data(), m, 16});
+        comp.gradient_factor(rec, const_matrix_view<float>{dg.data(), m, m}, matrix_view<float>{a.data(), m, 16});
         REQUIRE(opt.step(id, matrix_view<float>{dw.data(), m, n}, const_matrix_view<float>{dg.data(), m, n}) == velora::status::ok);
         REQUIRE(opt.step(fid, matrix_view<float>{dwf.data(), m, n}, comp.factored(rec, const_matrix_view<float>{a.data(), m, 16})) ==
                 velora::status::ok);
@@ -928,7 +928,7 @@ void compare_narrow_record(velora::storage storage, double storage_ulp) {
     // (GPU) Z, so only the arithmetic differs, not the rounding to U.
     std::vector<T> ga(static_cast<std::size_t>(o * cfg.groups));
     device_buffer<T> da(ga.size());
-    gc.weight_grad(grec, const_matrix_view<T>{ddy.data(), tokens, o}, matrix_view<T>{da.data(), o, cfg.groups});
+    gc.gradient_factor(grec, const_matrix_view<T>{ddy.data(), tokens, o}, matrix_view<T>{da.data(), o, cfg.groups});
     std::vector<T> zwide(gz.size());
     for (std::size_t i = 0; i < gz.size(); ++i) zwide[i] = velora::to_arithmetic<T>(gz[i]);
     std::vector<T> ca(ga.size());

@@ -1,6 +1,7 @@
 #pragma once
 // Shared by the libFuzzer harnesses (fuzz_*.cpp) and the seed-corpus generator (make_corpus.cpp):
-// assertion reporting, the envelope repair of the "_repair" modes and deterministic data. The
+// assertion reporting, the envelope repair of the "_repair" modes and deterministic data (what
+// the three state harnesses share beyond that is state_harness.hpp's). The
 // configurations the harnesses load states into are in optimizer_targets.hpp and
 // compressor_targets.hpp; the corpus generator saves states of exactly those, so every seed is a
 // state that one of a harness's targets accepts.
@@ -88,61 +89,6 @@ inline std::vector<std::byte> repair_envelope(std::span<const std::byte> input, 
     const std::uint64_t sum = velora::fnv1a64(out);
     put(&sum, 8);
     return out;
-}
-
-// ------------------------------------------------------------------------------ state harnesses
-// What every state harness (fuzz_*_state.cpp) shares: its libFuzzer entry points and the first
-// two steps of each input, load and reload.
-
-// Selects the mode and builds the harness's targets once, before the first input.
-template <class Targets>
-int initialize(int* argc, char*** argv, Targets&& targets) {
-    select_mode(argc, argv);
-    (void)targets();
-    return 0;
-}
-
-// One fuzz input: in repair mode its envelope is rewritten for (kind, version) first; then
-// run_all(input) runs every target.
-template <class RunAll>
-int run_state_input(const std::uint8_t* data, std::size_t size, std::string_view kind, std::uint32_t version, RunAll&& run_all) {
-    const std::span<const std::byte> raw(reinterpret_cast<const std::byte*>(data), size);
-    if (!repair_mode) {
-        run_all(raw);
-        return 0;
-    }
-    const std::vector<std::byte> repaired = repair_envelope(raw, kind, version);
-    run_all(std::span<const std::byte>(repaired));
-    return 0;
-}
-
-// Loads `input` into `copy` (a copy of a target's pristine object, whose state is
-// `pristine_state`). A refusal must be a std::invalid_argument (state_format_error is one) that
-// changed nothing: returns false. Anything else thrown is a finding. Returns true when accepted.
-template <class Object>
-bool loaded(const char* harness, const std::string& where, Object& copy, const std::vector<std::byte>& pristine_state,
-            std::span<const std::byte> input) {
-    try {
-        copy.load_state(input);
-    } catch (const std::invalid_argument& e) {
-        if (verbose) std::fprintf(stderr, "%srejected: %s\n", where.c_str(), e.what());
-        FUZZ_CHECK(copy.save_state() == pristine_state, harness, where + "a failed load_state changed the state");
-        return false;
-    } catch (const std::exception& e) {
-        fail(harness, where + "load_state threw something other than std::invalid_argument: " + e.what());
-    }
-    return true;
-}
-
-// `state` (saved by an object of this target) is accepted by `fresh` and re-saves to the same bytes.
-template <class Object>
-void check_reloadable(const char* harness, const std::string& where, Object fresh, const std::vector<std::byte>& state, const char* when) {
-    try {
-        fresh.load_state(state);
-    } catch (const std::exception& e) {
-        fail(harness, where + "the state saved " + when + " is rejected by load_state: " + e.what());
-    }
-    FUZZ_CHECK(fresh.save_state() == state, harness, where + "the state saved " + when + " does not re-save to the same bytes");
 }
 
 // ------------------------------------------------------------------------------ data

@@ -1,6 +1,6 @@
 // libFuzzer harness: velora::compressor<eigen_backend<float>>::load_state on arbitrary bytes.
 //
-// For every input and each compressor target of fuzz_common.hpp (groups with and without
+// For every input and each compressor target of compressor_targets.hpp (groups with and without
 // padding, v modes first_batch_mean / ema / random / given / batch_mean, Z stored as f32, f16
 // or bf16; each warmed up by a few deterministic compress calls):
 //  1. load_state(input) on a copy of the warmed-up compressor.
@@ -16,6 +16,7 @@
 //  5. After that compress, save_state() is again accepted by a fresh copy.
 // Repair mode (fuzz_compressor_state_repair) first rewrites the envelope (fuzz_common.hpp).
 #include "compressor_targets.hpp"
+#include "state_harness.hpp"
 
 #include <exception>
 #include <memory>
@@ -26,39 +27,21 @@ namespace {
 constexpr const char* harness_name = "fuzz_compressor_state";
 using velora::index_t;
 
-struct live_target {
-    fuzz::compressor_target spec;
-    std::size_t index;
-    std::unique_ptr<fuzz::compressor> pristine;
-    std::vector<std::byte> pristine_state;
+struct live_target : fuzz::warmed_target<fuzz::compressor_target, fuzz::compressor> {
     std::vector<float> next_batch;
 };
 
-fuzz::B& backend() {
-    static fuzz::B b(1);
-    return b;
-}
-
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = [] {
-        std::vector<live_target> out;
-        const auto specs = fuzz::compressor_targets();
-        for (std::size_t i = 0; i < specs.size(); ++i) {
-            live_target lt{specs[i], i, nullptr, {}, fuzz::batch(i, specs[i], 1000)};
-            lt.pristine = std::make_unique<fuzz::compressor>(fuzz::make_compressor(backend(), specs[i]));
-            fuzz::compress_batches(harness_name, *lt.pristine, i, specs[i], 0, static_cast<std::uint64_t>(specs[i].warm_batches));
-            lt.pristine_state = lt.pristine->save_state();
-            out.push_back(std::move(lt));
-        }
-        return out;
-    }();
+    static std::vector<live_target> t = fuzz::warmed_targets<live_target>(
+        fuzz::compressor_targets(),
+        [](std::size_t i, const auto& spec) {
+            return live_target{{spec, i, std::make_unique<fuzz::compressor>(fuzz::make_compressor(fuzz::harness_backend(), spec)), {}},
+                               fuzz::batch(i, spec, 1000)};
+        },
+        [](live_target& lt) {
+            fuzz::compress_batches(harness_name, *lt.pristine, lt.index, lt.spec, 0, static_cast<std::uint64_t>(lt.spec.warm_batches));
+        });
     return t;
-}
-
-std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
-
-void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
-    fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
 }
 
 double norm(std::span<const float> v) {
@@ -87,12 +70,12 @@ void check_record(const live_target& t, const fuzz::compressor& c, const fuzz::c
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     fuzz::compressor c = *t.pristine;
-    if (!fuzz::loaded(harness_name, where(t), c, t.pristine_state, input)) return;
+    if (!fuzz::loaded(harness_name, t.where(), c, t.pristine_state, input)) return;
     const auto loaded = c.save_state();
     if (fuzz::verbose)
         std::fprintf(stderr, "[%s] accepted load: initialised %d fallback %d updates %llu |v| %g\n", t.spec.name, int(c.initialised()),
                      int(c.fallback_used()), (unsigned long long)c.v_updates(), norm(c.v()));
-    check_reloadable(t, loaded, "after an accepted load");
+    fuzz::check_reloadable(harness_name, t, loaded, "after an accepted load");
 
     fuzz::compressor::record_type record;
     const auto x = velora::make_view(t.next_batch.data(), fuzz::compress_tokens, t.spec.features);
@@ -102,32 +85,26 @@ void run_target(live_target& t, std::span<const std::byte> input) {
         st = c.compress(x, record);
     } catch (const std::invalid_argument& e) {
         FUZZ_CHECK(given_without_v, harness_name,
-                   where(t) + "compress of a finite batch threw after an accepted load: " + e.what());
-        FUZZ_CHECK(c.save_state() == loaded, harness_name, where(t) + "compress threw (given mode, no v) and changed the compressor");
+                   t.where() + "compress of a finite batch threw after an accepted load: " + e.what());
+        FUZZ_CHECK(c.save_state() == loaded, harness_name, t.where() + "compress threw (given mode, no v) and changed the compressor");
         return;
     } catch (const std::exception& e) {
-        fuzz::fail(harness_name, where(t) + "compress threw something other than std::invalid_argument after an accepted load: " + e.what());
+        fuzz::fail(harness_name, t.where() + "compress threw something other than std::invalid_argument after an accepted load: " + e.what());
     }
     if (fuzz::verbose)
         std::fprintf(stderr, "  compress: %s, record |v| %g\n", std::string(velora::to_string(st)).c_str(),
                      record.empty() ? 0.0 : norm(std::span<const float>(record.v(), static_cast<std::size_t>(record.subtoken_size()))));
-    FUZZ_CHECK(!given_without_v, harness_name, where(t) + "compress in given mode without v did not throw");
-    const std::string what = where(t) + "compress after an accepted load returned " + std::string(velora::to_string(st));
+    FUZZ_CHECK(!given_without_v, harness_name, t.where() + "compress in given mode without v did not throw");
+    const std::string what = t.where() + "compress after an accepted load returned " + std::string(velora::to_string(st));
     if (st == velora::status::ok || st == velora::status::degenerate_input) {
         check_record(t, c, record, what);
     } else {
         FUZZ_CHECK(c.save_state() == loaded, harness_name, what + " but changed the compressor");
         FUZZ_CHECK(record.empty(), harness_name, what + " but left a record");
     }
-    check_reloadable(t, c.save_state(), "after the compress that followed an accepted load");
+    fuzz::check_reloadable(harness_name, t, c.save_state(), "after the compress that followed an accepted load");
 }
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    return fuzz::run_state_input(data, size, fuzz::compressor::state_kind, fuzz::compressor::state_version, [](std::span<const std::byte> input) {
-        for (auto& t : targets()) run_target(t, input);
-    });
-}
+FUZZ_STATE_HARNESS_ENTRY_POINTS(fuzz::compressor::state_kind, fuzz::compressor::state_version, targets, run_target)

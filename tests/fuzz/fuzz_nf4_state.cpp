@@ -13,6 +13,7 @@
 //     and the default) run without throwing on a finite 2-token batch.
 // Repair mode (fuzz_nf4_state_repair) first rewrites the envelope (fuzz_common.hpp).
 #include "nf4_targets.hpp"
+#include "state_harness.hpp"
 
 #include <algorithm>
 #include <exception>
@@ -30,67 +31,49 @@ struct live_target {
     std::vector<std::byte> pristine_state;
 };
 
-fuzz::B& backend() {
-    static fuzz::B b(1);
-    return b;
-}
-
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = [] {
-        std::vector<live_target> out;
-        const auto specs = fuzz::nf4_targets();
-        for (std::size_t i = 0; i < specs.size(); ++i) {
-            auto w = fuzz::make_nf4(i, specs[i]);
-            auto state = w.save_state();
-            out.push_back({specs[i], std::move(w), std::move(state)});
-        }
-        return out;
-    }();
+    static std::vector<live_target> t = fuzz::make_live_targets<live_target>(fuzz::nf4_targets(), [](std::size_t i, const auto& spec) {
+        auto w = fuzz::make_nf4(i, spec);
+        auto state = w.save_state();
+        return live_target{spec, std::move(w), std::move(state)};
+    });
     return t;
 }
-
-std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
 
 void check_products(const live_target& t, const velora::nf4_weight& w) {
     const index_t rows = w.rows(), cols = w.cols();
     std::vector<float> host(static_cast<std::size_t>(rows * cols)), kernel(host.size());
     w.dequantize_rows(0, velora::make_view(host.data(), rows, cols));
-    FUZZ_CHECK(fuzz::all_finite(host), harness_name, where(t) + "an accepted weight dequantises to a non-finite value");
+    FUZZ_CHECK(fuzz::all_finite(host), harness_name, fuzz::where(t.spec) + "an accepted weight dequantises to a non-finite value");
     for (index_t tile : {index_t{1}, index_t{0}}) {
-        const velora::nf4_frozen_weight<fuzz::B> frozen(backend(), w, tile);
-        for (index_t r = 0; r < rows; ++r) backend().dequantize_nf4(frozen.blocks(), r, velora::make_view(kernel.data() + r * cols, 1, cols));
-        FUZZ_CHECK(fuzz::same_bytes(host, kernel), harness_name, where(t) + "the backend's dequantize_nf4 differs from the host loop");
+        const velora::nf4_frozen_weight<fuzz::B> frozen(fuzz::harness_backend(), w, tile);
+        for (index_t r = 0; r < rows; ++r) fuzz::harness_backend().dequantize_nf4(frozen.blocks(), r, velora::make_view(kernel.data() + r * cols, 1, cols));
+        FUZZ_CHECK(fuzz::same_bytes(host, kernel), harness_name, fuzz::where(t.spec) + "the backend's dequantize_nf4 differs from the host loop");
         std::vector<float> ws(frozen.workspace_elements()), y(static_cast<std::size_t>(tokens * rows)), dx(static_cast<std::size_t>(tokens * cols));
         const auto x = fuzz::gaussian(static_cast<std::size_t>(tokens * cols), 77);
         const auto dy = fuzz::gaussian(static_cast<std::size_t>(tokens * rows), 78);
         try {
-            frozen.forward(backend(), velora::make_view(x.data(), tokens, cols), velora::make_view(y.data(), tokens, rows), std::span<float>(ws));
-            frozen.input_grad(backend(), velora::make_view(dy.data(), tokens, rows), velora::make_view(dx.data(), tokens, cols), std::span<float>(ws));
+            frozen.forward(fuzz::harness_backend(), velora::make_view(x.data(), tokens, cols), velora::make_view(y.data(), tokens, rows), std::span<float>(ws));
+            frozen.input_grad(fuzz::harness_backend(), velora::make_view(dy.data(), tokens, rows), velora::make_view(dx.data(), tokens, cols), std::span<float>(ws));
         } catch (const std::exception& e) {
-            fuzz::fail(harness_name, where(t) + "a product through an accepted weight threw: " + e.what());
+            fuzz::fail(harness_name, fuzz::where(t.spec) + "a product through an accepted weight threw: " + e.what());
         }
     }
 }
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     velora::nf4_weight w = t.pristine;
-    if (!fuzz::loaded(harness_name, where(t), w, t.pristine_state, input)) return;
+    if (!fuzz::loaded(harness_name, fuzz::where(t.spec), w, t.pristine_state, input)) return;
     if (fuzz::verbose)
         std::fprintf(stderr, "[%s] accepted: %lldx%lld block %lld%s\n", t.spec.name, (long long)w.rows(), (long long)w.cols(),
                      (long long)w.block_size(), w.double_quantized() ? " double-quantised" : "");
     const auto saved = w.save_state();
     FUZZ_CHECK(saved.size() == input.size() && std::equal(saved.begin(), saved.end(), input.begin()), harness_name,
-               where(t) + "an accepted state does not re-save to the same bytes");
-    fuzz::check_reloadable(harness_name, where(t), velora::nf4_weight{}, saved, "after an accepted load");
+               fuzz::where(t.spec) + "an accepted state does not re-save to the same bytes");
+    fuzz::check_reloadable(harness_name, fuzz::where(t.spec), velora::nf4_weight{}, saved, "after an accepted load");
     check_products(t, w);
 }
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    return fuzz::run_state_input(data, size, velora::nf4_weight::state_kind, velora::nf4_weight::state_version, [](std::span<const std::byte> input) {
-        for (auto& t : targets()) run_target(t, input);
-    });
-}
+FUZZ_STATE_HARNESS_ENTRY_POINTS(velora::nf4_weight::state_kind, velora::nf4_weight::state_version, targets, run_target)

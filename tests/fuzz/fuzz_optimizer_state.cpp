@@ -1,6 +1,6 @@
 // libFuzzer harness: adarank::low_rank_adamw<eigen_backend<float>>::load_state on arbitrary bytes.
 //
-// For every input and each of the optimizer targets of fuzz_common.hpp (warmed up a few
+// For every input and each of the optimizer targets of optimizer_targets.hpp (warmed up a few
 // deterministic steps, so they hold bases, moments and refresh history):
 //  1. load_state(input) on a copy of the warmed-up optimizer.
 //  2. If it throws: the exception is a std::invalid_argument (state_format_error is one), and
@@ -15,6 +15,7 @@
 // Repair mode (fuzz_optimizer_state_repair) first rewrites the envelope (fuzz_common.hpp), so
 // mutations reach the per-field validation instead of the checksum.
 #include "optimizer_targets.hpp"
+#include "state_harness.hpp"
 
 #include <exception>
 #include <memory>
@@ -24,46 +25,29 @@ namespace {
 
 constexpr const char* harness_name = "fuzz_optimizer_state";
 
-struct live_target {
-    fuzz::optimizer_target spec;
-    std::size_t index;
-    std::unique_ptr<fuzz::optimizer> pristine;    // warmed up; never loaded into
-    std::vector<std::byte> pristine_state;
+struct live_target : fuzz::warmed_target<fuzz::optimizer_target, fuzz::optimizer> {
     std::vector<std::vector<float>> weights;      // after the warm-up
     std::vector<std::vector<float>> next_grad;    // the gradient of the step after a load
 };
 
-fuzz::B& backend() {
-    static fuzz::B b(1);
-    return b;
-}
-
+// Steps 3 and 5 are fuzz::check_reloadable: a state saved by an optimizer of this target is
+// accepted by a fresh copy and re-saves identically.
 std::vector<live_target>& targets() {
-    static std::vector<live_target> t = [] {
-        std::vector<live_target> out;
-        const auto specs = fuzz::optimizer_targets();
-        for (std::size_t i = 0; i < specs.size(); ++i) {
-            live_target lt{specs[i], i, nullptr, {}, {}, {}};
-            lt.pristine = std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(backend(), specs[i]));
-            for (std::size_t p = 0; p < specs[i].params.size(); ++p) {
-                lt.weights.push_back(fuzz::initial_weight(i, p, specs[i].params[p]));
-                lt.next_grad.push_back(fuzz::gradient(i, p, specs[i].params[p], 1000));
+    static std::vector<live_target> t = fuzz::warmed_targets<live_target>(
+        fuzz::optimizer_targets(),
+        [](std::size_t i, const auto& spec) {
+            live_target lt{{spec, i, std::make_unique<fuzz::optimizer>(fuzz::make_optimizer(fuzz::harness_backend(), spec)), {}}, {}, {}};
+            for (std::size_t p = 0; p < spec.params.size(); ++p) {
+                lt.weights.push_back(fuzz::initial_weight(i, p, spec.params[p]));
+                lt.next_grad.push_back(fuzz::gradient(i, p, spec.params[p], 1000));
             }
-            for (int s = 0; s < specs[i].warm_steps; ++s)
-                fuzz::step_all(harness_name, *lt.pristine, i, specs[i], lt.weights, static_cast<std::uint64_t>(s));
-            lt.pristine_state = lt.pristine->save_state();
-            out.push_back(std::move(lt));
-        }
-        return out;
-    }();
+            return lt;
+        },
+        [](live_target& lt) {
+            for (int s = 0; s < lt.spec.warm_steps; ++s)
+                fuzz::step_all(harness_name, *lt.pristine, lt.index, lt.spec, lt.weights, static_cast<std::uint64_t>(s));
+        });
     return t;
-}
-
-std::string where(const live_target& t) { return std::string("target '") + t.spec.name + "': "; }
-
-// 3 and 5: `state` (saved by an optimizer of this target) is accepted by a fresh copy and re-saves identically.
-void check_reloadable(const live_target& t, const std::vector<std::byte>& state, const char* when) {
-    fuzz::check_reloadable(harness_name, where(t), *t.pristine, state, when);
 }
 
 template <class View>
@@ -90,10 +74,10 @@ void describe(const live_target& t, const fuzz::optimizer& o, const char* when) 
 
 void run_target(live_target& t, std::span<const std::byte> input) {
     fuzz::optimizer opt = *t.pristine;
-    if (!fuzz::loaded(harness_name, where(t), opt, t.pristine_state, input)) return;
+    if (!fuzz::loaded(harness_name, t.where(), opt, t.pristine_state, input)) return;
     const auto loaded = opt.save_state();
     if (fuzz::verbose) describe(t, opt, "accepted load");
-    check_reloadable(t, loaded, "after an accepted load");
+    fuzz::check_reloadable(harness_name, t, loaded, "after an accepted load");
 
     auto weights = t.weights;
     for (std::size_t p = 0; p < t.spec.params.size(); ++p) {
@@ -105,13 +89,13 @@ void run_target(live_target& t, std::span<const std::byte> input) {
             st = opt.step(static_cast<fuzz::index_t>(p), velora::make_view(weights[p].data(), s.rows, s.cols),
                           velora::make_view(t.next_grad[p].data(), s.rows, s.cols));
         } catch (const std::exception& e) {
-            fuzz::fail(harness_name, where(t) + "step of parameter " + std::to_string(p) + " threw after an accepted load: " + e.what());
+            fuzz::fail(harness_name, t.where() + "step of parameter " + std::to_string(p) + " threw after an accepted load: " + e.what());
         }
         if (fuzz::verbose) {
             std::fprintf(stderr, "  step of parameter %zu: %s, max |w| %g\n", p, std::string(velora::to_string(st)).c_str(), fuzz::max_abs(weights[p]));
             describe(t, opt, "after the step");
         }
-        const std::string what = where(t) + "step of parameter " + std::to_string(p) + " after an accepted load returned " +
+        const std::string what = t.where() + "step of parameter " + std::to_string(p) + " after an accepted load returned " +
                                  std::string(velora::to_string(st));
         if (st == velora::status::ok || st == velora::status::degenerate_input) {
             FUZZ_CHECK(fuzz::all_finite(weights[p]), harness_name, what + " but left non-finite weights");
@@ -120,15 +104,9 @@ void run_target(live_target& t, std::span<const std::byte> input) {
             FUZZ_CHECK(opt.save_state() == before_state, harness_name, what + " but changed the optimizer's state");
         }
     }
-    check_reloadable(t, opt.save_state(), "after the steps that followed an accepted load");
+    fuzz::check_reloadable(harness_name, t, opt.save_state(), "after the steps that followed an accepted load");
 }
 
 } // namespace
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) { return fuzz::initialize(argc, argv, targets); }
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    return fuzz::run_state_input(data, size, fuzz::optimizer::state_kind, fuzz::optimizer::state_version, [](std::span<const std::byte> input) {
-        for (auto& t : targets()) run_target(t, input);
-    });
-}
+FUZZ_STATE_HARNESS_ENTRY_POINTS(fuzz::optimizer::state_kind, fuzz::optimizer::state_version, targets, run_target)

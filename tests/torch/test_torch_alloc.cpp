@@ -50,7 +50,7 @@ TEST_CASE("a steady-state AdaRankGradAdamW step makes no heap allocation (dense,
     // Refreshes every 1000 steps: the steps counted below run inside one subspace.
     const auto options = OptionsT(1e-3).rank(adarank::rank_policy::adaptive(0.2, 1, 8)).refresh(adarank::refresh_policy::every(1000)).weight_decay(0.01);
     AdaRankGradAdamW opt(ps, options);
-    auto slot = std::make_shared<velora::torch::factored_weight_grad>(rows, features, groups, subtoken);
+    auto slot = std::make_shared<velora::torch::factored_gradient_accumulator>(rows, features, groups, subtoken);
     opt.attach(ps[4], slot);
     const at::Tensor v = torch::full({subtoken}, 1.0 / std::sqrt(static_cast<double>(subtoken)));
     const auto set_gradients = [&](int t) {

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../test_util.hpp"
@@ -292,7 +293,7 @@ TEST_CASE("a non-finite input: y computed, v unchanged, a NaN weight gradient th
 TEST_CASE("factored gradients: delivered to an attached AdaRankGradAdamW, equal to the dense path") {
     const std::int64_t d = 48, o = 40, g = 6;
     const auto options = AdaRankGradAdamWOptions(1e-2).rank(adarank::rank_policy::adaptive(0.2, 1, 6)).refresh(adarank::refresh_policy::every(4));
-    VeloraLinear fact(VeloraLinearOptions(d, o).groups(g).factored_weight_grad(true));
+    VeloraLinear fact(VeloraLinearOptions(d, o).groups(g).factored_gradient(true));
     VeloraLinear dense(VeloraLinearOptions(d, o).groups(g));
     {
         torch::NoGradGuard no_grad;
@@ -335,15 +336,28 @@ TEST_CASE("factored gradients: delivered to an attached AdaRankGradAdamW, equal 
     CHECK(of.grad_norm() == doctest::Approx(1.0).epsilon(1e-4));
 }
 
+TEST_CASE("the old spellings factored_weight_grad (option and accumulator type) still work as deprecated aliases") {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    static_assert(std::is_same_v<velora::torch::factored_weight_grad, velora::torch::factored_gradient_accumulator>);
+    auto options = VeloraLinearOptions(8, 4).groups(2);
+    CHECK_FALSE(options.factored_weight_grad());
+    VeloraLinearOptions& same = options.factored_weight_grad(true);
+    CHECK(&same == &options);
+    CHECK(options.factored_gradient());
+    CHECK(options.factored_weight_grad());
+#pragma GCC diagnostic pop
+}
+
 TEST_CASE("factored delivery needs a consumer; accumulation with a changing v turns dense") {
     const std::int64_t d = 24, o = 5, g = 4;
-    VeloraLinear alone(VeloraLinearOptions(d, o).groups(g).factored_weight_grad(true));
+    VeloraLinear alone(VeloraLinearOptions(d, o).groups(g).factored_gradient(true));
     alone(randn({6, d}, 30)).sum().backward();
     CHECK(alone->weight.grad().defined());   // no optimizer attached: dense, never lost
     CHECK(alone->factored_grad()->empty());
 
     // batch_mean: each forward has its own v, so two terms cannot be summed in factored form
-    VeloraLinear m(VeloraLinearOptions(d, o).groups(g).v(velora::v_mode::batch_mean()).factored_weight_grad(true));
+    VeloraLinear m(VeloraLinearOptions(d, o).groups(g).v(velora::v_mode::batch_mean()).factored_gradient(true));
     VeloraLinear ref(VeloraLinearOptions(d, o).groups(g).v(velora::v_mode::batch_mean()));
     {
         torch::NoGradGuard no_grad;
@@ -364,7 +378,7 @@ TEST_CASE("factored delivery needs a consumer; accumulation with a changing v tu
     CHECK(opt.step_checked().status == velora::status::ok);   // stepped with the dense sum
     // A term of the wrong shape is a caller mistake.
     const std::string msg = invalid_argument_message([&] { m->factored_grad()->add(torch::zeros({3, 3}), torch::zeros({6}), 1.0); });
-    CHECK(contains(msg, "velora::torch::factored_weight_grad::add: arguments 'a' (shape [3, 3], dtype Float, strides [3, 1], device cpu)"));
+    CHECK(contains(msg, "velora::torch::factored_gradient_accumulator::add: arguments 'a' (shape [3, 3], dtype Float, strides [3, 1], device cpu)"));
     CHECK(contains(msg, "must be contiguous float32 5x4 and 6 for a 5x24 weight with G = 4, s = 6"));
     CHECK(contains(invalid_argument_message([&] { m->factored_grad()->add_dense(torch::zeros({5, 23})); }), "must be float32 5x24"));
 }
@@ -437,8 +451,8 @@ TEST_CASE("a small MLP of VeloraLinear layers trains with AdaRankGradAdamW (fact
     const at::Tensor w1 = torch::randn({32, 16}) / 4, w2 = torch::randn({4, 32}) / 6;
     const at::Tensor x = torch::randn({256, 16});
     const at::Tensor target = torch::mm(torch::relu(torch::mm(x, w1.t())), w2.t());
-    torch::nn::Sequential model(VeloraLinear(VeloraLinearOptions(16, 64).groups(8).factored_weight_grad(true)), torch::nn::ReLU(),
-                                VeloraLinear(VeloraLinearOptions(64, 4).groups(16).factored_weight_grad(true)));
+    torch::nn::Sequential model(VeloraLinear(VeloraLinearOptions(16, 64).groups(8).factored_gradient(true)), torch::nn::ReLU(),
+                                VeloraLinear(VeloraLinearOptions(64, 4).groups(16).factored_gradient(true)));
     AdaRankGradAdamW opt(model->parameters(), AdaRankGradAdamWOptions(1e-2).rank(adarank::rank_policy::adaptive(0.2, 1, 8)).refresh(adarank::refresh_policy::every(25)));
     for (const auto& child : model->children())
         if (auto layer = std::dynamic_pointer_cast<velora::torch::VeloraLinearImpl>(child)) opt.attach(VeloraLinear(layer));

@@ -58,7 +58,7 @@ std::string saved(AdaRankGradAdamW& opt) {
 
 TEST_CASE("(a) a factored gradient an earlier step consumed is refused when a base-class zero_grad left it") {
     const std::int64_t d = 24, o = 16;
-    VeloraLinear layer(VeloraLinearOptions(d, o).groups(4).factored_weight_grad(true));
+    VeloraLinear layer(VeloraLinearOptions(d, o).groups(4).factored_gradient(true));
     AdaRankGradAdamW opt(layer->parameters(), AdaRankGradAdamWOptions(1e-2).rank(adarank::rank_policy::fixed(4)));
     opt.attach(layer);
     torch::optim::Optimizer& base = opt;   // what a generic training loop holds

@@ -44,8 +44,8 @@ public:
 
     /// A = dYᵀ Z (O×G): the factored weight gradient, without the scale (see factored()).
     /// `a` may not overlap `dy`.
-    void weight_grad(const record_type& record, const_matrix_view<T> dy, matrix_view<T> a) {
-        constexpr const char* fn = "velora::compressor::weight_grad";
+    void gradient_factor(const record_type& record, const_matrix_view<T> dy, matrix_view<T> a) {
+        constexpr const char* fn = "velora::compressor::gradient_factor";
         check_record(record, fn);
         check_view(dy, fn, "dy");
         detail::require(dy.rows == record.tokens(), fn, "argument 'dy' has ", dy.rows, " rows but the record holds T = ", record.tokens(), " tokens");
@@ -56,7 +56,7 @@ public:
         });
     }
 
-    /// The factored gradient (A, v, scale) for a low-rank optimizer; `a` from weight_grad().
+    /// The factored gradient (A, v, scale) for a low-rank optimizer; `a` from gradient_factor().
     [[nodiscard]] factored_gradient<T> factored(const record_type& record, const_matrix_view<T> a) const {
         constexpr const char* fn = "velora::compressor::factored";
         check_record(record, fn);

@@ -334,7 +334,7 @@ public:
             backend_->gemm(op::transpose, op::none, T(1), const_matrix_view<T>(p), record.input(), T(0), g.da);
         } else {
             const matrix_view<T> af = g.a_factor.empty() ? matrix_view<T>{af_.data(), r, compressor_->groups(), compressor_->groups()} : g.a_factor;
-            compressor_->weight_grad(record.z_, const_matrix_view<T>(p), af);
+            compressor_->gradient_factor(record.z_, const_matrix_view<T>(p), af);
             if (!g.da.empty()) compressor_->expand_weight_grad(record.z_, const_matrix_view<T>(af), g.da);
         }
         // dX = G·W (+ P·A), or dX_a = P·A apart.

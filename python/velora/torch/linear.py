@@ -55,7 +55,7 @@ class _VeloraLinearFunction(torch.autograd.Function):
                 raise ValueError(f"{_BACKWARD}: the weight gradient is needed but the forward made no record "
                                  "(the weight did not require grad, or grad mode was off, when the forward ran)")
             else:
-                dw = ctx.layer._core.weight_grad(dy2, z, v)
+                dw = ctx.layer._core.gradient_factor(dy2, z, v)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db, None, None

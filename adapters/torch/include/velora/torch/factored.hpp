@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// `factored_weight_grad`: where a VeloraLinear layer delivers its weight gradient in factored
+/// `factored_gradient_accumulator`: where a VeloraLinear layer delivers its weight gradient in factored
 /// form, dW = scale · A · (I_G ⊗ vᵀ) with A = dYᵀZ (O×G), instead of as a dense O×D `grad`.
 /// The layer writes it in its backward pass; AdaRankGradAdamW reads it in its step (it never
 /// forms the O×D matrix for a low-rank parameter) and clears it in zero_grad().
@@ -30,10 +30,10 @@
 
 namespace velora::torch {
 
-class factored_weight_grad {
+class factored_gradient_accumulator {
 public:
     /// For a weight of rows × features (O × D) with G groups of s = ceil(D/G) features.
-    factored_weight_grad(std::int64_t rows, std::int64_t features, std::int64_t groups, std::int64_t subtoken)
+    factored_gradient_accumulator(std::int64_t rows, std::int64_t features, std::int64_t groups, std::int64_t subtoken)
         : rows_(rows), features_(features), groups_(groups), subtoken_(subtoken) {}
 
     /// What has been accumulated: nothing, a factored term (a, v, scale) or a dense O×D tensor.
@@ -47,7 +47,7 @@ public:
 
     /// Adds one backward pass's term; takes ownership of `a` (it is accumulated into).
     void add(at::Tensor a, const at::Tensor& v, double scale) {
-        constexpr const char* fn = "velora::torch::factored_weight_grad::add";
+        constexpr const char* fn = "velora::torch::factored_gradient_accumulator::add";
         velora::detail::require(a.defined() && a.dim() == 2 && a.size(0) == rows_ && a.size(1) == groups_ && a.scalar_type() == at::kFloat &&
                                     a.is_contiguous() && v.defined() && v.dim() == 1 && v.size(0) == subtoken_ && v.scalar_type() == at::kFloat &&
                                     v.is_contiguous(),
@@ -75,7 +75,7 @@ public:
     /// Adds a dense O×D term (the layer's empty-batch and non-finite-record cases).
     void add_dense(const at::Tensor& dw) {
         velora::detail::require(dw.defined() && dw.dim() == 2 && dw.size(0) == rows_ && dw.size(1) == features_ && dw.scalar_type() == at::kFloat,
-                                "velora::torch::factored_weight_grad::add_dense", "argument 'dw' (", detail::describe(dw), ") must be float32 ",
+                                "velora::torch::factored_gradient_accumulator::add_dense", "argument 'dw' (", detail::describe(dw), ") must be float32 ",
                                 rows_, "x", features_);
         std::lock_guard<std::mutex> lock(mutex_);
         if (consumed_) stale_ = true;

@@ -92,7 +92,7 @@ struct group_engine {
     }
 
     /// Registers p as parameter i of group g (a parameter appended to the group, or one of build's).
-    void add(const at::Tensor& p, std::size_t g, std::size_t i, dtype_backends backends, const factored_weight_grad* slot, std::string_view fn) {
+    void add(const at::Tensor& p, std::size_t g, std::size_t i, dtype_backends backends, const factored_gradient_accumulator* slot, std::string_view fn) {
         if (!p.defined()) velora::detail::fail(fn, "param group ", g, " parameter ", i, " is an undefined tensor");
         if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble)
             velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", describe(p),

@@ -59,6 +59,8 @@
 #include <velora/layers.hpp>
 
 #include "backend.hpp"
+#include "compressor_buffers.hpp"
+#include "deprecated.hpp"
 #include "factored.hpp"
 #include "view.hpp"
 
@@ -75,7 +77,7 @@ inline c10::ScalarType dtype_of_storage(storage s) {
     velora::detail::fail("velora::torch::dtype_of_storage", "argument 's' has the invalid value ", static_cast<int>(s));
 }
 
-struct VeloraLinearOptions {
+struct VeloraLinearOptions : deprecated_linear_options_spellings<VeloraLinearOptions> {
     VeloraLinearOptions(std::int64_t in_features, std::int64_t out_features) : in_features_(in_features), out_features_(out_features) {}
     TORCH_ARG(std::int64_t, in_features);    ///< D
     TORCH_ARG(std::int64_t, out_features);   ///< O
@@ -86,7 +88,7 @@ struct VeloraLinearOptions {
     TORCH_ARG(double, scale) = 1.0;          ///< multiplies dW only
     /// Deliver dW in factored form to an AdaRankGradAdamW that attached this layer (weight.grad
     /// then stays undefined for this layer's share); without an attached optimizer dW is dense.
-    TORCH_ARG(bool, factored_weight_grad) = false;
+    TORCH_ARG(bool, factored_gradient) = false;
 };
 
 namespace detail {
@@ -100,25 +102,40 @@ struct linear_state : ::torch::CustomClassHolder {
 
     linear_state(std::int64_t in, std::int64_t out, const compressor_config& config)
         : comp(backend.current(), in, config),
-          slot(std::make_shared<factored_weight_grad>(out, in, comp.groups(), comp.subtoken_size())) {}
+          slot(std::make_shared<factored_gradient_accumulator>(out, in, comp.groups(), comp.subtoken_size())) {}
 
     std::mutex mutex;
     threads_following<float> backend;
     compressor_type comp;
     compressor_type::record_type staging;
-    std::vector<std::byte> blob;      // the compressor state last read from or written to the buffers
-    std::uint64_t published_updates = 0;
-    std::shared_ptr<factored_weight_grad> slot;
-    bool factored = false;            // VeloraLinearOptions::factored_weight_grad
+    published_compressor_state published;   // what the buffers velora_state and v hold
+    std::shared_ptr<factored_gradient_accumulator> slot;
+    bool factored = false;            // VeloraLinearOptions::factored_gradient
     // reports (under the lock)
     std::size_t record_bytes = 0, input_bytes = 0;
     int forward_threads = 0, backward_threads = 0;
     status last_status = status::ok;
 };
 
+/// The compressor configuration of a VeLoRA module (VeloraLinear, VeloraLoRALinear) over
+/// `in_features` = D float32 features, from its options. Throws std::invalid_argument naming `fn`
+/// and the option for G outside [1, D] or Z stored as f64 (wider than the parameters).
+inline compressor_config module_compressor_config(const char* fn, std::int64_t in_features, std::int64_t groups, const velora::v_mode& v,
+                                                  storage z_storage, double scale) {
+    velora::detail::require(groups >= 1 && groups <= in_features, fn, "option groups must satisfy 1 <= G <= in_features, got G = ", groups,
+                            " with in_features = ", in_features);
+    velora::detail::require(z_storage != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
+    compressor_config config;
+    config.groups = groups;
+    config.v = v;
+    config.z_storage = z_storage;
+    config.scale = scale;
+    return config;
+}
+
 /// dW's A = dYᵀZ into `a` (O×G), converting a narrow Z in chunks (as the compressor does: a
 /// half-precision record never costs a full float copy).
-inline void record_weight_grad(eigen_backend<float>& b, const_matrix_view<float> dy, const at::Tensor& z, matrix_view<float> a) {
+inline void record_gradient_factor(eigen_backend<float>& b, const_matrix_view<float> dy, const at::Tensor& z, matrix_view<float> a) {
     const index_t t = z.size(0), g = z.size(1);
     if (z.scalar_type() == c10::ScalarType::Float) {
         b.gemm(op::transpose, op::none, 1.0f, dy, const_matrix_view<float>(z.data_ptr<float>(), t, g, g), 0.0f, a);
@@ -227,7 +244,7 @@ struct linear_function : public ::torch::autograd::Function<linear_function> {
                                                                         "(the weight did not require grad when the forward ran)");
                 at::Tensor a = at::empty({o, z.size(1)}, at::kFloat);
                 const auto av = mutable_view_of<float>(a, "a");
-                record_weight_grad(b, dy, z, av);
+                record_gradient_factor(b, dy, z, av);
                 const auto scale = static_cast<float>(st.comp.config().scale);
                 if (factored) {
                     st.slot->add(std::move(a), v, scale);
@@ -259,24 +276,15 @@ public:
         constexpr const char* fn = "velora::torch::VeloraLinear";
         velora::detail::require(options.in_features() > 0 && options.out_features() > 0, fn,
                                 "in_features and out_features must be positive, got ", options.in_features(), " and ", options.out_features());
-        velora::detail::require(options.groups() >= 1 && options.groups() <= options.in_features(), fn,
-                                "option groups must satisfy 1 <= G <= in_features, got G = ", options.groups(), " with in_features = ",
-                                options.in_features());
-        velora::detail::require(options.z_storage() != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
-        compressor_config config;
-        config.groups = options.groups();
-        config.v = options.v();
-        config.z_storage = options.z_storage();
-        config.scale = options.scale();
+        const compressor_config config =
+            detail::module_compressor_config(fn, options.in_features(), options.groups(), options.v(), options.z_storage(), options.scale());
         state_ = c10::make_intrusive<detail::linear_state>(options.in_features(), options.out_features(), config);
-        state_->factored = options.factored_weight_grad();
+        state_->factored = options.factored_gradient();
         weight = register_parameter("weight", at::empty({options.out_features(), options.in_features()}));
         if (options.bias()) bias = register_parameter("bias", at::empty({options.out_features()}));
         else bias = register_parameter("bias", {}, /*requires_grad=*/false);
         v = register_buffer("v", at::zeros({state_->comp.subtoken_size()}));
-        state_->blob = state_->comp.save_state();
-        state_->published_updates = state_->comp.v_updates();
-        velora_state = register_buffer("velora_state", blob_tensor(state_->blob));
+        velora_state = register_buffer("velora_state", state_->published.initial_buffer(state_->comp));
         if (state_->comp.initialised()) write_v();   // random mode draws v at construction
         reset_parameters();
     }
@@ -310,7 +318,7 @@ public:
         c10::optional<at::Tensor> b;
         if (bias.defined()) b = bias;
         at::Tensor y = detail::linear_function::apply(x, weight, b, state_, record);
-        if (record && state_->comp.v_updates() != state_->published_updates) write_buffers();
+        if (record && state_->published.stale(state_->comp)) write_buffers();
         return y;
     }
 
@@ -323,12 +331,12 @@ public:
     void pretty_print(std::ostream& os) const override {
         os << "velora::torch::VeloraLinear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", bias=" << (options.bias() ? "true" : "false") << ", groups=" << options.groups() << ", v=" << to_string(options.v().type)
-           << ", z_storage=" << to_string(options.z_storage()) << ", factored_weight_grad=" << (options.factored_weight_grad() ? "true" : "false")
+           << ", z_storage=" << to_string(options.z_storage()) << ", factored_gradient=" << (options.factored_gradient() ? "true" : "false")
            << ")";
     }
 
     /// Where the layer delivers factored weight gradients (AdaRankGradAdamW::attach reads it).
-    [[nodiscard]] std::shared_ptr<factored_weight_grad> factored_grad() const { return state_->slot; }
+    [[nodiscard]] std::shared_ptr<factored_gradient_accumulator> factored_grad() const { return state_->slot; }
     /// Bytes the last recorded forward saved for the backward pass (Z and v), and the bytes of its
     /// input x, which torch::nn::Linear would have saved instead.
     [[nodiscard]] std::size_t last_record_bytes() const { return locked([](const detail::linear_state& s) { return s.record_bytes; }); }
@@ -355,12 +363,6 @@ private:
         return f(*state_);
     }
 
-    static at::Tensor blob_tensor(const std::vector<std::byte>& blob) {
-        at::Tensor t = at::empty({static_cast<std::int64_t>(blob.size())}, at::kByte);
-        std::memcpy(t.data_ptr(), blob.data(), blob.size());
-        return t;
-    }
-
     // The buffers, read before a recorded forward: a state blob that differs from the one last
     // seen was loaded (torch::load, load_state_dict-like copies, clone) and is restored into the
     // compressor; otherwise a v that differs from the compressor's was written by the caller and
@@ -377,15 +379,8 @@ private:
                                     ") no longer holds the bytes of a state (a conversion changed them)");
             blob = back;
         }
-        blob = blob.contiguous();
-        const auto* bytes = static_cast<const std::byte*>(blob.data_ptr());
-        const auto n = static_cast<std::size_t>(blob.numel());
         auto& st = *state_;
-        if (n != st.blob.size() || std::memcmp(bytes, st.blob.data(), n) != 0) {
-            std::vector<std::byte> loaded(bytes, bytes + n);
-            st.comp.load_state(loaded);   // state_format_error (an invalid_argument) when it is not this layer's
-            st.blob = std::move(loaded);
-            st.published_updates = st.comp.v_updates();
+        if (st.published.restore_if_loaded(st.comp, blob.contiguous())) {   // state_format_error (an invalid_argument) when it is not this layer's
             write_v();
             return;
         }
@@ -403,26 +398,9 @@ private:
     }
 
     // After v changed: the blob and v buffers describe the compressor again.
-    void write_buffers() {
-        auto& st = *state_;
-        st.blob = st.comp.save_state();
-        st.published_updates = st.comp.v_updates();
-        ::torch::NoGradGuard no_grad;
-        if (velora_state.scalar_type() != at::kByte || velora_state.numel() != static_cast<std::int64_t>(st.blob.size()))
-            velora_state.set_(blob_tensor(st.blob));
-        else std::memcpy(velora_state.data_ptr(), st.blob.data(), st.blob.size());
-        bump_version(velora_state);
-        write_v();
-    }
+    void write_buffers() { state_->published.publish(state_->comp, velora_state, v); }
 
-    void write_v() {
-        auto& st = *state_;
-        ::torch::NoGradGuard no_grad;
-        const std::span<const float> current = st.comp.v();
-        if (v.scalar_type() != at::kFloat || v.numel() != st.comp.subtoken_size()) v.set_(at::zeros({st.comp.subtoken_size()}));
-        if (current.empty()) v.zero_();
-        else v.copy_(at::from_blob(const_cast<float*>(current.data()), {static_cast<std::int64_t>(current.size())}, at::kFloat));
-    }
+    void write_v() { detail::published_compressor_state::write_v(state_->comp, v); }
 
     c10::intrusive_ptr<detail::linear_state> state_;
 };

@@ -72,6 +72,7 @@
 #include <velora/quant/tiled_products.hpp>
 
 #include "backend.hpp"
+#include "compressor_buffers.hpp"
 #include "linear.hpp"
 #include "view.hpp"
 
@@ -111,8 +112,7 @@ struct lora_state : ::torch::CustomClassHolder {
     threads_following<float> backend;
     std::optional<compressor_type> comp;   // use_velora only
     compressor_type::record_type staging;
-    std::vector<std::byte> blob;           // the compressor state last read from or written to the buffers
-    std::uint64_t published_updates = 0;
+    published_compressor_state published;  // what the buffers velora_state and v hold (use_velora only)
     std::vector<float> workspace;          // one tile of a narrow base (bf16, NF4)
     float scaling = 1;
     base_storage base = base_storage::f32;
@@ -277,7 +277,7 @@ struct lora_function : public ::torch::autograd::Function<lora_function> {
                                                                             "(lora_A did not require grad when the forward ran)");
                     at::Tensor af = at::empty({r, z.size(1)}, at::kFloat);
                     const auto afv = mutable_view_of<float>(af, "a_factor");
-                    record_weight_grad(b, view_of<float>(p, "p"), z, afv);
+                    record_gradient_factor(b, view_of<float>(p, "p"), z, afv);
                     b.expand_subtokens(const_matrix_view<float>(afv), v.data_ptr<float>(), st.comp->subtoken_size(),
                                        static_cast<float>(st.comp->config().scale), mutable_view_of<float>(da, "da"));
                 }
@@ -371,17 +371,8 @@ public:
         st.in = d;
         st.block_size = options.nf4_block_size();
         if (options.use_velora()) {
-            velora::detail::require(options.groups() >= 1 && options.groups() <= d, fn, "option groups must satisfy 1 <= G <= in_features, got G = ",
-                                    options.groups(), " with in_features = ", d);
-            velora::detail::require(options.z_storage() != storage::f64, fn, "option z_storage = f64 is wider than the float32 parameters; use f32, f16 or bf16");
-            compressor_config c;
-            c.groups = options.groups();
-            c.v = options.v();
-            c.z_storage = options.z_storage();
-            c.scale = options.velora_scale();
-            st.comp.emplace(st.backend.current(), d, c);
-            st.blob = st.comp->save_state();
-            st.published_updates = st.comp->v_updates();
+            st.comp.emplace(st.backend.current(), d,
+                            detail::module_compressor_config(fn, d, options.groups(), options.v(), options.z_storage(), options.velora_scale()));
         }
 
         lora_A = register_parameter("lora_A", at::empty({r, d}));
@@ -411,7 +402,7 @@ public:
         merged_flag = register_buffer("merged", at::zeros({1}, at::kByte));
         if (st.comp) {
             v = register_buffer("v", at::zeros({st.comp->subtoken_size()}));
-            velora_state = register_buffer("velora_state", blob_tensor(st.blob));
+            velora_state = register_buffer("velora_state", st.published.initial_buffer(*st.comp));
             if (st.comp->initialised()) write_v();   // random mode draws v at construction
         }
         reset_lora_parameters();
@@ -445,7 +436,7 @@ public:
         if (record && state_->comp) read_state();
         at::Tensor y = detail::lora_function::apply(x, xa, lora_A, lora_B, b, nf4 ? nf4_codes : weight, nf4 ? nf4_absmax : none,
                                                     dq ? nf4_absmax_scales : none, dq ? nf4_absmax_mean : none, state_, adapters, record);
-        if (record && state_->comp && state_->comp->v_updates() != state_->published_updates) write_state();
+        if (record && state_->comp && state_->published.stale(*state_->comp)) write_state();
         return y;
     }
 
@@ -553,12 +544,6 @@ private:
         merged_flag.fill_(merging ? 1 : 0);
     }
 
-    static at::Tensor blob_tensor(const std::vector<std::byte>& blob) {
-        at::Tensor t = at::empty({static_cast<std::int64_t>(blob.size())}, at::kByte);
-        std::memcpy(t.data_ptr(), blob.data(), blob.size());
-        return t;
-    }
-
     // Before a recorded forward: a state blob that differs from the one last seen was loaded
     // (torch::load, clone) and is restored into the compressor (its checks refuse a blob that is
     // not this layer's). `v` is a mirror of the compressor's v, rewritten from it.
@@ -567,37 +552,12 @@ private:
         velora::detail::require(velora_state.defined() && velora_state.dim() == 1 && velora_state.device().is_cpu() &&
                                     velora_state.scalar_type() == at::kByte,
                                 fn, "buffer 'velora_state' (", detail::describe(velora_state), ") must be a 1-D uint8 CPU tensor");
-        const at::Tensor blob = velora_state.contiguous();
-        const auto* bytes = static_cast<const std::byte*>(blob.data_ptr());
-        const auto n = static_cast<std::size_t>(blob.numel());
-        auto& st = *state_;
-        if (n == st.blob.size() && std::memcmp(bytes, st.blob.data(), n) == 0) return;
-        std::vector<std::byte> loaded(bytes, bytes + n);
-        st.comp->load_state(loaded);
-        st.blob = std::move(loaded);
-        st.published_updates = st.comp->v_updates();
-        write_v();
+        if (state_->published.restore_if_loaded(*state_->comp, velora_state.contiguous())) write_v();
     }
 
-    void write_state() {
-        auto& st = *state_;
-        st.blob = st.comp->save_state();
-        st.published_updates = st.comp->v_updates();
-        ::torch::NoGradGuard no_grad;
-        if (velora_state.numel() != static_cast<std::int64_t>(st.blob.size())) velora_state.set_(blob_tensor(st.blob));
-        else std::memcpy(velora_state.data_ptr(), st.blob.data(), st.blob.size());
-        bump_version(velora_state);
-        write_v();
-    }
+    void write_state() { state_->published.publish(*state_->comp, velora_state, v); }
 
-    void write_v() {
-        auto& st = *state_;
-        ::torch::NoGradGuard no_grad;
-        const std::span<const float> current = st.comp->v();
-        if (v.scalar_type() != at::kFloat || v.numel() != st.comp->subtoken_size()) v.set_(at::zeros({st.comp->subtoken_size()}));
-        if (current.empty()) v.zero_();
-        else v.copy_(at::from_blob(const_cast<float*>(current.data()), {static_cast<std::int64_t>(current.size())}, at::kFloat));
-    }
+    void write_v() { detail::published_compressor_state::write_v(*state_->comp, v); }
 
     std::int64_t in_features_, out_features_;
     bool has_bias_;

@@ -191,10 +191,10 @@ public:
     [[nodiscard]] std::uint64_t skipped_steps() const noexcept { return skipped_; }
 
     /// Makes `layer` deliver its weight gradient to this optimizer in factored form (when the
-    /// layer was built with factored_weight_grad(true)). The weight must be one of this
+    /// layer was built with factored_gradient(true)). The weight must be one of this
     /// optimizer's parameters, float32. Throws std::invalid_argument otherwise.
     void attach(const VeloraLinear& layer) { attach(layer->weight, layer->factored_grad()); }
-    void attach(const at::Tensor& weight, std::shared_ptr<factored_weight_grad> slot) {
+    void attach(const at::Tensor& weight, std::shared_ptr<factored_gradient_accumulator> slot) {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::attach";
         velora::detail::require(slot != nullptr, fn, "argument 'slot' is null");
         if (!(weight.defined() && weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.size(0) == slot->rows() &&
@@ -428,7 +428,7 @@ private:
 
     struct attached {
         at::Tensor weight;
-        std::shared_ptr<factored_weight_grad> slot;
+        std::shared_ptr<factored_gradient_accumulator> slot;
     };
 
     const AdaRankGradAdamWOptions& options_of(std::size_t g) const {
@@ -438,7 +438,7 @@ private:
         return *o;
     }
 
-    const factored_weight_grad* slot_of(const at::Tensor& p) const {
+    const factored_gradient_accumulator* slot_of(const at::Tensor& p) const {
         const auto it = slots_.find(p.unsafeGetTensorImpl());
         return it == slots_.end() ? nullptr : it->second.slot.get();
     }

@@ -58,7 +58,7 @@ struct gradient_input {
     const registered_parameter* r = nullptr;
     at::Tensor param;
     std::optional<matrix_input<T>> dense;
-    factored_weight_grad::contents factored;   // float parameters only (attach checks it)
+    factored_gradient_accumulator::contents factored;   // float parameters only (attach checks it)
     index_t subtoken = 0;
 
     [[nodiscard]] bool is_factored() const noexcept { return factored.a.defined() && !dense; }
@@ -78,9 +78,9 @@ struct gradient_input {
 /// Throws std::invalid_argument naming `fn` for a gradient of another shape or a kind of tensor
 /// matrix_input refuses.
 template <class T>
-bool read_gradient(gradient_input<T>& out, const at::Tensor& p, const registered_parameter& r, const factored_weight_grad* slot, const char* fn) {
+bool read_gradient(gradient_input<T>& out, const at::Tensor& p, const registered_parameter& r, const factored_gradient_accumulator* slot, const char* fn) {
     const at::Tensor& grad = p.grad();
-    factored_weight_grad::contents c;
+    factored_gradient_accumulator::contents c;
     if (slot != nullptr) c = slot->get();
     if (!grad.defined() && c.empty()) return false;
     out.r = &r;
@@ -134,7 +134,7 @@ public:
     void clear() noexcept { pending_.clear(); }
 
     /// Pass 1: queues parameter r's gradient (nothing when it has none).
-    void queue(const at::Tensor& p, const registered_parameter& r, const factored_weight_grad* slot, const char* fn) {
+    void queue(const at::Tensor& p, const registered_parameter& r, const factored_gradient_accumulator* slot, const char* fn) {
         pending_.emplace_back();
         if (!read_gradient(pending_.back(), p, r, slot, fn)) pending_.pop_back();
     }
@@ -172,7 +172,7 @@ public:
         if (g.is_factored()) {
             if constexpr (std::is_same_v<T, float>) {
                 typename backend_type::template buffer<float> scratch;   // norm2 does not use it
-                return adarank::factored_gradient_op<backend_type>(b, g.factored_view(), scratch).norm2();
+                return adarank::factored_gradient_operator<backend_type>(b, g.factored_view(), scratch).norm2();
             }
             return std::numeric_limits<double>::quiet_NaN();
         }
