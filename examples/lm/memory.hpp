@@ -16,7 +16,8 @@
 ///                though the trainer's fused step reads one at a time; VeLoRA projections leave theirs unused;
 ///                with LoRA only the adapters are trainable)
 ///   optimizer    adarank::low_rank_adamw::state_bytes(): 2·rows·cols per densely optimised parameter,
-///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r
+///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r, in values of
+///                sizeof(T); 8-bit moments and quantised bases as state_storage says
 ///   activations  what one forward pass keeps for backward (below, by kind)
 ///   buffers      what the model allocates beyond that: backward scratch, VeLoRA's A buffers and
 ///                transient inputs, the compressors' spare Z
