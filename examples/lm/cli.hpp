@@ -78,7 +78,7 @@ inline void print_help() {
     std::printf("  --configs a,b,...  configurations to run, in this order: %s, each optionally\n"
                 "                     with changes NAME:key=value,... (keys: lr, warmup, r, rank=fixed|adaptive|budget, xi, budget=BYTES|rN,\n"
                 "                     refresh=every|converged, interval, eps, transport=rotation|clamped|none|reset, svd=exact|randomized,\n"
-                "                     scale, state=8bit|float, weights=bf16|bf16-nearest|float; see examples/lm/configs.hpp), e.g. galore:r=16,adamw\n"
+                "                     scale, state=8bit|float, basis=int8|int4|float, weights=bf16|bf16-nearest|float; see examples/lm/configs.hpp), e.g. galore:r=16,adamw\n"
                 "                     (default: the five; also spelt --config).\n"
                 "                     For fine-tuning a model of --init: full (AdamW on every weight), lora, velora+lora, qlora,\n"
                 "                     velora+qlora (the LoRA ones, which need --init; keys r, alpha, dropout, velora_scale,\n"

@@ -43,6 +43,9 @@
 //   svd=exact|randomized           the refresh's decomposition
 //   scale=X          α, the update's scale (default 0.25)
 //   state=8bit|float the Adam moments: 8-bit blockwise (blocks of 256; docs/adarankgrad.md) or float (default)
+//   basis=int8|int4|float  the low-rank projection bases: quantised to 8 or 4 bits with a float scale per
+//                    block of 256 of a row (Q-GaLore's INT4 projection; adarank/basis_format.hpp), or float
+//                    (default); not with rank=budget (the library's rule: the budget counts float bases)
 //   weights=bf16|bf16-nearest|float  the weights as a host keeping only bf16 would have them: after
 //                    every step each weight is rounded to bf16, stochastically (bf16) or to nearest, with
 //                    the library's rounding and keys (docs/adarankgrad.md "bf16 weights"); the demo keeps
@@ -70,6 +73,7 @@
 #include <tuple>
 #include <vector>
 
+#include "memory.hpp"
 #include "model.hpp"
 
 namespace lm::configs {
@@ -229,11 +233,14 @@ inline config parse(const std::string& name, const defaults& d) {
             } else if (key == "scale") c.optimizer.scale = detail::number(name, key, value, 0, 100, true);
             else if (key == "state")
                 c.optimizer.state = choose({"8bit", "float"}) == "8bit" ? adarank::state_format::int8_blockwise : adarank::state_format::float32;
-            else if (key == "weights") {
+            else if (key == "basis") {
+                const std::string b = choose({"int8", "int4", "float"});
+                c.optimizer.basis = b == "int8" ? adarank::basis_format::int8 : b == "int4" ? adarank::basis_format::int4 : adarank::basis_format::float32;
+            } else if (key == "weights") {
                 const std::string w = choose({"bf16", "bf16-nearest", "float"});
                 if (w == "float") c.bf16_weights.reset();
                 else c.bf16_weights = w == "bf16" ? velora::bf16_rounding::stochastic : velora::bf16_rounding::nearest;
-            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, weights; LoRA: alpha, dropout, velora_scale)");
+            } else detail::bad(name, "unknown key '" + key + "' (known: lr, warmup, r, rank, xi, budget, refresh, interval, eps, transport, svd, scale, state, basis, weights; LoRA: alpha, dropout, velora_scale)");
         }
         const auto given = [&](const char* key) { return std::find(seen.begin(), seen.end(), key) != seen.end(); };
         if (given("xi")) {
@@ -281,6 +288,17 @@ inline std::uint64_t budget_bytes_at_rank(const config& c, index_t rank, const s
         sum += static_cast<std::uint64_t>(r * (len + 2 * other)) * value_bytes;
     }
     return sum;
+}
+
+// How `c` (a library configuration) stores the optimizer state, as memory.hpp counts it.
+inline lm::memory::state_storage storage_of(const adarank::optimizer_config& c) {
+    lm::memory::state_storage s;
+    if (c.state == adarank::state_format::int8_blockwise) s.state_block = c.state_block;
+    if (c.basis != adarank::basis_format::float32) {
+        s.basis_bits = c.basis == adarank::basis_format::int8 ? 8 : 4;
+        s.basis_block = c.basis_block;
+    }
+    return s;
 }
 
 // The learning rate of step `step` (0-based): the configuration's, ramped over its warm-up.

@@ -40,7 +40,7 @@ inline std::uint64_t estimated_budget(const std::string& name, const options& o)
 inline lm::memory::footprint estimate_for(const std::string& name, const options& o) {
     namespace mem = lm::memory;
     mem::footprint fp = mem::estimate(o.model, velora_for(name, o), o.batch, rank_for(name, o), static_cast<std::size_t>(o.value_bytes), adapters_for(name, o),
-                                      state_block_for(name, o));
+                                      storage_for(name, o));
     if (const std::uint64_t budget = estimated_budget(name, o); budget > 0) fp.optimizer = mem::count(std::min(fp.optimizer.v, budget));
     return fp;
 }

@@ -16,7 +16,8 @@
 ///                though the trainer's fused step reads one at a time; VeLoRA projections leave theirs unused;
 ///                with LoRA only the adapters are trainable)
 ///   optimizer    adarank::low_rank_adamw::state_bytes(): 2·rows·cols per densely optimised parameter,
-///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r
+///                r·(min(rows, cols) + 2·max(rows, cols)) per low-rank one at rank r, in values of
+///                sizeof(T); 8-bit moments and quantised bases as state_storage says
 ///   activations  what one forward pass keeps for backward (below, by kind)
 ///   buffers      what the model allocates beyond that: backward scratch, VeLoRA's A buffers and
 ///                transient inputs, the compressors' spare Z
@@ -202,26 +203,41 @@ inline count state_elements(const parameter_shape& p, index_t rank) {
     return count(std::min(rank, shorter)) * (count(shorter) + count(2) * longer);
 }
 
-/// Optimizer-state bytes of one parameter: state_elements in value_size bytes, or with 8-bit
-/// moments (`state_block` > 0, the configuration key state=8bit) the basis in value_size and each
-/// moment element in one byte plus one float absmax per block of state_block, per moment.
-inline count state_bytes(const parameter_shape& p, index_t rank, std::size_t value_size, index_t state_block = 0) {
-    if (state_block <= 0) return state_elements(p, rank) * value_size;
+/// How the optimizer stores its state (the configuration keys state=8bit and basis=int8|int4):
+/// `state_block` > 0: 8-bit moments, one byte per element plus one float absmax per block of
+/// state_block, per moment; `basis_bits` 8 or 4: a low-rank parameter's basis quantised to that
+/// many bits per element (int4: two per byte, a row of len values in ceil(len/2) bytes) plus one
+/// float scale per block of basis_block within each row (adarank/basis_format.hpp). Zeros: float.
+struct state_storage {
+    index_t state_block = 0;
+    index_t basis_bits = 0;
+    index_t basis_block = 256;
+};
+
+/// Optimizer-state bytes of one parameter: state_elements in value_size bytes, with the moments
+/// and the basis as `s` stores them.
+inline count state_bytes(const parameter_shape& p, index_t rank, std::size_t value_size, const state_storage& s = {}) {
+    if (s.state_block <= 0 && s.basis_bits <= 0) return state_elements(p, rank) * value_size;
     const bool low = rank > 0 && p.projection;
     const index_t shorter = std::min(p.rows, p.cols), longer = std::max(p.rows, p.cols), r = std::min(rank, shorter);
-    const count moment = low ? count(r) * longer : count(p.rows) * p.cols, basis = low ? count(r) * shorter : count(0);
-    return basis * value_size + count(2) * moment + count(2 * sizeof(float)) * count((moment.v + static_cast<std::uint64_t>(state_block) - 1) / static_cast<std::uint64_t>(state_block));
+    const count moment = low ? count(r) * longer : count(p.rows) * p.cols;
+    const auto blocks = [](count n, index_t block) { return count((n.v + static_cast<std::uint64_t>(block) - 1) / static_cast<std::uint64_t>(block)); };
+    const count moments = s.state_block > 0 ? count(2) * moment + count(2 * sizeof(float)) * blocks(moment, s.state_block) : count(2) * moment * value_size;
+    if (!low) return moments;
+    if (s.basis_bits <= 0) return moments + count(r) * shorter * value_size;
+    const count row_codes = s.basis_bits == 4 ? count((shorter + 1) / 2) : count(shorter);
+    return moments + count(r) * (row_codes + count(sizeof(float)) * blocks(count(shorter), s.basis_block));
 }
 
 /// Optimizer-state bytes of the whole model: dense AdamW everywhere (`rank` <= 0), or every
 /// projection low-rank at `rank` (GaLore's fixed rank; AdaRankGrad's cap, which bounds its
-/// data-dependent ranks from above); `state_block` as for state_bytes.
+/// data-dependent ranks from above); `s` as for state_bytes.
 /// With adapter_config::on: AdamW's two moments of every adapter (nothing else is trained).
-inline count optimizer_state_bytes(const model_config& c, index_t rank, std::size_t value_size, const adapter_config& a = {}, index_t state_block = 0) {
+inline count optimizer_state_bytes(const model_config& c, index_t rank, std::size_t value_size, const adapter_config& a = {}, const state_storage& s = {}) {
     if (a.on) return count(2) * adapter_count(c, a) * value_size;
-    count layer, outer = state_bytes(final_norm_parameter(c), 0, value_size, state_block);
-    for (const auto& p : layer_parameters(c)) layer += state_bytes(p, rank, value_size, state_block);
-    for (const auto& p : embedding_parameters(c)) outer += state_bytes(p, 0, value_size, state_block);
+    count layer, outer = state_bytes(final_norm_parameter(c), 0, value_size, s);
+    for (const auto& p : layer_parameters(c)) layer += state_bytes(p, rank, value_size, s);
+    for (const auto& p : embedding_parameters(c)) outer += state_bytes(p, 0, value_size, s);
     return outer + count(c.layers) * layer;
 }
 
@@ -426,15 +442,15 @@ struct footprint {
     /// optimizer's refresh workspace, the SVD), the corpus, the loss curve, code and libraries.
     [[nodiscard]] count total() const { return weights + gradients + optimizer + activations + other; }
 };
-/// `rank`, `state_block` as for optimizer_state_bytes (<= 0: dense AdamW; float moments).
+/// `rank`, `s` as for optimizer_state_bytes (<= 0: dense AdamW; default: float state).
 inline footprint estimate(const model_config& c, const velora_config& v, index_t batch, index_t rank, std::size_t value_size,
-                          const adapter_config& ad = {}, index_t state_block = 0) {
+                          const adapter_config& ad = {}, const state_storage& s = {}) {
     const model_buffers m = buffers(c, v, batch, ad);
     const count N = count(batch) * c.context, L = c.layers;
     footprint fp;
     fp.weights = ad.on ? weight_bytes(c, ad, value_size) : m.parameters * value_size;
     fp.gradients = m.gradients * value_size;
-    fp.optimizer = optimizer_state_bytes(c, rank, value_size, ad, state_block);
+    fp.optimizer = optimizer_state_bytes(c, rank, value_size, ad, s);
     fp.by_kind = activations(c, v, batch, value_size, ad);
     fp.activations = fp.by_kind.total();
     // The model's other buffers, and each compressor's spare Z (velora::compressor projects into it

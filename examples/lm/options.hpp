@@ -108,10 +108,9 @@ inline lm::velora_config velora_for(const std::string& name, const options& o) {
 // The optimizer's rank for memory.hpp: GaLore's fixed rank, AdaRankGrad's cap (its ranks are
 // data-dependent and at most this), 0 for dense AdamW.
 inline index_t rank_for(const std::string& name, const options& o) { return config_of(name, o).rank; }
-/// The 8-bit moments' block size of a configuration (state=8bit), 0 for float moments (memory.hpp).
-inline index_t state_block_for(const std::string& name, const options& o) {
-    const auto c = config_of(name, o).optimizer;
-    return c.state == adarank::state_format::int8_blockwise ? c.state_block : 0;
+/// How a configuration stores its optimizer state (state=8bit, basis=int8|int4), for memory.hpp.
+inline lm::memory::state_storage storage_for(const std::string& name, const options& o) {
+    return lm::configs::storage_of(config_of(name, o).optimizer);
 }
 
 // Applies preset `name` to the sizes and the rank. With `given`, only to the flags not in it:

@@ -32,7 +32,7 @@ inline std::uint64_t process_bytes(const options& o, index_t ranks = 1) {
     lm::memory::count most;
     for (const auto& name : o.configs) {
         const lm::memory::count bytes =
-            lm::memory::estimate(o.model, velora_for(name, o), share, rank_for(name, o), sizeof(T), adapters_for(name, o), state_block_for(name, o)).total() +
+            lm::memory::estimate(o.model, velora_for(name, o), share, rank_for(name, o), sizeof(T), adapters_for(name, o), storage_for(name, o)).total() +
             lm::memory::count(o.steps) * 32;
         most = std::max(most.v, bytes.v);
     }

@@ -129,8 +129,7 @@ void train_one(const std::string& name, const options& o, const corpus& data, re
             const auto& info = opt.layer_state(ids[i]);
             const lm::memory::parameter_shape shape{params[i].name.c_str(), params[i].rows, params[i].cols, params[i].matrix, params[i].projection};
             const auto& oc = opt.config();
-            counted += lm::memory::state_bytes(shape, info.low_rank ? info.rank : 0, sizeof(T),
-                                               oc.state == adarank::state_format::int8_blockwise ? oc.state_block : 0);
+            counted += lm::memory::state_bytes(shape, info.low_rank ? info.rank : 0, sizeof(T), lm::configs::storage_of(oc));
         }
         if (counted.v != opt.state_bytes())
             throw agreed_error("internal error: examples/lm/memory.hpp counts " + std::to_string(counted.v) +

@@ -187,6 +187,17 @@ vt::AdaRankGradAdamWOptions options_of(const py::dict& d) {
         else velora::detail::fail(fn, "option 'transport' is '", t, "'; expected squared_rotation, clamped_rotation, reset or none");
     }
     c.seed = get_or<std::uint64_t>(d, "seed", c.seed);
+    const auto state = get_or<std::string>(d, "state", "float32");
+    if (state == "float32") c.state = adarank::state_format::float32;
+    else if (state == "8bit") c.state = adarank::state_format::int8_blockwise;
+    else velora::detail::fail(fn, "option 'state' is '", state, "'; expected 'float32' or '8bit'");
+    c.state_block = get_or<std::int64_t>(d, "state_block", c.state_block);
+    const auto basis = get_or<std::string>(d, "basis", "float32");
+    if (basis == "float32") c.basis = adarank::basis_format::float32;
+    else if (basis == "int8") c.basis = adarank::basis_format::int8;
+    else if (basis == "int4") c.basis = adarank::basis_format::int4;
+    else velora::detail::fail(fn, "option 'basis' is '", basis, "'; expected 'float32', 'int8' or 'int4'");
+    c.basis_block = get_or<std::int64_t>(d, "basis_block", c.basis_block);
     vt::AdaRankGradAdamWOptions o;
     o.config(c);
     const auto kind = get_or<std::string>(d, "kind", "auto");
@@ -198,6 +209,10 @@ vt::AdaRankGradAdamWOptions options_of(const py::dict& d) {
     if (nd == "flatten") o.nd(vt::higher_dims::flatten);
     else if (nd == "dense") o.nd(vt::higher_dims::dense);
     else velora::detail::fail(fn, "option 'nd' is '", nd, "'; expected 'flatten' or 'dense'");
+    const auto rounding = get_or<std::string>(d, "weight_rounding", "stochastic");
+    if (rounding == "stochastic") o.weight_rounding(velora::bf16_rounding::stochastic);
+    else if (rounding == "nearest") o.weight_rounding(velora::bf16_rounding::nearest);
+    else velora::detail::fail(fn, "option 'weight_rounding' is '", rounding, "'; expected 'stochastic' or 'nearest'");
     return o;
 }
 

@@ -174,3 +174,128 @@ def test_changing_an_option_after_the_first_step():
     opt.param_groups[0]["seed"] = 7
     with pytest.raises(ValueError, match="option seed changed after the group's first step"):
         opt.step()
+
+
+def _quantised_basis_run(basis, steps=4, seed=0, **extra):
+    model = _model(seed)
+    w = model[0].weight   # 12 x 16: the left side (len 12), rank 3
+    groups = [{"params": [model[0].bias, model[2].bias, model[2].weight]},
+              {"params": [w], "rank": 3, "update_proj_gap": 2, "basis": basis, "basis_block": 32, **extra}]
+    opt = vt.AdaRankGradAdamW(groups, lr=1e-2)
+    _train(model, opt, steps)
+    return model, opt, w
+
+
+def test_quantised_basis_reaches_the_library_and_round_trips():
+    _, opt_f, w_f = _quantised_basis_run("float32")
+    float_bytes = opt_f.state_bytes()[0]
+    for basis, row_codes in (("int8", 12), ("int4", 6)):
+        model, opt, w = _quantised_basis_run(basis)
+        # the basis (3 x 12 floats) is held as codes plus one float scale per row (len 12 < block 32)
+        assert float_bytes - opt.state_bytes()[0] == 3 * 12 * 4 - 3 * (row_codes + 4)
+        q = opt.basis(w)   # decoded: Q = code · scale, rows orthonormal within the format's error
+        assert q.shape == (3, 12)
+        qmax = 127 if basis == "int8" else 7
+        codes = q / (q.abs().amax(dim=1, keepdim=True) / qmax)
+        assert (codes - codes.round()).abs().max() <= 1e-3   # every value is on its row's grid
+        assert (q @ q.t() - torch.eye(3)).abs().max() <= (0.05 if basis == "int8" else 0.5)
+        assert not torch.equal(q, opt_f.basis(w_f))
+        # saved with the optimizer; the resumed run is bit-identical and keeps the option
+        ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+        assert ckpt["opt"]["param_groups"][1]["basis"] == basis
+        resumed = _model(seed=9)
+        resumed.load_state_dict(ckpt["model"])
+        opt2 = vt.AdaRankGradAdamW([{"params": [resumed[0].bias, resumed[2].bias, resumed[2].weight]},
+                                    {"params": [resumed[0].weight], "rank": 3, "update_proj_gap": 2, "basis": basis, "basis_block": 32}], lr=1e-2)
+        opt2.load_state_dict(ckpt["opt"])
+        assert torch.equal(opt2.state_dict()["velora"], ckpt["opt"]["velora"])
+        _train(model, opt, 3, seed=2)
+        _train(resumed, opt2, 3, seed=2)
+        assert all(torch.equal(p, r) for p, r in zip(model.parameters(), resumed.parameters()))
+        assert torch.equal(opt.basis(w), opt2.basis(resumed[0].weight))
+
+
+def test_eight_bit_moments_option():
+    _, opt_f, _ = _quantised_basis_run("float32")
+    _, opt_8, _ = _quantised_basis_run("float32", state="8bit", state_block=64)
+    assert opt_8.state_bytes()[0] < opt_f.state_bytes()[0]
+
+
+def test_bad_state_and_basis_options_are_value_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="option 'basis' is 'int2'"):
+        vt.AdaRankGradAdamW([{"params": model.parameters(), "rank": 2, "basis": "int2"}])
+    with pytest.raises(ValueError, match="basis_block must be a power of two in \\[32, 4096\\], got 48"):
+        vt.AdaRankGradAdamW([{"params": model.parameters(), "rank": 2, "basis": "int8", "basis_block": 48}])
+    with pytest.raises(ValueError, match="option 'state' is 'int4'"):
+        vt.AdaRankGradAdamW([{"params": model.parameters(), "rank": 2, "state": "int4"}])
+    _, opt, w = _quantised_basis_run("int8", steps=1)
+    opt.param_groups[1]["basis"] = "int4"
+    with pytest.raises(ValueError, match="option basis changed after the group's first step"):
+        opt.step()
+
+
+def _one_step_pair(rounding):
+    """A bfloat16 weight and its float32 copy, each stepped once with the same gradient (the bf16
+    one's gradient widened): the float step the bf16 parameter takes before rounding back."""
+    torch.manual_seed(3)
+    w_b = nn.Parameter(torch.randn(24, 20).to(torch.bfloat16))
+    w_f = nn.Parameter(w_b.detach().float())
+    g = (torch.randn(24, 3) @ torch.randn(3, 20)).to(torch.bfloat16)
+    opts = dict(lr=1e-2, rank=4, update_proj_gap=10, weight_rounding=rounding)
+    opt_b, opt_f = vt.AdaRankGradAdamW([{"params": [w_b], **opts}]), vt.AdaRankGradAdamW([{"params": [w_f], **opts}])
+    w_b.grad, w_f.grad = g, g.float()
+    opt_b.step()
+    opt_f.step()
+    return w_b, w_f, opt_b
+
+
+def test_bfloat16_parameters_round_the_float_step():
+    p_b, p_f, opt = _one_step_pair("nearest")
+    assert p_b.dtype == torch.bfloat16 and opt.layer_state(p_b)["low_rank"]
+    w_b, w_f = p_b.detach(), p_f.detach()
+    assert torch.equal(w_b, w_f.to(torch.bfloat16))   # round-to-nearest-even, as torch converts
+    s_b, s_f = (p.detach() for p in _one_step_pair("stochastic")[:2])
+    assert torch.equal(s_f, w_f)
+    # each element is one of the two bf16 neighbours of the float result (its bits cut to bf16,
+    # or one bf16 ulp further from zero), and not always the nearest one
+    cut = s_f.view(torch.int32) & -65536
+    bits = s_b.float().view(torch.int32)
+    assert ((bits == cut) | (bits == cut + 65536)).all()
+    assert not torch.equal(s_b, w_b)
+    assert torch.equal(_one_step_pair("stochastic")[0].detach(), s_b)   # the noise is a function of seed, parameter, step and element
+
+
+def test_bfloat16_weight_rounding_round_trip_and_errors():
+    torch.manual_seed(4)
+    model = nn.Linear(16, 12).to(torch.bfloat16)
+    opt = vt.AdaRankGradAdamW([{"params": [model.weight], "rank": 3, "weight_rounding": "nearest"}, {"params": [model.bias]}], lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+
+    def train(m, o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            m(torch.randn(8, 16, generator=g).to(torch.bfloat16)).float().pow(2).mean().backward()
+            o.step()
+
+    train(model, opt, 3)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert ckpt["opt"]["param_groups"][0]["weight_rounding"] == "nearest"
+    state = g.get_state()
+    train(model, opt, 3)
+    resumed = nn.Linear(16, 12).to(torch.bfloat16)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = vt.AdaRankGradAdamW([{"params": [resumed.weight], "rank": 3, "weight_rounding": "nearest"}, {"params": [resumed.bias]}], lr=1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    g.set_state(state)
+    train(resumed, opt2, 3)
+    assert torch.equal(model.weight, resumed.weight) and torch.equal(model.bias, resumed.bias)
+    opt2.param_groups[0]["weight_rounding"] = "stochastic"
+    with pytest.raises(ValueError, match="option weight_rounding changed after the group's first step"):
+        opt2.step()
+    with pytest.raises(ValueError, match="option 'weight_rounding' is 'up'"):
+        vt.AdaRankGradAdamW([{"params": [model.weight], "rank": 3, "weight_rounding": "up"}])
+    with pytest.raises(ValueError, match="must be float32, float64 or bfloat16"):
+        half = nn.Parameter(torch.randn(4, 4).half())
+        half.grad = torch.ones_like(half)
+        vt.AdaRankGradAdamW([half]).step()

@@ -40,7 +40,14 @@ class AdaRankGradAdamW(Optimizer):
       "dense"), ``adaptive_rank`` ((ξ, r_min, r_max)), ``refresh`` (("converged" |
       "captured_energy", threshold, min_interval, max_interval)), ``transport``
       ("squared_rotation", "clamped_rotation", "reset", "none"), ``seed``, ``nd`` ("flatten",
-      "dense": parameters of more than 2 dimensions), ``convention`` ("galore": ε and the decay
+      "dense": parameters of more than 2 dimensions), ``state`` ("float32"; "8bit": the moments
+      in 8-bit blocks of ``state_block`` (256), float32 parameters), ``basis`` ("float32"; "int8",
+      "int4": a low-rank parameter's projection basis quantised with a float scale per block of
+      ``basis_block`` (256) of a row, Q-GaLore's INT4 projection; float32 parameters; not with a
+      rank budget), ``weight_rounding`` ("stochastic", "nearest": how a torch.bfloat16
+      parameter's new weight is rounded back to bf16; such a parameter is stepped in float from
+      its bf16 weight with no float master copy, the rounding noise a function of the seed, the
+      parameter, its step and the element), ``convention`` ("galore": ε and the decay
       where GaLore/Hugging Face put them; "torch": torch.optim.AdamW's, under which dense groups
       match torch.optim.AdamW). With kind="auto" and no other key a group is the library's
       AdaRankGrad (adaptive rank ξ = 0.05 in [1, 128], refresh on convergence, α = 0.25).
@@ -57,7 +64,7 @@ class AdaRankGradAdamW(Optimizer):
       parameter all-reduces its projected gradient (rank × other values) and, at a refresh, the
       subspace search's products; a dense one its gradient. Do not average the gradients elsewhere
       too (no DDP). Every rank builds the same optimizer and ends each step with the same bits.
-    - CPU tensors only (ValueError otherwise).
+    - CPU tensors of dtype float32, float64 or bfloat16 only (ValueError otherwise).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
@@ -181,7 +188,8 @@ class AdaRankGradAdamW(Optimizer):
         d = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]), eps=float(group["eps"]),
                  weight_decay=float(group["weight_decay"]), convention=group.get("convention", "galore"),
                  proj_type=group.get("proj_type", "std"), nd=group.get("nd", "flatten"))
-        for key in ("transport", "seed", "scale", "update_proj_gap", "adaptive_rank", "refresh", "rank"):
+        for key in ("transport", "seed", "scale", "update_proj_gap", "adaptive_rank", "refresh", "rank", "state", "state_block", "basis", "basis_block",
+                    "weight_rounding"):
             if group.get(key) is not None:
                 d[key] = group[key]
         if not any(group.get(k) is not None for k in _LOW_RANK_KEYS):

@@ -94,9 +94,9 @@ struct group_engine {
     /// Registers p as parameter i of group g (a parameter appended to the group, or one of build's).
     void add(const at::Tensor& p, std::size_t g, std::size_t i, dtype_backends backends, const factored_gradient_accumulator* slot, std::string_view fn) {
         if (!p.defined()) velora::detail::fail(fn, "param group ", g, " parameter ", i, " is an undefined tensor");
-        if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble)
+        if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble && p.scalar_type() != at::kBFloat16)
             velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", describe(p),
-                                 ") must be float32 or float64 (the optimizer keeps full-precision weights)");
+                                 ") must be float32, float64 or bfloat16 (stepped in float and rounded back, option weight_rounding)");
         if (!p.device().is_cpu() || p.layout() != c10::kStrided)
             velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", describe(p), ") must be a dense CPU tensor");
         registered_parameter r;
@@ -104,6 +104,7 @@ struct group_engine {
         r.group = static_cast<std::int64_t>(g);
         r.index = static_cast<std::int64_t>(i);
         r.is_double = p.scalar_type() == at::kDouble;
+        r.is_bf16 = p.scalar_type() == at::kBFloat16;
         r.sizes = p.sizes().vec();
         r.gradient_name = "param group " + std::to_string(g) + " parameter " + std::to_string(i) + " gradient";
         const parameter_matrix s = parameter_matrix_of(p, options.nd);
@@ -113,7 +114,7 @@ struct group_engine {
             const adarank::param_kind kind = s.force_dense ? adarank::param_kind::dense : options.kind;
             r.id = with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
                 auto& e = engine<T>();
-                if (!e) e = in_group(g, fn, [&] { return std::make_unique<dtype_engine<T>>(backends.get<T>(), options.config); });
+                if (!e) e = in_group(g, fn, [&] { return std::make_unique<dtype_engine<T>>(backends.get<T>(), options.config, options.weight_rounding); });
                 const index_t id = e->add(s.rows, s.cols, kind);
                 if constexpr (std::is_same_v<T, float>)
                     if (slot != nullptr) e->reserve_factored(slot->groups());
@@ -141,6 +142,8 @@ struct group_engine {
             what = "kind";
         } else if (now.nd != options.nd) {
             what = "nd";
+        } else if (now.weight_rounding != options.weight_rounding) {
+            what = "weight_rounding";
         }
         if (!what.empty())
             velora::detail::fail(fn, "param group ", g, ": option ", what,
@@ -185,11 +188,10 @@ struct group_engine {
                                  " were registered; removing parameters from a group is not supported");
         for (std::size_t i = 0; i < params.size(); ++i) {
             const registered_parameter& r = params[i];
-            if (now[i].unsafeGetTensorImpl() != r.key || now[i].sizes() != c10::IntArrayRef(r.sizes) ||
-                now[i].scalar_type() != (r.is_double ? at::kDouble : at::kFloat))
+            if (now[i].unsafeGetTensorImpl() != r.key || now[i].sizes() != c10::IntArrayRef(r.sizes) || now[i].scalar_type() != r.dtype())
                 velora::detail::fail(fn, "param group ", g, " parameter ", i, " (", describe(now[i]),
                                      ") is not the tensor registered at the group's first step (shape ", bracketed(r.sizes), ", ",
-                                     r.is_double ? "Double" : "Float", "); replacing parameters or changing their dtype is not supported");
+                                     r.dtype(), "); replacing parameters or changing their dtype is not supported");
         }
     }
 };

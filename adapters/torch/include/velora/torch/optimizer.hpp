@@ -5,8 +5,10 @@
 /// - Param groups with per-group options (lr, betas, eps, weight decay, the AdamW convention
 ///   (adarank::adam_convention::torch: dense parameters match torch::optim::AdamW), rank, refresh and
 ///   transport policies, scale α, side, randomized-SVD settings, seed, parameter kind, and what
-///   happens to >2-D parameters). Each group runs its own low_rank_adamw per parameter dtype
-///   (float32, float64), built from the group's options when the group first steps; the
+///   happens to >2-D parameters, quantised moments and bases, how bf16 weights round). Each group
+///   runs its own low_rank_adamw per parameter dtype (float32, float64; a bfloat16 parameter is
+///   stepped by the float one in float from its bf16 weight, with no float master copy, and
+///   rounded back by the option weight_rounding), built from the group's options when the group first steps; the
 ///   learning rate, betas, eps and weight decay are read from the group at every step (so torch's
 ///   LR schedulers and β or weight-decay schedules work), every other option is fixed from then
 ///   on (changing one throws at the next step, naming it).
@@ -293,16 +295,27 @@ public:
 
     /// A copy of the subspace basis of a low-rank `param`: rank×len, orthonormal rows, in the
     /// parameter's dtype (len = the weight's rows when info(param).side is left, its columns when
-    /// right; 0×len before its first step). Throws for a parameter that is not registered or is
-    /// optimised densely.
+    /// right; 0×len before its first step). A basis stored quantised (option `basis` int8/int4)
+    /// is returned decoded, Q = code·scale, the values the steps project with (its rows are then
+    /// orthonormal only within the format's error, adarank/basis_format.hpp). Throws for a
+    /// parameter that is not registered or is optimised densely.
     [[nodiscard]] at::Tensor basis(const at::Tensor& param) const {
         constexpr const char* fn = "velora::torch::AdaRankGradAdamW::basis";
         const detail::registered_parameter& r = low_rank_parameter(param, fn);
         const group_engine& e = engines_[static_cast<std::size_t>(r.group)];
         return detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
-            const const_matrix_view<T> b = e.template engine<T>()->optimizer().basis(r.id);
-            at::Tensor out = at::empty({b.rows, b.cols}, param.options().dtype(c10::CppTypeToScalarType<T>::value).requires_grad(false));
+            auto& opt = e.template engine<T>()->optimizer();
+            const adarank::layer_info info = opt.layer_state(r.id);
+            const index_t len = info.side == adarank::projection_side::left ? info.rows : info.cols;
+            at::Tensor out = at::empty({info.rank, len}, param.options().dtype(c10::CppTypeToScalarType<T>::value).requires_grad(false));
             T* dst = out.data_ptr<T>();
+            if (opt.config().basis != adarank::basis_format::float32) {
+                // No float basis is held: decode it (basis_values, which allocates).
+                const std::vector<T> q = opt.basis_values(r.id);
+                std::copy(q.begin(), q.end(), dst);
+                return out;
+            }
+            const const_matrix_view<T> b = opt.basis(r.id);
             for (index_t i = 0; i < b.rows; ++i) std::copy_n(b.row(i), b.cols, dst + i * b.cols);
             return out;
         });
@@ -321,8 +334,8 @@ public:
         ::torch::NoGradGuard no_grad;
         prepare(fn);
         const detail::registered_parameter& r = low_rank_parameter(param, fn);
-        if (!basis.defined() || basis.dim() != 2 || basis.scalar_type() != param.scalar_type() || !basis.device().is_cpu())
-            velora::detail::fail(fn, "argument 'basis' (", detail::describe(basis), ") must be a 2-D CPU tensor of the parameter's dtype");
+        if (!basis.defined() || basis.dim() != 2 || basis.scalar_type() != (r.is_double ? at::kDouble : at::kFloat) || !basis.device().is_cpu())
+            velora::detail::fail(fn, "argument 'basis' (", detail::describe(basis), ") must be a 2-D CPU tensor of the parameter's dtype (float32 for a bfloat16 parameter)");
         group_engine& e = engines_[static_cast<std::size_t>(r.group)];
         const at::Tensor dense = basis.contiguous();
         return detail::with_dtype(r.is_double, [&]<class T>(std::type_identity<T>) {
@@ -341,7 +354,7 @@ public:
     [[nodiscard]] std::size_t adamw_state_bytes() const {
         std::size_t sum = 0;
         for (const auto& e : engines_)
-            for (const auto& r : e.params) sum += static_cast<std::size_t>(2 * r.rows * r.cols) * (r.is_double ? 8 : 4);
+            for (const auto& r : e.params) sum += static_cast<std::size_t>(2 * r.rows * r.cols) * (r.is_double ? 8 : r.is_bf16 ? 2 : 4);   // torch's moments take the parameter's dtype
         return sum;
     }
     /// Bytes of the library's workspaces over every group and dtype (what they hold now; a step

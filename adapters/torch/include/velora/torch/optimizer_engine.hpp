@@ -39,14 +39,17 @@ struct registered_parameter {
     at::TensorImpl* key = nullptr;
     std::int64_t group = 0, index = 0;
     bool is_double = false;
+    bool is_bf16 = false;   // a bfloat16 weight, stepped by the float engine through a bf16_weight_view
     index_t id = -1;   // -1: empty, nothing to optimise
     index_t rows = 0, cols = 0;
     std::vector<std::int64_t> sizes;
     std::string gradient_name;   // "param group g parameter i gradient" (made once: matrix_input names it in errors)
+
+    [[nodiscard]] c10::ScalarType dtype() const noexcept { return is_double ? at::kDouble : is_bf16 ? at::kBFloat16 : at::kFloat; }
 };
 
 /// Calls f(std::type_identity<T>{}) with T the parameter's value type: the one place the
-/// adapter branches on float32 / float64.
+/// adapter branches on float32 / float64 (a bfloat16 parameter's steps run in float).
 template <class F>
 decltype(auto) with_dtype(bool is_double, F&& f) {
     return is_double ? f(std::type_identity<double>{}) : f(std::type_identity<float>{});
@@ -109,7 +112,9 @@ public:
     using optimizer_type = adarank::low_rank_adamw<backend_type>;
 
     /// Throws std::invalid_argument (the library's message) for a configuration T cannot run.
-    dtype_engine(threads_following<T>& backend, const adarank::optimizer_config& config) : backend_(&backend), opt_(backend.current(), config) {}
+    /// `rounding`: how the steps of bfloat16 parameters round their new weights (float engines only).
+    dtype_engine(threads_following<T>& backend, const adarank::optimizer_config& config, velora::bf16_rounding rounding = velora::bf16_rounding::stochastic)
+        : backend_(&backend), opt_(backend.current(), config), rounding_(rounding) {}
 
     /// Registers a rows×cols parameter; reserves its place in the step's queue.
     index_t add(index_t rows, index_t cols, adarank::param_kind kind) {
@@ -191,14 +196,22 @@ private:
     // The weight as a matrix: a view of its memory, or (memory that is not a row-major matrix) a
     // contiguous copy in `copy`, which the caller writes back.
     velora::status step_one(gradient_input<T>& g, at::Tensor& copy, dynamic_communicator* comm) {
-        matrix_view<T> weight;
         const matrix_layout layout = layout_of(g.param, flatten::outputs_first);
-        if (layout.ld && !g.param.is_neg()) {
-            weight = mutable_view_of<T>(g.param, "parameter", flatten::outputs_first);
-        } else {
-            copy = g.param.contiguous();
-            weight = mutable_view_of<T>(copy, "parameter", flatten::outputs_first);
+        const at::Tensor& memory = layout.ld && !g.param.is_neg() ? g.param : (copy = g.param.contiguous());
+        if constexpr (std::is_same_v<T, float>) {
+            if (g.r->is_bf16) {
+                const matrix_layout m = layout_of(memory, flatten::outputs_first);
+                // c10::BFloat16 and velora::bfloat16 are both the 16 bits of a bf16 value.
+                const matrix_view<velora::bfloat16> bits(static_cast<velora::bfloat16*>(memory.data_ptr()), m.rows, m.cols, m.ld.value_or(m.cols));
+                return step_weight(g, adarank::bf16_weight_view{bits, rounding_}, comm);
+            }
         }
+        return step_weight(g, mutable_view_of<T>(memory, "parameter", flatten::outputs_first), comm);
+    }
+
+    // A step of `weight` (a float/double view, or a bf16 weight) with g's gradient.
+    template <class Weight>
+    velora::status step_weight(gradient_input<T>& g, const Weight& weight, dynamic_communicator* comm) {
         if (g.is_factored()) {
             if constexpr (std::is_same_v<T, float>) {
                 if (comm != nullptr) return opt_.step(g.r->id, weight, g.factored_view(), *comm);
@@ -213,6 +226,7 @@ private:
 
     threads_following<T>* backend_;
     optimizer_type opt_;
+    velora::bf16_rounding rounding_;
     std::vector<gradient_input<T>> pending_;
 };
 

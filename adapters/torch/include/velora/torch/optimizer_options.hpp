@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// `AdaRankGradAdamWOptions`, a param group's options (the library's `optimizer_config`, whose
-/// defaults they take, plus `kind` and `nd`), and `AdaRankGradAdamWParamState`, what torch's
+/// defaults they take, plus `kind`, `nd` and `weight_rounding`), and `AdaRankGradAdamWParamState`, what torch's
 /// state() holds per parameter. An archive stores the options as options_format.hpp describes.
 #include <torch/arg.h>
 #include <torch/optim/optimizer.h>
@@ -47,8 +47,18 @@ public:
     /// adarank/state_format.hpp), in blocks of state_block elements.
     TORCH_ARG(adarank::state_format, state) = library_defaults.state;
     TORCH_ARG(std::int64_t, state_block) = library_defaults.state_block;
+    /// How a low-rank parameter's projection basis is stored: float, or quantised to int8 / int4
+    /// with one float scale per block of basis_block elements of a row (float parameters on the
+    /// CPU; adarank/basis_format.hpp).
+    TORCH_ARG(adarank::basis_format, basis) = library_defaults.basis;
+    TORCH_ARG(std::int64_t, basis_block) = library_defaults.basis_block;
     TORCH_ARG(adarank::param_kind, kind) = adarank::param_kind::automatic;   ///< 2-D (and flattened) parameters
     TORCH_ARG(higher_dims, nd) = higher_dims::flatten;
+    /// How a bfloat16 parameter's new weight is rounded back to bf16 at each step: stochastically
+    /// (unbiased, the noise a function of the seed, the parameter, its step count and the element;
+    /// adarank/bf16_weights.hpp) or to nearest. The step itself runs in float from the bf16 weight
+    /// (no float master copy is kept). Float parameters do not round.
+    TORCH_ARG(velora::bf16_rounding, weight_rounding) = velora::bf16_rounding::stochastic;
 
 public:
     double get_lr() const override { return lr(); }
@@ -67,9 +77,11 @@ public:
         c.seed = seed();
         c.state = state();
         c.state_block = state_block();
+        c.basis = basis();
+        c.basis_block = basis_block();
         return c;
     }
-    /// Sets every option a library configuration has (kind and nd are kept).
+    /// Sets every option a library configuration has (kind, nd and weight_rounding are kept).
     AdaRankGradAdamWOptions& config(const adarank::optimizer_config& c) {
         lr(c.adam.lr);
         betas(std::make_tuple(c.adam.beta1, c.adam.beta2));
@@ -85,6 +97,8 @@ public:
         seed(c.seed);
         state(c.state);
         state_block(c.state_block);
+        basis(c.basis);
+        basis_block(c.basis_block);
         return *this;
     }
     /// torch::optim::AdamW's defaults (betas (0.9, 0.999), ε 1e-8, weight decay 1e-2, the torch
@@ -117,11 +131,12 @@ public:
     }
 
     /// The options as one value (what an archive stores, what the optimizer checks).
-    [[nodiscard]] detail::stored_options stored() const { return {config(), kind(), nd()}; }
+    [[nodiscard]] detail::stored_options stored() const { return {config(), kind(), nd(), weight_rounding()}; }
     AdaRankGradAdamWOptions& stored(const detail::stored_options& o) {
         config(o.config);
         kind(o.kind);
         nd(o.nd);
+        weight_rounding(o.weight_rounding);
         return *this;
     }
 };

@@ -2,8 +2,10 @@
 /// \file
 /// A param group's options as an archive stores them: the library's configuration block
 /// (adarank::put_config, the field table of adarank/config_fields.hpp, so the torch archive has
-/// no schema of its own) plus the two options only the adapter has, `kind` and `nd`, in one
-/// checksummed state blob of kind "velora.torch.adarankgrad_adamw_options".
+/// no schema of its own) plus the options only the adapter has, `kind`, `nd` and
+/// `weight_rounding`, in one checksummed state blob of kind
+/// "velora.torch.adarankgrad_adamw_options" (version 2; a version-1 blob, written before
+/// weight_rounding existed, loads with its default, stochastic).
 ///
 /// Archives of format 1 (before 2026-12) kept each option under its own key ("lr", "beta1",
 /// "rank/type", ...: 25 keys); `read_format1_options` still reads them. Both readers return the
@@ -23,6 +25,7 @@
 #include <adarank/policies.hpp>
 #include <velora/core/error.hpp>
 #include <velora/core/serialize.hpp>
+#include <velora/core/stochastic_rounding.hpp>
 
 #include "parameter_shape.hpp"
 
@@ -33,17 +36,20 @@ struct stored_options {
     adarank::optimizer_config config;
     adarank::param_kind kind = adarank::param_kind::automatic;
     higher_dims nd = higher_dims::flatten;
+    velora::bf16_rounding weight_rounding = velora::bf16_rounding::stochastic;
 };
 
 inline constexpr std::string_view options_blob_kind = "velora.torch.adarankgrad_adamw_options";
-inline constexpr std::uint32_t options_blob_version = 1;
+inline constexpr std::uint32_t options_blob_version = 2;
 
-/// The constructor's rules (adarank::validate, and kind and nd among their values); throws
-/// std::invalid_argument naming `fn`.
+/// The constructor's rules (adarank::validate, and kind, nd and weight_rounding among their
+/// values); throws std::invalid_argument naming `fn`.
 inline void check_options(const stored_options& o, std::string_view fn) {
     adarank::validate(o.config, fn);
     velora::detail::require(static_cast<unsigned>(o.kind) <= 2 && static_cast<unsigned>(o.nd) <= 1, fn, "option kind (",
                             static_cast<int>(o.kind), ") or nd (", static_cast<int>(o.nd), ") is invalid");
+    velora::detail::require(o.weight_rounding == velora::bf16_rounding::stochastic || o.weight_rounding == velora::bf16_rounding::nearest, fn,
+                            "option weight_rounding has the invalid value ", static_cast<int>(o.weight_rounding), " (0 stochastic, 1 nearest)");
 }
 
 // The configuration block is written with the field table's newest version, so that a later
@@ -54,6 +60,7 @@ inline std::vector<std::byte> save_options(const stored_options& o) {
     adarank::put_config(w, o.config);
     w.put(static_cast<std::uint8_t>(o.kind));
     w.put(static_cast<std::uint8_t>(o.nd));
+    w.put(static_cast<std::uint8_t>(o.weight_rounding));
     return std::move(w).finish();
 }
 
@@ -67,6 +74,7 @@ inline stored_options load_options(std::span<const std::byte> blob, std::string_
     o.config = adarank::get_config<adarank::rank_policy, adarank::refresh_policy>(r, config_version);
     o.kind = static_cast<adarank::param_kind>(r.get<std::uint8_t>());
     o.nd = static_cast<higher_dims>(r.get<std::uint8_t>());
+    if (r.version() >= 2) o.weight_rounding = static_cast<velora::bf16_rounding>(r.get<std::uint8_t>());
     r.expect_end();
     return o;
 }

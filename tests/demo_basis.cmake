@@ -1,0 +1,41 @@
+# The demo's :basis=int8|int4 key: --estimate counts galore's bases at their quantised size (a
+# byte or half a byte per element plus a float scale per block of 256 of a row), below the float
+# bases' estimate and in that order; a short run of each trains (the trainer's own cross-check of
+# memory.hpp's optimizer bytes against state_bytes() holds, or the run fails) and peaks at its
+# estimate's optimizer bytes for a fixed rank, int4 < int8 < float.
+include(${CMAKE_CURRENT_LIST_DIR}/demo_corpus.cmake)
+set(sizes --batch 4 --context 32 --d-model 64 --heads 2 --ffn 128 --rank 8 --groups 8)
+set(configs galore galore:basis=int8 galore:basis=int4)
+list(JOIN configs "," config_list)
+execute_process(COMMAND ${TRAINER} --estimate ${sizes} --configs ${config_list} --json ${WORK_DIR}/estimate.json
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "lm_train --estimate failed (${rc}): ${err}")
+endif()
+execute_process(COMMAND ${TRAINER} --corpus ${WORK_DIR}/corpus --steps 4 --eval-every 4 ${sizes} --configs ${config_list}
+                        --json ${WORK_DIR}/run.json RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "lm_train with quantised bases failed (${rc}): ${err}")
+endif()
+file(READ ${WORK_DIR}/estimate.json estimate)
+file(READ ${WORK_DIR}/run.json run)
+set(i 0)
+foreach(name IN LISTS configs)
+  string(JSON n GET "${estimate}" estimates ${i} name)
+  string(JSON r GET "${run}" runs ${i} name)
+  if(NOT n STREQUAL name OR NOT r STREQUAL name)
+    message(FATAL_ERROR "estimate ${i} is '${n}' and run ${i} '${r}', expected '${name}'")
+  endif()
+  string(JSON estimated_${i} GET "${estimate}" estimates ${i} optimizer_bytes)
+  string(JSON peak_${i} GET "${run}" runs ${i} peak_optimizer_bytes)
+  if(NOT peak_${i} EQUAL estimated_${i})
+    message(FATAL_ERROR "${name} peaked at ${peak_${i}} optimizer bytes, estimated ${estimated_${i}}")
+  endif()
+  math(EXPR i "${i} + 1")
+endforeach()
+if(NOT estimated_2 LESS estimated_1 OR NOT estimated_1 LESS estimated_0)
+  message(FATAL_ERROR "optimizer bytes: float bases ${estimated_0}, int8 ${estimated_1}, int4 ${estimated_2}: the key is not applied")
+endif()
+message("optimizer bytes (estimated = peak): float bases ${estimated_0}, int8 ${estimated_1}, int4 ${estimated_2}")
