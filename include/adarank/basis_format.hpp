@@ -131,7 +131,7 @@ public:
                     for (index_t j = first; j < last; ++j) y[j] = static_cast<float>(static_cast<std::int8_t>(row[j])) * s;
                 } else {   // two codes a byte, low nibble first; `first` is even (blocks are powers of two >= 32)
                     const index_t pairs_end = first + (last - first) / 2 * 2;
-                    for (index_t j = first; j < pairs_end; j += 2) {   // a byte at a time, so that the loop vectorises
+                    for (index_t j = first; j < pairs_end; j += 2) {   // a byte at a time (g++ 12 still runs it scalar: ~10x the int8 loop, docs/performance.md)
                         const unsigned byte = row[j / 2];
                         y[j] = static_cast<float>(static_cast<int>(byte & 0xFu) - 8) * s;
                         y[j + 1] = static_cast<float>(static_cast<int>(byte >> 4) - 8) * s;
