@@ -10,6 +10,7 @@
 #include <velora/backend/eigen.hpp>
 
 #include "common.hpp"
+#include "optimizer_steps.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -90,36 +91,16 @@ void BM_ProjectionGemm(benchmark::State& state) {
 BENCHMARK(BM_ProjectionGemm)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // ---------------------------------------------------------------- whole optimizer steps
-struct step_fixture {
-    adarank::low_rank_adamw<velora::eigen_backend<float>> opt;
-    std::vector<float> w, g;
-    index_t id;
-    explicit step_fixture(adarank::basis_format format)
-        : opt(backend(), config(format)), w(static_cast<std::size_t>(kLen * kOther)), g(w.size()), id(opt.add_parameter(kLen, kOther, adarank::param_kind::low_rank)) {
-        bench::fill_gaussian(w.data(), kLen * kOther, 3, 0.02);
-        bench::fill_gaussian(g.data(), kLen * kOther, 4, 1e-3);
-        if (step() != velora::status::ok) throw std::runtime_error("warm-up step did not return status::ok");   // finds the basis
-    }
-    static adarank::optimizer_config config(adarank::basis_format format) {
-        adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);   // no refresh after the first step
-        c.side = adarank::side_policy::left;   // project the 4096 side: len = 4096, as the decode above
-        c.adam.lr = 1e-3;
-        c.basis = format;
-        c.basis_block = kBlock;
-        return c;
-    }
-    velora::status step() { return opt.step(id, velora::matrix_view<float>(w.data(), kLen, kOther), velora::const_matrix_view<float>(g.data(), kLen, kOther)); }
-};
-
+adarank::optimizer_config step_config(adarank::basis_format format) {
+    adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);   // no refresh after the first step
+    c.side = adarank::side_policy::left;   // project the 4096 side: len = 4096, as the decode above
+    c.adam.lr = 1e-3;
+    c.basis = format;
+    c.basis_block = kBlock;
+    return c;
+}
 void step_benchmark(benchmark::State& state, adarank::basis_format format) {
-    bench::guarded(state, [&] {
-        step_fixture f(format);
-        for (auto _ : state) {
-            if (f.step() != velora::status::ok) return state.SkipWithError("step did not return status::ok");
-            benchmark::ClobberMemory();
-        }
-        state.counters["state_bytes"] = static_cast<double>(f.opt.state_bytes());
-    });
+    bench::time_optimizer_steps(state, backend(), step_config(format), adarank::param_kind::low_rank, kLen, kOther);
 }
 void BM_LowRankStepFloatBasis(benchmark::State& s) { step_benchmark(s, adarank::basis_format::float32); }
 void BM_LowRankStepInt8Basis(benchmark::State& s) { step_benchmark(s, adarank::basis_format::int8); }

@@ -10,6 +10,7 @@
 
 #include "adamw_terms.hpp"
 #include "common.hpp"
+#include "optimizer_steps.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -187,37 +188,15 @@ void register_blocks() {
 // ---------------------------------------------------------------- whole optimizer steps
 constexpr index_t kStepRows = 1024, kStepCols = 4096;
 
-struct step_fixture {
-    adarank::low_rank_adamw<velora::eigen_backend<float>> opt;
-    index_t rows, cols;
-    std::vector<float> w, g;
-    index_t id;
-    step_fixture(adarank::state_format format, adarank::param_kind kind, index_t r, index_t c)
-        : opt(backend(), config(format)), rows(r), cols(c), w(static_cast<std::size_t>(r * c)), g(static_cast<std::size_t>(r * c)),
-          id(opt.add_parameter(r, c, kind)) {
-        bench::fill_gaussian(w.data(), r * c, 3, 0.02);
-        bench::fill_gaussian(g.data(), r * c, 4, 1e-3);
-        if (step() != velora::status::ok) throw std::runtime_error("warm-up step did not return status::ok");
-    }
-    static adarank::optimizer_config config(adarank::state_format format) {
-        adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);
-        c.adam.lr = 1e-3;
-        c.adam.eps = 1e-6;
-        c.state = format;
-        return c;
-    }
-    velora::status step() { return opt.step(id, velora::matrix_view<float>(w.data(), rows, cols), velora::const_matrix_view<float>(g.data(), rows, cols)); }
-};
-
+adarank::optimizer_config step_config(adarank::state_format format) {
+    adarank::optimizer_config c = adarank::optimizer_config::galore(kRank, 1 << 30, 0.25);
+    c.adam.lr = 1e-3;
+    c.adam.eps = 1e-6;
+    c.state = format;
+    return c;
+}
 void step_benchmark(benchmark::State& state, adarank::state_format format, adarank::param_kind kind, index_t r, index_t c) {
-    bench::guarded(state, [&] {
-        step_fixture f(format, kind, r, c);
-        for (auto _ : state) {
-            if (f.step() != velora::status::ok) return state.SkipWithError("step did not return status::ok");
-            benchmark::ClobberMemory();
-        }
-        state.counters["state_bytes"] = static_cast<double>(f.opt.state_bytes());
-    });
+    bench::time_optimizer_steps(state, backend(), step_config(format), kind, r, c);
 }
 void BM_DenseStepFloat(benchmark::State& s) { step_benchmark(s, adarank::state_format::float32, adarank::param_kind::dense, kRows, kCols); }
 void BM_DenseStep8bit(benchmark::State& s) { step_benchmark(s, adarank::state_format::int8_blockwise, adarank::param_kind::dense, kRows, kCols); }
