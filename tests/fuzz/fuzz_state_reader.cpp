@@ -176,8 +176,10 @@ void read_compressor_like(shadow& s) {
     s.expect_end();
 }
 
-// The optimizer loader's reads: configuration, learning rate, then per parameter shape,
-// progress and three arrays (the first of a length derived from fields, as the loader does).
+// A realistic read pattern, the field order of an early (version 2) optimizer state: configuration,
+// learning rate, then per parameter shape, progress and three arrays (the first of a length
+// derived from fields, as a loader does). It exercises the reader's primitives; the optimizer's
+// own loader, in every version, is fuzzed by fuzz_optimizer_state.
 void read_optimizer_like(shadow& s) {
     s.get<std::uint8_t>();
     for (int i = 0; i < 6; ++i) s.get<double>();
