@@ -11,10 +11,14 @@
 #include <string>
 #include <vector>
 
+#include <velora/distributed/shared_v.hpp>
 #include <velora/torch/torch.hpp>
+
+#include "process_group_communicator.hpp"
 
 namespace py = pybind11;
 namespace vt = velora::torch;
+using velora_python::process_group_communicator;
 
 namespace {
 
@@ -70,6 +74,37 @@ public:
         b.expand_subtokens(velora::const_matrix_view<float>(av), v.data_ptr<float>(), state_.comp.subtoken_size(),
                            static_cast<float>(state_.comp.config().scale), vt::mutable_view_of<float>(dw, "dw"));
         return dw;
+    }
+
+    // velora::share_first_batch_v over torch.distributed's `group`: v from the sum of the
+    // sub-tokens of every rank's x (this rank's first recorded batch, [T, D] float32), the same
+    // bits on every rank. Collective: every rank of the group calls it. Returns the status name;
+    // on non_finite_input or overflow (every rank the same) v is left unset. Runs without the GIL
+    // (the collectives take it), so the lock is taken as compress takes it: never while holding
+    // the GIL.
+    std::string share_first_batch_v(const at::Tensor& x, py::object group) {
+        constexpr const char* fn = "velora.torch.VeloraLinear.forward";
+        process_group_communicator comm(std::move(group), fn);
+        const auto xv = vt::view_of<float>(x, "x", vt::flatten::features_last);
+        const std::int64_t d = state_.comp.features();
+        velora::detail::require(xv.cols == d, fn, "argument 'x' (", vt::detail::describe(x), ") must be [..., ", d, "]");
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(state_.mutex);
+        auto& b = state_.backend.get();
+        // A rank whose share is empty still takes part in the collectives; a zero token adds
+        // nothing to the sum (the library refuses an empty view).
+        const std::vector<float> zeros(static_cast<std::size_t>(d), 0.0f);
+        const velora::const_matrix_view<float> zero_token{zeros.data(), 1, d, d};
+        const velora::status s = velora::share_first_batch_v(b, state_.comp, xv.rows > 0 ? xv : zero_token, comm);
+        if (s == velora::status::degenerate_input && comm.any(xv.rows > 0)) {
+            // The ranks' batches together have a zero sub-token sum: one process compressing
+            // that batch would take the fallback v (fallback_used() set), and so does a compress
+            // of a zero token, the same on every rank. Without a token on any rank (an empty
+            // batch everywhere) v stays unset, as one process's compress leaves it.
+            (void)state_.comp.compress(zero_token, state_.staging);
+            state_.staging.clear();
+        }
+        return std::string(velora::to_string(s));
     }
 
     at::Tensor save_state() {
@@ -222,60 +257,6 @@ void refuse_cuda(const std::vector<at::Tensor>& params, const char* fn) {
                                 " is not on the CPU; the Python package takes CPU tensors (the CUDA backend is not wired to torch yet)");
 }
 
-// The library's communicator over torch.distributed: every collective is the torch.distributed
-// call on a tensor that views the library's buffer (torch::from_blob: no copy), on `group` (any
-// ProcessGroup: Gloo on CPU). Called from a step that runs without the GIL: each collective takes
-// it. Gloo's and NCCL's ring all-reduce leave the same bits on every rank (each chunk is summed
-// once, then copied), as the concept requires.
-class process_group_communicator final : public vt::dynamic_communicator {
-public:
-    explicit process_group_communicator(py::object group) : group_(std::move(group)), dist_(py::module_::import("torch.distributed")) {
-        rank_ = dist_.attr("get_rank")(group_).cast<int>();
-        size_ = dist_.attr("get_world_size")(group_).cast<int>();
-        velora::detail::require(rank_ >= 0 && size_ >= 1, "velora.torch.AdaRankGradAdamW", "argument 'process_group': this process is not a member (rank ",
-                                rank_, " of ", size_, ")");
-    }
-    ~process_group_communicator() override {
-        py::gil_scoped_acquire gil;
-        group_ = py::object();
-        dist_ = py::object();
-    }
-    int rank() const override { return rank_; }
-    int size() const override { return size_; }
-    void all_reduce_sum(std::span<float> data) override { all_reduce(data.data(), data.size(), at::kFloat); }
-    void all_reduce_sum(std::span<double> data) override { all_reduce(data.data(), data.size(), at::kDouble); }
-    void broadcast(std::span<std::byte> data, int root) override {
-        if (data.empty()) return;
-        py::gil_scoped_acquire gil;
-        const at::Tensor view = at::from_blob(data.data(), {static_cast<std::int64_t>(data.size())}, at::kByte);
-        dist_.attr("broadcast")(view, py::arg("src") = global_rank(root), py::arg("group") = group_);
-    }
-    bool any(bool flag) override {
-        py::gil_scoped_acquire gil;
-        const at::Tensor t = at::full({1}, flag ? 1 : 0, at::kInt);
-        dist_.attr("all_reduce")(t, py::arg("group") = group_);
-        return t.item<int>() > 0;
-    }
-
-private:
-    void all_reduce(void* data, std::size_t n, at::ScalarType type) {
-        if (n == 0) return;
-        py::gil_scoped_acquire gil;
-        const at::Tensor view = at::from_blob(data, {static_cast<std::int64_t>(n)}, type);
-        dist_.attr("all_reduce")(view, py::arg("group") = group_);
-    }
-    // torch.distributed.broadcast takes the root's global rank.
-    py::object global_rank(int root) {
-        if (group_.is_none()) return py::int_(root);
-        py::object c10d = dist_.attr("distributed_c10d");
-        if (py::hasattr(dist_, "get_global_rank")) return dist_.attr("get_global_rank")(group_, root);
-        return c10d.attr("_get_global_rank")(group_, root);
-    }
-
-    py::object group_, dist_;
-    int rank_ = 0, size_ = 1;
-};
-
 // The C++ optimizer over the Python optimizer's parameter tensors (the same TensorImpls: steps
 // write the Python parameters in place).
 class optimizer_core {
@@ -358,7 +339,9 @@ public:
     at::Tensor basis(const at::Tensor& p) const { return opt_->basis(p); }
     std::string set_basis(const at::Tensor& p, const at::Tensor& basis) { return std::string(velora::to_string(opt_->set_basis(p, basis))); }
     // Data-parallel steps over torch.distributed's `group` (None: the default group).
-    void set_process_group(py::object group) { opt_->set_communicator(std::make_shared<process_group_communicator>(std::move(group))); }
+    void set_process_group(py::object group) {
+        opt_->set_communicator(std::make_shared<process_group_communicator>(std::move(group), "velora.torch.AdaRankGradAdamW"));
+    }
     void clear_process_group() { opt_->set_communicator(nullptr); }
     std::uint64_t skipped_steps() const { return opt_->skipped_steps(); }
     std::size_t state_bytes() const { return opt_->state_bytes(); }
@@ -378,10 +361,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              py::arg("z_storage"), py::arg("scale"))
         .def("compress", &linear_core::compress, py::call_guard<py::gil_scoped_release>())
         .def("gradient_factor", &linear_core::gradient_factor, py::call_guard<py::gil_scoped_release>())
-        .def("save_state", &linear_core::save_state)
-        .def("load_state", &linear_core::load_state)
-        .def("v", &linear_core::v)
-        .def("set_v", &linear_core::set_v)
+        .def("share_first_batch_v", &linear_core::share_first_batch_v)
+        // The accessors that take the layer's lock release the GIL first, as compress does: a
+        // thread holding the lock may wait for the GIL (share_first_batch_v's collectives), so
+        // none may wait for the lock while holding the GIL.
+        .def("save_state", &linear_core::save_state, py::call_guard<py::gil_scoped_release>())
+        .def("load_state", &linear_core::load_state, py::call_guard<py::gil_scoped_release>())
+        .def("v", &linear_core::v, py::call_guard<py::gil_scoped_release>())
+        .def("set_v", &linear_core::set_v, py::call_guard<py::gil_scoped_release>())
         .def("v_updates", &linear_core::v_updates)
         .def("initialised", &linear_core::initialised)
         .def_property_readonly("subtoken_size", &linear_core::subtoken_size)

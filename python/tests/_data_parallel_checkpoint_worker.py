@@ -6,17 +6,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-import velora.torch as vt
-from _data_parallel_model import batches, join, optimizer_for, params, train, STEPS
+from _data_parallel_model import batches, build_velora as build, join, optimizer_for, params, train, STEPS
 
 CUT = 3
-
-
-def build():
-    torch.manual_seed(0)
-    return nn.Sequential(vt.VeloraLinear(16, 24, groups=4), nn.Tanh(), vt.VeloraLinear(24, 8, groups=6))
 
 
 def main():

@@ -1,5 +1,6 @@
-"""The model, data, optimizer and training loop shared by test_distributed.py and its worker
-processes (_data_parallel_worker.py, _data_parallel_checkpoint_worker.py)."""
+"""The models, data, optimizer and training loop shared by test_distributed.py and its worker
+processes (_data_parallel_worker.py, _data_parallel_checkpoint_worker.py,
+_data_parallel_shared_v_worker.py)."""
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -12,6 +13,18 @@ STEPS = 6
 def build():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+
+
+def build_velora(**options):
+    """Two VeloraLinear layers at G < D; ``options`` go to both (e.g. share_v=True)."""
+    torch.manual_seed(0)
+    return nn.Sequential(vt.VeloraLinear(16, 24, groups=4, **options), nn.Tanh(), vt.VeloraLinear(24, 8, groups=6, **options))
+
+
+def integer_batch(rows, seed, features=16):
+    """Small integers: every sum of them is exact in float32, whatever its order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (rows, features), generator=g).float()
 
 
 def batches(steps, rows=16):
@@ -37,11 +50,16 @@ def join(argv):
     return rank, world, out
 
 
+def share_of(t, rank, world):
+    """This rank's contiguous share of the rows of t."""
+    share = t.shape[0] // world
+    return t[rank * share:(rank + 1) * share]
+
+
 def train(model, opt, data, rank, world):
     """One step per batch on this rank's contiguous share of its rows; every step must be ok."""
     for x, y in data:
-        share = x.shape[0] // world
-        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        xs, ys = share_of(x, rank, world), share_of(y, rank, world)
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(model(xs), ys).backward()
         opt.step()

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from .. import _C
 from ._checks import require_cpu, require_input_dtype
+from ._process_group import check_shareable, group_for_forward
 
 _FORWARD = "velora.torch.VeloraLinear.forward"
 _BACKWARD = "velora.torch.VeloraLinear.backward"
@@ -69,6 +70,14 @@ class VeloraLinear(nn.Module):
     ``"batch_mean"``, ``"ema"`` with ``ema_decay``, ``"random"`` with ``seed``, ``"given"``),
     ``z_storage`` (``"float32"``, ``"float16"``, ``"bfloat16"``) and ``scale`` (multiplies dW).
 
+    ``share_v=True``: data-parallel training, each rank calling forward on its own share of the
+    batch. The first recorded forward of a layer without v reduces the first-batch sub-token sum
+    over ``process_group`` (None: torch.distributed's default group, taken at that forward; none
+    when torch.distributed is not initialised, i.e. one process) through the library's
+    share_first_batch_v, so every rank holds the same v, the one a single process would take
+    from the ranks' batches together. That forward is a collective: every rank of the group
+    runs it. See velora.torch.share_v to set it on a whole model.
+
     Buffers: ``v`` (s floats, zero until the first recorded forward) and ``velora_state`` (uint8,
     the compressor's whole state); both go into state_dict() and load_state_dict() restores the
     compressor bit for bit. Set v with ``set_v`` (writing the buffer in place is not seen).
@@ -78,7 +87,7 @@ class VeloraLinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, groups=32, v="first_batch_mean", ema_decay=0.9, seed=0,
-                 z_storage="float32", scale=1.0, device=None, dtype=None):
+                 z_storage="float32", scale=1.0, share_v=False, process_group=None, device=None, dtype=None):
         super().__init__()
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"velora.torch.VeloraLinear: argument 'device' is {device}; velora.torch takes CPU tensors "
@@ -92,6 +101,13 @@ class VeloraLinear(nn.Module):
         self.z_storage = z_storage
         self.scale = scale
         self._core = _C.LinearCore(in_features, out_features, groups, v, ema_decay, seed, z_storage, scale)
+        self.share_v = False
+        self.process_group = None
+        if share_v:
+            self._share_v_over(process_group, "velora.torch.VeloraLinear")
+        elif process_group is not None:
+            raise ValueError("velora.torch.VeloraLinear: argument 'process_group' is given but share_v is False "
+                             "(pass share_v=True to share v over it)")
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
@@ -150,15 +166,35 @@ class VeloraLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"groups={self.groups}, v={self.v_mode}, z_storage={self.z_storage}")
+                f"groups={self.groups}, v={self.v_mode}, z_storage={self.z_storage}" + (", share_v=True" if self.share_v else ""))
 
     # ---------------------------------------------------------------- internals
+    def _check_shareable(self, process_group, function):
+        check_shareable(function, self.v_mode, process_group)
+
+    def _share_v_over(self, process_group, function):
+        self._check_shareable(process_group, function)
+        self.share_v = True
+        self.process_group = process_group
+
     def _compress(self, x2d):
         # x2d is a view of the input when its rows are evenly spaced (reshape of a contiguous
         # tensor); the library reads it in place.
         if not x2d.is_contiguous() and x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
+        shared = "ok"
+        if self.share_v and self.v_mode == "first_batch_mean" and not self._core.initialised():
+            group = group_for_forward(self.process_group)
+            if group is not None:
+                shared = self._core.share_first_batch_v(x2d, group)
+                if shared in ("non_finite_input", "overflow"):
+                    # Every rank has this status and no v: no record, a NaN weight gradient on
+                    # every rank (the step is skipped everywhere); the next batch shares again.
+                    self.last_status = shared
+                    return shared, None, None
         status, z, v = self._core.compress(x2d)
+        if shared == "degenerate_input" and status == "ok" and self._core.initialised():
+            status = shared   # the fallback v, taken for the ranks' batches together: compress's report of such a batch
         self.last_status = status
         if self._core.v_updates() != self._published:
             self._publish()
