@@ -5,6 +5,7 @@
 /// a scalar one that give the same bits; a body is compiled when the target has its instructions
 /// (-march=native on an AVX-512 machine compiles all three), the kernel runs the widest by
 /// default, and tests pick each in turn to compare it with the scalar one.
+#include <string_view>
 
 namespace velora::cpu {
 
@@ -29,5 +30,8 @@ inline constexpr bool has_avx2_body =
 
 /// The body a kernel runs unless told otherwise.
 inline constexpr simd_body widest_body = has_avx512_body ? simd_body::avx512 : has_avx2_body ? simd_body::avx2 : simd_body::scalar;
+
+/// "avx512", "avx2" or "scalar" (benchmarks report the body they ran).
+constexpr std::string_view simd_body_name(simd_body b) noexcept { return b == simd_body::avx512 ? "avx512" : b == simd_body::avx2 ? "avx2" : "scalar"; }
 
 } // namespace velora::cpu
