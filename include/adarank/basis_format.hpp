@@ -121,8 +121,9 @@ public:
 
     /// Q's rows into `dst` (row stride `ld`): code · scale, one product per element, block by
     /// block. int8: a plain widening and product, which the compiler vectorises; int4: through
-    /// velora/backend/cpu/int4_decode.hpp's bodies (the compiler leaves the nibble unpacking
-    /// scalar, ~10x the int8 loop), `body` choosing one for tests (every body gives the same bits).
+    /// velora/backend/cpu/int4_decode.hpp's explicit vector bodies (g++ 12 left the plain nibble
+    /// loop scalar, ~10x the int8 one, docs/performance.md), `body` choosing one for tests (every
+    /// body gives the same bits).
     void decode(float* dst, index_t ld, velora::cpu::simd_body body = velora::cpu::widest_body) const noexcept {
         for (index_t i = 0; i < rows_; ++i) {
             float* y = dst + i * ld;
