@@ -5,7 +5,8 @@
 // r × len basis (r = 128, len = 4096, blocks of 256) in each format, the projection GEMM beside
 // it (a 4096 × 1024 weight, projected on its 4096 side), and whole optimizer steps of that
 // weight (low_rank_adamw, fixed rank 128, no refreshes: bench_state8's BM_LowRankStep) with a
-// float, int8 and int4 basis. All use the same threads (OMP_NUM_THREADS).
+// float, int8 and int4 basis. All use the same threads (OMP_NUM_THREADS). The int4 decode runs the
+// widest body the build has (velora/backend/cpu/int4_decode.hpp; reported as int4_decode_body).
 #include <adarank/adarank.hpp>
 #include <velora/backend/eigen.hpp>
 
@@ -134,6 +135,7 @@ int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::AddCustomContext("omp_threads", std::to_string(threads()));
+    benchmark::AddCustomContext("int4_decode_body", std::string(velora::cpu::simd_body_name(velora::cpu::widest_body)));
     const bool color = ::isatty(STDOUT_FILENO) != 0;
     bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
     benchmark::RunSpecifiedBenchmarks(&reporter);

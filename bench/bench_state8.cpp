@@ -240,7 +240,7 @@ int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::AddCustomContext("omp_threads", std::to_string(threads()));
-    benchmark::AddCustomContext("adam8_body", velora::cpu::adam8_has_avx512 ? "avx512" : velora::cpu::adam8_has_avx2 ? "avx2" : "scalar");
+    benchmark::AddCustomContext("adam8_body", std::string(velora::cpu::simd_body_name(velora::cpu::widest_body)));
     const bool color = ::isatty(STDOUT_FILENO) != 0;
     bench::ratio_reporter reporter(color ? benchmark::ConsoleReporter::OO_Color : benchmark::ConsoleReporter::OO_None);
     benchmark::RunSpecifiedBenchmarks(&reporter);

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -154,6 +155,89 @@ TEST_CASE("quantised basis: zero blocks, odd rows, the codes the encoder writes"
     CHECK(!adarank::quantized_basis::valid_code_byte(basis_format::int8, 0x80, false));
     CHECK(!adarank::quantized_basis::valid_code_byte(basis_format::int4, 0x80, false));   // low nibble 0: code -8
     CHECK(!adarank::quantized_basis::valid_code_byte(basis_format::int4, 0x18, true));    // a half byte's high nibble must be 0
+}
+
+namespace {
+
+// The bodies this build has besides the scalar one (velora/backend/cpu/simd_body.hpp).
+std::vector<velora::cpu::simd_body> vector_bodies() {
+    std::vector<velora::cpu::simd_body> bodies;
+    if (velora::cpu::has_avx512_body) bodies.push_back(velora::cpu::simd_body::avx512);
+    if (velora::cpu::has_avx2_body) bodies.push_back(velora::cpu::simd_body::avx2);
+    return bodies;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) { return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0; }
+
+} // namespace
+
+TEST_CASE("quantised basis: the int4 decode's vector bodies give the scalar body's bits (every byte, scales incl. 0 and overflow, any length and alignment)") {
+    MESSAGE("bodies compiled: avx512 " << velora::cpu::has_avx512_body << ", avx2 " << velora::cpu::has_avx2_body);
+    const auto bodies = vector_bodies();
+    // codes: every byte value (so every nibble in both halves) first, then random bytes
+    std::mt19937 rng(11);
+    std::vector<std::uint8_t> codes(2 * 4200 + 8);
+    for (std::size_t k = 0; k < codes.size(); ++k) codes[k] = k < 256 ? static_cast<std::uint8_t>((k * 167) % 256) : static_cast<std::uint8_t>(rng() & 0xFFu);
+    const float scales[] = {0.0f, -0.0f, 0.0123f, 1.0f / 7.0f, -0.5f, std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
+                            0x1p127f};   // the last: (−8)·2^127 overflows to −inf, the same in every body
+    std::vector<index_t> lengths;
+    for (index_t n = 0; n <= 100; ++n) lengths.push_back(n);
+    for (const index_t n : {127, 128, 129, 255, 256, 257, 1023, 4096, 4097, 4200}) lengths.push_back(n);
+    constexpr float guard = -12345.0f;   // nothing past out[n) may be written
+    std::size_t compared = 0;
+    for (const float scale : scales) {
+        for (const index_t n : lengths) {
+            for (const index_t in_offset : {0, 1, 3}) {
+                for (const index_t out_offset : {0, 1, 5}) {
+                    const std::uint8_t* c = codes.data() + in_offset;
+                    std::vector<float> ref(static_cast<std::size_t>(out_offset + n + 40), guard);
+                    velora::cpu::int4_decode(c, n, scale, ref.data() + out_offset, velora::cpu::simd_body::scalar);
+                    if (out_offset == 0 && in_offset == 0) {   // the reference itself: low nibble first, code = nibble − 8
+                        for (index_t j = 0; j < n; ++j) {
+                            const unsigned nibble = (c[j / 2] >> (4 * (j % 2))) & 0xFu;
+                            const float expected = static_cast<float>(static_cast<int>(nibble) - 8) * scale;
+                            REQUIRE(std::memcmp(&ref[static_cast<std::size_t>(j)], &expected, sizeof(float)) == 0);
+                        }
+                    }
+                    for (const auto body : bodies) {
+                        std::vector<float> got(ref.size(), guard);
+                        velora::cpu::int4_decode(c, n, scale, got.data() + out_offset, body);
+                        INFO("body " << static_cast<int>(body) << ", scale " << scale << ", n " << n << ", offsets " << in_offset << ", " << out_offset);
+                        REQUIRE(same_bits(got, ref));   // the guards before and after included
+                        ++compared;
+                    }
+                }
+            }
+        }
+    }
+    MESSAGE(compared << " vector decodes compared bit for bit with the scalar body");
+    if (!bodies.empty()) CHECK(compared == bodies.size() * std::size(scales) * lengths.size() * 9);
+}
+
+TEST_CASE("quantised basis: a whole int4 basis decodes to the same bits through every body (block boundaries, odd rows, zero blocks, row stride)") {
+    for (const index_t len : {index_t{31}, index_t{67}, index_t{200}, index_t{1001}, index_t{4097}}) {
+        for (const index_t block : {index_t{32}, index_t{64}, index_t{256}}) {
+            const index_t r = 5, ld = len + 3;
+            std::vector<float> x = gaussian(r * len, static_cast<std::uint64_t>(len + block), 0.05);
+            for (index_t j = 0; j < std::min(len, block); ++j) x[static_cast<std::size_t>(2 * len + j)] = 0.0f;   // row 2's first block: scale 0
+            adarank::quantized_basis q;
+            q.configure(basis_format::int4, len, block);
+            q.encode(x.data(), r, len);
+            std::vector<float> ref(static_cast<std::size_t>(r * ld), 7.0f);
+            q.decode(ref.data(), ld, velora::cpu::simd_body::scalar);
+            CHECK(ref[static_cast<std::size_t>(2 * ld)] == 0.0f);
+            CHECK(ref[static_cast<std::size_t>(len)] == 7.0f);   // the stride's gap is not written
+            for (const auto body : vector_bodies()) {
+                std::vector<float> got(ref.size(), 7.0f);
+                q.decode(got.data(), ld, body);
+                INFO("body " << static_cast<int>(body) << ", len " << len << ", block " << block);
+                CHECK(same_bits(got, ref));
+            }
+            std::vector<float> widest(ref.size(), 7.0f);
+            q.decode(widest.data(), ld);   // the default body
+            CHECK(same_bits(widest, ref));
+        }
+    }
 }
 
 TEST_CASE("quantised basis: the configuration refuses bad block sizes, formats, the budget rule and other backends, naming the values") {

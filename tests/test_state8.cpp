@@ -1,12 +1,16 @@
 // 8-bit blockwise Adam moments: the dynamic codes (velora/backend/rules/dynamic_code.hpp), the
 // CPU block kernel's three bodies (velora/backend/cpu/adam8.hpp), and the block split into lanes
-// as the CUDA kernels run it (velora/backend/rules/adam8_block.hpp, cuda/adam8.cuh), on the host.
+// as the CUDA kernels run it (velora/backend/rules/adam8_block.hpp, cuda/adam8.cuh), on the host;
+// the Eigen backend's adam8_update's refusal of a bad block size.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <velora/backend/cpu/adam8.hpp>
+#include <velora/backend/eigen.hpp>
 #include <velora/backend/rules/adam8_block.hpp>
 #include <velora/core/rng.hpp>
+
+#include "test_util.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -326,6 +330,40 @@ TEST_CASE("adam8: a non-finite result is reported (the caller discards what was 
             sb = s;
             CHECK_FALSE(velora::cpu::adam8_tensor<adam_row_kind::galore_weight>(1, gb.data(), wb.data(), sb.view(), c, body));
         }
+    }
+}
+
+TEST_CASE("adam8: the Eigen backend's adam8_update refuses a block outside [1, adam8_max_block], naming the values, and changes nothing") {
+    velora::eigen_backend<float> backend(1);
+    const index_t n = 300;
+    state8 s(n, 64);
+    std::vector<float> w(n, 1.0f);
+    const std::vector<float> g = gradient(n, 6);
+    const auto c = galore_terms(1);
+    REQUIRE(backend.adam8_update(adam_row_kind::galore_weight, g.data(), w.data(), s.view(), c));   // moments not all zero
+    for (const index_t bad : {index_t{0}, index_t{-64}, velora::rules::adam8_max_block + 1, 2 * velora::rules::adam8_max_block}) {
+        for (const adam_row_kind kind : {adam_row_kind::galore_weight, adam_row_kind::torch_weight, adam_row_kind::moments}) {
+            state8 sb = s;
+            std::vector<float> wb = w;
+            auto view = sb.view();
+            view.block = bad;
+            const std::string message = test::invalid_argument_message([&] { (void)backend.adam8_update(kind, g.data(), wb.data(), view, c); });
+            INFO(message);
+            CHECK(message.find("velora::eigen_backend::adam8_update") != std::string::npos);
+            CHECK(message.find("block = " + std::to_string(bad)) != std::string::npos);
+            CHECK(message.find("[1, " + std::to_string(velora::rules::adam8_max_block) + "]") != std::string::npos);
+            CHECK(sb == s);
+            CHECK(wb == w);
+        }
+    }
+    // the ends of the range are taken: blocks of 1 and of adam8_max_block
+    for (const index_t block : {index_t{1}, velora::rules::adam8_max_block}) {
+        const index_t count = block == 1 ? 5 : block + 3;
+        state8 sb(count, block);
+        std::vector<float> wb(count, 1.0f);
+        const std::vector<float> gb = gradient(count, 7);
+        CHECK(backend.adam8_update(adam_row_kind::galore_weight, gb.data(), wb.data(), sb.view(), c));
+        CHECK(wb != std::vector<float>(count, 1.0f));
     }
 }
 

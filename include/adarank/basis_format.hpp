@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include <velora/backend/cpu/int4_decode.hpp>
 #include <velora/core/error.hpp>
 #include <velora/core/view.hpp>
 
@@ -118,9 +119,12 @@ public:
         }
     }
 
-    /// Q's rows into `dst` (row stride `ld`): code · scale, one product per element (block by
-    /// block, so that the inner loop is a plain widening and product).
-    void decode(float* dst, index_t ld) const noexcept {
+    /// Q's rows into `dst` (row stride `ld`): code · scale, one product per element, block by
+    /// block. int8: a plain widening and product, which the compiler vectorises; int4: through
+    /// velora/backend/cpu/int4_decode.hpp's explicit vector bodies (g++ 12 left the plain nibble
+    /// loop scalar, ~10x the int8 one, docs/performance.md), `body` choosing one for tests (every
+    /// body gives the same bits).
+    void decode(float* dst, index_t ld, velora::cpu::simd_body body = velora::cpu::widest_body) const noexcept {
         for (index_t i = 0; i < rows_; ++i) {
             float* y = dst + i * ld;
             const std::uint8_t* row = codes_.data() + i * row_bytes();
@@ -129,14 +133,8 @@ public:
                 const index_t first = b * block_, last = std::min(len_, first + block_);
                 if (format_ == basis_format::int8) {
                     for (index_t j = first; j < last; ++j) y[j] = static_cast<float>(static_cast<std::int8_t>(row[j])) * s;
-                } else {   // two codes a byte, low nibble first; `first` is even (blocks are powers of two >= 32)
-                    const index_t pairs_end = first + (last - first) / 2 * 2;
-                    for (index_t j = first; j < pairs_end; j += 2) {   // a byte at a time (g++ 12 still runs it scalar: ~10x the int8 loop, docs/performance.md)
-                        const unsigned byte = row[j / 2];
-                        y[j] = static_cast<float>(static_cast<int>(byte & 0xFu) - 8) * s;
-                        y[j + 1] = static_cast<float>(static_cast<int>(byte >> 4) - 8) * s;
-                    }
-                    if (pairs_end < last) y[pairs_end] = static_cast<float>(static_cast<int>(row[pairs_end / 2] & 0xFu) - 8) * s;   // odd len
+                } else {   // two codes a byte: `first` is even (blocks are powers of two >= 32), so a block starts at a byte
+                    velora::cpu::int4_decode(row + first / 2, last - first, s, y + first, body);
                 }
             }
         }

@@ -239,10 +239,15 @@ public:
 
     /// Adam(W) on 8-bit blockwise moments (float only), contiguous g and out (w, or n for
     /// adam_row_kind::moments), every block in one pass: cpu/adam8.hpp. False when some result was
-    /// not finite (what was written must then be discarded).
+    /// not finite (what was written must then be discarded). Throws std::invalid_argument for a
+    /// block outside [1, rules::adam8_max_block] (the CPU bodies' stack buffers hold two blocks),
+    /// writing nothing, as the CUDA backend does.
     bool adam8_update(cpu::adam_row_kind kind, const T* g, T* out, const cpu::adam8_tensor_state& s, const rules::adamw_terms<T>& terms)
         requires std::same_as<T, float>
     {
+        detail::require(s.block >= 1 && s.block <= rules::adam8_max_block, "velora::eigen_backend::adam8_update", "block = ", s.block,
+                        " must lie in [1, ", rules::adam8_max_block, "]");
+        if (s.count <= 0) return true;
         switch (kind) {
         case cpu::adam_row_kind::moments: return cpu::adam8_tensor<cpu::adam_row_kind::moments>(threads_, g, out, s, terms);
         case cpu::adam_row_kind::galore_weight: return cpu::adam8_tensor<cpu::adam_row_kind::galore_weight>(threads_, g, out, s, terms);

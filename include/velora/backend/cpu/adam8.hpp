@@ -38,6 +38,7 @@
 #include "../rules/adam_element.hpp"
 #include "../rules/dynamic_code.hpp"
 #include "adam.hpp"
+#include "simd_body.hpp"
 #include "threading.hpp"
 
 namespace velora::cpu {
@@ -415,26 +416,15 @@ bool adam8_block_avx2(const float* g, float* out, adam8_block_state s, index_t n
 }
 #endif
 
-/// Which bodies this build has, widest first.
-enum class adam8_body { avx512, avx2, scalar };
-inline constexpr bool adam8_has_avx512 =
-#if defined(__AVX512F__)
-    true;
-#else
-    false;
-#endif
-inline constexpr bool adam8_has_avx2 =
-#if defined(__AVX2__) && defined(__FMA__)
-    true;
-#else
-    false;
-#endif
+/// Which bodies this build has (simd_body.hpp; the names the 8-bit tests and benchmarks use).
+using adam8_body = simd_body;
+inline constexpr bool adam8_has_avx512 = has_avx512_body, adam8_has_avx2 = has_avx2_body;
 
 /// One block of n <= adam8_max_block elements through the chosen body (the widest by default; a
 /// body this build lacks falls back to the scalar one).
 template <adam_row_kind K>
 bool adam8_block(const float* g, float* out, adam8_block_state s, index_t n, const rules::adamw_terms<float>& c,
-                 adam8_body body = adam8_has_avx512 ? adam8_body::avx512 : adam8_has_avx2 ? adam8_body::avx2 : adam8_body::scalar) noexcept {
+                 adam8_body body = widest_body) noexcept {
 #if defined(__AVX512F__)
     if (body == adam8_body::avx512) return adam8_block_avx512<K>(g, out, s, n, c);
 #endif
@@ -459,7 +449,7 @@ using rules::adam8_tensor_state;
 /// block's result was not finite (what was written must then be discarded).
 template <adam_row_kind K>
 bool adam8_tensor(int threads, const float* g, float* out, const adam8_tensor_state& s, const rules::adamw_terms<float>& c,
-                  adam8_body body = adam8_has_avx512 ? adam8_body::avx512 : adam8_has_avx2 ? adam8_body::avx2 : adam8_body::scalar) noexcept {
+                  adam8_body body = widest_body) noexcept {
     std::atomic<bool> finite{true};
     for_each_row(threads, s.count, s.blocks(), [&](index_t b) {
         const index_t first = b * s.block;
