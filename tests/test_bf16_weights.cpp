@@ -11,6 +11,7 @@
 #include <velora/core/stochastic_rounding.hpp>
 
 #include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
+#include "mirrored_pair.hpp"
 #include "test_util.hpp"
 
 #include <bit>
@@ -236,27 +237,6 @@ TEST_CASE("bf16 weights: the same bits at any thread count") {
     }
 }
 
-namespace {
-
-// Two ranks with the same gradients, as rank `r` sees them: a sum over the ranks is twice the
-// value (so the mean is the value itself, exactly). The bf16 steps take the data-parallel path.
-struct mirrored_pair {
-    int r = 0;
-    [[nodiscard]] int rank() const noexcept { return r; }
-    [[nodiscard]] static int size() noexcept { return 2; }
-    static void all_reduce_sum(std::span<float> x) noexcept {
-        for (float& e : x) e *= 2;
-    }
-    static void all_reduce_sum(std::span<double> x) noexcept {
-        for (double& e : x) e *= 2;
-    }
-    static void broadcast(std::span<std::byte>, int) noexcept {}
-    [[nodiscard]] static bool any(bool flag) noexcept { return flag; }
-};
-static_assert(velora::communicator<mirrored_pair>);
-
-} // namespace
-
 TEST_CASE("bf16 weights: every data-parallel rank rounds to the same bits, those of one process with the mean gradient") {
     const auto run = [](int rank) {   // rank < 0: one process
         B backend(1);
@@ -267,7 +247,7 @@ TEST_CASE("bf16 weights: every data-parallel rank rounds to the same bits, those
             w.push_back(to_bf16(gaussian(shapes[p][0] * shapes[p][1], 130 + static_cast<std::uint64_t>(p), 0.5)));
         }
         o.reserve({.data_parallel = true});
-        mirrored_pair comm{rank};
+        test::mirrored_pair comm{rank};
         for (int t = 0; t < 6; ++t)
             for (int p = 0; p < 3; ++p) {
                 const auto sp = static_cast<std::size_t>(p);

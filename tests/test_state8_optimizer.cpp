@@ -5,12 +5,15 @@
 #include <doctest/doctest.h>
 
 #include <adarank/adarank.hpp>
+#include <velora/backend/cpu/threading.hpp>
 #include <velora/backend/eigen.hpp>
 
 #include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
 #include "optimizer_run.hpp"
+#include "state_blob.hpp"
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -77,17 +80,60 @@ TEST_CASE("state8: steps close to the float moments' steps, in a quarter of thei
             MESSAGE("block " << block << ", parameter " << p << ": mean |w8 - w32| / mean |w32 - w0| = " << diff / moved);
             CHECK(diff / moved < 0.05);   // the 8-bit steps follow the float ones to a few per cent
         }
-        // 64x96 at rank 8 (left side: moments 8x96): basis 8*64 floats; moments 2 bytes + 2 absmax per block
+        // 64x96 at rank 8 (left side: basis 8x64 floats, moments 8x96), 48x40 and 1x40 dense: each
+        // moment a byte per element and a float absmax per block of `block`, against 4 bytes per
+        // element; the basis is float in both.
         MESSAGE("block " << block << ": state bytes: 8-bit " << a.state_bytes << ", float " << f.state_bytes);
-        CHECK(a.state_bytes < f.state_bytes / 2);
+        const std::size_t basis = 8 * 64 * sizeof(float);
+        std::size_t moments8 = 0, moments32 = 0;
+        for (const index_t count : {index_t{8 * 96}, index_t{48 * 40}, index_t{40}}) {
+            moments8 += 2 * (static_cast<std::size_t>(count) + sizeof(float) * static_cast<std::size_t>((count + block - 1) / block));
+            moments32 += 2 * sizeof(float) * static_cast<std::size_t>(count);
+        }
+        CHECK(f.state_bytes == basis + moments32);
+        CHECK(a.state_bytes == basis + moments8);
     }
 }
 
-TEST_CASE("state8: the same bits at 1 and 2 threads") {
-    // blocks of 64 in 48x40 dense (30 blocks) and 8x96 moments: enough work for two threads' parts
-    const run_result one = run(config8(64), 1, 9), two = run(config8(64), 2, 9);
-    CHECK(one.state == two.state);
-    for (std::size_t p = 0; p < 3; ++p) CHECK(std::memcmp(one.weights[p].data(), two.weights[p].data(), one.weights[p].size() * sizeof(float)) == 0);
+TEST_CASE("state8: the same bits at 1, 2 and 3 threads, with the moments' blocks really cut into parts") {
+    // The CPU backend cuts a tensor into parts only above velora::cpu::parallel_threshold
+    // elements (below it every thread count runs one part on the calling thread, and the test
+    // could not fail). Here both 8-bit tensors are above it: a 32x4104 low-rank parameter (left
+    // side, rank 8: 8x4104 moments) and a 192x192 dense one; refresh every 4 steps, so the 9 steps
+    // include two moment transports.
+    static constexpr test::parameter_shape parameters[] = {{32, 4104, adarank::param_kind::low_rank}, {192, 192, adarank::param_kind::dense}};
+    static_assert(192 * 192 > velora::cpu::parallel_threshold && 8 * 4104 > velora::cpu::parallel_threshold);
+    MESSAGE("threads available to OpenMP for 3 requested: " << velora::cpu::resolve_threads(3));
+    const auto c = config8(64);
+    const run_result one = test::run_optimizer(c, 1, 9, parameters), two = test::run_optimizer(c, 2, 9, parameters),
+                     three = test::run_optimizer(c, 3, 9, parameters);
+    REQUIRE(one.layers[0].rank == 8);   // the moments above the threshold, as claimed
+    CHECK(one.layers[0].rank * one.layers[0].cols > velora::cpu::parallel_threshold);
+    CHECK(one.layers[0].refreshes == 3);
+    for (const run_result* other : {&two, &three}) {
+        CHECK(one.state == other->state);
+        for (std::size_t p = 0; p < 2; ++p) CHECK(std::memcmp(one.weights[p].data(), other->weights[p].data(), one.weights[p].size() * sizeof(float)) == 0);
+    }
+}
+
+TEST_CASE("state8: data-parallel ranks step to the bits of one process with the mean gradient, saved state included, across refreshes") {
+    // Both ranks of a mirrored pair (the mean over ranks is each rank's gradient, exactly) through
+    // the data-parallel path: dense and vector steps all-reduce the gradient, the low-rank one its
+    // projection (and the sketch at a refresh); 9 steps with a refresh every 4 transport the 8-bit
+    // moments twice.
+    static constexpr test::parameter_shape parameters[] = {{64, 96, adarank::param_kind::low_rank}, {48, 40, adarank::param_kind::dense}, {1, 40, adarank::param_kind::automatic}};
+    const auto c = config8(64);
+    const run_result single = test::run_optimizer(c, 1, 9, parameters), rank0 = test::run_optimizer(c, 1, 9, parameters, 0),
+                     rank1 = test::run_optimizer(c, 1, 9, parameters, 1);
+    REQUIRE(single.layers[0].refreshes == 3);
+    CHECK(single.layers[0].communicated_bytes == 0);   // the ranks' steps took the data-parallel path
+    CHECK(rank0.layers[0].communicated_bytes > 0);
+    CHECK(rank1.layers[1].communicated_bytes == 48 * 40 * sizeof(float));
+    for (const run_result* rank : {&rank0, &rank1}) {
+        CHECK(rank->state == single.state);
+        for (std::size_t p = 0; p < 3; ++p)
+            CHECK(std::memcmp(rank->weights[p].data(), single.weights[p].data(), single.weights[p].size() * sizeof(float)) == 0);
+    }
 }
 
 TEST_CASE("state8: NaN/Inf and overflow leave the parameter as it was") {
@@ -126,6 +172,15 @@ TEST_CASE("state8: an all-zero gradient block keeps absmax 0; steps after it sta
     for (int t = 0; t < 3; ++t) REQUIRE(o.step(id, velora::make_view(w.data(), 16, 16), velora::make_view(g.data(), 16, 16)) == velora::status::ok);
     for (const float x : w) CHECK(std::isfinite(x));
     CHECK(o.layer_state(id).state_bytes == 2 * 256 + 2 * 4 * 4);
+    const test::saved_moments8 s = test::last_moments8(o.save_state(), 256, 64);
+    CHECK(s.am[1] == 0.0f);
+    CHECK(s.av[1] == 0.0f);
+    CHECK(std::all_of(s.qm.begin() + 64, s.qm.begin() + 128, [](std::uint8_t q) { return q == 0; }));
+    CHECK(std::all_of(s.qv.begin() + 64, s.qv.begin() + 128, [](std::uint8_t q) { return q == 0; }));
+    for (const std::size_t b : {0u, 2u, 3u}) {   // the other blocks hold moments
+        CHECK(s.am[b] > 0.0f);
+        CHECK(s.av[b] > 0.0f);
+    }
 }
 
 TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits; a float state is refused") {
@@ -177,6 +232,58 @@ TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits;
     CHECK_THROWS_WITH_AS(g.load_state(blob), doctest::Contains("block size differs"), velora::state_format_error);
 }
 
+TEST_CASE("state8: load_state refuses a NaN, Inf, negative or subnormal absmax in an 8-bit block, changing nothing") {
+    // The loader's rule (optimizer_state_io.hpp): every absmax finite and either 0 or at least the
+    // smallest normal float, what the encoder stores. The blob is resealed after each edit so that
+    // this rule, not the checksum, is what refuses it.
+    const auto c = config8(64);
+    B backend(1);
+    const auto make = [&] {
+        optimizer o(backend, c);
+        o.add_parameter(64, 96, adarank::param_kind::low_rank);
+        o.add_parameter(48, 40, adarank::param_kind::dense);
+        return o;
+    };
+    optimizer a = make();
+    std::vector<float> w0 = gaussian(64 * 96, 1, 0.5), w1 = gaussian(48 * 40, 2, 0.5);
+    for (int t = 0; t < 2; ++t) {
+        const auto g0 = gaussian(64 * 96, 30 + static_cast<std::uint64_t>(t), 1.0), g1 = gaussian(48 * 40, 40 + static_cast<std::uint64_t>(t), 1.0);
+        REQUIRE(a.step(0, velora::make_view(w0.data(), 64, 96), velora::make_view(g0.data(), 64, 96)) == velora::status::ok);
+        REQUIRE(a.step(1, velora::make_view(w1.data(), 48, 40), velora::make_view(g1.data(), 48, 40)) == velora::status::ok);
+    }
+    const auto blob = a.save_state();
+    const test::saved_moments8 s = test::last_moments8(blob, 48 * 40, 64);   // the dense parameter's 30 blocks
+    // The loading optimizer holds a state of its own (one step), which a refusal must leave as it was.
+    optimizer d = make();
+    const auto gd = gaussian(48 * 40, 50, 1.0);
+    REQUIRE(d.step(1, velora::make_view(w1.data(), 48, 40), velora::make_view(gd.data(), 48, 40)) == velora::status::ok);
+    const auto before = d.save_state();
+    const auto with_absmax = [&](std::size_t at, float value) {
+        auto e = blob;
+        std::memcpy(e.data() + at, &value, sizeof(float));
+        test::reseal(e);
+        return e;
+    };
+    for (const bool first : {true, false}) {
+        const std::size_t at = (first ? s.am_at : s.av_at) + 3 * sizeof(float);   // block 3
+        CAPTURE(first);
+        for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -0.5f, std::numeric_limits<float>::denorm_min(),
+                                std::numeric_limits<float>::min() / 2}) {
+            CAPTURE(bad);
+            CHECK_THROWS_WITH_AS(d.load_state(with_absmax(at, bad)), doctest::Contains(first ? "first moment has the absmax" : "second moment has the absmax"),
+                                 velora::state_format_error);
+            CHECK(d.save_state() == before);
+        }
+        // The edges of the rule load: 0 (an all-zero block) and the smallest normal float.
+        for (const float good : {0.0f, std::numeric_limits<float>::min()}) {
+            optimizer e = make();
+            const auto edited = with_absmax(at, good);
+            e.load_state(edited);
+            CHECK(e.save_state() == edited);
+        }
+    }
+}
+
 TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float moments) still steps") {
     B backend(1);
     optimizer o(backend, config8(64));
@@ -189,9 +296,40 @@ TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float
     // the first 6 unit vectors as the new basis (rows of length 64: the left side)
     std::vector<float> basis(6 * 64, 0.0f);
     for (int i = 0; i < 6; ++i) basis[static_cast<std::size_t>(i * 64 + i)] = 1.0f;
+    const auto old_basis_view = o.basis(id);
+    const std::vector<float> old_basis(old_basis_view.data, old_basis_view.data + 8 * 64);
+    const test::saved_moments8 old = test::last_moments8(o.save_state(), 8 * 96, 64);
     REQUIRE(o.set_basis(id, velora::make_view(basis.data(), 6, 64)) == velora::status::ok);
     CHECK(o.layer_state(id).rank == 6);
     CHECK(o.layer_state(id).state_bytes == 6 * 64 * sizeof(float) + 2 * 6 * 96 + 2 * 4 * 9);
+    {
+        // The moments set_basis stores are quantize(transport(dequantize(old))): the old bytes
+        // decoded by the dynamic codes, rotated by R = B_new·B_oldᵀ (squared rotation for v) on a
+        // backend of its own, and encoded block by block.
+        std::vector<float> m_old(8 * 96), v_old(8 * 96), m_new(6 * 96), v_new(6 * 96), r(6 * 8), r2(6 * 8);
+        for (std::size_t i = 0; i < m_old.size(); ++i) {
+            m_old[i] = velora::rules::signed_dynamic_code().decode(old.qm[i], old.am[i / 64]);
+            v_old[i] = velora::rules::unsigned_dynamic_code().decode(old.qv[i], old.av[i / 64]);
+        }
+        B own(1);
+        adarank::transport_moments(own, adarank::transport_policy::squared_rotation, velora::make_view<const float>(basis.data(), 6, 64),
+                                   velora::make_view<const float>(old_basis.data(), 8, 64), velora::make_view<const float>(m_old.data(), 8, 96),
+                                   velora::make_view<const float>(v_old.data(), 8, 96), velora::make_view(m_new.data(), 6, 96), velora::make_view(v_new.data(), 6, 96),
+                                   velora::make_view(r.data(), 6, 8), velora::make_view(r2.data(), 6, 8));
+        const test::saved_moments8 got = test::last_moments8(o.save_state(), 6 * 96, 64);
+        for (std::size_t b = 0; b < 9; ++b) {
+            std::uint8_t qm[64], qv[64];
+            float am = -1, av = -1;
+            velora::cpu::adam8_encode_block(velora::rules::signed_dynamic_code(), m_new.data() + 64 * b, qm, 64, am);
+            velora::cpu::adam8_encode_block(velora::rules::unsigned_dynamic_code(), v_new.data() + 64 * b, qv, 64, av);
+            CAPTURE(b);
+            CHECK(got.am[b] == am);
+            CHECK(got.av[b] == av);
+            CHECK(std::memcmp(got.qm.data() + 64 * b, qm, 64) == 0);
+            CHECK(std::memcmp(got.qv.data() + 64 * b, qv, 64) == 0);
+        }
+        CHECK(std::count(old.am.begin(), old.am.end(), 0.0f) == 0);   // the old moments were not trivial
+    }
     const auto g = gaussian(64 * 96, 99, 1.0);
     CHECK(o.step(id, velora::make_view(w.data(), 64, 96), velora::make_view(g.data(), 64, 96)) == velora::status::ok);
     for (const float x : w) CHECK(std::isfinite(x));
@@ -204,6 +342,45 @@ TEST_CASE("state8: set_basis transports 8-bit moments; a double optimizer (float
     for (std::size_t i = 0; i < g1.size(); ++i) g1[i] = velora::gaussian_at(3, i);
     CHECK(d.step(0, velora::make_view(w1.data(), 16, 24), velora::make_view(g1.data(), 16, 24)) == velora::status::ok);
     CHECK(d.step(1, velora::make_view(w2.data(), 8, 8), velora::make_view(g2.data(), 8, 8)) == velora::status::ok);
+}
+
+TEST_CASE("state8: a low-rank step the overflow certificate cannot vouch for takes the exact path and stores the fused pass's bits") {
+    // The certificate bounds |n| <= M'/ε with M' >= (1 − β₁)·‖Ĝ‖, and certifies the weight update
+    // only when |α|·‖B‖·‖N‖ stays below max(float)/4. A learning rate of 1e34 (α = lr·scale·the bias
+    // correction, >= lr/40 at t = 3) fails it while the exact update is finite (|n| of order 1, the
+    // weights of order 1e33). The moments do not depend on the learning rate: the exact path
+    // (decode, float update, encode) must store the bits that the fused 8-bit pass of a
+    // certified step (lr 1e-2) stores from the same state and gradient.
+    B backend(1);
+    const auto make = [&] {
+        optimizer o(backend, config8(64));
+        o.add_parameter(64, 96, adarank::param_kind::low_rank);
+        return o;
+    };
+    optimizer fused = make(), exact = make();
+    auto wf = gaussian(64 * 96, 1, 0.5);
+    auto we = wf;
+    for (int t = 0; t < 3; ++t) {   // the subspace found at t = 0; t = 1 and 2 in it (refresh every 4)
+        const auto g = gaussian(64 * 96, 70 + static_cast<std::uint64_t>(t), 1.0);
+        const auto gv = velora::make_view(g.data(), 64, 96);
+        if (t == 2) exact.set_learning_rate(1e34);
+        REQUIRE(fused.step(0, velora::make_view(wf.data(), 64, 96), gv) == velora::status::ok);
+        REQUIRE(exact.step(0, velora::make_view(we.data(), 64, 96), gv) == velora::status::ok);
+    }
+    using cert = adarank::overflow_certificate<float>;
+    const double projected = std::sqrt(exact.layer_state(0).projected_norm2), eps = config8().adam.eps;
+    // a lower bound of the certificate's product (‖B‖_F >= 1 for any basis with a unit row)
+    CHECK(1e34 / 40 * (0.1 * projected / eps) > cert::quarter_max);
+    CHECK(exact.layer_state(0).refreshes == 1);
+    CHECK(exact.layer_state(0).steps == 3);
+    double largest = 0;
+    for (const float x : we) {
+        REQUIRE(std::isfinite(x));
+        largest = std::max(largest, std::fabs(static_cast<double>(x)));
+    }
+    CHECK(largest > 1e31);   // the huge step was taken
+    exact.set_learning_rate(1e-2);   // the saved learning rate: the only other difference
+    CHECK(exact.save_state() == fused.save_state());
 }
 
 TEST_CASE("state8: a steady-state step allocates nothing (dense and low-rank, 1 and 2 threads)") {
