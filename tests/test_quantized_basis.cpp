@@ -13,6 +13,7 @@
 
 #include "allocation_counter.hpp"   // every allocation counted (the steady-state test)
 #include "optimizer_run.hpp"
+#include "state_blob.hpp"
 #include "test_util.hpp"
 
 #include <Eigen/Dense>
@@ -73,12 +74,7 @@ run_result run(const adarank::optimizer_config& c, int threads, int steps) {
     return test::run_optimizer(c, threads, steps, parameters);
 }
 
-// The checksum of a blob recomputed after its payload was edited (core/serialize.hpp: FNV-1a 64
-// of everything before the last 8 bytes).
-void reseal(std::vector<std::byte>& blob) {
-    const std::uint64_t sum = velora::fnv1a64(std::span<const std::byte>(blob.data(), blob.size() - 8));
-    std::memcpy(blob.data() + blob.size() - 8, &sum, 8);
-}
+using test::reseal;
 
 } // namespace
 
@@ -341,7 +337,13 @@ TEST_CASE("quantised basis: the same bits at 1, 2 and 3 threads (float and 8-bit
         for (const bool moments8 : {false, true}) {
             auto c = config_q(f, 32);
             if (moments8) c.state = adarank::state_format::int8_blockwise;
-            const run_result one = run(c, 1, 9), two = run(c, 2, 9), three = run(c, 3, 9);
+            // Moments of 8x4104 (both sides) and a 192x192 dense parameter: above
+            // velora::cpu::parallel_threshold, so the threads really split the work into parts.
+            static constexpr test::parameter_shape parameters[] = {{64, 4104, adarank::param_kind::low_rank}, {4104, 48, adarank::param_kind::low_rank}, {192, 192, adarank::param_kind::dense}};
+            static_assert(8 * 4104 > velora::cpu::parallel_threshold && 192 * 192 > velora::cpu::parallel_threshold);
+            const run_result one = test::run_optimizer(c, 1, 9, parameters), two = test::run_optimizer(c, 2, 9, parameters), three = test::run_optimizer(c, 3, 9, parameters);
+            CHECK(one.layers[0].rank == 8);
+            CHECK(one.layers[1].rank == 8);
             CHECK(one.state == two.state);
             CHECK(one.state == three.state);
             for (std::size_t p = 0; p < 3; ++p) {

@@ -33,6 +33,9 @@ inline constexpr std::uint32_t state_container_version = 1;
 class state_writer {
 public:
     state_writer(std::string_view kind, std::uint32_t kind_version) {
+        // The envelope in one allocation: growing the vector from the 4-byte magic, inlined into
+        // some callers, made GCC 12 warn -Wstringop-overflow (a false positive).
+        bytes_.reserve(64 + kind.size());
         bytes_.insert(bytes_.end(), {std::byte{'V'}, std::byte{'L'}, std::byte{'R'}, std::byte{'S'}});
         put(state_container_version);
         put(static_cast<std::uint32_t>(kind.size()));
