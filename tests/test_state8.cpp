@@ -254,6 +254,16 @@ TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bit
     using velora::cpu::adam8_body;
     constexpr adam_row_kind K = Kind::value == 0 ? adam_row_kind::galore_weight : Kind::value == 1 ? adam_row_kind::torch_weight : adam_row_kind::moments;
     MESSAGE("bodies compiled: avx512 " << velora::cpu::adam8_has_avx512 << ", avx2 " << velora::cpu::adam8_has_avx2);
+    // A target with the instructions compiles the body (cpu/adam8.hpp): a -march=native build on
+    // an AVX2 or AVX-512 machine must compare at least one vector body with the scalar one, not
+    // pass by comparing nothing.
+#if defined(__AVX512F__)
+    CHECK(velora::cpu::adam8_has_avx512);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    CHECK(velora::cpu::adam8_has_avx2);
+#endif
+    int compared = 0;
     // last blocks of 37 (two packets and a scalar tail) and 100 (a 64-element chunk, two packets
     // and a tail: every path of the AVX-512 body's decode and encode)
     for (const auto& [block, tail] : {std::pair<index_t, index_t>{64, 37}, {256, 37}, {256, 100}, {2048, 37}, {2048, 100}}) {
@@ -270,6 +280,7 @@ TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bit
             run_steps<K>(body, 1, 4, n, block, s, w, K == adam_row_kind::torch_weight);
             CHECK(s == ref);
             CHECK(std::memcmp(w.data(), w_ref.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0);
+            ++compared;
         }
         // the all-zero block kept absmax 0 and zero bytes
         CHECK(ref.am[1] == 0.0f);
@@ -277,6 +288,11 @@ TEST_CASE_TEMPLATE("adam8: the AVX-512, AVX2 and scalar bodies give the same bit
         for (index_t i = block; i < 2 * block; ++i) CHECK((ref.qm[i] | ref.qv[i]) == 0);
         CHECK(ref.am[0] > 0.0f);
     }
+    MESSAGE("vector bodies compared with the scalar one: " << compared / 5 << " (avx512 " << velora::cpu::adam8_has_avx512 << ", avx2 "
+                                                            << velora::cpu::adam8_has_avx2 << ")");
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    REQUIRE(compared > 0);
+#endif
 }
 
 TEST_CASE("adam8: the same bits at 1 and 2 threads") {
