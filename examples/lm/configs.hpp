@@ -46,9 +46,9 @@
 //   basis=int8|int4|float  the low-rank projection bases: quantised to 8 or 4 bits with a float scale per
 //                    block of 256 of a row (Q-GaLore's INT4 projection; adarank/basis_format.hpp), or float
 //                    (default); not with rank=budget (the library's rule: the budget counts float bases)
-//   weights=bf16|bf16-nearest|float  the weights as a host keeping only bf16 would have them: after
-//                    every step each weight is rounded to bf16, stochastically (bf16) or to nearest, with
-//                    the library's rounding and keys (docs/adarankgrad.md "bf16 weights"); the demo keeps
+//   weights=bf16|bf16-nearest|float  the weights as a host keeping only bf16 would have them: every
+//                    step is the library's bf16-weight step (docs/adarankgrad.md "bf16 weights": the
+//                    weight rounded to bf16 after it, stochastically (bf16) or to nearest); the demo keeps
 //                    its float buffers, holding bf16 values, so the run is the bf16 host's bit for bit
 // and for the LoRA names (lora, velora+lora, qlora, velora+qlora), with lr and warmup:
 //   r=N              the adapters' rank (default 8)      alpha=X   α, the scaling α/r (default 16)

@@ -57,9 +57,9 @@ public:
         if (recorder_ && params_[i].projection && recorder_->due(step_)) recorder_->observe(params_[i].name, step_, grad);
         if constexpr (one_process<C>) {
             if (measure_ && !low_rank_[i]) energy_ += backend_.sum_of_squares(grad);
-            stepped(i, opt_.step(ids_[i], weight(i), grad));
+            stepped(i, step(i, grad));
         } else if (low_rank_[i]) {
-            stepped(i, opt_.step(ids_[i], weight(i), grad, comm_));
+            stepped(i, step(i, grad, comm_));
         } else {
             if (grad.data != params_[i].grad) throw std::logic_error("the gradient of " + params_[i].name + " is not in its gradient buffer");
             defer(i);
@@ -73,9 +73,9 @@ public:
         }
         if constexpr (one_process<C>) {
             if (measure_ && !low_rank_[i]) energy_ += adarank::factored_gradient_operator<B>(backend_, grad, scratch_).norm2();
-            stepped(i, opt_.step(ids_[i], weight(i), grad));
+            stepped(i, step(i, grad));
         } else if (low_rank_[i]) {
-            stepped(i, opt_.step(ids_[i], weight(i), grad, comm_));
+            stepped(i, step(i, grad, comm_));
         } else {
             // The model never writes a VeLoRA projection's gradient buffer: free to hold the expansion.
             adarank::factored_gradient_operator<B>(backend_, grad, scratch_).row_block(0, gradient(i));
@@ -94,7 +94,7 @@ public:
                     // communicator after all_reduce_mean is 0).
                     bytes_ += static_cast<std::uint64_t>(deferred_grads_[k].size()) * sizeof(T);
                     if (measure_) energy_ += backend_.sum_of_squares(deferred_grads_[k]);
-                    check(opt_.step(deferred_ids_[k], weight(deferred_[k]), velora::const_matrix_view<T>(deferred_grads_[k])), deferred_[k]);
+                    check(step(deferred_[k], velora::const_matrix_view<T>(deferred_grads_[k])), deferred_[k]);
                 }
             } catch (...) {
                 clear();
@@ -117,6 +117,28 @@ public:
 
 private:
     velora::matrix_view<T> weight(std::size_t i) { return {params_[i].data, params_[i].rows, params_[i].cols, params_[i].cols}; }
+    // One step of parameter i (with `comm...`: data-parallel). weights=bf16: the library's step of a
+    // weight stored only in bf16 (adarank/bf16_weight_steps.hpp: widened, stepped as float,
+    // rounded back with the library's rounding and keys), the call a bf16 host makes. The model
+    // computes in float, so its buffer holds the bf16 values as floats: they are narrowed to bf16
+    // exactly before the step and widened back after it, and the run is the bf16 host's bit for bit.
+    template <class Grad, class... Comm>
+    velora::status step(std::size_t i, const Grad& grad, Comm&... comm) {
+        if (!bf16_) return opt_.step(ids_[i], weight(i), grad, comm...);
+        T* w = params_[i].data;
+        const index_t rows = params_[i].rows, cols = params_[i].cols;
+        const auto count = static_cast<std::size_t>(rows * cols);
+        bf16_weight_.resize(count);
+        for (std::size_t k = 0; k < count; ++k) {
+            bf16_weight_[k] = velora::storage_cast<velora::bfloat16>::from(w[k]);
+            if (velora::to_arithmetic<T>(bf16_weight_[k]) != w[k])   // every step and the start (training.hpp) leave bf16 values
+                throw std::logic_error("weights=bf16: " + params_[i].name + " holds a weight that is not a bf16 value");
+        }
+        const velora::status s = opt_.step(ids_[i], adarank::bf16_weight_view({bf16_weight_.data(), rows, cols, cols}, *bf16_), grad, comm...);
+        if (s == velora::status::ok || s == velora::status::degenerate_input)
+            for (std::size_t k = 0; k < count; ++k) w[k] = velora::to_arithmetic<T>(bf16_weight_[k]);
+        return s;
+    }
     velora::matrix_view<T> gradient(std::size_t i) { return {params_[i].grad, params_[i].rows, params_[i].cols, params_[i].cols}; }
     void defer(std::size_t i) {
         deferred_.push_back(i);
@@ -142,17 +164,6 @@ private:
         if (s != velora::status::ok && s != velora::status::degenerate_input)
             throw agreed_error("optimizer step for " + params_[i].name + " returned status " + std::string(velora::to_string(s)) +
                                ": training diverged");
-        if (bf16_) round_to_bf16(i);
-    }
-    // weights=bf16: the float weight, bf16 values before the step, rounded as the optimizer's bf16
-    // step rounds (adarank/bf16_weights.hpp: same rounding, same key), so the buffer holds what a
-    // host keeping only bf16 weights would hold. (A bf16 host passes its bf16 view to step instead.)
-    void round_to_bf16(std::size_t i) {
-        const std::uint64_t key = adarank::weight_rounding_key(opt_.config().seed, static_cast<std::uint64_t>(ids_[i]), opt_.layer_state(ids_[i]).steps);
-        T* w = params_[i].data;
-        const std::size_t count = static_cast<std::size_t>(params_[i].rows * params_[i].cols);
-        for (std::size_t k = 0; k < count; ++k)
-            w[k] = velora::detail::bfloat16_bits_to_float(velora::round_to_bfloat16(w[k], *bf16_, key, k).bits);
     }
     B& backend_;
     adarank::low_rank_adamw<B>& opt_;
@@ -160,6 +171,7 @@ private:
     std::vector<param_id>& ids_;
     C& comm_;
     std::optional<velora::bf16_rounding> bf16_;
+    std::vector<velora::bfloat16> bf16_weight_;   // weights=bf16: the stepped parameter's weight in bf16 (the largest's size)
     std::vector<bool> low_rank_;
     std::vector<std::size_t> deferred_;   // parameter indices whose gradients wait for flush()
     std::vector<param_id> deferred_ids_;
