@@ -1,6 +1,7 @@
-// velora::torch::AdaRankGradAdamW's memory-saving options: a quantised projection basis (options
-// `basis` int8/int4 and `basis_block`, adarank/basis_format.hpp) and bfloat16 parameters stepped
-// with no float master copy (option `weight_rounding`, adarank/bf16_weights.hpp). Each reaches the
+// velora::torch::AdaRankGradAdamW's memory-saving options: 8-bit blockwise moments (options `state`
+// int8_blockwise and `state_block`, adarank/blockwise_moments.hpp), a quantised projection basis
+// (options `basis` int8/int4 and `basis_block`, adarank/basis_format.hpp) and bfloat16 parameters
+// stepped with no float master copy (option `weight_rounding`, adarank/bf16_weights.hpp). Each reaches the
 // library (the adapter's weights, state bytes and decoded basis are those of
 // adarank::low_rank_adamw stepped with the same configuration on the same gradients), is saved and
 // loaded with the optimizer (a resumed run is bit-identical), and values the library refuses are
@@ -46,6 +47,100 @@ OptionsT options(adarank::basis_format f, std::int64_t block) {
 bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.equal(b); }
 
 } // namespace
+
+namespace {
+
+// 8-bit moments in blocks of `block`, fixed rank 6 and a new subspace every 4 steps (moments
+// transported between subspaces), for a parameter of the given kind.
+OptionsT options8(std::int64_t block, adarank::param_kind kind) {
+    return OptionsT(3e-3)
+        .rank(adarank::rank_policy::fixed(6))
+        .refresh(adarank::refresh_policy::every(4))
+        .kind(kind)
+        .state(adarank::state_format::int8_blockwise)
+        .state_block(block);
+}
+
+} // namespace
+
+TEST_CASE("state int8_blockwise: the adapter steps as the library does with the same configuration, in the 8-bit state's bytes") {
+    torch::NoGradGuard no_grad;
+    for (const auto kind : {adarank::param_kind::low_rank, adarank::param_kind::dense}) {
+        CAPTURE(static_cast<int>(kind));
+        const OptionsT o = options8(64, kind);
+        const at::Tensor w = weight(11);
+        AdaRankGradAdamW opt({w}, o);
+        velora::eigen_backend<float> backend;
+        adarank::low_rank_adamw<velora::eigen_backend<float>> lib(backend, o.config());
+        const auto id = lib.add_parameter(rows, cols, kind);
+        at::Tensor w_lib = w.detach().clone();
+        for (int t = 1; t <= 10; ++t) {
+            const at::Tensor g = gradient(t);
+            w.mutable_grad() = g;
+            REQUIRE(opt.step_checked().status == velora::status::ok);
+            REQUIRE(lib.step(id, velora::torch::mutable_view_of<float>(w_lib), velora::torch::view_of<float>(g)) == velora::status::ok);
+        }
+        CHECK(bitwise_equal(w, w_lib));
+        CHECK(opt.state_bytes() == lib.state_bytes());
+        CHECK(opt.layer_state(w).low_rank == (kind == adarank::param_kind::low_rank));
+        if (kind == adarank::param_kind::dense)   // a byte per element and moment, a float per block of 64 and moment
+            CHECK(opt.state_bytes() == static_cast<std::size_t>(2 * (rows * cols + 4 * ((rows * cols + 63) / 64))));
+        else
+            CHECK(opt.layer_state(w).refreshes == 3);
+    }
+}
+
+TEST_CASE("state int8_blockwise: saved and loaded with the optimizer's state; the resumed run is bit-identical") {
+    torch::NoGradGuard no_grad;
+    const OptionsT o = options8(128, adarank::param_kind::low_rank);
+    const at::Tensor w = weight(12);
+    AdaRankGradAdamW opt({w}, o);
+    for (int t = 1; t <= 6; ++t) {
+        w.mutable_grad() = gradient(t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    std::stringstream saved;
+    torch::save(opt, saved);
+    const at::Tensor snapshot = w.detach().clone();
+    for (int t = 7; t <= 12; ++t) {   // a refresh at step 9: the loaded 8-bit moments are transported
+        w.mutable_grad() = gradient(t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    const at::Tensor resumed = snapshot.clone().requires_grad_(true);
+    AdaRankGradAdamW opt2({resumed}, OptionsT());   // the options come from the archive
+    torch::load(opt2, saved);
+    const auto& loaded = static_cast<const OptionsT&>(opt2.param_groups()[0].options());
+    CHECK((loaded.state() == adarank::state_format::int8_blockwise));
+    CHECK(loaded.state_block() == 128);
+    for (int t = 7; t <= 12; ++t) {
+        resumed.mutable_grad() = gradient(t);
+        REQUIRE(opt2.step_checked().status == velora::status::ok);
+    }
+    CHECK(bitwise_equal(w, resumed));
+    CHECK(opt2.state_bytes() == opt.state_bytes());
+}
+
+TEST_CASE("state int8_blockwise: a bad state_block is refused naming the option and the value; a float64 parameter is refused") {
+    torch::NoGradGuard no_grad;
+    const at::Tensor w = weight(13);
+    for (const std::int64_t block : {100, 16, 8192}) {
+        CAPTURE(block);
+        const std::string msg = invalid_argument_message([&] { AdaRankGradAdamW o({w}, options8(block, adarank::param_kind::low_rank)); });
+        CHECK(contains(msg, "param group 0:"));
+        CHECK(contains(msg, "state_block"));
+        CHECK(contains(msg, std::to_string(block)));
+    }
+    // docs/torch.md: a float64 parameter in a group with state = int8_blockwise throws (the
+    // library keeps 8-bit moments for float parameters only), its weight unchanged.
+    const at::Tensor d = weight(14).detach().to(at::kDouble).requires_grad_(true);
+    AdaRankGradAdamW od({d}, options8(256, adarank::param_kind::low_rank));
+    d.mutable_grad() = gradient(1).to(at::kDouble);
+    const at::Tensor before = d.detach().clone();
+    const std::string msg = invalid_argument_message([&] { (void)od.step(); });
+    CHECK(contains(msg, "param group 0:"));
+    CHECK(contains(msg, "int8_blockwise"));
+    CHECK(bitwise_equal(d, before));
+}
 
 TEST_CASE("basis int8/int4: the adapter steps as the library does with the same configuration; the basis is held at its quantised size") {
     torch::NoGradGuard no_grad;
