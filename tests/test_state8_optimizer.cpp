@@ -39,6 +39,14 @@ using test::gaussian;
 
 using run_result = test::optimizer_run;
 
+// A 64x96 low-rank and a 48x40 dense parameter, registered in that order.
+optimizer low_rank_and_dense(B& backend, const adarank::optimizer_config& c) {
+    optimizer o(backend, c);
+    o.add_parameter(64, 96, adarank::param_kind::low_rank);
+    o.add_parameter(48, 40, adarank::param_kind::dense);
+    return o;
+}
+
 // A 64x96 low-rank, a 48x40 dense and a 1x40 vector parameter, `steps` steps (refresh every 4).
 run_result run(const adarank::optimizer_config& c, int threads, int steps) {
     static constexpr test::parameter_shape parameters[] = {{64, 96, adarank::param_kind::low_rank}, {48, 40, adarank::param_kind::dense}, {1, 40, adarank::param_kind::automatic}};
@@ -187,12 +195,7 @@ TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits;
     const auto c = config8(128);
     B backend(1);
     const index_t shapes[2][2] = {{64, 96}, {48, 40}};
-    const auto make = [&] {
-        optimizer o(backend, c);
-        o.add_parameter(64, 96, adarank::param_kind::low_rank);
-        o.add_parameter(48, 40, adarank::param_kind::dense);
-        return o;
-    };
+    const auto make = [&] { return low_rank_and_dense(backend, c); };
     optimizer a = make();
     std::vector<std::vector<float>> w = {gaussian(64 * 96, 1, 0.5), gaussian(48 * 40, 2, 0.5)};
     const auto step_all = [&](optimizer& o, std::vector<std::vector<float>>& ws, int t) {
@@ -219,16 +222,12 @@ TEST_CASE("state8: saved packed, loaded back, the next steps give the same bits;
     // a float state (and one with another block size) is refused, naming the difference
     auto c32 = c;
     c32.state = adarank::state_format::float32;
-    optimizer f(backend, c32);
-    f.add_parameter(64, 96, adarank::param_kind::low_rank);
-    f.add_parameter(48, 40, adarank::param_kind::dense);
+    optimizer f = low_rank_and_dense(backend, c32);
     CHECK_THROWS_WITH_AS(b.load_state(f.save_state()), doctest::Contains("moment state format differs"), velora::state_format_error);
     CHECK_THROWS_WITH_AS(f.load_state(blob), doctest::Contains("moment state format differs"), velora::state_format_error);
     auto c64 = c;
     c64.state_block = 64;
-    optimizer g(backend, c64);
-    g.add_parameter(64, 96, adarank::param_kind::low_rank);
-    g.add_parameter(48, 40, adarank::param_kind::dense);
+    optimizer g = low_rank_and_dense(backend, c64);
     CHECK_THROWS_WITH_AS(g.load_state(blob), doctest::Contains("block size differs"), velora::state_format_error);
 }
 
@@ -238,12 +237,7 @@ TEST_CASE("state8: load_state refuses a NaN, Inf, negative or subnormal absmax i
     // this rule, not the checksum, is what refuses it.
     const auto c = config8(64);
     B backend(1);
-    const auto make = [&] {
-        optimizer o(backend, c);
-        o.add_parameter(64, 96, adarank::param_kind::low_rank);
-        o.add_parameter(48, 40, adarank::param_kind::dense);
-        return o;
-    };
+    const auto make = [&] { return low_rank_and_dense(backend, c); };
     optimizer a = make();
     std::vector<float> w0 = gaussian(64 * 96, 1, 0.5), w1 = gaussian(48 * 40, 2, 0.5);
     for (int t = 0; t < 2; ++t) {

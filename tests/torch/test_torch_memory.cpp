@@ -46,6 +46,65 @@ OptionsT options(adarank::basis_format f, std::int64_t block) {
 
 bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.equal(b); }
 
+// Steps 1-12 of `w` with options `o`, against a run saved after step 6 (torch::save) and resumed
+// from the archive into an optimizer constructed with default options (its options come from the
+// archive): the resumed weight must equal the uninterrupted run's bit for bit, and its state
+// bytes too. Returns the resumed optimizer and weight.
+struct resumed_run {
+    std::unique_ptr<AdaRankGradAdamW> opt;
+    at::Tensor w;
+};
+resumed_run check_resumed(const OptionsT& o, const at::Tensor& w) {
+    AdaRankGradAdamW opt({w}, o);
+    for (int t = 1; t <= 6; ++t) {
+        w.mutable_grad() = gradient(t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    std::stringstream saved;
+    torch::save(opt, saved);
+    const at::Tensor snapshot = w.detach().clone();
+    for (int t = 7; t <= 12; ++t) {
+        w.mutable_grad() = gradient(t);
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+    }
+    const at::Tensor resumed = snapshot.clone().requires_grad_(true);
+    resumed_run r{std::make_unique<AdaRankGradAdamW>(std::vector<at::Tensor>{resumed}, OptionsT()), resumed};
+    torch::load(*r.opt, saved);
+    for (int t = 7; t <= 12; ++t) {
+        r.w.mutable_grad() = gradient(t);
+        REQUIRE(r.opt->step_checked().status == velora::status::ok);
+    }
+    CHECK(bitwise_equal(w, r.w));
+    CHECK(r.opt->state_bytes() == opt.state_bytes());
+    return r;
+}
+
+// adarank::low_rank_adamw with the configuration of `o`, its parameter 0 of `kind` stepped with
+// the gradients the adapter's parameter `w` gets in check_as_library.
+struct library_run {
+    velora::eigen_backend<float> backend;
+    adarank::low_rank_adamw<velora::eigen_backend<float>> opt;
+    library_run(const OptionsT& o, adarank::param_kind kind) : opt(backend, o.config()) { opt.add_parameter(rows, cols, kind); }
+};
+
+// Steps 1-10 of `w` through `opt` (options `o`) and of a copy through the library configured
+// alike: the weights must be bit-identical and the state bytes equal. Returns the library's run.
+std::unique_ptr<library_run> check_as_library(AdaRankGradAdamW& opt, const OptionsT& o, const at::Tensor& w, adarank::param_kind kind) {
+    auto lib = std::make_unique<library_run>(o, kind);
+    at::Tensor w_lib = w.detach().clone();
+    for (int t = 1; t <= 10; ++t) {
+        const at::Tensor g = gradient(t);
+        w.mutable_grad() = g;
+        REQUIRE(opt.step_checked().status == velora::status::ok);
+        REQUIRE(lib->opt.step(0, velora::torch::mutable_view_of<float>(w_lib), velora::torch::view_of<float>(g)) == velora::status::ok);
+    }
+    CHECK(bitwise_equal(w, w_lib));
+    CHECK(opt.state_bytes() == lib->opt.state_bytes());
+    return lib;
+}
+
+const OptionsT& group_options(const AdaRankGradAdamW& opt) { return static_cast<const OptionsT&>(opt.param_groups()[0].options()); }
+
 } // namespace
 
 namespace {
@@ -70,18 +129,7 @@ TEST_CASE("state int8_blockwise: the adapter steps as the library does with the 
         const OptionsT o = options8(64, kind);
         const at::Tensor w = weight(11);
         AdaRankGradAdamW opt({w}, o);
-        velora::eigen_backend<float> backend;
-        adarank::low_rank_adamw<velora::eigen_backend<float>> lib(backend, o.config());
-        const auto id = lib.add_parameter(rows, cols, kind);
-        at::Tensor w_lib = w.detach().clone();
-        for (int t = 1; t <= 10; ++t) {
-            const at::Tensor g = gradient(t);
-            w.mutable_grad() = g;
-            REQUIRE(opt.step_checked().status == velora::status::ok);
-            REQUIRE(lib.step(id, velora::torch::mutable_view_of<float>(w_lib), velora::torch::view_of<float>(g)) == velora::status::ok);
-        }
-        CHECK(bitwise_equal(w, w_lib));
-        CHECK(opt.state_bytes() == lib.state_bytes());
+        (void)check_as_library(opt, o, w, kind);
         CHECK(opt.layer_state(w).low_rank == (kind == adarank::param_kind::low_rank));
         if (kind == adarank::param_kind::dense)   // a byte per element and moment, a float per block of 64 and moment
             CHECK(opt.state_bytes() == static_cast<std::size_t>(2 * (rows * cols + 4 * ((rows * cols + 63) / 64))));
@@ -92,32 +140,10 @@ TEST_CASE("state int8_blockwise: the adapter steps as the library does with the 
 
 TEST_CASE("state int8_blockwise: saved and loaded with the optimizer's state; the resumed run is bit-identical") {
     torch::NoGradGuard no_grad;
-    const OptionsT o = options8(128, adarank::param_kind::low_rank);
-    const at::Tensor w = weight(12);
-    AdaRankGradAdamW opt({w}, o);
-    for (int t = 1; t <= 6; ++t) {
-        w.mutable_grad() = gradient(t);
-        REQUIRE(opt.step_checked().status == velora::status::ok);
-    }
-    std::stringstream saved;
-    torch::save(opt, saved);
-    const at::Tensor snapshot = w.detach().clone();
-    for (int t = 7; t <= 12; ++t) {   // a refresh at step 9: the loaded 8-bit moments are transported
-        w.mutable_grad() = gradient(t);
-        REQUIRE(opt.step_checked().status == velora::status::ok);
-    }
-    const at::Tensor resumed = snapshot.clone().requires_grad_(true);
-    AdaRankGradAdamW opt2({resumed}, OptionsT());   // the options come from the archive
-    torch::load(opt2, saved);
-    const auto& loaded = static_cast<const OptionsT&>(opt2.param_groups()[0].options());
-    CHECK((loaded.state() == adarank::state_format::int8_blockwise));
-    CHECK(loaded.state_block() == 128);
-    for (int t = 7; t <= 12; ++t) {
-        resumed.mutable_grad() = gradient(t);
-        REQUIRE(opt2.step_checked().status == velora::status::ok);
-    }
-    CHECK(bitwise_equal(w, resumed));
-    CHECK(opt2.state_bytes() == opt.state_bytes());
+    // a refresh at step 9, after the load: the loaded 8-bit moments are transported
+    const resumed_run r = check_resumed(options8(128, adarank::param_kind::low_rank), weight(12));
+    CHECK((group_options(*r.opt).state() == adarank::state_format::int8_blockwise));
+    CHECK(group_options(*r.opt).state_block() == 128);
 }
 
 TEST_CASE("state int8_blockwise: a bad state_block is refused naming the option and the value; a float64 parameter is refused") {
@@ -150,20 +176,9 @@ TEST_CASE("basis int8/int4: the adapter steps as the library does with the same 
         const OptionsT o = options(format, 32);
         const at::Tensor w = weight(1);
         AdaRankGradAdamW opt({w}, o);
-        velora::eigen_backend<float> backend;
-        adarank::low_rank_adamw<velora::eigen_backend<float>> lib(backend, o.config());
-        const auto id = lib.add_parameter(rows, cols, adarank::param_kind::low_rank);
-        at::Tensor w_lib = w.detach().clone();
-        for (int t = 1; t <= 10; ++t) {
-            const at::Tensor g = gradient(t);
-            w.mutable_grad() = g;
-            REQUIRE(opt.step_checked().status == velora::status::ok);
-            REQUIRE(lib.step(id, velora::torch::mutable_view_of<float>(w_lib), velora::torch::view_of<float>(g)) == velora::status::ok);
-        }
-        CHECK(bitwise_equal(w, w_lib));
-        CHECK(opt.state_bytes() == lib.state_bytes());
+        const auto lib = check_as_library(opt, o, w, adarank::param_kind::low_rank);
         const at::Tensor q = opt.basis(w);
-        const std::vector<float> q_lib = lib.basis_values(id);
+        const std::vector<float> q_lib = lib->opt.basis_values(0);
         REQUIRE(q.numel() == static_cast<std::int64_t>(q_lib.size()));
         CHECK(std::equal(q_lib.begin(), q_lib.end(), q.data_ptr<float>()));
         if (format == adarank::basis_format::float32) {
@@ -181,33 +196,11 @@ TEST_CASE("basis int8/int4: the adapter steps as the library does with the same 
 
 TEST_CASE("basis int4: saved and loaded with the optimizer's state; the resumed run is bit-identical; another format is refused") {
     torch::NoGradGuard no_grad;
-    const OptionsT o = options(adarank::basis_format::int4, 64);
-    const at::Tensor w = weight(2);
-    AdaRankGradAdamW opt({w}, o);
-    for (int t = 1; t <= 6; ++t) {
-        w.mutable_grad() = gradient(t);
-        REQUIRE(opt.step_checked().status == velora::status::ok);
-    }
-    std::stringstream saved;
-    torch::save(opt, saved);
-    const at::Tensor snapshot = w.detach().clone();
-    for (int t = 7; t <= 12; ++t) {
-        w.mutable_grad() = gradient(t);
-        REQUIRE(opt.step_checked().status == velora::status::ok);
-    }
-
-    const at::Tensor resumed = snapshot.clone().requires_grad_(true);
-    AdaRankGradAdamW opt2({resumed}, OptionsT());   // the options come from the archive
-    torch::load(opt2, saved);
-    const auto& loaded = static_cast<const OptionsT&>(opt2.param_groups()[0].options());
-    CHECK((loaded.basis() == adarank::basis_format::int4));
-    CHECK(loaded.basis_block() == 64);
-    for (int t = 7; t <= 12; ++t) {
-        resumed.mutable_grad() = gradient(t);
-        REQUIRE(opt2.step_checked().status == velora::status::ok);
-    }
-    CHECK(bitwise_equal(w, resumed));
-    CHECK(opt2.state_bytes() == opt.state_bytes());
+    const resumed_run r = check_resumed(options(adarank::basis_format::int4, 64), weight(2));
+    CHECK((group_options(*r.opt).basis() == adarank::basis_format::int4));
+    CHECK(group_options(*r.opt).basis_block() == 64);
+    AdaRankGradAdamW& opt2 = *r.opt;
+    const at::Tensor& resumed = r.w;
 
     // Changing the format after the first step is refused naming the option, nothing changed.
     static_cast<OptionsT&>(opt2.param_groups()[0].options()).basis(adarank::basis_format::int8);
