@@ -39,6 +39,13 @@ using test::gaussian;
 
 using run_result = test::optimizer_run;
 
+// One rows×cols parameter of `kind` under config8(64).
+optimizer one_parameter(B& backend, index_t rows, index_t cols, adarank::param_kind kind) {
+    optimizer o(backend, config8(64));
+    o.add_parameter(rows, cols, kind);
+    return o;
+}
+
 // A 64x96 low-rank and a 48x40 dense parameter, registered in that order.
 optimizer low_rank_and_dense(B& backend, const adarank::optimizer_config& c) {
     optimizer o(backend, c);
@@ -346,12 +353,7 @@ TEST_CASE("state8: a low-rank step the overflow certificate cannot vouch for tak
     // (decode, float update, encode) must store the bits that the fused 8-bit pass of a
     // certified step (lr 1e-2) stores from the same state and gradient.
     B backend(1);
-    const auto make = [&] {
-        optimizer o(backend, config8(64));
-        o.add_parameter(64, 96, adarank::param_kind::low_rank);
-        return o;
-    };
-    optimizer fused = make(), exact = make();
+    optimizer fused = one_parameter(backend, 64, 96, adarank::param_kind::low_rank), exact = one_parameter(backend, 64, 96, adarank::param_kind::low_rank);
     auto wf = gaussian(64 * 96, 1, 0.5);
     auto we = wf;
     for (int t = 0; t < 3; ++t) {   // the subspace found at t = 0; t = 1 and 2 in it (refresh every 4)
@@ -375,6 +377,43 @@ TEST_CASE("state8: a low-rank step the overflow certificate cannot vouch for tak
     CHECK(largest > 1e31);   // the huge step was taken
     exact.set_learning_rate(1e-2);   // the saved learning rate: the only other difference
     CHECK(exact.save_state() == fused.save_state());
+}
+
+TEST_CASE("state8: a dense step on copies (a strided weight, or a step the certificate refuses) stores the in-place pass's bits") {
+    // dense_step8 runs the fused pass in place only on contiguous arrays with a certified step;
+    // otherwise on copies, committed when finite. The moments do not depend on the learning rate
+    // nor on the weight's layout: every path must store the same bytes from the same state.
+    B backend(1);
+    const auto make = [&] { return one_parameter(backend, 48, 40, adarank::param_kind::dense); };
+    optimizer in_place = make(), strided = make(), huge = make();
+    const index_t ld = 43;   // the strided weight: rows of 40 in rows of 43
+    auto w = gaussian(48 * 40, 1, 0.5), wh = w;
+    std::vector<float> ws(48 * ld, 7.0f);
+    for (index_t r = 0; r < 48; ++r) std::copy(w.begin() + r * 40, w.begin() + r * 40 + 40, ws.begin() + r * ld);
+    for (int t = 0; t < 3; ++t) {
+        const auto g = gaussian(48 * 40, 80 + static_cast<std::uint64_t>(t), 1.0);
+        const auto gv = velora::make_view(g.data(), 48, 40);
+        if (t == 2) {
+            // The certificate's |n| bound is at least (1 − β₁)·‖G‖/ε and the step at least lr/40 at
+            // t = 3: their product beyond max(float)/4 refuses the in-place pass; the exact update
+            // is finite (|n| of order 1).
+            double energy = 0;
+            for (const float x : g) energy += static_cast<double>(x) * x;
+            CHECK(1e34 / 40 * (0.1 * std::sqrt(energy) / config8().adam.eps) > adarank::overflow_certificate<float>::quarter_max);
+            huge.set_learning_rate(1e34);
+        }
+        REQUIRE(in_place.step(0, velora::make_view(w.data(), 48, 40), gv) == velora::status::ok);
+        REQUIRE(strided.step(0, velora::matrix_view<float>{ws.data(), 48, 40, ld}, gv) == velora::status::ok);
+        REQUIRE(huge.step(0, velora::make_view(wh.data(), 48, 40), gv) == velora::status::ok);
+    }
+    for (index_t r = 0; r < 48; ++r) {
+        CHECK(std::memcmp(ws.data() + r * ld, w.data() + r * 40, 40 * sizeof(float)) == 0);
+        CHECK(std::all_of(ws.begin() + r * ld + 40, ws.begin() + (r + 1) * ld, [](float x) { return x == 7.0f; }));   // the gaps untouched
+    }
+    CHECK(strided.save_state() == in_place.save_state());
+    CHECK(std::any_of(wh.begin(), wh.end(), [](float x) { return std::fabs(x) > 1e31f; }));   // the huge step was taken
+    huge.set_learning_rate(1e-2);   // the saved learning rate: the only other difference
+    CHECK(huge.save_state() == in_place.save_state());
 }
 
 TEST_CASE("state8: a steady-state step allocates nothing (dense and low-rank, 1 and 2 threads)") {
