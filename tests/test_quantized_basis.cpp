@@ -339,7 +339,7 @@ TEST_CASE("quantised basis: the same bits at 1, 2 and 3 threads (float and 8-bit
             if (moments8) c.state = adarank::state_format::int8_blockwise;
             // Moments of 8x4104 (both sides) and a 192x192 dense parameter: above
             // velora::cpu::parallel_threshold, so the threads really split the work into parts.
-            static constexpr test::parameter_shape parameters[] = {{64, 4104, adarank::param_kind::low_rank}, {4104, 48, adarank::param_kind::low_rank}, {192, 192, adarank::param_kind::dense}};
+            static constexpr test::parameter_shape parameters[] = {{32, 4104, adarank::param_kind::low_rank}, {4104, 32, adarank::param_kind::low_rank}, {192, 192, adarank::param_kind::dense}};
             static_assert(8 * 4104 > velora::cpu::parallel_threshold && 192 * 192 > velora::cpu::parallel_threshold);
             const run_result one = test::run_optimizer(c, 1, 9, parameters), two = test::run_optimizer(c, 2, 9, parameters), three = test::run_optimizer(c, 3, 9, parameters);
             CHECK(one.layers[0].rank == 8);
