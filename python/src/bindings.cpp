@@ -13,6 +13,8 @@
 
 #include <velora/torch/torch.hpp>
 
+#include "build_info.hpp"
+
 namespace py = pybind11;
 namespace vt = velora::torch;
 
@@ -372,6 +374,7 @@ private:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "velora's CPU engines for velora.torch (see docs/python.md)";
+    m.def("build_info", &velora_python::build_info, "What this extension was compiled with (velora.build_info, docs/python.md)");
     py::class_<linear_core>(m, "LinearCore")
         .def(py::init<std::int64_t, std::int64_t, std::int64_t, const std::string&, double, std::uint64_t, const std::string&, double>(),
              py::arg("in_features"), py::arg("out_features"), py::arg("groups"), py::arg("v"), py::arg("ema_decay"), py::arg("seed"),
