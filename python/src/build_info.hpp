@@ -1,6 +1,7 @@
 // velora._C.build_info(): what this extension was compiled with, as a dict. The CPU kernels pick
 // their SIMD bodies at compile time (backend/cpu/adam.hpp, adam8.hpp), so a build without the
-// host's instruction sets runs the scalar bodies: the same bits, several times slower. This says
+// host's instruction sets runs the scalar bodies, several times slower (and, without FMA, with
+// multiply-adds rounded twice: other bits than a native build's, cpu/lanes.hpp). This says
 // which bodies a build holds, so that a slow install can be told from a slow machine.
 // Included by bindings.cpp (the extension is one translation unit).
 #pragma once

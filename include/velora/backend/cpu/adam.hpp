@@ -106,7 +106,7 @@ index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const rules::
 #endif
 
 /// Whether adam_row runs its AVX-512 body (this build was compiled with AVX-512F); the scalar
-/// one otherwise, the same bits several times slower. Reported by the Python package's
+/// one otherwise, several times slower (the same bits in the same build). Reported by the Python package's
 /// velora.build_info().
 inline constexpr bool adam_has_avx512 =
 #if defined(__AVX512F__)
