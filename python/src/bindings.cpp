@@ -14,6 +14,7 @@
 #include <velora/distributed/shared_v.hpp>
 #include <velora/torch/torch.hpp>
 
+#include "build_info.hpp"
 #include "process_group_communicator.hpp"
 
 namespace py = pybind11;
@@ -355,6 +356,7 @@ private:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "velora's CPU engines for velora.torch (see docs/python.md)";
+    m.def("build_info", &velora_python::build_info, "What this extension was compiled with (velora.build_info, docs/python.md)");
     py::class_<linear_core>(m, "LinearCore")
         .def(py::init<std::int64_t, std::int64_t, std::int64_t, const std::string&, double, std::uint64_t, const std::string&, double>(),
              py::arg("in_features"), py::arg("out_features"), py::arg("groups"), py::arg("v"), py::arg("ema_decay"), py::arg("seed"),

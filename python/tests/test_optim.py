@@ -221,6 +221,87 @@ def test_eight_bit_moments_option():
     assert opt_8.state_bytes()[0] < opt_f.state_bytes()[0]
 
 
+def _dense_8bit_run(state, steps=6, threads=None, dtype=torch.float32, **extra):
+    """A dense AdamW group over one 48 x 80 weight (60 blocks of 64 moments) and its bias."""
+    torch.manual_seed(6)
+    model = nn.Linear(80, 48).to(dtype)
+    opt = vt.AdaRankGradAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state=state, state_block=64, **extra)
+    g = torch.Generator().manual_seed(7)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(16, 80, generator=g).to(dtype)).float().pow(2).mean().backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(before)
+    assert opt.last_step.status == "ok"
+    return model, opt
+
+
+def test_eight_bit_moments_step_like_float_ones_with_the_same_bits_at_any_thread_count():
+    m_f, opt_f = _dense_8bit_run("float32")
+    m_8, opt_8 = _dense_8bit_run("8bit", threads=1)
+    # two moments: 1 byte per element each, plus a float absmax per block of 64 (weight: 60
+    # blocks, bias: 1); float moments hold 4 bytes per element each
+    n = 48 * 80 + 48
+    assert opt_f.state_bytes()[0] == 2 * 4 * n
+    assert opt_8.state_bytes()[0] == 2 * n + 2 * 4 * (60 + 1)
+    # the quantised moments give another run, close to the float moments' one
+    torch.manual_seed(6)
+    moved = (m_f.weight - nn.Linear(80, 48).weight).abs().max()   # the float run's largest change
+    assert not torch.equal(m_8.weight, m_f.weight)
+    assert (m_8.weight - m_f.weight).abs().max() <= 0.1 * moved
+    # blocks are independent: 1 and 2 threads give the same bits
+    m_8b, _ = _dense_8bit_run("8bit", threads=2)
+    assert all(torch.equal(p, q) for p, q in zip(m_8.parameters(), m_8b.parameters()))
+
+
+def test_eight_bit_moments_round_trip_bit_identically():
+    model, opt = _dense_8bit_run("8bit", steps=3)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert ckpt["opt"]["param_groups"][0]["state"] == "8bit" and ckpt["opt"]["param_groups"][0]["state_block"] == 64
+    resumed = nn.Linear(80, 48)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = vt.AdaRankGradAdamW(resumed.parameters(), lr=1e-2, weight_decay=0.1, state="8bit", state_block=64)
+    opt2.load_state_dict(ckpt["opt"])
+    assert torch.equal(opt2.state_dict()["velora"], ckpt["opt"]["velora"])
+    g = torch.Generator().manual_seed(8)
+    for m, o in ((model, opt), (resumed, opt2)):
+        g.manual_seed(8)
+        for _ in range(3):
+            o.zero_grad()
+            m(torch.randn(16, 80, generator=g)).pow(2).mean().backward()
+            o.step()
+    assert torch.equal(model.weight, resumed.weight) and torch.equal(model.bias, resumed.bias)
+    assert torch.equal(opt.state_dict()["velora"], opt2.state_dict()["velora"])
+    # the checkpoint carries the option, as torch's load_state_dict carries a group's options: an
+    # optimizer built with float moments resumes with the 8-bit ones
+    other = vt.AdaRankGradAdamW(nn.Linear(80, 48).parameters(), lr=1e-2, weight_decay=0.1)
+    other.load_state_dict(ckpt["opt"])
+    assert other.param_groups[0]["state"] == "8bit"
+    assert torch.equal(other.state_dict()["velora"], ckpt["opt"]["velora"])
+
+
+def test_eight_bit_moments_for_bfloat16_parameters_not_float64():
+    # a bf16 parameter is stepped by the float engine, so its moments may be 8-bit too
+    _, opt_f = _dense_8bit_run("float32", steps=2, dtype=torch.bfloat16)
+    _, opt_8 = _dense_8bit_run("8bit", steps=2, dtype=torch.bfloat16)
+    assert opt_8.state_bytes()[0] < opt_f.state_bytes()[0]
+    with pytest.raises(ValueError, match="int8_blockwise needs the CPU backend in float"):
+        _dense_8bit_run("8bit", steps=1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("block", [32, 96, 8192])
+def test_bad_state_block_names_the_value(block):
+    # 32 is a valid basis_block but below state_block's range; 96 is in the range, not a power of two
+    model = _model()
+    with pytest.raises(ValueError, match=f"config.state_block must be (a power of two )?in \\[64, 4096\\], got {block}$"):
+        vt.AdaRankGradAdamW(model.parameters(), state="8bit", state_block=block)
+
+
 def test_bad_state_and_basis_options_are_value_errors():
     model = _model()
     with pytest.raises(ValueError, match="option 'basis' is 'int2'"):

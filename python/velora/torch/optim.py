@@ -41,11 +41,13 @@ class AdaRankGradAdamW(Optimizer):
       "captured_energy", threshold, min_interval, max_interval)), ``transport``
       ("squared_rotation", "clamped_rotation", "reset", "none"), ``seed``, ``nd`` ("flatten",
       "dense": parameters of more than 2 dimensions), ``state`` ("float32"; "8bit": the moments
-      in 8-bit blocks of ``state_block`` (256), float32 parameters), ``basis`` ("float32"; "int8",
-      "int4": a low-rank parameter's projection basis quantised with a float scale per block of
-      ``basis_block`` (256) of a row, Q-GaLore's INT4 projection; float32 parameters; not with a
-      rank budget), ``weight_rounding`` ("stochastic", "nearest": how a torch.bfloat16
-      parameter's new weight is rounded back to bf16; such a parameter is stepped in float from
+      in 8-bit blocks of ``state_block`` elements, a power of two in [64, 4096], default 256;
+      float32 and bfloat16 parameters), ``basis`` ("float32"; "int8", "int4": a low-rank
+      parameter's projection basis quantised with a float scale per block of ``basis_block``
+      elements of a row, a power of two in [32, 4096], default 256, Q-GaLore's INT4 projection;
+      float32 and bfloat16 parameters; not with a rank budget), ``weight_rounding``
+      ("stochastic", the default, or "nearest": how a torch.bfloat16 parameter's new weight is
+      rounded back to bf16; such a parameter is stepped in float from
       its bf16 weight with no float master copy, the rounding noise a function of the seed, the
       parameter, its step and the element), ``convention`` ("galore": ε and the decay
       where GaLore/Hugging Face put them; "torch": torch.optim.AdamW's, under which dense groups

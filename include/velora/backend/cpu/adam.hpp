@@ -105,6 +105,16 @@ index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const rules::
 }
 #endif
 
+/// Whether adam_row runs its AVX-512 body (this build was compiled with AVX-512F); the scalar
+/// one otherwise, several times slower (the same bits in the same build). Reported by the Python package's
+/// velora.build_info().
+inline constexpr bool adam_has_avx512 =
+#if defined(__AVX512F__)
+    true;
+#else
+    false;
+#endif
+
 /// One row of n elements (see the file comment).
 template <adam_row_kind K, class T>
 void adam_row(const T* g, T* m, T* v, T* out, index_t n, const rules::adamw_terms<T>& c) noexcept {
