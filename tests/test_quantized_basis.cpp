@@ -256,7 +256,7 @@ TEST_CASE("quantised basis: the configuration refuses bad block sizes, formats, 
     budget.basis = basis_format::float32;
     CHECK_NOTHROW((void)optimizer(backend, budget));
     // a backend that does not decode in host memory in float (here: double values; the CUDA
-    // backend has no adam8_update either, tests/cuda/test_cuda.cu asserts it at compile time)
+    // backend, device memory, is refused too: tests/cuda/test_cuda.cu)
     velora::eigen_backend<double> dbackend(1);
     const std::string dmsg = test::invalid_argument_message([&] { adarank::low_rank_adamw<velora::eigen_backend<double>> o(dbackend, config_q(basis_format::int8)); });
     CHECK(dmsg.find("config.basis") != std::string::npos);

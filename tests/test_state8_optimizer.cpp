@@ -60,7 +60,50 @@ run_result run(const adarank::optimizer_config& c, int threads, int steps) {
     return test::run_optimizer(c, threads, steps, parameters);
 }
 
+// The optimizer keeps 8-bit moments for the CPU backend in float only (the CUDA backend's twin:
+// tests/cuda/test_cuda.cu).
+static_assert(adarank::blockwise_state_backend<B>);
+static_assert(!adarank::blockwise_state_backend<velora::eigen_backend<double>>);
+
 } // namespace
+
+TEST_CASE("state8: the backend's whole-tensor adam8_encode and adam8_decode give the block encoder's and the code's bits; a bad block is refused") {
+    B backend(1);
+    const index_t n = 3 * 64 + 17, block = 64;
+    for (const auto sign : {velora::rules::code_sign::signed_code, velora::rules::code_sign::unsigned_code}) {
+        const auto& code = sign == velora::rules::code_sign::signed_code ? velora::rules::signed_dynamic_code() : velora::rules::unsigned_dynamic_code();
+        auto x = gaussian(n, 7, 1.0);
+        for (index_t i = 0; i < n; ++i) {
+            float& e = x[static_cast<std::size_t>(i)];
+            e *= static_cast<float>(std::pow(10.0, double(i % 7) - 3.0));   // three decades within a block
+            if (sign == velora::rules::code_sign::unsigned_code) e = std::fabs(e);
+            if (i >= block && i < 2 * block) e = 0.0f;   // an all-zero block: absmax 0
+        }
+        std::vector<std::uint8_t> q_ref(static_cast<std::size_t>(n)), q(q_ref.size(), 0xAB);
+        std::vector<float> a_ref(4), a(4, -1.0f);
+        for (index_t b = 0; b * block < n; ++b)
+            velora::rules::adam8::encode_block(code, x.data() + b * block, q_ref.data() + b * block, std::min(block, n - b * block),
+                                               a_ref[static_cast<std::size_t>(b)]);
+        backend.adam8_encode(sign, x.data(), n, block, q.data(), a.data());
+        CHECK(q == q_ref);
+        CHECK(std::memcmp(a.data(), a_ref.data(), a.size() * sizeof(float)) == 0);
+        CHECK(a[1] == 0.0f);
+        std::vector<float> out(static_cast<std::size_t>(n)), out_ref(out.size());
+        for (index_t i = 0; i < n; ++i)
+            out_ref[static_cast<std::size_t>(i)] = code.decode(q_ref[static_cast<std::size_t>(i)], a_ref[static_cast<std::size_t>(i / block)]);
+        backend.adam8_decode(sign, q.data(), a.data(), n, block, out.data());
+        CHECK(std::memcmp(out.data(), out_ref.data(), out.size() * sizeof(float)) == 0);
+    }
+    std::vector<std::uint8_t> q(8);
+    std::vector<float> x(8), a(8);
+    for (const index_t bad : {index_t{0}, index_t{4097}}) {
+        const std::string e = test::invalid_argument_message([&] { backend.adam8_encode(velora::rules::code_sign::signed_code, x.data(), 8, bad, q.data(), a.data()); });
+        CHECK(e.find("velora::eigen_backend::adam8_encode") != std::string::npos);
+        CHECK(e.find("block = " + std::to_string(bad)) != std::string::npos);
+        const std::string d = test::invalid_argument_message([&] { backend.adam8_decode(velora::rules::code_sign::signed_code, q.data(), a.data(), 8, bad, x.data()); });
+        CHECK(d.find("velora::eigen_backend::adam8_decode") != std::string::npos);
+    }
+}
 
 TEST_CASE("state8: the configuration refuses unsupported block sizes and backends, naming the values") {
     B backend(1);

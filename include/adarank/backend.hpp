@@ -36,4 +36,12 @@ concept optimizer_backend =
         b.canonicalize_row_signs(a);
     };
 
+/// Backends whose memory the host can read and write in place and whose steps run in float: the
+/// CPU backend, eigen_backend<float>, which reports its thread count. What the bf16-weight steps
+/// (bf16_weights.hpp) and a quantised basis (decoded on the host: basis_format.hpp) need.
+template <class B>
+concept host_float_backend = std::same_as<typename B::value_type, float> && requires(const B& b) {
+    { b.threads() } -> std::convertible_to<int>;
+};
+
 } // namespace adarank

@@ -16,6 +16,8 @@
 #include <velora/core/storage.hpp>
 #include <velora/core/view.hpp>
 
+#include "backend.hpp"   // host_float_backend
+
 namespace adarank {
 
 using velora::bf16_rounding;
@@ -32,12 +34,6 @@ struct bf16_weight_view {
     bf16_weight_view(matrix_view<velora::bfloat16> v, bf16_rounding r = bf16_rounding::stochastic) noexcept : values(v), rounding(r) {}
 };
 
-/// Backends whose weights the host can read and write in place (host memory) and whose steps run
-/// in float: the CPU backend, eigen_backend<float>, which reports its thread count.
-template <class B>
-concept host_float_backend = std::same_as<typename B::value_type, float> && requires(const B& b) {
-    { b.threads() } -> std::convertible_to<int>;
-};
 
 /// The rounding key of parameter `param`'s step number `step` (its step count after the step)
 /// under the configuration's seed.

@@ -3,12 +3,12 @@
 /// Dense AdamW for a parameter whose moments are 8-bit blockwise (state_format::int8_blockwise):
 /// the backend's adam8_update does each block in one pass (decode, update, encode) in place when
 /// the overflow certificate vouches for the step and the weight and gradient are contiguous;
-/// otherwise the step runs on copies (allocated here: never in a certified step on contiguous
-/// arrays) and is committed only when every moment and weight came out finite and the new weights
-/// are bounded by max(T)/2 (the optimizer's precondition for the next step's certificate).
+/// otherwise the step runs on copies in backend memory (allocated here: never in a certified step
+/// on contiguous arrays; the new weights and the absmax are read on the host) and is committed
+/// only when every moment and weight came out finite and the new weights are bounded by max(T)/2
+/// (the optimizer's precondition for the next step's certificate).
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include <velora/core/error.hpp>
 
@@ -35,7 +35,7 @@ velora::status dense_step8(step_context<B, Config>& ctx, parameter_state<B>& l, 
     const update_terms<float> u = ctx.rule.terms(ctx.lr, l.t + 1);
     const velora::rules::adamw_terms<float> terms = ctx.rule.dense_terms(ctx.lr, l.t + 1);
     const float step = float(ctx.rule.step_size(ctx.lr, l.t + 1));
-    const auto kind = terms.order == velora::rules::adamw_order::torch ? velora::cpu::adam_row_kind::torch_weight : velora::cpu::adam_row_kind::galore_weight;
+    const auto kind = terms.order == velora::rules::adamw_order::torch ? velora::rules::adam_row_kind::torch_weight : velora::rules::adam_row_kind::galore_weight;
     const bool contiguous = (weight.rows == 1 || weight.ld == weight.cols) && (grad.rows == 1 || grad.ld == grad.cols);
     // The dequantised moments are bounded by the block absmax, itself at most the bounds kept.
     typename cert::moment_bounds next;
@@ -50,22 +50,24 @@ velora::status dense_step8(step_context<B, Config>& ctx, parameter_state<B>& l, 
         l.v_bound = next.v;
         return status::ok;
     }
-    // On copies, committed when finite and bounded.
+    // On copies in backend memory, committed when finite and bounded.
     const index_t count = l.rows * l.cols;
-    std::vector<float> w(static_cast<std::size_t>(count)), g(static_cast<std::size_t>(count));
+    typename B::template buffer<float> w, g;
+    w.resize(static_cast<std::size_t>(count));
+    g.resize(static_cast<std::size_t>(count));
     for (index_t r = 0; r < l.rows; ++r) {
         b.copy(weight.row(r), w.data() + r * l.cols, l.cols);
         b.copy(grad.row(r), g.data() + r * l.cols, l.cols);
     }
-    blockwise_moments moments = l.q8;
+    blockwise_moments<B> moments = l.q8.copy(b);
     if (!b.adam8_update(kind, g.data(), w.data(), moments.view(), terms)) return status::overflow;
-    for (const float x : w)
-        if (!(std::fabs(x) <= std::numeric_limits<float>::max() / 2)) return status::overflow;
+    const auto hw = summarize(b, const_matrix_view<float>{w.data(), l.rows, l.cols, l.cols});
+    if (!hw.finite || !(hw.max_abs <= static_cast<double>(std::numeric_limits<float>::max() / 2))) return status::overflow;
     for (index_t r = 0; r < l.rows; ++r) b.copy(w.data() + r * l.cols, weight.row(r), l.cols);
     l.q8 = std::move(moments);
     ++l.t;
-    l.m_bound = l.q8.m_bound();
-    l.v_bound = l.q8.v_bound();
+    l.m_bound = l.q8.m_bound(b);
+    l.v_bound = l.q8.v_bound(b);
     return status::ok;
 }
 

@@ -48,7 +48,7 @@ velora::status install_given_basis(step_context<B, Config>& ctx, parameter_state
     rep.rank = basis.rows;
     install_subspace(b, l, next, rep, l.counter, norm, ws.basis_codes_next);
     if (l.quantized) {   // 8-bit moments: encoded from the transported floats
-        if constexpr (blockwise_state_backend<B>) l.q8.quantize(m_next.data, v_next.data);
+        if constexpr (blockwise_state_backend<B>) l.q8.quantize(b, m_next.data, v_next.data);
     } else {
         b.copy(m_next.data, l.m.data(), basis.rows * l.other);
         b.copy(v_next.data, l.v.data(), basis.rows * l.other);

@@ -46,7 +46,7 @@ const_matrix_view<typename B::value_type> current_basis(optimizer_workspace<B>& 
     if (!l.qbasis.quantized() || l.rank == 0) return l.basis_view();
     const typename optimizer_workspace<B>::decoded_basis_mark mark{&l, l.t, l.refreshes};
     if (ws.basis_now_holds != mark) {
-        if constexpr (blockwise_state_backend<B>) l.qbasis.decode(ws.basis_now.data(), l.len);   // host memory: the CPU backend
+        if constexpr (host_float_backend<B>) l.qbasis.decode(ws.basis_now.data(), l.len);   // host memory: the CPU backend
         ws.basis_now_holds = mark;
     }
     return {ws.basis_now.data(), l.rank, l.len, l.len};
@@ -57,7 +57,7 @@ const_matrix_view<typename B::value_type> current_basis(optimizer_workspace<B>& 
 /// already projects and updates with the Q later steps decode (nothing of l changes).
 template <optimizer_backend B>
 void quantize_next_basis(optimizer_workspace<B>& ws, const parameter_state<B>& l, matrix_view<typename B::value_type> next) {
-    if constexpr (blockwise_state_backend<B>) {
+    if constexpr (host_float_backend<B>) {   // host memory: the CPU backend (the constructor refuses a quantised basis elsewhere)
         auto& codes = ws.basis_codes_next;
         codes.configure(l.qbasis.format(), l.len, l.qbasis.block());
         codes.encode(next.data, next.rows, next.ld);
@@ -78,7 +78,7 @@ void transport_into_workspace(step_context<B, Config>& ctx, parameter_state<B>& 
     if (l.rank > 0 && l.quantized) {   // 8-bit moments: transported as floats
         if constexpr (blockwise_state_backend<B>) {
             const auto m_old = ws.view(ws.m_old, l.rank, l.other), v_old = ws.view(ws.v_old, l.rank, l.other);
-            l.q8.dequantize(m_old.data, v_old.data);
+            l.q8.dequantize(ctx.backend, m_old.data, v_old.data);
             transport_moments(ctx.backend, ctx.config.transport, next, old_basis, const_matrix_view<typename B::value_type>(m_old),
                               const_matrix_view<typename B::value_type>(v_old), m_next, v_next, ws.view(ws.rotation, r_new, l.rank),
                               ws.view(ws.rotation_squared, r_new, l.rank));
@@ -234,7 +234,7 @@ private:
             c.c1 = T(1) - coef.beta1;
             c.c2 = T(1) - coef.beta2;
             c.eps = terms_.eps;
-            [[maybe_unused]] const bool finite = b_.adam8_update(velora::cpu::adam_row_kind::moments, n.data, n.data, l_.q8.view(), c);
+            [[maybe_unused]] const bool finite = b_.adam8_update(velora::rules::adam_row_kind::moments, n.data, n.data, l_.q8.view(), c);
         }
     }
 
@@ -244,7 +244,7 @@ private:
         const auto n = projection(rank_);
         const auto m_work = ws.view(ws.m_next, rank_, l_.other), v_work = ws.view(ws.v_next, rank_, l_.other);
         if (!fresh_ && l_.quantized) {
-            if constexpr (blockwise_state_backend<B>) l_.q8.dequantize(m_work.data, v_work.data);   // the bits the fused 8-bit pass decodes
+            if constexpr (blockwise_state_backend<B>) l_.q8.dequantize(b_, m_work.data, v_work.data);   // the bits the fused 8-bit pass decodes
         } else if (!fresh_) {
             b_.copy(l_.m.data(), m_work.data, rank_ * l_.other);
             b_.copy(l_.v.data(), v_work.data, rank_ * l_.other);
@@ -268,7 +268,7 @@ private:
                 energy_fractions(ctx_.finder.singular_values(), rep_.energy, l_.r_cap, l_.spectrum);
         }
         if ((fresh_ || !certified_) && l_.quantized) {
-            if constexpr (blockwise_state_backend<B>) l_.q8.quantize(ws.m_next.data(), ws.v_next.data());   // the bits the fused 8-bit pass encodes
+            if constexpr (blockwise_state_backend<B>) l_.q8.quantize(b_, ws.m_next.data(), ws.v_next.data());   // the bits the fused 8-bit pass encodes
         } else if (fresh_ || !certified_) {
             b_.copy(ws.m_next.data(), l_.m.data(), rank_ * l_.other);
             b_.copy(ws.v_next.data(), l_.v.data(), rank_ * l_.other);

@@ -143,7 +143,7 @@ public:
         constexpr const char* fn = "adarank::low_rank_adamw::add_parameter";
         layer l = layer::plan(rows, cols, kind, config_.side, config_.rank.max_rank(), config_.seed, layers_.size(), fn);
         l.quantized = config_.state == state_format::int8_blockwise;
-        if (l.quantized) l.q8.assign_zero(0, config_.state_block);
+        if (l.quantized) l.q8.assign_zero(*b_, 0, config_.state_block);
         if (uses_rank_budget(config_.rank)) check_budget_admits(config_.rank, std::span<const layer>(layers_), budget_, l, fn);
         if (l.low_rank && config_.basis != basis_format::float32) {   // a quantised basis (basis_format.hpp)
             l.qbasis.configure(config_.basis, l.len, config_.basis_block);
@@ -154,7 +154,7 @@ public:
             finder_.reserve(l.len, l.other, l.r_cap);
             if (l.quantized) ws_.reserve_dequantized(l.r_cap * l.other);
         } else if (l.quantized) {
-            l.q8.assign_zero(rows * cols, config_.state_block);
+            l.q8.assign_zero(*b_, rows * cols, config_.state_block);
         } else {
             l.m.resize(static_cast<std::size_t>(rows * cols));
             l.v.resize(static_cast<std::size_t>(rows * cols));
@@ -339,14 +339,13 @@ private:
         validate(c, fn);
         check_eps_representable<T>(c.adam, fn);
         velora::detail::require(c.state == state_format::float32 || blockwise_state_backend<B>, fn,
-                                "config.state = int8_blockwise needs the CPU backend in float (eigen_backend<float>): the optimizer keeps the 8-bit "
-                                "moments in host memory (the CUDA backend's adam8_update works on device memory the optimizer does not hold yet); this "
-                                "backend's value type has ",
+                                "config.state = int8_blockwise needs a backend in float with 8-bit moment kernels (eigen_backend<float> or "
+                                "cuda_backend<float>); this backend's value type has ",
                                 sizeof(T), "-byte values");
-        velora::detail::require(c.basis == basis_format::float32 || blockwise_state_backend<B>, fn,
+        velora::detail::require(c.basis == basis_format::float32 || host_float_backend<B>, fn,
                                 "config.basis = int8/int4 needs the CPU backend in float (eigen_backend<float>), which decodes the basis in host memory; this "
-                                "backend's value type has ",
-                                sizeof(T), "-byte values");
+                                "backend (",
+                                sizeof(T), "-byte values) is not a host_float_backend");
         return c;
     }
 

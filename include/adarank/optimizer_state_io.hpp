@@ -105,11 +105,12 @@ struct optimizer_state_io {
             } else {
                 put_buffer(b, w, l.basis, l.low_rank ? l.rank * l.len : 0, host);
             }
-            if (l.quantized) {
-                w.put_array(std::span<const std::uint8_t>(l.q8.m_bytes()));
-                w.put_array(std::span<const std::uint8_t>(l.q8.v_bytes()));
-                w.put_array(std::span<const float>(l.q8.m_absmax()));
-                w.put_array(std::span<const float>(l.q8.v_absmax()));
+            if (l.quantized) {   // backend memory read on the host, as put_buffer reads m and v
+                const blockwise_host_arrays q = l.q8.to_host(b);
+                w.put_array(std::span<const std::uint8_t>(q.qm));
+                w.put_array(std::span<const std::uint8_t>(q.qv));
+                w.put_array(std::span<const float>(q.am));
+                w.put_array(std::span<const float>(q.av));
                 continue;
             }
             put_buffer(b, w, l.m, moment_size, host);
@@ -191,12 +192,14 @@ struct optimizer_state_io {
         for (std::size_t i = 0; i < layers.size(); ++i)
             for (int which = 0; which < 3; ++which)
                 if (live(i, which).size() != loaded_part(i, which).size()) fresh[3 * i + static_cast<std::size_t>(which)].resize(loaded_part(i, which).size());
+        // 8-bit moments: uploaded into new backend memory now, committed by a move below.
+        std::vector<blockwise_moments<B>> fresh8(layers.size());
+        for (std::size_t i = 0; i < layers.size(); ++i)
+            if (layers[i].quantized)
+                fresh8[i] = blockwise_moments<B>::upload(b, static_cast<index_t>(loaded[i].q8.qm.size()), config.state_block, loaded[i].q8);
         for (std::size_t i = 0; i < layers.size(); ++i) {
             if (layers[i].qbasis.quantized()) layers[i].qbasis.adopt(loaded[i].rank, std::move(loaded[i].basis_codes), std::move(loaded[i].basis_scales));
-            if (layers[i].quantized) {
-                const index_t n = static_cast<index_t>(loaded[i].qm.size());
-                layers[i].q8.adopt(n, config.state_block, std::move(loaded[i].qm), std::move(loaded[i].qv), std::move(loaded[i].am), std::move(loaded[i].av));
-            }
+            if (layers[i].quantized) layers[i].q8 = std::move(fresh8[i]);
             for (int which = 0; which < 3; ++which) {
                 if (which > 0 && layers[i].quantized) continue;
                 buffer& target = live(i, which);
@@ -231,13 +234,13 @@ struct optimizer_state_io {
     // 8-bit moments: n bytes of m and of v, then the absmax of their blocks (see load_state for the rules).
     static void get_quantized(velora::state_reader& r, std::size_t i, const parameter_state<B>& l, index_t n, loaded_parameter<T>& s) {
         const index_t block = l.q8.block(), blocks = (n + block - 1) / block;
-        s.qm = r.get_array<std::uint8_t>(n);
-        s.qv = r.get_array<std::uint8_t>(n);
-        s.am = r.get_array<float>(blocks);
-        s.av = r.get_array<float>(blocks);
+        s.q8.qm = r.get_array<std::uint8_t>(n);
+        s.q8.qv = r.get_array<std::uint8_t>(n);
+        s.q8.am = r.get_array<float>(blocks);
+        s.q8.av = r.get_array<float>(blocks);
         double m_bound = 0, v_bound = 0;
         for (int which = 0; which < 2; ++which)
-            for (const float a : which == 0 ? s.am : s.av) {
+            for (const float a : which == 0 ? s.q8.am : s.q8.av) {
                 if (!(std::isfinite(a) && (a == 0.0f || a >= std::numeric_limits<float>::min())))
                     r.bad("parameter ", i, ": an 8-bit block of the ", which == 0 ? "first" : "second", " moment has the absmax ", a,
                           " (finite and 0 or at least ", std::numeric_limits<float>::min(), " expected)");

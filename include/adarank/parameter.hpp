@@ -80,9 +80,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
     std::uint64_t seed = 0;                  ///< of this parameter's Gaussian stream
     buffer basis, m, v;
     /// The moments in the 8-bit format instead of m and v (state_format::int8_blockwise; m and v
-    /// then stay empty).
+    /// then stay empty), in backend memory as m and v are.
     bool quantized = false;
-    blockwise_moments q8;
+    blockwise_moments<B> q8;
     /// The basis in a quantised format instead of `basis` (basis_format::int8 / int4; `basis` then
     /// stays empty and the steps decode it into the workspace: current_basis, low_rank_step.hpp).
     quantized_basis qbasis;
@@ -170,9 +170,9 @@ struct parameter_state : parameter_progress, certificate_bounds {
         if (r == rank && basis.size() == basis_size) return;
         buffer b, mm, vv;
         b.resize(basis_size);
-        if (quantized) {
-            blockwise_moments q;
-            q.assign_zero(r * other, q8.block());
+        if (quantized) {   // contents written by the caller (quantize), as m and v are below
+            blockwise_moments<B> q;
+            q.resize(r * other, q8.block());
             basis = std::move(b);
             q8 = std::move(q);
             return;
@@ -207,8 +207,7 @@ struct parameter_state : parameter_progress, certificate_bounds {
 template <class T>
 struct loaded_parameter : parameter_progress, certificate_bounds {
     std::vector<T> basis, m, v;
-    std::vector<std::uint8_t> qm, qv;   ///< 8-bit moments: bytes and block absmax
-    std::vector<float> am, av;
+    blockwise_host_arrays q8;   ///< 8-bit moments: bytes and block absmax
     std::vector<std::uint8_t> basis_codes;   ///< a quantised basis: codes and block scales
     std::vector<float> basis_scales;
     std::vector<double> spectrum;   ///< the budget rank rule only

@@ -46,11 +46,12 @@ static_assert(velora::backend<cuda_backend<float>> && velora::backend<cuda_backe
 static_assert(adarank::optimizer_backend<cuda_backend<float>> && adarank::optimizer_backend<cuda_backend<double>>);
 static_assert(adarank::low_rank_optimizer<adarank::low_rank_adamw<cuda_backend<float>>>);
 static_assert(velora::activation_compressor<velora::compressor<cuda_backend<float>>>);
-// adam8_update on device memory, but the optimizer keeps 8-bit moments in host memory: its
-// constructor refuses them and quantised bases on this backend (low_rank_adamw::checked; the CPU
-// twin: test_quantized_basis).
-static_assert(adarank::blockwise_update_backend<cuda_backend<float>>);
-static_assert(!adarank::blockwise_state_backend<cuda_backend<float>>);
+// The optimizer keeps 8-bit moments in device memory on this backend (in float); a quantised
+// basis is decoded on the host, so its constructor refuses that (low_rank_adamw::checked; the
+// CPU twin: test_quantized_basis).
+static_assert(adarank::blockwise_state_backend<cuda_backend<float>>);
+static_assert(!adarank::blockwise_state_backend<cuda_backend<double>>);
+static_assert(!adarank::host_float_backend<cuda_backend<float>>);
 
 namespace {
 
@@ -608,7 +609,7 @@ TEST_CASE_TEMPLATE("randomized SVD on the GPU: residual within 1.1x of the Eckar
     }
 }
 
-TEST_CASE("the CUDA backend refuses quantised bases and 8-bit moments at construction, naming the option") {
+TEST_CASE("the CUDA backend refuses quantised bases at construction and 8-bit moments in double, naming the option; 8-bit moments in float are accepted") {
     twins<float> t(8, 8);
     adarank::optimizer_config c;
     c.basis = adarank::basis_format::int4;
@@ -616,7 +617,11 @@ TEST_CASE("the CUDA backend refuses quantised bases and 8-bit moments at constru
     CHECK(msg.find("config.basis") != std::string::npos);
     c.basis = adarank::basis_format::float32;
     c.state = adarank::state_format::int8_blockwise;
-    CHECK(test::invalid_argument_message([&] { adarank::low_rank_adamw<cuda_backend<float>> o(t.gpu, c); }).find("config.state") != std::string::npos);
+    CHECK_NOTHROW((void)adarank::low_rank_adamw<cuda_backend<float>>(t.gpu, c));
+    twins<double> d(8, 8);
+    const std::string dmsg = test::invalid_argument_message([&] { adarank::low_rank_adamw<cuda_backend<double>> o(d.gpu, c); });
+    CHECK(dmsg.find("config.state") != std::string::npos);
+    CHECK(dmsg.find("8-byte") != std::string::npos);
 }
 
 namespace {
@@ -747,6 +752,126 @@ TEST_CASE("adam8_decode and adam8_encode on the GPU give the CPU's bits (moment 
         for (index_t i = 0; i < n; ++i) decoded[static_cast<std::size_t>(i)] = code.decode(q[static_cast<std::size_t>(i)], a[static_cast<std::size_t>(i / block)]);
         CHECK(same_bits(download(dout), decoded));
     }
+}
+
+namespace {
+
+// An optimizer with 8-bit moments (blocks of 64: partial last blocks below) on either backend:
+// a 64x96 low-rank parameter (rank 8, refresh every 4 steps) and a 45x40 dense one.
+adarank::optimizer_config config8() {
+    adarank::optimizer_config c = adarank::optimizer_config::galore(8, 4, 0.25);
+    c.adam.lr = 1e-2;
+    c.transport = adarank::transport_policy::squared_rotation;
+    c.state = adarank::state_format::int8_blockwise;
+    c.state_block = 64;
+    return c;
+}
+template <class Opt>
+void register8(Opt& o) {
+    o.add_parameter(64, 96, adarank::param_kind::low_rank);
+    o.add_parameter(45, 40, adarank::param_kind::dense);
+}
+
+} // namespace
+
+TEST_CASE("low_rank_adamw with 8-bit moments on the GPU: dense steps give the CPU's bits (certified, on copies, an overflow), low-rank steps "
+          "follow it, states move between the backends") {
+    twins<float> t(96, 512);
+    const auto c = config8();
+    adarank::low_rank_adamw<cuda_backend<float>> gopt(t.gpu, c);
+    adarank::low_rank_adamw<velora::eigen_backend<float>> copt(t.cpu, c);
+    register8(gopt);
+    register8(copt);
+    // The dense weight with a row stride of 50: a step on the strided view runs on copies (the
+    // exact path), one on the contiguous 45x40 view in place (the certified path).
+    auto hl = values<float>(64 * 96, 90), hd = values<float>(45 * 50, 91);
+    auto dl = upload(hl), dd = upload(hd);
+    for (int step = 0; step < 10; ++step) {
+        const bool strided = step % 3 == 2;
+        const index_t ld = strided ? 50 : 40;
+        auto gl = values<float>(64 * 96, 200 + std::uint64_t(step)), gd = values<float>(45 * 40, 300 + std::uint64_t(step));
+        if (step == 5) gd[17] = 3e38f;   // finite, but the update overflows: status::overflow, nothing changes
+        auto dgl = upload(gl), dgd = upload(gd);
+        const auto cs = copt.step(1, matrix_view<float>{hd.data(), 45, 40, ld}, const_matrix_view<float>{gd.data(), 45, 40});
+        const auto gs = gopt.step(1, matrix_view<float>{dd.data(), 45, 40, ld}, const_matrix_view<float>{dgd.data(), 45, 40});
+        CHECK(gs == cs);
+        CHECK(cs == (step == 5 ? velora::status::overflow : velora::status::ok));
+        CHECK(same_bits(download(dd), hd));
+        REQUIRE(gopt.step(0, matrix_view<float>{dl.data(), 64, 96}, const_matrix_view<float>{dgl.data(), 64, 96}) ==
+                copt.step(0, matrix_view<float>{hl.data(), 64, 96}, const_matrix_view<float>{gl.data(), 64, 96}));
+        CHECK(gopt.layer_state(0).rank == copt.layer_state(0).rank);
+        CHECK(gopt.layer_state(0).refreshes == copt.layer_state(0).refreshes);
+        CHECK(gopt.layer_state(0).state_bytes == copt.layer_state(0).state_bytes);
+        CHECK(gopt.layer_state(1).state_bytes == copt.layer_state(1).state_bytes);
+    }
+    CHECK(copt.layer_state(0).refreshes == 3);   // steps 0, 4 and 8: the 8-bit moments transported twice
+    // The low-rank steps differ only by the GEMMs' and sketch's rounding (float tolerance 2e-5),
+    // which an 8-bit code can turn into one code step of some moment: within 1e-3 of the weights.
+    CHECK(rel_diff(download(dl), hl) < 1e-3);
+
+    // One saved format: the GPU's state loads on the CPU and saves the same bytes, and the CPU's
+    // loads on the GPU and saves the same bytes (the 8-bit arrays through device memory).
+    const auto gblob = gopt.save_state(), cblob = copt.save_state();
+    adarank::low_rank_adamw<velora::eigen_backend<float>> cresumed(t.cpu, c);
+    register8(cresumed);
+    cresumed.load_state(gblob);
+    CHECK(cresumed.save_state() == gblob);
+    adarank::low_rank_adamw<cuda_backend<float>> gresumed(t.gpu, c);
+    register8(gresumed);
+    gresumed.load_state(cblob);
+    CHECK(gresumed.save_state() == cblob);
+    // From the same loaded state the next dense steps give the same bits again (in place and on copies).
+    auto hd2 = hd;
+    auto dd2 = upload(hd2);
+    for (int step = 0; step < 3; ++step) {
+        const index_t ld = step == 1 ? 50 : 40;
+        auto gd = values<float>(45 * 40, 400 + std::uint64_t(step));
+        auto dgd = upload(gd);
+        REQUIRE(copt.step(1, matrix_view<float>{hd2.data(), 45, 40, ld}, const_matrix_view<float>{gd.data(), 45, 40}) == velora::status::ok);
+        REQUIRE(gresumed.step(1, matrix_view<float>{dd2.data(), 45, 40, ld}, const_matrix_view<float>{dgd.data(), 45, 40}) == velora::status::ok);
+        CHECK(same_bits(download(dd2), hd2));
+    }
+    // A NaN gradient changes nothing of the GPU's state.
+    const auto before = gresumed.save_state();
+    auto gbad = values<float>(64 * 96, 999);
+    gbad[3] = std::numeric_limits<float>::quiet_NaN();
+    auto dbad = upload(gbad);
+    CHECK(gresumed.step(0, matrix_view<float>{dl.data(), 64, 96}, const_matrix_view<float>{dbad.data(), 64, 96}) == velora::status::non_finite_input);
+    CHECK(gresumed.save_state() == before);
+}
+
+TEST_CASE("set_basis with 8-bit moments on the GPU: the moments transported and encoded on the device, as the CPU does") {
+    twins<float> t(96, 512);
+    const auto c = config8();
+    adarank::low_rank_adamw<cuda_backend<float>> gopt(t.gpu, c);
+    adarank::low_rank_adamw<velora::eigen_backend<float>> copt(t.cpu, c);
+    register8(gopt);
+    register8(copt);
+    auto hl = values<float>(64 * 96, 92);
+    auto dl = upload(hl);
+    auto step_both = [&](std::uint64_t seed) {
+        auto g = values<float>(64 * 96, seed);
+        auto dg = upload(g);
+        REQUIRE(gopt.step(0, matrix_view<float>{dl.data(), 64, 96}, const_matrix_view<float>{dg.data(), 64, 96}) == velora::status::ok);
+        REQUIRE(copt.step(0, matrix_view<float>{hl.data(), 64, 96}, const_matrix_view<float>{g.data(), 64, 96}) == velora::status::ok);
+    };
+    for (std::uint64_t s = 0; s < 3; ++s) step_both(500 + s);
+    // Both start from the CPU's state, so the transport reads the same 8-bit moments.
+    gopt.load_state(copt.save_state());
+    auto basis = std::vector<float>(6 * 64, 0.0f);   // unit vectors (exact in any rounding)
+    for (int i = 0; i < 6; ++i) basis[static_cast<std::size_t>(i * 64 + 3 * i)] = 1.0f;
+    auto dbasis = upload(basis);
+    REQUIRE(gopt.set_basis(0, const_matrix_view<float>{dbasis.data(), 6, 64}) == velora::status::ok);
+    REQUIRE(copt.set_basis(0, const_matrix_view<float>{basis.data(), 6, 64}) == velora::status::ok);
+    CHECK(gopt.layer_state(0).rank == 6);
+    CHECK(gopt.layer_state(0).state_bytes == copt.layer_state(0).state_bytes);
+    // The transport's GEMMs may round differently; the rest (decode, encode) is the CPU's.
+    adarank::low_rank_adamw<velora::eigen_backend<float>> from_gpu(t.cpu, c);
+    register8(from_gpu);
+    from_gpu.load_state(gopt.save_state());   // a valid state: finite absmax, an orthonormal basis
+    CHECK(from_gpu.layer_state(0).rank == 6);
+    step_both(600);
+    CHECK(rel_diff(download(dl), hl) < 1e-3);
 }
 
 TEST_CASE("GPU runs are reproducible, and steady-state steps grow no buffer") {

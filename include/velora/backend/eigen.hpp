@@ -77,6 +77,10 @@ public:
     static void copy_bytes_from_host(const void* src, void* dst, std::size_t bytes) {
         if (bytes > 0) std::memcpy(dst, src, bytes);
     }
+    /// Raw bytes to host memory (8-bit moments saved: adarank/blockwise_moments.hpp).
+    static void copy_bytes_to_host(const void* src, void* dst, std::size_t bytes) {
+        if (bytes > 0) std::memcpy(dst, src, bytes);
+    }
 
     // ---------------------------------------------------------------- frozen weights
     /// out = rows first_row .. first_row + out.rows of the NF4 weight `w` (host memory), with
@@ -256,6 +260,29 @@ public:
         return false;
     }
 
+    /// out[i] = the value of byte q[i] in its block (i / block) of absmax `absmax`, in the signed
+    /// (m) or unsigned (v) code, for i < count (dynamic_code::decode: the bits adam8_update
+    /// decodes). Throws std::invalid_argument for a block outside [1, rules::adam8_max_block].
+    void adam8_decode(rules::code_sign sign, const std::uint8_t* q, const float* absmax, index_t count, index_t block, T* out) const
+        requires std::same_as<T, float>
+    {
+        require_state_block("velora::eigen_backend::adam8_decode", block);
+        const rules::dynamic_code& code = sign == rules::code_sign::signed_code ? rules::signed_dynamic_code() : rules::unsigned_dynamic_code();
+        for (index_t i = 0; i < count; ++i) out[i] = code.decode(q[i], absmax[i / block]);
+    }
+
+    /// x (count finite floats) encoded in blocks of `block`: absmax[b] = the block's largest |x|
+    /// (0 below the smallest normal float), q the bytes (cpu::adam8_encode_block: the bits
+    /// adam8_update encodes). Throws std::invalid_argument for a block outside [1, rules::adam8_max_block].
+    void adam8_encode(rules::code_sign sign, const T* x, index_t count, index_t block, std::uint8_t* q, float* absmax) const
+        requires std::same_as<T, float>
+    {
+        require_state_block("velora::eigen_backend::adam8_encode", block);
+        const rules::dynamic_code& code = sign == rules::code_sign::signed_code ? rules::signed_dynamic_code() : rules::unsigned_dynamic_code();
+        for (index_t first = 0; first < count; first += block)
+            cpu::adam8_encode_block(code, x + first, q + first, std::min(block, count - first), absmax[first / block]);
+    }
+
     /// out = in ∘ in.
     void square(const_matrix_view<T> in, matrix_view<T> out) {
         for (index_t r = 0; r < out.rows; ++r) VecOut(out.row(r), out.cols).array() = VecMap(in.row(r), in.cols).array().square();
@@ -292,6 +319,10 @@ public:
     }
 
 private:
+    static void require_state_block(const char* fn, index_t block) {
+        detail::require(block >= 1 && block <= rules::adam8_max_block, fn, "block = ", block, " must lie in [1, ", rules::adam8_max_block, "]");
+    }
+
     using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
     using VecMap = Eigen::Map<const Vec>;
     using VecOut = Eigen::Map<Vec>;

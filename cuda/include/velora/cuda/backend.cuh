@@ -171,6 +171,15 @@ public:
         detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
     }
 
+    /// Raw bytes device to host (8-bit moments saved: adarank/blockwise_moments.hpp); returns
+    /// when the data is on the host, as copy_to_host.
+    void copy_bytes_to_host(const void* src, void* dst, std::size_t bytes) {
+        if (bytes == 0) return;
+        constexpr const char* fn = "velora::cuda::cuda_backend::copy_bytes_to_host";
+        detail::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx_.stream), fn, "cudaMemcpyAsync");
+        detail::check(cudaStreamSynchronize(ctx_.stream), fn, "cudaStreamSynchronize");
+    }
+
     // ---------------------------------------------------------------- frozen weights
     /// out = rows first_row .. first_row + out.rows of the NF4 weight `w` (its pointers device
     /// memory), the same bits as the CPU backend (nf4.cuh). Queued only.
