@@ -772,16 +772,27 @@ void register8(Opt& o) {
     o.add_parameter(45, 40, adarank::param_kind::dense);
 }
 
+// The same optimizer with 8-bit moments on both backends, parameters registered.
+struct optimizers8 {
+    twins<float> t{96, 512};
+    adarank::optimizer_config c = config8();
+    adarank::low_rank_adamw<cuda_backend<float>> gopt{t.gpu, c};
+    adarank::low_rank_adamw<velora::eigen_backend<float>> copt{t.cpu, c};
+    optimizers8() {
+        register8(gopt);
+        register8(copt);
+    }
+};
+
 } // namespace
 
 TEST_CASE("low_rank_adamw with 8-bit moments on the GPU: dense steps give the CPU's bits (certified, on copies, an overflow), low-rank steps "
           "follow it, states move between the backends") {
-    twins<float> t(96, 512);
-    const auto c = config8();
-    adarank::low_rank_adamw<cuda_backend<float>> gopt(t.gpu, c);
-    adarank::low_rank_adamw<velora::eigen_backend<float>> copt(t.cpu, c);
-    register8(gopt);
-    register8(copt);
+    optimizers8 o;
+    auto& t = o.t;
+    auto& gopt = o.gopt;
+    auto& copt = o.copt;
+    const auto& c = o.c;
     // The dense weight with a row stride of 50: a step on the strided view runs on copies (the
     // exact path), one on the contiguous 45x40 view in place (the certified path).
     auto hl = values<float>(64 * 96, 90), hd = values<float>(45 * 50, 91);
@@ -841,12 +852,11 @@ TEST_CASE("low_rank_adamw with 8-bit moments on the GPU: dense steps give the CP
 }
 
 TEST_CASE("set_basis with 8-bit moments on the GPU: the moments transported and encoded on the device, as the CPU does") {
-    twins<float> t(96, 512);
-    const auto c = config8();
-    adarank::low_rank_adamw<cuda_backend<float>> gopt(t.gpu, c);
-    adarank::low_rank_adamw<velora::eigen_backend<float>> copt(t.cpu, c);
-    register8(gopt);
-    register8(copt);
+    optimizers8 o;
+    auto& t = o.t;
+    auto& gopt = o.gopt;
+    auto& copt = o.copt;
+    const auto& c = o.c;
     auto hl = values<float>(64 * 96, 92);
     auto dl = upload(hl);
     auto step_both = [&](std::uint64_t seed) {
