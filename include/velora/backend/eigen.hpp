@@ -249,8 +249,7 @@ public:
     bool adam8_update(cpu::adam_row_kind kind, const T* g, T* out, const cpu::adam8_tensor_state& s, const rules::adamw_terms<T>& terms)
         requires std::same_as<T, float>
     {
-        detail::require(s.block >= 1 && s.block <= rules::adam8_max_block, "velora::eigen_backend::adam8_update", "block = ", s.block,
-                        " must lie in [1, ", rules::adam8_max_block, "]");
+        require_state_block("velora::eigen_backend::adam8_update", s.block);
         if (s.count <= 0) return true;
         switch (kind) {
         case cpu::adam_row_kind::moments: return cpu::adam8_tensor<cpu::adam_row_kind::moments>(threads_, g, out, s, terms);
