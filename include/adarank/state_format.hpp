@@ -17,14 +17,14 @@ using velora::index_t;
 /// The moments' storage.
 enum class state_format : std::uint8_t {
     float32 = 0,          ///< the parameter's value type (float or double)
-    int8_blockwise = 1,   ///< one byte per moment element + one float absmax per block and moment (float optimizers on the CPU backend)
+    int8_blockwise = 1,   ///< one byte per moment element + one float absmax per block and moment (float optimizers on a blockwise_state_backend: the CPU and CUDA backends)
 };
 
 /// The block sizes the 8-bit format supports: powers of two from 64 to 4096 (the CPU bodies keep
-/// two blocks of floats on the stack). 256 is the default: bitsandbytes' block size, and the
-/// measured speed does not depend on it from 128 up (docs/performance.md, bench_state8), while
-/// the dequantisation error per element is bounded by its own block's absmax (smaller blocks
-/// follow the moments' dynamic range more closely).
+/// two blocks of floats on the stack). 256 is the default: bitsandbytes' block size, and with
+/// 512 the fastest measured (64 takes ~1.4x its time, 128 and 1024-4096 1.1-1.3x;
+/// docs/performance.md, bench_state8), while the dequantisation error per element is bounded by
+/// its own block's absmax (smaller blocks follow the moments' dynamic range more closely).
 inline constexpr index_t min_state_block = 64, max_state_block = 4096, default_state_block = 256;
 
 /// Throws std::invalid_argument naming `function` and the value unless `block` is supported.
