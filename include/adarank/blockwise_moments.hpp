@@ -81,14 +81,9 @@ public:
     /// Sized as resize, every moment 0 (every byte and absmax 0, as saved). Host zeros are
     /// copied in (allocates; registration only).
     void assign_zero(B& b, index_t count, index_t block) {
-        blockwise_moments z;
-        z.resize(count, block);
-        const std::vector<std::uint8_t> zeros(std::max(z.qm_.size(), z.am_.size() * sizeof(float)), 0);   // all-zero bytes: 0.0f
-        b.copy_bytes_from_host(zeros.data(), z.qm_.data(), z.qm_.size());
-        b.copy_bytes_from_host(zeros.data(), z.qv_.data(), z.qv_.size());
-        b.copy_bytes_from_host(zeros.data(), z.am_.data(), z.am_.size() * sizeof(float));
-        b.copy_bytes_from_host(zeros.data(), z.av_.data(), z.av_.size() * sizeof(float));
-        *this = std::move(z);
+        const auto n = static_cast<std::size_t>(count), blocks = static_cast<std::size_t>((count + block - 1) / block);
+        *this = upload(b, count, block, blockwise_host_arrays{std::vector<std::uint8_t>(n, 0), std::vector<std::uint8_t>(n, 0), std::vector<float>(blocks, 0.0f),
+                                                              std::vector<float>(blocks, 0.0f)});
     }
 
     [[nodiscard]] index_t count() const noexcept { return count_; }

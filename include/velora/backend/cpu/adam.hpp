@@ -19,6 +19,7 @@
 
 #include "../rules/adam_element.hpp"
 #include "lanes.hpp"
+#include "simd_body.hpp"
 
 namespace velora::cpu {
 
@@ -108,12 +109,7 @@ index_t adam_row_avx512(const T* g, T* m, T* v, T* out, index_t n, const rules::
 /// Whether adam_row runs its AVX-512 body (this build was compiled with AVX-512F); the scalar
 /// one otherwise, several times slower (the same bits in the same build). Reported by the Python package's
 /// velora.build_info().
-inline constexpr bool adam_has_avx512 =
-#if defined(__AVX512F__)
-    true;
-#else
-    false;
-#endif
+inline constexpr bool adam_has_avx512 = has_avx512_body;
 
 /// One row of n elements (see the file comment).
 template <adam_row_kind K, class T>
